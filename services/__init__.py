@@ -1,0 +1,1 @@
+"""Longhaul's three services; none imports another."""

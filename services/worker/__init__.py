@@ -1,0 +1,1 @@
+"""The worker: consumes task messages, runs handlers, stores results, reports progress."""

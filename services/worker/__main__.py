@@ -1,0 +1,44 @@
+"""``python -m services.worker [--tasks my.module ...]``: one worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from services.worker.app import run_worker
+from services.worker.registry import Registry
+from services.worker.settings import WorkerSettings
+from shared.errors import ConfigError
+from shared.lifecycle import EXIT_CONFIG, run
+from shared.logging import setup_logging
+from shared.settings import load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.worker")
+    parser.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import @task handlers from this module (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    # Configuration is checked before anything connects anywhere.
+    try:
+        settings = load(WorkerSettings)
+        setup_logging("worker", settings.log_level, settings.log_format)
+        registry = Registry.load(args.tasks)
+    except ConfigError as exc:
+        sys.stderr.write(f"worker: {exc}\n")
+        return EXIT_CONFIG
+
+    async def main_(stop: asyncio.Event) -> None:
+        await run_worker(settings, registry, stop)
+
+    return run("worker", main_)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Wires one worker process together and runs it until stopped, then drains.
+
+Shutdown order (Dramatiq's "stop workers before consumers", aio-pika's drain): stop
+consuming, let running tasks finish or hand them back, stop the relay and the periodic
+jobs, then close the AMQP channel, Redis and the pool, in that order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from contextlib import AsyncExitStack
+
+import asyncpg
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+from redis.asyncio import Redis
+
+from services.worker.consumer import Consumer
+from services.worker.control import listen
+from services.worker.maintenance import heartbeat, reaper
+from services.worker.registry import Registry
+from services.worker.repository import WorkerRepository
+from services.worker.runner import Runner
+from services.worker.settings import WorkerSettings
+from shared import amqp
+from shared.amqp import Publisher
+from shared.db import create_pool
+from shared.events import EventSink
+from shared.failpoints import Failpoints
+from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
+from shared.lifecycle import wait_for_dependency
+from shared.redis import create_client
+from shared.relay import OutboxRelay
+from shared.wire import Wire
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio.Event) -> None:
+    wire = Wire(settings.namespace)
+    failpoints = Failpoints(settings.failpoints)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    timeout = settings.io_timeout_s
+    async with AsyncExitStack() as stack:
+        pool = await wait_for_dependency(
+            "PostgreSQL",
+            lambda: create_pool(
+                settings.database_url,
+                max_size=min(settings.worker_concurrency + 4, 40),
+                timeout=timeout,
+            ),
+            settings.start_timeout_s,
+            stop,
+        )
+        stack.push_async_callback(pool.close)
+        redis: Redis = create_client(settings.redis_url, timeout)
+        stack.push_async_callback(redis.aclose)
+        await wait_for_dependency("Redis", redis.ping, settings.start_timeout_s, stop)
+        connection = await wait_for_dependency(
+            "RabbitMQ",
+            lambda: amqp.connect(settings.amqp_url, f"longhaul-worker {worker_id}", timeout),
+            settings.start_timeout_s,
+            stop,
+        )
+        stack.push_async_callback(connection.close)
+
+        repo = WorkerRepository(pool, timeout=timeout)
+        await repo.register_types(registry.schemas())
+        events = EventSink(
+            redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
+        )
+
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=settings.worker_concurrency)
+        topology = await amqp.declare(channel, settings, wire)
+        runner = Runner(settings, repo, events, registry, failpoints, worker_id)
+        consumer = Consumer(topology.queue, runner)
+
+        health = await _serve_health(settings, pool, redis, connection)
+        stack.push_async_callback(health.cleanup)
+
+        background: list[asyncio.Task[None]] = []
+        jobs_stop = asyncio.Event()
+        if settings.relay_enabled:
+            publish_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            exchange = await publish_channel.get_exchange(wire.tasks_exchange)
+            relay = OutboxRelay(
+                pool,
+                Publisher(exchange, wire.tasks_routing_key, timeout),
+                events,
+                dsn=settings.database_url,
+                failpoints=failpoints,
+                timeout=timeout,
+            )
+            background.append(asyncio.create_task(relay.run(jobs_stop), name="outbox-relay"))
+        background += [
+            asyncio.create_task(
+                heartbeat(repo, runner, worker_id, settings.lease_s, jobs_stop),
+                name="lease-heartbeat",
+            ),
+            asyncio.create_task(reaper(repo, events, settings.lease_s, jobs_stop), name="reaper"),
+            asyncio.create_task(listen(redis, wire, runner, jobs_stop), name="control-listener"),
+        ]
+
+        await consumer.start()
+        log.info(
+            "worker ready",
+            extra={
+                "worker_id": worker_id,
+                "types": sorted(registry.schemas()),
+                "concurrency": settings.worker_concurrency,
+            },
+        )
+        await stop.wait()
+
+        log.info("stopping: draining")
+        await consumer.drain(
+            settings.shutdown_grace_s, handback_s=settings.cancel_grace_s + 2 * timeout
+        )
+        jobs_stop.set()
+        await asyncio.gather(*background, return_exceptions=True)
+        await channel.close()
+        log.info("worker stopped")
+
+
+async def _serve_health(
+    settings: WorkerSettings, pool: asyncpg.Pool, redis: Redis, connection: AbstractRobustConnection
+) -> web.AppRunner:
+    """/healthz, /readyz and /metrics on LONGHAUL_WORKER_METRICS_PORT."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def amqp_check() -> None:
+        if connection.is_closed:
+            raise ConnectionError("closed")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, body = await readiness(
+            {
+                "postgresql": lambda: pool.fetchval("SELECT 1"),
+                "redis": redis.ping,
+                "rabbitmq": amqp_check,
+            },
+            settings.io_timeout_s,
+        )
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.worker_metrics_host, settings.worker_metrics_port).start()
+    return runner

@@ -1,0 +1,81 @@
+"""Progress of one running attempt: clamps, coalesces and writes reports, in order.
+
+A handler may report thousands of times a second; at most ``max_rate`` reports per
+second reach PostgreSQL and Redis, the latest one always does (on flush), and every
+write goes through one lock so seqs are handed out in the order events are written."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.worker.ratelimit import RateGate
+from shared.events import EventSink
+from shared.schemas import ProgressEvent
+
+log = logging.getLogger(__name__)
+
+Write = Callable[[float, str | None], Awaitable[ProgressEvent | None]]
+
+MAX_MESSAGE = 2000
+
+
+class ProgressReporter:
+    def __init__(self, write: Write, events: EventSink, *, max_rate: float, name: str) -> None:
+        self._write = write
+        self._events = events
+        self._gate = RateGate(max_rate)
+        self._lock = asyncio.Lock()
+        self._pending: tuple[float, str | None, Any] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._progress = 0.0
+        self._name = name
+        # Set once the attempt is no longer ours (cancelled, reaped): reports are dropped.
+        self.fenced_out = False
+
+    async def report(self, progress: float, message: str | None, data: Any) -> None:
+        if self.fenced_out:
+            return
+        progress = min(1.0, max(self._progress, float(progress)))  # never decreasing
+        self._progress = progress
+        if message is not None:
+            message = str(message)[:MAX_MESSAGE]
+        self._pending = (progress, message, data)
+        if self._flusher is not None and not self._flusher.done():
+            return  # the scheduled flush will send the latest
+        if self._gate.wait(time.monotonic()) == 0.0:
+            await self._send()
+        else:
+            self._flusher = asyncio.create_task(self._flush_later(), name=f"progress-{self._name}")
+
+    async def close(self) -> None:
+        """Deliver the last held-back report; called before the terminal state."""
+        if self._flusher is not None:
+            # Not cancelled: a write cut in half would leave a seq the stream lacks.
+            # It waits one interval at most.
+            await self._flusher
+            self._flusher = None
+        if self._pending is not None and not self.fenced_out:
+            await self._send()
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._gate.wait(time.monotonic()))
+        await self._send()
+
+    async def _send(self) -> None:
+        async with self._lock:
+            if self._pending is None:
+                return
+            progress, message, data = self._pending
+            self._pending = None
+            self._gate.sent(time.monotonic())
+            event = await self._write(progress, message)
+            if event is None:
+                self.fenced_out = True
+                return
+            if data is not None:
+                event = event.model_copy(update={"data": data})
+            await self._events.emit([event])

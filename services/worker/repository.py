@@ -1,0 +1,282 @@
+"""The worker's SQL, all of it. Every state change is a conditional UPDATE fenced by the
+expected state and attempt, so a duplicate delivery, a late worker or a reaped attempt
+changes nothing; each returns the row's event columns (None when fenced out)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+from uuid import UUID
+
+import asyncpg
+
+from shared.db import NOTIFY_CHANNEL
+from shared.ids import uuid7
+from shared.schemas import TaskMessage, encode_task_message
+from shared.taskrows import EVENT_COLUMNS, Row
+
+Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A task this worker now runs as ``attempt``."""
+
+    row: Row
+    message: TaskMessage
+
+    @property
+    def args(self) -> dict[str, Any]:
+        args: dict[str, Any] = self.row["args"]
+        return args
+
+
+def next_message(message: TaskMessage) -> bytes:
+    return encode_task_message(message.model_copy(update={"attempt": message.attempt + 1}))
+
+
+class WorkerRepository:
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def register_types(self, schemas: Mapping[str, dict[str, Any]]) -> None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.executemany(
+                "INSERT INTO task_types (name, args_schema) VALUES ($1, $2) "
+                "ON CONFLICT (name) DO UPDATE SET args_schema = EXCLUDED.args_schema, "
+                "registered_at = now()",
+                list(schemas.items()),
+            )
+
+    async def claim(self, message: TaskMessage, worker_id: str, lease_s: float) -> Claimed | None:
+        """Start ``message.attempt`` if the task is waiting for exactly that attempt."""
+        row = await self._fetchrow(
+            f"""
+            UPDATE tasks SET state = 'running', attempts = $2, worker_id = $3,
+                lease_expires_at = now() + make_interval(secs => $4),
+                started_at = coalesce(started_at, now()), next_attempt_at = NULL,
+                progress = 0, message = NULL, last_seq = last_seq + 1, updated_at = now()
+            WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
+              AND tenant_id = $5
+            RETURNING {EVENT_COLUMNS}, type, args, tenant_id, timeout_s, max_attempts,
+                      created_at, cancel_requested_at
+            """,
+            message.task_id,
+            message.attempt,
+            worker_id,
+            lease_s,
+            message.tenant_id,
+        )
+        return Claimed(row, message) if row else None
+
+    async def progress(
+        self, task_id: UUID, attempt: int, progress: float, message: str | None
+    ) -> Row | None:
+        return await self._fetchrow(
+            f"""
+            UPDATE tasks SET progress = greatest(progress, $3), message = $4,
+                last_seq = last_seq + 1, updated_at = now()
+            WHERE id = $1 AND state = 'running' AND attempts = $2
+            RETURNING {EVENT_COLUMNS}
+            """,
+            task_id,
+            attempt,
+            progress,
+            message,
+        )
+
+    async def succeed(self, task_id: UUID, attempt: int, result: Any) -> Row | None:
+        return await self._fetchrow(
+            f"""
+            UPDATE tasks SET state = 'succeeded', progress = 1, result = $3, error = NULL,
+                finished_at = now(), worker_id = NULL, lease_expires_at = NULL,
+                last_seq = last_seq + 1, updated_at = now()
+            WHERE id = $1 AND state = 'running' AND attempts = $2
+            RETURNING {EVENT_COLUMNS}
+            """,
+            task_id,
+            attempt,
+            result,
+        )
+
+    async def finish(
+        self, task_id: UUID, attempt: int, state: str, error: dict[str, Any] | None
+    ) -> Row | None:
+        """End the attempt as ``failed`` or ``cancelled``."""
+        return await self._fetchrow(
+            f"""
+            UPDATE tasks SET state = $3, error = $4, finished_at = now(), worker_id = NULL,
+                lease_expires_at = NULL, last_seq = last_seq + 1, updated_at = now()
+            WHERE id = $1 AND state = 'running' AND attempts = $2
+            RETURNING {EVENT_COLUMNS}
+            """,
+            task_id,
+            attempt,
+            state,
+            error,
+        )
+
+    async def retry_later(
+        self, message: TaskMessage, error: dict[str, Any], delay_s: float
+    ) -> Row | None:
+        """Mark the attempt ``retrying`` and schedule the next one in the outbox, at once."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""
+                UPDATE tasks SET state = 'retrying', error = $3, worker_id = NULL,
+                    lease_expires_at = NULL, last_seq = last_seq + 1, updated_at = now(),
+                    next_attempt_at = now() + make_interval(secs => $4)
+                WHERE id = $1 AND state = 'running' AND attempts = $2
+                RETURNING {EVENT_COLUMNS}, next_attempt_at
+                """,
+                message.task_id,
+                message.attempt,
+                error,
+                delay_s,
+            )
+            if row is not None:
+                await conn.execute(
+                    "INSERT INTO outbox (task_id, attempt, body, available_at) VALUES ($1, $2, $3, $4)",
+                    message.task_id,
+                    message.attempt + 1,
+                    next_message(message),
+                    row["next_attempt_at"],
+                )
+            return row
+
+    async def requeue(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
+        """Hand an interrupted attempt back: the next attempt is published at once (or
+        the task fails if it has none left). The interrupted attempt counts, because its
+        effects may have happened."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            rows = await _requeue_or_fail(
+                conn,
+                "id = $1 AND state = 'running' AND attempts = $2",
+                (message.task_id, message.attempt),
+                error,
+            )
+            return rows[0] if rows else None
+
+    async def renew_leases(
+        self, task_ids: Sequence[UUID], worker_id: str, lease_s: float
+    ) -> list[UUID]:
+        """Extend this worker's leases; return the tasks whose cancellation was requested."""
+        if not task_ids:
+            return []
+        rows = await self._fetch(
+            """
+            UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3)
+            WHERE id = ANY($1::uuid[]) AND state = 'running' AND worker_id = $2
+            RETURNING id, cancel_requested_at
+            """,
+            list(task_ids),
+            worker_id,
+            lease_s,
+        )
+        return [r["id"] for r in rows if r["cancel_requested_at"] is not None]
+
+    async def reap(self, limit: int = 100) -> list[Row]:
+        """Requeue (or fail, when out of attempts) running tasks whose lease ran out: their
+        worker died, hung or lost the database. Fenced: the late worker's own updates
+        name its attempt and state 'running', which no longer match."""
+        error = {
+            "type": "lost",
+            "message": "the worker running this attempt stopped renewing its lease",
+            "retryable": True,
+        }
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            return await _requeue_or_fail(
+                conn,
+                "id IN (SELECT id FROM tasks WHERE state = 'running' AND lease_expires_at < now()"
+                f" ORDER BY lease_expires_at LIMIT {int(limit)} FOR UPDATE SKIP LOCKED)",
+                (),
+                error,
+            )
+
+    async def dead_letter(
+        self,
+        *,
+        reason: str,
+        detail: str,
+        body: bytes,
+        headers: Mapping[str, Any],
+        tenant_id: UUID | None = None,
+        task_id: UUID | None = None,
+    ) -> None:
+        """Keep a message that can never be processed, with the reason, before acking it."""
+        await self._execute(
+            """
+            INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, headers,
+                                      attempts, last_error)
+            SELECT $1, t.id, $3, $4, $5, $6, $7, task.attempts, task.error
+            FROM (SELECT 1) AS one
+            LEFT JOIN tenants t ON t.id = $2
+            LEFT JOIN tasks task ON task.id = $3
+            """,
+            uuid7(),
+            tenant_id,
+            task_id,
+            reason,
+            detail[:2000],
+            body,
+            dict(headers),
+        )
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row: Row | None = await conn.fetchrow(sql, *args)
+            return row
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return list(await conn.fetch(sql, *args))
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(sql, *args)
+
+
+async def _requeue_or_fail(
+    conn: Connection, where: str, args: tuple[Any, ...], error: dict[str, Any]
+) -> list[Row]:
+    """Move matching running tasks to ``queued`` with the next attempt in the outbox, or to
+    ``failed`` when that was their last attempt. Runs inside the caller's transaction."""
+    n = len(args)
+    rows = await conn.fetch(
+        f"""
+        UPDATE tasks SET
+            state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+            error = ${n + 1}::jsonb, worker_id = NULL, lease_expires_at = NULL,
+            last_seq = last_seq + 1, updated_at = now()
+        WHERE {where}
+        RETURNING {EVENT_COLUMNS}, tenant_id, type, trace_id
+        """,
+        *args,
+        error,
+    )
+    queued = [r for r in rows if r["state"] == "queued"]
+    if queued:
+        await conn.executemany(
+            "INSERT INTO outbox (task_id, attempt, body) VALUES ($1, $2, $3)",
+            [
+                (
+                    r["id"],
+                    r["attempts"] + 1,
+                    encode_task_message(
+                        TaskMessage(
+                            task_id=r["id"],
+                            tenant_id=r["tenant_id"],
+                            type=r["type"],
+                            attempt=r["attempts"] + 1,
+                            trace_id=r["trace_id"],
+                        )
+                    ),
+                )
+                for r in queued
+            ],
+        )
+        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return list(rows)

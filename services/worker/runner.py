@@ -1,0 +1,306 @@
+"""Runs one delivered task message to its outcome; the caller acks when it returns.
+
+The order of every run: claim the attempt (conditional UPDATE), run the handler under
+its timeout, commit the outcome (conditional UPDATE), then write the event, then ack.
+A message that can never be processed is kept as a dead letter before it is acked."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from uuid import UUID
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from services.worker.progress import ProgressReporter
+from services.worker.registry import Registry
+from services.worker.repository import Claimed, WorkerRepository
+from services.worker.sdk import TaskContext, TaskFailure, TaskSpec
+from services.worker.settings import WorkerSettings
+from shared.backoff import Backoff
+from shared.db import TRANSIENT_ERRORS
+from shared.errors import MessageError
+from shared.events import EventSink
+from shared.failpoints import Failpoints
+from shared.logging import task_id_var, trace_id_var
+from shared.schemas import ProgressEvent, TaskMessage, parse_task_message
+from shared.taskrows import Row, event_from_row
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StopReason(enum.Enum):
+    CANCELLED = "cancelled"  # the user asked (POST /cancel)
+    SHUTDOWN = "shutdown"  # this worker is stopping and the grace period ran out
+    FENCED = "fenced"  # the attempt is no longer ours (reaped)
+
+
+@dataclass
+class Running:
+    """An attempt in progress, for the heartbeat and for cancellation."""
+
+    claimed: Claimed
+    handler: asyncio.Task[Any] | None = None
+    stop_reason: StopReason | None = None
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def stop(self, reason: StopReason) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.handler is not None and not self.handler.done():
+            self.handler.cancel()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # succeeded | failed | cancelled | interrupted
+    result: Any = None
+    error: dict[str, Any] | None = None
+    retryable: bool = False
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        repo: WorkerRepository,
+        events: EventSink,
+        registry: Registry,
+        failpoints: Failpoints,
+        worker_id: str,
+    ) -> None:
+        self._settings = settings
+        self._repo = repo
+        self._events = events
+        self._registry = registry
+        self._failpoints = failpoints
+        self._worker_id = worker_id
+        self._backoff = Backoff(settings.retry_base_s, settings.retry_factor, settings.retry_cap_s)
+        self.running: dict[UUID, Running] = {}
+        # Handlers that ignored cancellation past the grace period: kept so shutdown
+        # can wait for them a last time, never awaited on the hot path.
+        self.abandoned: set[asyncio.Task[Any]] = set()
+
+    async def process(self, body: bytes, headers: Mapping[str, Any]) -> None:
+        try:
+            message = parse_task_message(body)
+        except MessageError as exc:
+            await self._dead_letter(exc.reason, str(exc), body, headers)
+            return
+        task_id_var.set(str(message.task_id))
+        trace_id_var.set(message.trace_id)
+        spec = self._registry.get(message.type)
+        if spec is None:
+            await self._unknown_type(message, body, headers)
+            return
+        claimed = await self._db(
+            lambda: self._repo.claim(message, self._worker_id, self._settings.lease_s)
+        )
+        if claimed is None:
+            # Delivered twice, stale (a newer attempt exists) or cancelled meanwhile.
+            return
+        await self._events.emit([event_from_row(claimed.row)])
+        running = Running(claimed)
+        self.running[message.task_id] = running
+        try:
+            outcome = await self._run(spec, running)
+            await self._failpoints.hit("worker.before_commit")
+            row = await self._commit(spec, claimed, outcome)
+            await self._failpoints.hit("worker.after_commit")
+        finally:
+            del self.running[message.task_id]
+        if row is not None:
+            await self._events.emit([event_from_row(row)])
+
+    async def _run(self, spec: TaskSpec, running: Running) -> Outcome:
+        claimed = running.claimed
+        message, row = claimed.message, claimed.row
+        timeout_s = float(row["timeout_s"])
+        reporter = ProgressReporter(
+            lambda p, m: self._write_progress(message, p, m),
+            self._events,
+            max_rate=self._settings.progress_max_rate_per_s,
+            name=str(message.task_id),
+        )
+        ctx = TaskContext(
+            task_id=message.task_id,
+            type=message.type,
+            tenant_id=message.tenant_id,
+            attempt=message.attempt,
+            max_attempts=int(row["max_attempts"]),
+            deadline=datetime.now(UTC) + timedelta(seconds=timeout_s),
+            _progress=reporter.report,
+        )
+        try:
+            args = spec.args_model.model_validate(claimed.args)
+        except ValidationError as exc:
+            return _failed("invalid_args", _first_error(exc), retryable=False)
+        handler: asyncio.Task[Any] = asyncio.create_task(
+            _call(spec, ctx, args), name=f"handler-{message.task_id}"
+        )
+        running.handler = handler
+        if row["cancel_requested_at"] is not None:
+            running.stop(StopReason.CANCELLED)
+        done, _ = await asyncio.wait({handler}, timeout=timeout_s)
+        timed_out = not done
+        if timed_out:
+            handler.cancel()
+        if not handler.done():
+            done, _ = await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
+            if not done:
+                log.warning("handler ignored cancellation; abandoning it")
+                self.abandoned.add(handler)
+                handler.add_done_callback(self.abandoned.discard)
+        if reporter.fenced_out and running.stop_reason is None:
+            running.stop_reason = StopReason.FENCED
+        outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
+        if outcome.state == "succeeded":
+            await reporter.close()
+        return outcome
+
+    def _outcome(
+        self,
+        handler: asyncio.Task[Any],
+        reason: StopReason | None,
+        timed_out: bool,
+        timeout_s: float,
+    ) -> Outcome:
+        if reason is StopReason.CANCELLED:
+            return Outcome("cancelled")
+        if reason in (StopReason.SHUTDOWN, StopReason.FENCED):
+            return Outcome(
+                "interrupted",
+                error={
+                    "type": "interrupted",
+                    "message": f"attempt interrupted ({reason.value})",
+                    "retryable": True,
+                },
+            )
+        if timed_out:
+            return _failed(
+                "timeout", f"the attempt ran past its timeout of {timeout_s:g}s", retryable=True
+            )
+        if not handler.done() or handler.cancelled():
+            return _failed("cancelled", "the handler was cancelled", retryable=True)
+        exc = handler.exception()
+        if exc is None:
+            result = handler.result()
+            if isinstance(result, BaseModel):
+                result = result.model_dump(mode="json")
+            try:
+                result = orjson.loads(orjson.dumps(result))
+            except TypeError as err:
+                return _failed("invalid_result", f"result is not JSON: {err}", retryable=False)
+            return Outcome("succeeded", result=result)
+        if isinstance(exc, TaskFailure):
+            return _failed(exc.type, str(exc), retryable=exc.retryable)
+        log.warning("handler raised", exc_info=exc)
+        return _failed(type(exc).__name__, str(exc) or type(exc).__name__, retryable=True)
+
+    async def _commit(self, spec: TaskSpec, claimed: Claimed, outcome: Outcome) -> Row | None:
+        message = claimed.message
+        tid, attempt = message.task_id, message.attempt
+        if outcome.state == "succeeded":
+            return await self._db(lambda: self._repo.succeed(tid, attempt, outcome.result))
+        if outcome.state == "cancelled":
+            return await self._db(lambda: self._repo.finish(tid, attempt, "cancelled", None))
+        error = outcome.error or {}
+        if outcome.state == "interrupted":
+            return await self._db(lambda: self._repo.requeue(message, error))
+        max_attempts = int(claimed.row["max_attempts"])
+        if outcome.retryable and attempt < max_attempts:
+            backoff = spec.backoff or self._backoff
+            delay = backoff.delay(attempt)
+            return await self._db(lambda: self._repo.retry_later(message, error, delay))
+        return await self._db(lambda: self._repo.finish(tid, attempt, "failed", error))
+
+    async def _write_progress(
+        self, message: TaskMessage, progress: float, text: str | None
+    ) -> ProgressEvent | None:
+        row = await self._db(
+            lambda: self._repo.progress(message.task_id, message.attempt, progress, text)
+        )
+        return event_from_row(row) if row else None
+
+    async def _unknown_type(
+        self, message: TaskMessage, body: bytes, headers: Mapping[str, Any]
+    ) -> None:
+        """No handler here: fail the task (it must end) and keep the message to redrive."""
+        claimed = await self._db(
+            lambda: self._repo.claim(message, self._worker_id, self._settings.lease_s)
+        )
+        if claimed is not None:
+            detail = f"no worker here runs tasks of type {message.type!r}"
+            error = {"type": "unknown_type", "retryable": False, "message": detail}
+            await self._events.emit([event_from_row(claimed.row)])
+            row = await self._db(
+                lambda: self._repo.finish(message.task_id, message.attempt, "failed", error)
+            )
+            if row is not None:
+                await self._events.emit([event_from_row(row)])
+            await self._dead_letter("unknown_type", detail, body, headers, message)
+
+    async def _dead_letter(
+        self,
+        reason: str,
+        detail: str,
+        body: bytes,
+        headers: Mapping[str, Any],
+        message: TaskMessage | None = None,
+    ) -> None:
+        log.warning("dead-lettering message", extra={"reason": reason, "detail": detail[:300]})
+        await self._db(
+            lambda: self._repo.dead_letter(
+                reason=reason,
+                detail=detail,
+                body=body,
+                headers=_jsonable(headers),
+                tenant_id=message.tenant_id if message else None,
+                task_id=message.task_id if message else None,
+            )
+        )
+
+    async def _db(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op``, retrying while PostgreSQL is unreachable. The message stays
+        unacked meanwhile; a stopping worker cancels this wait after its grace period,
+        and the lease and the reaper cover a worker that never gets back."""
+        delay = 0.1
+        while True:
+            try:
+                result = await op()
+            except TRANSIENT_ERRORS as exc:
+                log.warning("PostgreSQL unreachable; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            return result
+
+
+async def _call(spec: TaskSpec, ctx: TaskContext, args: BaseModel) -> Any:
+    return await spec.handler(ctx, args)
+
+
+def _failed(kind: str, message: str, *, retryable: bool) -> Outcome:
+    return Outcome(
+        "failed",
+        error={"type": kind, "message": message[:4000], "retryable": retryable},
+        retryable=retryable,
+    )
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "args"
+    return f"{loc}: {first['msg']}"
+
+
+def _jsonable(headers: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = orjson.loads(orjson.dumps(dict(headers), default=str))
+    return out

@@ -1,0 +1,25 @@
+"""Worker settings (``LONGHAUL_*`` env vars) on top of the shared ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class WorkerSettings(CommonSettings):
+    # Tasks run at once by one worker process; also the AMQP prefetch.
+    worker_concurrency: int = Field(default=16, ge=1, le=10_000)
+    # How long a stopping worker lets running tasks finish before handing them back.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # How long a cancelled handler may take to stop before it is abandoned.
+    cancel_grace_s: float = Field(default=5.0, ge=0)
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=8002, ge=0, le=65535)
+    # At most this many progress events per second per task reach Redis.
+    progress_max_rate_per_s: float = Field(default=20.0, gt=0)
+    retry_base_s: float = Field(default=1.0, ge=0)
+    retry_factor: float = Field(default=2.0, ge=1)
+    retry_cap_s: float = Field(default=600.0, ge=0)
+    # Also publish the outbox (retries, delayed tasks) from this process.
+    relay_enabled: bool = True

@@ -1,0 +1,1 @@
+"""Contracts and plumbing shared by every Longhaul service: the only code they all import."""

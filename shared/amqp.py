@@ -1,0 +1,118 @@
+"""RabbitMQ plumbing: connecting, declaring the topology, publishing with confirms.
+
+The topology: a durable direct exchange routes task messages to one durable quorum
+queue. The queue dead-letters crash loops (past ``x-delivery-limit``) at least once to
+the dead-letter queue, and refuses publishes past ``x-max-length`` (``reject-publish``,
+which at-least-once dead-lettering requires anyway): a nack the relay sees, never a
+silently dropped message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from shared.errors import DependencyError
+from shared.settings import CommonSettings
+from shared.wire import Wire
+
+
+async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnection:
+    """A robust connection named after its process, so the broker's UI tells who is who."""
+    return await aio_pika.connect_robust(
+        url, timeout=timeout, client_properties={"connection_name": name}
+    )
+
+
+def task_queue_arguments(settings: CommonSettings, wire: Wire) -> dict[str, Any]:
+    """Every declarer must pass identical arguments, or the broker refuses the declare."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-exchange": wire.dead_letter_exchange,
+        "x-dead-letter-routing-key": wire.dead_letter_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-max-length": settings.queue_max_length,
+    }
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchange: AbstractExchange
+    queue: AbstractQueue
+    dead_letters: AbstractQueue
+
+
+async def declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire) -> Topology:
+    """Declare (idempotently) every exchange and queue Longhaul uses."""
+    dlx = await channel.declare_exchange(
+        wire.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    dead = await channel.declare_queue(
+        wire.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead.bind(dlx, routing_key=wire.dead_letter_queue)
+    exchange = await channel.declare_exchange(
+        wire.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    queue = await channel.declare_queue(
+        wire.tasks_queue, durable=True, arguments=task_queue_arguments(settings, wire)
+    )
+    await queue.bind(exchange, routing_key=wire.tasks_routing_key)
+    return Topology(exchange=exchange, queue=queue, dead_letters=dead)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    message_id: str
+    body: bytes
+    trace_id: str | None = None
+
+
+class Publisher:
+    """Publishes persistent messages with confirms; a batch is pipelined, not sent one
+    round trip at a time. Raises DependencyError unless every message was confirmed."""
+
+    def __init__(self, exchange: AbstractExchange, routing_key: str, timeout: float) -> None:
+        self._exchange = exchange
+        self._routing_key = routing_key
+        self._timeout = timeout
+
+    async def publish(self, batch: Sequence[Outgoing]) -> None:
+        results = await asyncio.gather(
+            *(self._publish_one(item) for item in batch), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            first = failures[0]
+            raise DependencyError(
+                f"RabbitMQ did not confirm {len(failures)} of {len(batch)} messages: "
+                f"{type(first).__name__}: {first}"
+            ) from first
+
+    async def _publish_one(self, item: Outgoing) -> None:
+        message = aio_pika.Message(
+            item.body,
+            message_id=item.message_id,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=item.trace_id,
+        )
+        # ``timeout`` bounds the wait for the confirm; wait_for also bounds a publish
+        # that would otherwise wait forever on a connection being restored.
+        await asyncio.wait_for(
+            self._exchange.publish(
+                message, self._routing_key, mandatory=True, timeout=self._timeout
+            ),
+            self._timeout,
+        )

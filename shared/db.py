@@ -1,0 +1,138 @@
+"""PostgreSQL plumbing: the pool every service opens, and the migration runner.
+
+We run our own small migrator rather than Alembic: the schema is plain SQL files,
+nothing here uses an ORM, and the runner must be safe when several processes start at
+once, which one advisory lock gives us."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+
+from shared.errors import DependencyError
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "longhaul_outbox"
+_MIGRATE_LOCK = 0x6C6F6E67  # "long": any constant, shared by every migrating process
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0
+) -> asyncpg.Pool:
+    """A pool with JSON codecs and a statement timeout, so no query hangs a request."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            timeout=timeout,
+            command_timeout=timeout,
+            server_settings={"statement_timeout": str(int(timeout * 1000))},
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DependencyError(f"PostgreSQL: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The shipped migrations, in order: files named ``NNNN_name.sql``."""
+    found = []
+    for entry in resources.files("shared.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version, _, name = entry.name.removesuffix(".sql").partition("_")
+            found.append(Migration(int(version), name, entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+async def ensure_database(dsn: str, timeout: float) -> None:
+    """Create the DSN's database if it does not exist (a fresh machine has none)."""
+    database = urlsplit(dsn).path.lstrip("/") or "postgres"
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return
+    admin = await asyncpg.connect(dsn, database="postgres", timeout=timeout)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass  # created meanwhile by another process
+    finally:
+        await admin.close()
+
+
+async def migrate(dsn: str, timeout: float = 30.0) -> list[int]:
+    """Apply every migration not yet applied; return the versions applied now.
+
+    Idempotent and safe to run from several processes at once: they queue on one
+    advisory lock, and each migration commits with its version row."""
+    await ensure_database(dsn, timeout)
+    conn = await asyncpg.connect(dsn, timeout=timeout)
+    applied: list[int] = []
+    try:
+        await asyncio.wait_for(conn.execute("SELECT pg_advisory_lock($1)", _MIGRATE_LOCK), timeout)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info(
+                "migration applied", extra={"version": migration.version, "name": migration.name}
+            )
+            applied.append(migration.version)
+    finally:
+        await conn.close()  # also releases the advisory lock
+    return applied
+
+
+# Errors that mean "PostgreSQL is unreachable or restarting", worth retrying; any other
+# PostgresError is a bug or a constraint and is raised at once.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InternalClientError,
+)

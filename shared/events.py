@@ -1,0 +1,67 @@
+"""Writes progress events where the gateway finds them: the task's Redis stream (for
+replay) and its pub/sub channel (for live relay), in one pipelined round trip.
+
+Redis is not the truth: an event that cannot be written is logged and counted, and the
+gateway recovers the state from PostgreSQL (a snapshot event)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared.schemas import ProgressEvent, encode_event
+from shared.wire import Wire
+
+log = logging.getLogger(__name__)
+
+EVENTS_WRITTEN = Counter("longhaul_events_written_total", "Progress events written to Redis")
+EVENTS_FAILED = Counter("longhaul_events_failed_total", "Progress events Redis did not take")
+
+
+class EventSink:
+    def __init__(self, redis: Redis, wire: Wire, *, retention_s: float, maxlen: int) -> None:
+        self._redis = redis
+        self._wire = wire
+        self._retention_ms = int(retention_s * 1000)
+        self._maxlen = maxlen
+
+    async def emit(self, events: Sequence[ProgressEvent]) -> bool:
+        """Append to each task's stream and publish; True when Redis took them all."""
+        if not events:
+            return True
+        pipe = self._redis.pipeline(transaction=False)
+        for event in events:
+            body = encode_event(event)
+            stream = self._wire.event_stream(event.task_id)
+            # The entry id is the seq: a duplicate or late write is refused by Redis
+            # itself (ids must grow), so the stream never holds one seq twice.
+            pipe.xadd(
+                stream, {"e": body}, id=f"{event.seq}-0", maxlen=self._maxlen, approximate=True
+            )
+            pipe.pexpire(stream, self._retention_ms)
+            pipe.publish(self._wire.event_channel(event.task_id), body)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, TimeoutError) as exc:
+            EVENTS_FAILED.inc(len(events))
+            log.warning(
+                "progress events not written to Redis",
+                extra={"count": len(events), "error": repr(exc)},
+            )
+            return False
+        errors = [
+            r
+            for r in results
+            if isinstance(r, Exception)
+            and not (isinstance(r, ResponseError) and "equal or smaller" in str(r))
+        ]
+        if errors:
+            EVENTS_FAILED.inc(len(events))
+            log.warning("progress events partly refused by Redis", extra={"error": repr(errors[0])})
+            return False
+        EVENTS_WRITTEN.inc(len(events))
+        return True

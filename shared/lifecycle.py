@@ -1,0 +1,77 @@
+"""How a service process starts and stops: one code path for all three.
+
+``run(service, main)`` builds nothing itself; ``main(stop)`` receives an event set on
+SIGTERM/SIGINT and must return once it has drained. A configuration error or a
+dependency that stays unreachable for the start timeout ends the process with one line
+on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from shared.errors import ConfigError, DependencyError, StartTimeout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXIT_CONFIG = 2
+EXIT_DEPENDENCY = 3
+
+
+def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``main`` under uvloop (where available) with signal handling; return the exit code."""
+
+    async def supervised() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # The handler only sets the event: the draining happens in main.
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        try:
+            import uvloop  # noqa: PLC0415 - optional speed-up
+
+            uvloop.run(supervised())
+        except ImportError:
+            asyncio.run(supervised())
+    except ConfigError as exc:
+        sys.stderr.write(f"{service}: {exc}\n")
+        return EXIT_CONFIG
+    except DependencyError as exc:
+        sys.stderr.write(f"{service}: {exc}\n")
+        return EXIT_DEPENDENCY
+    return 0
+
+
+async def wait_for_dependency(
+    name: str,
+    connect: Callable[[], Awaitable[T]],
+    timeout: float,
+    stop: asyncio.Event | None = None,
+) -> T:
+    """Call ``connect`` until it succeeds, backing off, for at most ``timeout`` seconds.
+
+    Raises StartTimeout with one line naming the dependency and the last error."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        try:
+            return await asyncio.wait_for(connect(), max(0.1, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001
+            # Any failure to connect is "not reachable yet"; the error names the last one.
+            last = f"{type(exc).__name__}: {exc}".strip()
+            if time.monotonic() + delay >= deadline or (stop is not None and stop.is_set()):
+                raise StartTimeout(
+                    f"{name} unreachable for {timeout:.0f}s (LONGHAUL_START_TIMEOUT_S): {last}"
+                ) from None
+            log.warning("waiting for dependency", extra={"dependency": name, "error": last})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

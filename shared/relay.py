@@ -1,0 +1,188 @@
+"""The transactional-outbox relay: publishes committed outbox rows with publisher
+confirms and deletes them only after the broker confirmed them.
+
+Rows are claimed with ``FOR UPDATE SKIP LOCKED`` inside the publishing transaction, so
+any number of relays (every API and worker process runs one) share the rows without
+publishing one twice in the normal case. A crash between the confirm and the commit
+publishes the rows again later: the worker absorbs such duplicates (the message's
+attempt no longer matches). Rows with a future ``available_at`` are retries and delayed
+tasks: the relay sleeps until the earliest is due, so no consumer holds them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+import asyncpg
+from prometheus_client import Counter, Gauge
+
+from shared.amqp import Outgoing, Publisher
+from shared.db import NOTIFY_CHANNEL
+from shared.errors import DependencyError
+from shared.events import EventSink
+from shared.failpoints import Failpoints
+from shared.taskrows import EVENT_COLUMNS, event_from_row
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("longhaul_outbox_published_total", "Outbox rows published and confirmed")
+PUBLISH_FAILURES = Counter("longhaul_outbox_publish_failures_total", "Relay batches not confirmed")
+BROKER_REFUSING = Gauge("longhaul_outbox_broker_refusing", "1 while the broker refuses publishes")
+
+_CLAIM = """
+SELECT id, task_id, attempt, body FROM outbox
+WHERE available_at <= now()
+ORDER BY available_at, id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+# A retry that is due becomes queued when its message is published (in the same
+# transaction), fenced by attempt so a stale row cannot touch a newer attempt.
+_PROMOTE = f"""
+UPDATE tasks AS t
+SET state = 'queued', next_attempt_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
+FROM unnest($1::uuid[], $2::int[]) AS o(task_id, attempt)
+WHERE t.id = o.task_id AND t.state = 'retrying' AND t.attempts = o.attempt - 1
+RETURNING {", ".join("t." + c.strip() for c in EVENT_COLUMNS.split(","))}
+"""
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: Publisher,
+        events: EventSink,
+        *,
+        dsn: str,
+        failpoints: Failpoints,
+        batch_size: int = 500,
+        poll_s: float = 1.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self._events = events
+        self._dsn = dsn
+        self._failpoints = failpoints
+        self._batch_size = batch_size
+        self._poll_s = poll_s
+        self._timeout = timeout
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        # True while the broker refuses publishes (queue full, or down): the API
+        # stops admitting tasks until a publish goes through again.
+        self.refusing = False
+
+    def wake(self) -> None:
+        """Ask for a flush now: called in-process right after an outbox commit."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until ``stop`` is set; on error, back off and try again."""
+        failures = 0
+        stopping = asyncio.create_task(stop.wait(), name="relay-stop-wait")
+        try:
+            while not stop.is_set():
+                await self._ensure_listener()
+                try:
+                    published = await self.flush_once()
+                except (DependencyError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                    failures += 1
+                    self._set_refusing(True)
+                    PUBLISH_FAILURES.inc()
+                    log.warning("outbox relay flush failed", extra={"error": str(exc)[:300]})
+                    await self._sleep(stopping, min(0.1 * 2**failures, 5.0))
+                    continue
+                failures = 0
+                self._set_refusing(False)
+                if published >= self._batch_size:
+                    continue  # more may be due right now
+                await self._sleep(stopping, await self._until_next_due())
+        finally:
+            stopping.cancel()
+            if self._listener is not None:
+                await self._close_listener()
+
+    async def flush_once(self) -> int:
+        """Publish one batch of due rows; return how many were published."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, self._batch_size)
+            if not rows:
+                return 0
+            await self._failpoints.hit("relay.before_publish")
+            await self._publisher.publish(
+                [
+                    Outgoing(message_id=f"{r['task_id']}:{r['attempt']}", body=r["body"])
+                    for r in rows
+                ]
+            )
+            await self._failpoints.hit("relay.after_confirm")
+            await conn.execute(
+                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+            )
+            promoted = await conn.fetch(
+                _PROMOTE, [r["task_id"] for r in rows], [r["attempt"] for r in rows]
+            )
+        PUBLISHED.inc(len(rows))
+        if promoted:
+            await self._events.emit([event_from_row(r) for r in promoted])
+        return len(rows)
+
+    def _set_refusing(self, value: bool) -> None:
+        if value != self.refusing:
+            self.refusing = value
+            BROKER_REFUSING.set(int(value))
+
+    async def _until_next_due(self) -> float:
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                due: datetime | None = await conn.fetchval(
+                    "SELECT min(available_at) - now() FROM outbox"
+                )
+        except (asyncpg.PostgresError, OSError, TimeoutError):
+            return self._poll_s
+        if due is None:
+            return self._poll_s
+        seconds = due.total_seconds() if hasattr(due, "total_seconds") else self._poll_s
+        return max(0.0, min(self._poll_s, seconds))
+
+    async def _sleep(self, stopping: asyncio.Task[bool], seconds: float) -> None:
+        """Wait for a wake-up, a NOTIFY, ``stop`` or the timeout, whichever comes first."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        waker = asyncio.create_task(self._wake.wait(), name="relay-wake-wait")
+        try:
+            await asyncio.wait(
+                {waker, stopping}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waker.cancel()
+        self._wake.clear()
+
+    async def _ensure_listener(self) -> None:
+        """Keep a LISTEN connection open; without it the relay still polls every poll_s."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
+            self._listener = None
+            return
+        self._listener = conn
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def _close_listener(self) -> None:
+        assert self._listener is not None
+        try:
+            await asyncio.wait_for(self._listener.close(), self._timeout)
+        except (asyncpg.PostgresError, OSError, TimeoutError):
+            self._listener.terminate()
+        self._listener = None

@@ -1,0 +1,211 @@
+"""Versioned wire schemas: the REST bodies, the task message on RabbitMQ and the progress
+event on Redis. Publishers and consumers encode and parse through the same functions here."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    ValidationError,
+)
+
+from shared.errors import MalformedMessage, UnknownVersion
+
+
+def format_ts(value: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds and a ``Z``, as the contract shows."""
+    return (
+        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    )
+
+
+Timestamp = Annotated[datetime, PlainSerializer(format_ts, return_type=str, when_used="json")]
+TaskType = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
+]
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- REST requests
+
+
+class TaskRequest(_Strict):
+    """Body of ``POST /v1/tasks``: only ``type`` is required."""
+
+    type: TaskType
+    args: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=0, ge=0, le=9)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    delay_s: float = Field(default=0.0, ge=0, le=30 * 24 * 3600)
+
+
+class BatchRequest(_Strict):
+    """Body of ``POST /v1/tasks:batch``: all tasks are accepted or none."""
+
+    tasks: list[TaskRequest] = Field(min_length=1, max_length=1000)
+
+
+# ---------------------------------------------------------------- REST responses
+
+
+class TaskError(BaseModel):
+    type: str
+    message: str
+    retryable: bool
+
+
+class TaskLinks(BaseModel):
+    self: str
+    events: str
+
+
+class Task(BaseModel):
+    """The Task object of the contract."""
+
+    id: UUID
+    type: str
+    args: dict[str, Any]
+    state: TaskState
+    progress: float
+    message: str | None
+    result: Any
+    error: TaskError | None
+    attempts: int
+    max_attempts: int
+    priority: int
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    updated_at: Timestamp
+    next_attempt_at: Timestamp | None = None
+    last_seq: int
+    links: TaskLinks
+
+
+class TaskPage(BaseModel):
+    items: list[Task]
+    next_cursor: str | None
+
+
+class TaskBatch(BaseModel):
+    tasks: list[Task]
+
+
+class ProblemError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[ProblemError] | None = None
+
+
+# ---------------------------------------------------------------- RabbitMQ
+
+
+class TaskMessage(_Strict):
+    """What the outbox relay publishes and a worker consumes: a pointer to the task row,
+    which stays the truth. One message per attempt; ``attempt`` fences stale copies."""
+
+    v: Literal[1] = 1
+    task_id: UUID
+    tenant_id: UUID
+    type: TaskType
+    attempt: int = Field(ge=1)
+    trace_id: str | None = Field(default=None, max_length=64)
+
+
+TASK_MESSAGE_VERSIONS = frozenset({1})
+
+
+def encode_task_message(message: TaskMessage) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def parse_task_message(body: bytes) -> TaskMessage:
+    """Parse a task message or raise a MessageError naming why it can never be processed."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MalformedMessage("not a JSON object")
+    version = raw.get("v")
+    if version not in TASK_MESSAGE_VERSIONS:
+        raise UnknownVersion(
+            f"schema version {version!r} is not one of {sorted(TASK_MESSAGE_VERSIONS)}"
+        )
+    try:
+        return TaskMessage.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise MalformedMessage(f"{loc}: {first['msg']}") from None
+
+
+# ---------------------------------------------------------------- Redis progress events
+
+
+class ProgressEvent(BaseModel):
+    """One step of a task's story. ``seq`` starts at 1 and grows by 1 per event, across
+    attempts and workers; the database assigns it, so the order is the commit order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    v: Literal[1] = 1
+    task_id: UUID
+    seq: int = Field(ge=1)
+    state: TaskState
+    progress: float = Field(ge=0.0, le=1.0)
+    message: str | None = None
+    data: Any = None
+    attempt: int = Field(default=0, ge=0)
+    ts: Timestamp
+    snapshot: bool = False
+
+
+def encode_event(event: ProgressEvent) -> bytes:
+    return event.model_dump_json(exclude_defaults=False).encode()
+
+
+def parse_event(body: bytes | str) -> ProgressEvent:
+    """Parse an event from Redis; raise MalformedMessage on anything else."""
+    try:
+        return ProgressEvent.model_validate_json(body)
+    except ValidationError as exc:
+        raise MalformedMessage(str(exc.errors()[0]["msg"])) from None

@@ -1,0 +1,76 @@
+"""Settings every service reads from ``LONGHAUL_*`` env vars, built once in ``main``."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+_NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+S = TypeVar("S", bound=BaseSettings)
+
+
+class CommonSettings(BaseSettings):
+    """Connection settings and the namespace that isolates one deployment (or test run)."""
+
+    model_config = SettingsConfigDict(env_prefix="LONGHAUL_", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/longhaul"
+    # Prefix of every queue, exchange, Redis key and NOTIFY channel: lets several
+    # deployments or test runs share one broker, Redis and PostgreSQL server.
+    namespace: str = "longhaul"
+    # How long a starting service waits for a dependency before exiting non-zero.
+    start_timeout_s: PositiveFloat = 30.0
+    # Every outbound call (SQL, Redis, publish) is bounded by this.
+    io_timeout_s: PositiveFloat = 5.0
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+    # Test-only fault injection, "name=action,name=action" (see shared.failpoints).
+    failpoints: str = ""
+    # Where browsers reach the gateway; shown in Task.links.events.
+    public_ws_url: str = "ws://127.0.0.1:8001/v1/ws"
+    # Retention of per-task progress streams in Redis.
+    event_retention_s: PositiveFloat = 24 * 3600
+    event_stream_maxlen: int = Field(default=10_000, ge=10)
+    # A running task's lease; a worker renews it every third of this.
+    lease_s: PositiveFloat = 30.0
+    # Quorum-queue delivery limit: crash loops past it are dead-lettered. Kept well
+    # above any max_attempts since every unacked delivery of a killed worker counts.
+    delivery_limit: int = Field(default=50, ge=2)
+    # Broker-side last guard against floods (x-max-length + reject-publish).
+    queue_max_length: int = Field(default=1_000_000, ge=1)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_a_name(cls, value: str) -> str:
+        if not _NAMESPACE_RE.match(value):
+            raise ValueError("must match [a-z][a-z0-9_]{0,39}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return upper
+
+
+def load(cls: type[S]) -> S:
+    """Build settings from the environment, or raise ConfigError with one readable line."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "?"
+        env = f"LONGHAUL_{field.upper()}"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"invalid configuration: {env}: {first['msg']}{more}") from None

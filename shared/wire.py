@@ -1,0 +1,62 @@
+"""Names on the wire: exchanges, queues, Redis keys and channels, all under one namespace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+
+@dataclass(frozen=True)
+class Wire:
+    """Every name a service uses to meet another, derived from the deployment's namespace."""
+
+    namespace: str
+
+    # RabbitMQ
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.namespace}.tasks"
+
+    @property
+    def tasks_queue(self) -> str:
+        return f"{self.namespace}.tasks"
+
+    @property
+    def tasks_routing_key(self) -> str:
+        return "task"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.namespace}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.namespace}.dead"
+
+    # Redis
+    @property
+    def redis_prefix(self) -> str:
+        return f"{self.namespace}:"
+
+    def event_stream(self, task_id: UUID | str) -> str:
+        """Per-task stream of progress events; entry id ``<seq>-0``."""
+        return f"{self.namespace}:stream:{task_id}"
+
+    def event_channel(self, task_id: UUID | str) -> str:
+        """Per-task pub/sub channel carrying the same events live."""
+        return f"{self.namespace}:events:{task_id}"
+
+    @property
+    def event_channel_pattern(self) -> str:
+        return f"{self.namespace}:events:*"
+
+    @property
+    def control_channel(self) -> str:
+        """Commands to workers (cancel a running task)."""
+        return f"{self.namespace}:control"
+
+    def ws_token(self, token_hash: str) -> str:
+        return f"{self.namespace}:wstoken:{token_hash}"
+
+    def rate_bucket(self, tenant_id: UUID | str) -> str:
+        return f"{self.namespace}:rate:{tenant_id}"

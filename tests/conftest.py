@@ -1,0 +1,170 @@
+"""Session fixtures: a private database, namespace (queues, Redis keys) and ports per run.
+
+Tests that claim delivery, persistence or progress use the real RabbitMQ, Redis and
+PostgreSQL. If one of them is unreachable the session fails with one line: it never
+skips, so a CI run without services cannot pass by testing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from uuid import UUID
+
+import aio_pika
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.db import migrate
+from shared.ids import uuid7
+from shared.wire import Wire
+from tests.support import free_port, new_run_id
+
+AMQP_URL = os.environ.get("LONGHAUL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("LONGHAUL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_ADMIN_URL = os.environ.get(
+    "LONGHAUL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Everything a test needs to start services or talk to the run's private names."""
+
+    run_id: str
+    namespace: str
+    database_url: str
+    amqp_url: str
+    redis_url: str
+
+    @property
+    def wire(self) -> Wire:
+        return Wire(self.namespace)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {
+            "LONGHAUL_NAMESPACE": self.namespace,
+            "LONGHAUL_DATABASE_URL": self.database_url,
+            "LONGHAUL_AMQP_URL": self.amqp_url,
+            "LONGHAUL_REDIS_URL": self.redis_url,
+            "LONGHAUL_START_TIMEOUT_S": "20",
+            "LONGHAUL_LOG_FORMAT": "json",
+            "LONGHAUL_LOG_LEVEL": "INFO",
+        }
+        base.update({f"LONGHAUL_{k.upper()}": v for k, v in extra.items()})
+        return base
+
+
+def _pg_url(database: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    return asyncio.DefaultEventLoopPolicy()
+
+
+@pytest.fixture(scope="session")
+async def deployment() -> AsyncIterator[Deployment]:
+    run_id = new_run_id()
+    namespace = f"lhtest_{run_id}"
+    database_url = _pg_url(namespace)
+    try:
+        await migrate(database_url, timeout=10)
+        redis = Redis.from_url(REDIS_URL)
+        await redis.ping()
+        conn = await aio_pika.connect(AMQP_URL, timeout=10)
+        await conn.close()
+    except (OSError, asyncpg.PostgresError, TimeoutError, Exception) as exc:
+        pytest.exit(
+            f"a test dependency is unreachable (run `make services`): {exc!r}", returncode=3
+        )
+    dep = Deployment(run_id, namespace, database_url, AMQP_URL, REDIS_URL)
+    try:
+        yield dep
+    finally:
+        await _cleanup(dep, redis)
+
+
+async def _cleanup(dep: Deployment, redis: Redis) -> None:
+    """Drop the run's database, queues, exchanges and Redis keys."""
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dep.namespace}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    async for key in redis.scan_iter(match=f"{dep.namespace}:*", count=1000):
+        await redis.delete(key)
+    await redis.aclose()
+    conn = await aio_pika.connect(dep.amqp_url)
+    try:
+        for name in (dep.wire.tasks_queue, dep.wire.dead_letter_queue):
+            channel = await conn.channel()
+            try:
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.ChannelClosed:
+                pass
+        for name in (dep.wire.tasks_exchange, dep.wire.dead_letter_exchange):
+            channel = await conn.channel()
+            try:
+                await channel.exchange_delete(name)
+            except aio_pika.exceptions.ChannelClosed:
+                pass
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(deployment.database_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: UUID
+    name: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+async def create_tenant(pool: asyncpg.Pool, name: str | None = None) -> Tenant:
+    name = name or f"tenant-{uuid7().hex[-8:]}"
+    new = keys.generate("test")
+    tenant_id = uuid7()
+    await pool.execute("INSERT INTO tenants (id, name) VALUES ($1, $2)", tenant_id, name)
+    await pool.execute(
+        "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
+        new.key_id,
+        tenant_id,
+        new.label,
+        new.secret_hash,
+    )
+    return Tenant(tenant_id, name, new.key)
+
+
+@pytest.fixture(scope="session")
+async def tenant(db: asyncpg.Pool) -> Tenant:
+    return await create_tenant(db)
+
+
+@pytest.fixture(scope="session")
+async def other_tenant(db: asyncpg.Pool) -> Tenant:
+    return await create_tenant(db)
+
+
+@pytest.fixture
+def ports() -> Iterator[dict[str, str]]:
+    yield {
+        "api_port": str(free_port()),
+        "gateway_port": str(free_port()),
+        "worker_metrics_port": str(free_port()),
+    }

@@ -1,0 +1,118 @@
+"""Test plumbing: unique names per run, service processes, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+# Slow machines set LONGHAUL_TEST_TIMEOUT_SCALE=3; nothing sleeps where it can wait.
+SCALE = float(os.environ.get("LONGHAUL_TEST_TIMEOUT_SCALE", "1"))
+T = TypeVar("T")
+
+
+def timeout(seconds: float) -> float:
+    return seconds * SCALE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    within: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``within`` (scaled)."""
+    deadline = time.monotonic() + timeout(within)
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+class ServiceProcess:
+    """One service started as ``python -m services.<name>``, its stderr kept as an artifact."""
+
+    def __init__(
+        self,
+        module: str,
+        env: Mapping[str, str],
+        args: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.module = module
+        self.name = name or module.rsplit(".", 1)[-1]
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "logs").mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / "logs" / f"{self.name}-{secrets.token_hex(3)}.log"
+        self._log = self.log_path.open("wb")
+        full_env = {**os.environ, **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *(args or [])],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, wait: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout(wait))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running(
+    module: str, env: Mapping[str, str], args: list[str] | None = None, name: str | None = None
+) -> Iterator[ServiceProcess]:
+    proc = ServiceProcess(module, env, args, name)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
