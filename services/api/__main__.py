@@ -1,0 +1,31 @@
+"""``python -m services.api``: one API process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from services.api.app import serve
+from services.api.settings import ApiSettings
+from shared.errors import ConfigError
+from shared.lifecycle import EXIT_CONFIG, run
+from shared.logging import setup_logging
+from shared.settings import load
+
+
+def main() -> int:
+    try:
+        settings = load(ApiSettings)
+    except ConfigError as exc:
+        sys.stderr.write(f"api: {exc}\n")
+        return EXIT_CONFIG
+    setup_logging("api", settings.log_level, settings.log_format)
+
+    async def main_(stop: asyncio.Event) -> None:
+        await serve(settings, stop)
+
+    return run("api", main_)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The API's app factory and process runner. Tests build the app the same way.
+
+``create_app(settings, deps)`` takes connections made by the caller; the app's cleanup
+context starts the outbox relay and the queue monitor and stops them (awaited) when the
+app shuts down. The caller closes the connections afterwards, in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiohttp import web
+from prometheus_client import Histogram
+from redis.asyncio import Redis
+
+from services.api import ops
+from services.api.auth import Authenticator
+from services.api.backpressure import QueueMonitor
+from services.api.context import SERVICES, Services
+from services.api.problems import Handler, ProblemException, problem_middleware
+from services.api.ratelimit import RateLimiter
+from services.api.repository import ApiRepository
+from services.api.routes import routes
+from services.api.settings import ApiSettings
+from services.api.tasktypes import TaskTypes
+from shared import amqp
+from shared.amqp import Publisher
+from shared.db import TRANSIENT_ERRORS, create_pool
+from shared.events import EventSink
+from shared.failpoints import Failpoints
+from shared.lifecycle import wait_for_dependency
+from shared.redis import create_client
+from shared.relay import OutboxRelay
+from shared.wire import Wire
+
+log = logging.getLogger(__name__)
+
+LATENCY = Histogram(
+    "longhaul_api_request_seconds",
+    "API request latency",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+@dataclass(frozen=True)
+class Deps:
+    pool: asyncpg.Pool
+    redis: Redis
+    amqp: AbstractRobustConnection
+
+
+@web.middleware
+async def dependency_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """PostgreSQL unreachable or too slow: 503 at once, never a hang or a 500."""
+    try:
+        return await handler(request)
+    except TRANSIENT_ERRORS:
+        raise ProblemException(
+            503,
+            "Service Unavailable",
+            "the database is unreachable",
+            slug="database-unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        LATENCY.labels(request.method, route, str(status)).observe(time.perf_counter() - start)
+
+
+def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
+    wire = Wire(settings.namespace)
+    timeout = settings.io_timeout_s
+    repo = ApiRepository(deps.pool, timeout=timeout)
+    events = EventSink(
+        deps.redis,
+        wire,
+        retention_s=settings.event_retention_s,
+        maxlen=settings.event_stream_maxlen,
+    )
+    relay = None
+    if settings.relay_enabled:
+        relay = OutboxRelay(
+            deps.pool,
+            _LazyPublisher(deps.amqp, wire, timeout),
+            events,
+            dsn=settings.database_url,
+            failpoints=Failpoints(settings.failpoints),
+            timeout=timeout,
+        )
+    svc = Services(
+        settings=settings,
+        wire=wire,
+        repo=repo,
+        auth=Authenticator(repo, settings.auth_cache_s),
+        types=TaskTypes(repo, settings.task_types_refresh_s),
+        limiter=RateLimiter(deps.redis, wire, settings.rate_limit_per_s, settings.rate_limit_burst),
+        monitor=QueueMonitor(deps.amqp, wire, settings.queue_depth_refresh_s, timeout),
+        relay=relay,
+        events=events,
+        redis=deps.redis,
+    )
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        # Order: metrics sees the final status; problems renders every error,
+        # including the 503 the dependency middleware raises.
+        middlewares=[metrics_middleware, problem_middleware, dependency_middleware],
+    )
+    app[SERVICES] = svc
+    app.add_routes(routes)
+    ops.add_routes(app)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """Start the relay and the queue monitor with the app; stop and await them after."""
+    svc = app[SERVICES]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(svc.monitor.run(stop), name="queue-monitor")]
+    if svc.relay is not None:
+        tasks.append(asyncio.create_task(svc.relay.run(stop), name="outbox-relay"))
+    yield
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _LazyPublisher(Publisher):
+    """A Publisher whose confirm channel is opened on first use (and again after the
+    broker closed it), so the app factory does no I/O."""
+
+    def __init__(self, connection: AbstractRobustConnection, wire: Wire, timeout: float) -> None:
+        self._connection = connection
+        self._wire = wire
+        self._timeout = timeout
+        self._channel: AbstractChannel | None = None
+        self._ready: Publisher | None = None
+
+    async def publish(self, batch: Sequence[amqp.Outgoing]) -> None:
+        if self._ready is None or self._channel is None or self._channel.is_closed:
+            self._channel = await asyncio.wait_for(
+                self._connection.channel(publisher_confirms=True, on_return_raises=True),
+                self._timeout,
+            )
+            exchange = await self._channel.get_exchange(self._wire.tasks_exchange, ensure=False)
+            self._ready = Publisher(exchange, self._wire.tasks_routing_key, self._timeout)
+        await self._ready.publish(batch)
+
+
+async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
+    """Connect, declare the topology, serve until ``stop``, then drain and close."""
+    timeout = settings.io_timeout_s
+    async with AsyncExitStack() as stack:
+        pool = await wait_for_dependency(
+            "PostgreSQL",
+            lambda: create_pool(
+                settings.database_url, max_size=settings.db_pool_size, timeout=timeout
+            ),
+            settings.start_timeout_s,
+            stop,
+        )
+        stack.push_async_callback(pool.close)
+        redis = create_client(settings.redis_url, timeout)
+        stack.push_async_callback(redis.aclose)
+        await wait_for_dependency("Redis", redis.ping, settings.start_timeout_s, stop)
+        connection = await wait_for_dependency(
+            "RabbitMQ",
+            lambda: amqp.connect(settings.amqp_url, "longhaul-api", timeout),
+            settings.start_timeout_s,
+            stop,
+        )
+        stack.push_async_callback(connection.close)
+        channel = await connection.channel()
+        await amqp.declare(channel, settings, Wire(settings.namespace))
+        await channel.close()
+
+        app = create_app(settings, Deps(pool, redis, connection))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, settings.api_host, settings.api_port, shutdown_timeout=10)
+        await site.start()
+        log.info("api ready", extra={"url": f"http://{settings.api_host}:{settings.api_port}"})
+        await stop.wait()
+        log.info("api stopping")

@@ -1,0 +1,56 @@
+"""Bearer API-key authentication: the key names its id, the secret is checked against
+the stored hash in constant time, and lookups (hits and misses) are cached briefly."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from services.api.problems import ProblemException
+from services.api.repository import ApiRepository, Principal
+from shared import keys
+
+_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="longhaul"'}
+
+
+class Authenticator:
+    def __init__(self, repo: ApiRepository, cache_s: float, max_entries: int = 10_000) -> None:
+        self._repo = repo
+        self._cache_s = cache_s
+        self._max = max_entries
+        self._cache: dict[str, tuple[float, tuple[bytes, Principal] | None]] = {}
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ProblemException(
+                401,
+                "Unauthorized",
+                "send Authorization: Bearer <api key>",
+                slug="unauthorized",
+                headers=_UNAUTHORIZED,
+            )
+        parsed = keys.parse(key.strip())
+        found = await self._lookup(parsed.key_id) if parsed else None
+        if parsed is None or found is None or not keys.verify(parsed, found[0]):
+            raise ProblemException(
+                401,
+                "Unauthorized",
+                "the API key is not valid",
+                slug="unauthorized",
+                headers=_UNAUTHORIZED,
+            )
+        return found[1]
+
+    async def _lookup(self, key_id: str) -> tuple[bytes, Principal] | None:
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await self._repo.api_key(key_id)
+        if len(self._cache) >= self._max:
+            self._cache.clear()  # crude, but bounded: an attacker's misses cannot grow it
+        self._cache[key_id] = (now + self._cache_s, found)
+        return found

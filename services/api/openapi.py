@@ -1,0 +1,211 @@
+"""OpenAPI 3.1 of the ``/v1`` routes, generated from the same pydantic models that
+validate the requests, so the document cannot drift from the code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from shared.schemas import BatchRequest, Problem, Task, TaskBatch, TaskPage, TaskRequest, TaskState
+
+
+class WsToken(BaseModel):
+    token: str
+    expires_at: str
+
+
+class TaskTypeItem(BaseModel):
+    name: str
+    args_schema: dict[str, Any]
+
+
+class TaskTypeList(BaseModel):
+    items: list[TaskTypeItem]
+
+
+_MODELS: list[type[BaseModel]] = [
+    TaskRequest,
+    BatchRequest,
+    Task,
+    TaskPage,
+    TaskBatch,
+    Problem,
+    WsToken,
+    TaskTypeList,
+]
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _content(model: type[BaseModel], media: str = "application/json") -> dict[str, Any]:
+    return {"content": {media: {"schema": _ref(model)}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, **_content(Problem, "application/problem+json")}
+
+
+def _retry_after() -> dict[str, Any]:
+    return {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+
+
+_COMMON = {
+    "401": _problem("no or invalid API key"),
+    "429": {**_problem("over the tenant's rate limit"), "headers": _retry_after()},
+}
+_TASK_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+
+
+def _body_errors() -> dict[str, Any]:
+    return {
+        "400": _problem("body is not JSON"),
+        "413": _problem("body over the limit"),
+        "415": _problem("not application/json"),
+        "422": _problem("validation failed"),
+        "503": {**_problem("back pressure or a dependency down"), "headers": _retry_after()},
+    }
+
+
+def build_openapi(server_url: str) -> dict[str, Any]:
+    _, schemas = models_json_schema([(m, "validation") for m in _MODELS], ref_template=_REF)
+    defs = schemas.get("$defs", {})
+    paths: dict[str, Any] = {
+        "/v1/tasks": {
+            "post": {
+                "operationId": "submitTask",
+                "summary": "Submit a task",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    }
+                ],
+                "requestBody": {"required": True, **_content(TaskRequest)},
+                "responses": {
+                    "202": {
+                        "description": "accepted",
+                        **_content(Task),
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                    },
+                    "200": {"description": "idempotent replay", **_content(Task)},
+                    **_COMMON,
+                    **_body_errors(),
+                },
+            },
+            "get": {
+                "operationId": "listTasks",
+                "summary": "List the tenant's tasks, newest first",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": [s.value for s in TaskState]},
+                    },
+                    {"name": "type", "in": "query", "schema": {"type": "string", "maxLength": 128}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "a page", **_content(TaskPage)},
+                    "422": _problem("invalid parameter"),
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/tasks:batch": {
+            "post": {
+                "operationId": "submitTasks",
+                "summary": "Submit 1..1000 tasks, all or none",
+                "requestBody": {"required": True, **_content(BatchRequest)},
+                "responses": {
+                    "202": {"description": "accepted", **_content(TaskBatch)},
+                    **_COMMON,
+                    **_body_errors(),
+                },
+            },
+        },
+        "/v1/tasks/{id}": {
+            "get": {
+                "operationId": "getTask",
+                "summary": "A task",
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "200": {"description": "the task", **_content(Task)},
+                    "404": _problem("no such task"),
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/tasks/{id}/cancel": {
+            "post": {
+                "operationId": "cancelTask",
+                "summary": "Cancel a task",
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "202": {"description": "cancelled or cancelling", **_content(Task)},
+                    "404": _problem("no such task"),
+                    "409": _problem("already terminal"),
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/tasks/{id}/retry": {
+            "post": {
+                "operationId": "retryTask",
+                "summary": "Run a failed or cancelled task again",
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "202": {"description": "queued again", **_content(Task)},
+                    "404": _problem("no such task"),
+                    "409": _problem("not failed or cancelled"),
+                    "503": {**_problem("back pressure"), "headers": _retry_after()},
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/task-types": {
+            "get": {
+                "operationId": "listTaskTypes",
+                "summary": "Task types the workers run",
+                "responses": {"200": {"description": "types", **_content(TaskTypeList)}, **_COMMON},
+            },
+        },
+        "/v1/ws-tokens": {
+            "post": {
+                "operationId": "createWsToken",
+                "summary": "A short-lived, single-use token to open one WebSocket",
+                "responses": {
+                    "201": {"description": "the token", **_content(WsToken)},
+                    "503": _problem("Redis unreachable"),
+                    **_COMMON,
+                },
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Longhaul API", "version": "1.0.0"},
+        "servers": [{"url": server_url}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": defs,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,95 @@
+"""RFC 9457 problem responses, and the middleware that turns every error into one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from shared.schemas import Problem, ProblemError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPE = "application/problem+json"
+TYPE_BASE = "https://longhaul.dev/problems/"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ProblemException(Exception):
+    """Raised by handlers; the middleware renders it. ``slug`` names the problem type."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        slug: str | None = None,
+        errors: Sequence[ProblemError] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or title)
+        self.problem = Problem(
+            type=TYPE_BASE + slug if slug else "about:blank",
+            title=title,
+            status=status,
+            detail=detail,
+            errors=list(errors) if errors is not None else None,
+        )
+        self.headers = dict(headers or {})
+
+
+def problem_response(problem: Problem, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=problem.status,
+        body=orjson.dumps(problem.model_dump(exclude_none=True)),
+        content_type=PROBLEM_TYPE,
+        headers=headers,
+    )
+
+
+def validation_problem(
+    exc: ValidationError, prefix: Sequence[str | int] = ("body",), title: str = "Invalid request"
+) -> ProblemException:
+    errors = [ProblemError(loc=[*prefix, *e["loc"]], msg=e["msg"]) for e in exc.errors()]
+    detail = "; ".join(f"{'.'.join(map(str, err.loc))}: {err.msg}" for err in errors[:3])
+    if len(errors) > 3:
+        detail += f" (and {len(errors) - 3} more)"
+    return ProblemException(422, title, detail, slug="validation", errors=errors)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProblemException as exc:
+        return problem_response(exc.problem, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own refusals (404 route, 405 method, 413 body): same shape as ours.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
+        return problem_response(
+            Problem(title=exc.reason, status=exc.status, detail=_detail(exc)), headers
+        )
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return problem_response(
+            Problem(
+                title="Internal Server Error",
+                status=500,
+                detail="an unexpected error; it has been logged",
+            )
+        )
+
+
+def _detail(exc: web.HTTPException) -> str | None:
+    text: Any = exc.text
+    if isinstance(text, str) and text and not text.startswith(f"{exc.status}:"):
+        return text
+    return None

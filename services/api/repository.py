@@ -1,0 +1,250 @@
+"""The API's SQL, all of it. Inserting a task and its outbox row is one transaction:
+there is no moment where a task is accepted but has nothing to publish it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from shared.db import NOTIFY_CHANNEL
+from shared.schemas import TaskMessage, TaskRequest, encode_task_message
+from shared.taskrows import EVENT_COLUMNS, Row
+
+TASK_COLUMNS = (
+    "id, tenant_id, type, args, state, progress, message, result, error, attempts, "
+    "max_attempts, priority, created_at, started_at, finished_at, updated_at, "
+    "next_attempt_at, last_seq, request_hash"
+)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    id: UUID
+    request: TaskRequest
+    trace_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant_id: UUID
+    key_id: str
+    rate_limit_per_s: float | None
+    rate_burst: int | None
+
+
+class ApiRepository:
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def api_key(self, key_id: str) -> tuple[bytes, Principal] | None:
+        row = await self._fetchrow(
+            "SELECT k.secret_hash, k.tenant_id, t.rate_limit_per_s, t.rate_burst "
+            "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+            "WHERE k.key_id = $1 AND k.revoked_at IS NULL",
+            key_id,
+        )
+        if row is None:
+            return None
+        return bytes(row["secret_hash"]), Principal(
+            row["tenant_id"], key_id, row["rate_limit_per_s"], row["rate_burst"]
+        )
+
+    async def task_types(self) -> list[Row]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return list(await conn.fetch("SELECT name, args_schema FROM task_types ORDER BY name"))
+
+    async def insert(
+        self,
+        tenant_id: UUID,
+        tasks: Sequence[NewTask],
+        idempotency_key: str | None = None,
+        request_hash: bytes | None = None,
+    ) -> list[Row]:
+        """Insert tasks (state queued, seq 1) and their first outbox rows, atomically.
+
+        With an idempotency key (one task only), a conflicting earlier task of this tenant
+        wins and nothing is inserted: the caller gets an empty list."""
+        reqs = [t.request for t in tasks]
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"""
+                INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, priority,
+                                   timeout_s, next_attempt_at, last_seq, idempotency_key,
+                                   request_hash, trace_id)
+                SELECT u.id, $1, u.type, u.args, 'queued', u.max_attempts, u.priority,
+                       u.timeout_s,
+                       CASE WHEN u.delay_s > 0 THEN now() + make_interval(secs => u.delay_s) END,
+                       1, $9, $10, u.trace_id
+                FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::int[],
+                            $7::float8[], $8::float8[], $11::text[])
+                     AS u(id, type, args, max_attempts, priority, timeout_s, delay_s, trace_id)
+                ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+                DO NOTHING
+                RETURNING {TASK_COLUMNS}
+                """,
+                tenant_id,
+                [t.id for t in tasks],
+                [r.type for r in reqs],
+                [r.args for r in reqs],
+                [r.max_attempts for r in reqs],
+                [r.priority for r in reqs],
+                [r.timeout_s for r in reqs],
+                [r.delay_s for r in reqs],
+                idempotency_key,
+                request_hash,
+                [t.trace_id for t in tasks],
+            )
+            if not rows:
+                return []
+            bodies = [
+                encode_task_message(
+                    TaskMessage(
+                        task_id=t.id,
+                        tenant_id=tenant_id,
+                        type=t.request.type,
+                        attempt=1,
+                        trace_id=t.trace_id,
+                    )
+                )
+                for t in tasks
+            ]
+            await conn.execute(
+                """
+                INSERT INTO outbox (task_id, attempt, body, available_at)
+                SELECT u.id, 1, u.body, now() + make_interval(secs => u.delay_s)
+                FROM unnest($1::uuid[], $2::bytea[], $3::float8[]) AS u(id, body, delay_s)
+                """,
+                [t.id for t in tasks],
+                bodies,
+                [r.delay_s for r in reqs],
+            )
+            # Wakes the relays of other processes; ours is woken in-process.
+            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+            return list(rows)
+
+    async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:
+        return await self._fetchrow(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE tenant_id = $1 AND idempotency_key = $2",
+            tenant_id,
+            key,
+        )
+
+    async def get(self, tenant_id: UUID, task_id: UUID) -> Row | None:
+        return await self._fetchrow(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id
+        )
+
+    async def list(
+        self,
+        tenant_id: UUID,
+        *,
+        state: str | None,
+        type_: str | None,
+        before: UUID | None,
+        limit: int,
+    ) -> list[Row]:
+        """Newest first; ``before`` is the last id of the previous page (UUIDv7 ids sort
+        by creation time, so this is a keyset page on the primary key order)."""
+        where = ["tenant_id = $1"]
+        args: list[Any] = [tenant_id]
+        for column, value in (("state", state), ("type", type_)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if before is not None:
+            args.append(before)
+            where.append(f"id < ${len(args)}")
+        args.append(limit)
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return list(
+                await conn.fetch(
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+                    f"ORDER BY id DESC LIMIT ${len(args)}",
+                    *args,
+                )
+            )
+
+    async def cancel(self, tenant_id: UUID, task_id: UUID) -> tuple[str, Row | None]:
+        """Cancel a task. Returns ("cancelled", row) for a task that had not started,
+        ("requested", row) for a running one (its worker is told), ("terminal", row) or
+        ("missing", None)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""
+                UPDATE tasks SET state = 'cancelled', finished_at = now(), next_attempt_at = NULL,
+                    last_seq = last_seq + 1, updated_at = now()
+                WHERE id = $1 AND tenant_id = $2 AND state IN ('queued', 'retrying')
+                RETURNING {TASK_COLUMNS}
+                """,
+                task_id,
+                tenant_id,
+            )
+            if row is not None:
+                await conn.execute("DELETE FROM outbox WHERE task_id = $1", task_id)
+                return "cancelled", row
+            row = await conn.fetchrow(
+                f"""
+                UPDATE tasks SET cancel_requested_at = coalesce(cancel_requested_at, now())
+                WHERE id = $1 AND tenant_id = $2 AND state = 'running'
+                RETURNING {TASK_COLUMNS}
+                """,
+                task_id,
+                tenant_id,
+            )
+            if row is not None:
+                return "requested", row
+        current = await self.get(tenant_id, task_id)
+        return ("terminal", current) if current is not None else ("missing", None)
+
+    async def retry(self, tenant_id: UUID, task_id: UUID) -> tuple[str, Row | None]:
+        """Run a failed or cancelled task again as its next attempt. Returns ("queued",
+        row), ("conflict", row) or ("missing", None)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"""
+                UPDATE tasks SET state = 'queued', result = NULL, error = NULL,
+                    progress = 0, message = NULL, finished_at = NULL,
+                    cancel_requested_at = NULL, next_attempt_at = NULL,
+                    max_attempts = greatest(max_attempts, attempts + 1),
+                    last_seq = last_seq + 1, updated_at = now()
+                WHERE id = $1 AND tenant_id = $2 AND state IN ('failed', 'cancelled')
+                RETURNING {TASK_COLUMNS}, trace_id
+                """,
+                task_id,
+                tenant_id,
+            )
+            if row is not None:
+                body = encode_task_message(
+                    TaskMessage(
+                        task_id=task_id,
+                        tenant_id=tenant_id,
+                        type=row["type"],
+                        attempt=row["attempts"] + 1,
+                        trace_id=row["trace_id"],
+                    )
+                )
+                await conn.execute(
+                    "INSERT INTO outbox (task_id, attempt, body) VALUES ($1, $2, $3)",
+                    task_id,
+                    row["attempts"] + 1,
+                    body,
+                )
+                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+                return "queued", row
+        current = await self.get(tenant_id, task_id)
+        return ("conflict", current) if current is not None else ("missing", None)
+
+    async def event_row(self, task_id: UUID) -> Row | None:
+        return await self._fetchrow(f"SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1", task_id)
+
+    async def ping(self) -> None:
+        await self._fetchrow("SELECT 1")
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await conn.fetchrow(sql, *args)

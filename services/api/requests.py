@@ -1,0 +1,136 @@
+"""Reading and validating request bodies and parameters into the contract's errors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any, TypeVar
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from services.api.problems import ProblemException, validation_problem
+from shared.schemas import ProblemError, TaskRequest, TaskState
+
+M = TypeVar("M", bound=BaseModel)
+
+_IDEMPOTENCY_MAX = 255
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON: 415 unless it says application/json, 413 if too large, 400 if
+    not JSON. aiohttp enforces the size limit (client_max_size) while reading."""
+    if request.content_type != "application/json":
+        raise ProblemException(
+            415,
+            "Unsupported Media Type",
+            "send the body as Content-Type: application/json",
+            slug="unsupported-media-type",
+        )
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProblemException(
+            400, "Bad Request", f"the body is not valid JSON: {exc}", slug="invalid-json"
+        ) from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_problem(exc) from None
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= _IDEMPOTENCY_MAX or not all(33 <= ord(c) <= 126 for c in key):
+        raise ProblemException(
+            422,
+            "Invalid request",
+            "Idempotency-Key must be 1..255 printable ASCII characters",
+            slug="validation",
+            errors=[ProblemError(loc=["header", "Idempotency-Key"], msg="1..255 printable ASCII")],
+        )
+    return key
+
+
+def request_hash(task: TaskRequest) -> bytes:
+    """Fingerprint of a request's meaning (defaults filled, keys sorted)."""
+    return hashlib.sha256(
+        orjson.dumps(task.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    ).digest()
+
+
+def task_id(request: web.Request) -> UUID:
+    """The path's task id; a malformed one cannot exist, so it is simply not found."""
+    try:
+        return UUID(request.match_info["id"])
+    except ValueError:
+        raise ProblemException(404, "Not Found", "no such task", slug="not-found") from None
+
+
+class ListQuery(BaseModel):
+    state: TaskState | None = None
+    type: str | None = None
+    limit: int = 50
+    before: UUID | None = None
+
+
+def list_query(request: web.Request) -> ListQuery:
+    q = request.query
+    errors: list[ProblemError] = []
+    unknown = set(q) - {"state", "type", "limit", "cursor"}
+    errors += [
+        ProblemError(loc=["query", name], msg="unknown parameter") for name in sorted(unknown)
+    ]
+    state = None
+    if "state" in q:
+        try:
+            state = TaskState(q["state"])
+        except ValueError:
+            errors.append(
+                ProblemError(
+                    loc=["query", "state"],
+                    msg=f"must be one of {', '.join(s.value for s in TaskState)}",
+                )
+            )
+    type_ = q.get("type")
+    if type_ is not None and not 1 <= len(type_) <= 128:
+        errors.append(ProblemError(loc=["query", "type"], msg="1..128 characters"))
+    limit = 50
+    if "limit" in q:
+        try:
+            limit = int(q["limit"])
+            if not 1 <= limit <= 500:
+                raise ValueError
+        except ValueError:
+            errors.append(ProblemError(loc=["query", "limit"], msg="an integer from 1 to 500"))
+    before = None
+    if q.get("cursor"):
+        before = decode_cursor(q["cursor"])
+        if before is None:
+            errors.append(ProblemError(loc=["query", "cursor"], msg="not a cursor we issued"))
+    if errors:
+        raise ProblemException(
+            422, "Invalid request", errors[0].msg, slug="validation", errors=errors
+        )
+    return ListQuery(state=state, type=type_, limit=limit, before=before)
+
+
+def encode_cursor(last: UUID) -> str:
+    return base64.urlsafe_b64encode(last.bytes).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> UUID | None:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return UUID(bytes=raw) if len(raw) == 16 else None

@@ -1,0 +1,293 @@
+"""The ``/v1`` handlers. Each one: authenticate, rate-limit, validate, admit, act."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from services.api import requests as rq
+from services.api.context import SERVICES, Services
+from services.api.problems import ProblemException
+from services.api.repository import NewTask, Principal
+from services.api.views import task_from_row
+from shared import wstokens
+from shared.ids import uuid7
+from shared.logging import trace_id_var
+from shared.schemas import BatchRequest, ProblemError, TaskPage, TaskRequest, format_ts
+from shared.taskrows import Row, event_from_row
+
+routes = web.RouteTableDef()
+
+# How stale a queue-depth sample may be before we assume the broker is unreachable.
+_MAX_SAMPLE_AGE_S = 3.0
+
+
+def _json(
+    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=model.model_dump_json(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+async def _principal(request: web.Request, cost: int = 1) -> tuple[Services, Principal]:
+    svc = request.app[SERVICES]
+    principal = await svc.auth.authenticate(request)
+    decision = await svc.limiter.take(
+        principal.tenant_id, cost, principal.rate_limit_per_s, principal.rate_burst
+    )
+    if not decision.allowed:
+        raise ProblemException(
+            429,
+            "Too Many Requests",
+            "this tenant is over its rate limit; retry after the delay",
+            slug="rate-limited",
+            headers={"Retry-After": str(decision.retry_after_s)},
+        )
+    return svc, principal
+
+
+def _admit(svc: Services) -> None:
+    """Refuse (503) before writing anything when the queue is over its limit or the
+    broker is unreachable or refusing: we only answer 202 for work we can keep."""
+    monitor = svc.monitor
+    if not monitor.fresh(_MAX_SAMPLE_AGE_S) or (svc.relay is not None and svc.relay.refusing):
+        raise ProblemException(
+            503,
+            "Service Unavailable",
+            "the message broker is unreachable or refusing messages",
+            slug="broker-unavailable",
+            headers={"Retry-After": "5"},
+        )
+    limit = svc.settings.max_queue_depth
+    if monitor.depth >= limit:
+        retry = monitor.estimator.retry_after(monitor.depth, limit)
+        raise ProblemException(
+            503,
+            "Service Unavailable",
+            f"the task queue is over its limit ({monitor.depth} >= {limit})",
+            slug="queue-full",
+            headers={"Retry-After": str(retry)},
+        )
+
+
+async def _check_types(
+    svc: Services, tasks: Sequence[TaskRequest], prefix: Sequence[list[str | int]]
+) -> None:
+    errors: list[ProblemError] = []
+    for task, loc in zip(tasks, prefix, strict=True):
+        info = await svc.types.get(task.type)
+        if info is None:
+            errors.append(ProblemError(loc=[*loc, "type"], msg=f"unknown task type {task.type!r}"))
+        else:
+            errors += info.errors(task.args, [*loc, "args"])
+    if errors:
+        raise ProblemException(
+            422,
+            "Invalid request",
+            "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3]),
+            slug="validation",
+            errors=errors,
+        )
+
+
+async def _accepted(svc: Services, rows: Sequence[Row]) -> None:
+    """After the commit: wake our relay and announce the queued events (seq 1)."""
+    if svc.relay is not None:
+        svc.relay.wake()
+    await svc.events.emit([event_from_row(r) for r in rows])
+
+
+def _trace_id(request: web.Request) -> str:
+    incoming = request.headers.get("traceparent", "")
+    parts = incoming.split("-")
+    trace = parts[1] if len(parts) == 4 and len(parts[1]) == 32 else uuid.uuid4().hex
+    trace_id_var.set(trace)
+    return trace
+
+
+@routes.post("/v1/tasks")
+async def submit(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    key = rq.idempotency_key(request)
+    task = rq.validate(TaskRequest, await rq.read_json(request))
+    await _check_types(svc, [task], [["body"]])
+    fingerprint = rq.request_hash(task) if key else None
+    if key is not None:
+        earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
+        if earlier is not None:
+            return _replay(svc, earlier, fingerprint)
+    _admit(svc)
+    new = NewTask(id=uuid7(), request=task, trace_id=_trace_id(request))
+    rows = await svc.repo.insert(principal.tenant_id, [new], key, fingerprint)
+    if not rows:  # lost a race with an identical request: answer as its replay
+        assert key is not None
+        earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
+        if earlier is None:
+            raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
+        return _replay(svc, earlier, fingerprint)
+    await _accepted(svc, rows)
+    view = task_from_row(rows[0], svc.settings.public_ws_url)
+    return _json(view, 202, {"Location": view.links.self})
+
+
+def _replay(svc: Services, earlier: Row, fingerprint: bytes | None) -> web.Response:
+    if bytes(earlier["request_hash"] or b"") != fingerprint:
+        raise ProblemException(
+            422,
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used with another body",
+            slug="idempotency-key-reused",
+            errors=[
+                ProblemError(loc=["header", "Idempotency-Key"], msg="reused with another body")
+            ],
+        )
+    view = task_from_row(earlier, svc.settings.public_ws_url)
+    return _json(view, 200, {"Location": view.links.self, "Idempotent-Replayed": "true"})
+
+
+@routes.post("/v1/tasks:batch")
+async def submit_batch(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    principal = await svc.auth.authenticate(request)
+    if request.headers.get("Idempotency-Key") is not None:
+        raise ProblemException(
+            422,
+            "Invalid request",
+            "Idempotency-Key is supported on POST /v1/tasks only",
+            slug="validation",
+            errors=[
+                ProblemError(loc=["header", "Idempotency-Key"], msg="not supported on batches")
+            ],
+        )
+    batch = rq.validate(BatchRequest, await rq.read_json(request))
+    decision = await svc.limiter.take(
+        principal.tenant_id, len(batch.tasks), principal.rate_limit_per_s, principal.rate_burst
+    )
+    if not decision.allowed:
+        raise ProblemException(
+            429,
+            "Too Many Requests",
+            "this tenant is over its rate limit",
+            slug="rate-limited",
+            headers={"Retry-After": str(decision.retry_after_s)},
+        )
+    await _check_types(svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))])
+    _admit(svc)
+    trace = _trace_id(request)
+    new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in batch.tasks]
+    rows = await svc.repo.insert(principal.tenant_id, new)
+    await _accepted(svc, rows)
+    by_id = {r["id"]: r for r in rows}
+    views = [task_from_row(by_id[t.id], svc.settings.public_ws_url) for t in new]
+    body = orjson.dumps({"tasks": [v.model_dump(mode="json") for v in views]})
+    return web.Response(body=body, status=202, content_type="application/json")
+
+
+@routes.get("/v1/tasks/{id}")
+async def get_task(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    row = await svc.repo.get(principal.tenant_id, rq.task_id(request))
+    if row is None:
+        raise ProblemException(404, "Not Found", "no such task", slug="not-found")
+    return _json(task_from_row(row, svc.settings.public_ws_url))
+
+
+@routes.get("/v1/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    q = rq.list_query(request)
+    rows = await svc.repo.list(
+        principal.tenant_id,
+        state=q.state.value if q.state else None,
+        type_=q.type,
+        before=q.before,
+        limit=q.limit + 1,
+    )
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    page = TaskPage(
+        items=[task_from_row(r, svc.settings.public_ws_url) for r in rows],
+        next_cursor=rq.encode_cursor(rows[-1]["id"]) if more else None,
+    )
+    return _json(page)
+
+
+@routes.post("/v1/tasks/{id}/cancel")
+async def cancel_task(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    outcome, row = await svc.repo.cancel(principal.tenant_id, rq.task_id(request))
+    if row is None:
+        raise ProblemException(404, "Not Found", "no such task", slug="not-found")
+    if outcome == "terminal":
+        raise ProblemException(
+            409, "Conflict", f"the task is already {row['state']}", slug="task-terminal"
+        )
+    if outcome == "cancelled":
+        await svc.events.emit([event_from_row(row)])
+    else:
+        await _tell_workers(svc, {"op": "cancel", "task_id": str(row["id"])})
+    return _json(task_from_row(row, svc.settings.public_ws_url), 202)
+
+
+async def _tell_workers(svc: Services, command: dict[str, Any]) -> None:
+    """Best effort: a worker that misses it sees cancel_requested_at at its heartbeat."""
+    with contextlib.suppress(RedisError, OSError, TimeoutError):
+        await svc.redis.publish(svc.wire.control_channel, orjson.dumps(command))
+
+
+@routes.post("/v1/tasks/{id}/retry")
+async def retry_task(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    _admit(svc)
+    outcome, row = await svc.repo.retry(principal.tenant_id, rq.task_id(request))
+    if row is None:
+        raise ProblemException(404, "Not Found", "no such task", slug="not-found")
+    if outcome == "conflict":
+        raise ProblemException(
+            409,
+            "Conflict",
+            f"only failed or cancelled tasks can be retried; this one is {row['state']}",
+            slug="task-not-retryable",
+        )
+    await _accepted(svc, [row])
+    return _json(task_from_row(row, svc.settings.public_ws_url), 202)
+
+
+@routes.get("/v1/task-types")
+async def task_types(request: web.Request) -> web.Response:
+    svc, _ = await _principal(request)
+    items = [{"name": t.name, "args_schema": t.args_schema} for t in await svc.types.all()]
+    return web.Response(body=orjson.dumps({"items": items}), content_type="application/json")
+
+
+@routes.post("/v1/ws-tokens")
+async def ws_token(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    try:
+        token, expires = await wstokens.issue(
+            svc.redis, svc.wire, principal.tenant_id, svc.settings.ws_token_ttl_s
+        )
+    except (RedisError, OSError, TimeoutError):
+        raise ProblemException(
+            503,
+            "Service Unavailable",
+            "Redis is unreachable",
+            slug="redis-unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+    return web.Response(
+        body=orjson.dumps({"token": token, "expires_at": format_ts(expires)}),
+        status=201,
+        content_type="application/json",
+    )

@@ -1,0 +1,31 @@
+"""API settings (``LONGHAUL_*`` env vars) on top of the shared ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+class ApiSettings(CommonSettings):
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    # Largest request body; larger ones get 413 before they are read.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Back pressure: above this many ready messages, submissions get 503.
+    max_queue_depth: int = Field(default=100_000, ge=1)
+    # How often the queue depth is sampled (not asked per request).
+    queue_depth_refresh_s: float = Field(default=0.25, gt=0)
+    # Per-tenant token bucket shared by all API processes (Redis); 0 disables it.
+    rate_limit_per_s: float = Field(default=200.0, ge=0)
+    rate_limit_burst: int = Field(default=400, ge=1)
+    ws_token_ttl_s: float = Field(default=60.0, gt=0, le=3600)
+    # How long an API key lookup (or a miss) is cached; bounds how long a revoked key
+    # keeps working.
+    auth_cache_s: float = Field(default=5.0, ge=0)
+    # How often the registry of task types is re-read from PostgreSQL.
+    task_types_refresh_s: float = Field(default=5.0, gt=0)
+    # Also publish the outbox from this process (it normally does).
+    relay_enabled: bool = True
+    # Database pool size of one API process.
+    db_pool_size: int = Field(default=10, ge=1, le=200)

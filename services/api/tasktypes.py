@@ -1,0 +1,61 @@
+"""The task types workers have registered, with their args validators, re-read from
+PostgreSQL every few seconds (and at once on a miss, at most once a second)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from services.api.repository import ApiRepository
+from shared.schemas import ProblemError
+
+
+@dataclass(frozen=True)
+class TaskTypeInfo:
+    name: str
+    args_schema: dict[str, Any]
+    validator: Draft202012Validator
+
+    def errors(self, args: dict[str, Any], prefix: list[str | int]) -> list[ProblemError]:
+        return [
+            ProblemError(loc=[*prefix, *err.absolute_path], msg=err.message)
+            for err in sorted(self.validator.iter_errors(args), key=lambda e: list(e.absolute_path))
+        ]
+
+
+class TaskTypes:
+    def __init__(self, repo: ApiRepository, refresh_s: float) -> None:
+        self._repo = repo
+        self._refresh_s = refresh_s
+        self._types: dict[str, TaskTypeInfo] = {}
+        self._loaded_at = -1e9
+
+    async def get(self, name: str) -> TaskTypeInfo | None:
+        now = time.monotonic()
+        info = self._types.get(name)
+        stale = now - self._loaded_at > self._refresh_s
+        if stale or (info is None and now - self._loaded_at > 1.0):
+            await self.reload()
+            info = self._types.get(name)
+        return info
+
+    async def all(self) -> list[TaskTypeInfo]:
+        if time.monotonic() - self._loaded_at > self._refresh_s:
+            await self.reload()
+        return list(self._types.values())
+
+    async def reload(self) -> None:
+        types = {}
+        for row in await self._repo.task_types():
+            schema = row["args_schema"]
+            try:
+                validator = Draft202012Validator(schema)
+            except SchemaError:
+                continue  # a worker registered a schema we cannot read: admit no args
+            types[row["name"]] = TaskTypeInfo(row["name"], schema, validator)
+        self._types = types
+        self._loaded_at = time.monotonic()
