@@ -6,7 +6,6 @@ skips, so a CI run without services cannot pass by testing nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.db import migrate
+from shared.db import create_pool, migrate
 from shared.ids import uuid7
 from shared.wire import Wire
 from tests.support import free_port, new_run_id
@@ -60,11 +59,6 @@ class Deployment:
 
 def _pg_url(database: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
-
-
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    return asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +113,8 @@ async def _cleanup(dep: Deployment, redis: Redis) -> None:
 
 @pytest.fixture(scope="session")
 async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(deployment.database_url, min_size=1, max_size=4)
-    assert pool is not None
+    # The services' own pool factory: JSON columns come back decoded.
+    pool = await create_pool(deployment.database_url, max_size=4, timeout=30)
     yield pool
     await pool.close()
 

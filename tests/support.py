@@ -116,3 +116,67 @@ def running(
         yield proc
     finally:
         proc.terminate()
+
+
+async def wait_http_ok(url: str, within: float = 30.0, proc: ServiceProcess | None = None) -> None:
+    """Wait until ``url`` answers 200 (and fail early, with its log, if ``proc`` died)."""
+    import aiohttp
+
+    async def check() -> bool:
+        if proc is not None and not proc.alive():
+            raise AssertionError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.output()[-3000:]}")
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                url, timeout=aiohttp.ClientTimeout(total=2)
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    await eventually(check, within=within, interval=0.1, what=f"{url} to answer 200")
+
+
+class System:
+    """api, worker(s) and optionally the gateway of one test, as real processes."""
+
+    def __init__(self, env: Mapping[str, str], ports: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.api_port = int(ports["api_port"])
+        self.gateway_port = int(ports["gateway_port"])
+        self.metrics_port = int(ports["worker_metrics_port"])
+        self.procs: list[ServiceProcess] = []
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    async def start_api(self, **extra: str) -> ServiceProcess:
+        env = {**self.env, "LONGHAUL_API_PORT": str(self.api_port),
+               "LONGHAUL_PUBLIC_WS_URL": f"ws://127.0.0.1:{self.gateway_port}/v1/ws",
+               **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()}}
+        proc = ServiceProcess("services.api", env, name="api")
+        self.procs.append(proc)
+        await wait_http_ok(f"{self.api_url}/readyz", proc=proc)
+        return proc
+
+    async def start_worker(self, *args: str, **extra: str) -> ServiceProcess:
+        port = free_port() if any(p.name == "worker" and p.alive() for p in self.procs) else self.metrics_port
+        env = {**self.env, "LONGHAUL_WORKER_METRICS_PORT": str(port),
+               **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()}}
+        proc = ServiceProcess("services.worker", env, list(args), name="worker")
+        self.procs.append(proc)
+        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc=proc)
+        return proc
+
+    async def start_gateway(self, **extra: str) -> ServiceProcess:
+        env = {**self.env, "LONGHAUL_GATEWAY_PORT": str(self.gateway_port),
+               **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()}}
+        proc = ServiceProcess("services.ws_gateway", env, name="gateway")
+        self.procs.append(proc)
+        await wait_http_ok(f"http://127.0.0.1:{self.gateway_port}/healthz", proc=proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.alive():
+                proc.terminate()

@@ -9,12 +9,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from services.api import requests as rq
 from services.api.context import SERVICES, Services
-from services.api.problems import ProblemException
+from services.api.problems import ProblemException, validation_problem
 from services.api.repository import NewTask, Principal
 from services.api.views import task_from_row
 from shared import wstokens
@@ -170,7 +170,25 @@ async def submit_batch(request: web.Request) -> web.Response:
                 ProblemError(loc=["header", "Idempotency-Key"], msg="not supported on batches")
             ],
         )
-    batch = rq.validate(BatchRequest, await rq.read_json(request))
+    data = await rq.read_json(request)
+    try:
+        batch = BatchRequest.model_validate(data)
+    except ValidationError as exc:
+        # Name every bad item at once: add the type/args errors of the items that
+        # passed the schema to the schema errors of the others.
+        problem = validation_problem(exc)
+        items = data.get("tasks") if isinstance(data, dict) else None
+        if isinstance(items, list) and problem.problem.errors is not None:
+            for i, item in enumerate(items[:1000]):
+                try:
+                    await _check_types(
+                        svc, [TaskRequest.model_validate(item)], [["body", "tasks", i]]
+                    )
+                except ValidationError:
+                    continue
+                except ProblemException as more:
+                    problem.problem.errors.extend(more.problem.errors or [])
+        raise problem from None
     decision = await svc.limiter.take(
         principal.tenant_id, len(batch.tasks), principal.rate_limit_per_s, principal.rate_burst
     )

@@ -1,0 +1,419 @@
+// The Longhaul web console: sign in with an API key, submit tasks, watch them live.
+// Plain ES module, no build step; the live part is longhaul-client.js, usable on its own.
+
+import { LonghaulClient, isTerminal } from "/console/longhaul-client.js";
+
+const KEY_STORAGE = "longhaul.apiKey";
+const LIST_LIMIT = 50;
+const LOG_CAP = 500;
+const REFRESH_MS = 15000;
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  apiKey: null,
+  gatewayUrl: null,
+  client: null,
+  tasks: new Map(), // id -> Task (REST shape, kept current by events)
+  order: [], // ids, newest first
+  subs: new Map(), // id -> subscription
+  logs: new Map(), // id -> events
+  selected: null,
+  refreshTimer: null,
+  pendingRefresh: new Set(),
+};
+
+// ------------------------------------------------------------------ HTTP
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem?.detail || problem?.title || `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { Authorization: `Bearer ${state.apiKey}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  const payload = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new ApiError(response.status, payload);
+  return payload;
+}
+
+function describe(err) {
+  if (err instanceof ApiError) {
+    const details = (err.problem?.errors || []).map((e) => `${(e.loc || []).join(".")}: ${e.msg}`);
+    return [err.message, ...details].join(" — ");
+  }
+  return String(err.message || err);
+}
+
+function notify(message, kind = "error") {
+  const box = $("notice");
+  box.textContent = message;
+  box.className = `notice ${kind === "info" ? "info" : ""}`;
+  box.hidden = !message;
+}
+
+// ------------------------------------------------------------------ sign-in
+
+function keyFromFragment() {
+  const match = location.hash.match(/(?:^#|&)key=([^&]+)/);
+  if (!match) return null;
+  // Out of the address bar (and history) at once: the key must not be bookmarked or shared.
+  history.replaceState(null, "", location.pathname + location.search);
+  return decodeURIComponent(match[1]);
+}
+
+async function signIn(key) {
+  state.apiKey = key;
+  try {
+    const types = await api("/v1/task-types");
+    localStorage.setItem(KEY_STORAGE, key);
+    notify("");
+    await start(types.items);
+  } catch (err) {
+    state.apiKey = null;
+    showSignIn(err instanceof ApiError && err.status === 401
+      ? "That API key was refused." : `Cannot reach the API: ${describe(err)}`);
+  }
+}
+
+function showSignIn(message) {
+  $("app").hidden = true;
+  $("sign-out").hidden = true;
+  $("sign-in").hidden = false;
+  if (message) notify(message);
+  $("api-key").focus();
+}
+
+function signOut() {
+  localStorage.removeItem(KEY_STORAGE);
+  state.client?.close();
+  state.client = null;
+  clearInterval(state.refreshTimer);
+  state.tasks.clear();
+  state.order = [];
+  state.subs.clear();
+  state.logs.clear();
+  state.selected = null;
+  renderTable();
+  setConnection("idle");
+  showSignIn("");
+}
+
+// ------------------------------------------------------------------ start
+
+async function loadConfig() {
+  try {
+    const response = await fetch("/console/config.json");
+    if (response.ok) return (await response.json()).gateway_url;
+  } catch {
+    // fall through to the default
+  }
+  return `ws://${location.hostname}:8001/v1/ws`;
+}
+
+async function start(types) {
+  $("sign-in").hidden = true;
+  $("app").hidden = false;
+  $("sign-out").hidden = false;
+  renderTypes(types);
+  state.gatewayUrl ||= await loadConfig();
+  state.client = new LonghaulClient({
+    gatewayUrl: state.gatewayUrl,
+    apiBase: location.origin,
+    apiKey: state.apiKey,
+    onStatus: onConnectionStatus,
+  });
+  await refreshList();
+  state.refreshTimer = setInterval(refreshList, REFRESH_MS);
+}
+
+// ------------------------------------------------------------------ connection indicator
+
+function setConnection(status, text) {
+  $("connection").className = `conn conn-${status}`;
+  $("connection-text").textContent = text || "Not connected";
+}
+
+let wasOpen = false;
+function onConnectionStatus(status, detail) {
+  if (status === "open") {
+    setConnection("open", "Live");
+    // After an outage, tasks created elsewhere meanwhile are not in our table yet.
+    if (wasOpen) refreshList();
+    wasOpen = true;
+  } else if (status === "connecting") {
+    setConnection("connecting", "Connecting…");
+  } else if (status === "reconnecting") {
+    const secs = detail?.delayMs ? ` in ${Math.ceil(detail.delayMs / 1000)} s` : "";
+    setConnection("reconnecting", `Reconnecting${secs}…`);
+  } else if (status === "unauthorized") {
+    setConnection("unauthorized", "Live updates refused");
+    notify("The gateway refused this API key.");
+  } else {
+    setConnection("idle", "Not connected");
+  }
+}
+
+// ------------------------------------------------------------------ task types and submit
+
+function exampleArgs(schema) {
+  if (!schema || typeof schema !== "object") return {};
+  if (Array.isArray(schema.examples) && schema.examples.length) return schema.examples[0];
+  const out = {};
+  for (const [name, prop] of Object.entries(schema.properties || {})) {
+    if (Array.isArray(prop.examples) && prop.examples.length) out[name] = prop.examples[0];
+    else if ("default" in prop) out[name] = prop.default;
+  }
+  return out;
+}
+
+function renderTypes(types) {
+  const select = $("task-type");
+  select.replaceChildren();
+  state.types = new Map(types.map((t) => [t.name, t]));
+  for (const t of types) select.append(new Option(t.name, t.name));
+  if (state.types.has("demo.sleep")) select.value = "demo.sleep";
+  fillArgs();
+}
+
+function fillArgs() {
+  const type = state.types.get($("task-type").value);
+  $("task-args").value = JSON.stringify(exampleArgs(type?.args_schema), null, 2);
+  const props = Object.keys(type?.args_schema?.properties || {});
+  $("args-hint").textContent = props.length ? `Fields: ${props.join(", ")}` : "No arguments.";
+}
+
+async function submitTask(event) {
+  event.preventDefault();
+  let args;
+  try {
+    args = JSON.parse($("task-args").value || "{}");
+  } catch (err) {
+    notify(`Arguments are not valid JSON: ${err.message}`);
+    $("task-args").focus();
+    return;
+  }
+  const button = $("submit-button");
+  button.disabled = true;
+  try {
+    const task = await api("/v1/tasks", { method: "POST", body: { type: $("task-type").value, args } });
+    notify("");
+    upsert(task, { afterSeq: 0, front: true });
+    renderTable();
+  } catch (err) {
+    notify(`Not submitted: ${describe(err)}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------------ the task list
+
+async function refreshList() {
+  if (!state.apiKey) return;
+  try {
+    const page = await api(`/v1/tasks?limit=${LIST_LIMIT}`);
+    const ids = [];
+    for (const task of page.items) {
+      upsert(task, { afterSeq: task.last_seq });
+      ids.push(task.id);
+    }
+    // Newest first as the API orders them; tasks we created that the page no longer
+    // shows (older than the page) stay below.
+    state.order = [...ids, ...state.order.filter((id) => !ids.includes(id))];
+    renderTable();
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return signOut();
+    notify(`Cannot list tasks: ${describe(err)}`);
+  }
+}
+
+function upsert(task, { afterSeq, front = false }) {
+  const known = state.tasks.get(task.id);
+  // An event may already have brought us further than this REST answer.
+  if (!known || task.last_seq >= known.last_seq) state.tasks.set(task.id, task);
+  if (!state.order.includes(task.id)) {
+    if (front) state.order.unshift(task.id);
+    else state.order.push(task.id);
+  }
+  if (!state.subs.has(task.id)) watch(task.id, afterSeq);
+}
+
+function watch(taskId, afterSeq) {
+  state.subs.get(taskId)?.unsubscribe();
+  state.subs.set(taskId, state.client.subscribe(taskId, {
+    afterSeq,
+    onEvent: (ev) => onEvent(taskId, ev),
+    onError: (err) => notify(`Task ${taskId.slice(0, 8)}: ${err.message}`),
+  }));
+}
+
+function onEvent(taskId, ev) {
+  const log = state.logs.get(taskId) || [];
+  log.push(ev);
+  if (log.length > LOG_CAP) log.splice(0, log.length - LOG_CAP);
+  state.logs.set(taskId, log);
+  if (state.selected === taskId) appendLog(ev);
+
+  const task = state.tasks.get(taskId);
+  if (!task) return;
+  if (ev.snapshot || ev.seq >= task.last_seq) {
+    const stateChanged = task.state !== ev.state;
+    Object.assign(task, {
+      state: ev.state, progress: ev.progress, message: ev.message, last_seq: ev.seq,
+      attempts: Math.max(task.attempts, ev.attempt || 0),
+    });
+    renderRow(taskId);
+    // Result, error and attempts live on the Task: fetch it when the state moves.
+    if (stateChanged || isTerminal(ev.state)) refreshTask(taskId);
+  }
+}
+
+async function refreshTask(taskId) {
+  if (state.pendingRefresh.has(taskId)) return;
+  state.pendingRefresh.add(taskId);
+  try {
+    const fresh = await api(`/v1/tasks/${taskId}`);
+    const task = state.tasks.get(taskId);
+    if (task && fresh.last_seq >= task.last_seq) state.tasks.set(taskId, fresh);
+    renderRow(taskId);
+  } catch {
+    // the next event or list refresh will try again
+  } finally {
+    state.pendingRefresh.delete(taskId);
+  }
+}
+
+async function act(taskId, action) {
+  try {
+    const task = await api(`/v1/tasks/${taskId}/${action}`, { method: "POST" });
+    notify(`${action === "cancel" ? "Cancel" : "Retry"} requested for ${taskId.slice(0, 8)}.`, "info");
+    const known = state.tasks.get(taskId);
+    if (!known || task.last_seq >= known.last_seq) state.tasks.set(taskId, task);
+    renderRow(taskId);
+  } catch (err) {
+    notify(`Cannot ${action}: ${describe(err)}`);
+  }
+}
+
+// ------------------------------------------------------------------ rendering
+
+function outcome(task) {
+  if (task.error) return `${task.error.type}: ${task.error.message}`;
+  if (task.result !== null && task.result !== undefined) return JSON.stringify(task.result);
+  return task.message || "";
+}
+
+function buildRow(taskId) {
+  const tr = document.createElement("tr");
+  tr.dataset.taskId = taskId;
+  tr.innerHTML = `
+    <td class="id"><code></code></td><td class="type"></td>
+    <td class="state"></td>
+    <td class="progress-cell"><progress max="1" value="0"></progress> <span class="pct"></span></td>
+    <td class="attempts"></td><td class="outcome"></td>
+    <td class="actions">
+      <button type="button" class="secondary" data-action="events">Events</button>
+      <button type="button" class="secondary" data-action="cancel">Cancel</button>
+      <button type="button" class="secondary" data-action="retry">Retry</button>
+    </td>`;
+  tr.querySelector("code").textContent = taskId.slice(0, 8);
+  tr.querySelector("code").title = taskId;
+  tr.querySelector("progress").setAttribute("aria-label", `Progress of task ${taskId.slice(0, 8)}`);
+  for (const button of tr.querySelectorAll("button")) {
+    button.setAttribute("aria-label", `${button.textContent} task ${taskId.slice(0, 8)}`);
+  }
+  return tr;
+}
+
+function fillRow(tr, task) {
+  tr.querySelector(".type").textContent = task.type;
+  const stateCell = tr.querySelector(".state");
+  stateCell.textContent = task.state;
+  stateCell.className = `state state-${task.state}`;
+  const bar = tr.querySelector("progress");
+  bar.value = task.progress;
+  const pct = `${Math.round(task.progress * 100)}%`;
+  tr.querySelector(".pct").textContent = pct;
+  bar.setAttribute("aria-valuetext", `${pct}${task.message ? `, ${task.message}` : ""}`);
+  tr.querySelector(".attempts").textContent = `${task.attempts}/${task.max_attempts}`;
+  tr.querySelector(".outcome").textContent = outcome(task);
+  tr.querySelector('[data-action="cancel"]').disabled = isTerminal(task.state);
+  tr.querySelector('[data-action="retry"]').disabled = !["failed", "cancelled"].includes(task.state);
+  tr.classList.toggle("selected", state.selected === task.id);
+}
+
+function renderRow(taskId) {
+  const tr = document.querySelector(`tr[data-task-id="${taskId}"]`);
+  const task = state.tasks.get(taskId);
+  if (tr && task) fillRow(tr, task);
+}
+
+function renderTable() {
+  const body = $("task-rows");
+  const existing = new Map([...body.children].map((tr) => [tr.dataset.taskId, tr]));
+  const rows = state.order.map((id) => {
+    const tr = existing.get(id) || buildRow(id);
+    fillRow(tr, state.tasks.get(id));
+    return tr;
+  });
+  body.replaceChildren(...rows);
+  $("no-tasks").hidden = rows.length > 0;
+}
+
+function select(taskId) {
+  state.selected = taskId;
+  for (const tr of $("task-rows").children) tr.classList.toggle("selected", tr.dataset.taskId === taskId);
+  $("log-task").textContent = `— ${taskId}`;
+  $("log-empty").hidden = true;
+  $("event-log").replaceChildren();
+  state.logs.set(taskId, []);
+  // Replay the task's whole retained story into the log (the row only moves forward).
+  watch(taskId, 0);
+}
+
+function appendLog(ev) {
+  const li = document.createElement("li");
+  const pct = `${Math.round(ev.progress * 100)}%`;
+  li.textContent = `#${ev.seq} ${ev.ts} ${ev.state} ${pct}${ev.message ? ` — ${ev.message}` : ""}` +
+    `${ev.snapshot ? " (snapshot: earlier events no longer retained)" : ""}`;
+  if (ev.snapshot) li.className = "snapshot";
+  $("event-log").append(li);
+  li.scrollIntoView({ block: "nearest" });
+}
+
+// ------------------------------------------------------------------ wiring
+
+function main() {
+  $("sign-in-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("api-key").value.trim();
+    $("api-key").value = "";
+    if (key) signIn(key);
+  });
+  $("sign-out").addEventListener("click", signOut);
+  $("task-type").addEventListener("change", fillArgs);
+  $("submit-form").addEventListener("submit", submitTask);
+  $("task-rows").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-action]");
+    if (!button) return;
+    const taskId = button.closest("tr").dataset.taskId;
+    if (button.dataset.action === "events") select(taskId);
+    else act(taskId, button.dataset.action);
+  });
+  const key = keyFromFragment() || localStorage.getItem(KEY_STORAGE);
+  if (key) signIn(key);
+  else showSignIn("");
+}
+
+main();

@@ -1,0 +1,223 @@
+/**
+ * Longhaul live progress: a WebSocket client for the Longhaul gateway.
+ *
+ * One ES module, no dependencies, no build step. Drop it into any page:
+ *
+ *   import { LonghaulClient } from "http://127.0.0.1:8000/console/longhaul-client.js";
+ *
+ *   const client = new LonghaulClient({
+ *     gatewayUrl: "ws://127.0.0.1:8001/v1/ws",   // Task.links.events
+ *     // Either an API key (the page then holds a secret: fine for an operator console)...
+ *     apiBase: "http://127.0.0.1:8000", apiKey: "lh_live_...",
+ *     // ...or your own backend hands out short-lived ws tokens (POST /v1/ws-tokens):
+ *     // getToken: async () => (await fetch("/my/ws-token")).json().then((b) => b.token),
+ *     onStatus: (status, detail) => console.log(status, detail),
+ *   });
+ *   const sub = client.subscribe(taskId, {
+ *     onEvent: (event) => console.log(event.seq, event.state, event.progress),
+ *     onError: (error) => console.warn(error.code, error.message),
+ *   });
+ *   // later: sub.unsubscribe(); client.close();
+ *
+ * What it guarantees per task: `onEvent` is called in strictly increasing `seq`, with no
+ * gap and no duplicate, across reconnects. After a dropped connection (gateway restart,
+ * network change) it fetches a new token, reconnects with exponential backoff and full
+ * jitter, and resubscribes each task with `after_seq` = the last seq it delivered, so the
+ * gateway replays what was missed. When the gateway can no longer replay (events expired),
+ * the first event has `snapshot: true` and carries the task's current state.
+ *
+ * Status values passed to `onStatus`: "connecting", "open", "reconnecting" (with
+ * `{ delayMs, attempt }`), "unauthorized" (the token fetch was refused: a bad API key;
+ * no retry), "closed" (after `close()`).
+ */
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+export function isTerminal(state) {
+  return TERMINAL.has(state);
+}
+
+/** Thrown by token fetchers for answers that retrying cannot fix (401/403). */
+export class AuthError extends Error {}
+
+export class LonghaulClient {
+  /**
+   * @param {object} options
+   * @param {string} options.gatewayUrl  ws(s)://host:port/v1/ws
+   * @param {string} [options.apiBase]   base URL of the REST API (default: this page's origin)
+   * @param {string} [options.apiKey]    API key used to fetch ws tokens
+   * @param {() => Promise<string>} [options.getToken]  custom token fetcher (instead of apiKey)
+   * @param {(status: string, detail?: object) => void} [options.onStatus]
+   * @param {number} [options.baseDelayMs=500]  first reconnect backoff ceiling
+   * @param {number} [options.maxDelayMs=15000] backoff cap
+   */
+  constructor(options) {
+    if (!options || !options.gatewayUrl) throw new TypeError("gatewayUrl is required");
+    if (!options.getToken && !options.apiKey) throw new TypeError("apiKey or getToken is required");
+    this.gatewayUrl = options.gatewayUrl;
+    this.apiBase = (options.apiBase ?? globalThis.location?.origin ?? "").replace(/\/$/, "");
+    this.apiKey = options.apiKey;
+    this.getToken = options.getToken ?? (() => this.#fetchToken());
+    this.onStatus = options.onStatus ?? (() => {});
+    this.baseDelayMs = options.baseDelayMs ?? 500;
+    this.maxDelayMs = options.maxDelayMs ?? 15000;
+    /** task id -> { lastSeq, handlers: Set<{onEvent, onError}> } */
+    this.subscriptions = new Map();
+    this.status = "idle";
+    this.socket = null;
+    this.attempt = 0;
+    this.closed = false;
+    this.timer = null;
+    this.#onOnline = () => {
+      // The network came back: do not sit out the rest of a long backoff.
+      if (this.status === "reconnecting") this.#connectSoon(0);
+    };
+    globalThis.addEventListener?.("online", this.#onOnline);
+    this.#connect();
+  }
+
+  #onOnline;
+
+  /**
+   * Follow a task. `afterSeq` is the last seq you already have (0: everything retained).
+   * Returns `{ unsubscribe() }`. Several handlers may follow the same task.
+   */
+  subscribe(taskId, { onEvent = () => {}, onError = () => {}, afterSeq = 0 } = {}) {
+    const handler = { onEvent, onError };
+    let sub = this.subscriptions.get(taskId);
+    if (!sub) {
+      sub = { lastSeq: afterSeq, handlers: new Set() };
+      this.subscriptions.set(taskId, sub);
+      this.#send({ op: "subscribe", task_id: taskId, after_seq: sub.lastSeq });
+    }
+    sub.handlers.add(handler);
+    return {
+      unsubscribe: () => {
+        sub.handlers.delete(handler);
+        if (sub.handlers.size === 0 && this.subscriptions.get(taskId) === sub) {
+          this.subscriptions.delete(taskId);
+          this.#send({ op: "unsubscribe", task_id: taskId });
+        }
+      },
+    };
+  }
+
+  /** The last seq delivered for a task (0 when none). */
+  lastSeq(taskId) {
+    return this.subscriptions.get(taskId)?.lastSeq ?? 0;
+  }
+
+  /** Stop for good: close the socket and cancel any pending reconnect. */
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    globalThis.removeEventListener?.("online", this.#onOnline);
+    if (this.socket) this.socket.close(1000, "client closed");
+    this.#setStatus("closed");
+  }
+
+  async #fetchToken() {
+    const response = await fetch(`${this.apiBase}/v1/ws-tokens`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${this.apiKey}` },
+    });
+    if (response.status === 401 || response.status === 403) {
+      throw new AuthError(`token refused (${response.status})`);
+    }
+    if (!response.ok) throw new Error(`token request failed (${response.status})`);
+    return (await response.json()).token;
+  }
+
+  #setStatus(status, detail) {
+    this.status = status;
+    try {
+      this.onStatus(status, detail);
+    } catch (err) {
+      console.error("longhaul: onStatus failed", err);
+    }
+  }
+
+  async #connect() {
+    if (this.closed) return;
+    this.#setStatus(this.attempt === 0 ? "connecting" : "reconnecting", { attempt: this.attempt });
+    let token;
+    try {
+      token = await this.getToken();
+    } catch (err) {
+      if (err instanceof AuthError) {
+        this.#setStatus("unauthorized", { message: err.message });
+        return;
+      }
+      this.#scheduleReconnect();
+      return;
+    }
+    if (this.closed) return;
+    const url = new URL(this.gatewayUrl);
+    url.searchParams.set("token", token);
+    const socket = new WebSocket(url);
+    this.socket = socket;
+    socket.onopen = () => {
+      this.attempt = 0;
+      this.#setStatus("open");
+      // Resume every task from the last seq we handed out: the gateway replays the rest.
+      for (const [taskId, sub] of this.subscriptions) {
+        this.#send({ op: "subscribe", task_id: taskId, after_seq: sub.lastSeq });
+      }
+    };
+    socket.onmessage = (message) => this.#receive(message.data);
+    socket.onclose = () => {
+      if (this.socket === socket) this.socket = null;
+      if (!this.closed) this.#scheduleReconnect();
+    };
+  }
+
+  #scheduleReconnect() {
+    this.attempt += 1;
+    // Full jitter: spread the reconnects of many browsers after a gateway restart.
+    const ceiling = Math.min(this.maxDelayMs, this.baseDelayMs * 2 ** (this.attempt - 1));
+    const delayMs = Math.round(Math.random() * ceiling);
+    this.#setStatus("reconnecting", { delayMs, attempt: this.attempt });
+    this.#connectSoon(delayMs);
+  }
+
+  #connectSoon(delayMs) {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.#connect(), delayMs);
+  }
+
+  #send(frame) {
+    // Not open yet: onopen subscribes everything in this.subscriptions anyway.
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify(frame));
+    }
+  }
+
+  #receive(data) {
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const sub = this.subscriptions.get(frame.task_id);
+    if (!sub) return;
+    if (frame.type === "event") {
+      // The gateway already de-duplicates; this guards the resume window, where a
+      // late frame of the old subscription could still arrive. Snapshots reset.
+      if (!frame.snapshot && frame.seq <= sub.lastSeq) return;
+      sub.lastSeq = frame.seq;
+      for (const h of sub.handlers) safeCall(h.onEvent, frame);
+    } else if (frame.type === "error") {
+      if (frame.code === "not_found") this.subscriptions.delete(frame.task_id);
+      for (const h of sub.handlers) safeCall(h.onError, frame);
+    }
+  }
+}
+
+function safeCall(fn, arg) {
+  try {
+    fn(arg);
+  } catch (err) {
+    console.error("longhaul: handler failed", err);
+  }
+}

@@ -1,0 +1,1 @@
+"""The WebSocket gateway: authenticates browsers, replays and relays task progress."""

@@ -1,0 +1,261 @@
+"""The gateway's server factory: dependencies, the WebSocket server and its HTTP routes.
+
+``Gateway(settings).start()`` is an async context manager that yields once the gateway
+serves, and on exit closes clients with 1001 and releases everything in reverse order;
+``__main__`` and the tests build it the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from uuid import UUID
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from services.ws_gateway import sse
+from services.ws_gateway.hub import Hub
+from services.ws_gateway.metrics import GatewayMetrics
+from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
+from services.ws_gateway.registry import Refused, Registry
+from services.ws_gateway.repository import TaskRepository
+from services.ws_gateway.responses import json_response, problem, respond
+from services.ws_gateway.session import DependencyDown, Deps, Session
+from services.ws_gateway.settings import GatewaySettings
+from services.ws_gateway.streams import StreamReader
+from shared import wstokens
+from shared.db import create_pool
+from shared.errors import StartTimeout
+from shared.lifecycle import wait_for_dependency
+from shared.redis import create_client
+from shared.wire import Wire
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/v1/ws"
+_SSE_PATH = re.compile(r"^/v1/tasks/([^/]+)/events$")
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.wire = Wire(settings.namespace)
+        self.origins = parse_allowed_origins(settings.allowed_origins)
+        self.registry: Registry[Any] = Registry(
+            max_connections=settings.max_connections,
+            max_per_tenant=settings.max_connections_per_tenant,
+            max_subscriptions=settings.max_subscriptions_per_connection,
+        )
+        self.metrics = GatewayMetrics(
+            connections=lambda: float(self.registry.connection_count),
+            subscriptions=lambda: float(self.registry.subscription_count),
+        )
+        # Tenant of each handshake that passed auth, for the handler to pick up; weak so
+        # that a handshake failing after process_request leaves nothing behind.
+        self._tenants: weakref.WeakKeyDictionary[ServerConnection, UUID] = (
+            weakref.WeakKeyDictionary())
+        self._redis: Redis | None = None
+        self._deps: Deps | None = None
+        self._server: Server | None = None
+        self.hub: Hub | None = None
+        self.port: int = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @contextlib.asynccontextmanager
+    async def start(self, stop: asyncio.Event | None = None) -> AsyncIterator[Gateway]:
+        s = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            pool: asyncpg.Pool = await wait_for_dependency(
+                "PostgreSQL", lambda: create_pool(s.database_url, min_size=1, max_size=10,
+                                                  timeout=s.io_timeout_s),
+                s.start_timeout_s, stop)
+            stack.push_async_callback(pool.close)
+            redis = create_client(s.redis_url, s.io_timeout_s)
+            stack.push_async_callback(redis.aclose)
+            await wait_for_dependency("Redis", redis.ping, s.start_timeout_s, stop)
+            self._redis = redis
+            repository = TaskRepository(pool, s.io_timeout_s)
+            self._deps = Deps(
+                registry=self.registry, repository=repository,
+                streams=StreamReader(redis, self.wire, max_events=s.event_stream_maxlen),
+                metrics=self.metrics, queue_size=s.client_queue_size,
+                snapshot_grace_s=s.snapshot_grace_s, close_timeout_s=s.close_timeout_s,
+            )
+            self.hub = Hub(s.redis_url, self.wire, self.registry, self.metrics,
+                           io_timeout=s.io_timeout_s)
+            hub_task = asyncio.create_task(self.hub.run(), name="gateway-hub")
+            stack.push_async_callback(_cancel_and_wait, hub_task)
+            try:
+                async with asyncio.timeout(s.start_timeout_s):
+                    await self.hub.connected.wait()
+            except TimeoutError:
+                raise StartTimeout("Redis pub/sub: could not subscribe within the start "
+                                   "timeout (LONGHAUL_START_TIMEOUT_S)") from None
+            server = await serve(
+                self._handle, s.gateway_host, s.gateway_port,
+                # Origins are checked in _process_request, before the token is spent;
+                # passing them here too keeps websockets' own check as a second guard.
+                origins=[*self.origins, None] if s.allow_missing_origin else list(self.origins),
+                process_request=self._process_request,
+                max_size=s.max_frame_bytes,
+                ping_interval=s.ping_interval_s,
+                ping_timeout=s.ping_timeout_s,
+                open_timeout=s.handshake_timeout_s,
+                close_timeout=s.close_timeout_s,
+                # Clients send tiny frames and we send small JSON: compression would cost
+                # memory per connection (zlib contexts) for nothing.
+                compression=None,
+            )
+            self._server = server
+            stack.push_async_callback(self._close_server, server)
+            self.port = int(server.sockets[0].getsockname()[1])
+            log.info("gateway listening", extra={"host": s.gateway_host, "port": self.port})
+            yield self
+
+    async def _close_server(self, server: Server) -> None:
+        """Close clients with 1001 and wait for their handlers, bounded in time."""
+        server.close()  # stops accepting; 1001 to open connections; idempotent
+        try:
+            async with asyncio.timeout(self.settings.close_timeout_s + 1):
+                await server.wait_closed()
+        except TimeoutError:
+            # A client that does not read never lets a close frame drain: drop it.
+            for connection in list(server.connections):
+                connection.transport.abort()
+            await server.wait_closed()
+        log.info("gateway closed")
+
+    # ------------------------------------------------------------------ handshake
+
+    async def _process_request(self, connection: ServerConnection,
+                               request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        path = url.path
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            return await self._readyz()
+        if path == "/metrics":
+            return respond(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        query = parse_qs(url.query)
+        origin = request.headers.get("Origin")
+        if (match := _SSE_PATH.match(path)) is not None:
+            return await self._sse(request, match.group(1), query, origin)
+        if path != WS_PATH:
+            return problem(404, f"no route {path}; the WebSocket endpoint is {WS_PATH}")
+        if not origin_allowed(origin, self.origins, allow_missing=self.settings.allow_missing_origin):
+            self.metrics.refused.labels(reason="origin").inc()
+            return problem(403, "origin not allowed")
+        try:
+            self.registry.check_room()
+        except Refused as exc:
+            self.metrics.refused.labels(reason="capacity").inc()
+            return problem(503, exc.message, {"Retry-After": "5"})
+        tenant_id = await self._consume_token(query.get("token", [""])[0])
+        if tenant_id is None:
+            self.metrics.refused.labels(reason="token").inc()
+            return problem(401, "missing, invalid, expired or already used token")
+        try:
+            self.registry.check_room(tenant_id)
+        except Refused as exc:
+            self.metrics.refused.labels(reason="tenant_capacity").inc()
+            return problem(429, exc.message, {"Retry-After": "5"})
+        self._tenants[connection] = tenant_id
+        return None
+
+    async def _consume_token(self, token: str) -> UUID | None:
+        assert self._redis is not None
+        try:
+            return await wstokens.consume(self._redis, self.wire, token)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("token check failed: Redis unavailable", extra={"error": repr(exc)})
+            return None
+
+    async def _readyz(self) -> Response:
+        assert self._redis is not None and self._deps is not None
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(self.settings.io_timeout_s):
+                await self._redis.ping()
+            checks["redis"] = "ok"
+        except (RedisError, OSError, TimeoutError) as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        try:
+            await self._deps.repository.ping()
+            checks["postgres"] = "ok"
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            checks["postgres"] = f"unreachable: {type(exc).__name__}"
+        hub_ok = self.hub is not None and self.hub.connected.is_set()
+        checks["redis_pubsub"] = "ok" if hub_ok else "resubscribing"
+        ok = all(v == "ok" for v in checks.values())
+        return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable",
+                                                  "checks": checks})
+
+    # ------------------------------------------------------------------ SSE
+
+    async def _sse(self, request: Request, raw_id: str, query: dict[str, list[str]],
+                   origin: str | None) -> Response:
+        assert self._deps is not None
+        if not origin_allowed(origin, self.origins, allow_missing=True):
+            return problem(403, "origin not allowed")
+        cors = {"Access-Control-Allow-Origin": origin} if origin else {}
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
+        tenant_id = await self._consume_token(token)
+        if tenant_id is None:
+            return problem(401, "missing, invalid, expired or already used token", cors)
+        after = sse.parse_last_event_id(request.headers.get("Last-Event-ID"),
+                                        query.get("last_event_id", [None])[0])
+        try:
+            task_id = UUID(raw_id)
+        except ValueError:
+            return problem(404, "no such task", cors)
+        if after is None:
+            return problem(400, "Last-Event-ID must be a seq (an integer >= 0)", cors)
+        # Stay inside websockets' open_timeout, which bounds process_request.
+        wait_s = max(0.0, min(self.settings.sse_poll_s, self.settings.handshake_timeout_s - 1))
+        try:
+            events = await sse.poll(self._deps, tenant_id, task_id, after, wait_s)
+        except sse.NotFound:
+            return problem(404, "no such task", cors)
+        except DependencyDown:
+            return problem(503, "database unavailable", {**cors, "Retry-After": "1"})
+        except Refused as exc:
+            return problem(429, exc.message, {**cors, "Retry-After": "5"})
+        return respond(200, sse.body(events), "text/event-stream; charset=utf-8", cors)
+
+    # ------------------------------------------------------------------ connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert self._deps is not None
+        tenant_id = self._tenants.pop(ws, None)
+        if tenant_id is None:  # cannot happen: process_request admitted it
+            await ws.close(1011, "no tenant")
+            return
+        session = Session(ws, tenant_id, self._deps)
+        try:
+            self.registry.open(session, tenant_id)
+        except Refused as exc:
+            # Lost a race for the last slot since the handshake check.
+            await ws.close(1013, exc.message)
+            return
+        try:
+            await session.run()
+        finally:
+            self.registry.close(session)
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,100 @@
+"""The gateway's JSON frames: parsing what clients send, building what they receive.
+Pure: no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from shared.schemas import ProgressEvent, format_ts
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    task_id: UUID
+    after_seq: int
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    task_id: UUID
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    """A frame the server cannot act on; answered with an ``error`` frame."""
+
+    message: str
+    task_id: str | None = None
+
+
+ClientOp = Subscribe | Unsubscribe | BadRequest
+
+_MAX_SEQ = 2**63 - 1
+
+
+def parse_client_frame(frame: str | bytes) -> ClientOp:
+    try:
+        raw = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return BadRequest("frame is not JSON")
+    if not isinstance(raw, dict):
+        return BadRequest("frame is not a JSON object")
+    op = raw.get("op")
+    task_field = raw.get("task_id")
+    task_text = task_field if isinstance(task_field, str) else None
+    if op not in ("subscribe", "unsubscribe"):
+        return BadRequest("op must be 'subscribe' or 'unsubscribe'", task_text)
+    if task_text is None:
+        return BadRequest("task_id must be a string", None)
+    try:
+        task_id = UUID(task_text)
+    except ValueError:
+        # Not a UUID cannot be a task, of this tenant or another: same answer as unknown.
+        return BadRequest("task_id is not a UUID", task_text)
+    if op == "unsubscribe":
+        return Unsubscribe(task_id)
+    after = raw.get("after_seq", 0)
+    # bool is an int in Python; JSON true is not a seq.
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= _MAX_SEQ:
+        return BadRequest("after_seq must be an integer >= 0", task_text)
+    return Subscribe(task_id, after)
+
+
+def event_frame(event: ProgressEvent) -> str:
+    out: dict[str, Any] = {
+        "type": "event",
+        "task_id": str(event.task_id),
+        "seq": event.seq,
+        "state": event.state.value,
+        "progress": event.progress,
+        "message": event.message,
+        "data": event.data,
+        "ts": format_ts(event.ts),
+        # An addition to the contract's frame: which attempt the event belongs to.
+        "attempt": event.attempt,
+    }
+    if event.snapshot:
+        out["snapshot"] = True
+    return orjson.dumps(out).decode()
+
+
+def error_frame(code: str, message: str, task_id: str | UUID | None = None) -> str:
+    return orjson.dumps(
+        {
+            "type": "error",
+            "code": code,
+            "message": message,
+            "task_id": None if task_id is None else str(task_id),
+        }
+    ).decode()
+
+
+def sse_message(event: ProgressEvent) -> str:
+    """One Server-Sent Events message: ``id`` is the seq, so ``Last-Event-ID`` resumes."""
+    # No "event:" field: EventSource's onmessage then sees every frame, snapshots too
+    # (they say so in their JSON).
+    return f"id: {event.seq}\ndata: {event_frame(event)}\n\n"

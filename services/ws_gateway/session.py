@@ -1,0 +1,218 @@
+"""One client connection: its bounded queue, its subscriptions and their catch-up.
+
+Everything that reaches the client goes through one worker task in queue order (client
+commands, live events, resyncs), so per task the frames leave in seq order and the
+cursor needs no lock. The hub only ``offer``s: a full queue marks the connection slow
+and it is closed, never waited for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from services.ws_gateway import frames
+from services.ws_gateway.catchup import LiveCheck, Verdict, check_live, plan_catch_up
+from services.ws_gateway.hub import Resync
+from services.ws_gateway.metrics import GatewayMetrics
+from services.ws_gateway.registry import Refused, Registry
+from services.ws_gateway.repository import TaskRepository
+from services.ws_gateway.streams import StreamReader
+from shared.schemas import ProgressEvent
+from shared.taskrows import event_from_row
+
+log = logging.getLogger(__name__)
+
+Item = ProgressEvent | Resync | frames.ClientOp
+
+
+class DependencyDown(Exception):
+    """PostgreSQL did not answer: the client should reconnect and resume later."""
+
+
+@dataclass(frozen=True)
+class Deps:
+    registry: Registry[Any]
+    repository: TaskRepository
+    streams: StreamReader
+    metrics: GatewayMetrics
+    queue_size: int
+    snapshot_grace_s: float
+    close_timeout_s: float
+
+
+class Catcher:
+    """Catch-up of one task from ``delivered``: shared by WebSocket sessions and SSE polls."""
+
+    def __init__(self, deps: Deps, tenant_id: UUID) -> None:
+        self._deps = deps
+        self._tenant_id = tenant_id
+
+    async def row(self, task_id: UUID) -> Mapping[str, Any] | None:
+        try:
+            return await self._deps.repository.task_row(task_id, self._tenant_id)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise DependencyDown(f"PostgreSQL: {exc!r}") from exc
+
+    async def events(self, task_id: UUID, delivered: int,
+                     row: Mapping[str, Any]) -> list[ProgressEvent]:
+        """The events that bring a client at ``delivered`` up to date, in order."""
+        streams = self._deps.streams
+        stream = await streams.after(task_id, delivered)
+        plan = plan_catch_up(delivered, [e.seq for e in stream], row["last_seq"])
+        if plan.tail_missing and self._deps.snapshot_grace_s > 0:
+            # The worker commits, then writes the event: give a late write a moment
+            # rather than replacing a real event with a snapshot.
+            await asyncio.sleep(self._deps.snapshot_grace_s)
+            stream = await streams.after(task_id, delivered)
+            plan = plan_catch_up(delivered, [e.seq for e in stream], row["last_seq"])
+        out: list[ProgressEvent] = []
+        cursor = delivered
+        if plan.verdict is Verdict.NOTHING:
+            return out
+        if plan.verdict is Verdict.SNAPSHOT:
+            if row["last_seq"] < 1:
+                return out  # a task with no event yet has nothing to show
+            out.append(event_from_row(row, snapshot=True))
+            cursor = row["last_seq"]
+        for event in stream:
+            if event.seq == cursor + 1:
+                out.append(event)
+                cursor = event.seq
+            elif event.seq > cursor + 1:
+                break  # a hole: the next live event will find it and catch up again
+        return out
+
+
+class Session:
+    def __init__(self, ws: ServerConnection, tenant_id: UUID, deps: Deps) -> None:
+        self.ws = ws
+        self.tenant_id = tenant_id
+        self._deps = deps
+        self._catcher = Catcher(deps, tenant_id)
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=deps.queue_size)
+        self._cursors: dict[UUID, int] = {}
+        self._overflowed = asyncio.Event()
+
+    # Sessions are registry keys: identity is the right equality.
+    __hash__ = object.__hash__
+
+    def offer(self, item: ProgressEvent | Resync) -> None:
+        if self._overflowed.is_set():
+            return
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._overflowed.set()
+            self._deps.metrics.drops.inc()
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves, it falls behind, or we stop."""
+        name = f"ws-{self.ws.id.hex[:8]}"
+        reader = asyncio.create_task(self._read(), name=f"{name}-read")
+        worker = asyncio.create_task(self._work(), name=f"{name}-work")
+        slow = asyncio.create_task(self._overflowed.wait(), name=f"{name}-slow")
+        tasks = {reader, worker, slow}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, DependencyDown):
+                log.warning("closing a connection: dependency down", extra={"error": str(result)})
+                await self._close(CloseCode.TRY_AGAIN_LATER, "dependency unavailable")
+            elif isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError | ConnectionClosed):
+                log.error("connection failed", exc_info=result)
+                await self._close(CloseCode.INTERNAL_ERROR, "internal error")
+        if slow in done:
+            log.info("closing a slow connection", extra={"tenant_id": str(self.tenant_id)})
+            await self._close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+
+    async def _close(self, code: int, reason: str) -> None:
+        # close() waits for the write buffer to drain, which a client that does not
+        # read never lets happen: bound it, then drop the TCP connection.
+        try:
+            async with asyncio.timeout(self._deps.close_timeout_s):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            await self._queue.put(frames.parse_client_frame(frame))
+
+    async def _work(self) -> None:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, ProgressEvent):
+                await self._live(item)
+            elif isinstance(item, Resync):
+                for task_id in list(self._cursors):
+                    await self._catch_up(task_id)
+            elif isinstance(item, frames.Subscribe):
+                await self._subscribe(item)
+            elif isinstance(item, frames.Unsubscribe):
+                self._deps.registry.unsubscribe(self, item.task_id)
+                self._cursors.pop(item.task_id, None)
+            else:
+                await self.ws.send(frames.error_frame("bad_request", item.message, item.task_id))
+
+    async def _subscribe(self, op: frames.Subscribe) -> None:
+        try:
+            # Live first: from here on the hub queues this task's events for us, so
+            # whatever the stream read below misses arrives through the queue.
+            self._deps.registry.subscribe(self, op.task_id)
+        except Refused as exc:
+            await self.ws.send(frames.error_frame(exc.code, exc.message, op.task_id))
+            return
+        row = await self._catcher.row(op.task_id)
+        if row is None:
+            self._deps.registry.unsubscribe(self, op.task_id)
+            self._cursors.pop(op.task_id, None)
+            await self.ws.send(frames.error_frame("not_found", "no such task", op.task_id))
+            return
+        # A repeated subscribe restarts from the seq it names: the client asked for it.
+        self._cursors[op.task_id] = op.after_seq
+        await self._catch_up(op.task_id, row)
+
+    async def _live(self, event: ProgressEvent) -> None:
+        delivered = self._cursors.get(event.task_id)
+        if delivered is None:
+            return  # unsubscribed while the event waited in the queue
+        verdict = check_live(delivered, event.seq)
+        if verdict is LiveCheck.GAP:
+            await self._catch_up(event.task_id)
+            delivered = self._cursors.get(event.task_id)
+            if delivered is None or check_live(delivered, event.seq) is not LiveCheck.SEND:
+                return
+        elif verdict is LiveCheck.DUPLICATE:
+            return
+        await self._send(event, "live")
+
+    async def _catch_up(self, task_id: UUID, row: Mapping[str, Any] | None = None) -> None:
+        if row is None:
+            row = await self._catcher.row(task_id)
+            if row is None:
+                return  # the task is gone (tenant deleted): nothing more will come
+        delivered = self._cursors.get(task_id)
+        if delivered is None:
+            return
+        for event in await self._catcher.events(task_id, delivered, row):
+            await self._send(event, "snapshot" if event.snapshot else "replay")
+
+    async def _send(self, event: ProgressEvent, source: str) -> None:
+        await self.ws.send(frames.event_frame(event))
+        self._cursors[event.task_id] = event.seq
+        self._deps.metrics.events_relayed.labels(source=source).inc()
+

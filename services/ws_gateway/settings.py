@@ -1,0 +1,46 @@
+"""Gateway settings (``LONGHAUL_*`` env vars) on top of the shared ones."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from services.ws_gateway.origins import parse_allowed_origins
+from shared.settings import CommonSettings
+
+# The API's own origin, and any local port: what a developer's console runs on.
+DEFAULT_ORIGINS = (
+    "http://127.0.0.1:8000,http://localhost:8000,"
+    "http://localhost:*,http://127.0.0.1:*,http://[::1]:*"
+)
+
+
+class GatewaySettings(CommonSettings):
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8001, ge=0, le=65535)
+    # Comma-separated origins; "*" matches one host label or a port ("http://localhost:*").
+    allowed_origins: str = DEFAULT_ORIGINS
+    # SDKs and servers send no Origin; browsers always do, and Cross-Site WebSocket
+    # Hijacking needs a browser, so a missing Origin is no risk (the token still is).
+    allow_missing_origin: bool = True
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    max_frame_bytes: int = Field(default=65536, ge=1024)
+    # Frames a connection may have waiting before it counts as a slow consumer.
+    client_queue_size: int = Field(default=256, ge=1)
+    max_subscriptions_per_connection: int = Field(default=1000, ge=1)
+    max_connections_per_tenant: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=20_000, ge=1)
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+    # How long closing a connection (the close handshake) may take before it is aborted.
+    close_timeout_s: float = Field(default=5.0, gt=0)
+    # When the database is ahead of the stream, the worker may simply not have written
+    # the event yet (it commits first): wait this long before settling for a snapshot.
+    snapshot_grace_s: float = Field(default=0.2, ge=0)
+    # SSE is served as long polling (see sse.py): how long one poll waits for news.
+    sse_poll_s: float = Field(default=8.0, gt=0)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_parse(cls, value: str) -> str:
+        parse_allowed_origins(value)  # raises ValueError with the bad entry
+        return value

@@ -1,0 +1,57 @@
+"""Reading a task's Redis stream: the events retained after a seq, for replay."""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.errors import MalformedMessage
+from shared.schemas import ProgressEvent, parse_event
+from shared.wire import Wire
+
+log = logging.getLogger(__name__)
+
+_PAGE = 500
+
+
+class StreamReader:
+    def __init__(self, redis: Redis, wire: Wire, *, max_events: int) -> None:
+        self._redis = redis
+        self._wire = wire
+        self._max_events = max_events
+
+    async def after(self, task_id: UUID, seq: int) -> list[ProgressEvent]:
+        """Retained events with seq > ``seq``, ascending. Redis unreachable reads as an
+        empty stream: the caller then falls back to the database, which is the truth."""
+        key = self._wire.event_stream(task_id)
+        out: list[ProgressEvent] = []
+        start = seq + 1
+        try:
+            while len(out) < self._max_events:
+                entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await self._redis.xrange(
+                    key, min=f"{start}-0", max="+", count=_PAGE))
+                for entry_id, fields in entries:
+                    body = fields.get(b"e")
+                    if body is None:
+                        continue
+                    try:
+                        out.append(parse_event(body))
+                    except MalformedMessage as exc:
+                        log.warning(
+                            "malformed event in stream",
+                            extra={"stream": key, "entry": entry_id, "error": str(exc)},
+                        )
+                if len(entries) < _PAGE:
+                    break
+                start = int(entries[-1][0].split(b"-", 1)[0]) + 1
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning(
+                "stream unreadable, falling back to the database",
+                extra={"stream": key, "error": repr(exc)},
+            )
+            return []
+        return out

@@ -1,0 +1,376 @@
+"""The core pipeline end to end: api and worker as real processes, tasks over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from tests.conftest import Deployment, Tenant, create_tenant
+from tests.support import System, eventually
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def _post(
+    http: aiohttp.ClientSession,
+    url: str,
+    tenant: Tenant,
+    body: Any,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    async with http.post(url, json=body, headers={**tenant.headers, **(headers or {})}) as r:
+        return r.status, await r.json(content_type=None), r.headers
+
+
+async def _all_terminal(db: asyncpg.Pool, ids: list[str]) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT state, count(*) AS n FROM tasks WHERE id = ANY($1::uuid[]) GROUP BY state", ids
+    )
+    return {r["state"]: r["n"] for r in rows}
+
+
+async def test_thousand_noop_tasks_single_and_batch_all_succeed(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    """500 single submissions and 500 in batches all reach succeeded, each answered 202."""
+    await system.start_api(rate_limit_per_s="0")
+    await system.start_worker()
+    url = f"{system.api_url}/v1/tasks"
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> str:
+        async with sem:
+            status, body, headers = await _post(http, url, tenant, {"type": "demo.noop"})
+            assert status == 202, body
+            assert headers["Location"] == f"/v1/tasks/{body['id']}"
+            return str(body["id"])
+
+    single = await asyncio.gather(*(one() for _ in range(500)))
+    batched: list[str] = []
+    for _ in range(5):
+        status, body, _ = await _post(
+            http, f"{url}:batch", tenant, {"tasks": [{"type": "demo.noop"}] * 100}
+        )
+        assert status == 202, body
+        assert [t["state"] for t in body["tasks"]] == ["queued"] * 100
+        batched += [t["id"] for t in body["tasks"]]
+    ids = single + batched
+    assert len(set(ids)) == 1000
+
+    async def done() -> bool:
+        counts = await _all_terminal(db, ids)
+        return counts.get("succeeded", 0) == 1000
+
+    await eventually(done, within=90, interval=0.25, what="1000 tasks to succeed")
+    rows = await db.fetch(
+        "SELECT result, attempts, progress FROM tasks WHERE id = ANY($1::uuid[])", ids
+    )
+    assert all(
+        r["result"] == {"ok": True} and r["attempts"] == 1 and r["progress"] == 1.0 for r in rows
+    )
+    assert (
+        await db.fetchval("SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])", ids) == 0
+    )
+
+
+async def test_task_lifecycle_is_visible_over_rest(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    """A demo.sleep task goes queued → running → succeeded with progress and a result."""
+    await system.start_api()
+    await system.start_worker()
+    status, task, _ = await _post(
+        http,
+        f"{system.api_url}/v1/tasks",
+        tenant,
+        {"type": "demo.sleep", "args": {"seconds": 0.6, "steps": 3}},
+    )
+    assert status == 202
+    assert task["state"] == "queued" and task["last_seq"] == 1 and task["attempts"] == 0
+    seen: set[str] = set()
+
+    async def finished() -> dict[str, Any] | None:
+        async with http.get(f"{system.api_url}/v1/tasks/{task['id']}", headers=tenant.headers) as r:
+            body = await r.json()
+        seen.add(body["state"])
+        return body if body["state"] == "succeeded" else None
+
+    final = await eventually(finished, within=30, what="demo.sleep to succeed")
+    assert "running" in seen or final["started_at"] is not None
+    assert final["result"] == {"slept": 0.6}
+    assert final["progress"] == 1.0 and final["message"] == "step 3 of 3"
+    # queued, running, 3 progress reports, succeeded (reports may be coalesced, never below 1).
+    assert 4 <= final["last_seq"] <= 6
+    assert final["finished_at"] >= final["started_at"] >= final["created_at"]
+
+
+async def test_failures_retries_and_user_task_module(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    """demo.fail fails at once, demo.flaky retries to success, and a user module's type runs."""
+    await system.start_api()
+    await system.start_worker("--tasks", "tests.e2e.user_tasks", retry_base_s="0.05")
+    url = f"{system.api_url}/v1/tasks"
+    _, failing, _ = await _post(http, url, tenant, {"type": "demo.fail", "args": {"message": "no"}})
+    _, flaky, _ = await _post(http, url, tenant, {"type": "demo.flaky", "args": {"fail_times": 2}})
+    status, user, _ = await _post(
+        http, url, tenant, {"type": "user.reverse", "args": {"text": "abc"}}
+    )
+    assert status == 202, user
+
+    async def terminal(task_id: str) -> dict[str, Any] | None:
+        async with http.get(f"{url}/{task_id}", headers=tenant.headers) as r:
+            body = await r.json()
+        return body if body["state"] in {"succeeded", "failed", "cancelled"} else None
+
+    failed = await eventually(lambda: terminal(failing["id"]), within=30, what="demo.fail")
+    assert failed["state"] == "failed" and failed["attempts"] == 1
+    assert failed["error"] == {"type": "demo_failure", "message": "no", "retryable": False}
+    retried = await eventually(lambda: terminal(flaky["id"]), within=30, what="demo.flaky")
+    assert retried["state"] == "succeeded" and retried["attempts"] == 3
+    assert retried["result"] == {"attempts": 3}
+    done = await eventually(lambda: terminal(user["id"]), within=30, what="user.reverse")
+    assert done["result"] == {"reversed": "cba", "attempt": 1}
+    # The user's args model is enforced by the API before anything is queued.
+    status, problem, _ = await _post(http, url, tenant, {"type": "user.reverse", "args": {}})
+    assert status == 422 and problem["errors"][0]["loc"][:2] == ["body", "args"]
+
+
+async def test_bad_input_gets_the_contract_status(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant, deployment: Deployment
+) -> None:
+    """Every bad input of the contract is refused with its status and a problem body."""
+    await system.start_api(max_body_bytes="65536")
+    await system.start_worker()
+    url = f"{system.api_url}/v1/tasks"
+    auth = tenant.headers
+
+    async def status_of(method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with http.request(method, f"{system.api_url}{path}", **kw) as r:
+            body = await r.json(content_type=None)
+            if r.status >= 400:
+                assert r.content_type == "application/problem+json", (path, r.content_type)
+                assert body["status"] == r.status and body["title"]
+            return r.status, body
+
+    cases: list[tuple[int, str, str, dict[str, Any]]] = [
+        (401, "POST", "/v1/tasks", {"json": {"type": "demo.noop"}}),
+        (
+            401,
+            "POST",
+            "/v1/tasks",
+            {"json": {"type": "demo.noop"}, "headers": {"Authorization": "Bearer lh_x_abc_def"}},
+        ),
+        (401, "GET", "/v1/tasks", {"headers": {"Authorization": "Basic Zm9vOmJhcg=="}}),
+        (400, "POST", "/v1/tasks", {"data": b"{not json", "headers": {**auth, **JSON}}),
+        (
+            415,
+            "POST",
+            "/v1/tasks",
+            {
+                "data": b"type=demo.noop",
+                "headers": {**auth, "Content-Type": "application/x-www-form-urlencoded"},
+            },
+        ),
+        (
+            413,
+            "POST",
+            "/v1/tasks",
+            {"json": {"type": "demo.noop", "args": {"x": "y" * 70000}}, "headers": auth},
+        ),
+        (422, "POST", "/v1/tasks", {"json": {"type": "no.such.type"}, "headers": auth}),
+        (422, "POST", "/v1/tasks", {"json": {"type": "demo.noop", "surprise": 1}, "headers": auth}),
+        (422, "POST", "/v1/tasks", {"json": {"args": {}}, "headers": auth}),
+        (
+            422,
+            "POST",
+            "/v1/tasks",
+            {"json": {"type": "demo.sleep", "args": {"steps": "many"}}, "headers": auth},
+        ),
+        (
+            422,
+            "POST",
+            "/v1/tasks",
+            {"json": {"type": "demo.noop", "max_attempts": 0}, "headers": auth},
+        ),
+        (422, "POST", "/v1/tasks", {"json": ["demo.noop"], "headers": auth}),
+        (422, "POST", "/v1/tasks:batch", {"json": {"tasks": []}, "headers": auth}),
+        (
+            422,
+            "POST",
+            "/v1/tasks:batch",
+            {"json": {"tasks": [{"type": "demo.noop"}] * 1001}, "headers": auth},
+        ),
+        (422, "GET", "/v1/tasks?limit=501", {"headers": auth}),
+        (422, "GET", "/v1/tasks?state=sleeping", {"headers": auth}),
+        (422, "GET", "/v1/tasks?cursor=%%%", {"headers": auth}),
+        (404, "GET", "/v1/tasks/not-a-uuid", {"headers": auth}),
+        (404, "GET", "/v1/tasks/01a20972-cad6-7410-8006-6a92312e6992", {"headers": auth}),
+        (405, "DELETE", "/v1/tasks", {"headers": auth}),
+    ]
+    for expected, method, path, kw in cases:
+        status, body = await status_of(method, path, **kw)
+        assert status == expected, (method, path, status, body)
+
+    # A batch names its bad items by index, and accepts none of them.
+    before = await _count(deployment)
+    status, body = await status_of(
+        "POST",
+        "/v1/tasks:batch",
+        headers=auth,
+        json={"tasks": [{"type": "demo.noop"}, {"type": "nope"}, {"type": "demo.noop", "zz": 1}]},
+    )
+    assert status == 422
+    assert {tuple(e["loc"][:3]) for e in body["errors"]} == {
+        ("body", "tasks", 1),
+        ("body", "tasks", 2),
+    }
+    assert await _count(deployment) == before
+
+    # Idempotency: same key and body → the same task with 200; another body → 422.
+    key = {"Idempotency-Key": "order-42"}
+    s1, t1, _ = await _post(http, url, tenant, {"type": "demo.noop"}, key)
+    s2, t2, h2 = await _post(http, url, tenant, {"type": "demo.noop"}, key)
+    s3, p3, _ = await _post(http, url, tenant, {"type": "demo.noop", "priority": 3}, key)
+    assert (s1, s2, s3) == (202, 200, 422)
+    assert t1["id"] == t2["id"] and h2["Idempotent-Replayed"] == "true"
+    assert p3["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    s4, _, _ = await _post(http, url, tenant, {"type": "demo.noop"}, {"Idempotency-Key": "x" * 256})
+    assert s4 == 422
+
+
+async def _count(deployment: Deployment) -> int:
+    conn = await asyncpg.connect(deployment.database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM tasks"))
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_identical_idempotent_requests_create_one_task(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    """Twenty identical requests racing with one Idempotency-Key create exactly one task."""
+    await system.start_api()
+    url = f"{system.api_url}/v1/tasks"
+    results = await asyncio.gather(
+        *(
+            _post(http, url, tenant, {"type": "demo.noop"}, {"Idempotency-Key": "race-1"})
+            for _ in range(20)
+        )
+    )
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(202) == 1 and statuses.count(200) == 19, statuses
+    assert len({r[1]["id"] for r in results}) == 1
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM tasks WHERE tenant_id = $1 AND idempotency_key = 'race-1'",
+            tenant.id,
+        )
+        == 1
+    )
+
+
+async def test_tenants_see_only_their_own_tasks(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    """Another tenant gets 404 for a task id, an empty list, and cannot cancel or retry it."""
+    await system.start_api()
+    other = await create_tenant(db)
+    _, task, _ = await _post(
+        http, f"{system.api_url}/v1/tasks", tenant, {"type": "demo.noop", "delay_s": 3600}
+    )
+    for method, path in [
+        ("GET", f"/v1/tasks/{task['id']}"),
+        ("POST", f"/v1/tasks/{task['id']}/cancel"),
+        ("POST", f"/v1/tasks/{task['id']}/retry"),
+    ]:
+        async with http.request(method, f"{system.api_url}{path}", headers=other.headers) as r:
+            body = await r.text()
+            assert r.status == 404, (path, r.status)
+            assert task["id"] not in body and "demo.noop" not in body
+    async with http.get(f"{system.api_url}/v1/tasks", headers=other.headers) as r:
+        assert (await r.json())["items"] == []
+
+
+async def test_list_pages_newest_first_with_filters(
+    system: System, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """Cursor pages walk every task once, newest first; state and type filters apply."""
+    await system.start_api()
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks"
+    _, body, _ = await _post(
+        http,
+        f"{url}:batch",
+        tenant,
+        {
+            "tasks": [{"type": "demo.noop", "delay_s": 3600}] * 7
+            + [{"type": "demo.sleep", "delay_s": 3600}] * 3
+        },
+    )
+    created = [t["id"] for t in body["tasks"]]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        async with http.get(url, params=params, headers=tenant.headers) as r:
+            page = await r.json()
+        seen += [t["id"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(created) and len(seen) == 10
+    assert seen == sorted(seen, reverse=True)  # UUIDv7: newest first
+    async with http.get(url, params={"type": "demo.sleep"}, headers=tenant.headers) as r:
+        assert len((await r.json())["items"]) == 3
+    async with http.get(url, params={"state": "running"}, headers=tenant.headers) as r:
+        assert (await r.json())["items"] == []
+
+
+async def test_cancel_and_retry(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    """A delayed task is cancelled without running; retry runs it; cancelling twice is 409."""
+    await system.start_api()
+    await system.start_worker()
+    url = f"{system.api_url}/v1/tasks"
+    _, task, _ = await _post(http, url, tenant, {"type": "demo.noop", "delay_s": 3600})
+    status, cancelled, _ = await _post(http, f"{url}/{task['id']}/cancel", tenant, None)
+    assert status == 202 and cancelled["state"] == "cancelled" and cancelled["attempts"] == 0
+    status, _, _ = await _post(http, f"{url}/{task['id']}/cancel", tenant, None)
+    assert status == 409
+    status, queued, _ = await _post(http, f"{url}/{task['id']}/retry", tenant, None)
+    assert status == 202 and queued["state"] == "queued"
+
+    async def succeeded() -> bool:
+        async with http.get(f"{url}/{task['id']}", headers=tenant.headers) as r:
+            return (await r.json())["state"] == "succeeded"
+
+    await eventually(succeeded, within=30, what="the retried task to succeed")
+    status, _, _ = await _post(http, f"{url}/{task['id']}/retry", tenant, None)
+    assert status == 409
+
+
+async def test_running_task_is_cancelled_within_seconds(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    """Cancelling a running demo.sleep stops it and ends it cancelled, not succeeded."""
+    await system.start_api()
+    await system.start_worker()
+    url = f"{system.api_url}/v1/tasks"
+    _, task, _ = await _post(
+        http, url, tenant, {"type": "demo.sleep", "args": {"seconds": 60, "steps": 60}}
+    )
+
+    async def state_is(state: str) -> bool:
+        async with http.get(f"{url}/{task['id']}", headers=tenant.headers) as r:
+            return (await r.json())["state"] == state
+
+    await eventually(lambda: state_is("running"), within=30, what="the task to start")
+    status, body, _ = await _post(http, f"{url}/{task['id']}/cancel", tenant, None)
+    assert status == 202 and body["state"] == "running"
+    await eventually(lambda: state_is("cancelled"), within=15, what="the task to be cancelled")

@@ -1,0 +1,173 @@
+"""The gateway through faults: kill -9 and restart of the gateway process, SIGTERM,
+and a restart of (a private) Redis under a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from services.ws_gateway.app import Gateway
+from shared import wstokens
+from shared.events import EventSink
+from shared.redis import create_client
+from tests.conftest import Deployment, Tenant
+from tests.integration.test_gateway_ws import (
+    Writer,
+    assert_no_gap,
+    gateway_settings,
+    insert_task,
+    recv_json,
+    recv_until_seq,
+    until,
+)
+from tests.support import eventually, free_port, running, timeout
+
+
+async def http_ok(port: int, path: str = "/healthz") -> bool:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.read()
+    writer.close()
+    return head.startswith(b"HTTP/1.1 200")
+
+
+@pytest.fixture
+async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
+    client = Redis.from_url(deployment.redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_kill9_and_restart_resumes_without_gap(deployment: Deployment, db: asyncpg.Pool,
+                                                     tenant: Tenant, redis: Redis) -> None:
+    """After the gateway is killed and restarted, a client resumes from its last seq."""
+    sink = EventSink(redis, deployment.wire, retention_s=600, maxlen=10_000)
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    port = free_port()
+    env = deployment.env(gateway_port=str(port))
+    seen: list[dict[str, Any]] = []
+    with running("services.ws_gateway", env, name="gateway-a") as first:
+        await eventually(lambda: http_ok(port), what="gateway up")
+        token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
+        ws = await connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}")
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+        for seq in range(1, 6):
+            await writer.step(seq)
+        seen += await recv_until_seq(ws, task_id, 5)
+        first.kill9()
+        with pytest.raises(ConnectionClosed):
+            await recv_json(ws)
+    # Events keep coming while no gateway runs.
+    for seq in range(6, 9):
+        await writer.step(seq)
+    with running("services.ws_gateway", env, name="gateway-b"):
+        await eventually(lambda: http_ok(port), what="gateway back")
+        token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}") as ws2:
+            await ws2.send(json.dumps({"op": "subscribe", "task_id": str(task_id),
+                                       "after_seq": seen[-1]["seq"]}))
+            for seq in range(9, 11):
+                await writer.step(seq)
+            seen += await recv_until_seq(ws2, task_id, 10)
+    assert_no_gap(seen, 0)
+    assert not any(f.get("snapshot") for f in seen)
+
+
+async def test_sigterm_closes_clients_with_1001(deployment: Deployment, tenant: Tenant,
+                                                redis: Redis) -> None:
+    """A stopping gateway says "going away" and exits 0."""
+    port = free_port()
+    with running("services.ws_gateway", deployment.env(gateway_port=str(port))) as proc:
+        await eventually(lambda: http_ok(port), what="gateway up")
+        token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
+        ws = await connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}")
+        code = await asyncio.to_thread(proc.terminate)
+        with pytest.raises(ConnectionClosed) as info:
+            await recv_json(ws)
+    assert code == 0, proc.output()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+# ---------------------------------------------------------------- private Redis
+
+
+@contextlib.contextmanager
+def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def redis_up(url: str) -> bool:
+    client = Redis.from_url(url)
+    try:
+        return bool(await client.ping())
+    except OSError:
+        return False
+    except Exception:  # redis.ConnectionError while starting
+        return False
+    finally:
+        await client.aclose()
+
+
+async def test_subscription_survives_redis_restart(deployment: Deployment, db: asyncpg.Pool,
+                                                   tenant: Tenant) -> None:
+    """After Redis restarts (losing everything), the hub resubscribes by itself, events
+    committed meanwhile arrive as a snapshot, and live relay goes on without a gap."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with private_redis(port) as first:
+        await eventually(lambda: redis_up(url), what="private redis up")
+        gw = Gateway(gateway_settings(deployment, redis_url=url, io_timeout_s=2))
+        async with gw.start():
+            # The retrying client every service uses: it rides out the restart.
+            client = create_client(url, 2)
+            sink = EventSink(client, deployment.wire, retention_s=600, maxlen=10_000)
+            task_id = await insert_task(db, tenant)
+            writer = Writer(db, sink, task_id)
+            token, _ = await wstokens.issue(client, gw.wire, tenant.id, 60)
+            async with connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}") as ws:
+                await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+                await eventually(until(lambda: gw.registry.subscription_count == 1))
+                await writer.step(1)
+                got = await recv_until_seq(ws, task_id, 1)
+                assert gw.hub is not None
+                first.terminate()
+                first.wait(timeout=10)
+                await eventually(until(lambda: not gw.hub.connected.is_set()),
+                                 what="hub notices Redis is gone")
+                # Committed while Redis is down: the event itself is lost.
+                await writer.step(2, emit=False)
+                with private_redis(port):
+                    await eventually(lambda: redis_up(url), what="private redis back")
+                    await eventually(until(lambda: gw.hub.generation >= 2),
+                                     within=timeout(20), what="hub resubscribed")
+                    got += await recv_until_seq(ws, task_id, 2)
+                    for seq in range(3, 6):
+                        await writer.step(seq)
+                    got += await recv_until_seq(ws, task_id, 5)
+                    await client.aclose()
+    assert_no_gap(got, 0)
+    assert [f.get("snapshot", False) for f in got] == [False, True, False, False, False]

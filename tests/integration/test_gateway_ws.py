@@ -1,0 +1,416 @@
+"""The gateway against the real Redis and PostgreSQL, served in-process on port 0:
+replay, live relay, snapshots, auth and the slow-consumer rule."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from services.ws_gateway.app import Gateway
+from services.ws_gateway.settings import GatewaySettings
+from shared import wstokens
+from shared.events import EventSink
+from shared.ids import uuid7
+from shared.schemas import ProgressEvent, TaskState
+from tests.conftest import Deployment, Tenant
+from tests.support import eventually, timeout
+
+# ---------------------------------------------------------------- helpers
+
+
+def gateway_settings(deployment: Deployment, **overrides: Any) -> GatewaySettings:
+    values: dict[str, Any] = {
+        "namespace": deployment.namespace, "database_url": deployment.database_url,
+        "redis_url": deployment.redis_url, "gateway_port": 0, "start_timeout_s": 10,
+        "snapshot_grace_s": 0.05,
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def gateway(deployment: Deployment, **overrides: Any) -> AsyncIterator[Gateway]:
+    gw = Gateway(gateway_settings(deployment, **overrides))
+    async with gw.start():
+        yield gw
+
+
+@pytest.fixture
+async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
+    client = Redis.from_url(deployment.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def sink(redis: Redis, deployment: Deployment) -> EventSink:
+    return EventSink(redis, deployment.wire, retention_s=600, maxlen=10_000)
+
+
+async def insert_task(db: asyncpg.Pool, tenant: Tenant, *, state: str = "queued",
+                      last_seq: int = 0, progress: float = 0.0) -> UUID:
+    task_id = uuid7()
+    await db.execute(
+        "INSERT INTO tasks (id, tenant_id, type, args, state, progress, attempts, max_attempts,"
+        " timeout_s, last_seq) VALUES ($1, $2, 'demo.sleep', '{}'::jsonb, $3, $4, 1, 5, 60, $5)",
+        task_id, tenant.id, state, progress, last_seq,
+    )
+    return task_id
+
+
+class Writer:
+    """Plays the worker: commits each event's state to the row, then emits it."""
+
+    def __init__(self, db: asyncpg.Pool, sink: EventSink, task_id: UUID) -> None:
+        self.db, self.sink, self.task_id = db, sink, task_id
+
+    async def step(self, seq: int, state: TaskState = TaskState.RUNNING, *,
+                   emit: bool = True, data: Any = None) -> ProgressEvent:
+        progress = 1.0 if state is TaskState.SUCCEEDED else min(0.99, seq / 100)
+        event = ProgressEvent(task_id=self.task_id, seq=seq, state=state, progress=progress,
+                              message=f"step {seq}", data=data, attempt=1, ts=datetime.now(UTC))
+        await self.db.execute(
+            "UPDATE tasks SET last_seq = $2, state = $3, progress = $4, message = $5,"
+            " updated_at = now() WHERE id = $1",
+            self.task_id, seq, state.value, progress, event.message,
+        )
+        if emit:
+            assert await self.sink.emit([event])
+        return event
+
+
+async def ws_connect(gw: Gateway, redis: Redis, tenant: Tenant, **kwargs: Any) -> ClientConnection:
+    token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+    return await connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}", **kwargs)
+
+
+async def recv_json(ws: ClientConnection, within: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(timeout(within)):
+        frame = await ws.recv()
+    result: dict[str, Any] = json.loads(frame)
+    return result
+
+
+async def recv_until_seq(ws: ClientConnection, task_id: UUID, seq: int,
+                         within: float = 20) -> list[dict[str, Any]]:
+    """Frames of ``task_id`` until one with ``seq`` arrives."""
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout(within)):
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame.get("task_id") != str(task_id):
+                continue
+            got.append(frame)
+            if frame["type"] == "event" and frame["seq"] >= seq:
+                return got
+
+
+def until(condition: Any) -> Any:
+    """An ``eventually`` check from a plain predicate."""
+    async def check() -> bool:
+        return bool(condition())
+    return check
+
+
+def assert_no_gap(frames: list[dict[str, Any]], after: int) -> None:
+    seqs = [f["seq"] for f in frames if f["type"] == "event"]
+    assert seqs == list(range(after + 1, after + 1 + len(seqs))), seqs
+
+
+# ---------------------------------------------------------------- replay and live
+
+
+async def test_replay_then_live_in_order(deployment: Deployment, db: asyncpg.Pool,
+                                         tenant: Tenant, redis: Redis, sink: EventSink) -> None:
+    """Retained events after after_seq are replayed, then live ones follow, gap-free."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in range(1, 6):
+        await writer.step(seq)
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 2}))
+        replayed = await recv_until_seq(ws, task_id, 5)
+        for seq in range(6, 9):
+            await writer.step(seq)
+        live = await recv_until_seq(ws, task_id, 8)
+    assert_no_gap(replayed + live, 2)
+    assert not any(f.get("snapshot") for f in replayed + live)
+    assert replayed[0]["state"] == "running" and replayed[0]["message"] == "step 3"
+
+
+async def test_events_racing_with_subscribe_arrive_once(
+        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
+        sink: EventSink) -> None:
+    """Events written while many clients subscribe reach each of them once, in order."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    total = 200
+    async with gateway(deployment) as gw:
+        clients = [await ws_connect(gw, redis, tenant) for _ in range(8)]
+
+        async def write_all() -> None:
+            for seq in range(1, total + 1):
+                await writer.step(seq)
+                if seq % 10 == 0:
+                    await asyncio.sleep(0)
+
+        async def subscribe_later(i: int, ws: ClientConnection) -> list[dict[str, Any]]:
+            await asyncio.sleep(0.003 * i)
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id),
+                                      "after_seq": 0}))
+            return await recv_until_seq(ws, task_id, total)
+
+        results = await asyncio.gather(write_all(), *(subscribe_later(i, ws)
+                                                      for i, ws in enumerate(clients)))
+        for ws in clients:
+            await ws.close()
+    for frames in results[1:]:
+        assert frames is not None
+        assert_no_gap(frames, 0)
+        assert len(frames) == total
+
+
+async def test_snapshot_when_stream_lost_events(deployment: Deployment, db: asyncpg.Pool,
+                                                tenant: Tenant, redis: Redis,
+                                                sink: EventSink) -> None:
+    """When the stream no longer holds after_seq+1, one snapshot from the row comes first."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in range(1, 4):
+        await writer.step(seq)
+    await redis.delete(deployment.wire.event_stream(task_id))  # Redis lost them
+    await writer.step(4, emit=False)  # committed, never written to Redis
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 1}))
+        first = await recv_json(ws)
+        assert first["snapshot"] is True and first["seq"] == 4
+        assert first["message"] == "step 4" and first["state"] == "running"
+        await writer.step(5)
+        nxt = await recv_json(ws)
+    assert nxt["seq"] == 5 and "snapshot" not in nxt
+
+
+async def test_snapshot_when_stream_head_trimmed(deployment: Deployment, db: asyncpg.Pool,
+                                                 tenant: Tenant, redis: Redis,
+                                                 sink: EventSink) -> None:
+    """A stream that starts after after_seq+1 (trimmed) yields a snapshot, then the rest."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in range(1, 7):
+        await writer.step(seq)
+    await redis.xtrim(deployment.wire.event_stream(task_id), minid="4-0", approximate=False)
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 1}))
+        first = await recv_json(ws)
+        await writer.step(7)
+        rest = await recv_until_seq(ws, task_id, 7)
+    assert first["snapshot"] is True and first["seq"] == 6
+    assert [f["seq"] for f in rest] == [7]
+
+
+async def test_terminal_task_yields_terminal_event_at_once(
+        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
+        sink: EventSink) -> None:
+    """Subscribing to a finished task whose stream expired gets its terminal event."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    await writer.step(2, TaskState.SUCCEEDED)
+    await redis.delete(deployment.wire.event_stream(task_id))
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 0}))
+        frame = await recv_json(ws, within=2)
+    assert frame["state"] == "succeeded" and frame["seq"] == 2 and frame["progress"] == 1.0
+    assert frame["snapshot"] is True
+
+
+async def test_not_found_for_other_tenant_and_unknown_id(
+        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, other_tenant: Tenant,
+        redis: Redis) -> None:
+    """Another tenant's task and an unknown id give the same not_found error."""
+    theirs = await insert_task(db, other_tenant, state="running", last_seq=3)
+    unknown = uuid7()
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        for task_id in (theirs, unknown):
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+            frame = await recv_json(ws)
+            assert frame == {"type": "error", "code": "not_found", "message": "no such task",
+                             "task_id": str(task_id)}
+        await ws.send(json.dumps({"op": "subscribe", "task_id": "not-a-uuid"}))
+        bad = await recv_json(ws)
+        assert bad["type"] == "error" and bad["code"] == "bad_request"
+        assert gw.registry.subscription_count == 0
+
+
+async def test_unsubscribe_stops_events(deployment: Deployment, db: asyncpg.Pool,
+                                        tenant: Tenant, redis: Redis, sink: EventSink) -> None:
+    """After unsubscribe no more events of that task arrive."""
+    task_a = await insert_task(db, tenant)
+    task_b = await insert_task(db, tenant)
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        for t in (task_a, task_b):
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(t), "after_seq": 0}))
+        await eventually(until(lambda: gw.registry.subscription_count == 2))
+        await ws.send(json.dumps({"op": "unsubscribe", "task_id": str(task_a)}))
+        await eventually(until(lambda: gw.registry.subscription_count == 1))
+        await Writer(db, sink, task_a).step(1)
+        await Writer(db, sink, task_b).step(1)
+        frame = await recv_json(ws)
+    assert frame["task_id"] == str(task_b)
+
+
+# ---------------------------------------------------------------- handshake
+
+
+async def expect_status(url: str, status: int, **kwargs: Any) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url, **kwargs):
+            pass
+    assert info.value.response.status_code == status
+
+
+async def test_forged_reused_and_expired_tokens_get_401(deployment: Deployment, tenant: Tenant,
+                                                        redis: Redis) -> None:
+    """Only a live, unused token opens a connection."""
+    async with gateway(deployment) as gw:
+        base = f"ws://127.0.0.1:{gw.port}/v1/ws"
+        await expect_status(f"{base}?token=forged", 401)
+        await expect_status(base, 401)
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        async with connect(f"{base}?token={token}"):
+            pass
+        await expect_status(f"{base}?token={token}", 401)  # reused
+        short, _ = await wstokens.issue(redis, gw.wire, tenant.id, 0.05)
+        await asyncio.sleep(0.2)
+        await expect_status(f"{base}?token={short}", 401)  # expired
+        # Nothing in Redis carries the token in clear.
+        keys = [k async for k in redis.scan_iter(match=f"{deployment.namespace}:wstoken:*")]
+        assert all(token.encode() not in k for k in keys)
+
+
+async def test_foreign_origin_gets_403_and_keeps_the_token(deployment: Deployment,
+                                                           tenant: Tenant, redis: Redis) -> None:
+    """A page elsewhere cannot open a connection, and its attempt does not burn the token."""
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        url = f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}"
+        await expect_status(url, 403, origin="https://evil.example")
+        await expect_status(url, 403, origin="http://localhost.evil.example:8000")
+        async with connect(url, origin="http://localhost:5173") as ws:
+            assert ws.protocol.state.name == "OPEN"
+
+
+async def test_oversized_frame_closes_1009(deployment: Deployment, tenant: Tenant,
+                                           redis: Redis) -> None:
+    """A client frame over 64 KiB closes the connection with 1009."""
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        await ws.send("x" * (64 * 1024 + 1))
+        with pytest.raises(ConnectionClosed) as info:
+            await recv_json(ws)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_health_ready_and_metrics(deployment: Deployment, tenant: Tenant,
+                                        redis: Redis) -> None:
+    """/healthz, /readyz and /metrics answer plain HTTP on the gateway port."""
+    async with gateway(deployment) as gw:
+        bodies = {}
+        for path in ("/healthz", "/readyz", "/metrics"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await writer.drain()
+            raw = await reader.read()
+            writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            bodies[path] = body
+    assert json.loads(bodies["/readyz"])["checks"] == {"redis": "ok", "postgres": "ok",
+                                                       "redis_pubsub": "ok"}
+    assert b"longhaul_gateway_connections" in bodies["/metrics"]
+
+
+# ---------------------------------------------------------------- slow consumers
+
+
+async def test_non_reading_client_is_dropped_others_keep_receiving(
+        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
+        sink: EventSink) -> None:
+    """A client that stops reading is closed (1013); a reading one gets every event."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    async with gateway(deployment, client_queue_size=8, close_timeout_s=1) as gw:
+        stalled = await ws_connect(gw, redis, tenant, max_queue=1)
+        healthy = await ws_connect(gw, redis, tenant)
+        for ws in (stalled, healthy):
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+        await eventually(until(lambda: gw.registry.subscription_count == 2))
+        stalled.transport.pause_reading()  # the client stops reading its socket entirely
+        blob = "y" * 16_000
+        total = 600  # ~10 MB: more than the socket buffers can hide
+
+        async def write_all() -> None:
+            for seq in range(1, total + 1):
+                await writer.step(seq, data=blob)
+
+        received, _ = await asyncio.gather(recv_until_seq(healthy, task_id, total, within=60),
+                                           write_all())
+        assert_no_gap(received, 0)
+        await eventually(until(lambda: gw.registry.connection_count == 1),
+                         what="the stalled connection dropped")
+        drops = gw.metrics.drops._value.get()
+        assert drops >= 1
+        await healthy.close()
+        stalled.transport.abort()
+
+
+# ---------------------------------------------------------------- SSE fallback
+
+
+async def sse_get(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+async def test_sse_long_poll_resumes_from_last_event_id(
+        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
+        sink: EventSink) -> None:
+    """GET /v1/tasks/{id}/events returns the events after Last-Event-ID as SSE, and waits
+    for the next one when there is none yet."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in range(1, 4):
+        await writer.step(seq)
+    async with gateway(deployment, sse_poll_s=5) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        status, body = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={token}",
+                                     {"Last-Event-ID": "1"})
+        assert status == 200
+        ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+        assert ids == [2, 3]
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        poll = asyncio.create_task(sse_get(gw.port, f"/v1/tasks/{task_id}/events",
+                                           {"Last-Event-ID": "3",
+                                            "Authorization": f"Bearer {token}"}))
+        await asyncio.sleep(0.3)
+        await writer.step(4)
+        status, body = await poll
+        assert status == 200 and "id: 4\n" in body
+        status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={token}", {})
+        assert status == 401  # single use

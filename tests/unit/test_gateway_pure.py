@@ -1,0 +1,182 @@
+"""The gateway's pure modules: catch-up plans, live checks, frames, origins, bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from uuid import UUID
+
+import pytest
+
+from services.ws_gateway import frames
+from services.ws_gateway.catchup import LiveCheck, Plan, Verdict, check_live, plan_catch_up
+from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
+from services.ws_gateway.registry import Refused, Registry
+from services.ws_gateway.settings import DEFAULT_ORIGINS
+from shared.schemas import ProgressEvent, TaskState
+
+T1 = UUID("01920000-0000-7000-8000-000000000001")
+T2 = UUID("01920000-0000-7000-8000-000000000002")
+A = UUID("01920000-0000-7000-8000-00000000000a")
+B = UUID("01920000-0000-7000-8000-00000000000b")
+
+
+# ---------------------------------------------------------------- catch-up
+
+
+def test_full_stream_replays_without_snapshot() -> None:
+    """A stream holding everything after the client's seq is replayed as is."""
+    assert plan_catch_up(2, [3, 4, 5], 5) == Plan(Verdict.STREAM, 2)
+
+
+def test_stream_may_run_ahead_of_the_row_read_before_it() -> None:
+    """Events written between the row read and the stream read are fine."""
+    assert plan_catch_up(0, [1, 2, 3], 2) == Plan(Verdict.STREAM, 0)
+
+
+def test_up_to_date_client_gets_nothing() -> None:
+    """A client at the row's seq with nothing newer is told nothing."""
+    assert plan_catch_up(5, [], 5).verdict is Verdict.NOTHING
+
+
+def test_lost_head_needs_snapshot() -> None:
+    """A stream starting past after_seq+1 lost events: snapshot, then what follows it."""
+    assert plan_catch_up(1, [4, 5, 6], 6) == Plan(Verdict.SNAPSHOT, 6)
+
+
+def test_empty_stream_behind_row_needs_snapshot_and_is_worth_a_reread() -> None:
+    """An empty stream with the row ahead may be a late writer: tail_missing says so."""
+    assert plan_catch_up(0, [], 3) == Plan(Verdict.SNAPSHOT, 3, tail_missing=True)
+
+
+def test_lost_tail_needs_snapshot() -> None:
+    """The stream ending before the row's seq means the tail is missing."""
+    assert plan_catch_up(1, [2, 3], 5) == Plan(Verdict.SNAPSHOT, 5, tail_missing=True)
+
+
+def test_client_ahead_of_the_database_gets_a_snapshot() -> None:
+    """A bogus after_seq beyond the row resets the client to the truth."""
+    assert plan_catch_up(9, [], 4) == Plan(Verdict.SNAPSHOT, 4)
+
+
+@pytest.mark.parametrize(("delivered", "seq", "expected"), [
+    (0, 1, LiveCheck.SEND), (4, 5, LiveCheck.SEND), (5, 5, LiveCheck.DUPLICATE),
+    (5, 3, LiveCheck.DUPLICATE), (5, 7, LiveCheck.GAP),
+])
+def test_live_check(delivered: int, seq: int, expected: LiveCheck) -> None:
+    """Live events are sent in order, duplicates dropped, holes detected."""
+    assert check_live(delivered, seq) is expected
+
+
+# ---------------------------------------------------------------- frames
+
+
+def test_parse_subscribe_and_unsubscribe() -> None:
+    """Well-formed ops parse to their dataclasses; after_seq defaults to 0."""
+    assert frames.parse_client_frame(json.dumps({"op": "subscribe", "task_id": str(T1)})) \
+        == frames.Subscribe(T1, 0)
+    assert frames.parse_client_frame(
+        json.dumps({"op": "subscribe", "task_id": str(T1), "after_seq": 7})) \
+        == frames.Subscribe(T1, 7)
+    assert frames.parse_client_frame(json.dumps({"op": "unsubscribe", "task_id": str(T1)})) \
+        == frames.Unsubscribe(T1)
+
+
+@pytest.mark.parametrize("raw", [
+    "nope", "[]", '{"op": "dance", "task_id": "x"}', '{"op": "subscribe"}',
+    '{"op": "subscribe", "task_id": "not-a-uuid"}',
+    f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": -1}}',
+    f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": true}}',
+    f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": 1.5}}',
+])
+def test_bad_frames_are_bad_requests(raw: str) -> None:
+    """Anything else is a BadRequest, answered with an error frame, never a crash."""
+    assert isinstance(frames.parse_client_frame(raw), frames.BadRequest)
+
+
+def test_event_frame_has_the_contract_fields() -> None:
+    """The event frame carries the contract's fields, snapshot only when true."""
+    event = ProgressEvent(task_id=T1, seq=3, state=TaskState.RUNNING, progress=0.3,
+                          message="step 3", ts=datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
+    out = json.loads(frames.event_frame(event))
+    assert out == {"type": "event", "task_id": str(T1), "seq": 3, "state": "running",
+                   "progress": 0.3, "message": "step 3", "data": None,
+                   "ts": "2026-01-02T03:04:05.006Z", "attempt": 0}
+    snap = json.loads(frames.event_frame(event.model_copy(update={"snapshot": True})))
+    assert snap["snapshot"] is True
+    assert frames.sse_message(event).startswith("id: 3\ndata: {")
+
+
+# ---------------------------------------------------------------- origins
+
+
+def test_default_origins_allow_local_pages_only() -> None:
+    """Local pages on any port pass; other hosts and look-alikes do not."""
+    allowed = parse_allowed_origins(DEFAULT_ORIGINS)
+    for ok in ("http://127.0.0.1:8000", "http://localhost:8000", "http://localhost:5173",
+               "HTTP://LOCALHOST:3000", "http://[::1]:8000"):
+        assert origin_allowed(ok, allowed, allow_missing=False), ok
+    for bad in ("https://evil.example", "http://localhost.evil.example:8000",
+                "http://localhost:80@evil.example", "http://127.0.0.1.nip.io:8000",
+                "null", "http://localhost"):
+        assert not origin_allowed(bad, allowed, allow_missing=False), bad
+
+
+def test_missing_origin_follows_the_setting() -> None:
+    """No Origin (a non-browser client) passes only when allowed."""
+    allowed = parse_allowed_origins("https://app.example.com")
+    assert origin_allowed(None, allowed, allow_missing=True)
+    assert not origin_allowed(None, allowed, allow_missing=False)
+
+
+def test_wildcard_is_one_label() -> None:
+    """'*' stands for one host label, not for dots or another domain."""
+    allowed = parse_allowed_origins("https://*.example.com")
+    assert origin_allowed("https://app.example.com", allowed, allow_missing=False)
+    assert not origin_allowed("https://a.b.example.com", allowed, allow_missing=False)
+    assert not origin_allowed("https://example.com.evil.io", allowed, allow_missing=False)
+
+
+def test_malformed_origin_entry_is_refused() -> None:
+    """A typo in the allow-list stops the service instead of allowing nothing or all."""
+    with pytest.raises(ValueError, match="not an origin"):
+        parse_allowed_origins("localhost:8000")
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_fans_out_to_subscribers_only() -> None:
+    """Listeners of a task are exactly the connections subscribed to it."""
+    reg: Registry[str] = Registry(max_connections=10, max_per_tenant=10, max_subscriptions=10)
+    reg.open("c1", A)
+    reg.open("c2", A)
+    assert reg.subscribe("c1", T1) is True
+    assert reg.subscribe("c1", T1) is False
+    reg.subscribe("c2", T1)
+    reg.subscribe("c2", T2)
+    assert sorted(reg.listeners(T1)) == ["c1", "c2"]
+    reg.unsubscribe("c2", T1)
+    assert reg.listeners(T1) == ("c1",)
+    reg.close("c1")
+    reg.close("c1")  # idempotent
+    assert reg.listeners(T1) == ()
+    assert reg.subscription_count == 1 and reg.connection_count == 1
+
+
+def test_registry_caps() -> None:
+    """Connection caps per process and per tenant, and the subscription cap, refuse."""
+    reg: Registry[str] = Registry(max_connections=3, max_per_tenant=2, max_subscriptions=1)
+    reg.open("a1", A)
+    reg.open("a2", A)
+    with pytest.raises(Refused):
+        reg.open("a3", A)
+    reg.open("b1", B)
+    with pytest.raises(Refused):
+        reg.check_room()
+    reg.close("a1")
+    reg.check_room(A)
+    reg.subscribe("b1", T1)
+    with pytest.raises(Refused) as info:
+        reg.subscribe("b1", T2)
+    assert info.value.code == "too_many_subscriptions"
