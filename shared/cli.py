@@ -1,4 +1,4 @@
-"""The ``longhaul`` operator command: ``migrate`` and ``keys``."""
+"""The ``longhaul`` operator command: ``migrate``, ``keys`` and ``dlq``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from uuid import UUID
 
 import asyncpg
 
-from shared import keys
+from shared import deadletters, keys
 from shared.db import migrate
 from shared.errors import ConfigError
 from shared.ids import uuid7
@@ -77,6 +78,38 @@ async def _keys_list(settings: CommonSettings, tenant: str | None) -> None:
         print(f"lh_{r['label']}_{r['key_id']}_…\t{r['name']}\t{r['created_at']:%Y-%m-%d}\t{state}")
 
 
+async def _dlq_list(settings: CommonSettings, limit: int) -> None:
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    try:
+        rows = await deadletters.list_page(conn, None, None, limit)
+    finally:
+        await conn.close()
+    for r in rows:
+        state = "redriven" if r["redriven_at"] else "waiting"
+        print(
+            f"{r['id']}\t{r['created_at']:%Y-%m-%d %H:%M:%S}\t{r['reason']}\t"
+            f"task={r['task_id'] or '-'}\t{state}\t{(r['detail'] or '')[:120]}"
+        )
+    if not rows:
+        print("no dead letters", file=sys.stderr)
+
+
+async def _dlq_redrive(settings: CommonSettings, dead_letter_id: str) -> None:
+    try:
+        wanted = UUID(dead_letter_id)
+    except ValueError:
+        raise ConfigError(f"not a dead letter id: {dead_letter_id}") from None
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    try:
+        async with conn.transaction():
+            result = await deadletters.redrive(conn, wanted, None, "id, attempts")
+    finally:
+        await conn.close()
+    if result.outcome is not deadletters.Redrive.DONE or result.task is None:
+        raise ConfigError(f"cannot redrive {wanted}: {result.outcome.value}")
+    print(f"task {result.task['id']} queued again as attempt {result.task['attempts'] + 1}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longhaul", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--tenant")
+    dlq = sub.add_parser("dlq", help="dead letters: messages that could not be processed")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="newest first, every tenant's")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_redrive = dlq_sub.add_parser("redrive", help="run a dead letter's task again")
+    dlq_redrive.add_argument("id")
     return parser
 
 
@@ -99,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load(CommonSettings)
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command == "dlq":
+            if args.dlq_command == "list":
+                asyncio.run(_dlq_list(settings, args.limit))
+            else:
+                asyncio.run(_dlq_redrive(settings, args.id))
         elif args.keys_command == "create":
             asyncio.run(_keys_create(settings, args.tenant, args.label))
         elif args.keys_command == "revoke":

@@ -6,9 +6,10 @@ skips, so a CI run without services cannot pass by testing nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from uuid import UUID
 
 import aio_pika
@@ -24,6 +25,8 @@ from tests.support import free_port, new_run_id
 
 AMQP_URL = os.environ.get("LONGHAUL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("LONGHAUL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The environment the test session started with, for commands the tests run.
+ROOT_ENV = dict(os.environ)
 PG_ADMIN_URL = os.environ.get(
     "LONGHAUL_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -90,25 +93,41 @@ async def _cleanup(dep: Deployment, redis: Redis) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{dep.namespace}" WITH (FORCE)')
     finally:
         await admin.close()
+    await drop_namespace(dep, redis)
+    await redis.aclose()
+
+
+async def drop_namespace(dep: Deployment, redis: Redis) -> None:
+    """Delete a namespace's queues, exchanges and Redis keys."""
     async for key in redis.scan_iter(match=f"{dep.namespace}:*", count=1000):
         await redis.delete(key)
-    await redis.aclose()
     conn = await aio_pika.connect(dep.amqp_url)
     try:
         for name in (dep.wire.tasks_queue, dep.wire.dead_letter_queue):
             channel = await conn.channel()
-            try:
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.queue_delete(name)
-            except aio_pika.exceptions.ChannelClosed:
-                pass
         for name in (dep.wire.tasks_exchange, dep.wire.dead_letter_exchange):
             channel = await conn.channel()
-            try:
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.exchange_delete(name)
-            except aio_pika.exceptions.ChannelClosed:
-                pass
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def fresh_namespace(deployment: Deployment) -> AsyncIterator[Deployment]:
+    """The run's database under a namespace of its own: new queues (with arguments of
+    the test's choosing) and Redis keys, deleted afterwards."""
+    dep = replace(deployment, namespace=f"{deployment.namespace}_{new_run_id()}")
+    try:
+        yield dep
+    finally:
+        redis = Redis.from_url(dep.redis_url)
+        try:
+            await drop_namespace(dep, redis)
+        finally:
+            await redis.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,26 @@ class WsToken(BaseModel):
     expires_at: str
 
 
+class DeadLetter(BaseModel):
+    id: str
+    task_id: str | None
+    reason: str
+    detail: str | None
+    attempts: int | None
+    last_error: dict[str, Any] | None
+    created_at: str
+    redriven_at: str | None
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetter]
+    next_cursor: str | None
+
+
+class Redriven(DeadLetter):
+    task: Task
+
+
 class TaskTypeItem(BaseModel):
     name: str
     args_schema: dict[str, Any]
@@ -174,6 +194,39 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     "202": {"description": "queued again", **_content(Task)},
                     "404": _problem("no such task"),
                     "409": _problem("not failed or cancelled"),
+                    "503": {**_problem("back pressure"), "headers": _retry_after()},
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/dead-letters": {
+            "get": {
+                "operationId": "listDeadLetters",
+                "summary": "Messages that could not be processed, with the reason",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "a page", **_content(DeadLetterPage)},
+                    "422": _problem("invalid parameter"),
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/dead-letters/{id}/redrive": {
+            "post": {
+                "operationId": "redriveDeadLetter",
+                "summary": "Run a dead letter's task again, once",
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "202": {"description": "its task is queued again", **_content(Redriven)},
+                    "404": _problem("no such dead letter"),
+                    "409": _problem("already redriven, or nothing to run"),
                     "503": {**_problem("back pressure"), "headers": _retry_after()},
                     **_COMMON,
                 },

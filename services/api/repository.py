@@ -10,8 +10,8 @@ from uuid import UUID
 
 import asyncpg
 
-from shared.db import NOTIFY_CHANNEL
-from shared.schemas import TaskMessage, TaskRequest, encode_task_message
+from shared import deadletters, outbox
+from shared.schemas import TaskMessage, TaskRequest
 from shared.taskrows import EVENT_COLUMNS, Row
 
 TASK_COLUMNS = (
@@ -101,30 +101,23 @@ class ApiRepository:
             )
             if not rows:
                 return []
-            bodies = [
-                encode_task_message(
-                    TaskMessage(
-                        task_id=t.id,
-                        tenant_id=tenant_id,
-                        type=t.request.type,
-                        attempt=1,
-                        trace_id=t.trace_id,
+            due = {r["id"]: r["next_attempt_at"] for r in rows}
+            await outbox.enqueue(
+                conn,
+                [
+                    outbox.Scheduled(
+                        TaskMessage(
+                            task_id=t.id,
+                            tenant_id=tenant_id,
+                            type=t.request.type,
+                            attempt=1,
+                            trace_id=t.trace_id,
+                        ),
+                        due[t.id],
                     )
-                )
-                for t in tasks
-            ]
-            await conn.execute(
-                """
-                INSERT INTO outbox (task_id, attempt, body, available_at)
-                SELECT u.id, 1, u.body, now() + make_interval(secs => u.delay_s)
-                FROM unnest($1::uuid[], $2::bytea[], $3::float8[]) AS u(id, body, delay_s)
-                """,
-                [t.id for t in tasks],
-                bodies,
-                [r.delay_s for r in reqs],
+                    for t in tasks
+                ],
             )
-            # Wakes the relays of other processes; ours is woken in-process.
-            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
             return list(rows)
 
     async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:
@@ -139,7 +132,7 @@ class ApiRepository:
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id
         )
 
-    async def list(
+    async def list_tasks(
         self,
         tenant_id: UUID,
         *,
@@ -205,39 +198,19 @@ class ApiRepository:
         """Run a failed or cancelled task again as its next attempt. Returns ("queued",
         row), ("conflict", row) or ("missing", None)."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"""
-                UPDATE tasks SET state = 'queued', result = NULL, error = NULL,
-                    progress = 0, message = NULL, finished_at = NULL,
-                    cancel_requested_at = NULL, next_attempt_at = NULL,
-                    max_attempts = greatest(max_attempts, attempts + 1),
-                    last_seq = last_seq + 1, updated_at = now()
-                WHERE id = $1 AND tenant_id = $2 AND state IN ('failed', 'cancelled')
-                RETURNING {TASK_COLUMNS}, trace_id
-                """,
-                task_id,
-                tenant_id,
-            )
-            if row is not None:
-                body = encode_task_message(
-                    TaskMessage(
-                        task_id=task_id,
-                        tenant_id=tenant_id,
-                        type=row["type"],
-                        attempt=row["attempts"] + 1,
-                        trace_id=row["trace_id"],
-                    )
-                )
-                await conn.execute(
-                    "INSERT INTO outbox (task_id, attempt, body) VALUES ($1, $2, $3)",
-                    task_id,
-                    row["attempts"] + 1,
-                    body,
-                )
-                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-                return "queued", row
+            row = await outbox.rerun(conn, task_id, tenant_id, TASK_COLUMNS)
+        if row is not None:
+            return "queued", row
         current = await self.get(tenant_id, task_id)
         return ("conflict", current) if current is not None else ("missing", None)
+
+    async def dead_letters(self, tenant_id: UUID, before: UUID | None, limit: int) -> list[Row]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await deadletters.list_page(conn, tenant_id, before, limit)
+
+    async def redrive(self, tenant_id: UUID, dead_letter_id: UUID) -> deadletters.RedriveResult:
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            return await deadletters.redrive(conn, dead_letter_id, tenant_id, TASK_COLUMNS)
 
     async def event_row(self, task_id: UUID) -> Row | None:
         return await self._fetchrow(f"SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1", task_id)

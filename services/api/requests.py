@@ -68,12 +68,12 @@ def request_hash(task: TaskRequest) -> bytes:
     ).digest()
 
 
-def task_id(request: web.Request) -> UUID:
-    """The path's task id; a malformed one cannot exist, so it is simply not found."""
+def path_id(request: web.Request, what: str = "task") -> UUID:
+    """The path's id; a malformed one cannot exist, so it is simply not found."""
     try:
         return UUID(request.match_info["id"])
     except ValueError:
-        raise ProblemException(404, "Not Found", "no such task", slug="not-found") from None
+        raise ProblemException(404, "Not Found", f"no such {what}", slug="not-found") from None
 
 
 class ListQuery(BaseModel):
@@ -83,10 +83,12 @@ class ListQuery(BaseModel):
     before: UUID | None = None
 
 
-def list_query(request: web.Request) -> ListQuery:
+def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
+    """``limit`` and ``cursor``, and with ``filters`` also ``state`` and ``type``."""
     q = request.query
     errors: list[ProblemError] = []
-    unknown = set(q) - {"state", "type", "limit", "cursor"}
+    known = {"state", "type", "limit", "cursor"} if filters else {"limit", "cursor"}
+    unknown = set(q) - known
     errors += [
         ProblemError(loc=["query", name], msg="unknown parameter") for name in sorted(unknown)
     ]

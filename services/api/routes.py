@@ -17,7 +17,7 @@ from services.api.context import SERVICES, Services
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import NewTask, Principal
 from services.api.views import task_from_row
-from shared import wstokens
+from shared import deadletters, wstokens
 from shared.ids import uuid7
 from shared.logging import trace_id_var
 from shared.schemas import BatchRequest, ProblemError, TaskPage, TaskRequest, format_ts
@@ -215,7 +215,7 @@ async def submit_batch(request: web.Request) -> web.Response:
 @routes.get("/v1/tasks/{id}")
 async def get_task(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
-    row = await svc.repo.get(principal.tenant_id, rq.task_id(request))
+    row = await svc.repo.get(principal.tenant_id, rq.path_id(request))
     if row is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     return _json(task_from_row(row, svc.settings.public_ws_url))
@@ -225,7 +225,7 @@ async def get_task(request: web.Request) -> web.Response:
 async def list_tasks(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
     q = rq.list_query(request)
-    rows = await svc.repo.list(
+    rows = await svc.repo.list_tasks(
         principal.tenant_id,
         state=q.state.value if q.state else None,
         type_=q.type,
@@ -244,7 +244,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 @routes.post("/v1/tasks/{id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
-    outcome, row = await svc.repo.cancel(principal.tenant_id, rq.task_id(request))
+    outcome, row = await svc.repo.cancel(principal.tenant_id, rq.path_id(request))
     if row is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     if outcome == "terminal":
@@ -268,7 +268,7 @@ async def _tell_workers(svc: Services, command: dict[str, Any]) -> None:
 async def retry_task(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
     _admit(svc)
-    outcome, row = await svc.repo.retry(principal.tenant_id, rq.task_id(request))
+    outcome, row = await svc.repo.retry(principal.tenant_id, rq.path_id(request))
     if row is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     if outcome == "conflict":
@@ -309,3 +309,36 @@ async def ws_token(request: web.Request) -> web.Response:
         status=201,
         content_type="application/json",
     )
+
+
+@routes.get("/v1/dead-letters")
+async def list_dead_letters(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    q = rq.list_query(request, filters=False)
+    rows = await svc.repo.dead_letters(principal.tenant_id, q.before, q.limit + 1)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    body = {
+        "items": [deadletters.as_json(r) for r in rows],
+        "next_cursor": rq.encode_cursor(rows[-1]["id"]) if more else None,
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+@routes.post("/v1/dead-letters/{id}/redrive")
+async def redrive_dead_letter(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    _admit(svc)
+    result = await svc.repo.redrive(principal.tenant_id, rq.path_id(request, "dead letter"))
+    if result.outcome is deadletters.Redrive.MISSING or result.dead_letter is None:
+        raise ProblemException(404, "Not Found", "no such dead letter", slug="not-found")
+    if result.outcome is not deadletters.Redrive.DONE or result.task is None:
+        raise ProblemException(
+            409, "Conflict", f"cannot redrive: {result.outcome.value}", slug="not-redrivable"
+        )
+    await _accepted(svc, [result.task])
+    body = {
+        **deadletters.as_json(result.dead_letter),
+        "task": task_from_row(result.task, svc.settings.public_ws_url).model_dump(mode="json"),
+    }
+    return web.Response(body=orjson.dumps(body), status=202, content_type="application/json")

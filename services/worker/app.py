@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from services.worker.consumer import Consumer
 from services.worker.control import listen
+from services.worker.deadletters import DeadLetterSink
 from services.worker.maintenance import heartbeat, reaper
 from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
@@ -77,6 +78,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         topology = await amqp.declare(channel, settings, wire)
         runner = Runner(settings, repo, events, registry, failpoints, worker_id)
         consumer = Consumer(topology.queue, runner)
+        sink = DeadLetterSink(topology.dead_letters, repo, events)
 
         health = await _serve_health(settings, pool, redis, connection)
         stack.push_async_callback(health.cleanup)
@@ -107,6 +109,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         ]
 
         await consumer.start()
+        await sink.start()
         log.info(
             "worker ready",
             extra={
@@ -121,6 +124,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await consumer.drain(
             settings.shutdown_grace_s, handback_s=settings.cancel_grace_s + 2 * timeout
         )
+        await sink.stop()
         jobs_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
         await channel.close()

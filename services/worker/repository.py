@@ -6,17 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from shared.db import NOTIFY_CHANNEL
+from shared import outbox
 from shared.ids import uuid7
-from shared.schemas import TaskMessage, encode_task_message
+from shared.outbox import Connection
+from shared.schemas import TaskMessage
 from shared.taskrows import EVENT_COLUMNS, Row
-
-Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,6 @@ class Claimed:
     def args(self) -> dict[str, Any]:
         args: dict[str, Any] = self.row["args"]
         return args
-
-
-def next_message(message: TaskMessage) -> bytes:
-    return encode_task_message(message.model_copy(update={"attempt": message.attempt + 1}))
 
 
 class WorkerRepository:
@@ -137,12 +132,14 @@ class WorkerRepository:
                 delay_s,
             )
             if row is not None:
-                await conn.execute(
-                    "INSERT INTO outbox (task_id, attempt, body, available_at) VALUES ($1, $2, $3, $4)",
-                    message.task_id,
-                    message.attempt + 1,
-                    next_message(message),
-                    row["next_attempt_at"],
+                await outbox.enqueue(
+                    conn,
+                    [
+                        outbox.Scheduled(
+                            message.model_copy(update={"attempt": message.attempt + 1}),
+                            row["next_attempt_at"],
+                        )
+                    ],
                 )
             return row
 
@@ -194,6 +191,21 @@ class WorkerRepository:
                 (),
                 error,
             )
+
+    async def fail_waiting(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
+        """Fail a task whose message for its next attempt was dead-lettered by the broker
+        (a crash loop past the delivery limit): it must still end, and be redrivable."""
+        return await self._fetchrow(
+            f"""
+            UPDATE tasks SET state = 'failed', error = $3, finished_at = now(),
+                next_attempt_at = NULL, last_seq = last_seq + 1, updated_at = now()
+            WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
+            RETURNING {EVENT_COLUMNS}
+            """,
+            message.task_id,
+            message.attempt,
+            error,
+        )
 
     async def dead_letter(
         self,
@@ -257,26 +269,5 @@ async def _requeue_or_fail(
         *args,
         error,
     )
-    queued = [r for r in rows if r["state"] == "queued"]
-    if queued:
-        await conn.executemany(
-            "INSERT INTO outbox (task_id, attempt, body) VALUES ($1, $2, $3)",
-            [
-                (
-                    r["id"],
-                    r["attempts"] + 1,
-                    encode_task_message(
-                        TaskMessage(
-                            task_id=r["id"],
-                            tenant_id=r["tenant_id"],
-                            type=r["type"],
-                            attempt=r["attempts"] + 1,
-                            trace_id=r["trace_id"],
-                        )
-                    ),
-                )
-                for r in queued
-            ],
-        )
-        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    await outbox.enqueue(conn, [outbox.next_attempt(r) for r in rows if r["state"] == "queued"])
     return list(rows)

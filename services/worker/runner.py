@@ -96,6 +96,7 @@ class Runner:
             return
         task_id_var.set(str(message.task_id))
         trace_id_var.set(message.trace_id)
+        await self._failpoints.hit("worker.before_claim")
         spec = self._registry.get(message.type)
         if spec is None:
             await self._unknown_type(message, body, headers)

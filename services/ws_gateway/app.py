@@ -62,7 +62,8 @@ class Gateway:
         # Tenant of each handshake that passed auth, for the handler to pick up; weak so
         # that a handshake failing after process_request leaves nothing behind.
         self._tenants: weakref.WeakKeyDictionary[ServerConnection, UUID] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
         self._redis: Redis | None = None
         self._deps: Deps | None = None
         self._server: Server | None = None
@@ -76,9 +77,13 @@ class Gateway:
         s = self.settings
         async with contextlib.AsyncExitStack() as stack:
             pool: asyncpg.Pool = await wait_for_dependency(
-                "PostgreSQL", lambda: create_pool(s.database_url, min_size=1, max_size=10,
-                                                  timeout=s.io_timeout_s),
-                s.start_timeout_s, stop)
+                "PostgreSQL",
+                lambda: create_pool(
+                    s.database_url, min_size=1, max_size=10, timeout=s.io_timeout_s
+                ),
+                s.start_timeout_s,
+                stop,
+            )
             stack.push_async_callback(pool.close)
             redis = create_client(s.redis_url, s.io_timeout_s)
             stack.push_async_callback(redis.aclose)
@@ -86,23 +91,31 @@ class Gateway:
             self._redis = redis
             repository = TaskRepository(pool, s.io_timeout_s)
             self._deps = Deps(
-                registry=self.registry, repository=repository,
+                registry=self.registry,
+                repository=repository,
                 streams=StreamReader(redis, self.wire, max_events=s.event_stream_maxlen),
-                metrics=self.metrics, queue_size=s.client_queue_size,
-                snapshot_grace_s=s.snapshot_grace_s, close_timeout_s=s.close_timeout_s,
+                metrics=self.metrics,
+                queue_size=s.client_queue_size,
+                snapshot_grace_s=s.snapshot_grace_s,
+                close_timeout_s=s.close_timeout_s,
             )
-            self.hub = Hub(s.redis_url, self.wire, self.registry, self.metrics,
-                           io_timeout=s.io_timeout_s)
+            self.hub = Hub(
+                s.redis_url, self.wire, self.registry, self.metrics, io_timeout=s.io_timeout_s
+            )
             hub_task = asyncio.create_task(self.hub.run(), name="gateway-hub")
             stack.push_async_callback(_cancel_and_wait, hub_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
                     await self.hub.connected.wait()
             except TimeoutError:
-                raise StartTimeout("Redis pub/sub: could not subscribe within the start "
-                                   "timeout (LONGHAUL_START_TIMEOUT_S)") from None
+                raise StartTimeout(
+                    "Redis pub/sub: could not subscribe within the start "
+                    "timeout (LONGHAUL_START_TIMEOUT_S)"
+                ) from None
             server = await serve(
-                self._handle, s.gateway_host, s.gateway_port,
+                self._handle,
+                s.gateway_host,
+                s.gateway_port,
                 # Origins are checked in _process_request, before the token is spent;
                 # passing them here too keeps websockets' own check as a second guard.
                 origins=[*self.origins, None] if s.allow_missing_origin else list(self.origins),
@@ -137,8 +150,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ handshake
 
-    async def _process_request(self, connection: ServerConnection,
-                               request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         url = urlsplit(request.path)
         path = url.path
         if path == "/healthz":
@@ -153,7 +167,9 @@ class Gateway:
             return await self._sse(request, match.group(1), query, origin)
         if path != WS_PATH:
             return problem(404, f"no route {path}; the WebSocket endpoint is {WS_PATH}")
-        if not origin_allowed(origin, self.origins, allow_missing=self.settings.allow_missing_origin):
+        if not origin_allowed(
+            origin, self.origins, allow_missing=self.settings.allow_missing_origin
+        ):
             self.metrics.refused.labels(reason="origin").inc()
             return problem(403, "origin not allowed")
         try:
@@ -198,13 +214,15 @@ class Gateway:
         hub_ok = self.hub is not None and self.hub.connected.is_set()
         checks["redis_pubsub"] = "ok" if hub_ok else "resubscribing"
         ok = all(v == "ok" for v in checks.values())
-        return json_response(200 if ok else 503, {"status": "ok" if ok else "unavailable",
-                                                  "checks": checks})
+        return json_response(
+            200 if ok else 503, {"status": "ok" if ok else "unavailable", "checks": checks}
+        )
 
     # ------------------------------------------------------------------ SSE
 
-    async def _sse(self, request: Request, raw_id: str, query: dict[str, list[str]],
-                   origin: str | None) -> Response:
+    async def _sse(
+        self, request: Request, raw_id: str, query: dict[str, list[str]], origin: str | None
+    ) -> Response:
         assert self._deps is not None
         if not origin_allowed(origin, self.origins, allow_missing=True):
             return problem(403, "origin not allowed")
@@ -214,8 +232,9 @@ class Gateway:
         tenant_id = await self._consume_token(token)
         if tenant_id is None:
             return problem(401, "missing, invalid, expired or already used token", cors)
-        after = sse.parse_last_event_id(request.headers.get("Last-Event-ID"),
-                                        query.get("last_event_id", [None])[0])
+        after = sse.parse_last_event_id(
+            request.headers.get("Last-Event-ID"), query.get("last_event_id", [None])[0]
+        )
         try:
             task_id = UUID(raw_id)
         except ValueError:

@@ -45,8 +45,15 @@ class Listener(Protocol):
 
 
 class Hub:
-    def __init__(self, redis_url: str, wire: Wire, registry: Registry[Any],
-                 metrics: GatewayMetrics, *, io_timeout: float) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        wire: Wire,
+        registry: Registry[Any],
+        metrics: GatewayMetrics,
+        *,
+        io_timeout: float,
+    ) -> None:
         self._redis_url = redis_url
         self._wire = wire
         self._registry = registry
@@ -75,8 +82,9 @@ class Hub:
             client = self._client()
             pubsub = client.pubsub()
             try:
-                await asyncio.wait_for(pubsub.psubscribe(self._wire.event_channel_pattern),
-                                       self._io_timeout)
+                await asyncio.wait_for(
+                    pubsub.psubscribe(self._wire.event_channel_pattern), self._io_timeout
+                )
                 # The confirmation proves the subscription is active on the server.
                 await self._await_confirmation(pubsub)
                 self.generation += 1
@@ -127,7 +135,7 @@ class Hub:
         except MalformedMessage as exc:
             log.warning("malformed live event", extra={"channel": name, "error": str(exc)})
             return
-        if str(event.task_id) != name[len(self._prefix):]:
+        if str(event.task_id) != name[len(self._prefix) :]:
             log.warning("event on another task's channel", extra={"channel": name})
             return
         listeners: tuple[Listener, ...] = self._registry.listeners(event.task_id)
@@ -138,4 +146,3 @@ class Hub:
         connections: tuple[Listener, ...] = self._registry.connections()
         for listener in connections:
             listener.offer(RESYNC)
-

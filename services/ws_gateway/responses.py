@@ -11,15 +11,18 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 
-def respond(status: int, body: bytes, content_type: str,
-            extra: dict[str, str] | None = None) -> Response:
+def respond(
+    status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+) -> Response:
     status_obj = http.HTTPStatus(status)
-    headers = Headers([
-        ("Content-Type", content_type),
-        ("Content-Length", str(len(body))),
-        ("Cache-Control", "no-store"),
-        ("Connection", "close"),
-    ])
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
     for key, value in (extra or {}).items():
         headers[key] = value
     return Response(status_obj.value, status_obj.phrase, headers, body)

@@ -62,8 +62,9 @@ class Catcher:
         except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             raise DependencyDown(f"PostgreSQL: {exc!r}") from exc
 
-    async def events(self, task_id: UUID, delivered: int,
-                     row: Mapping[str, Any]) -> list[ProgressEvent]:
+    async def events(
+        self, task_id: UUID, delivered: int, row: Mapping[str, Any]
+    ) -> list[ProgressEvent]:
         """The events that bring a client at ``delivered`` up to date, in order."""
         streams = self._deps.streams
         stream = await streams.after(task_id, delivered)
@@ -132,7 +133,8 @@ class Session:
                 log.warning("closing a connection: dependency down", extra={"error": str(result)})
                 await self._close(CloseCode.TRY_AGAIN_LATER, "dependency unavailable")
             elif isinstance(result, BaseException) and not isinstance(
-                    result, asyncio.CancelledError | ConnectionClosed):
+                result, asyncio.CancelledError | ConnectionClosed
+            ):
                 log.error("connection failed", exc_info=result)
                 await self._close(CloseCode.INTERNAL_ERROR, "internal error")
         if slow in done:
@@ -215,4 +217,3 @@ class Session:
         await self.ws.send(frames.event_frame(event))
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.events_relayed.labels(source=source).inc()
-

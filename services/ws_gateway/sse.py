@@ -35,8 +35,9 @@ class _Waiter:
         self.woken.set()
 
 
-async def poll(deps: Deps, tenant_id: UUID, task_id: UUID, after_seq: int,
-               wait_s: float) -> list[ProgressEvent]:
+async def poll(
+    deps: Deps, tenant_id: UUID, task_id: UUID, after_seq: int, wait_s: float
+) -> list[ProgressEvent]:
     """The events after ``after_seq``, waiting up to ``wait_s`` when there are none yet."""
     catcher = Catcher(deps, tenant_id)
     waiter = _Waiter()

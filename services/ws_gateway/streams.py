@@ -32,8 +32,10 @@ class StreamReader:
         start = seq + 1
         try:
             while len(out) < self._max_events:
-                entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await self._redis.xrange(
-                    key, min=f"{start}-0", max="+", count=_PAGE))
+                entries = cast(
+                    list[tuple[bytes, dict[bytes, bytes]]],
+                    await self._redis.xrange(key, min=f"{start}-0", max="+", count=_PAGE),
+                )
                 for entry_id, fields in entries:
                     body = fields.get(b"e")
                     if body is None:

@@ -254,7 +254,7 @@ function watch(taskId, afterSeq) {
   state.subs.set(taskId, state.client.subscribe(taskId, {
     afterSeq,
     onEvent: (ev) => onEvent(taskId, ev),
-    onError: (err) => notify(`Task ${taskId.slice(0, 8)}: ${err.message}`),
+    onError: (err) => notify(`Task ${shortId(taskId)}: ${err.message}`),
   }));
 }
 
@@ -297,7 +297,7 @@ async function refreshTask(taskId) {
 async function act(taskId, action) {
   try {
     const task = await api(`/v1/tasks/${taskId}/${action}`, { method: "POST" });
-    notify(`${action === "cancel" ? "Cancel" : "Retry"} requested for ${taskId.slice(0, 8)}.`, "info");
+    notify(`${action === "cancel" ? "Cancel" : "Retry"} requested for ${shortId(taskId)}.`, "info");
     const known = state.tasks.get(taskId);
     if (!known || task.last_seq >= known.last_seq) state.tasks.set(taskId, task);
     renderRow(taskId);
@@ -327,11 +327,11 @@ function buildRow(taskId) {
       <button type="button" class="secondary" data-action="cancel">Cancel</button>
       <button type="button" class="secondary" data-action="retry">Retry</button>
     </td>`;
-  tr.querySelector("code").textContent = taskId.slice(0, 8);
+  tr.querySelector("code").textContent = shortId(taskId);
   tr.querySelector("code").title = taskId;
-  tr.querySelector("progress").setAttribute("aria-label", `Progress of task ${taskId.slice(0, 8)}`);
+  tr.querySelector("progress").setAttribute("aria-label", `Progress of task ${shortId(taskId)}`);
   for (const button of tr.querySelectorAll("button")) {
-    button.setAttribute("aria-label", `${button.textContent} task ${taskId.slice(0, 8)}`);
+    button.setAttribute("aria-label", `${button.textContent} task ${shortId(taskId)}`);
   }
   return tr;
 }
@@ -417,3 +417,9 @@ function main() {
 }
 
 main();
+
+// UUIDv7 ids begin with the creation time, so their head is the same for tasks made
+// together; the tail is random and tells them apart.
+function shortId(taskId) {
+  return taskId.slice(-8);
+}

@@ -1,0 +1,84 @@
+"""Moves what the broker dead-lettered (crash loops past the queue's delivery limit)
+from the dead-letter queue into the ``dead_letters`` table, with the reason, and fails
+the task the message was for, so that it ends and can be redriven."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from services.worker.repository import WorkerRepository
+from shared.errors import MessageError
+from shared.events import EventSink
+from shared.schemas import parse_task_message
+from shared.taskrows import event_from_row
+
+log = logging.getLogger(__name__)
+
+
+class DeadLetterSink:
+    def __init__(self, queue: AbstractQueue, repo: WorkerRepository, events: EventSink) -> None:
+        self._queue = queue
+        self._repo = repo
+        self._events = events
+        self._tag: str | None = None
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def stop(self) -> None:
+        if self._tag is not None:
+            await self._queue.cancel(self._tag)
+            self._tag = None
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Rejected (requeued) on error: a dead letter is never dropped.
+        async with message.process(requeue=True):
+            headers: dict[str, Any] = dict(message.headers or {})
+            reason = _text(headers.get("x-first-death-reason")) or "dead-lettered"
+            deliveries = headers.get("x-delivery-count")
+            detail = f"dead-lettered by the broker ({reason}) after {deliveries} deliveries"
+            try:
+                task = parse_task_message(message.body)
+            except MessageError:
+                task = None
+            await self._repo.dead_letter(
+                reason=reason,
+                detail=detail,
+                body=message.body,
+                headers=_jsonable(headers),
+                tenant_id=task.tenant_id if task else None,
+                task_id=task.task_id if task else None,
+            )
+            if task is not None:
+                row = await self._repo.fail_waiting(
+                    task, {"type": "poison", "message": detail, "retryable": False}
+                )
+                if row is not None:
+                    await self._events.emit([event_from_row(row)])
+            log.warning(
+                "dead letter stored",
+                extra={"reason": reason, "task": str(task.task_id) if task else None},
+            )
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value) if value is not None else None
+
+
+def _jsonable(headers: dict[str, Any]) -> dict[str, Any]:
+    # x-death is a list of tables with timestamps and bytes: keep it readable, not exact.
+    return {
+        k: (
+            _text(v)
+            if isinstance(v, bytes)
+            else v
+            if isinstance(v, int | str | bool | float)
+            else str(v)
+        )
+        for k, v in headers.items()
+    }

@@ -1,0 +1,88 @@
+"""Dead letters: messages that could not be processed, kept in PostgreSQL with the
+reason, listed and redriven by the API (per tenant) and the ``longhaul dlq`` CLI (all)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from shared import outbox
+from shared.outbox import Connection
+from shared.schemas import format_ts
+from shared.taskrows import Row
+
+COLUMNS = "id, tenant_id, task_id, reason, detail, attempts, last_error, created_at, redriven_at"
+
+
+class Redrive(enum.Enum):
+    DONE = "done"
+    MISSING = "missing"
+    ALREADY = "already redriven"
+    NO_TASK = "no task to run again"
+    NOT_FINISHED = "its task is not failed or cancelled"
+
+
+@dataclass(frozen=True)
+class RedriveResult:
+    outcome: Redrive
+    dead_letter: Row | None = None
+    task: Row | None = None
+
+
+async def list_page(
+    conn: Connection, tenant_id: UUID | None, before: UUID | None, limit: int
+) -> list[Row]:
+    """Newest first; ``tenant_id`` None lists every tenant's and those of no tenant."""
+    return list(
+        await conn.fetch(
+            f"""
+        SELECT {COLUMNS} FROM dead_letters
+        WHERE ($1::uuid IS NULL OR tenant_id = $1) AND ($2::uuid IS NULL OR id < $2)
+        ORDER BY id DESC LIMIT $3
+        """,
+            tenant_id,
+            before,
+            limit,
+        )
+    )
+
+
+async def redrive(
+    conn: Connection, dead_letter_id: UUID, tenant_id: UUID | None, task_columns: str
+) -> RedriveResult:
+    """Run the dead letter's task again as its next attempt, once. Call in a transaction."""
+    letter = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM dead_letters WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)"
+        " FOR UPDATE",
+        dead_letter_id,
+        tenant_id,
+    )
+    if letter is None:
+        return RedriveResult(Redrive.MISSING)
+    if letter["redriven_at"] is not None:
+        return RedriveResult(Redrive.ALREADY, letter)
+    if letter["task_id"] is None:
+        return RedriveResult(Redrive.NO_TASK, letter)
+    task = await outbox.rerun(conn, letter["task_id"], letter["tenant_id"], task_columns)
+    if task is None:
+        return RedriveResult(Redrive.NOT_FINISHED, letter)
+    letter = await conn.fetchrow(
+        f"UPDATE dead_letters SET redriven_at = now() WHERE id = $1 RETURNING {COLUMNS}",
+        dead_letter_id,
+    )
+    return RedriveResult(Redrive.DONE, letter, task)
+
+
+def as_json(row: Row) -> dict[str, Any]:
+    return {
+        "id": str(row["id"]),
+        "task_id": str(row["task_id"]) if row["task_id"] else None,
+        "reason": row["reason"],
+        "detail": row["detail"],
+        "attempts": row["attempts"],
+        "last_error": row["last_error"],
+        "created_at": format_ts(row["created_at"]),
+        "redriven_at": format_ts(row["redriven_at"]) if row["redriven_at"] else None,
+    }

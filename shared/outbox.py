@@ -1,0 +1,84 @@
+"""Writing to the outbox: the one way any process schedules a task message. Always
+called inside the transaction that makes the state change the message announces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeAlias
+from uuid import UUID
+
+import asyncpg
+
+from shared.db import NOTIFY_CHANNEL
+from shared.schemas import TaskMessage, encode_task_message
+from shared.taskrows import Row
+
+Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """The message for ``attempt`` of a task, to publish at ``available_at`` (None: now)."""
+
+    message: TaskMessage
+    available_at: datetime | None = None
+
+
+async def enqueue(conn: Connection, items: Sequence[Scheduled]) -> None:
+    if not items:
+        return
+    await conn.execute(
+        """
+        INSERT INTO outbox (task_id, attempt, body, available_at)
+        SELECT u.task_id, u.attempt, u.body, coalesce(u.available_at, now())
+        FROM unnest($1::uuid[], $2::int[], $3::bytea[], $4::timestamptz[])
+             AS u(task_id, attempt, body, available_at)
+        """,
+        [i.message.task_id for i in items],
+        [i.message.attempt for i in items],
+        [encode_task_message(i.message) for i in items],
+        [i.available_at for i in items],
+    )
+    # Wakes every relay (other processes' too); delivered at commit.
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+
+
+def next_attempt(row: Row, available_at: datetime | None = None) -> Scheduled:
+    """The next attempt's message of a task row (id, tenant_id, type, attempts, trace_id)."""
+    return Scheduled(
+        TaskMessage(
+            task_id=row["id"],
+            tenant_id=row["tenant_id"],
+            type=row["type"],
+            attempt=row["attempts"] + 1,
+            trace_id=row["trace_id"],
+        ),
+        available_at,
+    )
+
+
+async def rerun(
+    conn: Connection, task_id: UUID, tenant_id: UUID | None, returning: str
+) -> Row | None:
+    """Queue a failed or cancelled task again as its next attempt (POST /retry, a dead
+    letter's redrive). ``tenant_id`` None: any tenant (the operator's CLI). Returns the
+    row (``returning`` columns) or None when the task is not failed or cancelled."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE tasks SET state = 'queued', result = NULL, error = NULL,
+            progress = 0, message = NULL, finished_at = NULL,
+            cancel_requested_at = NULL, next_attempt_at = NULL,
+            max_attempts = greatest(max_attempts, attempts + 1),
+            last_seq = last_seq + 1, updated_at = now()
+        WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
+          AND state IN ('failed', 'cancelled')
+        RETURNING {returning}, tenant_id, trace_id
+        """,
+        task_id,
+        tenant_id,
+    )
+    if row is not None:
+        await enqueue(conn, [next_attempt(row)])
+    return row
