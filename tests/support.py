@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 # Slow machines set LONGHAUL_TEST_TIMEOUT_SCALE=3; nothing sleeps where it can wait.
@@ -120,15 +122,17 @@ def running(
 
 async def wait_http_ok(url: str, within: float = 30.0, proc: ServiceProcess | None = None) -> None:
     """Wait until ``url`` answers 200 (and fail early, with its log, if ``proc`` died)."""
-    import aiohttp
 
     async def check() -> bool:
         if proc is not None and not proc.alive():
-            raise AssertionError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.output()[-3000:]}")
+            raise AssertionError(
+                f"{proc.name} exited with {proc.proc.returncode}:\n{proc.output()[-3000:]}"
+            )
         try:
-            async with aiohttp.ClientSession() as session, session.get(
-                url, timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response,
+            ):
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
@@ -151,26 +155,39 @@ class System:
         return f"http://127.0.0.1:{self.api_port}"
 
     async def start_api(self, **extra: str) -> ServiceProcess:
-        env = {**self.env, "LONGHAUL_API_PORT": str(self.api_port),
-               "LONGHAUL_PUBLIC_WS_URL": f"ws://127.0.0.1:{self.gateway_port}/v1/ws",
-               **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()}}
+        env = {
+            **self.env,
+            "LONGHAUL_API_PORT": str(self.api_port),
+            "LONGHAUL_PUBLIC_WS_URL": f"ws://127.0.0.1:{self.gateway_port}/v1/ws",
+            **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()},
+        }
         proc = ServiceProcess("services.api", env, name="api")
         self.procs.append(proc)
         await wait_http_ok(f"{self.api_url}/readyz", proc=proc)
         return proc
 
     async def start_worker(self, *args: str, **extra: str) -> ServiceProcess:
-        port = free_port() if any(p.name == "worker" and p.alive() for p in self.procs) else self.metrics_port
-        env = {**self.env, "LONGHAUL_WORKER_METRICS_PORT": str(port),
-               **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()}}
+        port = (
+            free_port()
+            if any(p.name == "worker" and p.alive() for p in self.procs)
+            else self.metrics_port
+        )
+        env = {
+            **self.env,
+            "LONGHAUL_WORKER_METRICS_PORT": str(port),
+            **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()},
+        }
         proc = ServiceProcess("services.worker", env, list(args), name="worker")
         self.procs.append(proc)
         await wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc=proc)
         return proc
 
     async def start_gateway(self, **extra: str) -> ServiceProcess:
-        env = {**self.env, "LONGHAUL_GATEWAY_PORT": str(self.gateway_port),
-               **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()}}
+        env = {
+            **self.env,
+            "LONGHAUL_GATEWAY_PORT": str(self.gateway_port),
+            **{f"LONGHAUL_{k.upper()}": v for k, v in extra.items()},
+        }
         proc = ServiceProcess("services.ws_gateway", env, name="gateway")
         self.procs.append(proc)
         await wait_http_ok(f"http://127.0.0.1:{self.gateway_port}/healthz", proc=proc)

@@ -1,0 +1,90 @@
+# Longhaul developer commands (see CONTRACT.md "Commands and processes").
+#
+#   make install      the virtual environment (.venv/) with the project and its dev tools
+#   make services     RabbitMQ, Redis and PostgreSQL reachable (started or installed)
+#   make migrate      the database schema up to date
+#   make up           everything above, then api + worker + ws_gateway until Ctrl-C
+#   make test         lint, then the whole test suite (the browser test included)
+#   make lint         ruff check, ruff format --check, mypy
+#   make bench        the benchmark suite (bench-quick: a short run)
+#   make clean        caches and test artifacts (distclean: also .venv/ and .run/)
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+# Steps of `make test` and `make up` must run in order even under `make -j`.
+.NOTPARALLEL:
+
+VENV := .venv
+PY := $(VENV)/bin/python
+# Written after a successful install; older than pyproject.toml means "install again".
+STAMP := $(VENV)/.longhaul-installed
+ARTIFACTS := test-artifacts
+CHROMIUM := /usr/bin/chromium
+# Extra arguments: `make test PYTEST_ARGS='-k outbox -x'`, `make up UP_ARGS='--tasks my.mod'`.
+PYTEST_ARGS ?=
+UP_ARGS ?=
+
+.PHONY: help install services migrate up test lint bench bench-quick chromium clean distclean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+install: $(STAMP)
+
+# python3.11 if present, else any python3 >= 3.11 (the project's requires-python).
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  py=$$(command -v python3.11 || command -v python3 || true); \
+	  if [ -z "$$py" ] || ! "$$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+	    echo "make install: needs python3.11 (or python3 >= 3.11) on PATH" >&2; exit 1; \
+	  fi; \
+	  echo "creating $(VENV) with $$py"; \
+	  "$$py" -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+services:
+	@bash scripts/ensure-services.sh
+
+migrate: install services
+	$(VENV)/bin/longhaul migrate
+
+up: install services migrate
+	@exec $(PY) scripts/up.py $(UP_ARGS)
+
+# The browser test drives Debian's Chromium through Playwright.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "installing chromium (apt-get)"; \
+	  sudo=; [ "$$(id -u)" -eq 0 ] || sudo="sudo -n"; \
+	  $$sudo apt-get update -q >/dev/null; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; \
+	fi
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collected nothing: a suite that tests nothing must not pass.
+test: install services chromium lint
+	@mkdir -p $(ARTIFACTS)
+	@rc=0; $(VENV)/bin/pytest -p no:cacheprovider -ra \
+	  --junitxml=$(ARTIFACTS)/junit.xml $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: install services
+	$(PY) -m bench
+
+bench-quick: install services
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf $(ARTIFACTS) .mypy_cache .ruff_cache .pytest_cache build dist
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) .run

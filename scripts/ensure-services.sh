@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Make sure RabbitMQ, Redis and PostgreSQL answer where Longhaul expects them.
+#
+# For each one: reachable -> nothing to do; server installed -> start it; not installed
+# -> apt-get install it, then start it. Addresses come from LONGHAUL_AMQP_URL,
+# LONGHAUL_REDIS_URL and LONGHAUL_DATABASE_URL (contract defaults otherwise); only a
+# server on this machine (127.0.0.1, localhost, ::1) is started or installed, a remote
+# one is only checked. Idempotent, and quick when everything is already up.
+#
+# Exit 0 when all three are reachable; otherwise one line naming what is missing, exit 1.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+mkdir -p .run
+LOG="$PWD/.run/services.log"   # apt and server start-up output, kept out of the terminal
+
+AMQP_URL="${LONGHAUL_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
+REDIS_URL="${LONGHAUL_REDIS_URL:-redis://127.0.0.1:6379/0}"
+DATABASE_URL="${LONGHAUL_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/longhaul}"
+
+say() { printf 'ensure-services: %s\n' "$*" >&2; }
+
+# host_port URL DEFAULT_PORT -> prints "host port" (IPv6 brackets removed).
+host_port() {
+  local re='^[A-Za-z0-9+.-]+://([^@/]*@)?(\[[^]/]+\]|[^:/?#]+)?(:([0-9]+))?'
+  if [[ ! $1 =~ $re ]]; then
+    echo "cannot parse the address in '$1'" >&2
+    return 1
+  fi
+  local host="${BASH_REMATCH[2]:-127.0.0.1}"
+  host="${host#[}"
+  echo "${host%]} ${BASH_REMATCH[4]:-$2}"
+}
+
+is_local() { [[ $1 == 127.0.0.1 || $1 == localhost || $1 == ::1 ]]; }
+
+# A TCP connect is enough to know the server listens; the protocol is checked by the
+# services themselves (and, for PostgreSQL, by check_pg_login below).
+reachable() { timeout 1 bash -c "exec 3<>'/dev/tcp/$1/$2'" 2>/dev/null; }
+
+wait_for() { # host port seconds
+  local deadline=$((SECONDS + $3))
+  until reachable "$1" "$2"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# Installing and starting system servers needs root; use passwordless sudo if we are not.
+as_root() {
+  if ((EUID == 0)); then
+    "$@"
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo -n "$@"
+  else
+    echo "needs root (or passwordless sudo) to run: $*" >>"$LOG"
+    return 1
+  fi
+}
+
+apt_updated=
+apt_install() {
+  command -v apt-get >/dev/null || return 1
+  say "installing $* (apt-get; output in $LOG)"
+  if [[ -z $apt_updated ]]; then
+    as_root apt-get update -q >>"$LOG" 2>&1 || return 1
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" \
+    >>"$LOG" 2>&1
+}
+
+# --- the start commands of this machine ------------------------------------------------
+
+start_rabbitmq() {
+  # The wrapper drops to the rabbitmq user itself; it fails harmlessly if a node is
+  # already booting, so its status is ignored and the port decides.
+  as_root rabbitmq-server -detached >>"$LOG" 2>&1 || true
+}
+
+start_redis() {
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+    --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log >>"$LOG" 2>&1
+}
+
+pg_version() { # the newest cluster version configured (or installed) on this machine
+  local dir=/etc/postgresql
+  [[ -n $(ls -A "$dir" 2>/dev/null) ]] || dir=/usr/lib/postgresql
+  find "$dir" -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1
+}
+
+start_postgres() {
+  local version
+  version=$(pg_version)
+  [[ -n $version ]] || return 1
+  [[ -d /etc/postgresql/$version/main ]] || as_root pg_createcluster "$version" main >>"$LOG" 2>&1
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start >>"$LOG" 2>&1
+}
+
+# A fresh Debian cluster asks for a password over TCP; the contract's default URL has none.
+# Only for a cluster we installed ourselves: let role postgres in from loopback (dev only).
+trust_local_postgres() {
+  local version hba marker="# added by longhaul scripts/ensure-services.sh (dev machine)"
+  version=$(pg_version)
+  hba="/etc/postgresql/$version/main/pg_hba.conf"
+  [[ -f $hba ]] || return 0
+  grep -qF "$marker" "$hba" && return 0
+  # First matching line wins in pg_hba.conf, so these go on top.
+  as_root sed -i "1i $marker\nhost all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust" "$hba"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload >>"$LOG" 2>&1 || true
+}
+
+# --- one server ------------------------------------------------------------------------
+
+problems=()
+
+# Is the server (not just a client) installed?
+have_rabbitmq() { [[ -x /usr/sbin/rabbitmq-server ]] || command -v rabbitmq-server >/dev/null; }
+have_redis() { command -v redis-server >/dev/null; }
+have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && command -v pg_ctlcluster >/dev/null; }
+
+# ensure NAME URL DEFAULT_PORT INSTALLED_CHECK PACKAGE START_FUNCTION WAIT_SECONDS
+ensure() {
+  local name=$1 url=$2 installed=$4 package=$5 start=$6 seconds=$7 host port fresh=
+  read -r host port < <(host_port "$url" "$3") || { problems+=("$name (bad URL $url)"); return; }
+  reachable "$host" "$port" && return 0
+  if ! is_local "$host"; then
+    problems+=("$name ($host:$port is not reachable; it is not on this machine, start it there)")
+    return
+  fi
+  # The start commands below serve the default port on loopback; anything else is a
+  # configuration this script cannot fix by starting a server.
+  if [[ $port != "$3" ]]; then
+    problems+=("$name (nothing listens on $host:$port; only the default port $3 is started here)")
+    return
+  fi
+  if reachable 127.0.0.1 "$port"; then
+    problems+=("$name (a server listens on 127.0.0.1:$port but not on $host:$port)")
+    return
+  fi
+  if ! "$installed"; then
+    if ! apt_install "$package"; then
+      problems+=("$name (not installed, and 'apt-get install $package' failed; see $LOG)")
+      return
+    fi
+    fresh=1
+  fi
+  if [[ -n $fresh && $name == PostgreSQL ]]; then trust_local_postgres || true; fi
+  reachable "$host" "$port" && return 0   # package scripts may have started it (systemd)
+  say "starting $name"
+  if ! "$start" || ! wait_for "$host" "$port" "$seconds"; then
+    problems+=("$name (installed but not listening on $host:$port after starting it; see $LOG)")
+  fi
+}
+
+# Reachable is not enough for PostgreSQL: the default URL logs in as postgres, no password.
+check_pg_login() {
+  command -v psql >/dev/null || return 0
+  local admin="${DATABASE_URL%%\?*}" out
+  admin="${admin%/*}/postgres"   # the run's database may not exist yet; migrate creates it
+  if ! out=$(PGCONNECT_TIMEOUT=3 psql "$admin" -XAtqc 'select 1' 2>&1); then
+    problems+=("PostgreSQL (reachable but refuses the login of LONGHAUL_DATABASE_URL: ${out%%$'\n'*})")
+  fi
+}
+
+# RabbitMQ boots slowest (10-20 s, more on a busy machine), hence its longer wait.
+ensure RabbitMQ "$AMQP_URL" 5672 have_rabbitmq rabbitmq-server start_rabbitmq 90
+ensure Redis "$REDIS_URL" 6379 have_redis redis-server start_redis 15
+pg_problems=${#problems[@]}
+ensure PostgreSQL "$DATABASE_URL" 5432 have_postgres postgresql start_postgres 30
+((${#problems[@]} > pg_problems)) || check_pg_login
+
+if ((${#problems[@]})); then
+  # One line, whatever went wrong: this is what a developer (or CI) reads first.
+  joined=$(printf '%s; ' "${problems[@]}")
+  echo "ensure-services: missing: ${joined%; }" >&2
+  exit 1
+fi
+say "RabbitMQ, Redis and PostgreSQL are reachable"
