@@ -57,6 +57,14 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------- REST requests
 
 
+class BackoffSpec(_Strict):
+    """Retry delays of one task: full jitter in [0, min(cap_s, base_s * factor**(n-1))]."""
+
+    base_s: float = Field(default=1.0, ge=0, le=3600)
+    factor: float = Field(default=2.0, ge=1, le=10)
+    cap_s: float = Field(default=600.0, ge=0, le=24 * 3600)
+
+
 class TaskRequest(_Strict):
     """Body of ``POST /v1/tasks``: only ``type`` is required."""
 
@@ -66,6 +74,9 @@ class TaskRequest(_Strict):
     max_attempts: int = Field(default=5, ge=1, le=100)
     timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
     delay_s: float = Field(default=0.0, ge=0, le=30 * 24 * 3600)
+    # Overrides the retry backoff of the task's type and of the worker (an addition to
+    # the contract's request).
+    backoff: BackoffSpec | None = None
 
 
 class BatchRequest(_Strict):

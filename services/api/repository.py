@@ -75,14 +75,15 @@ class ApiRepository:
                 f"""
                 INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, priority,
                                    timeout_s, next_attempt_at, last_seq, idempotency_key,
-                                   request_hash, trace_id)
+                                   request_hash, trace_id, backoff)
                 SELECT u.id, $1, u.type, u.args, 'queued', u.max_attempts, u.priority,
                        u.timeout_s,
                        CASE WHEN u.delay_s > 0 THEN now() + make_interval(secs => u.delay_s) END,
-                       1, $9, $10, u.trace_id
+                       1, $9, $10, u.trace_id, u.backoff
                 FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::int[],
-                            $7::float8[], $8::float8[], $11::text[])
-                     AS u(id, type, args, max_attempts, priority, timeout_s, delay_s, trace_id)
+                            $7::float8[], $8::float8[], $11::text[], $12::jsonb[])
+                     AS u(id, type, args, max_attempts, priority, timeout_s, delay_s, trace_id,
+                          backoff)
                 ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
                 DO NOTHING
                 RETURNING {TASK_COLUMNS}
@@ -98,6 +99,7 @@ class ApiRepository:
                 idempotency_key,
                 request_hash,
                 [t.trace_id for t in tasks],
+                [r.backoff.model_dump() if r.backoff else None for r in reqs],
             )
             if not rows:
                 return []

@@ -56,7 +56,7 @@ class WorkerRepository:
             WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
               AND tenant_id = $5
             RETURNING {EVENT_COLUMNS}, type, args, tenant_id, timeout_s, max_attempts,
-                      created_at, cancel_requested_at
+                      created_at, cancel_requested_at, backoff
             """,
             message.task_id,
             message.attempt,

@@ -186,7 +186,9 @@ class Runner:
             )
         if timed_out:
             return _failed(
-                "timeout", f"the attempt ran past its timeout of {timeout_s:g}s", retryable=True
+                "timeout",
+                f"the attempt ran past its timeout of {timeout_s:g}s",
+                retryable=self._settings.retry_on_timeout,
             )
         if not handler.done() or handler.cancelled():
             return _failed("cancelled", "the handler was cancelled", retryable=True)
@@ -217,7 +219,7 @@ class Runner:
             return await self._db(lambda: self._repo.requeue(message, error))
         max_attempts = int(claimed.row["max_attempts"])
         if outcome.retryable and attempt < max_attempts:
-            backoff = spec.backoff or self._backoff
+            backoff = _backoff_of(claimed.row) or spec.backoff or self._backoff
             delay = backoff.delay(attempt)
             return await self._db(lambda: self._repo.retry_later(message, error, delay))
         return await self._db(lambda: self._repo.finish(tid, attempt, "failed", error))
@@ -282,6 +284,12 @@ class Runner:
                 delay = min(delay * 2, 2.0)
                 continue
             return result
+
+
+def _backoff_of(row: Row) -> Backoff | None:
+    """The task's own backoff (``backoff`` in its request), if it set one."""
+    spec = row["backoff"]
+    return Backoff(spec["base_s"], spec["factor"], spec["cap_s"]) if spec else None
 
 
 async def _call(spec: TaskSpec, ctx: TaskContext, args: BaseModel) -> Any:

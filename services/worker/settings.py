@@ -21,5 +21,8 @@ class WorkerSettings(CommonSettings):
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_factor: float = Field(default=2.0, ge=1)
     retry_cap_s: float = Field(default=600.0, ge=0)
+    # Whether an attempt that ran past its task's timeout_s is retried (while attempts
+    # remain) or fails the task at once.
+    retry_on_timeout: bool = True
     # Also publish the outbox (retries, delayed tasks) from this process.
     relay_enabled: bool = True

@@ -110,12 +110,30 @@ async def test_task_lifecycle_is_visible_over_rest(
 async def test_failures_retries_and_user_task_module(
     system: System, http: aiohttp.ClientSession, tenant: Tenant
 ) -> None:
-    """demo.fail fails at once, demo.flaky retries to success, and a user module's type runs."""
+    """demo.fail fails at once, demo.flaky retries to success with its own backoff, a task
+    past its timeout_s fails as timeout, and a user module's type runs."""
     await system.start_api()
-    await system.start_worker("--tasks", "tests.e2e.user_tasks", retry_base_s="0.05")
+    # The worker's default backoff (30 s base) would stall this test: the flaky task's
+    # own backoff overrides it.
+    await system.start_worker("--tasks", "tests.e2e.user_tasks", retry_base_s="30")
     url = f"{system.api_url}/v1/tasks"
     _, failing, _ = await _post(http, url, tenant, {"type": "demo.fail", "args": {"message": "no"}})
-    _, flaky, _ = await _post(http, url, tenant, {"type": "demo.flaky", "args": {"fail_times": 2}})
+    _, flaky, _ = await _post(
+        http,
+        url,
+        tenant,
+        {
+            "type": "demo.flaky",
+            "args": {"fail_times": 2},
+            "backoff": {"base_s": 0.02, "cap_s": 0.1},
+        },
+    )
+    _, slow, _ = await _post(
+        http,
+        url,
+        tenant,
+        {"type": "demo.sleep", "args": {"seconds": 30}, "timeout_s": 0.3, "max_attempts": 1},
+    )
     status, user, _ = await _post(
         http, url, tenant, {"type": "user.reverse", "args": {"text": "abc"}}
     )
@@ -132,6 +150,8 @@ async def test_failures_retries_and_user_task_module(
     retried = await eventually(lambda: terminal(flaky["id"]), within=30, what="demo.flaky")
     assert retried["state"] == "succeeded" and retried["attempts"] == 3
     assert retried["result"] == {"attempts": 3}
+    timed_out = await eventually(lambda: terminal(slow["id"]), within=30, what="the timeout")
+    assert timed_out["state"] == "failed" and timed_out["error"]["type"] == "timeout"
     done = await eventually(lambda: terminal(user["id"]), within=30, what="user.reverse")
     assert done["result"] == {"reversed": "cba", "attempt": 1}
     # The user's args model is enforced by the API before anything is queued.
