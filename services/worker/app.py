@@ -80,7 +80,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         consumer = Consumer(topology.queue, runner)
         sink = DeadLetterSink(topology.dead_letters, repo, events)
 
-        health = await _serve_health(settings, pool, redis, connection)
+        health = await _serve_health(settings, pool, redis, connection, consumer)
         stack.push_async_callback(health.cleanup)
 
         background: list[asyncio.Task[None]] = []
@@ -106,6 +106,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             ),
             asyncio.create_task(reaper(repo, events, settings.lease_s, jobs_stop), name="reaper"),
             asyncio.create_task(listen(redis, wire, runner, jobs_stop), name="control-listener"),
+            asyncio.create_task(consumer.watch(jobs_stop), name="consumer-watchdog"),
         ]
 
         await consumer.start()
@@ -132,7 +133,11 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
 
 
 async def _serve_health(
-    settings: WorkerSettings, pool: asyncpg.Pool, redis: Redis, connection: AbstractRobustConnection
+    settings: WorkerSettings,
+    pool: asyncpg.Pool,
+    redis: Redis,
+    connection: AbstractRobustConnection,
+    consumer: Consumer,
 ) -> web.AppRunner:
     """/healthz, /readyz and /metrics on LONGHAUL_WORKER_METRICS_PORT."""
 
@@ -142,6 +147,8 @@ async def _serve_health(
     async def amqp_check() -> None:
         if connection.is_closed:
             raise ConnectionError("closed")
+        if not await consumer.consuming():
+            raise ConnectionError("not consuming")
 
     async def readyz(_: web.Request) -> web.Response:
         ok, body = await readiness(

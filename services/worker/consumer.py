@@ -7,6 +7,7 @@ within the grace period, hand back the rest, then give up on any that still hang
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiormq
@@ -24,6 +25,7 @@ ACK_FAILURES = Counter(
     "Acks that failed (stale channel); the redelivery is absorbed",
 )
 IN_FLIGHT = Gauge("longhaul_worker_in_flight", "Deliveries being processed")
+CONSUMING = Gauge("longhaul_worker_consuming", "1 while the broker delivers to this worker")
 
 
 class Consumer:
@@ -35,6 +37,47 @@ class Consumer:
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
+
+    async def consuming(self) -> bool:
+        """Whether the broker still delivers to our consumer on the current channel."""
+        if self._tag is None:
+            return False
+        try:
+            underlay = await self._queue.channel.get_underlay_channel()
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return False  # reconnecting: the robust channel restores the consumer
+        consumers: dict[str, object] = getattr(underlay, "consumers", {})  # aiormq.Channel
+        return self._tag in consumers
+
+    async def watch(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
+        """Consume again if the consumer is gone while the channel is up.
+
+        The robust connection restores consumers after a reconnect, but not after the
+        broker cancels one (a deleted queue, a quorum leader that went away, aio-pika
+        issue 231 after some restarts). Two misses in a row are required: right after a
+        reconnect the restore may simply not have run yet, and consuming twice with one
+        tag would close the channel."""
+        missed = False
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            if stop.is_set() or self._tag is None:
+                return
+            if await self.consuming():
+                missed = False
+                CONSUMING.set(1)
+                continue
+            CONSUMING.set(0)
+            if not missed:
+                missed = True
+                continue
+            try:
+                await self._queue.consume(self._on_message, consumer_tag=self._tag)
+            except (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
+                log.warning("could not consume again; will retry", extra={"error": repr(exc)})
+                continue
+            log.warning("the broker had dropped our consumer; consuming again")
+            missed = False
 
     @property
     def in_flight(self) -> int:
