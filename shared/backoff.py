@@ -15,10 +15,11 @@ class Backoff:
     def ceiling(self, attempt: int) -> float:
         """Upper bound of the delay after the ``attempt``-th failure (1-based)."""
         exponent = max(0, attempt - 1)
-        # Compare in log space first: factor**exponent overflows for large attempts.
-        if exponent > 64:
+        try:
+            value = self.base_s * self.factor**exponent
+        except OverflowError:  # float overflow: far past any cap
             return self.cap_s
-        return float(min(self.cap_s, self.base_s * self.factor**exponent))
+        return float(min(self.cap_s, value))
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Full jitter (AWS architecture blog): uniform in [0, ceiling]. Spreads retries

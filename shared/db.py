@@ -83,8 +83,9 @@ async def ensure_database(dsn: str, timeout: float) -> None:
     admin = await asyncpg.connect(dsn, database="postgres", timeout=timeout)
     try:
         await admin.execute(f'CREATE DATABASE "{database}"')
-    except asyncpg.DuplicateDatabaseError:
-        pass  # created meanwhile by another process
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Created meanwhile by another process (a race surfaces as either error).
+        pass
     finally:
         await admin.close()
 

@@ -38,13 +38,15 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
-# A retry that is due becomes queued when its message is published (in the same
-# transaction), fenced by attempt so a stale row cannot touch a newer attempt.
+# A retry that is due becomes queued before its message is published, in a
+# transaction of its own: its event then reaches Redis before any worker can claim the
+# attempt (and write the next seq). Fenced by attempt: a stale row changes nothing.
 _PROMOTE = f"""
 UPDATE tasks AS t
 SET state = 'queued', next_attempt_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
-FROM unnest($1::uuid[], $2::int[]) AS o(task_id, attempt)
-WHERE t.id = o.task_id AND t.state = 'retrying' AND t.attempts = o.attempt - 1
+FROM outbox AS o
+WHERE o.available_at <= now() AND o.attempt > 1
+  AND t.id = o.task_id AND t.state = 'retrying' AND t.attempts = o.attempt - 1
 RETURNING {", ".join("t." + c.strip() for c in EVENT_COLUMNS.split(","))}
 """
 
@@ -108,6 +110,10 @@ class OutboxRelay:
 
     async def flush_once(self) -> int:
         """Publish one batch of due rows; return how many were published."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            promoted = await conn.fetch(_PROMOTE)
+        if promoted:
+            await self._events.emit([event_from_row(r) for r in promoted])
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:
@@ -123,12 +129,7 @@ class OutboxRelay:
             await conn.execute(
                 "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
             )
-            promoted = await conn.fetch(
-                _PROMOTE, [r["task_id"] for r in rows], [r["attempt"] for r in rows]
-            )
         PUBLISHED.inc(len(rows))
-        if promoted:
-            await self._events.emit([event_from_row(r) for r in promoted])
         return len(rows)
 
     def _set_refusing(self, value: bool) -> None:

@@ -177,7 +177,8 @@ def parse_task_message(body: bytes) -> TaskMessage:
     if not isinstance(raw, dict):
         raise MalformedMessage("not a JSON object")
     version = raw.get("v")
-    if version not in TASK_MESSAGE_VERSIONS:
+    # type() and not isinstance: True and 1.0 compare equal to 1 but are not versions.
+    if type(version) is not int or version not in TASK_MESSAGE_VERSIONS:
         raise UnknownVersion(
             f"schema version {version!r} is not one of {sorted(TASK_MESSAGE_VERSIONS)}"
         )

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 from prometheus_client import Gauge
 
@@ -61,13 +61,27 @@ class QueueMonitor:
         self._interval = interval_s
         self._timeout = timeout
         self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
         self.depth = 0
         # When the last sample succeeded: a stale sample means the broker is unreachable.
         self.sampled_at = 0.0
         self.estimator = DrainEstimator()
+        self._admitted = 0
 
     def fresh(self, max_age_s: float) -> bool:
         return time.monotonic() - self.sampled_at <= max_age_s
+
+    def admitted(self, count: int = 1) -> None:
+        """Count tasks this process admitted since the last sample. A burst between two
+        samples would otherwise overshoot the limit by all it sends in one interval."""
+        self._admitted += count
+
+    @property
+    def estimated_depth(self) -> int:
+        """The sampled depth plus what this process admitted since: what to compare
+        with the limit. (Tasks still in the outbox at the sample are missed: the relay
+        publishes within milliseconds, so that is a small overshoot.)"""
+        return self.depth + self._admitted
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -82,10 +96,15 @@ class QueueMonitor:
     async def _sample(self) -> None:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
-        queue = await self._channel.declare_queue(self._wire.tasks_queue, passive=True)
-        depth = int(queue.declaration_result.message_count or 0)
+            self._queue = None
+        if self._queue is None:
+            self._queue = await self._channel.declare_queue(self._wire.tasks_queue, passive=True)
+        # Declare again on every sample: aio-pika's robust channel answers a repeated
+        # passive declare_queue() from its cache, with the count of the first one.
+        result = await self._queue.declare(timeout=self._timeout)
+        depth = int(result.message_count or 0)
         now = time.monotonic()
         self.estimator.sample(now, depth)
-        self.depth, self.sampled_at = depth, now
+        self.depth, self.sampled_at, self._admitted = depth, now, 0
         QUEUE_DEPTH.set(depth)
         DRAIN_RATE.set(self.estimator.rate)

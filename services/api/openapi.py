@@ -54,6 +54,8 @@ _MODELS: list[type[BaseModel]] = [
     Problem,
     WsToken,
     TaskTypeList,
+    DeadLetterPage,
+    Redriven,
 ]
 _REF = "#/components/schemas/{model}"
 

@@ -192,6 +192,12 @@ class WorkerRepository:
                 error,
             )
 
+    async def exists(self, task_id: UUID, tenant_id: UUID) -> bool:
+        row = await self._fetchrow(
+            "SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id
+        )
+        return row is not None
+
     async def fail_waiting(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
         """Fail a task whose message for its next attempt was dead-lettered by the broker
         (a crash loop past the delivery limit): it must still end, and be redrivable."""

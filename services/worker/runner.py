@@ -105,7 +105,9 @@ class Runner:
             lambda: self._repo.claim(message, self._worker_id, self._settings.lease_s)
         )
         if claimed is None:
-            # Delivered twice, stale (a newer attempt exists) or cancelled meanwhile.
+            # Delivered twice, stale (a newer attempt exists) or cancelled meanwhile;
+            # or a message for no task of ours at all, which is kept as a dead letter.
+            await self._skip(message, body, headers)
             return
         await self._events.emit([event_from_row(claimed.row)])
         running = Running(claimed)
@@ -249,6 +251,14 @@ class Runner:
             if row is not None:
                 await self._events.emit([event_from_row(row)])
             await self._dead_letter("unknown_type", detail, body, headers, message)
+        else:
+            await self._skip(message, body, headers)
+
+    async def _skip(self, message: TaskMessage, body: bytes, headers: Mapping[str, Any]) -> None:
+        if not await self._db(lambda: self._repo.exists(message.task_id, message.tenant_id)):
+            await self._dead_letter(
+                "unknown_task", "no task with this id and tenant", body, headers, message
+            )
 
     async def _dead_letter(
         self,

@@ -52,8 +52,9 @@ async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def test_kill9_and_restart_resumes_without_gap(deployment: Deployment, db: asyncpg.Pool,
-                                                     tenant: Tenant, redis: Redis) -> None:
+async def test_kill9_and_restart_resumes_without_gap(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis
+) -> None:
     """After the gateway is killed and restarted, a client resumes from its last seq."""
     sink = EventSink(redis, deployment.wire, retention_s=600, maxlen=10_000)
     task_id = await insert_task(db, tenant)
@@ -79,8 +80,11 @@ async def test_kill9_and_restart_resumes_without_gap(deployment: Deployment, db:
         await eventually(lambda: http_ok(port), what="gateway back")
         token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
         async with connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}") as ws2:
-            await ws2.send(json.dumps({"op": "subscribe", "task_id": str(task_id),
-                                       "after_seq": seen[-1]["seq"]}))
+            await ws2.send(
+                json.dumps(
+                    {"op": "subscribe", "task_id": str(task_id), "after_seq": seen[-1]["seq"]}
+                )
+            )
             for seq in range(9, 11):
                 await writer.step(seq)
             seen += await recv_until_seq(ws2, task_id, 10)
@@ -88,8 +92,9 @@ async def test_kill9_and_restart_resumes_without_gap(deployment: Deployment, db:
     assert not any(f.get("snapshot") for f in seen)
 
 
-async def test_sigterm_closes_clients_with_1001(deployment: Deployment, tenant: Tenant,
-                                                redis: Redis) -> None:
+async def test_sigterm_closes_clients_with_1001(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
     """A stopping gateway says "going away" and exits 0."""
     port = free_port()
     with running("services.ws_gateway", deployment.env(gateway_port=str(port))) as proc:
@@ -109,9 +114,21 @@ async def test_sigterm_closes_clients_with_1001(deployment: Deployment, tenant: 
 @contextlib.contextmanager
 def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         yield proc
@@ -132,8 +149,9 @@ async def redis_up(url: str) -> bool:
         await client.aclose()
 
 
-async def test_subscription_survives_redis_restart(deployment: Deployment, db: asyncpg.Pool,
-                                                   tenant: Tenant) -> None:
+async def test_subscription_survives_redis_restart(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant
+) -> None:
     """After Redis restarts (losing everything), the hub resubscribes by itself, events
     committed meanwhile arrive as a snapshot, and live relay goes on without a gap."""
     port = free_port()
@@ -156,14 +174,18 @@ async def test_subscription_survives_redis_restart(deployment: Deployment, db: a
                 assert gw.hub is not None
                 first.terminate()
                 first.wait(timeout=10)
-                await eventually(until(lambda: not gw.hub.connected.is_set()),
-                                 what="hub notices Redis is gone")
+                await eventually(
+                    until(lambda: not gw.hub.connected.is_set()), what="hub notices Redis is gone"
+                )
                 # Committed while Redis is down: the event itself is lost.
                 await writer.step(2, emit=False)
                 with private_redis(port):
                     await eventually(lambda: redis_up(url), what="private redis back")
-                    await eventually(until(lambda: gw.hub.generation >= 2),
-                                     within=timeout(20), what="hub resubscribed")
+                    await eventually(
+                        until(lambda: gw.hub.generation >= 2),
+                        within=timeout(20),
+                        what="hub resubscribed",
+                    )
                     got += await recv_until_seq(ws, task_id, 2)
                     for seq in range(3, 6):
                         await writer.step(seq)

@@ -31,8 +31,11 @@ from tests.support import eventually, timeout
 
 def gateway_settings(deployment: Deployment, **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
-        "namespace": deployment.namespace, "database_url": deployment.database_url,
-        "redis_url": deployment.redis_url, "gateway_port": 0, "start_timeout_s": 10,
+        "namespace": deployment.namespace,
+        "database_url": deployment.database_url,
+        "redis_url": deployment.redis_url,
+        "gateway_port": 0,
+        "start_timeout_s": 10,
         "snapshot_grace_s": 0.05,
     }
     values.update(overrides)
@@ -58,13 +61,23 @@ def sink(redis: Redis, deployment: Deployment) -> EventSink:
     return EventSink(redis, deployment.wire, retention_s=600, maxlen=10_000)
 
 
-async def insert_task(db: asyncpg.Pool, tenant: Tenant, *, state: str = "queued",
-                      last_seq: int = 0, progress: float = 0.0) -> UUID:
+async def insert_task(
+    db: asyncpg.Pool,
+    tenant: Tenant,
+    *,
+    state: str = "queued",
+    last_seq: int = 0,
+    progress: float = 0.0,
+) -> UUID:
     task_id = uuid7()
     await db.execute(
         "INSERT INTO tasks (id, tenant_id, type, args, state, progress, attempts, max_attempts,"
         " timeout_s, last_seq) VALUES ($1, $2, 'demo.sleep', '{}'::jsonb, $3, $4, 1, 5, 60, $5)",
-        task_id, tenant.id, state, progress, last_seq,
+        task_id,
+        tenant.id,
+        state,
+        progress,
+        last_seq,
     )
     return task_id
 
@@ -75,15 +88,28 @@ class Writer:
     def __init__(self, db: asyncpg.Pool, sink: EventSink, task_id: UUID) -> None:
         self.db, self.sink, self.task_id = db, sink, task_id
 
-    async def step(self, seq: int, state: TaskState = TaskState.RUNNING, *,
-                   emit: bool = True, data: Any = None) -> ProgressEvent:
+    async def step(
+        self, seq: int, state: TaskState = TaskState.RUNNING, *, emit: bool = True, data: Any = None
+    ) -> ProgressEvent:
         progress = 1.0 if state is TaskState.SUCCEEDED else min(0.99, seq / 100)
-        event = ProgressEvent(task_id=self.task_id, seq=seq, state=state, progress=progress,
-                              message=f"step {seq}", data=data, attempt=1, ts=datetime.now(UTC))
+        event = ProgressEvent(
+            task_id=self.task_id,
+            seq=seq,
+            state=state,
+            progress=progress,
+            message=f"step {seq}",
+            data=data,
+            attempt=1,
+            ts=datetime.now(UTC),
+        )
         await self.db.execute(
             "UPDATE tasks SET last_seq = $2, state = $3, progress = $4, message = $5,"
             " updated_at = now() WHERE id = $1",
-            self.task_id, seq, state.value, progress, event.message,
+            self.task_id,
+            seq,
+            state.value,
+            progress,
+            event.message,
         )
         if emit:
             assert await self.sink.emit([event])
@@ -102,8 +128,9 @@ async def recv_json(ws: ClientConnection, within: float = 10) -> dict[str, Any]:
     return result
 
 
-async def recv_until_seq(ws: ClientConnection, task_id: UUID, seq: int,
-                         within: float = 20) -> list[dict[str, Any]]:
+async def recv_until_seq(
+    ws: ClientConnection, task_id: UUID, seq: int, within: float = 20
+) -> list[dict[str, Any]]:
     """Frames of ``task_id`` until one with ``seq`` arrives."""
     got: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout(within)):
@@ -118,8 +145,10 @@ async def recv_until_seq(ws: ClientConnection, task_id: UUID, seq: int,
 
 def until(condition: Any) -> Any:
     """An ``eventually`` check from a plain predicate."""
+
     async def check() -> bool:
         return bool(condition())
+
     return check
 
 
@@ -131,8 +160,9 @@ def assert_no_gap(frames: list[dict[str, Any]], after: int) -> None:
 # ---------------------------------------------------------------- replay and live
 
 
-async def test_replay_then_live_in_order(deployment: Deployment, db: asyncpg.Pool,
-                                         tenant: Tenant, redis: Redis, sink: EventSink) -> None:
+async def test_replay_then_live_in_order(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """Retained events after after_seq are replayed, then live ones follow, gap-free."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
@@ -150,8 +180,8 @@ async def test_replay_then_live_in_order(deployment: Deployment, db: asyncpg.Poo
 
 
 async def test_events_racing_with_subscribe_arrive_once(
-        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
-        sink: EventSink) -> None:
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """Events written while many clients subscribe reach each of them once, in order."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
@@ -167,12 +197,12 @@ async def test_events_racing_with_subscribe_arrive_once(
 
         async def subscribe_later(i: int, ws: ClientConnection) -> list[dict[str, Any]]:
             await asyncio.sleep(0.003 * i)
-            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id),
-                                      "after_seq": 0}))
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 0}))
             return await recv_until_seq(ws, task_id, total)
 
-        results = await asyncio.gather(write_all(), *(subscribe_later(i, ws)
-                                                      for i, ws in enumerate(clients)))
+        results = await asyncio.gather(
+            write_all(), *(subscribe_later(i, ws) for i, ws in enumerate(clients))
+        )
         for ws in clients:
             await ws.close()
     for frames in results[1:]:
@@ -181,9 +211,9 @@ async def test_events_racing_with_subscribe_arrive_once(
         assert len(frames) == total
 
 
-async def test_snapshot_when_stream_lost_events(deployment: Deployment, db: asyncpg.Pool,
-                                                tenant: Tenant, redis: Redis,
-                                                sink: EventSink) -> None:
+async def test_snapshot_when_stream_lost_events(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """When the stream no longer holds after_seq+1, one snapshot from the row comes first."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
@@ -201,9 +231,9 @@ async def test_snapshot_when_stream_lost_events(deployment: Deployment, db: asyn
     assert nxt["seq"] == 5 and "snapshot" not in nxt
 
 
-async def test_snapshot_when_stream_head_trimmed(deployment: Deployment, db: asyncpg.Pool,
-                                                 tenant: Tenant, redis: Redis,
-                                                 sink: EventSink) -> None:
+async def test_snapshot_when_stream_head_trimmed(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """A stream that starts after after_seq+1 (trimmed) yields a snapshot, then the rest."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
@@ -220,8 +250,8 @@ async def test_snapshot_when_stream_head_trimmed(deployment: Deployment, db: asy
 
 
 async def test_terminal_task_yields_terminal_event_at_once(
-        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
-        sink: EventSink) -> None:
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """Subscribing to a finished task whose stream expired gets its terminal event."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
@@ -236,8 +266,8 @@ async def test_terminal_task_yields_terminal_event_at_once(
 
 
 async def test_not_found_for_other_tenant_and_unknown_id(
-        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, other_tenant: Tenant,
-        redis: Redis) -> None:
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, other_tenant: Tenant, redis: Redis
+) -> None:
     """Another tenant's task and an unknown id give the same not_found error."""
     theirs = await insert_task(db, other_tenant, state="running", last_seq=3)
     unknown = uuid7()
@@ -245,16 +275,21 @@ async def test_not_found_for_other_tenant_and_unknown_id(
         for task_id in (theirs, unknown):
             await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
             frame = await recv_json(ws)
-            assert frame == {"type": "error", "code": "not_found", "message": "no such task",
-                             "task_id": str(task_id)}
+            assert frame == {
+                "type": "error",
+                "code": "not_found",
+                "message": "no such task",
+                "task_id": str(task_id),
+            }
         await ws.send(json.dumps({"op": "subscribe", "task_id": "not-a-uuid"}))
         bad = await recv_json(ws)
         assert bad["type"] == "error" and bad["code"] == "bad_request"
         assert gw.registry.subscription_count == 0
 
 
-async def test_unsubscribe_stops_events(deployment: Deployment, db: asyncpg.Pool,
-                                        tenant: Tenant, redis: Redis, sink: EventSink) -> None:
+async def test_unsubscribe_stops_events(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """After unsubscribe no more events of that task arrive."""
     task_a = await insert_task(db, tenant)
     task_b = await insert_task(db, tenant)
@@ -280,8 +315,9 @@ async def expect_status(url: str, status: int, **kwargs: Any) -> None:
     assert info.value.response.status_code == status
 
 
-async def test_forged_reused_and_expired_tokens_get_401(deployment: Deployment, tenant: Tenant,
-                                                        redis: Redis) -> None:
+async def test_forged_reused_and_expired_tokens_get_401(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
     """Only a live, unused token opens a connection."""
     async with gateway(deployment) as gw:
         base = f"ws://127.0.0.1:{gw.port}/v1/ws"
@@ -299,8 +335,9 @@ async def test_forged_reused_and_expired_tokens_get_401(deployment: Deployment, 
         assert all(token.encode() not in k for k in keys)
 
 
-async def test_foreign_origin_gets_403_and_keeps_the_token(deployment: Deployment,
-                                                           tenant: Tenant, redis: Redis) -> None:
+async def test_foreign_origin_gets_403_and_keeps_the_token(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
     """A page elsewhere cannot open a connection, and its attempt does not burn the token."""
     async with gateway(deployment) as gw:
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
@@ -311,8 +348,9 @@ async def test_foreign_origin_gets_403_and_keeps_the_token(deployment: Deploymen
             assert ws.protocol.state.name == "OPEN"
 
 
-async def test_oversized_frame_closes_1009(deployment: Deployment, tenant: Tenant,
-                                           redis: Redis) -> None:
+async def test_oversized_frame_closes_1009(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
     """A client frame over 64 KiB closes the connection with 1009."""
     async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
         await ws.send("x" * (64 * 1024 + 1))
@@ -321,8 +359,9 @@ async def test_oversized_frame_closes_1009(deployment: Deployment, tenant: Tenan
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
 
 
-async def test_health_ready_and_metrics(deployment: Deployment, tenant: Tenant,
-                                        redis: Redis) -> None:
+async def test_health_ready_and_metrics(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
     """/healthz, /readyz and /metrics answer plain HTTP on the gateway port."""
     async with gateway(deployment) as gw:
         bodies = {}
@@ -335,8 +374,11 @@ async def test_health_ready_and_metrics(deployment: Deployment, tenant: Tenant,
             head, _, body = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200"), head
             bodies[path] = body
-    assert json.loads(bodies["/readyz"])["checks"] == {"redis": "ok", "postgres": "ok",
-                                                       "redis_pubsub": "ok"}
+    assert json.loads(bodies["/readyz"])["checks"] == {
+        "redis": "ok",
+        "postgres": "ok",
+        "redis_pubsub": "ok",
+    }
     assert b"longhaul_gateway_connections" in bodies["/metrics"]
 
 
@@ -344,8 +386,8 @@ async def test_health_ready_and_metrics(deployment: Deployment, tenant: Tenant,
 
 
 async def test_non_reading_client_is_dropped_others_keep_receiving(
-        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
-        sink: EventSink) -> None:
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """A client that stops reading is closed (1013); a reading one gets every event."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
@@ -363,11 +405,13 @@ async def test_non_reading_client_is_dropped_others_keep_receiving(
             for seq in range(1, total + 1):
                 await writer.step(seq, data=blob)
 
-        received, _ = await asyncio.gather(recv_until_seq(healthy, task_id, total, within=60),
-                                           write_all())
+        received, _ = await asyncio.gather(
+            recv_until_seq(healthy, task_id, total, within=60), write_all()
+        )
         assert_no_gap(received, 0)
-        await eventually(until(lambda: gw.registry.connection_count == 1),
-                         what="the stalled connection dropped")
+        await eventually(
+            until(lambda: gw.registry.connection_count == 1), what="the stalled connection dropped"
+        )
         drops = gw.metrics.drops._value.get()
         assert drops >= 1
         await healthy.close()
@@ -389,8 +433,8 @@ async def sse_get(port: int, path: str, headers: dict[str, str]) -> tuple[int, s
 
 
 async def test_sse_long_poll_resumes_from_last_event_id(
-        deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis,
-        sink: EventSink) -> None:
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
     """GET /v1/tasks/{id}/events returns the events after Last-Event-ID as SSE, and waits
     for the next one when there is none yet."""
     task_id = await insert_task(db, tenant)
@@ -399,15 +443,20 @@ async def test_sse_long_poll_resumes_from_last_event_id(
         await writer.step(seq)
     async with gateway(deployment, sse_poll_s=5) as gw:
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        status, body = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={token}",
-                                     {"Last-Event-ID": "1"})
+        status, body = await sse_get(
+            gw.port, f"/v1/tasks/{task_id}/events?token={token}", {"Last-Event-ID": "1"}
+        )
         assert status == 200
         ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
         assert ids == [2, 3]
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        poll = asyncio.create_task(sse_get(gw.port, f"/v1/tasks/{task_id}/events",
-                                           {"Last-Event-ID": "3",
-                                            "Authorization": f"Bearer {token}"}))
+        poll = asyncio.create_task(
+            sse_get(
+                gw.port,
+                f"/v1/tasks/{task_id}/events",
+                {"Last-Event-ID": "3", "Authorization": f"Bearer {token}"},
+            )
+        )
         await asyncio.sleep(0.3)
         await writer.step(4)
         status, body = await poll

@@ -59,10 +59,16 @@ def test_client_ahead_of_the_database_gets_a_snapshot() -> None:
     assert plan_catch_up(9, [], 4) == Plan(Verdict.SNAPSHOT, 4)
 
 
-@pytest.mark.parametrize(("delivered", "seq", "expected"), [
-    (0, 1, LiveCheck.SEND), (4, 5, LiveCheck.SEND), (5, 5, LiveCheck.DUPLICATE),
-    (5, 3, LiveCheck.DUPLICATE), (5, 7, LiveCheck.GAP),
-])
+@pytest.mark.parametrize(
+    ("delivered", "seq", "expected"),
+    [
+        (0, 1, LiveCheck.SEND),
+        (4, 5, LiveCheck.SEND),
+        (5, 5, LiveCheck.DUPLICATE),
+        (5, 3, LiveCheck.DUPLICATE),
+        (5, 7, LiveCheck.GAP),
+    ],
+)
 def test_live_check(delivered: int, seq: int, expected: LiveCheck) -> None:
     """Live events are sent in order, duplicates dropped, holes detected."""
     assert check_live(delivered, seq) is expected
@@ -73,22 +79,30 @@ def test_live_check(delivered: int, seq: int, expected: LiveCheck) -> None:
 
 def test_parse_subscribe_and_unsubscribe() -> None:
     """Well-formed ops parse to their dataclasses; after_seq defaults to 0."""
-    assert frames.parse_client_frame(json.dumps({"op": "subscribe", "task_id": str(T1)})) \
-        == frames.Subscribe(T1, 0)
     assert frames.parse_client_frame(
-        json.dumps({"op": "subscribe", "task_id": str(T1), "after_seq": 7})) \
-        == frames.Subscribe(T1, 7)
-    assert frames.parse_client_frame(json.dumps({"op": "unsubscribe", "task_id": str(T1)})) \
-        == frames.Unsubscribe(T1)
+        json.dumps({"op": "subscribe", "task_id": str(T1)})
+    ) == frames.Subscribe(T1, 0)
+    assert frames.parse_client_frame(
+        json.dumps({"op": "subscribe", "task_id": str(T1), "after_seq": 7})
+    ) == frames.Subscribe(T1, 7)
+    assert frames.parse_client_frame(
+        json.dumps({"op": "unsubscribe", "task_id": str(T1)})
+    ) == frames.Unsubscribe(T1)
 
 
-@pytest.mark.parametrize("raw", [
-    "nope", "[]", '{"op": "dance", "task_id": "x"}', '{"op": "subscribe"}',
-    '{"op": "subscribe", "task_id": "not-a-uuid"}',
-    f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": -1}}',
-    f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": true}}',
-    f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": 1.5}}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "nope",
+        "[]",
+        '{"op": "dance", "task_id": "x"}',
+        '{"op": "subscribe"}',
+        '{"op": "subscribe", "task_id": "not-a-uuid"}',
+        f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": -1}}',
+        f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": true}}',
+        f'{{"op": "subscribe", "task_id": "{T1}", "after_seq": 1.5}}',
+    ],
+)
 def test_bad_frames_are_bad_requests(raw: str) -> None:
     """Anything else is a BadRequest, answered with an error frame, never a crash."""
     assert isinstance(frames.parse_client_frame(raw), frames.BadRequest)
@@ -96,12 +110,26 @@ def test_bad_frames_are_bad_requests(raw: str) -> None:
 
 def test_event_frame_has_the_contract_fields() -> None:
     """The event frame carries the contract's fields, snapshot only when true."""
-    event = ProgressEvent(task_id=T1, seq=3, state=TaskState.RUNNING, progress=0.3,
-                          message="step 3", ts=datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC))
+    event = ProgressEvent(
+        task_id=T1,
+        seq=3,
+        state=TaskState.RUNNING,
+        progress=0.3,
+        message="step 3",
+        ts=datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=UTC),
+    )
     out = json.loads(frames.event_frame(event))
-    assert out == {"type": "event", "task_id": str(T1), "seq": 3, "state": "running",
-                   "progress": 0.3, "message": "step 3", "data": None,
-                   "ts": "2026-01-02T03:04:05.006Z", "attempt": 0}
+    assert out == {
+        "type": "event",
+        "task_id": str(T1),
+        "seq": 3,
+        "state": "running",
+        "progress": 0.3,
+        "message": "step 3",
+        "data": None,
+        "ts": "2026-01-02T03:04:05.006Z",
+        "attempt": 0,
+    }
     snap = json.loads(frames.event_frame(event.model_copy(update={"snapshot": True})))
     assert snap["snapshot"] is True
     assert frames.sse_message(event).startswith("id: 3\ndata: {")
@@ -113,12 +141,22 @@ def test_event_frame_has_the_contract_fields() -> None:
 def test_default_origins_allow_local_pages_only() -> None:
     """Local pages on any port pass; other hosts and look-alikes do not."""
     allowed = parse_allowed_origins(DEFAULT_ORIGINS)
-    for ok in ("http://127.0.0.1:8000", "http://localhost:8000", "http://localhost:5173",
-               "HTTP://LOCALHOST:3000", "http://[::1]:8000"):
+    for ok in (
+        "http://127.0.0.1:8000",
+        "http://localhost:8000",
+        "http://localhost:5173",
+        "HTTP://LOCALHOST:3000",
+        "http://[::1]:8000",
+    ):
         assert origin_allowed(ok, allowed, allow_missing=False), ok
-    for bad in ("https://evil.example", "http://localhost.evil.example:8000",
-                "http://localhost:80@evil.example", "http://127.0.0.1.nip.io:8000",
-                "null", "http://localhost"):
+    for bad in (
+        "https://evil.example",
+        "http://localhost.evil.example:8000",
+        "http://localhost:80@evil.example",
+        "http://127.0.0.1.nip.io:8000",
+        "null",
+        "http://localhost",
+    ):
         assert not origin_allowed(bad, allowed, allow_missing=False), bad
 
 

@@ -1,0 +1,395 @@
+"""The outbox relay against the real PostgreSQL, RabbitMQ (confirm channel) and Redis.
+
+Tasks and outbox rows are written by ApiRepository.insert, the API's own path. Each test
+publishes to a queue of its own namespace, so nothing reaches the run's workers; the
+relay may also publish rows other tests left due, so assertions name our task ids."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from redis.asyncio import Redis
+
+from services.api.repository import ApiRepository, NewTask
+from services.worker.repository import WorkerRepository
+from shared import amqp
+from shared.amqp import Outgoing, Publisher
+from shared.db import create_pool
+from shared.errors import DependencyError
+from shared.events import EventSink
+from shared.failpoints import Failpoints
+from shared.ids import uuid7
+from shared.relay import OutboxRelay
+from shared.schemas import TaskMessage, TaskRequest, parse_event, parse_task_message
+from shared.settings import CommonSettings
+from shared.wire import Wire
+from tests.conftest import Deployment, Tenant
+from tests.support import eventually, new_run_id
+
+
+@pytest.fixture(scope="module")
+async def pool(deployment: Deployment) -> AsyncIterator[asyncpg.Pool]:
+    """A pool with the services' JSON codecs (ApiRepository passes args as dicts)."""
+    pool = await create_pool(deployment.database_url, max_size=8)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
+    client = Redis.from_url(deployment.redis_url)
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class Broker:
+    """A private topology (its own namespace) and a confirm channel publishing to it."""
+
+    wire: Wire
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    topology: amqp.Topology
+
+    def publisher(self) -> Publisher:
+        return Publisher(self.topology.exchange, self.wire.tasks_routing_key, timeout=10)
+
+    async def drain(self) -> list[TaskMessage]:
+        """Every message now in the queue, acked and parsed, in queue order."""
+        out = []
+        while (message := await self.topology.queue.get(no_ack=True, fail=False)) is not None:
+            out.append(parse_task_message(message.body))
+        return out
+
+    async def depth(self) -> int:
+        declared = await self.channel.declare_queue(self.wire.tasks_queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
+@pytest.fixture
+async def broker(deployment: Deployment) -> AsyncIterator[Broker]:
+    namespace = f"{deployment.namespace}_relay_{new_run_id()}"
+    wire = Wire(namespace)
+    connection = await amqp.connect(deployment.amqp_url, "longhaul-test-relay", timeout=10)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    settings = CommonSettings(namespace=namespace)
+    topology = await amqp.declare(channel, settings, wire)
+    try:
+        yield Broker(wire, connection, channel, topology)
+    finally:
+        cleanup = await connection.channel()
+        for queue in (wire.tasks_queue, wire.dead_letter_queue):
+            await cleanup.queue_delete(queue)
+        for exchange in (wire.tasks_exchange, wire.dead_letter_exchange):
+            await cleanup.exchange_delete(exchange)
+        await connection.close()
+
+
+@pytest.fixture
+def sink(redis: Redis, broker: Broker) -> EventSink:
+    return EventSink(redis, broker.wire, retention_s=600, maxlen=1000)
+
+
+@pytest.fixture(autouse=True)
+async def clean_redis(redis: Redis, broker: Broker) -> AsyncIterator[None]:
+    yield
+    async for key in redis.scan_iter(match=f"{broker.wire.namespace}:*"):
+        await redis.delete(key)
+
+
+def make_relay(
+    pool: asyncpg.Pool,
+    publisher: Publisher,
+    sink: EventSink,
+    deployment: Deployment,
+    **kwargs: Any,
+) -> OutboxRelay:
+    return OutboxRelay(
+        pool,
+        publisher,
+        sink,
+        dsn=deployment.database_url,
+        failpoints=Failpoints(""),
+        timeout=10,
+        **kwargs,
+    )
+
+
+async def insert(pool: asyncpg.Pool, tenant: Tenant, n: int = 1, **request: Any) -> list[UUID]:
+    tasks = [
+        NewTask(id=uuid7(), request=TaskRequest(type="relay.test", **request)) for _ in range(n)
+    ]
+    rows = await ApiRepository(pool, timeout=10).insert(tenant.id, tasks)
+    assert len(rows) == n
+    return [t.id for t in tasks]
+
+
+async def outbox_rows(pool: asyncpg.Pool, ids: Sequence[UUID]) -> list[asyncpg.Record]:
+    return list(
+        await pool.fetch(
+            "SELECT task_id, attempt, available_at FROM outbox WHERE task_id = ANY($1::uuid[])",
+            list(ids),
+        )
+    )
+
+
+async def flush_until_empty(relay: OutboxRelay) -> None:
+    while await relay.flush_once():
+        pass
+
+
+class _OneConnection:
+    """A pool stand-in handing out one connection, so that ApiRepository.insert runs inside
+    a transaction the test controls (its own transaction becomes a savepoint)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        yield self._conn
+
+    def acquire(self, timeout: float | None = None) -> Any:
+        return self._acquire()
+
+
+async def test_publishes_committed_rows_and_nothing_rolled_back(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Rows of a committed insert are published once; rows of an open, then rolled-back,
+    transaction never are."""
+    relay = make_relay(pool, broker.publisher(), sink, deployment)
+    committed = await insert(pool, tenant, 3)
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        uncommitted = uuid7()
+        rows = await ApiRepository(_OneConnection(conn), timeout=10).insert(  # type: ignore[arg-type]
+            tenant.id, [NewTask(id=uncommitted, request=TaskRequest(type="relay.test"))]
+        )
+        assert len(rows) == 1
+        # While the insert is not committed the relay cannot see it (nor block on it).
+        await asyncio.wait_for(flush_until_empty(relay), 10)
+        await tx.rollback()
+    await flush_until_empty(relay)
+    published = [m for m in await broker.drain() if m.task_id in {*committed, uncommitted}]
+    assert sorted(m.task_id for m in published) == sorted(committed)
+    assert all(m.attempt == 1 and m.tenant_id == tenant.id for m in published)
+    assert await outbox_rows(pool, [*committed, uncommitted]) == []
+    assert await pool.fetchval("SELECT count(*) FROM tasks WHERE id = $1", uncommitted) == 0
+
+
+class _CheckingPublisher(Publisher):
+    """Asserts, at publish time, that the rows being published are still in the outbox."""
+
+    def __init__(self, inner: Publisher, pool: asyncpg.Pool) -> None:
+        self._inner = inner
+        self._pool = pool
+        self.seen_in_outbox: list[bool] = []
+
+    async def publish(self, batch: Sequence[Outgoing]) -> None:
+        for item in batch:
+            task_id = UUID(item.message_id.split(":")[0])
+            # Read from another connection: the relay's own transaction holds the row
+            # locked but not deleted, and other sessions still see it.
+            count = await self._pool.fetchval(
+                "SELECT count(*) FROM outbox WHERE task_id = $1", task_id
+            )
+            self.seen_in_outbox.append(count == 1)
+        await self._inner.publish(batch)
+
+
+class _RefusingPublisher(Publisher):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def publish(self, batch: Sequence[Outgoing]) -> None:
+        self.calls += 1
+        raise DependencyError("RabbitMQ did not confirm (test)")
+
+
+async def test_rows_are_deleted_only_after_publishing(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """A row is still in the outbox while it is published, and stays there when the
+    broker does not confirm; it is gone once a publish is confirmed."""
+    ids = await insert(pool, tenant, 2)
+    refusing = _RefusingPublisher()
+    with pytest.raises(DependencyError):
+        await make_relay(pool, refusing, sink, deployment).flush_once()
+    assert refusing.calls == 1
+    assert len(await outbox_rows(pool, ids)) == 2
+    assert [m for m in await broker.drain() if m.task_id in ids] == []
+
+    checking = _CheckingPublisher(broker.publisher(), pool)
+    await flush_until_empty(make_relay(pool, checking, sink, deployment))
+    assert checking.seen_in_outbox and all(checking.seen_in_outbox)
+    assert await outbox_rows(pool, ids) == []
+    assert sorted(m.task_id for m in await broker.drain() if m.task_id in ids) == sorted(ids)
+
+
+async def test_two_relays_publish_each_row_once(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Two relays running at once on the same rows (SKIP LOCKED) publish each row once."""
+    ids = await insert(pool, tenant, 120)
+    counts: dict[int, int] = {0: 0, 1: 0}
+
+    class Counting(Publisher):
+        def __init__(self, inner: Publisher, index: int) -> None:
+            self._inner = inner
+            self._index = index
+
+        async def publish(self, batch: Sequence[Outgoing]) -> None:
+            await asyncio.sleep(0.01)  # widen the window in which both hold a batch
+            await self._inner.publish(batch)
+            counts[self._index] += len(batch)
+
+    relays = [
+        make_relay(pool, Counting(broker.publisher(), i), sink, deployment, batch_size=10)
+        for i in range(2)
+    ]
+    await asyncio.wait_for(asyncio.gather(*(flush_until_empty(r) for r in relays)), 30)
+    published = [m.task_id for m in await broker.drain() if m.task_id in set(ids)]
+    assert sorted(published) == sorted(ids)  # every row, none twice
+    assert await outbox_rows(pool, ids) == []
+    assert counts[0] > 0 and counts[1] > 0  # both relays did work, side by side
+
+
+async def test_two_running_relays_share_the_work(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Two relay loops woken by NOTIFY publish every new row exactly once."""
+    stop = asyncio.Event()
+    relays = [
+        make_relay(pool, broker.publisher(), sink, deployment, batch_size=7, poll_s=0.5)
+        for _ in range(2)
+    ]
+    loops = [asyncio.create_task(r.run(stop), name=f"relay-{i}") for i, r in enumerate(relays)]
+    try:
+        ids: list[UUID] = []
+        for _ in range(5):
+            ids += await insert(pool, tenant, 10)
+        got: list[UUID] = []
+
+        async def all_published() -> bool:
+            got.extend(m.task_id for m in await broker.drain() if m.task_id in set(ids))
+            return len(got) >= len(ids)
+
+        await eventually(all_published, within=20, what="every row published")
+        await asyncio.sleep(0.3)  # a duplicate, if any, would arrive now
+        got.extend(m.task_id for m in await broker.drain() if m.task_id in set(ids))
+        assert sorted(got) == sorted(ids)
+        assert not any(r.refusing for r in relays)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loops), 15)
+
+
+async def test_a_row_is_not_published_before_it_is_due(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """A delayed task's row waits in the outbox until available_at, then is published."""
+    relay = make_relay(pool, broker.publisher(), sink, deployment, poll_s=0.2)
+    started = time.monotonic()
+    (delayed,) = await insert(pool, tenant, delay_s=1.5)
+    (now,) = await insert(pool, tenant)
+    await flush_until_empty(relay)
+    first = {m.task_id for m in await broker.drain()}
+    assert now in first and delayed not in first
+    assert len(await outbox_rows(pool, [delayed])) == 1
+
+    stop = asyncio.Event()
+    loop = asyncio.create_task(relay.run(stop), name="relay")
+    try:
+
+        async def published() -> bool:
+            return delayed in {m.task_id for m in await broker.drain()}
+
+        await eventually(published, within=15, interval=0.02, what="the delayed row")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    assert elapsed >= 1.5 - 0.05, elapsed  # not early (clock granularity aside)
+    assert elapsed < 6, elapsed  # and the relay woke for it, not much later
+    assert await outbox_rows(pool, [delayed]) == []
+
+
+async def test_retrying_task_is_promoted_to_queued_when_published(
+    pool: asyncpg.Pool,
+    deployment: Deployment,
+    tenant: Tenant,
+    broker: Broker,
+    sink: EventSink,
+    redis: Redis,
+) -> None:
+    """When the next attempt of a retrying task is published, the task becomes queued,
+    its last_seq grows by one and the matching event is written to its stream."""
+    relay = make_relay(pool, broker.publisher(), sink, deployment)
+    (task_id,) = await insert(pool, tenant)
+    await flush_until_empty(relay)
+    (message,) = [m for m in await broker.drain() if m.task_id == task_id]
+
+    # What a worker does: claim attempt 1, fail it retryably, schedule attempt 2.
+    worker = WorkerRepository(pool, timeout=10)
+    claimed = await worker.claim(message, "test-worker", lease_s=30)
+    assert claimed is not None
+    error = {"type": "flaky", "message": "try again", "retryable": True}
+    retrying = await worker.retry_later(message, error, delay_s=0)
+    assert retrying is not None and retrying["state"] == "retrying"
+    seq_retrying = retrying["last_seq"]
+
+    await flush_until_empty(relay)
+    (second,) = [m for m in await broker.drain() if m.task_id == task_id]
+    assert second.attempt == 2
+    row = await pool.fetchrow(
+        "SELECT state, attempts, last_seq, next_attempt_at FROM tasks WHERE id = $1", task_id
+    )
+    assert row["state"] == "queued"
+    assert row["last_seq"] == seq_retrying + 1
+    assert row["attempts"] == 1 and row["next_attempt_at"] is None
+    entries = await redis.xrange(broker.wire.event_stream(task_id))
+    assert entries, "no event written for the promotion"
+    entry_id, fields = entries[-1]
+    event = parse_event(fields[b"e"])
+    assert entry_id == f"{seq_retrying + 1}-0".encode()
+    assert (event.seq, event.state, event.task_id) == (seq_retrying + 1, "queued", task_id)
+
+    # A stale copy of the same row (published again after a crash) promotes nothing.
+    await pool.execute(
+        "INSERT INTO outbox (task_id, attempt, body) VALUES ($1, 2, $2)",
+        task_id,
+        second.model_dump_json().encode(),
+    )
+    await flush_until_empty(relay)
+    assert await pool.fetchval("SELECT last_seq FROM tasks WHERE id = $1", task_id) == (
+        seq_retrying + 1
+    )
+    await broker.drain()
+
+
+async def test_published_message_is_persistent_and_identified(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Messages are persistent JSON with message_id task_id:attempt (for tracing dedup)."""
+    (task_id,) = await insert(pool, tenant)
+    await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
+    found = None
+    while (message := await broker.topology.queue.get(no_ack=True, fail=False)) is not None:
+        if parse_task_message(message.body).task_id == task_id:
+            found = message
+    assert found is not None
+    assert found.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert found.message_id == f"{task_id}:1"
+    assert found.content_type == "application/json"

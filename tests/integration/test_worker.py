@@ -1,0 +1,365 @@
+"""The core pipeline with real processes: API → outbox → RabbitMQ → worker → PostgreSQL,
+with progress events in Redis. One API and one worker serve every test of this module.
+
+Poison messages are published straight to the queue, as a foreign or older producer
+would, and must end in the dead_letters table with their reason."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+import aio_pika
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from services.api.repository import ApiRepository, NewTask
+from shared.db import create_pool
+from shared.ids import uuid7
+from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
+from tests.conftest import Deployment, Tenant
+from tests.support import ServiceProcess, System, eventually, free_port
+
+
+@pytest.fixture(scope="module")
+async def system(deployment: Deployment) -> AsyncIterator[System]:
+    ports = {
+        "api_port": str(free_port()),
+        "gateway_port": str(free_port()),
+        "worker_metrics_port": str(free_port()),
+    }
+    sys_ = System(deployment.env(retry_base_s="0.05", retry_cap_s="0.2"), ports)
+    try:
+        await sys_.start_api()
+        await sys_.start_worker()
+        yield sys_
+    finally:
+        sys_.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(system: System) -> ServiceProcess:
+    return next(p for p in system.procs if p.name == "worker")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+@pytest.fixture
+async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
+    client = Redis.from_url(deployment.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def amqp_channel(deployment: Deployment) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    connection = await aio_pika.connect(deployment.amqp_url, timeout=10)
+    channel = await connection.channel(publisher_confirms=True)
+    yield channel
+    await connection.close()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def submit(
+    http: aiohttp.ClientSession, system: System, tenant: Tenant, body: dict[str, Any]
+) -> UUID:
+    async with http.post(f"{system.api_url}/v1/tasks", json=body, headers=tenant.headers) as r:
+        assert r.status == 202, await r.text()
+        return UUID((await r.json())["id"])
+
+
+def as_json(value: Any) -> Any:
+    """A jsonb column, whether or not the pool decodes JSON."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+async def terminal_row(db: asyncpg.Pool, task_id: UUID, within: float = 30) -> asyncpg.Record:
+    async def check() -> asyncpg.Record | None:
+        row = await db.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+        return row if row and row["state"] in ("succeeded", "failed", "cancelled") else None
+
+    return await eventually(check, within=within, what=f"task {task_id} to end")
+
+
+async def events(redis: Redis, deployment: Deployment, task_id: UUID) -> list[ProgressEvent]:
+    entries = await redis.xrange(deployment.wire.event_stream(task_id))
+    out = []
+    for entry_id, fields in entries:
+        event = parse_event(fields[b"e"])
+        assert entry_id == f"{event.seq}-0".encode()  # the entry id is the seq
+        out.append(event)
+    return out
+
+
+async def gapless_events(
+    redis: Redis, deployment: Deployment, db: asyncpg.Pool, task_id: UUID
+) -> list[ProgressEvent]:
+    """The task's events once the terminal one is in the stream; seq 1..N, no gap."""
+
+    async def check() -> list[ProgressEvent] | None:
+        found = await events(redis, deployment, task_id)
+        return found if found and found[-1].state in ("succeeded", "failed", "cancelled") else None
+
+    found = await eventually(check, within=15, what="the terminal event in the stream")
+    last_seq = await db.fetchval("SELECT last_seq FROM tasks WHERE id = $1", task_id)
+    assert [e.seq for e in found] == list(range(1, last_seq + 1)), [(e.seq, e.state) for e in found]
+    assert all(e.task_id == task_id for e in found)
+    return found
+
+
+async def queue_depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
+    declared = await channel.declare_queue(name, passive=True)
+    return int(declared.declaration_result.message_count or 0)
+
+
+async def worker_metric(system: System, http: aiohttp.ClientSession, name: str) -> float:
+    async with http.get(f"http://127.0.0.1:{system.metrics_port}/metrics") as r:
+        text = await r.text()
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in the worker's metrics"
+    return float(match[1])
+
+
+async def queue_settled(
+    system: System, http: aiohttp.ClientSession, channel: aio_pika.abc.AbstractChannel, queue: str
+) -> bool:
+    """Nothing ready in the queue and nothing being processed (so everything was acked)."""
+    return (
+        await queue_depth(channel, queue) == 0
+        and await worker_metric(system, http, "longhaul_worker_in_flight") == 0
+    )
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+async def test_task_runs_and_stores_its_result(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """A submitted demo.noop ends succeeded with its result, once, with gapless events."""
+    task_id = await submit(http, system, tenant, {"type": "demo.noop"})
+    row = await terminal_row(db, task_id)
+    assert row["state"] == "succeeded"
+    assert as_json(row["result"]) == {"ok": True}
+    assert (row["attempts"], row["progress"], row["error"]) == (1, 1.0, None)
+    assert row["finished_at"] is not None and row["worker_id"] is None
+    found = await gapless_events(redis, deployment, db, task_id)
+    assert [e.state for e in found] == ["queued", "running", "succeeded"]
+    async with http.get(f"{system.api_url}/v1/tasks/{task_id}", headers=tenant.headers) as r:
+        body = await r.json()
+    assert (body["state"], body["result"], body["last_seq"]) == ("succeeded", {"ok": True}, 3)
+
+
+async def test_progress_events_are_ordered_and_gapless(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """demo.sleep's progress reports reach Redis with seq 1..N and never decreasing."""
+    task_id = await submit(
+        http, system, tenant, {"type": "demo.sleep", "args": {"seconds": 0.5, "steps": 5}}
+    )
+    row = await terminal_row(db, task_id)
+    assert row["state"] == "succeeded"
+    found = await gapless_events(redis, deployment, db, task_id)
+    assert found[-1].state == "succeeded" and found[-1].progress == 1.0
+    running = [e for e in found if e.state == "running"]
+    assert len(running) >= 3  # the claim and some progress reports
+    progress = [e.progress for e in running]
+    assert progress == sorted(progress)
+    assert running[-1].message == "step 5 of 5"
+
+
+async def test_permanent_error_fails_at_once(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """A handler raising PermanentError ends failed after one attempt, retryable false."""
+    task_id = await submit(
+        http, system, tenant, {"type": "demo.fail", "args": {"message": "nope"}, "max_attempts": 5}
+    )
+    row = await terminal_row(db, task_id)
+    assert row["state"] == "failed"
+    assert row["attempts"] == 1
+    assert as_json(row["error"]) == {
+        "type": "demo_failure",
+        "message": "nope",
+        "retryable": False,
+    }
+    found = await gapless_events(redis, deployment, db, task_id)
+    assert [e.state for e in found] == ["queued", "running", "failed"]
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", task_id) == 0
+
+
+async def test_flaky_task_retries_then_succeeds(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """demo.flaky with fail_times=2 succeeds on attempt 3, through retrying and queued."""
+    task_id = await submit(http, system, tenant, {"type": "demo.flaky", "args": {"fail_times": 2}})
+    row = await terminal_row(db, task_id)
+    assert row["state"] == "succeeded", row["error"]
+    assert row["attempts"] == 3
+    assert as_json(row["result"]) == {"attempts": 3}
+    assert row["error"] is None
+    found = await gapless_events(redis, deployment, db, task_id)
+    states = [e.state for e in found]
+    assert states.count("retrying") == 2
+    assert states[0] == "queued" and states[-1] == "succeeded"
+    assert [e.attempt for e in found if e.state == "running"][-1] == 3
+
+
+async def test_flaky_task_out_of_attempts_fails(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+) -> None:
+    """A retryable error on the last attempt fails the task, retryable true."""
+    task_id = await submit(
+        http,
+        system,
+        tenant,
+        {"type": "demo.flaky", "args": {"fail_times": 5}, "max_attempts": 2},
+    )
+    row = await terminal_row(db, task_id)
+    assert (row["state"], row["attempts"]) == ("failed", 2)
+    error = as_json(row["error"])
+    assert error["type"] == "flaky" and error["retryable"] is True
+
+
+# ---------------------------------------------------------------- duplicates and poison
+
+
+async def publish_raw(
+    channel: aio_pika.abc.AbstractChannel, deployment: Deployment, body: bytes
+) -> None:
+    exchange = await channel.get_exchange(deployment.wire.tasks_exchange)
+    await exchange.publish(
+        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+        deployment.wire.tasks_routing_key,
+        mandatory=True,
+    )
+
+
+async def test_duplicate_delivery_of_a_terminal_task_is_acked_and_skipped(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    deployment: Deployment,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+) -> None:
+    """The same message published twice more after the task succeeded changes nothing
+    and leaves no message behind."""
+    task_id = await submit(http, system, tenant, {"type": "demo.noop"})
+    before = await terminal_row(db, task_id)
+    delivered = await worker_metric(system, http, "longhaul_worker_deliveries_total")
+    message = TaskMessage(task_id=task_id, tenant_id=tenant.id, type="demo.noop", attempt=1)
+    for _ in range(2):
+        await publish_raw(amqp_channel, deployment, message.model_dump_json().encode())
+
+    async def both_delivered() -> bool:
+        now = await worker_metric(system, http, "longhaul_worker_deliveries_total")
+        return now >= delivered + 2
+
+    await eventually(both_delivered, within=15, what="the two duplicates to be delivered")
+    await eventually(
+        lambda: queue_settled(system, http, amqp_channel, deployment.wire.tasks_queue),
+        within=15,
+        what="the queue to be empty and nothing in flight",
+    )
+    after = await db.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+    assert dict(after) == dict(before)
+
+
+async def test_poison_messages_are_dead_lettered_with_their_reason(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    deployment: Deployment,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+) -> None:
+    """Malformed, v2 and unknown-type messages end in dead_letters with their reason,
+    the unknown-type task ends failed, and the queue is left empty."""
+    marker = uuid7().hex
+    malformed = f"not json {marker}".encode()
+    v2 = orjson.dumps(
+        {
+            "v": 2,
+            "task_id": str(uuid7()),
+            "tenant_id": str(tenant.id),
+            "type": "demo.noop",
+            "attempt": 1,
+            "marker": marker,
+        }
+    )
+    # A real task of a type no worker runs (inserted on the API's own path, which the
+    # API only refuses because of its registry).
+    pool = await create_pool(deployment.database_url, max_size=2)
+    try:
+        unknown_id = uuid7()
+        await ApiRepository(pool, timeout=10).insert(
+            tenant.id, [NewTask(id=unknown_id, request=TaskRequest(type="nobody.runs.this"))]
+        )
+    finally:
+        await pool.close()
+    for body in (malformed, v2):
+        await publish_raw(amqp_channel, deployment, body)
+
+    async def dead() -> list[asyncpg.Record] | None:
+        rows = await db.fetch(
+            "SELECT * FROM dead_letters WHERE body = ANY($1::bytea[]) OR task_id = $2",
+            [malformed, v2],
+            unknown_id,
+        )
+        return rows if len(rows) >= 3 else None
+
+    rows = await eventually(dead, within=20, what="three dead letters")
+    by_reason = {r["reason"]: r for r in rows}
+    assert sorted(by_reason) == ["malformed", "unknown_type", "unknown_version"]
+    assert len(rows) == 3  # each once
+    assert bytes(by_reason["malformed"]["body"]) == malformed
+    assert bytes(by_reason["unknown_version"]["body"]) == v2
+    assert "2" in by_reason["unknown_version"]["detail"]
+    unknown = by_reason["unknown_type"]
+    assert unknown["tenant_id"] == tenant.id and unknown["task_id"] == unknown_id
+    assert "nobody.runs.this" in unknown["detail"]
+    task = await terminal_row(db, unknown_id)
+    assert task["state"] == "failed"
+    assert as_json(task["error"])["type"] == "unknown_type"
+    assert as_json(task["error"])["retryable"] is False
+    await eventually(
+        lambda: queue_settled(system, http, amqp_channel, deployment.wire.tasks_queue),
+        within=15,
+        what="the queue to be empty and nothing in flight",
+    )
+    assert system.procs[-1].alive()

@@ -1,0 +1,242 @@
+"""The API's pure parts: the drain estimator behind Retry-After, cursors, the
+Idempotency-Key rule, validation problems and the OpenAPI document."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from uuid import UUID
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from pydantic import ValidationError
+
+from services.api import requests as rq
+from services.api.backpressure import DrainEstimator
+from services.api.openapi import build_openapi
+from services.api.problems import ProblemException, validation_problem
+from services.api.routes import routes
+from shared.ids import uuid7
+from shared.schemas import TaskRequest
+
+# ---------------------------------------------------------------- DrainEstimator
+
+
+def test_rate_starts_at_the_floor() -> None:
+    """Before any sample the rate is the floor (a conservative 1 msg/s)."""
+    assert DrainEstimator().rate == 1.0
+
+
+def test_rate_is_measured_from_a_falling_depth() -> None:
+    """A depth falling by 100 in 1 s moves the smoothed rate toward 100/s."""
+    est = DrainEstimator(smoothing=0.3, floor=1.0)
+    est.sample(0.0, 1000)
+    est.sample(1.0, 900)
+    assert est.rate == pytest.approx(0.3 * 100 + 0.7 * 1.0)
+    for i in range(2, 40):
+        est.sample(float(i), 1000 - 100 * i)
+    assert est.rate == pytest.approx(100, rel=0.01)
+
+
+def test_rising_or_flat_depth_does_not_change_the_rate() -> None:
+    """Only falls are evidence of draining; rises (publishes) say nothing."""
+    est = DrainEstimator()
+    est.sample(0.0, 100)
+    est.sample(1.0, 50)
+    rate = est.rate
+    est.sample(2.0, 500)
+    est.sample(3.0, 500)
+    est.sample(3.0, 400)  # no time elapsed: ignored
+    assert est.rate == rate
+
+
+def test_retry_after_is_bounded() -> None:
+    """Retry-After is always within 1..60 seconds."""
+    est = DrainEstimator()
+    assert est.retry_after(depth=0, limit=100) == 1
+    assert est.retry_after(depth=100, limit=100) == 1
+    assert est.retry_after(depth=10**9, limit=100) == 60
+    fast = DrainEstimator()
+    fast.sample(0, 10**7)
+    fast.sample(1, 0)
+    assert fast.retry_after(depth=101, limit=100) == 1
+
+
+def test_retry_after_grows_with_depth() -> None:
+    """The deeper past the limit, the longer the wait, at a given rate."""
+    est = DrainEstimator()
+    est.sample(0.0, 1000)
+    est.sample(1.0, 990)  # rate 3.7/s
+    values = [est.retry_after(depth=d, limit=100) for d in range(100, 400, 5)]
+    assert values == sorted(values)
+    assert values[0] < values[-1]
+    assert est.retry_after(150, 100) == math.ceil(51 / est.rate)
+
+
+# ---------------------------------------------------------------- cursors
+
+
+def test_cursor_round_trip() -> None:
+    """decode_cursor(encode_cursor(id)) is the id, and the cursor is URL-safe."""
+    for _ in range(50):
+        value = uuid7()
+        cursor = rq.encode_cursor(value)
+        assert cursor.isascii() and not set(cursor) & set("+/=")
+        assert rq.decode_cursor(cursor) == value
+
+
+@pytest.mark.parametrize("garbage", ["", "!!!", "abc", "é", "a" * 40, "x" * 23, "%%%%"])
+def test_garbage_cursor_is_none(garbage: str) -> None:
+    """A cursor we did not issue decodes to None, never raises."""
+    assert rq.decode_cursor(garbage) is None
+
+
+# ---------------------------------------------------------------- Idempotency-Key
+
+
+def _request(headers: dict[str, str]) -> Any:
+    return make_mocked_request("POST", "/v1/tasks", headers=headers)
+
+
+def test_no_idempotency_key_is_none() -> None:
+    """Without the header there is no key."""
+    assert rq.idempotency_key(_request({})) is None
+
+
+@pytest.mark.parametrize("key", ["a", "order-42:retry#1", "~" * 255, "!"])
+def test_valid_idempotency_keys(key: str) -> None:
+    """1..255 printable ASCII characters are accepted as they are."""
+    assert rq.idempotency_key(_request({"Idempotency-Key": key})) == key
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "tab\there", "caf\u00e9"])
+def test_invalid_idempotency_keys(key: str) -> None:
+    """Empty, too long, spaces, controls or non-ASCII keys are a 422 naming the header."""
+    with pytest.raises(ProblemException) as info:
+        rq.idempotency_key(_request({"Idempotency-Key": key}))
+    problem = info.value.problem
+    assert problem.status == 422
+    assert problem.errors is not None
+    assert problem.errors[0].loc == ["header", "Idempotency-Key"]
+
+
+def test_request_hash_ignores_key_order_and_spelled_defaults() -> None:
+    """Two bodies with the same meaning have the same fingerprint; others differ."""
+    a = TaskRequest.model_validate({"type": "t", "args": {"x": 1, "y": 2}})
+    b = TaskRequest.model_validate({"args": {"y": 2, "x": 1}, "type": "t", "priority": 0})
+    c = TaskRequest.model_validate({"type": "t", "args": {"x": 1, "y": 3}})
+    assert rq.request_hash(a) == rq.request_hash(b)
+    assert rq.request_hash(a) != rq.request_hash(c)
+
+
+# ---------------------------------------------------------------- problems
+
+
+def _validation_error(body: dict[str, Any]) -> ValidationError:
+    try:
+        TaskRequest.model_validate(body)
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("expected a validation error")
+
+
+def test_validation_problem_shape() -> None:
+    """A validation error becomes a 422 problem with errors located under body."""
+    exc = validation_problem(_validation_error({"type": "", "bogus": 1}))
+    problem = exc.problem
+    assert problem.status == 422
+    assert problem.type.endswith("/validation")
+    assert problem.title == "Invalid request"
+    assert problem.errors is not None
+    locs = {tuple(e.loc) for e in problem.errors}
+    assert locs == {("body", "type"), ("body", "bogus")}
+    assert problem.detail is not None and "body.type" in problem.detail
+    dumped = problem.model_dump(exclude_none=True)
+    assert set(dumped) == {"type", "title", "status", "detail", "errors"}
+    assert all(set(e) == {"loc", "msg"} for e in dumped["errors"])
+
+
+def test_validation_problem_prefix_and_more() -> None:
+    """The prefix is prepended to every loc, and the detail counts errors beyond 3."""
+    err = _validation_error(
+        {"type": "", "priority": 99, "max_attempts": 0, "timeout_s": -1, "delay_s": -1}
+    )
+    problem = validation_problem(err, prefix=("body", "tasks", 3)).problem
+    assert problem.errors is not None and len(problem.errors) == 5
+    assert all(e.loc[:3] == ["body", "tasks", 3] for e in problem.errors)
+    assert problem.detail is not None and problem.detail.endswith("(and 2 more)")
+
+
+# ---------------------------------------------------------------- OpenAPI
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_openapi_lists_every_v1_route() -> None:
+    """Every /v1 route the app serves is in the document, with its method."""
+    doc = build_openapi("http://127.0.0.1:8000")
+    assert doc["openapi"].startswith("3.1")
+    served = {
+        (route.path, route.method.lower())  # type: ignore[attr-defined]
+        for route in routes
+        if route.path.startswith("/v1/")  # type: ignore[attr-defined]
+    }
+    assert served, "no /v1 routes found"
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert served <= documented, served - documented
+    assert documented <= served, documented - served
+
+
+def test_openapi_refs_resolve() -> None:
+    """Every $ref points at an entry of components.schemas."""
+    doc = build_openapi("http://127.0.0.1:8000")
+    schemas = doc["components"]["schemas"]
+    refs = _refs(doc)
+    assert refs
+    prefix = "#/components/schemas/"
+    for ref in refs:
+        assert ref.startswith(prefix), ref
+        assert ref.removeprefix(prefix) in schemas, ref
+
+
+def test_openapi_operations_are_well_formed() -> None:
+    """Each operation has a unique operationId and responses with descriptions."""
+    doc = build_openapi("http://example.test")
+    assert doc["servers"] == [{"url": "http://example.test"}]
+    ids = []
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            ids.append(op["operationId"])
+            assert op["responses"]
+            assert all("description" in r for r in op["responses"].values())
+            for param in op.get("parameters", []):
+                assert {"name", "in", "schema"} <= set(param)
+                if param["in"] == "path":
+                    assert param["required"] is True
+    assert len(ids) == len(set(ids))
+
+
+def test_openapi_task_schema_has_contract_fields() -> None:
+    """The Task schema names the contract's fields."""
+    task = build_openapi("http://x")["components"]["schemas"]["Task"]
+    for field in ("id", "type", "state", "progress", "attempts", "last_seq", "links"):
+        assert field in task["properties"], field
+
+
+def test_path_id_parsing() -> None:
+    """A malformed path id is a 404, a UUID is returned as one."""
+    value = uuid7()
+    ok = make_mocked_request("GET", f"/v1/tasks/{value}", match_info={"id": str(value)})
+    assert rq.path_id(ok) == value
+    bad = make_mocked_request("GET", "/v1/tasks/nope", match_info={"id": "nope"})
+    with pytest.raises(ProblemException) as info:
+        rq.path_id(bad)
+    assert info.value.problem.status == 404
+    assert isinstance(value, UUID)

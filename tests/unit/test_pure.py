@@ -1,0 +1,230 @@
+"""Pure shared modules: the state machine, backoff, UUIDv7 ids, API keys, failpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+
+import pytest
+
+from shared import keys
+from shared.backoff import Backoff
+from shared.failpoints import Failpoints
+from shared.ids import uuid7
+from shared.schemas import TaskState as S
+from shared.states import TRANSITIONS, can_transition, sources_of
+
+# ---------------------------------------------------------------- states
+
+
+def test_every_state_has_a_row() -> None:
+    """The transition table covers every state of the contract."""
+    assert set(TRANSITIONS) == set(S)
+
+
+def test_terminal_states_have_no_successors_but_retry() -> None:
+    """succeeded is final; failed and cancelled can only go back to queued (POST /retry)."""
+    assert TRANSITIONS[S.SUCCEEDED] == frozenset()
+    assert TRANSITIONS[S.FAILED] == {S.QUEUED}
+    assert TRANSITIONS[S.CANCELLED] == {S.QUEUED}
+    for terminal in (S.SUCCEEDED, S.FAILED, S.CANCELLED):
+        for other in S:
+            if other is not S.QUEUED:
+                assert not can_transition(terminal, other), (terminal, other)
+
+
+def test_contract_paths_are_allowed() -> None:
+    """queued → running → succeeded, and running → retrying → queued between attempts."""
+    for a, b in [
+        (S.QUEUED, S.RUNNING),
+        (S.RUNNING, S.SUCCEEDED),
+        (S.RUNNING, S.FAILED),
+        (S.RUNNING, S.CANCELLED),
+        (S.RUNNING, S.RETRYING),
+        (S.RETRYING, S.QUEUED),
+        (S.QUEUED, S.CANCELLED),
+    ]:
+        assert can_transition(a, b), (a, b)
+
+
+def test_impossible_transitions_are_refused() -> None:
+    """A task cannot skip running to succeed, nor go back to running once succeeded."""
+    assert not can_transition(S.QUEUED, S.SUCCEEDED)
+    assert not can_transition(S.QUEUED, S.FAILED)
+    assert not can_transition(S.SUCCEEDED, S.RUNNING)
+    assert not can_transition(S.QUEUED, S.QUEUED)
+
+
+def test_sources_of_is_the_inverse_of_the_table() -> None:
+    """sources_of(new) lists exactly the states whose row names ``new``."""
+    assert sources_of(S.SUCCEEDED) == {S.RUNNING}
+    assert sources_of(S.RUNNING) == {S.QUEUED, S.RETRYING}
+    assert sources_of(S.QUEUED) == {S.RUNNING, S.RETRYING, S.FAILED, S.CANCELLED}
+    for new in S:
+        assert all(new in TRANSITIONS[s] for s in sources_of(new))
+
+
+# ---------------------------------------------------------------- backoff
+
+
+def test_ceiling_doubles_then_caps() -> None:
+    """The ceiling is base * factor**(attempt-1), capped."""
+    b = Backoff(base_s=1.0, factor=2.0, cap_s=600.0)
+    assert [b.ceiling(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert b.ceiling(10) == 512.0
+    assert b.ceiling(11) == 600.0
+    assert b.ceiling(0) == 1.0  # no negative exponent for a bogus attempt
+
+
+@pytest.mark.parametrize("attempt", [65, 66, 1_000, 10**6, 10**18])
+def test_huge_attempts_do_not_overflow(attempt: int) -> None:
+    """A huge attempt number gives the cap, not an OverflowError."""
+    b = Backoff(base_s=0.5, factor=3.0, cap_s=60.0)
+    assert b.ceiling(attempt) == 60.0
+    assert 0.0 <= b.delay(attempt) <= 60.0
+
+
+def test_ceiling_of_a_large_factor_does_not_overflow_below_the_guard() -> None:
+    """factor**64 of a large factor must not overflow either (float range)."""
+    b = Backoff(base_s=1.0, factor=1e6, cap_s=10.0)
+    assert b.ceiling(60) == 10.0
+
+
+def test_full_jitter_stays_within_zero_and_ceiling() -> None:
+    """Delays are uniform in [0, ceiling]: spread out, never above the ceiling."""
+    b = Backoff(base_s=1.0, factor=2.0, cap_s=30.0)
+    rng = random.Random(42)
+    for attempt in range(1, 12):
+        delays = [b.delay(attempt, rng) for _ in range(300)]
+        assert all(0.0 <= d <= b.ceiling(attempt) for d in delays)
+        # Jitter: not all the same, and reaching into the upper half of the range.
+        assert len(set(delays)) > 100
+        assert max(delays) > b.ceiling(attempt) / 2
+
+
+def test_delay_is_deterministic_with_a_seeded_rng() -> None:
+    """The same seed gives the same delays (tests can pin them)."""
+    b = Backoff()
+    assert [b.delay(3, random.Random(7)) for _ in range(2)] == [b.delay(3, random.Random(7))] * 2
+
+
+# ---------------------------------------------------------------- ids
+
+
+def test_uuid7_version_and_variant() -> None:
+    """uuid7() sets version 7 and the RFC 9562 variant."""
+    for _ in range(100):
+        value = uuid7()
+        assert value.version == 7
+        assert value.variant == uuid.RFC_4122
+
+
+def test_uuid7_embeds_the_current_time() -> None:
+    """The first 48 bits are the Unix time in milliseconds."""
+    before = time.time_ns() // 1_000_000
+    value = uuid7()
+    after = time.time_ns() // 1_000_000
+    assert before <= value.int >> 80 <= after
+
+
+def test_uuid7_is_time_ordered_across_calls() -> None:
+    """Ids made in different milliseconds sort in creation order."""
+    ids = []
+    for _ in range(5):
+        ids.append(uuid7())
+        time.sleep(0.002)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 5
+
+
+def test_uuid7_is_unique() -> None:
+    """Many ids in the same millisecond do not collide."""
+    assert len({uuid7() for _ in range(10_000)}) == 10_000
+
+
+# ---------------------------------------------------------------- keys
+
+
+def test_generate_parse_verify() -> None:
+    """A generated key parses back to its parts and verifies against its stored hash."""
+    new = keys.generate("live")
+    parsed = keys.parse(new.key)
+    assert parsed is not None
+    assert (parsed.label, parsed.key_id) == ("live", new.key_id)
+    assert new.key.startswith(f"lh_live_{new.key_id}_")
+    assert keys.verify(parsed, new.secret_hash)
+    assert new.secret_hash != parsed.secret.encode()  # only a hash is stored
+
+
+def test_wrong_secret_fails() -> None:
+    """Another key's hash, or a tampered secret, does not verify."""
+    a, b = keys.generate(), keys.generate()
+    pa = keys.parse(a.key)
+    assert pa is not None
+    assert not keys.verify(pa, b.secret_hash)
+    tampered = a.key[:-1] + ("A" if a.key[-1] != "A" else "B")
+    pt = keys.parse(tampered)
+    assert pt is not None and not keys.verify(pt, a.secret_hash)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "lh_",
+        "lh_live_abc_def",
+        "xx_live_abcdefghijkl_" + "a" * 43,
+        "lh_LIVE_abcdefghijkl_" + "a" * 43,
+    ],
+)
+def test_parse_refuses_what_is_not_a_key(key: str) -> None:
+    """Strings not of the key shape parse to None."""
+    assert keys.parse(key) is None
+
+
+def test_generate_refuses_bad_labels() -> None:
+    """Labels are 1-16 lowercase letters or digits."""
+    for label in ("", "Live", "has_underscore", "x" * 17):
+        with pytest.raises(ValueError, match="label"):
+            keys.generate(label)
+
+
+def test_redact_hides_the_secret() -> None:
+    """redact() keeps label and id, never the secret; garbage redacts to a stub."""
+    new = keys.generate("test")
+    parsed = keys.parse(new.key)
+    assert parsed is not None
+    shown = keys.redact(new.key)
+    assert parsed.secret not in shown
+    assert shown == f"lh_test_{new.key_id}_…"
+    assert keys.redact("secret-garbage") == "lh_…"
+
+
+# ---------------------------------------------------------------- failpoints
+
+
+def test_failpoints_parse_and_ignore_blanks() -> None:
+    """A spec of name=action pairs parses, with spaces and empty items ignored."""
+    fp = Failpoints(" relay.after_confirm=crash, ,worker.before_commit=hang,")
+    assert fp._points == {"relay.after_confirm": "crash", "worker.before_commit": "hang"}
+    assert Failpoints("")._points == {}
+
+
+@pytest.mark.parametrize("spec", ["a=explode", "a", "a=", "a=Crash"])
+def test_failpoints_refuse_bad_actions(spec: str) -> None:
+    """An unknown or missing action is a ValueError naming the failpoint."""
+    with pytest.raises(ValueError, match="action must be one of"):
+        Failpoints(spec)
+
+
+async def test_unset_failpoint_is_a_no_op() -> None:
+    """hit() on a failpoint that is not configured returns at once."""
+    await asyncio.wait_for(Failpoints("other=crash").hit("relay.before_publish"), 1.0)
+
+
+async def test_hang_failpoint_hangs() -> None:
+    """A ``hang`` failpoint never returns (until cancelled)."""
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(Failpoints("x=hang").hit("x"), 0.05)

@@ -1,0 +1,90 @@
+"""Settings from LONGHAUL_* env vars: defaults, overrides, and one-line config errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from services.api.settings import ApiSettings
+from services.worker.settings import WorkerSettings
+from shared.errors import ConfigError
+from shared.settings import CommonSettings, load
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from an environment without any LONGHAUL_ variable."""
+    for name in list(os.environ):
+        if name.startswith("LONGHAUL_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_contract() -> None:
+    """With no env vars, the settings are the contract's defaults."""
+    s = load(CommonSettings)
+    assert s.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.database_url == "postgresql://postgres@127.0.0.1:5432/longhaul"
+    assert s.namespace == "longhaul"
+    assert s.public_ws_url == "ws://127.0.0.1:8001/v1/ws"
+    assert s.failpoints == ""
+    api = load(ApiSettings)
+    assert (api.api_host, api.api_port, api.max_body_bytes) == ("127.0.0.1", 8000, 1024 * 1024)
+    worker = load(WorkerSettings)
+    assert worker.worker_metrics_port == 8002
+    assert worker.delivery_limit == 50  # well above the default max_attempts (5)
+
+
+def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LONGHAUL_<FIELD> overrides a field, with type conversion."""
+    monkeypatch.setenv("LONGHAUL_NAMESPACE", "run_42")
+    monkeypatch.setenv("LONGHAUL_IO_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("LONGHAUL_LOG_LEVEL", "debug")
+    monkeypatch.setenv("LONGHAUL_WORKER_CONCURRENCY", "3")
+    monkeypatch.setenv("LONGHAUL_RELAY_ENABLED", "false")
+    s = load(WorkerSettings)
+    assert (s.namespace, s.io_timeout_s, s.log_level) == ("run_42", 2.5, "DEBUG")
+    assert s.worker_concurrency == 3
+    assert s.relay_enabled is False
+
+
+def test_unrelated_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LONGHAUL_ variable another service reads does not break this one."""
+    monkeypatch.setenv("LONGHAUL_GATEWAY_PORT", "9000")
+    monkeypatch.setenv("LONGHAUL_SOMETHING_ELSE", "x")
+    assert load(CommonSettings).namespace == "longhaul"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "cls"),
+    [
+        ("LONGHAUL_NAMESPACE", "Bad-Name", CommonSettings),
+        ("LONGHAUL_NAMESPACE", "", CommonSettings),
+        ("LONGHAUL_LOG_LEVEL", "chatty", CommonSettings),
+        ("LONGHAUL_LOG_FORMAT", "xml", CommonSettings),
+        ("LONGHAUL_IO_TIMEOUT_S", "0", CommonSettings),
+        ("LONGHAUL_DELIVERY_LIMIT", "many", CommonSettings),
+        ("LONGHAUL_API_PORT", "70000", ApiSettings),
+        ("LONGHAUL_WORKER_CONCURRENCY", "0", WorkerSettings),
+        ("LONGHAUL_RETRY_FACTOR", "0.5", WorkerSettings),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_env_var(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, cls: type[CommonSettings]
+) -> None:
+    """load() raises ConfigError with one line that names the LONGHAUL_ variable."""
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as info:
+        load(cls)
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(f"invalid configuration: {env}: ")
+
+
+def test_several_bad_values_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several bad values the line names the first and counts the rest."""
+    monkeypatch.setenv("LONGHAUL_NAMESPACE", "Bad-Name")
+    monkeypatch.setenv("LONGHAUL_LOG_LEVEL", "chatty")
+    with pytest.raises(ConfigError, match=r"\(and 1 more\)$"):
+        load(CommonSettings)

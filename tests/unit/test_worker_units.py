@@ -1,0 +1,367 @@
+"""The worker's pure parts: the progress rate gate, the progress reporter (with fakes of
+its write and emit callables), the @task SDK and the registry of task types."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from services.worker.progress import MAX_MESSAGE, ProgressReporter
+from services.worker.ratelimit import RateGate
+from services.worker.registry import Registry
+from services.worker.sdk import (
+    EmptyArgs,
+    PermanentError,
+    RetryableError,
+    TaskContext,
+    TaskSpec,
+    spec_of,
+    task,
+)
+from shared.backoff import Backoff
+from shared.errors import ConfigError
+from shared.ids import uuid7
+from shared.schemas import ProgressEvent, TaskState
+
+# ---------------------------------------------------------------- RateGate
+
+
+def test_rate_gate_lets_the_first_report_through() -> None:
+    """Nothing sent yet: the first report goes at once."""
+    assert RateGate(10).wait(now=123.0) == 0.0
+
+
+def test_rate_gate_holds_back_within_the_interval() -> None:
+    """After a send, the next may go one interval later, not before."""
+    gate = RateGate(4)  # 0.25 s
+    gate.sent(10.0)
+    assert gate.wait(10.0) == pytest.approx(0.25)
+    assert gate.wait(10.1) == pytest.approx(0.15)
+    assert gate.wait(10.25) == 0.0
+    assert gate.wait(99.0) == 0.0  # never negative
+
+
+# ---------------------------------------------------------------- ProgressReporter
+
+
+class FakeWrite:
+    """Stands in for the conditional UPDATE: hands out seqs, or None once fenced."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str | None]] = []
+        self.fenced = False
+        self.task_id = uuid7()
+
+    async def __call__(self, progress: float, message: str | None) -> ProgressEvent | None:
+        self.calls.append((progress, message))
+        if self.fenced:
+            return None
+        return ProgressEvent(
+            task_id=self.task_id,
+            seq=len(self.calls) + 1,
+            state=TaskState.RUNNING,
+            progress=progress,
+            message=message,
+            attempt=1,
+            ts=datetime.now(UTC),
+        )
+
+
+class FakeSink:
+    """Stands in for EventSink: records what would reach Redis."""
+
+    def __init__(self) -> None:
+        self.events: list[ProgressEvent] = []
+
+    async def emit(self, events: Sequence[ProgressEvent]) -> bool:
+        self.events.extend(events)
+        return True
+
+
+def _reporter(max_rate: float = 50.0) -> tuple[ProgressReporter, FakeWrite, FakeSink]:
+    write, sink = FakeWrite(), FakeSink()
+    return ProgressReporter(write, sink, max_rate=max_rate, name="t"), write, sink  # type: ignore[arg-type]
+
+
+async def test_a_burst_of_reports_is_coalesced() -> None:
+    """1000 reports in a burst produce a handful of writes, and the last one is written."""
+    reporter, write, sink = _reporter(max_rate=20)
+    for i in range(1, 1001):
+        await reporter.report(i / 1000, f"item {i}", None)
+    await reporter.close()
+    assert 1 <= len(write.calls) <= 3
+    assert write.calls[-1] == (1.0, "item 1000")
+    assert [e.progress for e in sink.events] == [p for p, _ in write.calls]
+
+
+async def test_the_last_report_is_delivered_on_close() -> None:
+    """A report held back by the rate limit is written by close()."""
+    reporter, write, sink = _reporter(max_rate=1)  # one per second: the 2nd is held
+    await reporter.report(0.1, "first", None)
+    await reporter.report(0.2, "second", {"k": 1})
+    assert write.calls == [(0.1, "first")]
+    await asyncio.wait_for(reporter.close(), 5)
+    assert write.calls == [(0.1, "first"), (0.2, "second")]
+    assert sink.events[-1].data == {"k": 1}
+    assert sink.events[-1].message == "second"
+
+
+async def test_close_without_pending_report_writes_nothing() -> None:
+    """close() after everything was sent does not write again."""
+    reporter, write, _ = _reporter()
+    await reporter.report(0.5, None, None)
+    await reporter.close()
+    await reporter.close()
+    assert write.calls == [(0.5, None)]
+
+
+async def test_progress_never_decreases_and_is_clamped() -> None:
+    """Lower values are raised to the best so far; values are clamped to 0..1."""
+    reporter, write, _ = _reporter(max_rate=1000)
+    for value in (-0.5, 0.4, 0.2, 0.7, 0.1, 3.0, 0.9):
+        await reporter.report(value, None, None)
+        await asyncio.sleep(0.002)
+    await reporter.close()
+    written = [p for p, _ in write.calls]
+    assert written == sorted(written)
+    assert written[0] == 0.0
+    assert written[-1] == 1.0
+    assert all(0.0 <= p <= 1.0 for p in written)
+
+
+async def test_long_messages_are_truncated() -> None:
+    """A huge message is cut to MAX_MESSAGE characters before it is written."""
+    reporter, write, _ = _reporter()
+    await reporter.report(0.1, "x" * (MAX_MESSAGE * 3), None)
+    assert write.calls[0][1] == "x" * MAX_MESSAGE
+
+
+async def test_fenced_out_stops_writes() -> None:
+    """Once a write is refused (the attempt is no longer ours), nothing more is written."""
+    reporter, write, sink = _reporter(max_rate=1000)
+    await reporter.report(0.1, None, None)
+    write.fenced = True
+    await asyncio.sleep(0.002)
+    await reporter.report(0.2, None, None)
+    await reporter.close()
+    assert reporter.fenced_out
+    calls_when_fenced = len(write.calls)
+    for value in (0.3, 0.4, 0.5):
+        await reporter.report(value, None, None)
+    await reporter.close()
+    assert len(write.calls) == calls_when_fenced
+    assert [e.progress for e in sink.events] == [0.1]
+
+
+# ---------------------------------------------------------------- SDK
+
+
+class ResizeArgs(BaseModel):
+    url: str
+    width: int = 512
+
+
+class NotAModel:
+    pass
+
+
+def test_task_attaches_a_spec() -> None:
+    """@task returns the function itself with a spec naming its type and args model."""
+    backoff = Backoff(base_s=0.1)
+
+    @task("media.resize", max_attempts=3, timeout_s=60, backoff=backoff)
+    async def resize(ctx: TaskContext, args: ResizeArgs) -> dict[str, str]:
+        return {"url": args.url}
+
+    spec = spec_of(resize)
+    assert isinstance(spec, TaskSpec)
+    assert (spec.name, spec.args_model, spec.max_attempts, spec.timeout_s) == (
+        "media.resize",
+        ResizeArgs,
+        3,
+        60,
+    )
+    assert spec.backoff is backoff
+    assert spec.handler is resize
+    assert spec.args_schema()["properties"]["url"]["type"] == "string"
+
+
+def test_unannotated_args_default_to_empty_args() -> None:
+    """A handler whose args carry no annotation takes EmptyArgs ({})."""
+
+    @task("x.empty")
+    async def empty(ctx, args):  # type: ignore[no-untyped-def]
+        return None
+
+    spec = spec_of(empty)
+    assert spec is not None and spec.args_model is EmptyArgs
+    with pytest.raises(ValueError, match="Extra inputs"):
+        EmptyArgs.model_validate({"unexpected": 1})
+
+
+def test_task_refuses_sync_functions() -> None:
+    """A plain def is refused: handlers must be async."""
+    with pytest.raises(TypeError, match="async def"):
+
+        @task("x.sync")
+        def sync(ctx: TaskContext, args: ResizeArgs) -> None:  # type: ignore[type-var]
+            return None
+
+
+async def _no_params() -> None:
+    return None
+
+
+async def _one_param(ctx: TaskContext) -> None:
+    return None
+
+
+async def _three_params(ctx: TaskContext, args: ResizeArgs, extra: int) -> None:
+    return None
+
+
+@pytest.mark.parametrize("handler", [_no_params, _one_param, _three_params])
+def test_task_refuses_wrong_arity(handler: Any) -> None:
+    """A handler must take exactly (ctx, args)."""
+    with pytest.raises(TypeError, match=r"must take \(ctx, args\)"):
+        task("x.arity")(handler)
+
+
+@pytest.mark.parametrize("annotation", [int, dict, NotAModel])
+def test_task_refuses_non_pydantic_args(annotation: type) -> None:
+    """The args annotation must be a pydantic model."""
+
+    async def handler(ctx: TaskContext, args: Any) -> None:
+        return None
+
+    handler.__annotations__["args"] = annotation
+    with pytest.raises(TypeError, match="pydantic model"):
+        task("x.bad")(handler)
+
+
+def test_spec_of_ignores_undecorated_objects() -> None:
+    """spec_of() is None for anything @task did not decorate."""
+
+    async def plain(ctx: TaskContext, args: ResizeArgs) -> None:
+        return None
+
+    assert spec_of(plain) is None
+    assert spec_of(42) is None
+
+
+def test_task_failures_carry_retryable_and_type() -> None:
+    """PermanentError is not retryable, RetryableError is; type defaults to the class name."""
+    assert PermanentError("no").retryable is False
+    assert RetryableError("again").retryable is True
+    assert PermanentError("no").type == "PermanentError"
+    assert RetryableError("again", type="flaky").type == "flaky"
+
+
+# ---------------------------------------------------------------- Registry
+
+
+@pytest.fixture
+def task_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Writes a module under a unique name on sys.path; removes it from sys.modules after."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        made.append(name)
+        return name
+
+    yield write
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+def test_registry_loads_the_builtins() -> None:
+    """With no modules, the registry holds the contract's built-in types."""
+    registry = Registry.load([])
+    assert {"demo.noop", "demo.sleep", "demo.flaky", "demo.fail"} <= set(registry.schemas())
+    assert registry.get("demo.noop") is not None
+    assert registry.get("nope") is None
+
+
+def test_registry_loads_a_user_module(task_module: Any) -> None:
+    """Specs found in a --tasks module are added to the built-ins."""
+    name = task_module(
+        "lh_user_tasks_ok",
+        """
+        from services.worker.sdk import TaskContext, task
+
+        @task("user.hello")
+        async def hello(ctx: TaskContext, args) -> str:
+            return "hi"
+        """,
+    )
+    registry = Registry.load([name])
+    assert registry.get("user.hello") is not None
+    assert len(registry) == len(Registry.load([])) + 1
+
+
+def test_registry_missing_module_is_one_line_config_error() -> None:
+    """A module that does not exist stops the worker with one line naming it."""
+    with pytest.raises(ConfigError) as info:
+        Registry.load(["no_such_module_for_longhaul_tests"])
+    text = str(info.value)
+    assert "\n" not in text
+    assert "no_such_module_for_longhaul_tests" in text
+    assert "cannot import" in text
+
+
+def test_registry_module_that_raises_on_import_is_a_config_error(task_module: Any) -> None:
+    """An exception at import time is a ConfigError, not a traceback."""
+    name = task_module("lh_user_tasks_broken", "raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match="RuntimeError: boom"):
+        Registry.load([name])
+
+
+def test_registry_module_without_tasks_is_refused() -> None:
+    """A module that defines no @task is a configuration mistake."""
+    with pytest.raises(ConfigError, match="no @task functions"):
+        Registry.load(["json"])
+
+
+def test_registry_refuses_duplicate_names(task_module: Any) -> None:
+    """Two different handlers of one type name are refused."""
+    name = task_module(
+        "lh_user_tasks_dup",
+        """
+        from services.worker.sdk import TaskContext, task
+
+        @task("demo.noop")
+        async def my_noop(ctx: TaskContext, args) -> None:
+            return None
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"'demo\.noop' is defined twice"):
+        Registry.load([name])
+
+
+def test_registry_same_spec_twice_is_fine() -> None:
+    """Loading one module twice (the same spec objects) is not a duplicate."""
+    registry = Registry.load(["services.worker.builtin"])
+    assert len(registry) == len(Registry.load([]))
+
+
+def test_registry_constructor_refuses_duplicates() -> None:
+    """Registry() itself refuses two specs of one name."""
+
+    async def a(ctx: TaskContext, args: EmptyArgs) -> None:
+        return None
+
+    async def b(ctx: TaskContext, args: EmptyArgs) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="defined twice"):
+        Registry([TaskSpec("same", a, EmptyArgs), TaskSpec("same", b, EmptyArgs)])
