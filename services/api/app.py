@@ -91,7 +91,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     wire = Wire(settings.namespace)
     timeout = settings.io_timeout_s
-    repo = ApiRepository(deps.pool, timeout=timeout)
+    repo = ApiRepository(deps.pool, timeout=timeout, notify=not settings.relay_enabled)
     events = EventSink(
         deps.redis,
         wire,

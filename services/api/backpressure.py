@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = Gauge("longhaul_api_queue_depth", "Ready messages in the task queue (sampled)")
 DRAIN_RATE = Gauge("longhaul_api_drain_rate", "Measured messages/s leaving the task queue")
+
+# How long an admitted task may take to reach the queue (the insert, the relay's claim,
+# the publish and its confirm): a sample started sooner after it may not count it yet.
+_IN_FLIGHT_S = 0.1
 
 
 class DrainEstimator:
@@ -66,22 +71,29 @@ class QueueMonitor:
         # When the last sample succeeded: a stale sample means the broker is unreachable.
         self.sampled_at = 0.0
         self.estimator = DrainEstimator()
-        self._admitted = 0
+        # Tasks admitted by this process that the last sample may not count yet.
+        self._recent: deque[tuple[float, int]] = deque()
+        self._recent_total = 0
 
     def fresh(self, max_age_s: float) -> bool:
         return time.monotonic() - self.sampled_at <= max_age_s
 
     def admitted(self, count: int = 1) -> None:
-        """Count tasks this process admitted since the last sample. A burst between two
-        samples would otherwise overshoot the limit by all it sends in one interval."""
-        self._admitted += count
+        """Count tasks this process admitted: until a sample sees them, a burst between
+        two samples would otherwise overshoot the limit by all it sends in one interval."""
+        self._recent.append((time.monotonic(), count))
+        self._recent_total += count
 
     @property
     def estimated_depth(self) -> int:
-        """The sampled depth plus what this process admitted since: what to compare
-        with the limit. (Tasks still in the outbox at the sample are missed: the relay
-        publishes within milliseconds, so that is a small overshoot.)"""
-        return self.depth + self._admitted
+        """What to compare with the limit: the sampled depth plus the tasks admitted
+        here that the sample may not have counted yet."""
+        return self.depth + self._recent_total
+
+    def _counted_until(self, when: float) -> None:
+        """Forget admissions the broker had counted by a sample started at ``when``."""
+        while self._recent and self._recent[0][0] < when - _IN_FLIGHT_S:
+            self._recent_total -= self._recent.popleft()[1]
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -101,10 +113,12 @@ class QueueMonitor:
             self._queue = await self._channel.declare_queue(self._wire.tasks_queue, passive=True)
         # Declare again on every sample: aio-pika's robust channel answers a repeated
         # passive declare_queue() from its cache, with the count of the first one.
+        started = time.monotonic()
         result = await self._queue.declare(timeout=self._timeout)
         depth = int(result.message_count or 0)
         now = time.monotonic()
         self.estimator.sample(now, depth)
-        self.depth, self.sampled_at, self._admitted = depth, now, 0
+        self.depth, self.sampled_at = depth, now
+        self._counted_until(started)
         QUEUE_DEPTH.set(depth)
         DRAIN_RATE.set(self.estimator.rate)

@@ -11,7 +11,8 @@ from uuid import UUID
 import asyncpg
 
 from shared import deadletters, outbox
-from shared.schemas import TaskMessage, TaskRequest
+from shared.db import NOTIFY_CHANNEL
+from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import EVENT_COLUMNS, Row
 
 TASK_COLUMNS = (
@@ -37,9 +38,12 @@ class Principal:
 
 
 class ApiRepository:
-    def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float, notify: bool = True) -> None:
         self._pool = pool
         self._timeout = timeout
+        # NOTIFY the relays after inserting tasks; needless when this process runs its
+        # own relay (woken in-process), and a NOTIFY per commit costs under load.
+        self._notify = notify
 
     async def api_key(self, key_id: str) -> tuple[bytes, Principal] | None:
         row = await self._fetchrow(
@@ -67,26 +71,50 @@ class ApiRepository:
     ) -> list[Row]:
         """Insert tasks (state queued, seq 1) and their first outbox rows, atomically.
 
-        With an idempotency key (one task only), a conflicting earlier task of this tenant
-        wins and nothing is inserted: the caller gets an empty list."""
+        One statement, so one round trip and its own transaction: the hot path of the
+        API. With an idempotency key (one task only), a conflicting earlier task of this
+        tenant wins and nothing is inserted: the caller gets an empty list."""
         reqs = [t.request for t in tasks]
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        bodies = [
+            encode_task_message(
+                TaskMessage(
+                    task_id=t.id,
+                    tenant_id=tenant_id,
+                    type=t.request.type,
+                    attempt=1,
+                    trace_id=t.trace_id,
+                )
+            )
+            for t in tasks
+        ]
+        async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
                 f"""
-                INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, priority,
-                                   timeout_s, next_attempt_at, last_seq, idempotency_key,
-                                   request_hash, trace_id, backoff)
-                SELECT u.id, $1, u.type, u.args, 'queued', u.max_attempts, u.priority,
-                       u.timeout_s,
-                       CASE WHEN u.delay_s > 0 THEN now() + make_interval(secs => u.delay_s) END,
-                       1, $9, $10, u.trace_id, u.backoff
-                FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::int[],
-                            $7::float8[], $8::float8[], $11::text[], $12::jsonb[])
-                     AS u(id, type, args, max_attempts, priority, timeout_s, delay_s, trace_id,
-                          backoff)
-                ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-                DO NOTHING
-                RETURNING {TASK_COLUMNS}
+                WITH u AS (
+                    SELECT * FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[],
+                                         $6::int[], $7::float8[], $8::float8[], $11::text[],
+                                         $12::jsonb[], $13::bytea[])
+                        AS u(id, type, args, max_attempts, priority, timeout_s, delay_s,
+                             trace_id, backoff, body)
+                ), t AS (
+                    INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,
+                                       priority, timeout_s, next_attempt_at, last_seq,
+                                       idempotency_key, request_hash, trace_id, backoff)
+                    SELECT u.id, $1, u.type, u.args, 'queued', u.max_attempts, u.priority,
+                           u.timeout_s,
+                           CASE WHEN u.delay_s > 0
+                                THEN now() + make_interval(secs => u.delay_s) END,
+                           1, $9, $10, u.trace_id, u.backoff
+                    FROM u
+                    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+                    DO NOTHING
+                    RETURNING {TASK_COLUMNS}
+                ), o AS (
+                    INSERT INTO outbox (task_id, attempt, body, available_at)
+                    SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now())
+                    FROM t JOIN u ON u.id = t.id
+                )
+                SELECT * FROM t
                 """,
                 tenant_id,
                 [t.id for t in tasks],
@@ -100,26 +128,11 @@ class ApiRepository:
                 request_hash,
                 [t.trace_id for t in tasks],
                 [r.backoff.model_dump() if r.backoff else None for r in reqs],
+                bodies,
             )
-            if not rows:
-                return []
-            due = {r["id"]: r["next_attempt_at"] for r in rows}
-            await outbox.enqueue(
-                conn,
-                [
-                    outbox.Scheduled(
-                        TaskMessage(
-                            task_id=t.id,
-                            tenant_id=tenant_id,
-                            type=t.request.type,
-                            attempt=1,
-                            trace_id=t.trace_id,
-                        ),
-                        due[t.id],
-                    )
-                    for t in tasks
-                ],
-            )
+            if rows and self._notify:
+                # No relay in this process to wake directly: wake the others'.
+                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
             return list(rows)
 
     async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:
