@@ -102,10 +102,11 @@ async def _check_types(
 
 
 async def _accepted(svc: Services, rows: Sequence[Row]) -> None:
-    """After the commit: wake our relay and announce the queued events (seq 1)."""
+    """After the commit: announce the queued events, then wake our relay. In that order
+    the event of this seq is in Redis before a worker can write the next one."""
+    await svc.events.emit([event_from_row(r) for r in rows])
     if svc.relay is not None:
         svc.relay.wake()
-    await svc.events.emit([event_from_row(r) for r in rows])
 
 
 def _trace_id(request: web.Request) -> str:

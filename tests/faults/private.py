@@ -1,0 +1,193 @@
+"""Private RabbitMQ, Redis and PostgreSQL instances on free ports in temp dirs, for the
+faults that restart a dependency. The shared services on the standard ports are used by
+other runs and are never stopped or restarted by this suite.
+
+Each instance is started, stopped and started again on the same port with the same data,
+and ``close()`` (idempotent) brings it down for good and removes its files."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support import ARTIFACTS, free_port
+
+
+def _log(name: str) -> Path:
+    (ARTIFACTS / "logs").mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS / "logs" / f"{name}-{secrets.token_hex(3)}.log"
+
+
+def _wait(check: object, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"private {what} did not come up within {within:.0f}s")
+
+
+class PrivateRedis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="lhfault-redis-")
+        self.log_path = _log("redis")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", self.dir],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        _wait(self._ping, 20, "Redis")
+
+    def _ping(self) -> bool:
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False
+        )
+        return result.stdout.strip() == b"PONG"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivatePostgres:
+    """initdb + pg_ctl as the ``postgres`` OS user (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.bin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        self.dir = tempfile.mkdtemp(prefix="lhfault-pg-")
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = os.path.join(self.dir, "data")
+        self.log_path = _log("postgres")
+        self.initialized = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/longhaul"
+
+    def _as_postgres(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd], capture_output=True, check=check
+        )
+
+    def start(self) -> None:
+        if not self.initialized:
+            self._as_postgres(
+                f"{self.bin}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "--no-sync"
+            )
+            self.initialized = True
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        done = self._as_postgres(
+            f"{self.bin}/pg_ctl", "-D", self.data, "-o", options,
+            "-l", os.path.join(self.dir, "server.log"), "-w", "-t", "60", "start",
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def stop(self, mode: str = "fast") -> None:
+        self._as_postgres(
+            f"{self.bin}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False
+        )
+
+    def close(self) -> None:
+        if self.initialized:
+            self.stop("immediate")
+            with contextlib.suppress(OSError):
+                shutil.copy(os.path.join(self.dir, "server.log"), self.log_path)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRabbit:
+    """A second RabbitMQ node with its own name, ports, data dir and Erlang cookie (its
+    own HOME), run as root straight from /usr/lib/rabbitmq/bin (the /usr/sbin wrappers
+    switch to the ``rabbitmq`` user and the shared node's cookie)."""
+
+    BIN = "/usr/lib/rabbitmq/bin"
+
+    def __init__(self) -> None:
+        self.node = f"lhfault{secrets.token_hex(3)}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="lhfault-rabbit-")
+        Path(self.dir, "enabled_plugins").write_text("")
+        self.log_path = _log("rabbitmq")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **os.environ,
+            "HOME": self.dir,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": os.path.join(self.dir, "mnesia"),
+            "RABBITMQ_LOG_BASE": os.path.join(self.dir, "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(self.dir, "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": os.path.join(self.dir, "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": os.path.join(self.dir, "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": os.path.join(self.dir, "rabbitmq-env.conf"),
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [f"{self.BIN}/rabbitmqctl", "-n", self.node, *args],
+            env=self.env, capture_output=True, text=True, check=False, timeout=timeout,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [f"{self.BIN}/rabbitmq-server"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        _wait(lambda: self.ctl("await_startup", timeout=30).returncode == 0, 90, "RabbitMQ")
+
+    def stop(self) -> None:
+        self.ctl("stop")
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def consumers(self, queue: str) -> int:
+        out = self.ctl("list_queues", "-q", "--no-table-headers", "name", "consumers").stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return int(parts[1])
+        return 0
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.ctl("stop", timeout=30)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
