@@ -9,6 +9,7 @@ silently dropped message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import AMQPError
 
 from shared.errors import DependencyError
 from shared.settings import CommonSettings
@@ -31,6 +33,12 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
     return await aio_pika.connect_robust(
         url, timeout=timeout, client_properties={"connection_name": name}
     )
+
+
+async def close(connection: AbstractRobustConnection, timeout: float) -> None:
+    """Close within ``timeout``: a connection to a broker that is down may never answer."""
+    with contextlib.suppress(AMQPError, OSError, RuntimeError, TimeoutError):
+        await asyncio.wait_for(connection.close(), timeout)
 
 
 def task_queue_arguments(settings: CommonSettings, wire: Wire) -> dict[str, Any]:

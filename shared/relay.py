@@ -22,7 +22,12 @@ from shared.db import NOTIFY_CHANNEL
 from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
-from shared.taskrows import EVENT_COLUMNS, event_from_row
+from shared.taskrows import (
+    PREVIOUS_COLUMNS,
+    event_from_row,
+    previous_event,
+    qualified,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +47,18 @@ FOR UPDATE SKIP LOCKED
 # transaction of its own: its event then reaches Redis before any worker can claim the
 # attempt (and write the next seq). Fenced by attempt: a stale row changes nothing.
 _PROMOTE = f"""
+WITH old AS (
+    SELECT {qualified("t")}, o.attempt AS next_attempt
+    FROM outbox AS o JOIN tasks AS t ON t.id = o.task_id
+    WHERE o.available_at <= now() AND o.attempt > 1 AND t.state = 'retrying'
+      AND t.attempts = o.attempt - 1
+    FOR UPDATE OF t
+)
 UPDATE tasks AS t
 SET state = 'queued', next_attempt_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
-FROM outbox AS o
-WHERE o.available_at <= now() AND o.attempt > 1
-  AND t.id = o.task_id AND t.state = 'retrying' AND t.attempts = o.attempt - 1
-RETURNING {", ".join("t." + c.strip() for c in EVENT_COLUMNS.split(","))}
+FROM old
+WHERE t.id = old.id AND t.state = 'retrying' AND t.attempts = old.next_attempt - 1
+RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 """
 
 
@@ -113,7 +124,9 @@ class OutboxRelay:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             promoted = await conn.fetch(_PROMOTE)
         if promoted:
-            await self._events.emit([event_from_row(r) for r in promoted])
+            await self._events.emit(
+                [e for r in promoted for e in (previous_event(r), event_from_row(r))]
+            )
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:

@@ -189,7 +189,7 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
             settings.start_timeout_s,
             stop,
         )
-        stack.push_async_callback(connection.close)
+        stack.push_async_callback(amqp.close, connection, timeout)
         channel = await connection.channel()
         await amqp.declare(channel, settings, Wire(settings.namespace))
         await channel.close()

@@ -7,6 +7,7 @@ jobs, then close the AMQP channel, Redis and the pool, in that order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ from contextlib import AsyncExitStack
 
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import AMQPError
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -65,7 +67,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             settings.start_timeout_s,
             stop,
         )
-        stack.push_async_callback(connection.close)
+        stack.push_async_callback(amqp.close, connection, timeout)
 
         repo = WorkerRepository(pool, timeout=timeout)
         await repo.register_types(registry.schemas())
@@ -77,7 +79,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await channel.set_qos(prefetch_count=settings.worker_concurrency)
         topology = await amqp.declare(channel, settings, wire)
         runner = Runner(settings, repo, events, registry, failpoints, worker_id)
-        consumer = Consumer(topology.queue, runner)
+        consumer = Consumer(topology.queue, runner, timeout)
         sink = DeadLetterSink(topology.dead_letters, repo, events)
 
         health = await _serve_health(settings, pool, redis, connection, consumer)
@@ -125,10 +127,11 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await consumer.drain(
             settings.shutdown_grace_s, handback_s=settings.cancel_grace_s + 2 * timeout
         )
-        await sink.stop()
+        await sink.stop(timeout)
         jobs_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
-        await channel.close()
+        with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(channel.close(), timeout)
         log.info("worker stopped")
 
 

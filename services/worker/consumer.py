@@ -29,9 +29,10 @@ CONSUMING = Gauge("longhaul_worker_consuming", "1 while the broker delivers to t
 
 
 class Consumer:
-    def __init__(self, queue: AbstractQueue, runner: Runner) -> None:
+    def __init__(self, queue: AbstractQueue, runner: Runner, timeout: float) -> None:
         self._queue = queue
         self._runner = runner
+        self._timeout = timeout
         self._tag: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -127,8 +128,15 @@ class Consumer:
         """Stop taking work and let what runs finish, hand it back or give it up."""
         if self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
-            except (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
+                # Bounded: while the broker is down the robust channel would wait for
+                # the reconnect forever, and a stopping worker must still stop.
+                await asyncio.wait_for(self._queue.cancel(self._tag), self._timeout)
+            except (
+                AMQPError,
+                aiormq.exceptions.ChannelInvalidStateError,
+                RuntimeError,
+                TimeoutError,
+            ) as exc:
                 log.info(
                     "consumer cancel failed; closing the channel stops it",
                     extra={"error": repr(exc)},

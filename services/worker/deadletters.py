@@ -4,10 +4,13 @@ the task the message was for, so that it ends and can be redriven."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError
 
 from services.worker.repository import WorkerRepository
 from shared.errors import MessageError
@@ -28,10 +31,12 @@ class DeadLetterSink:
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float) -> None:
         if self._tag is not None:
-            await self._queue.cancel(self._tag)
-            self._tag = None
+            tag, self._tag = self._tag, None
+            # Bounded, like every call: with the broker down the channel never answers.
+            with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
+                await asyncio.wait_for(self._queue.cancel(tag), timeout)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # Rejected (requeued) on error: a dead letter is never dropped.

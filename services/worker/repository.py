@@ -15,7 +15,7 @@ from shared import outbox
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
-from shared.taskrows import EVENT_COLUMNS, Row
+from shared.taskrows import EVENT_COLUMNS, PREVIOUS_COLUMNS, Row, qualified
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,17 @@ class WorkerRepository:
         """Start ``message.attempt`` if the task is waiting for exactly that attempt."""
         row = await self._fetchrow(
             f"""
-            UPDATE tasks SET state = 'running', attempts = $2, worker_id = $3,
+            WITH old AS (SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE)
+            UPDATE tasks AS t SET state = 'running', attempts = $2, worker_id = $3,
                 lease_expires_at = now() + make_interval(secs => $4),
-                started_at = coalesce(started_at, now()), next_attempt_at = NULL,
-                progress = 0, message = NULL, last_seq = last_seq + 1, updated_at = now()
-            WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
-              AND tenant_id = $5
-            RETURNING {EVENT_COLUMNS}, type, args, tenant_id, timeout_s, max_attempts,
-                      created_at, cancel_requested_at, backoff
+                started_at = coalesce(t.started_at, now()), next_attempt_at = NULL,
+                progress = 0, message = NULL, last_seq = t.last_seq + 1, updated_at = now()
+            FROM old
+            WHERE t.id = old.id AND t.state IN ('queued', 'retrying') AND t.attempts = $2 - 1
+              AND t.tenant_id = $5
+            RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
+                      t.max_attempts, t.created_at, t.cancel_requested_at, t.backoff,
+                      {PREVIOUS_COLUMNS}
             """,
             message.task_id,
             message.attempt,

@@ -30,7 +30,7 @@ from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.logging import task_id_var, trace_id_var
 from shared.schemas import ProgressEvent, TaskMessage, parse_task_message
-from shared.taskrows import Row, event_from_row
+from shared.taskrows import Row, event_from_row, previous_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,7 +109,7 @@ class Runner:
             # or a message for no task of ours at all, which is kept as a dead letter.
             await self._skip(message, body, headers)
             return
-        await self._events.emit([event_from_row(claimed.row)])
+        await self._events.emit([previous_event(claimed.row), event_from_row(claimed.row)])
         running = Running(claimed)
         self.running[message.task_id] = running
         try:

@@ -127,12 +127,16 @@ class PrivateRabbit:
 
     BIN = "/usr/lib/rabbitmq/bin"
 
-    def __init__(self) -> None:
+    def __init__(self, advanced_config: str | None = None) -> None:
+        """``advanced_config``: the text of an Erlang-terms ``advanced.config`` for this
+        node (e.g. ``[{rabbit, [{consumer_timeout, 3000}]}].``); none by default."""
         self.node = f"lhfault{secrets.token_hex(3)}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="lhfault-rabbit-")
         Path(self.dir, "enabled_plugins").write_text("")
+        if advanced_config is not None:
+            Path(self.dir, "advanced.config").write_text(advanced_config)
         self.log_path = _log("rabbitmq")
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {
@@ -174,6 +178,14 @@ class PrivateRabbit:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+    def broker_log(self) -> str:
+        """The node's own log file(s) (under RABBITMQ_LOG_BASE), e.g. channel errors."""
+        texts = []
+        for path in sorted(Path(self.dir, "log").glob("*.log")):
+            with contextlib.suppress(OSError):
+                texts.append(path.read_text(errors="replace"))
+        return "\n".join(texts)
 
     def consumers(self, queue: str) -> int:
         out = self.ctl("list_queues", "-q", "--no-table-headers", "name", "consumers").stdout

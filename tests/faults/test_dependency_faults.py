@@ -61,7 +61,7 @@ def rabbit() -> Iterator[PrivateRabbit]:
         node.close()
 
 
-async def test_rabbitmq_restart(make_run: MakeRun, rabbit: PrivateRabbit) -> None:
+async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> None:
     """Stop and start the broker mid-run: consumers come back (aio-pika issue 231), the
     API never hangs while it is down, and the acks of deliveries from before the restart
     (stale channel) are absorbed without crashing the worker."""
