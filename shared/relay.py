@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 
 import asyncpg
 from prometheus_client import Counter, Gauge
@@ -151,17 +150,17 @@ class OutboxRelay:
             BROKER_REFUSING.set(int(value))
 
     async def _until_next_due(self) -> float:
+        """Seconds until the earliest outbox row is due, at most poll_s."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                due: datetime | None = await conn.fetchval(
-                    "SELECT min(available_at) - now() FROM outbox"
+                due: float | None = await conn.fetchval(
+                    "SELECT extract(epoch FROM min(available_at) - now()) FROM outbox"
                 )
         except (asyncpg.PostgresError, OSError, TimeoutError):
             return self._poll_s
         if due is None:
             return self._poll_s
-        seconds = due.total_seconds() if hasattr(due, "total_seconds") else self._poll_s
-        return max(0.0, min(self._poll_s, seconds))
+        return max(0.0, min(self._poll_s, float(due)))
 
     async def _sleep(self, stopping: asyncio.Task[bool], seconds: float) -> None:
         """Wait for a wake-up, a NOTIFY, ``stop`` or the timeout, whichever comes first."""

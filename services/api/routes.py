@@ -41,8 +41,15 @@ def _json(
 
 
 async def _principal(request: web.Request, cost: int = 1) -> tuple[Services, Principal]:
+    """Authenticate, then take ``cost`` tokens from the tenant's bucket (0: not yet)."""
     svc = request.app[SERVICES]
     principal = await svc.auth.authenticate(request)
+    if cost:
+        await _rate_limit(svc, principal, cost)
+    return svc, principal
+
+
+async def _rate_limit(svc: Services, principal: Principal, cost: int) -> None:
     decision = await svc.limiter.take(
         principal.tenant_id, cost, principal.rate_limit_per_s, principal.rate_burst
     )
@@ -54,7 +61,6 @@ async def _principal(request: web.Request, cost: int = 1) -> tuple[Services, Pri
             slug="rate-limited",
             headers={"Retry-After": str(decision.retry_after_s)},
         )
-    return svc, principal
 
 
 def _admit(svc: Services) -> None:
@@ -159,8 +165,8 @@ def _replay(svc: Services, earlier: Row, fingerprint: bytes | None) -> web.Respo
 
 @routes.post("/v1/tasks:batch")
 async def submit_batch(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    principal = await svc.auth.authenticate(request)
+    # A batch costs one token per task, known once the body is read.
+    svc, principal = await _principal(request, cost=0)
     if request.headers.get("Idempotency-Key") is not None:
         raise ProblemException(
             422,
@@ -190,17 +196,7 @@ async def submit_batch(request: web.Request) -> web.Response:
                 except ProblemException as more:
                     problem.problem.errors.extend(more.problem.errors or [])
         raise problem from None
-    decision = await svc.limiter.take(
-        principal.tenant_id, len(batch.tasks), principal.rate_limit_per_s, principal.rate_burst
-    )
-    if not decision.allowed:
-        raise ProblemException(
-            429,
-            "Too Many Requests",
-            "this tenant is over its rate limit",
-            slug="rate-limited",
-            headers={"Retry-After": str(decision.retry_after_s)},
-        )
+    await _rate_limit(svc, principal, len(batch.tasks))
     await _check_types(svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))])
     _admit(svc)
     trace = _trace_id(request)
