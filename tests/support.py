@@ -105,7 +105,8 @@ class ServiceProcess:
         return int(self.proc.returncode)
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
 

@@ -63,7 +63,7 @@ async def _rate_limit(svc: Services, principal: Principal, cost: int) -> None:
         )
 
 
-def _admit(svc: Services) -> None:
+def _admit(svc: Services, count: int = 1) -> None:
     """Refuse (503) before writing anything when the queue is over its limit or the
     broker is unreachable or refusing: we only answer 202 for work we can keep."""
     monitor = svc.monitor
@@ -76,15 +76,17 @@ def _admit(svc: Services) -> None:
             headers={"Retry-After": "5"},
         )
     limit = svc.settings.max_queue_depth
-    if monitor.depth >= limit:
-        retry = monitor.estimator.retry_after(monitor.depth, limit)
+    depth = monitor.estimated_depth
+    if depth >= limit:
+        retry = monitor.estimator.retry_after(depth, limit)
         raise ProblemException(
             503,
             "Service Unavailable",
-            f"the task queue is over its limit ({monitor.depth} >= {limit})",
+            f"the task queue is over its limit ({depth} >= {limit})",
             slug="queue-full",
             headers={"Retry-After": str(retry)},
         )
+    monitor.admitted(count)
 
 
 async def _check_types(
@@ -198,7 +200,7 @@ async def submit_batch(request: web.Request) -> web.Response:
         raise problem from None
     await _rate_limit(svc, principal, len(batch.tasks))
     await _check_types(svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))])
-    _admit(svc)
+    _admit(svc, len(batch.tasks))
     trace = _trace_id(request)
     new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in batch.tasks]
     rows = await svc.repo.insert(principal.tenant_id, new)

@@ -234,7 +234,8 @@ class WorkerRepository:
             SELECT $1, t.id, $3, $4, $5, $6, $7, task.attempts, task.error
             FROM (SELECT 1) AS one
             LEFT JOIN tenants t ON t.id = $2
-            LEFT JOIN tasks task ON task.id = $3
+            -- Only the named tenant's task: a forged message may name another's.
+            LEFT JOIN tasks task ON task.id = $3 AND task.tenant_id = t.id
             """,
             uuid7(),
             tenant_id,

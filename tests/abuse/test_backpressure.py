@@ -1,0 +1,203 @@
+"""Back pressure from the outside (DESIGN promise 5): over the queue-depth limit, and
+when the broker itself refuses publishes, submissions get 503 with a computed
+Retry-After and a problem body, nothing refused is stored, and every task answered 202
+still reaches a terminal state once a worker drains the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from tests.abuse.conftest import MakeSystem, gather_limited, report
+from tests.conftest import Deployment, Tenant, create_tenant
+from tests.support import eventually, free_port, timeout
+
+SUBMISSIONS = 200
+DEPTH_LIMIT = 50
+# The depth is sampled every 250 ms, not per request: admissions between two samples
+# overshoot the limit a little.
+OVERSHOOT = 10
+RETRY_AFTER_CAP_S = 60
+
+
+async def _submit(
+    http: aiohttp.ClientSession, url: str, tenant: Tenant, body: dict[str, Any] | None
+) -> tuple[int, dict[str, Any], dict[str, str], float]:
+    start = time.perf_counter()
+    async with http.post(url, json=body, headers=tenant.headers) as r:
+        payload = orjson.loads(await r.read())
+        return r.status, payload, dict(r.headers), time.perf_counter() - start
+
+
+def _assert_polite_503(payload: dict[str, Any], headers: dict[str, str]) -> int:
+    """A refusal is a problem body with a numeric Retry-After; return that delay."""
+    assert headers["Content-Type"].startswith("application/problem+json"), headers
+    assert payload["status"] == 503 and payload["title"], payload
+    retry = headers.get("Retry-After", "")
+    assert retry.isdigit(), f"Retry-After must be whole seconds: {retry!r}"
+    assert 1 <= int(retry) <= RETRY_AFTER_CAP_S, retry
+    return int(retry)
+
+
+async def _states(db: asyncpg.Pool, tenant: Tenant) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT state, count(*) AS n FROM tasks WHERE tenant_id = $1 GROUP BY state", tenant.id
+    )
+    return {r["state"]: r["n"] for r in rows}
+
+
+async def _all_succeed(db: asyncpg.Pool, tenant: Tenant, expected: int, within: float) -> None:
+    async def done() -> dict[str, int] | None:
+        states = await _states(db, tenant)
+        return states if states.get("succeeded", 0) == expected else None
+
+    await eventually(done, within=within, interval=0.2, what=f"{expected} tasks to succeed")
+    states = await _states(db, tenant)
+    assert states == {"succeeded": expected}, states
+
+
+async def test_queue_over_depth_limit_gets_503_and_accepted_tasks_complete(
+    fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """With no worker and a depth limit of 50, 200 submissions get about 50 202s and 503s
+    for the rest; once a worker runs, every accepted task succeeds and 202s resume."""
+    system = systems(fresh_namespace, max_queue_depth=str(DEPTH_LIMIT))
+    await system.start_api(rate_limit_per_s="0")
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks"
+    results = await gather_limited(
+        8, [lambda: _submit(http, url, tenant, {"type": "demo.noop"})] * SUBMISSIONS
+    )
+    statuses = [r[0] for r in results]
+    accepted = [r for r in results if r[0] == 202]
+    refused = [r for r in results if r[0] == 503]
+    print(f"queue-depth flood: {len(accepted)} x 202, {len(refused)} x 503 of {SUBMISSIONS}")
+    assert len(accepted) + len(refused) == SUBMISSIONS, sorted(set(statuses))
+    assert DEPTH_LIMIT <= len(accepted) <= DEPTH_LIMIT + OVERSHOOT, len(accepted)
+    delays = sorted({_assert_polite_503(r[1], r[2]) for r in refused})
+    assert all(r[1]["type"].endswith("/queue-full") for r in refused), refused[0][1]
+    print(f"Retry-After values seen: {delays}")
+    report("503 (queue full) latency", [r[3] for r in refused])
+    # Refused means not stored: the database holds exactly the accepted tasks.
+    assert sum((await _states(db, tenant)).values()) == len(accepted)
+
+    await system.start_worker()
+    await _all_succeed(db, tenant, len(accepted), within=60)
+
+    async def admitted_again() -> bool:
+        status, *_ = await _submit(http, url, tenant, {"type": "demo.noop"})
+        return status == 202
+
+    await eventually(admitted_again, within=30, interval=0.3, what="202 after the drain")
+
+
+async def test_broker_refusing_publishes_gets_503_and_nothing_accepted_is_lost(
+    fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """When the broker nacks publishes (x-max-length reached, reject-publish) below the
+    API's own depth limit, the API answers 503, and every task it answered 202 runs."""
+    system = systems(fresh_namespace, queue_max_length="10", max_queue_depth="100000")
+    await system.start_api(rate_limit_per_s="0")
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks"
+    results: list[tuple[int, dict[str, Any], dict[str, str], float]] = []
+    # Submit at a steady pace until the API has refused a good number: the refusal
+    # starts once the relay's publish was nacked, which takes a flush or two.
+    deadline = time.monotonic() + 30
+    while sum(r[0] == 503 for r in results) < 40 and time.monotonic() < deadline:
+        results += await asyncio.gather(
+            *(_submit(http, url, tenant, {"type": "demo.noop"}) for _ in range(4))
+        )
+    accepted = [r for r in results if r[0] == 202]
+    refused = [r for r in results if r[0] == 503]
+    print(f"broker refusing: {len(accepted)} x 202, {len(refused)} x 503 of {len(results)}")
+    assert len(accepted) + len(refused) == len(results), sorted({r[0] for r in results})
+    assert len(accepted) >= 10 and len(refused) >= 40
+    for r in refused:
+        _assert_polite_503(r[1], r[2])
+    assert {r[1]["type"].rsplit("/", 1)[-1] for r in refused} <= {
+        "broker-unavailable",
+        "queue-full",
+    }
+    report("503 (broker refusing) latency", [r[3] for r in refused])
+    assert sum((await _states(db, tenant)).values()) == len(accepted)
+
+    await system.start_worker()
+    await _all_succeed(db, tenant, len(accepted), within=90)
+    outbox = await db.fetchval(
+        "SELECT count(*) FROM outbox o JOIN tasks t ON t.id = o.task_id WHERE t.tenant_id = $1",
+        tenant.id,
+    )
+    assert outbox == 0
+
+
+# ---------------------------------------------------------------- a dependency down
+
+
+async def test_redis_down_answers_503_for_tokens_and_keeps_accepting_tasks(
+    fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """With the API's (private) Redis stopped, WebSocket tokens get a prompt 503 with
+    Retry-After; submissions are still accepted (Redis is not the truth, the rate
+    limit fails open) and run once Redis is back."""
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    redis = _private_redis(port)
+    try:
+        dep = replace(fresh_namespace, redis_url=redis_url)
+        system = systems(dep, io_timeout_s="1")
+        await system.start_api()
+        tenant = await create_tenant(db)
+        url = f"{system.api_url}/v1/tasks"
+        assert (await _submit(http, url, tenant, {"type": "demo.noop"}))[0] == 202
+        redis.terminate()
+        redis.wait(timeout=10)
+        tokens = [
+            await _submit(http, f"{system.api_url}/v1/ws-tokens", tenant, None) for _ in range(5)
+        ]
+        for status, payload, headers, _ in tokens:
+            assert status == 503, payload
+            _assert_polite_503(payload, headers)
+        report("503 (Redis down) latency", [t[3] for t in tokens])
+        during = [await _submit(http, url, tenant, {"type": "demo.noop"}) for _ in range(5)]
+        assert [r[0] for r in during] == [202] * 5, [r[1] for r in during]
+        report("202 with Redis down latency", [r[3] for r in during])
+        redis = _private_redis(port)
+        await system.start_worker()
+        await _all_succeed(db, tenant, 6, within=60)
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+
+
+def _private_redis(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout(10)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        time.sleep(0.05)
+    raise AssertionError("private redis-server did not start")
