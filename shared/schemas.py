@@ -68,6 +68,17 @@ class BackoffSpec(_Strict):
 class TaskRequest(_Strict):
     """Body of ``POST /v1/tasks``: only ``type`` is required."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {"type": "demo.sleep", "args": {"seconds": 5, "steps": 10}},
+                {"type": "demo.noop"},
+            ]
+        },
+    )
+
     type: TaskType
     args: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=0, ge=0, le=9)

@@ -3,6 +3,7 @@ the stored hash in constant time, and lookups (hits and misses) are cached brief
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
@@ -10,6 +11,8 @@ from aiohttp import web
 from services.api.problems import ProblemException
 from services.api.repository import ApiRepository, Principal
 from shared import keys
+
+log = logging.getLogger(__name__)
 
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="longhaul"'}
 
@@ -35,6 +38,14 @@ class Authenticator:
         parsed = keys.parse(key.strip())
         found = await self._lookup(parsed.key_id) if parsed else None
         if parsed is None or found is None or not keys.verify(parsed, found[0]):
+            # The key id is public (it names the key, not its secret): safe to log.
+            log.info(
+                "API key refused",
+                extra={
+                    "key_id": parsed.key_id if parsed else None,
+                    "reason": "malformed" if parsed is None else "unknown, revoked or wrong secret",
+                },
+            )
             raise ProblemException(
                 401,
                 "Unauthorized",

@@ -80,6 +80,15 @@ _COMMON = {
     "401": _problem("no or invalid API key"),
     "429": {**_problem("over the tenant's rate limit"), "headers": _retry_after()},
 }
+# Where a submitted task's id leads (lets clients and fuzzers follow the API).
+_TASK_LINKS = {
+    name: {"operationId": op, "parameters": {"id": "$response.body#/id"}}
+    for name, op in (
+        ("GetTask", "getTask"),
+        ("CancelTask", "cancelTask"),
+        ("RetryTask", "retryTask"),
+    )
+}
 _TASK_ID = {
     "name": "id",
     "in": "path",
@@ -118,6 +127,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 "responses": {
                     "202": {
                         "description": "accepted",
+                        "links": _TASK_LINKS,
                         **_content(Task),
                         "headers": {"Location": {"schema": {"type": "string"}}},
                     },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from shared.logging import trace_id_var
 from shared.schemas import BatchRequest, ProblemError, TaskPage, TaskRequest, format_ts
 from shared.taskrows import Row, event_from_row
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 # How stale a queue-depth sample may be before we assume the broker is unreachable.
@@ -147,6 +149,7 @@ async def submit(request: web.Request) -> web.Response:
         return _replay(svc, earlier, fingerprint)
     await _accepted(svc, rows)
     view = task_from_row(rows[0], svc.settings.public_ws_url)
+    log.debug("task accepted", extra={"task_id": str(view.id), "type": view.type})
     return _json(view, 202, {"Location": view.links.self})
 
 

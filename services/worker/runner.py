@@ -110,6 +110,7 @@ class Runner:
             await self._skip(message, body, headers)
             return
         await self._events.emit([previous_event(claimed.row), event_from_row(claimed.row)])
+        log.debug("attempt started", extra={"type": message.type, "attempt": message.attempt})
         running = Running(claimed)
         self.running[message.task_id] = running
         try:
@@ -121,6 +122,7 @@ class Runner:
             del self.running[message.task_id]
         if row is not None:
             await self._events.emit([event_from_row(row)])
+        log.debug("attempt ended", extra={"outcome": outcome.state, "committed": row is not None})
 
     async def _run(self, spec: TaskSpec, running: Running) -> Outcome:
         claimed = running.claimed
