@@ -29,8 +29,9 @@ def format_ts(value: datetime) -> str:
 
 
 Timestamp = Annotated[datetime, PlainSerializer(format_ts, return_type=str, when_used="json")]
+TASK_TYPE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$"
 TaskType = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
+    str, StringConstraints(min_length=1, max_length=128, pattern=TASK_TYPE_PATTERN)
 ]
 
 

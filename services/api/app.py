@@ -61,6 +61,12 @@ async def dependency_middleware(request: web.Request, handler: Handler) -> web.S
     """PostgreSQL unreachable or too slow: 503 at once, never a hang or a 500."""
     try:
         return await handler(request)
+    except asyncpg.DataError as exc:
+        # Input that passed validation but that PostgreSQL refuses to store: the
+        # client's to fix, not a server error.
+        raise ProblemException(
+            422, "Invalid request", f"a value cannot be stored: {exc}", slug="validation"
+        ) from None
     except TRANSIENT_ERRORS:
         raise ProblemException(
             503,

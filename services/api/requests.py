@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -13,16 +14,20 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from services.api.problems import ProblemException, validation_problem
-from shared.schemas import ProblemError, TaskRequest, TaskState
+from shared.jsonsafe import nul_path
+from shared.schemas import TASK_TYPE_PATTERN, ProblemError, TaskRequest, TaskState
 
 M = TypeVar("M", bound=BaseModel)
 
 _IDEMPOTENCY_MAX = 255
+# The same rule as TaskRequest.type: anything else names no task type.
+_TYPE_RE = re.compile(TASK_TYPE_PATTERN)
 
 
 async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless it says application/json, 413 if too large, 400 if
-    not JSON. aiohttp enforces the size limit (client_max_size) while reading."""
+    not JSON, 422 if it holds a NUL character (valid JSON, but PostgreSQL cannot store
+    it). aiohttp enforces the size limit (client_max_size) while reading."""
     if request.content_type != "application/json":
         raise ProblemException(
             415,
@@ -32,11 +37,21 @@ async def read_json(request: web.Request) -> Any:
         )
     raw = await request.read()
     try:
-        return orjson.loads(raw)
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ProblemException(
             400, "Bad Request", f"the body is not valid JSON: {exc}", slug="invalid-json"
         ) from None
+    # Only an escaped NUL can be in valid JSON: most bodies skip the walk.
+    if b"\\u0000" in raw and (where := nul_path(data, ["body"])) is not None:
+        raise ProblemException(
+            422,
+            "Invalid request",
+            "strings must not contain \\u0000",
+            slug="validation",
+            errors=[ProblemError(loc=where, msg="contains \\u0000")],
+        )
+    return data
 
 
 def validate(model: type[M], data: Any) -> M:
@@ -104,8 +119,8 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
                 )
             )
     type_ = q.get("type")
-    if type_ is not None and not 1 <= len(type_) <= 128:
-        errors.append(ProblemError(loc=["query", "type"], msg="1..128 characters"))
+    if type_ is not None and not (len(type_) <= 128 and _TYPE_RE.fullmatch(type_)):
+        errors.append(ProblemError(loc=["query", "type"], msg="not a task type name"))
     limit = 50
     if "limit" in q:
         try:

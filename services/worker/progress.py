@@ -42,7 +42,8 @@ class ProgressReporter:
         progress = min(1.0, max(self._progress, float(progress)))  # never decreasing
         self._progress = progress
         if message is not None:
-            message = str(message)[:MAX_MESSAGE]
+            # PostgreSQL text cannot hold NUL.
+            message = str(message)[:MAX_MESSAGE].replace("\x00", "")
         self._pending = (progress, message, data)
         if self._flusher is not None and not self._flusher.done():
             return  # the scheduled flush will send the latest

@@ -28,6 +28,7 @@ from shared.db import TRANSIENT_ERRORS
 from shared.errors import MessageError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
+from shared.jsonsafe import nul_path
 from shared.logging import task_id_var, trace_id_var
 from shared.schemas import ProgressEvent, TaskMessage, parse_task_message
 from shared.taskrows import Row, event_from_row, previous_event
@@ -202,9 +203,13 @@ class Runner:
             if isinstance(result, BaseModel):
                 result = result.model_dump(mode="json")
             try:
-                result = orjson.loads(orjson.dumps(result))
+                encoded = orjson.dumps(result)
             except TypeError as err:
                 return _failed("invalid_result", f"result is not JSON: {err}", retryable=False)
+            result = orjson.loads(encoded)
+            if b"\\u0000" in encoded and (where := nul_path(result, ["result"])) is not None:
+                where_ = ".".join(map(str, where))
+                return _failed("invalid_result", f"{where_} has a NUL character", retryable=False)
             return Outcome("succeeded", result=result)
         if isinstance(exc, TaskFailure):
             return _failed(exc.type, str(exc), retryable=exc.retryable)
@@ -311,7 +316,11 @@ async def _call(spec: TaskSpec, ctx: TaskContext, args: BaseModel) -> Any:
 def _failed(kind: str, message: str, *, retryable: bool) -> Outcome:
     return Outcome(
         "failed",
-        error={"type": kind, "message": message[:4000], "retryable": retryable},
+        error={
+            "type": kind[:200].replace("\x00", ""),
+            "message": message[:4000].replace("\x00", ""),
+            "retryable": retryable,
+        },
         retryable=retryable,
     )
 

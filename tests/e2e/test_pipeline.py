@@ -225,6 +225,15 @@ async def test_bad_input_gets_the_contract_status(
             {"json": {"tasks": [{"type": "demo.noop"}] * 1001}, "headers": auth},
         ),
         (422, "GET", "/v1/tasks?limit=501", {"headers": auth}),
+        # NUL is valid JSON but not storable in PostgreSQL: refused, not a 500.
+        (
+            422,
+            "POST",
+            "/v1/tasks",
+            {"json": {"type": "demo.fail", "args": {"message": "a\x00b"}}, "headers": auth},
+        ),
+        (422, "GET", "/v1/tasks?type=demo%00noop", {"headers": auth}),
+        (422, "GET", "/v1/tasks?type=demo.noop%0A", {"headers": auth}),
         (422, "GET", "/v1/tasks?state=sleeping", {"headers": auth}),
         (422, "GET", "/v1/tasks?cursor=%%%", {"headers": auth}),
         (404, "GET", "/v1/tasks/not-a-uuid", {"headers": auth}),

@@ -17,6 +17,7 @@ from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.routes import routes
 from shared.ids import uuid7
+from shared.jsonsafe import nul_path
 from shared.schemas import TaskRequest
 
 # ---------------------------------------------------------------- DrainEstimator
@@ -240,3 +241,10 @@ def test_path_id_parsing() -> None:
         rq.path_id(bad)
     assert info.value.problem.status == 404
     assert isinstance(value, UUID)
+
+
+def test_nul_path_finds_nul_in_strings_keys_and_lists() -> None:
+    """A NUL anywhere PostgreSQL would store it is found, with its location."""
+    assert nul_path({"a": ["x", "y\x00"]}, ["body"]) == ["body", "a", 1]
+    assert nul_path({"k\x00": 1}, ["body"]) == ["body"]
+    assert nul_path({"a": "\\u0000 is text here"}, ["body"]) is None
