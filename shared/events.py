@@ -13,6 +13,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from shared.breaker import Breaker
 from shared.schemas import ProgressEvent, encode_event
 from shared.wire import Wire
 
@@ -23,8 +24,19 @@ EVENTS_FAILED = Counter("longhaul_events_failed_total", "Progress events Redis d
 
 
 class EventSink:
-    def __init__(self, redis: Redis, wire: Wire, *, retention_s: float, maxlen: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        wire: Wire,
+        *,
+        retention_s: float,
+        maxlen: int,
+        breaker: Breaker | None = None,
+    ) -> None:
         self._redis = redis
+        # Shared with the process's other Redis users: while Redis is down, emitting
+        # costs nothing instead of a timeout per event.
+        self.breaker = breaker or Breaker()
         self._wire = wire
         self._retention_ms = int(retention_s * 1000)
         self._maxlen = maxlen
@@ -33,6 +45,9 @@ class EventSink:
         """Append to each task's stream and publish; True when Redis took them all."""
         if not events:
             return True
+        if not self.breaker.allow():
+            EVENTS_FAILED.inc(len(events))
+            return False
         pipe = self._redis.pipeline(transaction=False)
         for event in events:
             body = encode_event(event)
@@ -47,6 +62,7 @@ class EventSink:
         try:
             results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failed()
             EVENTS_FAILED.inc(len(events))
             log.warning(
                 "progress events not written to Redis",
@@ -63,5 +79,6 @@ class EventSink:
             EVENTS_FAILED.inc(len(events))
             log.warning("progress events partly refused by Redis", extra={"error": repr(errors[0])})
             return False
+        self.breaker.succeeded()
         EVENTS_WRITTEN.inc(len(events))
         return True

@@ -15,9 +15,9 @@ def create_client(url: str, timeout: float) -> Redis:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=15,
-        # One quick retry rides out a dropped idle connection; a Redis that is down
-        # fails the call within the timeout instead of hanging it.
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
+        # One quick retry rides out a pooled connection that Redis dropped (a restart);
+        # a Redis that is down fails the call at once (and trips the caller's breaker).
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 

@@ -31,6 +31,7 @@ from services.api.settings import ApiSettings
 from services.api.tasktypes import TaskTypes
 from shared import amqp
 from shared.amqp import Publisher
+from shared.breaker import Breaker
 from shared.db import TRANSIENT_ERRORS, create_pool
 from shared.events import EventSink
 from shared.failpoints import Failpoints
@@ -98,11 +99,14 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     wire = Wire(settings.namespace)
     timeout = settings.io_timeout_s
     repo = ApiRepository(deps.pool, timeout=timeout, notify=not settings.relay_enabled)
+    # One breaker for every Redis call of the process: down is down for all of them.
+    redis_breaker = Breaker()
     events = EventSink(
         deps.redis,
         wire,
         retention_s=settings.event_retention_s,
         maxlen=settings.event_stream_maxlen,
+        breaker=redis_breaker,
     )
     relay = None
     if settings.relay_enabled:
@@ -120,7 +124,9 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
         repo=repo,
         auth=Authenticator(repo, settings.auth_cache_s),
         types=TaskTypes(repo, settings.task_types_refresh_s),
-        limiter=RateLimiter(deps.redis, wire, settings.rate_limit_per_s, settings.rate_limit_burst),
+        limiter=RateLimiter(
+            deps.redis, wire, settings.rate_limit_per_s, settings.rate_limit_burst, redis_breaker
+        ),
         monitor=QueueMonitor(deps.amqp, wire, settings.queue_depth_refresh_s, timeout),
         relay=relay,
         events=events,

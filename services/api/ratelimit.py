@@ -15,6 +15,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.breaker import Breaker
 from shared.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, wire: Wire, rate_per_s: float, burst: int) -> None:
+    def __init__(
+        self, redis: Redis, wire: Wire, rate_per_s: float, burst: int, breaker: Breaker
+    ) -> None:
         self._redis = redis
+        self._breaker = breaker
         self._wire = wire
         self._rate = rate_per_s
         self._burst = burst
@@ -76,11 +80,15 @@ class RateLimiter:
             return Decision(True)
         size = burst or self._burst
         cost = min(cost, size)  # a batch larger than the burst still gets through when full
+        if not self._breaker.allow():
+            FAIL_OPEN.inc()
+            return Decision(True)
         try:
             allowed, wait_ms = await self._script(
                 keys=[self._wire.rate_bucket(tenant_id)], args=[rate, size, cost]
             )
         except (RedisError, OSError, TimeoutError) as exc:
+            self._breaker.failed()
             FAIL_OPEN.inc()
             log.warning("rate limiter unavailable; allowing", extra={"error": repr(exc)})
             return Decision(True)

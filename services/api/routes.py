@@ -294,18 +294,24 @@ async def task_types(request: web.Request) -> web.Response:
 @routes.post("/v1/ws-tokens")
 async def ws_token(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
+    unavailable = ProblemException(
+        503,
+        "Service Unavailable",
+        "Redis is unreachable",
+        slug="redis-unavailable",
+        headers={"Retry-After": "5"},
+    )
+    breaker = svc.events.breaker
+    if not breaker.allow():
+        raise unavailable
     try:
         token, expires = await wstokens.issue(
             svc.redis, svc.wire, principal.tenant_id, svc.settings.ws_token_ttl_s
         )
     except (RedisError, OSError, TimeoutError):
-        raise ProblemException(
-            503,
-            "Service Unavailable",
-            "Redis is unreachable",
-            slug="redis-unavailable",
-            headers={"Retry-After": "5"},
-        ) from None
+        breaker.failed()
+        raise unavailable from None
+    breaker.succeeded()
     return web.Response(
         body=orjson.dumps({"token": token, "expires_at": format_ts(expires)}),
         status=201,

@@ -11,6 +11,7 @@ import pytest
 
 from shared import keys
 from shared.backoff import Backoff
+from shared.breaker import Breaker
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
 from shared.schemas import TaskState as S
@@ -228,3 +229,19 @@ async def test_hang_failpoint_hangs() -> None:
     """A ``hang`` failpoint never returns (until cancelled)."""
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(Failpoints("x=hang").hit("x"), 0.05)
+
+
+def test_breaker_fails_fast_for_the_cooldown_then_probes() -> None:
+    """After a failure calls are refused until the cool-down ends; a success closes it."""
+    now = [100.0]
+    breaker = Breaker(cooldown_s=1.0, clock=lambda: now[0])
+    assert breaker.allow()
+    breaker.failed()
+    assert not breaker.allow()
+    now[0] += 0.99
+    assert not breaker.allow()
+    now[0] += 0.02
+    assert breaker.allow()
+    breaker.failed()
+    breaker.succeeded()
+    assert breaker.allow()
