@@ -1,0 +1,223 @@
+"""``python -m bench [--quick] [--only SCENARIO ...] [--out PATH]``.
+
+Runs the scenarios of issue #6 in order (ceilings, Longhaul end to end and the API,
+the gateway, the peers), writes ``bench/results/<timestamp>.json`` and prints a
+Markdown table. Everything runs under a private namespace and database, removed at
+the end even when a scenario fails."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import ceiling, gateway, longhaul, peers, report
+from bench.infra import RESULTS, BenchEnv, raise_fd_limit
+from bench.longhaul import LonghaulSystem
+
+SCENARIOS = ("ceiling", "longhaul", "gateway", "peers")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    runs: int
+    n_amqp: int
+    n_pg: int
+    n_redis: int
+    n_tasks: int
+    batch: int
+    max_rate_run_s: float
+    idle_counts: tuple[int, ...]
+    fanout_clients: int
+    fanout_s: float
+    timeout_s: float
+
+
+FULL = Profile(
+    "full",
+    runs=3,
+    n_amqp=30_000,
+    n_pg=10_000,
+    n_redis=30_000,
+    n_tasks=10_000,
+    batch=100,
+    max_rate_run_s=15.0,
+    idle_counts=(1_000, 10_000),
+    fanout_clients=1_000,
+    fanout_s=8.0,
+    timeout_s=240.0,
+)
+QUICK = Profile(
+    "quick",
+    runs=1,
+    n_amqp=1_000,
+    n_pg=400,
+    n_redis=1_000,
+    n_tasks=200,
+    batch=50,
+    max_rate_run_s=2.0,
+    idle_counts=(200,),
+    fanout_clients=100,
+    fanout_s=1.5,
+    timeout_s=60.0,
+)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("aio-pika", "aiohttp", "websockets", "asyncpg", "redis", "celery", "dramatiq"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+async def main_async(profile: Profile, only: list[str], out_path: Path | None) -> int:
+    # SIGTERM/SIGINT cancel the run; the cleanup below still runs.
+    me = asyncio.current_task()
+    assert me is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, me.cancel)
+    started = time.monotonic()
+    fds = raise_fd_limit()
+    env = BenchEnv()
+    doc: dict[str, Any] = {
+        "meta": {
+            "profile": profile.name,
+            "started_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "cpus": os.cpu_count(),
+            "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+            "fd_limit": fds,
+            "namespace": env.namespace,
+            "runs": profile.runs,
+            "settings": asdict(profile),
+            "versions": _versions(),
+            "notes": [
+                "medians of the runs with min-max; generator CPU = the load generator's "
+                "CPU (this process and its helper processes) as % of all cores",
+                "the machine is shared with whatever else runs on it: see load_avg_*",
+            ],
+        },
+        "errors": {},
+    }
+    failed = False
+    system: LonghaulSystem | None = None
+    try:
+        await env.open()
+        if "ceiling" in only:
+            print("== 1. ceilings", file=sys.stderr)
+            doc["ceiling"] = await _guard(
+                doc,
+                "ceiling",
+                ceiling.run(
+                    env,
+                    n_amqp=profile.n_amqp,
+                    n_pg=profile.n_pg,
+                    n_redis=profile.n_redis,
+                    runs=profile.runs,
+                ),
+            )
+        if "longhaul" in only or "gateway" in only:
+            system = LonghaulSystem(env)
+            await system.start()
+        if "longhaul" in only and system is not None:
+            print("== 2/5. Longhaul end to end and API", file=sys.stderr)
+            doc["longhaul"] = await _guard(
+                doc,
+                "longhaul",
+                longhaul.run(
+                    system,
+                    n=profile.n_tasks,
+                    runs=profile.runs,
+                    batch=profile.batch,
+                    max_rate_run_s=profile.max_rate_run_s,
+                    timeout_s=profile.timeout_s,
+                ),
+            )
+        if "gateway" in only and system is not None:
+            print("== 4. gateway", file=sys.stderr)
+            doc["gateway"] = await _guard(
+                doc,
+                "gateway",
+                gateway.run(
+                    system,
+                    idle_counts=list(profile.idle_counts),
+                    clients=profile.fanout_clients,
+                    duration=profile.fanout_s,
+                    runs=profile.runs,
+                ),
+            )
+        if system is not None:
+            for proc in system.procs.values():
+                proc.stop()
+        if "peers" in only:
+            print("== 3. peers", file=sys.stderr)
+            doc["peers"] = await _guard(
+                doc, "peers", peers.run(env, n=profile.n_tasks, runs=profile.runs)
+            )
+    except Exception:
+        failed = True
+        doc["errors"]["setup"] = traceback.format_exc()
+    finally:
+        await env.close()
+    failed = failed or bool(doc["errors"])
+    doc["meta"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    doc["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    doc["targets"] = report.targets(doc)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out_path or RESULTS / f"{stamp}{'-quick' if profile.name == 'quick' else ''}.json"
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    md = report.markdown(doc)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    for name, err in doc["errors"].items():
+        print(f"scenario {name} failed:\n{err}", file=sys.stderr)
+    print(f"results: {path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+async def _guard(doc: dict[str, Any], name: str, coro: Any) -> dict[str, Any]:
+    """Run one scenario; a failure is recorded and the next scenario still runs."""
+    try:
+        result: dict[str, Any] = await coro
+        return result
+    except Exception:
+        doc["errors"][name] = traceback.format_exc()
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small N, 1 run: checks the code")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument(
+        "--out", type=Path, help="where to write the JSON (default: bench/results/)"
+    )
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+
+        return uvloop.run(main_async(profile, args.only, args.out))
+    except ImportError:
+        return asyncio.run(main_async(profile, args.only, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Scenario 1, the ceilings: what RabbitMQ, PostgreSQL and Redis do on this machine
+with raw clients, doing per message what Longhaul does per task.
+
+* RabbitMQ: a quorum queue; one process publishes persistent messages with publisher
+  confirms, pipelined (a window of unconfirmed publishes), while another consumes with
+  manual acks, concurrently. Throughput = messages / (last ack - first publish).
+* PostgreSQL: a task row's lifecycle (INSERT, then two conditional UPDATEs, each its
+  own transaction as in Longhaul), from 2 processes.
+* Redis: one pipelined XADD (capped) + PUBLISH per message, from 2 processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from bench.child import Child, sleep_until
+from bench.infra import BenchEnv
+from bench.stats import aggregate, cpu_share
+
+QUEUE_ARGS = {"x-queue-type": "quorum"}
+
+
+# ---------------------------------------------------------------- helper-process roles
+
+
+async def amqp_publish(a: dict[str, Any]) -> dict[str, Any]:
+    conn = await aio_pika.connect(a["url"], timeout=10)
+    try:
+        channel = await conn.channel(publisher_confirms=True)
+        exchange = channel.default_exchange
+        window = asyncio.Semaphore(a["window"])
+        body = orjson.dumps({"v": 1, "type": "demo.noop", "task_id": str(uuid.uuid4())})
+        failed = 0
+
+        async def one(i: int) -> None:
+            nonlocal failed
+            try:
+                await exchange.publish(
+                    aio_pika.Message(
+                        body, message_id=str(i), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                    ),
+                    a["queue"],
+                    timeout=30,
+                )
+            except (aio_pika.exceptions.AMQPError, TimeoutError):
+                failed += 1
+            finally:
+                window.release()
+
+        await sleep_until(a["go_at"])
+        t0 = time.time()
+        tasks = []
+        for i in range(a["n"]):
+            await window.acquire()
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        return {"t0": t0, "t1": time.time(), "n": a["n"], "failed": failed}
+    finally:
+        await conn.close()
+
+
+async def amqp_consume(a: dict[str, Any]) -> dict[str, Any]:
+    conn = await aio_pika.connect(a["url"], timeout=10)
+    try:
+        channel = await conn.channel()
+        await channel.set_qos(prefetch_count=a["prefetch"])
+        queue = await channel.declare_queue(a["queue"], durable=True, arguments=QUEUE_ARGS)
+        done = asyncio.Event()
+        got = 0
+        first = last = 0.0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal got, first, last
+            await message.ack()
+            got += 1
+            if got == 1:
+                first = time.time()
+            if got >= a["n"]:
+                last = time.time()
+                done.set()
+
+        await queue.consume(on_message)
+        try:
+            await asyncio.wait_for(done.wait(), a["timeout"])
+        except TimeoutError:
+            last = time.time()
+        return {"t_first": first, "t1": last, "n": got}
+    finally:
+        await conn.close()
+
+
+async def pg_lifecycle(a: dict[str, Any]) -> dict[str, Any]:
+    pool = await asyncpg.create_pool(a["dsn"], min_size=a["concurrency"], max_size=a["concurrency"])
+    assert pool is not None
+    tenant = uuid.UUID(a["tenant_id"])
+    n_each = a["n"] // a["concurrency"]
+    try:
+
+        async def lane() -> None:
+            async with pool.acquire() as conn:
+                for _ in range(n_each):
+                    tid = uuid.uuid4()
+                    await conn.execute(
+                        "INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,"
+                        " timeout_s, last_seq) VALUES ($1, $2, 'bench.row', '{}', 'queued', 5,"
+                        " 600, 1)",
+                        tid,
+                        tenant,
+                    )
+                    await conn.execute(
+                        "UPDATE tasks SET state = 'running', attempts = 1, started_at = now(),"
+                        " last_seq = last_seq + 1, updated_at = now()"
+                        " WHERE id = $1 AND state = 'queued' AND attempts = 0",
+                        tid,
+                    )
+                    await conn.execute(
+                        "UPDATE tasks SET state = 'succeeded', progress = 1, result = '{}',"
+                        " finished_at = now(), last_seq = last_seq + 1, updated_at = now()"
+                        " WHERE id = $1 AND state = 'running' AND attempts = 1",
+                        tid,
+                    )
+
+        await sleep_until(a["go_at"])
+        t0 = time.time()
+        await asyncio.gather(*(lane() for _ in range(a["concurrency"])))
+        return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"]}
+    finally:
+        await pool.close()
+
+
+async def redis_events(a: dict[str, Any]) -> dict[str, Any]:
+    redis = Redis.from_url(a["url"], max_connections=a["concurrency"] + 4)
+    n_each = a["n"] // a["concurrency"]
+    body = orjson.dumps({"task_id": str(uuid.uuid4()), "seq": 1, "state": "running"})
+    try:
+
+        async def lane(k: int) -> None:
+            for i in range(n_each):
+                pipe = redis.pipeline(transaction=False)
+                stream = f"{a['prefix']}stream:{k}:{i % 64}"
+                pipe.xadd(stream, {"e": body}, maxlen=1000, approximate=True)
+                pipe.publish(f"{a['prefix']}events:{k}", body)
+                await pipe.execute()
+
+        await sleep_until(a["go_at"])
+        t0 = time.time()
+        await asyncio.gather(*(lane(k) for k in range(a["concurrency"])))
+        return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"]}
+    finally:
+        await redis.aclose()
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+async def _one_amqp(env: BenchEnv, n: int, run: int) -> dict[str, Any]:
+    queue = f"{env.namespace}.ceiling.{run}"
+    env.extra_queues.append(queue)
+    conn = await aio_pika.connect(env.amqp_url)
+    try:
+        ch = await conn.channel()
+        await ch.declare_queue(queue, durable=True, arguments=QUEUE_ARGS)
+    finally:
+        await conn.close()
+    go_at = time.time() + 2.0
+    cons = Child.start(
+        env,
+        "amqp_consume",
+        {"url": env.amqp_url, "queue": queue, "n": n, "prefetch": 256, "timeout": 120},
+    )
+    pub = Child.start(
+        env,
+        "amqp_publish",
+        {"url": env.amqp_url, "queue": queue, "n": n, "window": 512, "go_at": go_at},
+    )
+    p = await pub.result(180)
+    c = await cons.result(180)
+    wall = c["t1"] - p["t0"]
+    return {
+        "msgs_per_s": round(c["n"] / wall, 1) if wall > 0 else None,
+        "publish_per_s": round(p["n"] / (p["t1"] - p["t0"]), 1),
+        "delivered": c["n"],
+        "generator_cpu_pct": cpu_share(p["cpu_s"] + c["cpu_s"], wall + 2.0),
+    }
+
+
+async def _spread(env: BenchEnv, role: str, args: dict[str, Any], procs: int) -> dict[str, Any]:
+    go_at = time.time() + 2.0
+    children = [
+        Child.start(env, role, {**args, "n": args["n"] // procs, "go_at": go_at})
+        for _ in range(procs)
+    ]
+    results = [await ch.result(300) for ch in children]
+    t0 = min(r["t0"] for r in results)
+    t1 = max(r["t1"] for r in results)
+    n = sum(r["n"] for r in results)
+    return {
+        "per_s": round(n / (t1 - t0), 1),
+        "n": n,
+        "generator_cpu_pct": cpu_share(sum(r["cpu_s"] for r in results), t1 - t0 + 1.0),
+    }
+
+
+async def run(env: BenchEnv, *, n_amqp: int, n_pg: int, n_redis: int, runs: int) -> dict[str, Any]:
+    amqp_runs, pg_runs, redis_runs = [], [], []
+    for i in range(runs):
+        amqp_runs.append(await _one_amqp(env, n_amqp, i))
+        pg_runs.append(
+            await _spread(
+                env,
+                "pg_lifecycle",
+                {
+                    "dsn": env.database_url,
+                    "tenant_id": str(env.tenant_id),
+                    "n": n_pg,
+                    "concurrency": 16,
+                },
+                2,
+            )
+        )
+        redis_runs.append(
+            await _spread(
+                env,
+                "redis_events",
+                {
+                    "url": env.redis_url,
+                    "prefix": f"{env.namespace}:ceiling:",
+                    "n": n_redis,
+                    "concurrency": 32,
+                },
+                2,
+            )
+        )
+    return {
+        "rabbitmq": {
+            "config": f"quorum queue, persistent messages, 1 publisher process with confirms "
+            f"(window 512 unconfirmed) + 1 consumer process (manual ack, prefetch 256), "
+            f"concurrently; N={n_amqp} per run",
+            "runs": amqp_runs,
+            "summary": aggregate(amqp_runs),
+        },
+        "postgresql": {
+            "config": f"task-row lifecycle INSERT + 2 conditional UPDATEs (3 autocommit "
+            f"transactions) on the tasks table, 2 processes x 16 connections; N={n_pg} rows per run",
+            "runs": pg_runs,
+            "summary": aggregate(pg_runs),
+        },
+        "redis": {
+            "config": f"per message one pipelined XADD (MAXLEN ~1000) + PUBLISH, 2 processes x "
+            f"32 concurrent; N={n_redis} per run",
+            "runs": redis_runs,
+            "summary": aggregate(redis_runs),
+        },
+    }

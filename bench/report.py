@@ -1,0 +1,263 @@
+"""Turning a results document into the Markdown table and the issue's targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _s(doc: dict[str, Any], *path: str) -> dict[str, Any] | None:
+    """The {median,min,max} summary at scenario path + figure key, or None."""
+    node: Any = doc
+    for p in path[:-1]:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    if not isinstance(node, dict):
+        return None
+    got = node.get("summary", {}).get(path[-1])
+    return got if isinstance(got, dict) and got.get("median") is not None else None
+
+
+def _med(doc: dict[str, Any], *path: str) -> float | None:
+    s = _s(doc, *path)
+    return None if s is None else float(s["median"])
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
+    (
+        "1",
+        "RabbitMQ ceiling (quorum, confirms + acks)",
+        ("ceiling", "rabbitmq", "msgs_per_s"),
+        "msgs/s",
+    ),
+    ("1", "PostgreSQL ceiling (insert + 2 updates)", ("ceiling", "postgresql", "per_s"), "rows/s"),
+    ("1", "Redis ceiling (XADD + PUBLISH)", ("ceiling", "redis", "per_s"), "msgs/s"),
+]
+for key, label in (
+    ("single_saturation", "Longhaul single, saturation"),
+    ("single_half_rate", "Longhaul single, 50% rate"),
+    ("batch_saturation", "Longhaul batch, saturation"),
+    ("batch_half_rate", "Longhaul batch, 50% rate"),
+):
+    ROWS += [
+        ("2", label, ("longhaul", key, "accepted_per_s"), "accepted/s"),
+        ("2", label, ("longhaul", key, "completed_per_s"), "completed/s"),
+    ]
+    for lat, name in (
+        ("submit_to_202_ms", "submit→202"),
+        ("submit_to_running_ms", "submit→running"),
+        ("submit_to_terminal_ws_ms", "submit→terminal (WS)"),
+    ):
+        for p in ("p50", "p95", "p99"):
+            ROWS.append(("2", label, ("longhaul", key, f"{lat}.{p}"), f"{name} {p} ms"))
+for key, label in (
+    ("celery_safe", "Celery, confirms + results"),
+    ("celery_unsafe", "Celery, fastest unsafe"),
+    ("dramatiq_safe", "Dramatiq, confirms"),
+    ("dramatiq_unsafe", "Dramatiq, fastest unsafe"),
+):
+    ROWS += [
+        ("3", label, ("peers", key, "accepted_per_s"), "accepted/s"),
+        ("3", label, ("peers", key, "completed_per_s"), "completed/s"),
+    ]
+ROWS.append(
+    (
+        "5",
+        "POST /v1/tasks at 50% rate",
+        ("longhaul", "single_half_rate", "submit_to_202_ms.p50"),
+        "p50 ms",
+    )
+)
+ROWS.append(
+    (
+        "5",
+        "POST /v1/tasks at 50% rate",
+        ("longhaul", "single_half_rate", "submit_to_202_ms.p99"),
+        "p99 ms",
+    )
+)
+
+
+def _gateway_rows(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...], str]]:
+    rows = []
+    gw = doc.get("gateway", {})
+    for key in sorted((k for k in gw if k.startswith("idle_")), key=lambda k: int(k[5:])):
+        rows.append(
+            (
+                "4",
+                f"{int(key[5:]):,} idle connections",
+                ("gateway", key, "kib_per_connection"),
+                "KiB/connection",
+            )
+        )
+    for key, label in (
+        ("fanout_raw_broadcast", "raw websockets broadcast"),
+        ("fanout_gateway_1k_per_s", "gateway, 1 event/s per client"),
+        ("fanout_gateway_saturation", "gateway fan-out, saturation"),
+    ):
+        rows += [
+            ("4", label, ("gateway", key, "delivered_per_s"), "events delivered/s"),
+            ("4", label, ("gateway", key, "latency_ms.p50"), "publish→client p50 ms"),
+            ("4", label, ("gateway", key, "latency_ms.p99"), "publish→client p99 ms"),
+        ]
+    return rows
+
+
+def _gen_cpu(doc: dict[str, Any], path: tuple[str, ...]) -> str:
+    s = _s(doc, *path[:-1], "generator_cpu_pct")
+    return "" if s is None else f"{s['median']:.0f}%"
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = [
+        "| # | scenario | figure | median | min-max | generator CPU |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    rows = ROWS[:3] + [r for r in ROWS[3:] if r[0] == "2"] + [r for r in ROWS if r[0] == "3"]
+    rows += _gateway_rows(doc) + [r for r in ROWS if r[0] == "5"]
+    for num, label, path, figure in rows:
+        s = _s(doc, *path)
+        if s is None:
+            continue
+        lines.append(
+            f"| {num} | {label} | {figure} | {_fmt(s['median'])} | "
+            f"{_fmt(s['min'])}-{_fmt(s['max'])} | {_gen_cpu(doc, path)} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue: value, threshold, ratio, met (None: not measured)."""
+    single = _med(doc, "longhaul", "single_saturation", "completed_per_s")
+    batch = _med(doc, "longhaul", "batch_saturation", "completed_per_s")
+    idle = [k for k in doc.get("gateway", {}) if k.startswith("idle_")]
+    biggest = max(idle, key=lambda k: int(k[5:])) if idle else None
+    out = []
+
+    def higher(name: str, value: float | None, ref: float | None, factor: float) -> None:
+        ratio = None if value is None or not ref else value / ref
+        out.append(
+            {
+                "target": name,
+                "value": value,
+                "reference": ref,
+                "ratio": None if ratio is None else round(ratio, 2),
+                "met": None if ratio is None else ratio >= factor,
+                "needs": f"ratio ≥ {factor:g}",
+            }
+        )
+
+    def lower(name: str, value: float | None, limit: float) -> None:
+        ratio = None if value is None else value / limit
+        out.append(
+            {
+                "target": name,
+                "value": value,
+                "reference": limit,
+                "ratio": None if ratio is None else round(ratio, 2),
+                "met": None if ratio is None else ratio <= 1.0,
+                "needs": f"≤ {limit:g}",
+            }
+        )
+
+    higher(
+        "single-submit e2e ≥ 2x Celery (confirms + results)",
+        single,
+        _med(doc, "peers", "celery_safe", "completed_per_s"),
+        2.0,
+    )
+    higher(
+        "single-submit e2e ≥ Dramatiq (confirms)",
+        single,
+        _med(doc, "peers", "dramatiq_safe", "completed_per_s"),
+        1.0,
+    )
+    higher(
+        "single-submit e2e ≥ Celery fastest unsafe",
+        single,
+        _med(doc, "peers", "celery_unsafe", "completed_per_s"),
+        1.0,
+    )
+    higher(
+        "batch-submit e2e ≥ 60% of the raw RabbitMQ ceiling",
+        batch,
+        _med(doc, "ceiling", "rabbitmq", "msgs_per_s"),
+        0.6,
+    )
+    lower(
+        "submit→running p95 ≤ 50 ms at 50% of saturation (ms)",
+        _med(doc, "longhaul", "single_half_rate", "submit_to_running_ms.p95"),
+        50,
+    )
+    lower(
+        "progress worker→client p99 ≤ 10 ms at 1 event/s per client (1,000 clients) (ms)",
+        _med(doc, "gateway", "fanout_gateway_1k_per_s", "latency_ms.p99"),
+        10,
+    )
+    lower(
+        f"gateway ≤ 20 KiB per idle connection ({biggest or 'n/a'}) (KiB)",
+        _med(doc, "gateway", biggest, "kib_per_connection") if biggest else None,
+        20,
+    )
+    higher(
+        "fan-out ≥ 50% of raw websockets broadcast",
+        _med(doc, "gateway", "fanout_gateway_saturation", "delivered_per_s"),
+        _med(doc, "gateway", "fanout_raw_broadcast", "delivered_per_s"),
+        0.5,
+    )
+    lower(
+        "POST /v1/tasks p99 ≤ 25 ms at 50% of saturation (ms)",
+        _med(doc, "longhaul", "single_half_rate", "submit_to_202_ms.p99"),
+        25,
+    )
+    return out
+
+
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| target | value | reference | ratio | met |", "|---|---:|---:|---:|---|"]
+    for t in rows:
+        met = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        lines.append(
+            f"| {t['target']} | {_fmt(t['value'])} | {_fmt(t['reference'])} | "
+            f"{'n/a' if t['ratio'] is None else t['ratio']} ({t['needs']}) | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def configs(doc: dict[str, Any]) -> str:
+    lines = []
+    for scenario in ("ceiling", "longhaul", "peers", "gateway"):
+        for key, node in doc.get(scenario, {}).items():
+            if isinstance(node, dict) and "config" in node:
+                lines.append(f"- **{scenario}.{key}**: {node['config']}")
+    return "\n".join(lines)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    meta = doc.get("meta", {})
+    head = (
+        f"## Longhaul benchmark ({meta.get('profile')}, {meta.get('started_at')}, "
+        f"{meta.get('cpus')} CPUs, {meta.get('runs')} run(s) per figure, "
+        f"{meta.get('duration_s')} s)\n"
+    )
+    return (
+        "\n\n".join(
+            [
+                head,
+                table(doc),
+                "### Targets",
+                targets_table(doc.get("targets", [])),
+                "### Configurations",
+                configs(doc),
+            ]
+        )
+        + "\n"
+    )

@@ -1,0 +1,58 @@
+"""The benchmark suite's quick mode runs end to end, so its code keeps working.
+
+It asserts that every scenario ran and wrote valid JSON, never a timing: figures on a
+shared 2-core machine are noise at this size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, timeout
+
+pytestmark = pytest.mark.e2e
+
+SCENARIOS = {
+    "ceiling": {"rabbitmq", "postgresql", "redis"},
+    "longhaul": {"single_saturation", "single_half_rate", "batch_saturation", "batch_half_rate"},
+    "peers": {"celery_safe", "celery_unsafe", "dramatiq_safe", "dramatiq_unsafe"},
+    "gateway": {"fanout_raw_broadcast", "fanout_gateway_1k_per_s", "fanout_gateway_saturation"},
+}
+
+
+def test_bench_quick_runs_every_scenario_and_writes_json(tmp_path: Path) -> None:
+    """`python -m bench --quick` exits 0 and its JSON holds every scenario with figures."""
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout(240),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == {}
+    for scenario, keys in SCENARIOS.items():
+        assert keys <= set(doc[scenario]), (scenario, sorted(doc[scenario]))
+        for key in keys:
+            node = doc[scenario][key]
+            assert node["config"] and node["runs"], (scenario, key)
+    assert any(k.startswith("idle_") for k in doc["gateway"])
+    # Every run completed its work: all tasks accepted reached a terminal state.
+    for key in SCENARIOS["longhaul"]:
+        for run in doc["longhaul"][key]["runs"]:
+            assert run["accepted"] > 0 and run["terminal_seen"] == run["accepted"], run
+    for key in SCENARIOS["peers"]:
+        for run in doc["peers"][key]["runs"]:
+            assert run["completed"] > 0, run
+    assert len(doc["targets"]) == 9
+    # The Markdown table is written beside the JSON.
+    assert "| # | scenario |" in out.with_suffix(".md").read_text()
