@@ -23,7 +23,6 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError
 
-from shared.errors import DependencyError
 from shared.settings import CommonSettings
 from shared.wire import Wire
 
@@ -87,26 +86,49 @@ class Outgoing:
     trace_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Published:
+    """What became of a batch: which messages the broker confirmed, and why not others."""
+
+    confirmed: list[bool]
+    # Nacked or returned: the broker is refusing (queue full, no route).
+    refused: int = 0
+    # No confirm in time, or no channel: the broker is slow or unreachable.
+    failed: int = 0
+    error: str | None = None
+
+
 class Publisher:
     """Publishes persistent messages with confirms; a batch is pipelined, not sent one
-    round trip at a time. Raises DependencyError unless every message was confirmed."""
+    round trip at a time, and bounded by one timeout for the whole batch."""
 
     def __init__(self, exchange: AbstractExchange, routing_key: str, timeout: float) -> None:
         self._exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
 
-    async def publish(self, batch: Sequence[Outgoing]) -> None:
-        results = await asyncio.gather(
-            *(self._publish_one(item) for item in batch), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            first = failures[0]
-            raise DependencyError(
-                f"RabbitMQ did not confirm {len(failures)} of {len(batch)} messages: "
-                f"{type(first).__name__}: {first}"
-            ) from first
+    async def publish(self, batch: Sequence[Outgoing]) -> Published:
+        tasks = [asyncio.create_task(self._publish_one(item), name="publish") for item in batch]
+        # One bound for the batch: it also covers a publish that would wait forever on
+        # a connection being restored.
+        _, pending = await asyncio.wait(tasks, timeout=self._timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        confirmed, refused, failed, error = [], 0, 0, None
+        for task in tasks:
+            exc = None if task.cancelled() else task.exception()
+            ok = not task.cancelled() and exc is None
+            confirmed.append(ok)
+            if ok:
+                continue
+            if isinstance(exc, aio_pika.exceptions.DeliveryError):
+                refused += 1
+            else:
+                failed += 1
+            error = error or (f"{type(exc).__name__}: {exc}" if exc else "no confirm in time")
+        return Published(confirmed, refused, failed, error)
 
     async def _publish_one(self, item: Outgoing) -> None:
         message = aio_pika.Message(
@@ -116,11 +138,4 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=item.trace_id,
         )
-        # ``timeout`` bounds the wait for the confirm; wait_for also bounds a publish
-        # that would otherwise wait forever on a connection being restored.
-        await asyncio.wait_for(
-            self._exchange.publish(
-                message, self._routing_key, mandatory=True, timeout=self._timeout
-            ),
-            self._timeout,
-        )
+        await self._exchange.publish(message, self._routing_key, mandatory=True)

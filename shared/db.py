@@ -33,6 +33,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset on release (a round trip per query: RESET ALL, UNLISTEN *,
+    ...). Nothing here changes session state on pooled connections: transactions are
+    always closed by their context manager and LISTEN uses a connection of its own."""
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0
 ) -> asyncpg.Pool:
@@ -43,6 +49,7 @@ async def create_pool(
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_keep_session,
             timeout=timeout,
             command_timeout=timeout,
             server_settings={"statement_timeout": str(int(timeout * 1000))},

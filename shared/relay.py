@@ -70,7 +70,7 @@ class OutboxRelay:
         *,
         dsn: str,
         failpoints: Failpoints,
-        batch_size: int = 500,
+        batch_size: int = 200,
         poll_s: float = 1.0,
         timeout: float = 5.0,
     ) -> None:
@@ -103,13 +103,11 @@ class OutboxRelay:
                     published = await self.flush_once()
                 except (DependencyError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
                     failures += 1
-                    self._set_refusing(True)
                     PUBLISH_FAILURES.inc()
                     log.warning("outbox relay flush failed", extra={"error": str(exc)[:300]})
-                    await self._sleep(stopping, min(0.1 * 2**failures, 5.0))
+                    await self._sleep(stopping, min(0.05 * 2**failures, 5.0))
                     continue
                 failures = 0
-                self._set_refusing(False)
                 if published >= self._batch_size:
                     continue  # more may be due right now
                 await self._sleep(stopping, await self._until_next_due())
@@ -119,7 +117,10 @@ class OutboxRelay:
                 await self._close_listener()
 
     async def flush_once(self) -> int:
-        """Publish one batch of due rows; return how many were published."""
+        """Publish one batch of due rows; return how many were published.
+
+        Rows the broker confirmed are deleted even when others of the batch were not:
+        those stay for the next flush. Raises DependencyError when any failed."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             promoted = await conn.fetch(_PROMOTE)
         if promoted:
@@ -131,17 +132,29 @@ class OutboxRelay:
             if not rows:
                 return 0
             await self._failpoints.hit("relay.before_publish")
-            await self._publisher.publish(
+            result = await self._publisher.publish(
                 [
                     Outgoing(message_id=f"{r['task_id']}:{r['attempt']}", body=r["body"])
                     for r in rows
                 ]
             )
             await self._failpoints.hit("relay.after_confirm")
-            await conn.execute(
-                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+            done = [r["id"] for r, ok in zip(rows, result.confirmed, strict=True) if ok]
+            if done:
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+        PUBLISHED.inc(len(done))
+        # Only the broker's own refusals (nacks: queue at x-max-length) stop the API from
+        # admitting; a slow confirm is retried, and an unreachable broker shows in the
+        # API's queue-depth samples.
+        if result.refused:
+            self._set_refusing(True)
+        elif len(done) == len(rows):
+            self._set_refusing(False)
+        if result.refused or result.failed:
+            raise DependencyError(
+                f"RabbitMQ did not confirm {len(rows) - len(done)} of {len(rows)} messages "
+                f"({result.refused} refused): {result.error}"
             )
-        PUBLISHED.inc(len(rows))
         return len(rows)
 
     def _set_refusing(self, value: bool) -> None:

@@ -168,7 +168,7 @@ class _LazyPublisher(Publisher):
         self._channel: AbstractChannel | None = None
         self._ready: Publisher | None = None
 
-    async def publish(self, batch: Sequence[amqp.Outgoing]) -> None:
+    async def publish(self, batch: Sequence[amqp.Outgoing]) -> amqp.Published:
         if self._ready is None or self._channel is None or self._channel.is_closed:
             self._channel = await asyncio.wait_for(
                 self._connection.channel(publisher_confirms=True, on_return_raises=True),
@@ -176,7 +176,7 @@ class _LazyPublisher(Publisher):
             )
             exchange = await self._channel.get_exchange(self._wire.tasks_exchange, ensure=False)
             self._ready = Publisher(exchange, self._wire.tasks_routing_key, self._timeout)
-        await self._ready.publish(batch)
+        return await self._ready.publish(batch)
 
 
 async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:

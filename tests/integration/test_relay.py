@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from services.api.repository import ApiRepository, NewTask
 from services.worker.repository import WorkerRepository
 from shared import amqp
-from shared.amqp import Outgoing, Publisher
+from shared.amqp import Outgoing, Published, Publisher
 from shared.db import create_pool
 from shared.errors import DependencyError
 from shared.events import EventSink
@@ -197,7 +197,7 @@ class _CheckingPublisher(Publisher):
         self._pool = pool
         self.seen_in_outbox: list[bool] = []
 
-    async def publish(self, batch: Sequence[Outgoing]) -> None:
+    async def publish(self, batch: Sequence[Outgoing]) -> Published:
         for item in batch:
             task_id = UUID(item.message_id.split(":")[0])
             # Read from another connection: the relay's own transaction holds the row
@@ -206,16 +206,37 @@ class _CheckingPublisher(Publisher):
                 "SELECT count(*) FROM outbox WHERE task_id = $1", task_id
             )
             self.seen_in_outbox.append(count == 1)
-        await self._inner.publish(batch)
+        return await self._inner.publish(batch)
 
 
 class _RefusingPublisher(Publisher):
-    def __init__(self) -> None:
-        self.calls = 0
+    """Confirms nothing: every message timed out, or (``refuse``) was nacked."""
 
-    async def publish(self, batch: Sequence[Outgoing]) -> None:
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls = 0
+        self._refuse = refuse
+
+    async def publish(self, batch: Sequence[Outgoing]) -> Published:
         self.calls += 1
-        raise DependencyError("RabbitMQ did not confirm (test)")
+        n = len(batch)
+        return Published(
+            [False] * n,
+            refused=n if self._refuse else 0,
+            failed=0 if self._refuse else n,
+            error="test",
+        )
+
+
+class _HalfPublisher(Publisher):
+    """Confirms every other message of a batch through the real broker."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self._inner = inner
+
+    async def publish(self, batch: Sequence[Outgoing]) -> Published:
+        result = await self._inner.publish(batch[::2])
+        confirmed = [i % 2 == 0 and result.confirmed[i // 2] for i in range(len(batch))]
+        return Published(confirmed, failed=confirmed.count(False), error="test")
 
 
 async def test_rows_are_deleted_only_after_publishing(
@@ -238,6 +259,27 @@ async def test_rows_are_deleted_only_after_publishing(
     assert sorted(m.task_id for m in await broker.drain() if m.task_id in ids) == sorted(ids)
 
 
+async def test_confirmed_rows_of_a_partly_confirmed_batch_are_deleted(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Rows the broker confirmed leave the outbox even when others of their batch were
+    not (no needless republish); a slow broker does not make the API refuse tasks, a
+    refusing one (nacks) does."""
+    ids = await insert(pool, tenant, 6)
+    relay = make_relay(pool, _HalfPublisher(broker.publisher()), sink, deployment)
+    with pytest.raises(DependencyError):
+        await relay.flush_once()
+    assert len(await outbox_rows(pool, ids)) == 3
+    assert len([m for m in await broker.drain() if m.task_id in ids]) == 3
+    assert not relay.refusing
+    refusing = make_relay(pool, _RefusingPublisher(refuse=True), sink, deployment)
+    with pytest.raises(DependencyError):
+        await refusing.flush_once()
+    assert refusing.refusing
+    await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
+    assert await outbox_rows(pool, ids) == []
+
+
 async def test_two_relays_publish_each_row_once(
     pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
 ) -> None:
@@ -250,10 +292,11 @@ async def test_two_relays_publish_each_row_once(
             self._inner = inner
             self._index = index
 
-        async def publish(self, batch: Sequence[Outgoing]) -> None:
+        async def publish(self, batch: Sequence[Outgoing]) -> Published:
             await asyncio.sleep(0.01)  # widen the window in which both hold a batch
-            await self._inner.publish(batch)
+            result = await self._inner.publish(batch)
             counts[self._index] += len(batch)
+            return result
 
     relays = [
         make_relay(pool, Counting(broker.publisher(), i), sink, deployment, batch_size=10)
