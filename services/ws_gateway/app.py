@@ -23,6 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from services.ws_gateway import sse
+from services.ws_gateway.frames import FrameCache
 from services.ws_gateway.hub import Hub
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
@@ -98,6 +99,7 @@ class Gateway:
                 queue_size=s.client_queue_size,
                 snapshot_grace_s=s.snapshot_grace_s,
                 close_timeout_s=s.close_timeout_s,
+                frame_cache=FrameCache(),
             )
             self.hub = Hub(
                 s.redis_url, self.wire, self.registry, self.metrics, io_timeout=s.io_timeout_s

@@ -98,3 +98,23 @@ def sse_message(event: ProgressEvent) -> str:
     # No "event:" field: EventSource's onmessage then sees every frame, snapshots too
     # (they say so in their JSON).
     return f"id: {event.seq}\ndata: {event_frame(event)}\n\n"
+
+
+class FrameCache:
+    """Each event's frame encoded once, not once per subscriber: the hub hands the same
+    event object to every session, so its identity is the key. Bounded, oldest out."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        # id -> (event, frame): the event is kept so that its id cannot be reused.
+        self._frames: dict[int, tuple[ProgressEvent, str]] = {}
+
+    def frame(self, event: ProgressEvent) -> str:
+        hit = self._frames.get(id(event))
+        if hit is not None and hit[0] is event:
+            return hit[1]
+        text = event_frame(event)
+        if len(self._frames) >= self._size:
+            del self._frames[next(iter(self._frames))]
+        self._frames[id(event)] = (event, text)
+        return text

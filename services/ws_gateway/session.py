@@ -47,6 +47,7 @@ class Deps:
     queue_size: int
     snapshot_grace_s: float
     close_timeout_s: float
+    frame_cache: frames.FrameCache
 
 
 class Catcher:
@@ -101,30 +102,44 @@ class Session:
         self._catcher = Catcher(deps, tenant_id)
         self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=deps.queue_size)
         self._cursors: dict[UUID, int] = {}
-        self._overflowed = asyncio.Event()
+        # An idle connection (most of them) costs one reader task: the worker starts with
+        # the first item, and falling behind or failing resolves ``_ended`` instead of
+        # a task of its own waiting for it.
+        self._worker: asyncio.Task[None] | None = None
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slow = False
 
     # Sessions are registry keys: identity is the right equality.
     __hash__ = object.__hash__
 
     def offer(self, item: ProgressEvent | Resync) -> None:
-        if self._overflowed.is_set():
+        if self._slow:
             return
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
-            self._overflowed.set()
+            self._slow = True
             self._deps.metrics.drops.inc()
+            self._end()
+            return
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work(), name=f"ws-{self.ws.id.hex[:8]}-work")
+            self._worker.add_done_callback(lambda _: self._end())
+
+    def _end(self) -> None:
+        if not self._ended.done():
+            self._ended.set_result(None)
 
     async def run(self) -> None:
         """Serve the connection until the client leaves, it falls behind, or we stop."""
-        name = f"ws-{self.ws.id.hex[:8]}"
-        reader = asyncio.create_task(self._read(), name=f"{name}-read")
-        worker = asyncio.create_task(self._work(), name=f"{name}-work")
-        slow = asyncio.create_task(self._overflowed.wait(), name=f"{name}-slow")
-        tasks = {reader, worker, slow}
+        reader = asyncio.create_task(self._read(), name=f"ws-{self.ws.id.hex[:8]}-read")
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reader, self._ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            tasks = [t for t in (reader, self._worker) if t is not None]
             for task in tasks:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -137,7 +152,7 @@ class Session:
             ):
                 log.error("connection failed", exc_info=result)
                 await self._close(CloseCode.INTERNAL_ERROR, "internal error")
-        if slow in done:
+        if self._slow:
             log.info("closing a slow connection", extra={"tenant_id": str(self.tenant_id)})
             await self._close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
@@ -153,6 +168,7 @@ class Session:
     async def _read(self) -> None:
         async for frame in self.ws:
             await self._queue.put(frames.parse_client_frame(frame))
+            self._start_worker()
 
     async def _work(self) -> None:
         while True:
@@ -214,6 +230,6 @@ class Session:
             await self._send(event, "snapshot" if event.snapshot else "replay")
 
     async def _send(self, event: ProgressEvent, source: str) -> None:
-        await self.ws.send(frames.event_frame(event))
+        await self.ws.send(self._deps.frame_cache.frame(event))
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.events_relayed.labels(source=source).inc()
