@@ -100,13 +100,15 @@ class Session:
         self.tenant_id = tenant_id
         self._deps = deps
         self._catcher = Catcher(deps, tenant_id)
-        self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=deps.queue_size)
+        # Created with the first item: an asyncio.Queue is three deques (~2 KiB).
+        self._queue: asyncio.Queue[Item] | None = None
         self._cursors: dict[UUID, int] = {}
-        # An idle connection (most of them) costs one reader task: the worker starts with
-        # the first item, and falling behind or failing resolves ``_ended`` instead of
-        # a task of its own waiting for it.
+        # An idle connection (most of them) costs no task of its own: the handler's task
+        # reads, the worker starts with the first item, and falling behind or failing
+        # cancels the read instead of a task of its own waiting for it.
         self._worker: asyncio.Task[None] | None = None
-        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reading: asyncio.Task[Any] | None = None
+        self._ended = False
         self._slow = False
 
     # Sessions are registry keys: identity is the right equality.
@@ -116,7 +118,7 @@ class Session:
         if self._slow:
             return
         try:
-            self._queue.put_nowait(item)
+            self._items().put_nowait(item)
         except asyncio.QueueFull:
             self._slow = True
             self._deps.metrics.drops.inc()
@@ -124,25 +126,44 @@ class Session:
             return
         self._start_worker()
 
+    def _items(self) -> asyncio.Queue[Item]:
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=self._deps.queue_size)
+        return self._queue
+
     def _start_worker(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._work(), name=f"ws-{self.ws.id.hex[:8]}-work")
             self._worker.add_done_callback(lambda _: self._end())
 
     def _end(self) -> None:
-        if not self._ended.done():
-            self._ended.set_result(None)
+        """The worker ended or the client fell behind: stop reading (see run())."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._reading is not None and self._reading is not asyncio.current_task():
+            self._reading.cancel()
 
     async def run(self) -> None:
-        """Serve the connection until the client leaves, it falls behind, or we stop."""
-        reader = asyncio.create_task(self._read(), name=f"ws-{self.ws.id.hex[:8]}-read")
+        """Serve the connection until the client leaves, it falls behind, or we stop.
+
+        The handler's own task reads the client's frames (no extra task per idle
+        connection); _end() cancels that read, and only that cancellation is absorbed."""
+        me = asyncio.current_task()
+        self._reading = me
+        results: list[BaseException | None] = []
         try:
-            await asyncio.wait({reader, self._ended}, return_when=asyncio.FIRST_COMPLETED)
+            await self._read()
+        except asyncio.CancelledError:
+            if not self._ended or me is None or me.uncancel() > 0:
+                raise  # not ours: the server is stopping the handler
+        except ConnectionClosed:
+            pass  # the client went away mid-frame
         finally:
-            tasks = [t for t in (reader, self._worker) if t is not None]
-            for task in tasks:
-                task.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            self._reading = None
+            if self._worker is not None:
+                self._worker.cancel()
+                results = list(await asyncio.gather(self._worker, return_exceptions=True))
         for result in results:
             if isinstance(result, DependencyDown):
                 log.warning("closing a connection: dependency down", extra={"error": str(result)})
@@ -167,12 +188,13 @@ class Session:
 
     async def _read(self) -> None:
         async for frame in self.ws:
-            await self._queue.put(frames.parse_client_frame(frame))
+            await self._items().put(frames.parse_client_frame(frame))
             self._start_worker()
 
     async def _work(self) -> None:
+        items = self._items()
         while True:
-            item = await self._queue.get()
+            item = await items.get()
             if isinstance(item, ProgressEvent):
                 await self._live(item)
             elif isinstance(item, Resync):
