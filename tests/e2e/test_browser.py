@@ -85,13 +85,19 @@ async def test_console_follows_a_task_through_a_gateway_restart(
             await page.locator("#connection.conn-open").wait_for(timeout=timeout(20) * 1000)
             assert "key=" not in page.url, "the key must leave the address bar"
 
+            # Tasks of earlier tests of this tenant are listed too: ours is the new row.
+            rows = page.locator("#task-rows tr")
+            before = set(await rows.evaluate_all("rs => rs.map(r => r.dataset.taskId)"))
             await page.select_option("#task-type", "demo.sleep")
             await page.fill("#task-args", '{"seconds": 8, "steps": 16}')
             await page.click("#submit-button")
-            row = page.locator("#task-rows tr").first
-            await row.wait_for(timeout=timeout(10) * 1000)
-            task_id = await row.get_attribute("data-task-id")
-            assert task_id
+
+            async def new_row() -> str | None:
+                ids = await rows.evaluate_all("rs => rs.map(r => r.dataset.taskId)")
+                fresh = [i for i in ids if i not in before]
+                return fresh[0] if fresh else None
+
+            task_id = await eventually(new_row, within=10, what="the submitted task's row")
 
             seen: list[float] = []
 
@@ -113,7 +119,14 @@ async def test_console_follows_a_task_through_a_gateway_restart(
                 seen.append(await progress_of(page, task_id))
                 return await state_of(page, task_id) == "succeeded"
 
-            await eventually(done, within=40, interval=0.1, what="task succeeded in the console")
+            try:
+                await eventually(
+                    done, within=40, interval=0.1, what="task succeeded in the console"
+                )
+            except AssertionError:
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "console-failure.png"), full_page=True)
+                raise
             assert seen == sorted(seen), f"progress went backwards: {seen}"
             assert seen[-1] == 1.0 and before_restart < 1.0
             assert any(before_restart < p < 1.0 for p in seen) or before_restart > 0
