@@ -1,11 +1,16 @@
 """Writes progress events where the gateway finds them: the task's Redis stream (for
-replay) and its pub/sub channel (for live relay), in one pipelined round trip.
+replay) and its pub/sub channel (for live relay).
+
+Events emitted at the same time by concurrent tasks of a process go out together, in
+one pipelined round trip (group commit): while one batch is being written, the next
+gathers. A caller's own events keep their order, since it awaits each emit.
 
 Redis is not the truth: an event that cannot be written is logged and counted, and the
 gateway recovers the state from PostgreSQL (a snapshot event)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -21,6 +26,10 @@ log = logging.getLogger(__name__)
 
 EVENTS_WRITTEN = Counter("longhaul_events_written_total", "Progress events written to Redis")
 EVENTS_FAILED = Counter("longhaul_events_failed_total", "Progress events Redis did not take")
+
+# Refresh a stream's expiry on its first event, its terminal one and every so often in
+# between: a PEXPIRE per event would be a third of all commands.
+_EXPIRE_EVERY = 32
 
 
 class EventSink:
@@ -40,6 +49,8 @@ class EventSink:
         self._wire = wire
         self._retention_ms = int(retention_s * 1000)
         self._maxlen = maxlen
+        self._waiting: list[tuple[Sequence[ProgressEvent], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def emit(self, events: Sequence[ProgressEvent]) -> bool:
         """Append to each task's stream and publish; True when Redis took them all."""
@@ -48,6 +59,30 @@ class EventSink:
         if not self.breaker.allow():
             EVENTS_FAILED.inc(len(events))
             return False
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((events, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all(), name="event-writer")
+        # Shielded: a caller cancelled meanwhile must not cancel the batch of others.
+        return await asyncio.shield(done)
+
+    async def aclose(self) -> None:
+        """Wait for what is being written (shutdown)."""
+        if self._writer is not None:
+            await self._writer
+
+    async def _write_all(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            ok = False
+            try:
+                ok = await self._write([e for events, _ in batch for e in events])
+            finally:  # never leave an emitter waiting, whatever happened
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(ok)
+
+    async def _write(self, events: list[ProgressEvent]) -> bool:
         pipe = self._redis.pipeline(transaction=False)
         for event in events:
             body = encode_event(event)
@@ -57,7 +92,8 @@ class EventSink:
             pipe.xadd(
                 stream, {"e": body}, id=f"{event.seq}-0", maxlen=self._maxlen, approximate=True
             )
-            pipe.pexpire(stream, self._retention_ms)
+            if event.seq == 1 or event.state.terminal or event.seq % _EXPIRE_EVERY == 0:
+                pipe.pexpire(stream, self._retention_ms)
             pipe.publish(self._wire.event_channel(event.task_id), body)
         try:
             results = await pipe.execute(raise_on_error=False)

@@ -88,7 +88,13 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         background: list[asyncio.Task[None]] = []
         jobs_stop = asyncio.Event()
         if settings.relay_enabled:
-            publish_channel = await connection.channel(
+            # A connection of its own: RabbitMQ's flow control throttles a publishing
+            # connection, and on a shared one that would also stall our acks.
+            publishing = await amqp.connect(
+                settings.amqp_url, f"longhaul-worker-relay {worker_id}", timeout
+            )
+            stack.push_async_callback(amqp.close, publishing, timeout)
+            publish_channel = await publishing.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             exchange = await publish_channel.get_exchange(wire.tasks_exchange)
@@ -130,6 +136,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await sink.stop(timeout)
         jobs_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
+        await events.aclose()
         with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
             await asyncio.wait_for(channel.close(), timeout)
         log.info("worker stopped")
