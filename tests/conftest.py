@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from uuid import UUID
 
 import aio_pika
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -181,3 +182,21 @@ def ports() -> Iterator[dict[str, str]]:
         "gateway_port": str(free_port()),
         "worker_metrics_port": str(free_port()),
     }
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # Floods send a few hundred requests at once: more than aiohttp's default 100.
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        yield session
+
+
+@pytest.fixture
+async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
+    """A client of the run's Redis (keys under the run's namespace)."""
+    client = Redis.from_url(deployment.redis_url)
+    yield client
+    await client.aclose()

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -198,3 +200,29 @@ class System:
         for proc in reversed(self.procs):
             if proc.alive():
                 proc.terminate()
+
+
+@contextlib.contextmanager
+def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of the test's own on ``port`` (nothing kept on disk), so that a test
+    can stop and restart Redis without disturbing the shared one. Wait for redis_up()."""
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def redis_up(url: str) -> bool:
+    client = Redis.from_url(url)
+    try:
+        return bool(await client.ping())
+    except (OSError, RedisError):  # not listening yet, or still loading
+        return False
+    finally:
+        await client.aclose()

@@ -61,15 +61,6 @@ async def systems(task_types: None) -> AsyncIterator[MakeSystem]:
             system.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=200)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-    ) as session:
-        yield session
-
-
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank percentile (q in 0..100); 0.0 for no values."""
     if not values:

@@ -6,9 +6,6 @@ still reaches a terminal state once a worker drains the queue."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
 import time
 from dataclasses import replace
 from typing import Any
@@ -19,7 +16,7 @@ import orjson
 
 from tests.abuse.conftest import MakeSystem, gather_limited, report
 from tests.conftest import Deployment, Tenant, create_tenant
-from tests.support import eventually, free_port, timeout
+from tests.support import eventually, free_port, private_redis, redis_up
 
 SUBMISSIONS = 200
 DEPTH_LIMIT = 50
@@ -153,53 +150,23 @@ async def test_redis_down_answers_503_for_tokens_and_keeps_accepting_tasks(
     limit fails open) and run once Redis is back."""
     port = free_port()
     redis_url = f"redis://127.0.0.1:{port}/0"
-    redis = _private_redis(port)
-    try:
-        dep = replace(fresh_namespace, redis_url=redis_url)
-        system = systems(dep, io_timeout_s="1")
+    dep = replace(fresh_namespace, redis_url=redis_url)
+    system = systems(dep, io_timeout_s="1")
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks"
+    with private_redis(port):
+        await eventually(lambda: redis_up(redis_url), what="private redis up")
         await system.start_api()
-        tenant = await create_tenant(db)
-        url = f"{system.api_url}/v1/tasks"
         assert (await _submit(http, url, tenant, {"type": "demo.noop"}))[0] == 202
-        redis.terminate()
-        redis.wait(timeout=10)
-        tokens = [
-            await _submit(http, f"{system.api_url}/v1/ws-tokens", tenant, None) for _ in range(5)
-        ]
-        for status, payload, headers, _ in tokens:
-            assert status == 503, payload
-            _assert_polite_503(payload, headers)
-        report("503 (Redis down) latency", [t[3] for t in tokens])
-        during = [await _submit(http, url, tenant, {"type": "demo.noop"}) for _ in range(5)]
-        assert [r[0] for r in during] == [202] * 5, [r[1] for r in during]
-        report("202 with Redis down latency", [r[3] for r in during])
-        redis = _private_redis(port)
+    tokens = [await _submit(http, f"{system.api_url}/v1/ws-tokens", tenant, None) for _ in range(5)]
+    for status, payload, headers, _ in tokens:
+        assert status == 503, payload
+        _assert_polite_503(payload, headers)
+    report("503 (Redis down) latency", [t[3] for t in tokens])
+    during = [await _submit(http, url, tenant, {"type": "demo.noop"}) for _ in range(5)]
+    assert [r[0] for r in during] == [202] * 5, [r[1] for r in during]
+    report("202 with Redis down latency", [r[3] for r in during])
+    with private_redis(port):
+        await eventually(lambda: redis_up(redis_url), what="private redis back")
         await system.start_worker()
         await _all_succeed(db, tenant, 6, within=60)
-    finally:
-        redis.terminate()
-        redis.wait(timeout=10)
-
-
-def _private_redis(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--bind",
-            "127.0.0.1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + timeout(10)
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
-        time.sleep(0.05)
-    raise AssertionError("private redis-server did not start")

@@ -1,10 +1,9 @@
-"""End-to-end fixtures: the real services as processes, an HTTP client."""
+"""End-to-end fixtures: the real services as processes."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
 from tests.conftest import Deployment
@@ -18,9 +17,3 @@ async def system(deployment: Deployment, ports: dict[str, str]) -> AsyncIterator
         yield sys_
     finally:
         sys_.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session

@@ -12,8 +12,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import Deployment, Tenant
-from tests.integration.test_gateway_faults import private_redis, redis_up
-from tests.support import System, eventually, free_port, timeout
+from tests.support import System, eventually, free_port, private_redis, redis_up, timeout
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

@@ -51,12 +51,6 @@ async def ledger_db(db: asyncpg.Pool) -> asyncpg.Pool:
     return db
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 def new_ports() -> dict[str, str]:
     return {
         "api_port": str(free_port()),

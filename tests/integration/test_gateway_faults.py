@@ -4,10 +4,7 @@ and a restart of (a private) Redis under a running gateway."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import subprocess
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -30,7 +27,7 @@ from tests.integration.test_gateway_ws import (
     recv_until_seq,
     until,
 )
-from tests.support import eventually, free_port, running, timeout
+from tests.support import eventually, free_port, private_redis, redis_up, running, timeout
 
 
 async def http_ok(port: int, path: str = "/healthz") -> bool:
@@ -43,13 +40,6 @@ async def http_ok(port: int, path: str = "/healthz") -> bool:
     head = await reader.read()
     writer.close()
     return head.startswith(b"HTTP/1.1 200")
-
-
-@pytest.fixture
-async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
-    client = Redis.from_url(deployment.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_kill9_and_restart_resumes_without_gap(
@@ -109,44 +99,6 @@ async def test_sigterm_closes_clients_with_1001(
 
 
 # ---------------------------------------------------------------- private Redis
-
-
-@contextlib.contextmanager
-def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--bind",
-            "127.0.0.1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-async def redis_up(url: str) -> bool:
-    client = Redis.from_url(url)
-    try:
-        return bool(await client.ping())
-    except OSError:
-        return False
-    except Exception:  # redis.ConnectionError while starting
-        return False
-    finally:
-        await client.aclose()
 
 
 async def test_subscription_survives_redis_restart(

@@ -50,13 +50,6 @@ async def gateway(deployment: Deployment, **overrides: Any) -> AsyncIterator[Gat
 
 
 @pytest.fixture
-async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
-    client = Redis.from_url(deployment.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def sink(redis: Redis, deployment: Deployment) -> EventSink:
     return EventSink(redis, deployment.wire, retention_s=600, maxlen=10_000)
 

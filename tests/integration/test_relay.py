@@ -45,13 +45,6 @@ async def pool(deployment: Deployment) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-@pytest.fixture
-async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
-    client = Redis.from_url(deployment.redis_url)
-    yield client
-    await client.aclose()
-
-
 @dataclass
 class Broker:
     """A private topology (its own namespace) and a confirm channel publishing to it."""

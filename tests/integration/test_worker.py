@@ -48,19 +48,6 @@ def worker(system: System) -> ServiceProcess:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-@pytest.fixture
-async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
-    client = Redis.from_url(deployment.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def amqp_channel(deployment: Deployment) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     connection = await aio_pika.connect(deployment.amqp_url, timeout=10)
     channel = await connection.channel(publisher_confirms=True)
