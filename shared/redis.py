@@ -20,7 +20,3 @@ def create_client(url: str, timeout: float) -> Redis:
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-
-
-async def ping(client: Redis) -> None:
-    await client.ping()

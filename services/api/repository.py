@@ -13,7 +13,7 @@ import asyncpg
 from shared import deadletters, outbox
 from shared.db import NOTIFY_CHANNEL
 from shared.schemas import TaskMessage, TaskRequest, encode_task_message
-from shared.taskrows import EVENT_COLUMNS, Row
+from shared.taskrows import Row
 
 TASK_COLUMNS = (
     "id, tenant_id, type, args, state, progress, message, result, error, attempts, "
@@ -226,9 +226,6 @@ class ApiRepository:
     async def redrive(self, tenant_id: UUID, dead_letter_id: UUID) -> deadletters.RedriveResult:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             return await deadletters.redrive(conn, dead_letter_id, tenant_id, TASK_COLUMNS)
-
-    async def event_row(self, task_id: UUID) -> Row | None:
-        return await self._fetchrow(f"SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1", task_id)
 
     async def ping(self) -> None:
         await self._fetchrow("SELECT 1")
