@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -209,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="where to write the JSON (default: bench/results/)"
     )
+    parser.add_argument("--runs", type=int, help="runs per figure (overrides the profile)")
+    parser.add_argument("--tasks", type=int, help="N of the end-to-end runs (overrides)")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
+    if args.runs:
+        profile = replace(profile, runs=args.runs)
+    if args.tasks:
+        profile = replace(profile, n_tasks=args.tasks)
     try:
         import uvloop  # noqa: PLC0415 - optional
 

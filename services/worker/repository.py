@@ -55,7 +55,9 @@ class WorkerRepository:
                 started_at = coalesce(t.started_at, now()), next_attempt_at = NULL,
                 progress = 0, message = NULL, last_seq = t.last_seq + 1, updated_at = now()
             FROM old
-            WHERE t.id = old.id AND t.state IN ('queued', 'retrying') AND t.attempts = $2 - 1
+            -- t.id = $1, not = old.id: joined on old.id, the planner may scan every
+            -- queued task of the tenant (its index) for each claim.
+            WHERE t.id = $1 AND t.state IN ('queued', 'retrying') AND t.attempts = $2 - 1
               AND t.tenant_id = $5
             RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
                       t.max_attempts, t.created_at, t.cancel_requested_at, t.backoff,

@@ -1,13 +1,20 @@
-"""One client connection: its bounded queue, its subscriptions and their catch-up.
+"""One client connection: its queue, its subscriptions and their catch-up.
 
 Everything that reaches the client goes through one worker task in queue order (client
-commands, live events, resyncs), so per task the frames leave in seq order and the
-cursor needs no lock. The hub only ``offer``s: a full queue marks the connection slow
-and it is closed, never waited for."""
+commands, live events, resyncs, rechecks), so per task the frames leave in seq order
+and the cursor needs no lock. The hub only ``offer``s: too many events waiting marks
+the connection slow and it is closed, never waited for. Client commands are bounded
+apart (the reader waits for room), so a burst of subscribes is not mistaken for a
+client that does not read.
+
+No step of the worker sleeps: when the database is ahead of the stream (the writer
+commits, then writes the event), the session sends what the stream holds and comes
+back to the task after a grace period, while the rest of the connection moves on."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +38,39 @@ from shared.taskrows import event_from_row
 
 log = logging.getLogger(__name__)
 
-Item = ProgressEvent | Resync | frames.ClientOp
+
+@dataclass(frozen=True)
+class Recheck:
+    """Back to a task whose stream lagged the database, after the grace period."""
+
+    task_id: UUID
+    last_seq: int  # what the database showed: nothing to do once the cursor is there
+
+
+Item = ProgressEvent | Resync | Recheck | frames.ClientOp
+
+# Client commands read ahead of the worker: beyond this the reader waits (TCP pushes back).
+_OPS_AHEAD = 64
+# A client whose socket has this much we could not hand to the kernel is not reading
+# (websockets' default write limit: send() waits above it).
+_UNREAD_BYTES = 32 * 1024
+# Events waiting through no fault of the client: this many times the queue size at most.
+_OWN_BACKLOG_FACTOR = 16
+
+
+class Tail(enum.Enum):
+    """What to do when the database is ahead of the stream's last event."""
+
+    WAIT = "wait"  # sleep the grace period, read again, then snapshot (one-shot callers)
+    DEFER = "defer"  # send what the stream has; the caller comes back after the grace
+    SNAPSHOT = "snapshot"  # waited enough: the row stands in for what is missing
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    events: list[ProgressEvent]
+    # Tail.DEFER only: the stream is behind the database; come back after the grace.
+    recheck: bool = False
 
 
 class DependencyDown(Exception):
@@ -64,34 +103,43 @@ class Catcher:
             raise DependencyDown(f"PostgreSQL: {exc!r}") from exc
 
     async def events(
-        self, task_id: UUID, delivered: int, row: Mapping[str, Any]
-    ) -> list[ProgressEvent]:
+        self, task_id: UUID, delivered: int, row: Mapping[str, Any], tail: Tail
+    ) -> CatchUp:
         """The events that bring a client at ``delivered`` up to date, in order."""
         streams = self._deps.streams
         stream = await streams.after(task_id, delivered)
         plan = plan_catch_up(delivered, [e.seq for e in stream], row["last_seq"])
-        if plan.tail_missing and self._deps.snapshot_grace_s > 0:
+        grace = self._deps.snapshot_grace_s
+        if plan.tail_missing and grace > 0 and tail is not Tail.SNAPSHOT:
             # The worker commits, then writes the event: give a late write a moment
             # rather than replacing a real event with a snapshot.
-            await asyncio.sleep(self._deps.snapshot_grace_s)
+            if tail is Tail.DEFER:
+                return CatchUp(_contiguous(stream, delivered), recheck=True)
+            await asyncio.sleep(grace)
             stream = await streams.after(task_id, delivered)
             plan = plan_catch_up(delivered, [e.seq for e in stream], row["last_seq"])
-        out: list[ProgressEvent] = []
-        cursor = delivered
         if plan.verdict is Verdict.NOTHING:
-            return out
-        if plan.verdict is Verdict.SNAPSHOT:
-            if row["last_seq"] < 1:
-                return out  # a task with no event yet has nothing to show
-            out.append(event_from_row(row, snapshot=True))
-            cursor = row["last_seq"]
-        for event in stream:
-            if event.seq == cursor + 1:
-                out.append(event)
-                cursor = event.seq
-            elif event.seq > cursor + 1:
-                break  # a hole: the next live event will find it and catch up again
-        return out
+            return CatchUp([])
+        if plan.verdict is Verdict.STREAM:
+            return CatchUp(_contiguous(stream, delivered))
+        if row["last_seq"] < 1:
+            return CatchUp([])  # a task with no event yet has nothing to show
+        snapshot = event_from_row(row, snapshot=True)
+        return CatchUp([snapshot, *_contiguous(stream, snapshot.seq)])
+
+
+def _contiguous(stream: list[ProgressEvent], after: int) -> list[ProgressEvent]:
+    """The stream's events that follow ``after`` without a hole; a hole is left for the
+    next live event to find (it then catches up again)."""
+    out: list[ProgressEvent] = []
+    cursor = after
+    for event in stream:
+        if event.seq == cursor + 1:
+            out.append(event)
+            cursor = event.seq
+        elif event.seq > cursor + 1:
+            break
+    return out
 
 
 class Session:
@@ -102,7 +150,10 @@ class Session:
         self._catcher = Catcher(deps, tenant_id)
         # Created with the first item: an asyncio.Queue is three deques (~2 KiB).
         self._queue: asyncio.Queue[Item] | None = None
+        self._events_queued = 0  # live events and resyncs waiting: the slow-consumer count
+        self._ops_room: asyncio.Semaphore | None = None
         self._cursors: dict[UUID, int] = {}
+        self._rechecks: dict[UUID, asyncio.TimerHandle] = {}
         # An idle connection (most of them) costs no task of its own: the handler's task
         # reads, the worker starts with the first item, and falling behind or failing
         # cancels the read instead of a task of its own waiting for it.
@@ -114,21 +165,32 @@ class Session:
     # Sessions are registry keys: identity is the right equality.
     __hash__ = object.__hash__
 
-    def offer(self, item: ProgressEvent | Resync) -> None:
-        if self._slow:
+    def offer(self, item: ProgressEvent | Resync | Recheck) -> None:
+        if self._slow or self._ended:
             return
-        try:
-            self._items().put_nowait(item)
-        except asyncio.QueueFull:
+        if self._falling_behind():
             self._slow = True
             self._deps.metrics.drops.inc()
             self._end()
             return
+        self._events_queued += 1
+        self._items().put_nowait(item)
         self._start_worker()
 
+    def _falling_behind(self) -> bool:
+        """Too many events waiting, because the client does not read. A backlog of our
+        own making (catch-ups, a busy process) with the client's socket draining is not
+        the client's fault: it only counts once it reaches the hard cap (memory)."""
+        waiting = self._events_queued
+        if waiting < self._deps.queue_size:
+            return False
+        unread = self.ws.transport.get_write_buffer_size() >= _UNREAD_BYTES
+        return unread or waiting >= self._deps.queue_size * _OWN_BACKLOG_FACTOR
+
     def _items(self) -> asyncio.Queue[Item]:
+        # Unbounded: offer() bounds the events, the reader's semaphore the commands.
         if self._queue is None:
-            self._queue = asyncio.Queue(maxsize=self._deps.queue_size)
+            self._queue = asyncio.Queue()
         return self._queue
 
     def _start_worker(self) -> None:
@@ -161,6 +223,9 @@ class Session:
             pass  # the client went away mid-frame
         finally:
             self._reading = None
+            for timer in self._rechecks.values():
+                timer.cancel()
+            self._rechecks.clear()
             if self._worker is not None:
                 self._worker.cancel()
                 results = list(await asyncio.gather(self._worker, return_exceptions=True))
@@ -188,23 +253,36 @@ class Session:
 
     async def _read(self) -> None:
         async for frame in self.ws:
-            await self._items().put(frames.parse_client_frame(frame))
+            if self._ops_room is None:
+                self._ops_room = asyncio.Semaphore(_OPS_AHEAD)
+            await self._ops_room.acquire()
+            self._items().put_nowait(frames.parse_client_frame(frame))
             self._start_worker()
 
     async def _work(self) -> None:
         items = self._items()
         while True:
             item = await items.get()
+            if isinstance(item, ProgressEvent | Resync | Recheck):
+                self._events_queued -= 1
+            elif self._ops_room is not None:
+                self._ops_room.release()
             if isinstance(item, ProgressEvent):
                 await self._live(item)
             elif isinstance(item, Resync):
                 for task_id in list(self._cursors):
                     await self._catch_up(task_id)
+            elif isinstance(item, Recheck):
+                self._rechecks.pop(item.task_id, None)
+                if self._cursors.get(item.task_id, item.last_seq) < item.last_seq:
+                    await self._catch_up(item.task_id, tail=Tail.SNAPSHOT)
             elif isinstance(item, frames.Subscribe):
                 await self._subscribe(item)
             elif isinstance(item, frames.Unsubscribe):
                 self._deps.registry.unsubscribe(self, item.task_id)
                 self._cursors.pop(item.task_id, None)
+                if (timer := self._rechecks.pop(item.task_id, None)) is not None:
+                    timer.cancel()
             else:
                 await self.ws.send(frames.error_frame("bad_request", item.message, item.task_id))
 
@@ -240,7 +318,9 @@ class Session:
             return
         await self._send(event, "live")
 
-    async def _catch_up(self, task_id: UUID, row: Mapping[str, Any] | None = None) -> None:
+    async def _catch_up(
+        self, task_id: UUID, row: Mapping[str, Any] | None = None, tail: Tail = Tail.DEFER
+    ) -> None:
         if row is None:
             row = await self._catcher.row(task_id)
             if row is None:
@@ -248,8 +328,16 @@ class Session:
         delivered = self._cursors.get(task_id)
         if delivered is None:
             return
-        for event in await self._catcher.events(task_id, delivered, row):
+        caught = await self._catcher.events(task_id, delivered, row, tail)
+        for event in caught.events:
             await self._send(event, "snapshot" if event.snapshot else "replay")
+        if caught.recheck and task_id not in self._rechecks:
+            # The live event will most likely fill the tail meanwhile; if not, the
+            # recheck sends the row as a snapshot.
+            recheck = Recheck(task_id, int(row["last_seq"]))
+            self._rechecks[task_id] = asyncio.get_running_loop().call_later(
+                self._deps.snapshot_grace_s, self.offer, recheck
+            )
 
     async def _send(self, event: ProgressEvent, source: str) -> None:
         await self.ws.send(self._deps.frame_cache.frame(event))

@@ -25,7 +25,8 @@ class GatewaySettings(CommonSettings):
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
     max_frame_bytes: int = Field(default=65536, ge=1024)
-    # Frames a connection may have waiting before it counts as a slow consumer.
+    # Events a connection may have waiting before it counts as a slow consumer (when its
+    # socket is full too; 16 times as many when it is not: see session.py).
     client_queue_size: int = Field(default=256, ge=1)
     max_subscriptions_per_connection: int = Field(default=1000, ge=1)
     max_connections_per_tenant: int = Field(default=1000, ge=1)

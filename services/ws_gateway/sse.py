@@ -13,7 +13,7 @@ from uuid import UUID
 
 from services.ws_gateway import frames
 from services.ws_gateway.hub import Resync
-from services.ws_gateway.session import Catcher, Deps
+from services.ws_gateway.session import Catcher, Deps, Tail
 from shared.schemas import ProgressEvent, TaskState
 
 RETRY_MS = 500
@@ -47,7 +47,7 @@ async def poll(
         row = await catcher.row(task_id)
         if row is None:
             raise NotFound(str(task_id))
-        events = await catcher.events(task_id, after_seq, row)
+        events = (await catcher.events(task_id, after_seq, row, Tail.WAIT)).events
         if events or TaskState(row["state"]).terminal:
             return events
         try:
@@ -58,7 +58,7 @@ async def poll(
         row = await catcher.row(task_id)
         if row is None:
             raise NotFound(str(task_id))
-        return await catcher.events(task_id, after_seq, row)
+        return (await catcher.events(task_id, after_seq, row, Tail.WAIT)).events
     finally:
         deps.registry.close(waiter)
 

@@ -224,6 +224,61 @@ async def test_snapshot_when_stream_lost_events(
     assert nxt["seq"] == 5 and "snapshot" not in nxt
 
 
+async def test_lagging_stream_holds_up_no_other_subscription(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A task whose row is ahead of its stream (the writer commits, then writes) gets its
+    stream now and the missing event live; meanwhile the connection serves the next
+    subscription instead of waiting out the grace period."""
+    lagging = await insert_task(db, tenant)
+    lag_writer = Writer(db, sink, lagging)
+    await lag_writer.step(1)
+    late = await lag_writer.step(2, emit=False)  # committed; its event comes later
+    other = await insert_task(db, tenant)
+    await Writer(db, sink, other).step(1)
+    # A grace far beyond the test's timeouts: only not waiting for it can pass.
+    async with (
+        gateway(deployment, snapshot_grace_s=600) as gw,
+        await ws_connect(gw, redis, tenant) as ws,
+    ):
+        for task_id in (lagging, other):
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+        first, second = await recv_json(ws), await recv_json(ws)
+        assert await sink.emit([late])
+        third = await recv_json(ws)
+    assert (first["task_id"], first["seq"]) == (str(lagging), 1)
+    assert (second["task_id"], second["seq"]) == (str(other), 1)
+    assert (third["task_id"], third["seq"]) == (str(lagging), 2)
+    assert not any(f.get("snapshot") for f in (first, second, third))
+
+
+async def test_burst_of_subscribes_is_not_a_slow_consumer(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """Client commands wait for room apart from the events: hundreds of subscribes sent
+    at once (more than the event queue holds), with events flowing, neither close the connection nor lose an event."""
+    writers = [Writer(db, sink, await insert_task(db, tenant)) for _ in range(600)]
+    async with (
+        gateway(deployment) as gw,
+        await ws_connect(gw, redis, tenant) as ws,
+    ):
+        for w in writers:
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(w.task_id)}))
+        # Events start while most subscribes still wait to be served.
+        await eventually(until(lambda: gw.registry.subscription_count >= 1))
+        for w in writers:
+            await w.step(1)
+            await w.step(2, TaskState.SUCCEEDED)
+        terminal: set[str] = set()
+        async with asyncio.timeout(timeout(30)):
+            while len(terminal) < len(writers):
+                frame = json.loads(await ws.recv())
+                assert frame["type"] == "event", frame
+                if frame["state"] == "succeeded":
+                    terminal.add(frame["task_id"])
+    assert gw.metrics.drops._value.get() == 0
+
+
 async def test_snapshot_when_stream_head_trimmed(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
