@@ -2,15 +2,14 @@
 replay) and its pub/sub channel (for live relay).
 
 Events emitted at the same time by concurrent tasks of a process go out together, in
-one pipelined round trip (group commit): while one batch is being written, the next
-gathers. A caller's own events keep their order, since it awaits each emit.
+one pipelined round trip (shared.groupcommit). A caller's own events keep their order,
+since it awaits each emit.
 
 Redis is not the truth: an event that cannot be written is logged and counted, and the
 gateway recovers the state from PostgreSQL (a snapshot event)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared.breaker import Breaker
+from shared.groupcommit import GroupCommit
 from shared.schemas import ProgressEvent, encode_event
 from shared.wire import Wire
 
@@ -49,8 +49,9 @@ class EventSink:
         self._wire = wire
         self._retention_ms = int(retention_s * 1000)
         self._maxlen = maxlen
-        self._waiting: list[tuple[Sequence[ProgressEvent], asyncio.Future[bool]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[Sequence[ProgressEvent], bool] = GroupCommit(
+            self._write_batch, name="event-writer"
+        )
 
     async def emit(self, events: Sequence[ProgressEvent]) -> bool:
         """Append to each task's stream and publish; True when Redis took them all."""
@@ -59,28 +60,15 @@ class EventSink:
         if not self.breaker.allow():
             EVENTS_FAILED.inc(len(events))
             return False
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((events, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all(), name="event-writer")
-        # Shielded: a caller cancelled meanwhile must not cancel the batch of others.
-        return await asyncio.shield(done)
+        return await self._group.submit(events)
 
     async def aclose(self) -> None:
         """Wait for what is being written (shutdown)."""
-        if self._writer is not None:
-            await self._writer
+        await self._group.aclose()
 
-    async def _write_all(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            ok = False
-            try:
-                ok = await self._write([e for events, _ in batch for e in events])
-            finally:  # never leave an emitter waiting, whatever happened
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(ok)
+    async def _write_batch(self, batch: list[Sequence[ProgressEvent]]) -> list[bool]:
+        ok = await self._write([e for events in batch for e in events])
+        return [ok] * len(batch)
 
     async def _write(self, events: list[ProgressEvent]) -> bool:
         pipe = self._redis.pipeline(transaction=False)

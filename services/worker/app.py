@@ -136,6 +136,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await sink.stop(timeout)
         jobs_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
+        await repo.aclose()
         await events.aclose()
         with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
             await asyncio.wait_for(channel.close(), timeout)

@@ -4,14 +4,15 @@ changes nothing; each returns the row's event columns (None when fenced out)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
 
 from shared import outbox
+from shared.groupcommit import GroupCommit
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
@@ -31,10 +32,30 @@ class Claimed:
         return args
 
 
+@dataclass(frozen=True)
+class _ClaimRequest:
+    message: TaskMessage
+    worker_id: str
+    lease_s: float
+
+
 class WorkerRepository:
     def __init__(self, pool: asyncpg.Pool, *, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
+        # The two statements of every task: one round trip (and one commit) serves the
+        # concurrent deliveries of the moment.
+        self._claims: GroupCommit[_ClaimRequest, Row | None] = GroupCommit(
+            self._claim_batch, name="claim-writer"
+        )
+        self._successes: GroupCommit[tuple[UUID, int, Any], Row | None] = GroupCommit(
+            self._succeed_batch, name="success-writer"
+        )
+
+    async def aclose(self) -> None:
+        """Wait for the statements being written (shutdown)."""
+        await self._claims.aclose()
+        await self._successes.aclose()
 
     async def register_types(self, schemas: Mapping[str, dict[str, Any]]) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -46,30 +67,46 @@ class WorkerRepository:
             )
 
     async def claim(self, message: TaskMessage, worker_id: str, lease_s: float) -> Claimed | None:
-        """Start ``message.attempt`` if the task is waiting for exactly that attempt."""
-        row = await self._fetchrow(
+        """Start ``message.attempt`` if the task is waiting for exactly that attempt.
+        Claims of concurrent deliveries share one statement (group commit)."""
+        row = await self._claims.submit(_ClaimRequest(message, worker_id, lease_s))
+        return Claimed(row, message) if row else None
+
+    async def _claim_batch(self, reqs: list[_ClaimRequest]) -> list[Row | None]:
+        return await _each_task_once(reqs, lambda r: r.message.task_id, self._claim_rows)
+
+    async def _claim_rows(self, reqs: list[_ClaimRequest]) -> list[Row | None]:
+        rows = await self._fetch(
             f"""
-            WITH old AS (SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE)
-            UPDATE tasks AS t SET state = 'running', attempts = $2, worker_id = $3,
-                lease_expires_at = now() + make_interval(secs => $4),
+            WITH req AS (
+                SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[],
+                                     $5::float8[])
+                    AS r(id, attempt, tenant_id, worker_id, lease_s)
+            ), old AS (
+                -- Locked in id order: two batches never wait for each other in a cycle.
+                SELECT {EVENT_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])
+                ORDER BY id FOR UPDATE
+            )
+            UPDATE tasks AS t SET state = 'running', attempts = req.attempt,
+                worker_id = req.worker_id,
+                lease_expires_at = now() + make_interval(secs => req.lease_s),
                 started_at = coalesce(t.started_at, now()), next_attempt_at = NULL,
                 progress = 0, message = NULL, last_seq = t.last_seq + 1, updated_at = now()
-            FROM old
-            -- t.id = $1, not = old.id: joined on old.id, the planner may scan every
-            -- queued task of the tenant (its index) for each claim.
-            WHERE t.id = $1 AND t.state IN ('queued', 'retrying') AND t.attempts = $2 - 1
-              AND t.tenant_id = $5
+            FROM req JOIN old ON old.id = req.id
+            WHERE t.id = req.id AND t.state IN ('queued', 'retrying')
+              AND t.attempts = req.attempt - 1 AND t.tenant_id = req.tenant_id
             RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
                       t.max_attempts, t.created_at, t.cancel_requested_at, t.backoff,
                       {PREVIOUS_COLUMNS}
             """,
-            message.task_id,
-            message.attempt,
-            worker_id,
-            lease_s,
-            message.tenant_id,
+            [r.message.task_id for r in reqs],
+            [r.message.attempt for r in reqs],
+            [r.message.tenant_id for r in reqs],
+            [r.worker_id for r in reqs],
+            [r.lease_s for r in reqs],
         )
-        return Claimed(row, message) if row else None
+        by_id = {row["id"]: row for row in rows}
+        return [by_id.get(r.message.task_id) for r in reqs]
 
     async def progress(
         self, task_id: UUID, attempt: int, progress: float, message: str | None
@@ -88,18 +125,28 @@ class WorkerRepository:
         )
 
     async def succeed(self, task_id: UUID, attempt: int, result: Any) -> Row | None:
-        return await self._fetchrow(
+        """End the attempt as ``succeeded``; shares a statement with concurrent ones."""
+        return await self._successes.submit((task_id, attempt, result))
+
+    async def _succeed_batch(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | None]:
+        return await _each_task_once(reqs, lambda r: r[0], self._succeed_rows)
+
+    async def _succeed_rows(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | None]:
+        rows = await self._fetch(
             f"""
-            UPDATE tasks SET state = 'succeeded', progress = 1, result = $3, error = NULL,
-                finished_at = now(), worker_id = NULL, lease_expires_at = NULL,
-                last_seq = last_seq + 1, updated_at = now()
-            WHERE id = $1 AND state = 'running' AND attempts = $2
-            RETURNING {EVENT_COLUMNS}
+            UPDATE tasks AS t SET state = 'succeeded', progress = 1, result = u.result,
+                error = NULL, finished_at = now(), worker_id = NULL,
+                lease_expires_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
+            FROM unnest($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, attempt, result)
+            WHERE t.id = u.id AND t.state = 'running' AND t.attempts = u.attempt
+            RETURNING {qualified("t")}
             """,
-            task_id,
-            attempt,
-            result,
+            [r[0] for r in reqs],
+            [r[1] for r in reqs],
+            [r[2] for r in reqs],
         )
+        by_id = {row["id"]: row for row in rows}
+        return [by_id.get(r[0]) for r in reqs]
 
     async def finish(
         self, task_id: UUID, attempt: int, state: str, error: dict[str, Any] | None
@@ -260,6 +307,38 @@ class WorkerRepository:
     async def _execute(self, sql: str, *args: Any) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.execute(sql, *args)
+
+
+K = TypeVar("K")
+Q = TypeVar("Q")
+
+
+async def _each_task_once(
+    reqs: list[Q],
+    task_of: Callable[[Q], K],
+    write: Callable[[list[Q]], Awaitable[list[Row | None]]],
+) -> list[Row | None]:
+    """``write`` in as few statements as possible, a task at most once per statement (a
+    second request for a task, a duplicate delivery, must see the first one's effect).
+    A deadlock with another writer (PostgreSQL aborts one of them) is retried one by one."""
+    first: list[int] = []
+    rest: list[int] = []
+    seen: set[K] = set()
+    for i, req in enumerate(reqs):
+        key = task_of(req)
+        (rest if key in seen else first).append(i)
+        seen.add(key)
+    out: list[Row | None] = [None] * len(reqs)
+    try:
+        for i, row in zip(first, await write([reqs[i] for i in first]), strict=True):
+            out[i] = row
+    except asyncpg.DeadlockDetectedError:
+        if len(first) == 1:
+            raise
+        rest = first + rest
+    for i in sorted(rest):
+        out[i] = (await write([reqs[i]]))[0]
+    return out
 
 
 async def _requeue_or_fail(
