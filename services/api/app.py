@@ -155,6 +155,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     yield
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await svc.repo.aclose()
     await svc.events.aclose()
 
 

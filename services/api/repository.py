@@ -11,7 +11,8 @@ from uuid import UUID
 import asyncpg
 
 from shared import deadletters, outbox
-from shared.db import NOTIFY_CHANNEL
+from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
+from shared.groupcommit import GroupCommit
 from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import Row
 
@@ -44,6 +45,13 @@ class ApiRepository:
         # NOTIFY the relays after inserting tasks; needless when this process runs its
         # own relay (woken in-process), and a NOTIFY per commit costs under load.
         self._notify = notify
+        self._grouped: GroupCommit[tuple[UUID, NewTask], Row] = GroupCommit(
+            self._insert_group, name="task-inserts"
+        )
+
+    async def aclose(self) -> None:
+        """Wait for the inserts being written (shutdown)."""
+        await self._grouped.aclose()
 
     async def api_key(self, key_id: str) -> tuple[bytes, Principal] | None:
         row = await self._fetchrow(
@@ -72,8 +80,33 @@ class ApiRepository:
         """Insert tasks (state queued, seq 1) and their first outbox rows, atomically.
 
         One statement, so one round trip and its own transaction: the hot path of the
-        API. With an idempotency key (one task only), a conflicting earlier task of this
-        tenant wins and nothing is inserted: the caller gets an empty list."""
+        API. Single tasks without an idempotency key share the statement with those of
+        concurrent requests (group commit). With an idempotency key (one task only), a
+        conflicting earlier task of this tenant wins and nothing is inserted: the
+        caller gets an empty list."""
+        if idempotency_key is None and len(tasks) == 1:
+            return [await self._grouped.submit((tenant_id, tasks[0]))]
+        return await self._insert([tenant_id] * len(tasks), tasks, idempotency_key, request_hash)
+
+    async def _insert_group(self, items: list[tuple[UUID, NewTask]]) -> list[Row]:
+        try:
+            rows = await self._insert([t for t, _ in items], [n for _, n in items])
+        except asyncpg.PostgresError as exc:
+            if len(items) == 1 or isinstance(exc, TRANSIENT_ERRORS):
+                raise
+            # One request's bad row (its tenant deleted meanwhile, say) fails only that
+            # request: the others are inserted one by one.
+            return [(await self._insert([t], [n]))[0] for t, n in items]
+        by_id = {row["id"]: row for row in rows}
+        return [by_id[n.id] for _, n in items]
+
+    async def _insert(
+        self,
+        tenant_ids: Sequence[UUID],
+        tasks: Sequence[NewTask],
+        idempotency_key: str | None = None,
+        request_hash: bytes | None = None,
+    ) -> list[Row]:
         reqs = [t.request for t in tasks]
         bodies = [
             encode_task_message(
@@ -85,22 +118,22 @@ class ApiRepository:
                     trace_id=t.trace_id,
                 )
             )
-            for t in tasks
+            for tenant_id, t in zip(tenant_ids, tasks, strict=True)
         ]
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
                 f"""
                 WITH u AS (
-                    SELECT * FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[],
-                                         $6::int[], $7::float8[], $8::float8[], $11::text[],
-                                         $12::jsonb[], $13::bytea[])
-                        AS u(id, type, args, max_attempts, priority, timeout_s, delay_s,
-                             trace_id, backoff, body)
+                    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[],
+                                         $5::int[], $6::int[], $7::float8[], $8::float8[],
+                                         $11::text[], $12::jsonb[], $13::bytea[])
+                        AS u(tenant_id, id, type, args, max_attempts, priority, timeout_s,
+                             delay_s, trace_id, backoff, body)
                 ), t AS (
                     INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,
                                        priority, timeout_s, next_attempt_at, last_seq,
                                        idempotency_key, request_hash, trace_id, backoff)
-                    SELECT u.id, $1, u.type, u.args, 'queued', u.max_attempts, u.priority,
+                    SELECT u.id, u.tenant_id, u.type, u.args, 'queued', u.max_attempts, u.priority,
                            u.timeout_s,
                            CASE WHEN u.delay_s > 0
                                 THEN now() + make_interval(secs => u.delay_s) END,
@@ -116,7 +149,7 @@ class ApiRepository:
                 )
                 SELECT * FROM t
                 """,
-                tenant_id,
+                list(tenant_ids),
                 [t.id for t in tasks],
                 [r.type for r in reqs],
                 [r.args for r in reqs],
