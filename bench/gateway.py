@@ -107,23 +107,26 @@ async def _idle_once(env: BenchEnv, count: int) -> dict[str, Any]:
 
 
 async def _submit_sleepers(
-    system: LonghaulSystem, count: int, seconds: float, steps: int
+    system: LonghaulSystem, count: int, seconds: float, steps: int, spread_s: float
 ) -> list[str]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{system.api_url}/v1/tasks:batch",
-            json={
-                "tasks": [{"type": "demo.sleep", "args": {"seconds": seconds, "steps": steps}}]
-                * count
-            },
-            headers={"Authorization": f"Bearer {system.env.api_key}"},
-        ) as r,
-    ):
-        body = await r.json()
-        if r.status != 202:
-            raise RuntimeError(f"could not submit demo.sleep tasks: {r.status} {body}")
-        return [t["id"] for t in body["tasks"]]
+    """Start ``count`` demo.sleep tasks evenly over ``spread_s`` (one step period): their
+    reports then arrive spread over each period, as an offered rate means, rather than
+    all in the same millisecond once per period."""
+    ids: list[str] = []
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        for i in range(count):
+            await asyncio.sleep(max(0.0, t0 + i * spread_s / count - time.monotonic()))
+            async with http.post(
+                f"{system.api_url}/v1/tasks",
+                json={"type": "demo.sleep", "args": {"seconds": seconds, "steps": steps}},
+                headers={"Authorization": f"Bearer {system.env.api_key}"},
+            ) as r:
+                body = await r.json()
+                if r.status != 202:
+                    raise RuntimeError(f"could not submit demo.sleep tasks: {r.status} {body}")
+                ids.append(body["id"])
+    return ids
 
 
 async def _cancel(system: LonghaulSystem, ids: list[str]) -> None:
@@ -227,7 +230,7 @@ async def fanout_once(system: LonghaulSystem, clients: int, duration: float) -> 
     ) -> dict[str, Any]:
         seconds = 60.0 + duration
         steps = int(seconds * per_task_rate)
-        ids = await _submit_sleepers(system, tasks, seconds, steps)
+        ids = await _submit_sleepers(system, tasks, seconds, steps, 1.0 / per_task_rate)
         try:
             running = await _wait_running(system, ids)
             tokens = await _tokens(env, clients)
@@ -284,7 +287,8 @@ async def run(
         (
             "gateway_1k_per_s",
             f"{clients} clients, each subscribed to 1 of 20 running demo.sleep "
-            f"tasks reporting 1 step/s (≈{clients:,} events/s delivered); latency = "
+            f"tasks reporting 1 step/s, started evenly over 1 s (≈{clients:,} events/s "
+            "delivered, spread over each second); latency = "
             "client receive - event ts (the worker's DB update, ms precision)",
         ),
         (

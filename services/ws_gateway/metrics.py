@@ -30,6 +30,11 @@ class GatewayMetrics:
             ["source"],
             registry=r,
         )
+        # Bound once: labels() per relayed event would cost a lock and a lookup each.
+        self.relayed = {
+            source: self.events_relayed.labels(source=source)
+            for source in ("live", "replay", "snapshot")
+        }
         self.drops = Counter(
             "longhaul_gateway_drops_total", "Connections closed for being too slow", registry=r
         )

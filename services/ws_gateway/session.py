@@ -22,9 +22,10 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
+from websockets.protocol import State
 
 from services.ws_gateway import frames
 from services.ws_gateway.catchup import LiveCheck, Verdict, check_live, plan_catch_up
@@ -151,6 +152,7 @@ class Session:
         # Created with the first item: an asyncio.Queue is three deques (~2 KiB).
         self._queue: asyncio.Queue[Item] | None = None
         self._events_queued = 0  # live events and resyncs waiting: the slow-consumer count
+        self._pending = 0  # items queued or being processed: while any, no direct send
         self._ops_room: asyncio.Semaphore | None = None
         self._cursors: dict[UUID, int] = {}
         self._rechecks: dict[UUID, asyncio.TimerHandle] = {}
@@ -168,14 +170,34 @@ class Session:
     def offer(self, item: ProgressEvent | Resync | Recheck) -> None:
         if self._slow or self._ended:
             return
+        if isinstance(item, ProgressEvent) and self._pending == 0 and self._send_now(item):
+            return
         if self._falling_behind():
             self._slow = True
             self._deps.metrics.drops.inc()
             self._end()
             return
         self._events_queued += 1
+        self._pending += 1
         self._items().put_nowait(item)
         self._start_worker()
+
+    def _send_now(self, event: ProgressEvent) -> bool:
+        """The common case, written at once without waking the worker: nothing is waiting
+        or being processed (so order holds), the event is the next seq and the client's
+        socket takes it. Anything else goes through the queue."""
+        delivered = self._cursors.get(event.task_id)
+        if delivered is None or check_live(delivered, event.seq) is not LiveCheck.SEND:
+            return False
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return False
+        if ws.transport.get_write_buffer_size() >= _UNREAD_BYTES:
+            return False
+        broadcast([ws], self._deps.frame_cache.frame(event))
+        self._cursors[event.task_id] = event.seq
+        self._deps.metrics.relayed["live"].inc()
+        return True
 
     def _falling_behind(self) -> bool:
         """Too many events waiting, because the client does not read. A backlog of our
@@ -256,6 +278,7 @@ class Session:
             if self._ops_room is None:
                 self._ops_room = asyncio.Semaphore(_OPS_AHEAD)
             await self._ops_room.acquire()
+            self._pending += 1
             self._items().put_nowait(frames.parse_client_frame(frame))
             self._start_worker()
 
@@ -267,24 +290,30 @@ class Session:
                 self._events_queued -= 1
             elif self._ops_room is not None:
                 self._ops_room.release()
-            if isinstance(item, ProgressEvent):
-                await self._live(item)
-            elif isinstance(item, Resync):
-                for task_id in list(self._cursors):
-                    await self._catch_up(task_id)
-            elif isinstance(item, Recheck):
-                self._rechecks.pop(item.task_id, None)
-                if self._cursors.get(item.task_id, item.last_seq) < item.last_seq:
-                    await self._catch_up(item.task_id, tail=Tail.SNAPSHOT)
-            elif isinstance(item, frames.Subscribe):
-                await self._subscribe(item)
-            elif isinstance(item, frames.Unsubscribe):
-                self._deps.registry.unsubscribe(self, item.task_id)
-                self._cursors.pop(item.task_id, None)
-                if (timer := self._rechecks.pop(item.task_id, None)) is not None:
-                    timer.cancel()
-            else:
-                await self.ws.send(frames.error_frame("bad_request", item.message, item.task_id))
+            try:
+                await self._process(item)
+            finally:
+                self._pending -= 1
+
+    async def _process(self, item: Item) -> None:
+        if isinstance(item, ProgressEvent):
+            await self._live(item)
+        elif isinstance(item, Resync):
+            for task_id in list(self._cursors):
+                await self._catch_up(task_id)
+        elif isinstance(item, Recheck):
+            self._rechecks.pop(item.task_id, None)
+            if self._cursors.get(item.task_id, item.last_seq) < item.last_seq:
+                await self._catch_up(item.task_id, tail=Tail.SNAPSHOT)
+        elif isinstance(item, frames.Subscribe):
+            await self._subscribe(item)
+        elif isinstance(item, frames.Unsubscribe):
+            self._deps.registry.unsubscribe(self, item.task_id)
+            self._cursors.pop(item.task_id, None)
+            if (timer := self._rechecks.pop(item.task_id, None)) is not None:
+                timer.cancel()
+        else:
+            await self.ws.send(frames.error_frame("bad_request", item.message, item.task_id))
 
     async def _subscribe(self, op: frames.Subscribe) -> None:
         try:
@@ -342,4 +371,4 @@ class Session:
     async def _send(self, event: ProgressEvent, source: str) -> None:
         await self.ws.send(self._deps.frame_cache.frame(event))
         self._cursors[event.task_id] = event.seq
-        self._deps.metrics.events_relayed.labels(source=source).inc()
+        self._deps.metrics.relayed[source].inc()
