@@ -6,22 +6,31 @@ load a batch is one item and costs nothing extra; under load the round trips (an
 PostgreSQL, the commits) per item fall with the number of callers.
 
 The writer is one task at a time, started by the first waiting item: nothing runs
-while nothing is waiting."""
+while nothing is waiting. A writer that falls back to item by item reports an item's
+own failure as ``Failed``: only that caller gets the exception."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True)
+class Failed:
+    """One item's failure in a batch whose other items were written."""
+
+    error: Exception
+
+
 class GroupCommit(Generic[T, R]):
     def __init__(
         self,
-        write: Callable[[list[T]], Awaitable[Sequence[R]]],
+        write: Callable[[list[T]], Awaitable[Sequence[R | Failed]]],
         *,
         name: str,
         max_batch: int = 500,
@@ -67,7 +76,11 @@ class GroupCommit(Generic[T, R]):
                     f.cancel()
                 raise
             for f, result in zip(futures, results, strict=True):
-                if not f.done():
+                if f.done():
+                    continue
+                if isinstance(result, Failed):
+                    f.set_exception(result.error)
+                else:
                     f.set_result(result)
 
 

@@ -12,7 +12,7 @@ import asyncpg
 
 from shared import deadletters, outbox
 from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
-from shared.groupcommit import GroupCommit
+from shared.groupcommit import Failed, GroupCommit
 from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import Row
 
@@ -88,7 +88,7 @@ class ApiRepository:
             return [await self._grouped.submit((tenant_id, tasks[0]))]
         return await self._insert([tenant_id] * len(tasks), tasks, idempotency_key, request_hash)
 
-    async def _insert_group(self, items: list[tuple[UUID, NewTask]]) -> list[Row]:
+    async def _insert_group(self, items: list[tuple[UUID, NewTask]]) -> list[Row | Failed]:
         try:
             rows = await self._insert([t for t, _ in items], [n for _, n in items])
         except asyncpg.PostgresError as exc:
@@ -96,9 +96,15 @@ class ApiRepository:
                 raise
             # One request's bad row (its tenant deleted meanwhile, say) fails only that
             # request: the others are inserted one by one.
-            return [(await self._insert([t], [n]))[0] for t, n in items]
+            return [await self._insert_alone(t, n) for t, n in items]
         by_id = {row["id"]: row for row in rows}
         return [by_id[n.id] for _, n in items]
+
+    async def _insert_alone(self, tenant_id: UUID, task: NewTask) -> Row | Failed:
+        try:
+            return (await self._insert([tenant_id], [task]))[0]
+        except asyncpg.PostgresError as exc:
+            return Failed(exc)
 
     async def _insert(
         self,

@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from shared import outbox
-from shared.groupcommit import GroupCommit
+from shared.groupcommit import Failed, GroupCommit
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
@@ -72,7 +72,7 @@ class WorkerRepository:
         row = await self._claims.submit(_ClaimRequest(message, worker_id, lease_s))
         return Claimed(row, message) if row else None
 
-    async def _claim_batch(self, reqs: list[_ClaimRequest]) -> list[Row | None]:
+    async def _claim_batch(self, reqs: list[_ClaimRequest]) -> list[Row | Failed | None]:
         return await _each_task_once(reqs, lambda r: r.message.task_id, self._claim_rows)
 
     async def _claim_rows(self, reqs: list[_ClaimRequest]) -> list[Row | None]:
@@ -128,7 +128,7 @@ class WorkerRepository:
         """End the attempt as ``succeeded``; shares a statement with concurrent ones."""
         return await self._successes.submit((task_id, attempt, result))
 
-    async def _succeed_batch(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | None]:
+    async def _succeed_batch(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | Failed | None]:
         return await _each_task_once(reqs, lambda r: r[0], self._succeed_rows)
 
     async def _succeed_rows(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | None]:
@@ -317,7 +317,7 @@ async def _each_task_once(
     reqs: list[Q],
     task_of: Callable[[Q], K],
     write: Callable[[list[Q]], Awaitable[list[Row | None]]],
-) -> list[Row | None]:
+) -> list[Row | Failed | None]:
     """``write`` in as few statements as possible, a task at most once per statement (a
     second request for a task, a duplicate delivery, must see the first one's effect).
     A deadlock with another writer (PostgreSQL aborts one of them) is retried one by one."""
@@ -328,7 +328,7 @@ async def _each_task_once(
         key = task_of(req)
         (rest if key in seen else first).append(i)
         seen.add(key)
-    out: list[Row | None] = [None] * len(reqs)
+    out: list[Row | Failed | None] = [None] * len(reqs)
     try:
         for i, row in zip(first, await write([reqs[i] for i in first]), strict=True):
             out[i] = row
@@ -337,7 +337,10 @@ async def _each_task_once(
             raise
         rest = first + rest
     for i in sorted(rest):
-        out[i] = (await write([reqs[i]]))[0]
+        try:
+            out[i] = (await write([reqs[i]]))[0]
+        except Exception as exc:  # noqa: BLE001 - this caller's own failure (it retries)
+            out[i] = Failed(exc)
     return out
 
 

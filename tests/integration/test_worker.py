@@ -6,6 +6,7 @@ would, and must end in the dead_letters table with their reason."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.api.repository import ApiRepository, NewTask
+from services.worker.repository import WorkerRepository
 from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
@@ -350,3 +352,29 @@ async def test_poison_messages_are_dead_lettered_with_their_reason(
         what="the queue to be empty and nothing in flight",
     )
     assert system.procs[-1].alive()
+
+
+async def test_duplicates_in_one_claim_batch_claim_the_task_once(
+    db: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """Claims of concurrent deliveries share a statement; two copies of one message in
+    the same batch must still give the attempt to exactly one of them."""
+    repo = WorkerRepository(db, timeout=10)
+    task_ids = [uuid7() for _ in range(6)]
+    await db.executemany(
+        "INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, timeout_s,"
+        " last_seq) VALUES ($1, $2, 'demo.noop', '{}'::jsonb, 'queued', 3, 60, 1)",
+        [(t, tenant.id) for t in task_ids],
+    )
+    messages = [
+        TaskMessage(task_id=t, tenant_id=tenant.id, type="demo.noop", attempt=1) for t in task_ids
+    ]
+    # Each message twice, all submitted in the same tick: one group commit batch.
+    claims = await asyncio.gather(*(repo.claim(m, "w-test", 30) for m in messages + messages))
+    await repo.aclose()
+    won = [c.message.task_id for c in claims if c is not None]
+    assert sorted(won) == sorted(task_ids)
+    rows = await db.fetch(
+        "SELECT state, attempts, last_seq FROM tasks WHERE id = ANY($1)", task_ids
+    )
+    assert {(r["state"], r["attempts"], r["last_seq"]) for r in rows} == {("running", 1, 2)}

@@ -1,0 +1,108 @@
+"""``python -m bench.drain [N] [--mode single|batch ...]``: the quick probe behind the
+optimisation log in bench/README.md.
+
+Starts the benchmark's system (1 API, 2 workers, 1 gateway), submits N ``demo.noop``
+per mode (single requests with 64 in flight, or batches of 100 with 4 in flight), each
+followed to its terminal event on a WebSocket (the end-to-end scenario's tracker), and
+prints, per mode, completed/s and the CPU seconds each process on the machine used
+(PostgreSQL, RabbitMQ and Redis included), which tells where the next millisecond is.
+Private namespace and database, removed at the end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from bench.infra import BenchEnv, raise_fd_limit
+from bench.longhaul import LonghaulSystem, Rec, Tracker
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_program() -> dict[str, float]:
+    """CPU seconds of every process now, summed by program (services by module)."""
+    out: collections.Counter[str] = collections.Counter()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rfind(")") + 2 :].split()
+        name = os.path.basename(argv[0].decode(errors="replace")) if argv[0] else "?"
+        if b"-m" in argv:
+            name = argv[argv.index(b"-m") + 1].decode(errors="replace")
+        elif "postgres" in stat.split()[1]:
+            name = "postgres"
+        out[name] += (int(fields[11]) + int(fields[12])) / _TICK
+    return dict(out)
+
+
+async def _drain(system: LonghaulSystem, n: int, mode: str) -> None:
+    env = system.env
+    headers = {"Authorization": f"Bearer {env.api_key}", "Content-Type": "application/json"}
+    batch = 1 if mode == "single" else 100
+    url = f"{system.api_url}/v1/tasks" + ("" if batch == 1 else ":batch")
+    body = orjson.dumps(
+        {"type": "demo.noop"} if batch == 1 else {"tasks": [{"type": "demo.noop"}] * batch}
+    )
+    async with aiohttp.ClientSession() as http:
+        tracker = Tracker(system, http, 32)
+        await tracker.start()
+        tracker.expected = n
+        requests = iter(range(n // batch))
+        before = _cpu_by_program()
+        t0 = time.monotonic()
+
+        async def lane() -> None:
+            for _ in requests:
+                async with http.post(url, data=body, headers=headers) as r:
+                    data = orjson.loads(await r.read())
+                    if r.status != 202:
+                        raise RuntimeError(f"{r.status}: {data}")
+                for task in data["tasks"] if batch > 1 else [data]:
+                    await tracker.track(task["id"], Rec(submit=0))
+
+        await asyncio.gather(*(lane() for _ in range(64 if batch == 1 else 4)))
+        submitted = time.monotonic() - t0
+        await asyncio.wait_for(tracker.all_done.wait(), 300)
+        took = time.monotonic() - t0
+        after = _cpu_by_program()
+        await tracker.close()
+    print(f"## {mode}: {n} tasks, submitted in {submitted:.2f} s, all terminal on the WebSocket")
+    print(f"completed/s {n / took:.0f}; reconnects {tracker.reconnects}")
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    for name, cpu in sorted(used.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {cpu:6.2f} s CPU  {1e3 * cpu / n:5.2f} ms/task  {name}")
+
+
+async def main(n: int, modes: list[str]) -> None:
+    raise_fd_limit()
+    env = BenchEnv()
+    await env.open()
+    system = LonghaulSystem(env)
+    try:
+        await system.start()
+        for mode in modes:
+            await _drain(system, n, mode)
+    finally:
+        for proc in system.procs.values():
+            proc.stop()
+        await env.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__)
+    parser.add_argument("n", nargs="?", type=int, default=5000)
+    parser.add_argument(
+        "--mode", nargs="+", choices=("single", "batch"), default=["single", "batch"]
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.n, args.mode))

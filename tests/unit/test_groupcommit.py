@@ -1,0 +1,84 @@
+"""shared.groupcommit: concurrent callers share a write, each gets its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.groupcommit import Failed, GroupCommit
+
+
+class Recorder:
+    """A write that records its batches and holds each one until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def write(self, items: list[int]) -> list[int | Failed]:
+        self.batches.append(items)
+        await self.release.wait()
+        return [Failed(ValueError(f"bad {i}")) if i < 0 else i * 10 for i in items]
+
+
+async def test_callers_arriving_during_a_write_share_the_next_one() -> None:
+    rec = Recorder()
+    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test")
+    first = asyncio.create_task(group.submit(1))
+    await asyncio.sleep(0)  # the first batch is being written
+    rest = [asyncio.create_task(group.submit(i)) for i in (2, 3, 4)]
+    await asyncio.sleep(0)
+    rec.release.set()
+    assert await first == 10
+    assert [await t for t in rest] == [20, 30, 40]
+    assert rec.batches == [[1], [2, 3, 4]]
+    await group.aclose()
+
+
+async def test_an_item_failure_reaches_only_its_caller() -> None:
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test")
+    results = await asyncio.gather(
+        group.submit(1), group.submit(-2), group.submit(3), return_exceptions=True
+    )
+    assert results[0] == 10 and results[2] == 30
+    assert isinstance(results[1], ValueError) and str(results[1]) == "bad -2"
+
+
+async def test_a_failed_write_fails_its_batch_and_the_next_batch_still_runs() -> None:
+    calls: list[list[int]] = []
+
+    async def write(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise ConnectionError("down")
+        return items
+
+    group: GroupCommit[int, int] = GroupCommit(write, name="test")
+    with pytest.raises(ConnectionError):
+        await group.submit(1)
+    assert await group.submit(2) == 2
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_batch_of_others() -> None:
+    rec = Recorder()
+    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test")
+    quitter = asyncio.create_task(group.submit(1))
+    stayer = asyncio.create_task(group.submit(2))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    await asyncio.sleep(0)
+    rec.release.set()
+    assert await stayer == 20
+    assert quitter.cancelled()
+    assert rec.batches == [[1, 2]]
+
+
+async def test_max_batch_splits_a_crowd() -> None:
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test", max_batch=2)
+    assert await asyncio.gather(*(group.submit(i) for i in range(5))) == [0, 10, 20, 30, 40]
+    assert [len(b) for b in rec.batches] == [2, 2, 1]
