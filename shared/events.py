@@ -49,30 +49,38 @@ class EventSink:
         self._wire = wire
         self._retention_ms = int(retention_s * 1000)
         self._maxlen = maxlen
-        self._group: GroupCommit[Sequence[ProgressEvent], bool] = GroupCommit(
+        self._group: GroupCommit[list[tuple[ProgressEvent, bool]], bool] = GroupCommit(
             self._write_batch, name="event-writer"
         )
 
-    async def emit(self, events: Sequence[ProgressEvent]) -> bool:
-        """Append to each task's stream and publish; True when Redis took them all."""
-        if not events:
+    async def emit(
+        self, events: Sequence[ProgressEvent], *, backfill: Sequence[ProgressEvent] = ()
+    ) -> bool:
+        """Append to each task's stream and publish; True when Redis took them all.
+
+        ``backfill``: earlier events another process most likely wrote already, appended
+        to the stream first (a duplicate is refused there) but not published: a live
+        client that missed one finds the gap at the next event and reads the stream."""
+        if not events and not backfill:
             return True
         if not self.breaker.allow():
-            EVENTS_FAILED.inc(len(events))
+            EVENTS_FAILED.inc(len(events) + len(backfill))
             return False
-        return await self._group.submit(events)
+        return await self._group.submit(
+            [*((e, False) for e in backfill), *((e, True) for e in events)]
+        )
 
     async def aclose(self) -> None:
         """Wait for what is being written (shutdown)."""
         await self._group.aclose()
 
-    async def _write_batch(self, batch: list[Sequence[ProgressEvent]]) -> list[bool]:
-        ok = await self._write([e for events in batch for e in events])
+    async def _write_batch(self, batch: list[list[tuple[ProgressEvent, bool]]]) -> list[bool]:
+        ok = await self._write([item for items in batch for item in items])
         return [ok] * len(batch)
 
-    async def _write(self, events: list[ProgressEvent]) -> bool:
+    async def _write(self, events: list[tuple[ProgressEvent, bool]]) -> bool:
         pipe = self._redis.pipeline(transaction=False)
-        for event in events:
+        for event, publish in events:
             body = encode_event(event)
             stream = self._wire.event_stream(event.task_id)
             # The entry id is the seq: a duplicate or late write is refused by Redis
@@ -82,7 +90,8 @@ class EventSink:
             )
             if event.seq == 1 or event.state.terminal or event.seq % _EXPIRE_EVERY == 0:
                 pipe.pexpire(stream, self._retention_ms)
-            pipe.publish(self._wire.event_channel(event.task_id), body)
+            if publish:
+                pipe.publish(self._wire.event_channel(event.task_id), body)
         try:
             results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError, TimeoutError) as exc:

@@ -125,7 +125,8 @@ class OutboxRelay:
             promoted = await conn.fetch(_PROMOTE)
         if promoted:
             await self._events.emit(
-                [e for r in promoted for e in (previous_event(r), event_from_row(r))]
+                [event_from_row(r) for r in promoted],
+                backfill=[previous_event(r) for r in promoted],
             )
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self._batch_size)

@@ -48,7 +48,8 @@ def previous_event(row: Row) -> ProgressEvent:
     Events of consecutive seqs can come from different processes (the relay writes
     "queued", then a worker "running"); the later writer may reach Redis first, and the
     stream refuses an id below its last one. So a claim and a promotion write the
-    previous event too: a duplicate of it is refused, a missing one fills the gap.
+    previous event too, to the stream only (``EventSink.emit(backfill=...)``): a
+    duplicate of it is refused, a missing one fills the gap.
     Only used where the previous event carries no ``data`` (queued, retrying)."""
     return event_from_row({c: row[f"prev_{c}"] for c in _EVENT_KEYS})
 

@@ -110,7 +110,9 @@ class Runner:
             # or a message for no task of ours at all, which is kept as a dead letter.
             await self._skip(message, body, headers)
             return
-        await self._events.emit([previous_event(claimed.row), event_from_row(claimed.row)])
+        await self._events.emit(
+            [event_from_row(claimed.row)], backfill=[previous_event(claimed.row)]
+        )
         log.debug("attempt started", extra={"type": message.type, "attempt": message.attempt})
         running = Running(claimed)
         self.running[message.task_id] = running

@@ -224,6 +224,37 @@ async def test_snapshot_when_stream_lost_events(
     assert nxt["seq"] == 5 and "snapshot" not in nxt
 
 
+async def test_backfill_goes_to_the_stream_only(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A claim rewrites the event before it as backfill: it fills the stream when that
+    event was lost, is refused there as a duplicate otherwise, and is never published
+    (live clients would only drop it as a duplicate)."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    wire = deployment.wire
+    first = await writer.step(1, emit=False)  # the first writer's event never arrived
+    second = await writer.step(2, emit=False)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(wire.event_channel(task_id))
+    try:
+        assert await sink.emit([second], backfill=[first])
+        assert await sink.emit([], backfill=[first])  # a duplicate: refused, not an error
+        published = []
+        async with asyncio.timeout(timeout(5)):
+            while len(published) < 1:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    published.append(json.loads(message["data"])["seq"])
+        # Anything else published would have arrived by now, right behind seq 2.
+        late = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+    finally:
+        await pubsub.aclose()
+    entries = await redis.xrange(wire.event_stream(task_id))
+    assert [int(entry_id.split(b"-")[0]) for entry_id, _ in entries] == [1, 2]
+    assert published == [2] and late is None
+
+
 async def test_lagging_stream_holds_up_no_other_subscription(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
