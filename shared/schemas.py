@@ -221,6 +221,9 @@ class ProgressEvent(BaseModel):
     attempt: int = Field(default=0, ge=0)
     ts: Timestamp
     snapshot: bool = False
+    # The trace of the request that submitted the task (DESIGN promise 7: one trace from
+    # the HTTP request to the WebSocket frame).
+    trace_id: str | None = Field(default=None, max_length=64)
 
 
 def encode_event(event: ProgressEvent) -> bytes:

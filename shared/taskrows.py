@@ -14,7 +14,7 @@ from shared.schemas import ProgressEvent, TaskState
 Row: TypeAlias = asyncpg.Record | Mapping[str, Any]
 
 # What an UPDATE ... RETURNING needs for event_from_row.
-EVENT_COLUMNS = "id, last_seq, state, progress, message, attempts, updated_at"
+EVENT_COLUMNS = "id, last_seq, state, progress, message, attempts, updated_at, trace_id"
 
 # The same columns of the row as it was before an UPDATE, from a CTE named ``old``
 # (``WITH old AS (SELECT ... FOR UPDATE)``), for previous_event().
@@ -39,6 +39,7 @@ def event_from_row(row: Row, *, data: Any = None, snapshot: bool = False) -> Pro
         attempt=row["attempts"],
         ts=row["updated_at"],
         snapshot=snapshot,
+        trace_id=row["trace_id"],
     )
 
 

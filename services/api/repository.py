@@ -19,7 +19,7 @@ from shared.taskrows import Row
 TASK_COLUMNS = (
     "id, tenant_id, type, args, state, progress, message, result, error, attempts, "
     "max_attempts, priority, created_at, started_at, finished_at, updated_at, "
-    "next_attempt_at, last_seq, request_hash"
+    "next_attempt_at, last_seq, request_hash, trace_id"
 )
 
 

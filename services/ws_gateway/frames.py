@@ -79,6 +79,8 @@ def event_frame(event: ProgressEvent) -> str:
     }
     if event.snapshot:
         out["snapshot"] = True
+    if event.trace_id is not None:
+        out["trace_id"] = event.trace_id  # an addition too: the submitting request's trace
     return orjson.dumps(out).decode()
 
 

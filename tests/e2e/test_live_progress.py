@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from uuid import UUID
 
 import aiohttp
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import Deployment, Tenant
@@ -109,6 +111,37 @@ async def test_fifty_tasks_on_one_connection_resume_and_late_subscribe(
         await ws.send(json.dumps({"op": "subscribe", "task_id": ids[0], "after_seq": 7}))
         frame = json.loads(await asyncio.wait_for(ws.recv(), timeout(10)))
     assert frame["seq"] == 8 and frame["state"] == "succeeded"
+
+
+async def test_every_frame_carries_the_trace_of_the_submitting_request(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """One trace from the HTTP request to the WebSocket frame: the ``traceparent`` of
+    the POST reaches every event of the task, live, replayed and as a snapshot."""
+    await system.start_api()
+    await system.start_worker()
+    await system.start_gateway()
+    trace = "5e" * 16
+    headers = {**tenant.headers, "traceparent": f"00-{trace}-{'0a' * 8}-01"}
+    body = {"type": "demo.sleep", "args": {"seconds": 0.3, "steps": 3}}
+    async with http.post(f"{system.api_url}/v1/tasks", json=body, headers=headers) as r:
+        assert r.status == 202, await r.text()
+        task_id = (await r.json())["id"]
+    async with await _ws(http, system, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": task_id}))
+        live = (await _collect(ws, {task_id}))[task_id]
+    _assert_story(live)
+    # The stream gone (expired): a later subscriber gets the row as a snapshot.
+    await redis.delete(deployment.wire.event_stream(UUID(task_id)))
+    async with await _ws(http, system, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": task_id}))
+        snapshot = (await _collect(ws, {task_id}))[task_id]
+    assert snapshot[-1].get("snapshot") is True
+    assert {f.get("trace_id") for f in live + snapshot} == {trace}
 
 
 async def test_redis_restart_mid_task_still_ends_in_the_terminal_event(
