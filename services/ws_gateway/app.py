@@ -91,6 +91,7 @@ class Gateway:
             await wait_for_dependency("Redis", redis.ping, s.start_timeout_s, stop)
             self._redis = redis
             repository = TaskRepository(pool, s.io_timeout_s)
+            stack.push_async_callback(repository.aclose)
             self._deps = Deps(
                 registry=self.registry,
                 repository=repository,

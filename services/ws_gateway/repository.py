@@ -8,24 +8,41 @@ from uuid import UUID
 
 import asyncpg
 
-from shared.taskrows import EVENT_COLUMNS
+from shared.groupcommit import GroupCommit
+from shared.taskrows import qualified
+
+Key = tuple[UUID, UUID]  # (task id, tenant id)
 
 
 class TaskRepository:
     def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
+        # Subscribes come in bursts (a page of tasks, a reconnect): the rows of the
+        # moment's subscribes are read in one query.
+        self._reads: GroupCommit[Key, Mapping[str, Any] | None] = GroupCommit(
+            self._rows, name="task-row-reads"
+        )
 
     async def task_row(self, task_id: UUID, tenant_id: UUID) -> Mapping[str, Any] | None:
         """The row of a task of this tenant, or None: another tenant's task and an unknown
         id look the same from outside."""
-        row = await self._pool.fetchrow(
-            f"SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1 AND tenant_id = $2",
-            task_id,
-            tenant_id,
+        return await self._reads.submit((task_id, tenant_id))
+
+    async def _rows(self, keys: list[Key]) -> list[Mapping[str, Any] | None]:
+        rows = await self._pool.fetch(
+            f"SELECT {qualified('t')}, t.tenant_id FROM unnest($1::uuid[], $2::uuid[])"
+            " AS k(id, tenant_id) JOIN tasks t ON t.id = k.id AND t.tenant_id = k.tenant_id",
+            [task_id for task_id, _ in keys],
+            [tenant_id for _, tenant_id in keys],
             timeout=self._timeout,
         )
-        return None if row is None else dict(row)
+        found = {(r["id"], r["tenant_id"]): dict(r) for r in rows}
+        return [found.get(key) for key in keys]
+
+    async def aclose(self) -> None:
+        """Wait for the reads in flight (shutdown)."""
+        await self._reads.aclose()
 
     async def ping(self) -> None:
         await self._pool.fetchval("SELECT 1", timeout=self._timeout)
