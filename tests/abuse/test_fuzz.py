@@ -30,6 +30,7 @@ from tests.conftest import ROOT_ENV, Deployment, create_tenant
 from tests.support import ARTIFACTS, eventually
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "st")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 FUZZ_BUDGET_S = 50
 # Checks that cannot apply to this API, and why:
 # - positive_data_acceptance expects every schema-valid request to succeed. Two server
@@ -54,6 +55,8 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
     seed = os.environ.get("LONGHAUL_FUZZ_SEED", "20261123")
     proc = await asyncio.create_subprocess_exec(
         SCHEMATHESIS,
+        "--config-file",
+        str(CONFIG),
         "run",
         f"{system.api_url}/openapi.json",
         "--header",
