@@ -110,6 +110,11 @@ class OutboxRelay:
                 failures = 0
                 if published >= self._batch_size:
                     continue  # more may be due right now
+                if self._wake.is_set():
+                    # New rows were committed meanwhile (the common case under load):
+                    # flush again without asking when the next delayed row is due.
+                    self._wake.clear()
+                    continue
                 await self._sleep(stopping, await self._until_next_due())
         finally:
             stopping.cancel()
