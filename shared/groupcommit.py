@@ -6,39 +6,39 @@ load a batch is one item and costs nothing extra; under load the round trips (an
 PostgreSQL, the commits) per item fall with the number of callers.
 
 The writer is one task at a time, started by the first waiting item: nothing runs
-while nothing is waiting. A writer that falls back to item by item reports an item's
-own failure as ``Failed``: only that caller gets the exception."""
+while nothing is waiting. Two options keep one caller's trouble its own:
+
+* ``key``: items with the same key never share a batch; a later one waits for the next
+  batch and so sees the earlier one's effect (a duplicate delivery of a task);
+* ``alone_on``: when a batch fails with an error this accepts (one bad row, a deadlock),
+  its items are written again one by one, and only the failing item's caller gets it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
-class Failed:
-    """One item's failure in a batch whose other items were written."""
-
-    error: Exception
-
-
 class GroupCommit(Generic[T, R]):
     def __init__(
         self,
-        write: Callable[[list[T]], Awaitable[Sequence[R | Failed]]],
+        write: Callable[[list[T]], Awaitable[Sequence[R]]],
         *,
         name: str,
         max_batch: int = 500,
+        key: Callable[[T], Hashable] | None = None,
+        alone_on: Callable[[Exception], bool] | None = None,
     ) -> None:
         """``write`` takes a batch and returns one result per item, in order."""
         self._write = write
         self._name = name
         self._max_batch = max_batch
+        self._key = key
+        self._alone_on = alone_on
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -59,29 +59,72 @@ class GroupCommit(Generic[T, R]):
 
     async def _write_all(self) -> None:
         while self._waiting:
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
-            futures = [f for _, f in batch]
+            batch = self._take()
             try:
-                results = list(await self._write([item for item, _ in batch]))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self._name}: {len(results)} results for {len(batch)}")
-            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(exc)
+                outcomes = await self._outcomes([item for item, _ in batch])
+            except BaseException as exc:
+                for _, f in batch:
+                    if f.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        f.set_exception(exc)  # every caller of the batch gets it
+                    else:
+                        f.cancel()
+                if not isinstance(exc, Exception):
+                    raise
                 continue
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-            for f, result in zip(futures, results, strict=True):
+            for (_, f), outcome in zip(batch, outcomes, strict=True):
                 if f.done():
                     continue
-                if isinstance(result, Failed):
-                    f.set_exception(result.error)
+                if isinstance(outcome, _Failed):
+                    f.set_exception(outcome.error)
                 else:
-                    f.set_result(result)
+                    f.set_result(outcome)
+
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+        """The next batch, in arrival order; what is left (over the size, or a key
+        already in the batch) waits for the next one, in order."""
+        batch: list[tuple[T, asyncio.Future[R]]] = []
+        later: list[tuple[T, asyncio.Future[R]]] = []
+        keys: set[Hashable] = set()
+        for entry in self._waiting:
+            key = None if self._key is None else self._key(entry[0])
+            if len(batch) >= self._max_batch or (key is not None and key in keys):
+                later.append(entry)
+                continue
+            keys.add(key)
+            batch.append(entry)
+        self._waiting = later
+        return batch
+
+    async def _outcomes(self, items: list[T]) -> list[R | _Failed]:
+        try:
+            return list(await self._checked(items))
+        except Exception as exc:
+            if len(items) == 1 or self._alone_on is None or not self._alone_on(exc):
+                raise
+        return [await self._alone(item) for item in items]
+
+    async def _alone(self, item: T) -> R | _Failed:
+        try:
+            return (await self._checked([item]))[0]
+        except Exception as exc:  # noqa: BLE001 - this item's caller gets it
+            return _Failed(exc)
+
+    async def _checked(self, items: list[T]) -> Sequence[R]:
+        results = await self._write(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"{self._name}: {len(results)} results for {len(items)}")
+        return results
+
+
+class _Failed:
+    """One item's failure in a batch whose other items were written."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def _seen(future: asyncio.Future[Any]) -> None:

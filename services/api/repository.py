@@ -12,7 +12,7 @@ import asyncpg
 
 from shared import deadletters, outbox
 from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
-from shared.groupcommit import Failed, GroupCommit
+from shared.groupcommit import GroupCommit
 from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import Row
 
@@ -45,8 +45,10 @@ class ApiRepository:
         # NOTIFY the relays after inserting tasks; needless when this process runs its
         # own relay (woken in-process), and a NOTIFY per commit costs under load.
         self._notify = notify
+        # One request's bad row (its tenant deleted meanwhile, say) fails only that
+        # request: the others of its batch are inserted one by one.
         self._grouped: GroupCommit[tuple[UUID, NewTask], Row] = GroupCommit(
-            self._insert_group, name="task-inserts"
+            self._insert_group, name="task-inserts", alone_on=_bad_row
         )
 
     async def aclose(self) -> None:
@@ -88,23 +90,10 @@ class ApiRepository:
             return [await self._grouped.submit((tenant_id, tasks[0]))]
         return await self._insert([tenant_id] * len(tasks), tasks, idempotency_key, request_hash)
 
-    async def _insert_group(self, items: list[tuple[UUID, NewTask]]) -> list[Row | Failed]:
-        try:
-            rows = await self._insert([t for t, _ in items], [n for _, n in items])
-        except asyncpg.PostgresError as exc:
-            if len(items) == 1 or isinstance(exc, TRANSIENT_ERRORS):
-                raise
-            # One request's bad row (its tenant deleted meanwhile, say) fails only that
-            # request: the others are inserted one by one.
-            return [await self._insert_alone(t, n) for t, n in items]
+    async def _insert_group(self, items: list[tuple[UUID, NewTask]]) -> list[Row]:
+        rows = await self._insert([t for t, _ in items], [n for _, n in items])
         by_id = {row["id"]: row for row in rows}
         return [by_id[n.id] for _, n in items]
-
-    async def _insert_alone(self, tenant_id: UUID, task: NewTask) -> Row | Failed:
-        try:
-            return (await self._insert([tenant_id], [task]))[0]
-        except asyncpg.PostgresError as exc:
-            return Failed(exc)
 
     async def _insert(
         self,
@@ -272,3 +261,8 @@ class ApiRepository:
     async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return await conn.fetchrow(sql, *args)
+
+
+def _bad_row(exc: Exception) -> bool:
+    """An error of the statement, not of the connection: worth trying row by row."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, TRANSIENT_ERRORS)

@@ -4,15 +4,15 @@ changes nothing; each returns the row's event columns (None when fenced out)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from shared import outbox
-from shared.groupcommit import Failed, GroupCommit
+from shared.groupcommit import GroupCommit
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
@@ -45,11 +45,17 @@ class WorkerRepository:
         self._timeout = timeout
         # The two statements of every task: one round trip (and one commit) serves the
         # concurrent deliveries of the moment.
+        # A task appears once per statement (a duplicate delivery's claim must see the
+        # first one's); rows are locked in id order, yet a deadlock with another writer
+        # is possible: its batch is retried one by one.
         self._claims: GroupCommit[_ClaimRequest, Row | None] = GroupCommit(
-            self._claim_batch, name="claim-writer"
+            self._claim_rows,
+            name="claim-writer",
+            key=lambda r: r.message.task_id,
+            alone_on=_deadlock,
         )
         self._successes: GroupCommit[tuple[UUID, int, Any], Row | None] = GroupCommit(
-            self._succeed_batch, name="success-writer"
+            self._succeed_rows, name="success-writer", key=lambda r: r[0], alone_on=_deadlock
         )
 
     async def aclose(self) -> None:
@@ -71,9 +77,6 @@ class WorkerRepository:
         Claims of concurrent deliveries share one statement (group commit)."""
         row = await self._claims.submit(_ClaimRequest(message, worker_id, lease_s))
         return Claimed(row, message) if row else None
-
-    async def _claim_batch(self, reqs: list[_ClaimRequest]) -> list[Row | Failed | None]:
-        return await _each_task_once(reqs, lambda r: r.message.task_id, self._claim_rows)
 
     async def _claim_rows(self, reqs: list[_ClaimRequest]) -> list[Row | None]:
         rows = await self._fetch(
@@ -127,9 +130,6 @@ class WorkerRepository:
     async def succeed(self, task_id: UUID, attempt: int, result: Any) -> Row | None:
         """End the attempt as ``succeeded``; shares a statement with concurrent ones."""
         return await self._successes.submit((task_id, attempt, result))
-
-    async def _succeed_batch(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | Failed | None]:
-        return await _each_task_once(reqs, lambda r: r[0], self._succeed_rows)
 
     async def _succeed_rows(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | None]:
         rows = await self._fetch(
@@ -309,39 +309,8 @@ class WorkerRepository:
             await conn.execute(sql, *args)
 
 
-K = TypeVar("K")
-Q = TypeVar("Q")
-
-
-async def _each_task_once(
-    reqs: list[Q],
-    task_of: Callable[[Q], K],
-    write: Callable[[list[Q]], Awaitable[list[Row | None]]],
-) -> list[Row | Failed | None]:
-    """``write`` in as few statements as possible, a task at most once per statement (a
-    second request for a task, a duplicate delivery, must see the first one's effect).
-    A deadlock with another writer (PostgreSQL aborts one of them) is retried one by one."""
-    first: list[int] = []
-    rest: list[int] = []
-    seen: set[K] = set()
-    for i, req in enumerate(reqs):
-        key = task_of(req)
-        (rest if key in seen else first).append(i)
-        seen.add(key)
-    out: list[Row | Failed | None] = [None] * len(reqs)
-    try:
-        for i, row in zip(first, await write([reqs[i] for i in first]), strict=True):
-            out[i] = row
-    except asyncpg.DeadlockDetectedError:
-        if len(first) == 1:
-            raise
-        rest = first + rest
-    for i in sorted(rest):
-        try:
-            out[i] = (await write([reqs[i]]))[0]
-        except Exception as exc:  # noqa: BLE001 - this caller's own failure (it retries)
-            out[i] = Failed(exc)
-    return out
+def _deadlock(exc: Exception) -> bool:
+    return isinstance(exc, asyncpg.DeadlockDetectedError)
 
 
 async def _requeue_or_fail(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.groupcommit import Failed, GroupCommit
+from shared.groupcommit import GroupCommit
 
 
 class Recorder:
@@ -16,15 +16,17 @@ class Recorder:
         self.batches: list[list[int]] = []
         self.release = asyncio.Event()
 
-    async def write(self, items: list[int]) -> list[int | Failed]:
+    async def write(self, items: list[int]) -> list[int]:
         self.batches.append(items)
         await self.release.wait()
-        return [Failed(ValueError(f"bad {i}")) if i < 0 else i * 10 for i in items]
+        if bad := [i for i in items if i < 0]:
+            raise ValueError(f"bad {bad[0]}")  # one bad item fails its statement
+        return [i * 10 for i in items]
 
 
 async def test_callers_arriving_during_a_write_share_the_next_one() -> None:
     rec = Recorder()
-    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test")
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test")
     first = asyncio.create_task(group.submit(1))
     await asyncio.sleep(0)  # the first batch is being written
     rest = [asyncio.create_task(group.submit(i)) for i in (2, 3, 4)]
@@ -37,14 +39,36 @@ async def test_callers_arriving_during_a_write_share_the_next_one() -> None:
 
 
 async def test_an_item_failure_reaches_only_its_caller() -> None:
+    """With alone_on, a batch failing for one item is written again one by one."""
     rec = Recorder()
     rec.release.set()
-    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test")
+    group: GroupCommit[int, int] = GroupCommit(
+        rec.write, name="test", alone_on=lambda e: isinstance(e, ValueError)
+    )
     results = await asyncio.gather(
         group.submit(1), group.submit(-2), group.submit(3), return_exceptions=True
     )
     assert results[0] == 10 and results[2] == 30
     assert isinstance(results[1], ValueError) and str(results[1]) == "bad -2"
+    assert rec.batches == [[1, -2, 3], [1], [-2], [3]]
+
+
+async def test_without_alone_on_the_whole_batch_fails() -> None:
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test")
+    results = await asyncio.gather(group.submit(1), group.submit(-2), return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results)
+
+
+async def test_items_with_one_key_never_share_a_batch() -> None:
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", key=lambda i: i % 10)
+    results = await asyncio.gather(*(group.submit(i) for i in (1, 11, 2, 21, 3)))
+    assert results == [10, 110, 20, 210, 30]
+    # Later items of a key wait for the next batch, in their order of arrival.
+    assert rec.batches == [[1, 2, 3], [11], [21]]
 
 
 async def test_a_failed_write_fails_its_batch_and_the_next_batch_still_runs() -> None:
@@ -64,7 +88,7 @@ async def test_a_failed_write_fails_its_batch_and_the_next_batch_still_runs() ->
 
 async def test_a_cancelled_caller_does_not_cancel_the_batch_of_others() -> None:
     rec = Recorder()
-    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test")
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test")
     quitter = asyncio.create_task(group.submit(1))
     stayer = asyncio.create_task(group.submit(2))
     await asyncio.sleep(0)
@@ -79,6 +103,6 @@ async def test_a_cancelled_caller_does_not_cancel_the_batch_of_others() -> None:
 async def test_max_batch_splits_a_crowd() -> None:
     rec = Recorder()
     rec.release.set()
-    group: GroupCommit[int, int | Failed] = GroupCommit(rec.write, name="test", max_batch=2)
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", max_batch=2)
     assert await asyncio.gather(*(group.submit(i) for i in range(5))) == [0, 10, 20, 30, 40]
     assert [len(b) for b in rec.batches] == [2, 2, 1]
