@@ -1,0 +1,110 @@
+"""EventSink against the real Redis: what reaches the stream, the channel and the expiry,
+and how refusals are told apart from duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
+
+from redis.asyncio import Redis
+
+from shared.events import EventSink
+from shared.schemas import ProgressEvent, TaskState, parse_event
+from tests.conftest import Deployment
+from tests.support import eventually, free_port, private_redis, redis_up
+
+
+def _event(task_id: UUID, seq: int, state: TaskState = TaskState.RUNNING) -> ProgressEvent:
+    return ProgressEvent(
+        task_id=task_id, seq=seq, state=state, progress=seq / 10, ts=datetime.now(UTC)
+    )
+
+
+def _sink(redis: Redis, deployment: Deployment) -> EventSink:
+    return EventSink(redis, deployment.wire, retention_s=600, maxlen=1000)
+
+
+async def _stream_seqs(redis: Redis, deployment: Deployment, task_id: UUID) -> list[int]:
+    entries = await redis.xrange(deployment.wire.event_stream(task_id))
+    return [parse_event(fields[b"e"]).seq for _, fields in entries]
+
+
+async def test_events_reach_stream_and_channel_in_order(
+    redis: Redis, deployment: Deployment
+) -> None:
+    """Live events are appended and published; backfill is appended only; the stream
+    gets an expiry; events of several tasks in one batch each go to their own stream."""
+    sink = _sink(redis, deployment)
+    a, b = uuid4(), uuid4()
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(deployment.wire.event_channel(a), deployment.wire.event_channel(b))
+    for _ in range(2):
+        assert await pubsub.get_message(timeout=1) is not None  # the subscribe replies
+    ok = await asyncio.gather(
+        sink.emit([_event(a, 2)], backfill=[_event(a, 1, TaskState.QUEUED)]),
+        sink.emit([_event(b, 1, TaskState.QUEUED)]),
+        sink.emit([_event(a, 3), _event(a, 4, TaskState.SUCCEEDED)]),
+    )
+    assert ok == [True, True, True]
+    assert await _stream_seqs(redis, deployment, a) == [1, 2, 3, 4]
+    assert await _stream_seqs(redis, deployment, b) == [1]
+    published: list[tuple[bytes, int]] = []
+    while (msg := await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)) is not None:
+        published.append((msg["channel"], parse_event(msg["data"]).seq))
+    channel_a = deployment.wire.event_channel(a).encode()
+    assert [seq for channel, seq in published if channel == channel_a] == [2, 3, 4]
+    assert len(published) == 4
+    ttl = await redis.pttl(deployment.wire.event_stream(a))
+    assert 0 < ttl <= 600_000
+    await pubsub.aclose()
+    await redis.delete(deployment.wire.event_stream(a), deployment.wire.event_stream(b))
+
+
+async def test_a_duplicate_seq_is_dropped_not_counted_as_failure(
+    redis: Redis, deployment: Deployment
+) -> None:
+    """Writing a seq again (a redelivery, a backfill someone else wrote) succeeds and
+    leaves the stream with that seq once."""
+    sink = _sink(redis, deployment)
+    task = uuid4()
+    assert await sink.emit([_event(task, 1), _event(task, 2)])
+    assert await sink.emit([_event(task, 2), _event(task, 3)], backfill=[_event(task, 1)])
+    assert await _stream_seqs(redis, deployment, task) == [1, 2, 3]
+    assert sink.breaker.allow()
+    await redis.delete(deployment.wire.event_stream(task))
+
+
+async def test_a_refused_write_returns_false_and_spares_the_rest(
+    redis: Redis, deployment: Deployment
+) -> None:
+    """A stream key Redis cannot append to fails the batch's emit (the caller learns it)
+    while the other events of the batch are still written, and Redis is not treated as
+    down."""
+    sink = _sink(redis, deployment)
+    broken, fine = uuid4(), uuid4()
+    await redis.set(deployment.wire.event_stream(broken), b"not a stream")
+    ok = await sink.emit([_event(broken, 1), _event(fine, 1)])
+    assert ok is False
+    assert await _stream_seqs(redis, deployment, fine) == [1]
+    assert sink.breaker.allow()
+    await redis.delete(deployment.wire.event_stream(broken), deployment.wire.event_stream(fine))
+
+
+async def test_the_script_is_loaded_again_after_redis_forgot_it(deployment: Deployment) -> None:
+    """After SCRIPT FLUSH (as after a Redis restart) the next emit still writes. On a
+    private Redis: flushing the shared one's scripts would disturb other runs."""
+    port = free_port()
+    with private_redis(port):
+        url = f"redis://127.0.0.1:{port}/0"
+        await eventually(lambda: redis_up(url), what="private redis up")
+        client = Redis.from_url(url)
+        try:
+            sink = _sink(client, deployment)
+            task = uuid4()
+            assert await sink.emit([_event(task, 1)])
+            await client.script_flush()
+            assert await sink.emit([_event(task, 2)])
+            assert await _stream_seqs(client, deployment, task) == [1, 2]
+        finally:
+            await client.aclose()
