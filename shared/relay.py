@@ -24,7 +24,7 @@ from shared.failpoints import Failpoints
 from shared.taskrows import (
     PREVIOUS_COLUMNS,
     event_from_row,
-    previous_event,
+    previous_events,
     qualified,
 )
 
@@ -131,7 +131,7 @@ class OutboxRelay:
         if promoted:
             await self._events.emit(
                 [event_from_row(r) for r in promoted],
-                backfill=[previous_event(r) for r in promoted],
+                backfill=previous_events(promoted),
             )
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self._batch_size)

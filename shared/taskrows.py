@@ -3,7 +3,7 @@ is the row's ``last_seq`` after the UPDATE that made the change."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -17,7 +17,7 @@ Row: TypeAlias = asyncpg.Record | Mapping[str, Any]
 EVENT_COLUMNS = "id, last_seq, state, progress, message, attempts, updated_at, trace_id"
 
 # The same columns of the row as it was before an UPDATE, from a CTE named ``old``
-# (``WITH old AS (SELECT ... FOR UPDATE)``), for previous_event().
+# (``WITH old AS (SELECT ...)``), for previous_events().
 PREVIOUS_COLUMNS = ", ".join(
     f"old.{c.strip()} AS prev_{c.strip()}" for c in EVENT_COLUMNS.split(",")
 )
@@ -43,16 +43,24 @@ def event_from_row(row: Row, *, data: Any = None, snapshot: bool = False) -> Pro
     )
 
 
-def previous_event(row: Row) -> ProgressEvent:
-    """The event of the transition before this one, rebuilt from the row's old values.
+def previous_events(rows: Iterable[Row]) -> list[ProgressEvent]:
+    """The events of the transitions before these, rebuilt from the rows' old values.
 
     Events of consecutive seqs can come from different processes (the relay writes
     "queued", then a worker "running"); the later writer may reach Redis first, and the
     stream refuses an id below its last one. So a claim and a promotion write the
     previous event too, to the stream only (``EventSink.emit(backfill=...)``): a
     duplicate of it is refused, a missing one fills the gap.
-    Only used where the previous event carries no ``data`` (queued, retrying)."""
-    return event_from_row({c: row[f"prev_{c}"] for c in _EVENT_KEYS})
+
+    The old values may be read without a lock (the claim's are: locking cost more than
+    the rest of the statement); a row whose old values are not the version just before
+    the update (a concurrent writer got in between) gives no event rather than a wrong
+    one. Only used where the previous event carries no ``data`` (queued, retrying)."""
+    return [
+        event_from_row({c: row[f"prev_{c}"] for c in _EVENT_KEYS})
+        for row in rows
+        if row["prev_last_seq"] == row["last_seq"] - 1
+    ]
 
 
 _EVENT_KEYS = tuple(c.strip() for c in EVENT_COLUMNS.split(","))

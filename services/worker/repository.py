@@ -46,8 +46,8 @@ class WorkerRepository:
         # The two statements of every task: one round trip (and one commit) serves the
         # concurrent deliveries of the moment.
         # A task appears once per statement (a duplicate delivery's claim must see the
-        # first one's); rows are locked in id order, yet a deadlock with another writer
-        # is possible: its batch is retried one by one.
+        # first one's); a deadlock with another writer is possible (rows are locked in
+        # the plan's order): its batch is retried one by one.
         self._claims: GroupCommit[_ClaimRequest, Row | None] = GroupCommit(
             self._claim_rows,
             name="claim-writer",
@@ -86,9 +86,10 @@ class WorkerRepository:
                                      $5::float8[])
                     AS r(id, attempt, tenant_id, worker_id, lease_s)
             ), old AS (
-                -- Locked in id order: two batches never wait for each other in a cycle.
+                -- Not locked (FOR UPDATE doubled the statement's cost): the old values
+                -- only rebuild the previous event, and previous_events() drops a row
+                -- another writer changed in between.
                 SELECT {EVENT_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])
-                ORDER BY id FOR UPDATE
             )
             UPDATE tasks AS t SET state = 'running', attempts = req.attempt,
                 worker_id = req.worker_id,

@@ -31,7 +31,7 @@ from shared.failpoints import Failpoints
 from shared.jsonsafe import nul_path
 from shared.logging import task_id_var, trace_id_var
 from shared.schemas import ProgressEvent, TaskMessage, parse_task_message
-from shared.taskrows import Row, event_from_row, previous_event
+from shared.taskrows import Row, event_from_row, previous_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,7 +111,7 @@ class Runner:
             await self._skip(message, body, headers)
             return
         await self._events.emit(
-            [event_from_row(claimed.row)], backfill=[previous_event(claimed.row)]
+            [event_from_row(claimed.row)], backfill=previous_events([claimed.row])
         )
         log.debug("attempt started", extra={"type": message.type, "attempt": message.attempt})
         running = Running(claimed)

@@ -24,6 +24,7 @@ from services.worker.repository import WorkerRepository
 from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
+from shared.taskrows import previous_events
 from tests.conftest import Deployment, Tenant
 from tests.support import ServiceProcess, System, eventually, free_port
 
@@ -378,3 +379,46 @@ async def test_duplicates_in_one_claim_batch_claim_the_task_once(
         "SELECT state, attempts, last_seq FROM tasks WHERE id = ANY($1)", task_ids
     )
     assert {(r["state"], r["attempts"], r["last_seq"]) for r in rows} == {("running", 1, 2)}
+
+
+async def test_a_claim_rebuilds_the_previous_event_only_from_the_version_before(
+    db: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """The claim reads the row's old values without a lock. Alone, they are the queued
+    event it backfills; when another writer changes the row while the claim waits for it,
+    they are stale, and no previous event is rebuilt from them."""
+    repo = WorkerRepository(db, timeout=10)
+    calm, raced = uuid7(), uuid7()
+    await db.executemany(
+        "INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, timeout_s,"
+        " last_seq) VALUES ($1, $2, 'demo.noop', '{}'::jsonb, 'queued', 3, 60, 1)",
+        [(calm, tenant.id), (raced, tenant.id)],
+    )
+
+    def message(task_id: UUID) -> TaskMessage:
+        return TaskMessage(task_id=task_id, tenant_id=tenant.id, type="demo.noop", attempt=1)
+
+    claimed = await repo.claim(message(calm), "w-test", 30)
+    assert claimed is not None
+    [previous] = previous_events([claimed.row])
+    assert (previous.seq, previous.state, claimed.row["last_seq"]) == (1, "queued", 2)
+
+    async with db.acquire() as other, other.transaction():
+        # Another writer holds the row (a new version, still queued) while the claim runs.
+        await other.execute("UPDATE tasks SET last_seq = 2 WHERE id = $1", raced)
+        claim = asyncio.create_task(repo.claim(message(raced), "w-test", 30))
+
+        async def waiting() -> bool:
+            return bool(
+                await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database() AND query LIKE '%WITH req AS%'"
+                )
+            )
+
+        await eventually(waiting, within=10, what="the claim to wait for the row")
+    claimed = await asyncio.wait_for(claim, 10)
+    await repo.aclose()
+    assert claimed is not None
+    assert (claimed.row["prev_last_seq"], claimed.row["last_seq"]) == (1, 3)
+    assert previous_events([claimed.row]) == []

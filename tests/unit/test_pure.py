@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,6 +17,7 @@ from shared.failpoints import Failpoints
 from shared.ids import uuid7
 from shared.schemas import TaskState as S
 from shared.states import TRANSITIONS, can_transition, sources_of
+from shared.taskrows import previous_events
 
 # ---------------------------------------------------------------- states
 
@@ -245,3 +247,25 @@ def test_breaker_fails_fast_for_the_cooldown_then_probes() -> None:
     breaker.failed()
     breaker.succeeded()
     assert breaker.allow()
+
+
+# ---------------------------------------------------------------- previous events
+
+
+def _claimed_row(last_seq: int, prev_last_seq: int) -> dict[str, object]:
+    now = datetime.now(UTC)
+    row: dict[str, object] = {
+        "id": uuid7(), "last_seq": last_seq, "state": "running", "progress": 0.0,
+        "message": None, "attempts": 1, "updated_at": now, "trace_id": "t1",
+    }  # fmt: skip
+    prev = {**row, "last_seq": prev_last_seq, "state": "queued", "attempts": 0}
+    return {**row, **{f"prev_{k}": v for k, v in prev.items()}}
+
+
+def test_previous_events_come_only_from_the_version_just_before() -> None:
+    """Old values one seq behind rebuild that event; older ones (another writer came in
+    between) rebuild nothing."""
+    fresh, stale = _claimed_row(2, 1), _claimed_row(5, 3)
+    [event] = previous_events([fresh, stale])
+    assert (event.task_id, event.seq, event.state, event.attempt) == (fresh["id"], 1, S.QUEUED, 0)
+    assert event.trace_id == "t1"
