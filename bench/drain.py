@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from bench.infra import BenchEnv, raise_fd_limit
-from bench.longhaul import LonghaulSystem, Rec, Tracker
+from bench.longhaul import LonghaulSystem, Rec, Tracker, _one_run
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -83,13 +83,30 @@ async def _drain(system: LonghaulSystem, n: int, mode: str) -> None:
         print(f"  {cpu:6.2f} s CPU  {1e3 * cpu / n:5.2f} ms/task  {name}")
 
 
-async def main(n: int, modes: list[str]) -> None:
+async def _at_rate(system: LonghaulSystem, n: int, rate: float) -> None:
+    """Open loop at ``rate`` single submits/s: the latencies the half-rate targets are
+    about, and what each process spent per task at that rate."""
+    before = _cpu_by_program()
+    got = await _one_run(system, n=n, mode="single", rate=rate)
+    used = {k: v - before.get(k, 0.0) for k, v in _cpu_by_program().items()}
+    print(f"## open loop at {rate}/s: {got['accepted']} accepted, {got['late_sends']} late sends")
+    for key in ("submit_to_202_ms", "submit_to_running_ms", "submit_to_terminal_ws_ms"):
+        lat = got[key]
+        print(f"{key}: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}")
+    for name, cpu in sorted(used.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {cpu:6.2f} s CPU  {1e3 * cpu / n:5.2f} ms/task  {name}")
+
+
+async def main(n: int, modes: list[str], rate: float | None) -> None:
     raise_fd_limit()
     env = BenchEnv()
     await env.open()
     system = LonghaulSystem(env)
     try:
         await system.start()
+        if rate is not None:
+            await _at_rate(system, n, rate)
+            return
         for mode in modes:
             await _drain(system, n, mode)
     finally:
@@ -104,5 +121,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--mode", nargs="+", choices=("single", "batch"), default=["single", "batch"]
     )
+    parser.add_argument(
+        "--rate", type=float, help="instead: single submits, open loop at this many per second"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.mode))
+    asyncio.run(main(args.n, args.mode, args.rate))
