@@ -8,6 +8,7 @@ on stderr and a non-zero exit code."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -28,6 +29,7 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run ``main`` under uvloop (where available) with signal handling; return the exit code."""
 
     async def supervised() -> None:
+        _tune_gc()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,6 +51,16 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
         sys.stderr.write(f"{service}: {exc}\n")
         return EXIT_DEPENDENCY
     return 0
+
+
+def _tune_gc() -> None:
+    """Every task allocates a few hundred short-lived containers in each service; with
+    the default threshold (700) the cyclic collector ran every few tasks and cost the
+    worker 5-8 % of its CPU (bench/README.md). What was loaded at start (modules,
+    schemas, settings) is frozen: full collections no longer walk it."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 async def wait_for_dependency(
