@@ -46,6 +46,7 @@ def _roles() -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]
         "ws_idle": wsclients.idle_clients,
         "ws_fanout": wsclients.fanout_clients,
         "ws_raw_server": wsclients.raw_broadcast_server,
+        "publish_clock": wsclients.publish_clock,
     }
 
 

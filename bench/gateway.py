@@ -164,6 +164,7 @@ async def _clients_phase(
     duration: float,
     meter: CpuMeter,
     server: Child | None = None,
+    clock: Child | None = None,
 ) -> dict[str, Any]:
     procs = max(1, math.ceil(len(conns) / FANOUT_PER_PROC))
     per = math.ceil(len(conns) / procs)
@@ -181,18 +182,32 @@ async def _clients_phase(
         connected += int((await ch.expect("READY", 300)).split()[1])
     start = time.time() + 1.0
     end = start + duration
-    for ch in [*children, *([server] if server else [])]:
+    for ch in [*children, *([server] if server else []), *([clock] if clock else [])]:
         ch.send(f"WINDOW {start} {end}")
     meter.start()
     results = [await ch.result(duration + 120) for ch in children]
     cpu = meter.stop()
     window_cpu = sum(r["window_cpu_s"] for r in results)
     lat = [x for r in results for x in r["latency_samples"]]
+    timing: dict[str, Any] = {}
+    if clock is not None:
+        # Gateway frames: from the worker's PUBLISH (as Redis delivered it to the clock
+        # process), and from the event's ts, the worker's DB update, which also counts
+        # the commit before the publish.
+        published = {(t, seq): at for t, seq, at in (await clock.result(60))["published"]}
+        keyed = [k for r in results for k in r["latency_keys"]]
+        from_publish = [now - published[(t, seq)] for t, seq, now in keyed if (t, seq) in published]
+        timing = {
+            "latency_ms": latency_summary(from_publish),
+            "unmatched_samples": len(keyed) - len(from_publish),
+            "from_db_update_ms": latency_summary(lat),
+        }
     return {
         "clients": connected,
         "client_processes": procs,
         "delivered_per_s": round(sum(r["events_in_window"] for r in results) / duration, 1),
         "latency_ms": latency_summary(lat),
+        **timing,
         "disconnects": sum(r["disconnects"] for r in results),
         **cpu,
         # The client processes' CPU inside the window (the meter sees only this one).
@@ -238,7 +253,14 @@ async def fanout_once(system: LonghaulSystem, clients: int, duration: float) -> 
                 {"token": tokens[c], "subs": [ids[(c + j) % tasks] for j in range(subs_per_client)]}
                 for c in range(clients)
             ]
-            res = await _clients_phase(env, system.ws_url, conns, duration, gw_meter)
+            clock = Child.start(
+                env,
+                "publish_clock",
+                {"redis_url": env.redis_url, "pattern": env.wire.event_channel_pattern},
+                "publish-clock",
+            )
+            await clock.expect("READY", 60)
+            res = await _clients_phase(env, system.ws_url, conns, duration, gw_meter, clock=clock)
             res["tasks_running"] = running
             res["offered_per_s"] = round(
                 tasks * per_task_rate * clients * subs_per_client / tasks, 1
@@ -288,13 +310,16 @@ async def run(
             "gateway_1k_per_s",
             f"{clients} clients, each subscribed to 1 of 20 running demo.sleep "
             f"tasks reporting 1 step/s, started evenly over 1 s (≈{clients:,} events/s "
-            "delivered, spread over each second); latency = "
-            "client receive - event ts (the worker's DB update, ms precision)",
+            "delivered, spread over each second); latency = client receive - the "
+            "worker's PUBLISH as Redis delivered it to a recorder process subscribed like "
+            "the gateway (from_db_update_ms: - the event's ts, the worker's DB update, "
+            "ms precision, which adds the commit)",
         ),
         (
             "gateway_saturation",
             f"{clients} clients, 32 demo.sleep tasks at 20 steps/s, each client "
-            "subscribed to k tasks so that the offer exceeds the raw ceiling",
+            "subscribed to k tasks so that the offer exceeds the raw ceiling; latency as "
+            "in the phase above",
         ),
     ):
         rs = [f[key] for f in fan]

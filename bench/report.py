@@ -108,6 +108,15 @@ def _gateway_rows(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...], 
             ("4", label, ("gateway", key, "latency_ms.p50"), "publish→client p50 ms"),
             ("4", label, ("gateway", key, "latency_ms.p99"), "publish→client p99 ms"),
         ]
+        if key != "fanout_raw_broadcast":
+            rows.append(
+                (
+                    "4",
+                    label,
+                    ("gateway", key, "from_db_update_ms.p99"),
+                    "DB update→client p99 ms (adds the commit)",
+                )
+            )
     return rows
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -70,6 +71,9 @@ async def fanout_clients(a: dict[str, Any]) -> dict[str, Any]:
     counted = 0
     seen = 0
     lat: list[float] = []
+    # Beside each sample: (task id, seq, receive time), for the parent to time the frame
+    # from the worker's publish (publish_clock) rather than from the event's ts.
+    keys: list[tuple[str, int, float]] = []
     n_lat = 0
     disconnects = 0
 
@@ -87,13 +91,15 @@ async def fanout_clients(a: dict[str, Any]) -> dict[str, Any]:
                     ts = _ts(msg["ts"])
                     if ts >= window[0] - 0.5:  # live, not replayed from before the window
                         n_lat += 1
-                        d = now - ts
+                        key = (msg.get("task_id", ""), msg["seq"], now)
                         if len(lat) < _SAMPLE:
-                            lat.append(d)
+                            lat.append(now - ts)
+                            keys.append(key)
                         else:
                             j = random.randrange(n_lat)
                             if j < _SAMPLE:
-                                lat[j] = d
+                                lat[j] = now - ts
+                                keys[j] = key
         except ConnectionClosed:
             disconnects += 1
 
@@ -127,10 +133,35 @@ async def fanout_clients(a: dict[str, Any]) -> dict[str, Any]:
         "events_in_window": counted,
         "events_seen": seen,
         "latency_samples": [round(x, 5) for x in lat],
+        "latency_keys": keys,
         "latency_n": n_lat,
         "disconnects": dropped,
         "window_cpu_s": round(window_cpu, 3),
     }
+
+
+async def publish_clock(a: dict[str, Any]) -> dict[str, Any]:
+    """When each progress event of the run's tasks was published: this process
+    subscribes to the event channels as the gateway does, so a PUBLISH reaches both at
+    the same moment, and it does nothing else, so its clock is not late. Records
+    (task id, seq, receive time) inside the window the parent sends."""
+    redis = Redis.from_url(a["redis_url"])
+    pubsub = redis.pubsub()
+    await pubsub.psubscribe(a["pattern"])
+    say("READY")
+    _, start, end = (await stdin_line()).split()
+    first, last = float(start) - 1.0, float(end) + 1.0
+    seen: list[tuple[str, int, float]] = []
+    while time.time() < last:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+        now = time.time()
+        if msg is None or now < first:
+            continue
+        event = orjson.loads(msg["data"])
+        seen.append((event["task_id"], event["seq"], now))
+    await pubsub.aclose()
+    await redis.aclose()
+    return {"published": seen}
 
 
 async def raw_broadcast_server(a: dict[str, Any]) -> dict[str, Any]:
