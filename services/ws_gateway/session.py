@@ -189,12 +189,9 @@ class Session:
         delivered = self._cursors.get(event.task_id)
         if delivered is None or check_live(delivered, event.seq) is not LiveCheck.SEND:
             return False
-        ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        if not self._writable():
             return False
-        if ws.transport.get_write_buffer_size() >= _UNREAD_BYTES:
-            return False
-        broadcast([ws], self._deps.frame_cache.frame(event))
+        broadcast([self.ws], self._deps.frame_cache.frame(event))
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.relayed["live"].inc()
         return True
@@ -369,6 +366,19 @@ class Session:
             )
 
     async def _send(self, event: ProgressEvent, source: str) -> None:
-        await self.ws.send(self._deps.frame_cache.frame(event))
+        frame = self._deps.frame_cache.frame(event)
+        if self._writable():
+            # Written at once, as _send_now does: send()'s lock and drain are for a
+            # socket that is filling up, where waiting is the back pressure we want.
+            broadcast([self.ws], frame)
+        else:
+            await self.ws.send(frame)
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.relayed[source].inc()
+
+    def _writable(self) -> bool:
+        """Open, and the kernel takes what we write (nothing much buffered by us)."""
+        ws = self.ws
+        return (
+            ws.protocol.state is State.OPEN and ws.transport.get_write_buffer_size() < _UNREAD_BYTES
+        )
