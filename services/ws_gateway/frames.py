@@ -103,20 +103,23 @@ def sse_message(event: ProgressEvent) -> str:
 
 
 class FrameCache:
-    """Each event's frame encoded once, not once per subscriber: the hub hands the same
-    event object to every session, so its identity is the key. Bounded, oldest out."""
+    """Each event's frame encoded once, not once per subscriber. Keyed by what makes an
+    event unique (a seq of a task has one content; a snapshot of it is another frame),
+    not by the event object: subscribers that fell behind ask for a frame seconds after
+    the hub dispatched it, when an identity-keyed cache had long let it go. Bounded,
+    oldest out; only the frames are kept (~300 bytes each)."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 16_384) -> None:
         self._size = size
-        # id -> (event, frame): the event is kept so that its id cannot be reused.
-        self._frames: dict[int, tuple[ProgressEvent, str]] = {}
+        self._frames: dict[tuple[UUID, int, bool], str] = {}
 
     def frame(self, event: ProgressEvent) -> str:
-        hit = self._frames.get(id(event))
-        if hit is not None and hit[0] is event:
-            return hit[1]
+        key = (event.task_id, event.seq, event.snapshot)
+        text = self._frames.get(key)
+        if text is not None:
+            return text
         text = event_frame(event)
         if len(self._frames) >= self._size:
             del self._frames[next(iter(self._frames))]
-        self._frames[id(event)] = (event, text)
+        self._frames[key] = text
         return text

@@ -218,3 +218,25 @@ def test_registry_caps() -> None:
     with pytest.raises(Refused) as info:
         reg.subscribe("b1", T2)
     assert info.value.code == "too_many_subscriptions"
+
+
+def test_frame_cache_serves_an_equal_event_and_tells_snapshots_apart() -> None:
+    """A frame is encoded once per (task, seq, snapshot), whichever object asks for it
+    (a subscriber that fell behind asks with the same event long after the dispatch,
+    a replay with a copy parsed from the stream); the oldest frame goes first."""
+    cache = frames.FrameCache(size=2)
+    task = UUID("0190a000-0000-7000-8000-000000000001")
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def event(seq: int, **kw: object) -> ProgressEvent:
+        return ProgressEvent(
+            task_id=task, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=at, **kw
+        )
+
+    first = cache.frame(event(3, data={"k": 1}))
+    assert cache.frame(event(3, data={"k": 1})) is first
+    snapshot = cache.frame(event(3, snapshot=True))
+    assert json.loads(snapshot)["snapshot"] is True and "snapshot" not in json.loads(first)
+    cache.frame(event(4))  # size 2: the frame of seq 3 goes
+    assert cache.frame(event(3, data={"k": 1})) is not first
+    assert json.loads(cache.frame(event(3, data={"k": 1}))) == json.loads(first)
