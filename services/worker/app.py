@@ -80,7 +80,12 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         topology = await amqp.declare(channel, settings, wire)
         runner = Runner(settings, repo, events, registry, failpoints, worker_id)
         consumer = Consumer(topology.queue, runner, timeout)
-        sink = DeadLetterSink(topology.dead_letters, repo, events)
+        # Dead letters on a channel of their own: the consumer acks runs of deliveries
+        # with one multiple ack, which settles every older delivery of its channel.
+        dead_letter_channel = await connection.channel()
+        await dead_letter_channel.set_qos(prefetch_count=settings.worker_concurrency)
+        dead_letter_topology = await amqp.declare(dead_letter_channel, settings, wire)
+        sink = DeadLetterSink(dead_letter_topology.dead_letters, repo, events)
 
         health = await _serve_health(settings, pool, redis, connection, consumer)
         stack.push_async_callback(health.cleanup)

@@ -84,3 +84,52 @@ async def test_crash_after_commit_is_absorbed_by_the_next_worker(
 
 async def _depth_is(deployment: Deployment, wanted: int) -> bool:
     return await queue_depth(deployment) == wanted
+
+
+async def test_acks_cover_finished_deliveries_and_never_a_running_one(
+    fresh_namespace: Deployment, db: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """Deliveries that finish together are acked with one multiple ack; those that finish
+    while an older delivery still runs are acked alone. So when the worker is killed
+    while the oldest delivery runs, every finished task's message is gone from the queue
+    and exactly the running one comes back."""
+    dep = fresh_namespace
+    ports = {p: str(free_port()) for p in ("api_port", "gateway_port", "worker_metrics_port")}
+    system = System(dep.env(), ports)
+    pool = await create_pool(dep.database_url, max_size=2)
+    try:
+        worker = await system.start_worker()
+        repo = ApiRepository(pool, timeout=10)
+        sleeper = uuid7()
+        await repo.insert(
+            tenant.id,
+            [NewTask(id=sleeper, request=TaskRequest(type="demo.sleep", args={"seconds": 60}))],
+        )
+
+        async def running() -> bool:
+            return await db.fetchval("SELECT state FROM tasks WHERE id = $1", sleeper) == "running"
+
+        await eventually(running, within=30, what="the oldest delivery to run")
+        quick = [uuid7() for _ in range(40)]
+        for task_id in quick:  # one by one: many small runs of finished deliveries
+            await repo.insert(
+                tenant.id, [NewTask(id=task_id, request=TaskRequest(type="demo.noop"))]
+            )
+
+        async def all_done() -> bool:
+            done = await db.fetchval(
+                "SELECT count(*) FROM tasks WHERE id = ANY($1) AND state = 'succeeded'", quick
+            )
+            return bool(done == len(quick))
+
+        await eventually(all_done, within=60, what="the quick tasks to succeed")
+        # Acks are written before a delivery's task ends; give the last frames a moment.
+        await eventually(lambda: _depth_is(dep, 0), within=10, what="nothing ready in the queue")
+        worker.kill9()
+        await eventually(
+            lambda: _depth_is(dep, 1), within=30, what="the running delivery to come back"
+        )
+        assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", sleeper) == "running"
+    finally:
+        system.stop()
+        await pool.close()
