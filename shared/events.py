@@ -2,8 +2,8 @@
 replay) and its pub/sub channel (for live relay).
 
 Events emitted at the same time by concurrent tasks of a process go out together, in
-one pipelined round trip (shared.groupcommit). A caller's own events keep their order,
-since it awaits each emit.
+one script call (shared.groupcommit). A caller's own events keep their order, since it
+awaits each emit.
 
 Redis is not the truth: an event that cannot be written is logged and counted, and the
 gateway recovers the state from PostgreSQL (a snapshot event)."""
