@@ -53,6 +53,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
                 settings.database_url,
                 max_size=min(settings.worker_concurrency + 4, 40),
                 timeout=timeout,
+                generic_plans=True,
             ),
             settings.start_timeout_s,
             stop,

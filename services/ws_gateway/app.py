@@ -80,7 +80,11 @@ class Gateway:
             pool: asyncpg.Pool = await wait_for_dependency(
                 "PostgreSQL",
                 lambda: create_pool(
-                    s.database_url, min_size=1, max_size=10, timeout=s.io_timeout_s
+                    s.database_url,
+                    min_size=1,
+                    max_size=10,
+                    timeout=s.io_timeout_s,
+                    generic_plans=True,
                 ),
                 s.start_timeout_s,
                 stop,
