@@ -96,10 +96,12 @@ class Gateway:
             self._redis = redis
             repository = TaskRepository(pool, s.io_timeout_s)
             stack.push_async_callback(repository.aclose)
+            streams = StreamReader(redis, self.wire, max_events=s.event_stream_maxlen)
+            stack.push_async_callback(streams.aclose)
             self._deps = Deps(
                 registry=self.registry,
                 repository=repository,
-                streams=StreamReader(redis, self.wire, max_events=s.event_stream_maxlen),
+                streams=streams,
                 metrics=self.metrics,
                 queue_size=s.client_queue_size,
                 snapshot_grace_s=s.snapshot_grace_s,

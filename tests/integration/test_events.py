@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 from redis.asyncio import Redis
 
+from services.ws_gateway.streams import StreamReader
 from shared.events import EventSink
 from shared.schemas import ProgressEvent, TaskState, parse_event
 from tests.conftest import Deployment
@@ -108,3 +109,39 @@ async def test_the_script_is_loaded_again_after_redis_forgot_it(deployment: Depl
             assert await _stream_seqs(client, deployment, task) == [1, 2]
         finally:
             await client.aclose()
+
+
+async def test_concurrent_stream_reads_each_get_their_own_events(
+    redis: Redis, deployment: Deployment
+) -> None:
+    """The gateway's StreamReader: reads of the same moment share a pipeline, and each
+    caller still gets its own stream from its own seq, paged past 500 entries; a missing
+    stream reads as empty."""
+    sink = EventSink(redis, deployment.wire, retention_s=600, maxlen=5000)
+    reader = StreamReader(redis, deployment.wire, max_events=5000)
+    long, short, missing = uuid4(), uuid4(), uuid4()
+    assert await sink.emit(
+        [
+            ProgressEvent(
+                task_id=long, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=datetime.now(UTC)
+            )
+            for seq in range(1, 1201)
+        ]
+    )
+    assert await sink.emit([_event(short, seq) for seq in range(1, 4)])
+    try:
+        got = await asyncio.gather(
+            reader.after(long, 0),
+            reader.after(long, 1150),
+            reader.after(short, 1),
+            reader.after(missing, 0),
+            *(reader.after(short, 0) for _ in range(200)),
+        )
+    finally:
+        await reader.aclose()
+        await redis.delete(deployment.wire.event_stream(long), deployment.wire.event_stream(short))
+    assert [e.seq for e in got[0]] == list(range(1, 1201))
+    assert [e.seq for e in got[1]] == list(range(1151, 1201))
+    assert [e.seq for e in got[2]] == [2, 3]
+    assert got[3] == []
+    assert all([e.seq for e in g] == [1, 2, 3] for g in got[4:])
