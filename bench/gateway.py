@@ -243,7 +243,8 @@ async def fanout_once(system: LonghaulSystem, clients: int, duration: float) -> 
     async def gateway_phase(
         tasks: int, per_task_rate: float, subs_per_client: int
     ) -> dict[str, Any]:
-        seconds = 60.0 + duration
+        # Long enough to outlast a slow connect phase; cancelled when the phase ends.
+        seconds = 300.0 + duration
         steps = int(seconds * per_task_rate)
         ids = await _submit_sleepers(system, tasks, seconds, steps, 1.0 / per_task_rate)
         try:
