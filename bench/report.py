@@ -257,6 +257,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{meta.get('cpus')} CPUs, {meta.get('runs')} run(s) per figure, "
         f"{meta.get('duration_s')} s)\n"
     )
+    if notes := meta.get("notes"):
+        head += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
     return (
         "\n\n".join(
             [
