@@ -2,15 +2,17 @@
 whatever its statistics say. On the small tables of the other tests a scan costs
 nothing and would go unnoticed; here a private database holds 20,000 finished tasks,
 analyzed, as a deployment in service does, then 2,000 tasks start running (more than
-the statistics know of, as after a burst), and PostgreSQL's own counters say how many
-rows and index entries each statement read.
+the statistics know of, as after a burst) and 5,000 delayed tasks' messages wait in the
+outbox; PostgreSQL's own counters say how many rows and index entries each statement
+read.
 
 Caught before, each reading a number of rows that grew with the table:
 
 * the relay's promotion of due retries scanned the whole table on every flush (no
   index led to the few tasks in state 'retrying');
 * the success statement and its siblings went through the index of running tasks'
-  leases, reading every running task's entry for each one they changed."""
+  leases, reading every running task's entry for each one they changed;
+* cancelling a queued task read the whole outbox, delayed tasks' messages included."""
 
 from __future__ import annotations
 
@@ -79,6 +81,11 @@ async def _load(conn: asyncpg.Connection) -> None:
     # One due retry left, of a task that moved on: the promotion changes nothing but
     # has to look (an empty outbox would spare it the join).
     await conn.execute("DELETE FROM outbox WHERE id <> (SELECT min(id) FROM outbox)")
+    # Tasks scheduled for later: their messages wait in the outbox.
+    await conn.execute(
+        "INSERT INTO outbox (task_id, attempt, body, available_at)"
+        " SELECT id, 1, '', now() + interval '1 hour' FROM tasks LIMIT 5000"
+    )
     # Running tasks of other workers, started after the ANALYZE.
     await conn.execute(
         """
@@ -95,13 +102,14 @@ async def _load(conn: asyncpg.Connection) -> None:
 
 
 async def _tasks_reads(url: str) -> int:
-    """Rows and index entries of tasks read so far. A backend reports its counts when
+    """Rows and index entries of tasks and the outbox read so far. A backend reports its counts when
     it exits, so callers close their pools first."""
     conn = await asyncpg.connect(url)
     try:
         value = await conn.fetchval(
-            "SELECT (SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'tasks')"
-            " + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'tasks')"
+            "SELECT (SELECT sum(seq_tup_read) FROM pg_stat_user_tables WHERE relname = ANY($1))"
+            " + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = ANY($1))",
+            ["tasks", "outbox"],
         )
     finally:
         await conn.close()
@@ -129,9 +137,13 @@ async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
             assert await gateway.task_row(ok, tenant) is not None
             await api_pool.fetch(_PROMOTE)
             assert await worker.reap() == []
+            queued = NewTask(uuid7(), TaskRequest(type="demo.noop", args={}))
+            await api.insert(tenant, [queued])
+            assert (await api.cancel(tenant, queued.id))[0] == "cancelled"
             # Two tasks' insert, claim, progress and renewal; success, failure, the
-            # gateway's read, the promotion and the reaper.
-            statements += 2 * 4 + 5
+            # gateway's read, the promotion, the reaper; a third task's insert and the
+            # two statements of its cancellation.
+            statements += 2 * 4 + 5 + 3
         await api.aclose()
         await worker.aclose()
         await gateway.aclose()
