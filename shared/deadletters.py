@@ -34,17 +34,22 @@ class RedriveResult:
 async def list_page(
     conn: Connection, tenant_id: UUID | None, before: UUID | None, limit: int
 ) -> list[Row]:
-    """Newest first; ``tenant_id`` None lists every tenant's and those of no tenant."""
+    """Newest first; ``tenant_id`` None lists every tenant's and those of no tenant.
+
+    Each filter is spelled out only when given: a prepared statement's generic plan
+    cannot use an index for ``($1 IS NULL OR tenant_id = $1)``."""
+    where: list[str] = []
+    args: list[Any] = []
+    for clause, value in (("tenant_id = ${}", tenant_id), ("id < ${}", before)):
+        if value is not None:
+            args.append(value)
+            where.append(clause.format(len(args)))
+    args.append(limit)
+    condition = f"WHERE {' AND '.join(where)}" if where else ""
     return list(
         await conn.fetch(
-            f"""
-        SELECT {COLUMNS} FROM dead_letters
-        WHERE ($1::uuid IS NULL OR tenant_id = $1) AND ($2::uuid IS NULL OR id < $2)
-        ORDER BY id DESC LIMIT $3
-        """,
-            tenant_id,
-            before,
-            limit,
+            f"SELECT {COLUMNS} FROM dead_letters {condition} ORDER BY id DESC LIMIT ${len(args)}",
+            *args,
         )
     )
 
