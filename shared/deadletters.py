@@ -20,7 +20,7 @@ class Redrive(enum.Enum):
     DONE = "done"
     MISSING = "missing"
     ALREADY = "already redriven"
-    NO_TASK = "no task to run again"
+    NO_TASK = "no task to run again"  # none recorded, or purged since
     NOT_FINISHED = "its task is not failed or cancelled"
 
 
@@ -72,7 +72,11 @@ async def redrive(
         return RedriveResult(Redrive.NO_TASK, letter)
     task = await outbox.rerun(conn, letter["task_id"], letter["tenant_id"], task_columns)
     if task is None:
-        return RedriveResult(Redrive.NOT_FINISHED, letter)
+        # Either the task is still running or queued, or it was purged (retention).
+        gone = await conn.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM tasks WHERE id = $1)", letter["task_id"]
+        )
+        return RedriveResult(Redrive.NO_TASK if gone else Redrive.NOT_FINISHED, letter)
     letter = await conn.fetchrow(
         f"UPDATE dead_letters SET redriven_at = now() WHERE id = $1 RETURNING {COLUMNS}",
         dead_letter_id,

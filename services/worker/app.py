@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from services.worker.consumer import Consumer
 from services.worker.control import listen
 from services.worker.deadletters import DeadLetterSink
-from services.worker.maintenance import heartbeat, reaper
+from services.worker.maintenance import heartbeat, purge, reaper
 from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
@@ -94,24 +94,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         background: list[asyncio.Task[None]] = []
         jobs_stop = asyncio.Event()
         if settings.relay_enabled:
-            # A connection of its own: RabbitMQ's flow control throttles a publishing
-            # connection, and on a shared one that would also stall our acks.
-            publishing = await amqp.connect(
-                settings.amqp_url, f"longhaul-worker-relay {worker_id}", timeout
-            )
-            stack.push_async_callback(amqp.close, publishing, timeout)
-            publish_channel = await publishing.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            exchange = await publish_channel.get_exchange(wire.tasks_exchange)
-            relay = OutboxRelay(
-                pool,
-                Publisher(exchange, wire.tasks_routing_key, timeout),
-                events,
-                dsn=settings.database_url,
-                failpoints=failpoints,
-                timeout=timeout,
-            )
+            relay = await _relay(settings, stack, pool, events, failpoints, worker_id)
             background.append(asyncio.create_task(relay.run(jobs_stop), name="outbox-relay"))
         background += [
             asyncio.create_task(
@@ -122,6 +105,12 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             asyncio.create_task(listen(redis, wire, runner, jobs_stop), name="control-listener"),
             asyncio.create_task(consumer.watch(jobs_stop), name="consumer-watchdog"),
         ]
+        if settings.task_retention_s > 0:
+            background.append(
+                asyncio.create_task(
+                    purge(repo, settings.task_retention_s, jobs_stop), name="task-purge"
+                )
+            )
 
         await consumer.start()
         await sink.start()
@@ -147,6 +136,35 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
             await asyncio.wait_for(channel.close(), timeout)
         log.info("worker stopped")
+
+
+async def _relay(
+    settings: WorkerSettings,
+    stack: AsyncExitStack,
+    pool: asyncpg.Pool,
+    events: EventSink,
+    failpoints: Failpoints,
+    worker_id: str,
+) -> OutboxRelay:
+    """This process's outbox relay (retries, delayed tasks), with its own connection:
+    RabbitMQ's flow control throttles a publishing connection, and on a shared one that
+    would also stall our acks."""
+    timeout = settings.io_timeout_s
+    wire = Wire(settings.namespace)
+    publishing = await amqp.connect(
+        settings.amqp_url, f"longhaul-worker-relay {worker_id}", timeout
+    )
+    stack.push_async_callback(amqp.close, publishing, timeout)
+    publish_channel = await publishing.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await publish_channel.get_exchange(wire.tasks_exchange)
+    return OutboxRelay(
+        pool,
+        Publisher(exchange, wire.tasks_routing_key, timeout),
+        events,
+        dsn=settings.database_url,
+        failpoints=failpoints,
+        timeout=timeout,
+    )
 
 
 async def _serve_health(

@@ -1,5 +1,6 @@
 """The worker's periodic jobs: renewing its leases (and noticing cancellations the
-control channel missed), and reaping attempts whose worker stopped renewing."""
+control channel missed), reaping attempts whose worker stopped renewing, and deleting
+finished tasks past their retention."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 REAPED = Counter(
     "longhaul_worker_reaped_total", "Attempts requeued or failed after their lease ran out"
 )
+PURGED = Counter("longhaul_worker_purged_total", "Finished tasks deleted after their retention")
+
+# A purge round deletes at most this many batches, then sleeps: a backlog (the first
+# purge of a large table, a retention just shortened) goes at a bounded pace.
+_PURGE_BATCHES = 10
 
 
 async def heartbeat(
@@ -54,6 +60,29 @@ async def reaper(
             REAPED.inc(len(rows))
             log.warning("reaped attempts whose lease expired", extra={"count": len(rows)})
             await events.emit([event_from_row(r) for r in rows])
+
+
+async def purge(
+    repo: WorkerRepository,
+    retention_s: float,
+    stop: asyncio.Event,
+    *,
+    batch: int = 1000,
+) -> None:
+    """Delete finished tasks older than ``retention_s``, a few batches every interval
+    (a minute, or a tenth of the retention when that is shorter). Every worker runs
+    one; SKIP LOCKED lets them share a backlog."""
+    interval_s = min(60.0, retention_s / 10)
+    while not await _wait(stop, interval_s * random.uniform(0.5, 1.0)):  # noqa: S311
+        for _ in range(_PURGE_BATCHES):
+            try:
+                deleted = await repo.purge_finished(retention_s, batch)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("purge of finished tasks failed", extra={"error": repr(exc)})
+                break
+            PURGED.inc(deleted)
+            if deleted < batch or stop.is_set():
+                break
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

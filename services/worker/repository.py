@@ -245,6 +245,24 @@ class WorkerRepository:
                 error,
             )
 
+    async def purge_finished(self, older_than_s: float, limit: int = 1000) -> int:
+        """Delete up to ``limit`` tasks that finished more than ``older_than_s`` ago,
+        oldest first; return how many. SKIP LOCKED: the workers share the work."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            status: str = await conn.execute(
+                """
+                DELETE FROM tasks WHERE id IN (
+                    SELECT id FROM tasks
+                    WHERE finished_at < now() - make_interval(secs => $1)
+                      AND state IN ('succeeded', 'failed', 'cancelled')
+                    ORDER BY finished_at LIMIT $2
+                    FOR UPDATE SKIP LOCKED)
+                """,
+                older_than_s,
+                limit,
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
     async def exists(self, task_id: UUID, tenant_id: UUID) -> bool:
         row = await self._fetchrow(
             "SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id

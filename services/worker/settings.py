@@ -24,5 +24,8 @@ class WorkerSettings(CommonSettings):
     # Whether an attempt that ran past its task's timeout_s is retried (while attempts
     # remain) or fails the task at once.
     retry_on_timeout: bool = True
+    # Finished tasks (succeeded, failed, cancelled) are deleted this long after they
+    # finished; 0 keeps them forever.
+    task_retention_s: float = Field(default=7 * 24 * 3600, ge=0)
     # Also publish the outbox (retries, delayed tasks) from this process.
     relay_enabled: bool = True

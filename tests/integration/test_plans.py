@@ -149,14 +149,15 @@ async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
             assert await gateway.task_row(ok, tenant) is not None
             await api_pool.fetch(_PROMOTE)
             assert await worker.reap() == []
+            assert await worker.purge_finished(3600) == 0
             queued = NewTask(uuid7(), TaskRequest(type="demo.noop", args={}))
             await api.insert(tenant, [queued])
             assert (await api.cancel(tenant, queued.id))[0] == "cancelled"
             assert await api.dead_letters(tenant, None, 50) == []
             # Two tasks' insert, claim, progress and renewal; success, failure, the
             # gateway's read, the promotion, the reaper; a third task's insert and the
-            # two statements of its cancellation; a page of dead letters.
-            statements += 2 * 4 + 5 + 3 + 1
+            # two statements of its cancellation; a page of dead letters; the purge.
+            statements += 2 * 4 + 5 + 3 + 1 + 1
         await api.aclose()
         await worker.aclose()
         await gateway.aclose()

@@ -1,0 +1,3 @@
+-- Finished tasks are deleted once they are older than the retention (the workers'
+-- purge, oldest first): an index of the finished ones by when they finished.
+CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
