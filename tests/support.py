@@ -146,7 +146,14 @@ async def wait_http_ok(url: str, within: float = 30.0, proc: ServiceProcess | No
 class System:
     """api, worker(s) and optionally the gateway of one test, as real processes."""
 
-    def __init__(self, env: Mapping[str, str], ports: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], ports: Mapping[str, str] | None = None) -> None:
+        """``ports``: api_port, gateway_port and worker_metrics_port; free ones if None."""
+        if ports is None:
+            ports = {
+                "api_port": str(free_port()),
+                "gateway_port": str(free_port()),
+                "worker_metrics_port": str(free_port()),
+            }
         self.env = dict(env)
         self.api_port = int(ports["api_port"])
         self.gateway_port = int(ports["gateway_port"])

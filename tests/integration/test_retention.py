@@ -18,17 +18,12 @@ from services.worker.repository import WorkerRepository
 from shared import deadletters
 from shared.ids import uuid7
 from tests.conftest import Deployment, Tenant
-from tests.support import System, eventually, free_port
+from tests.support import System, eventually
 
 
 @pytest.fixture(scope="module")
 async def system(deployment: Deployment) -> AsyncIterator[System]:
-    ports = {
-        "api_port": str(free_port()),
-        "gateway_port": str(free_port()),
-        "worker_metrics_port": str(free_port()),
-    }
-    sys_ = System(deployment.env(task_retention_s="1"), ports)
+    sys_ = System(deployment.env(task_retention_s="1"))
     try:
         await sys_.start_api()
         await sys_.start_worker()

@@ -26,17 +26,12 @@ from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
 from shared.taskrows import previous_events
 from tests.conftest import Deployment, Tenant
-from tests.support import ServiceProcess, System, eventually, free_port
+from tests.support import ServiceProcess, System, eventually
 
 
 @pytest.fixture(scope="module")
 async def system(deployment: Deployment) -> AsyncIterator[System]:
-    ports = {
-        "api_port": str(free_port()),
-        "gateway_port": str(free_port()),
-        "worker_metrics_port": str(free_port()),
-    }
-    sys_ = System(deployment.env(retry_base_s="0.05", retry_cap_s="0.2"), ports)
+    sys_ = System(deployment.env(retry_base_s="0.05", retry_cap_s="0.2"))
     try:
         await sys_.start_api()
         await sys_.start_worker()

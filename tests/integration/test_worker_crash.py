@@ -14,17 +14,12 @@ from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from tests.conftest import Deployment, Tenant
-from tests.support import System, eventually, free_port
+from tests.support import System, eventually
 
 
 @pytest.fixture
 async def system(deployment: Deployment) -> AsyncIterator[System]:
-    ports = {
-        "api_port": str(free_port()),
-        "gateway_port": str(free_port()),
-        "worker_metrics_port": str(free_port()),
-    }
-    sys_ = System(deployment.env(), ports)
+    sys_ = System(deployment.env())
     try:
         yield sys_
     finally:
@@ -94,8 +89,7 @@ async def test_acks_cover_finished_deliveries_and_never_a_running_one(
     while the oldest delivery runs, every finished task's message is gone from the queue
     and exactly the running one comes back."""
     dep = fresh_namespace
-    ports = {p: str(free_port()) for p in ("api_port", "gateway_port", "worker_metrics_port")}
-    system = System(dep.env(), ports)
+    system = System(dep.env())
     pool = await create_pool(dep.database_url, max_size=2)
     try:
         worker = await system.start_worker()
