@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -207,6 +207,18 @@ class System:
         for proc in reversed(self.procs):
             if proc.alive():
                 proc.terminate()
+
+
+@contextlib.asynccontextmanager
+async def api_and_worker(env: Mapping[str, str]) -> AsyncIterator[System]:
+    """An API and a worker running with ``env``, stopped on exit."""
+    system = System(env)
+    try:
+        await system.start_api()
+        await system.start_worker()
+        yield system
+    finally:
+        system.stop()
 
 
 @contextlib.contextmanager

@@ -18,18 +18,13 @@ from services.worker.repository import WorkerRepository
 from shared import deadletters
 from shared.ids import uuid7
 from tests.conftest import Deployment, Tenant
-from tests.support import System, eventually
+from tests.support import System, api_and_worker, eventually
 
 
 @pytest.fixture(scope="module")
 async def system(deployment: Deployment) -> AsyncIterator[System]:
-    sys_ = System(deployment.env(task_retention_s="1"))
-    try:
-        await sys_.start_api()
-        await sys_.start_worker()
-        yield sys_
-    finally:
-        sys_.stop()
+    async with api_and_worker(deployment.env(task_retention_s="1")) as system:
+        yield system
 
 
 async def _status(http: aiohttp.ClientSession, system: System, tenant: Tenant, tid: str) -> int:

@@ -26,18 +26,13 @@ from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
 from shared.taskrows import previous_events
 from tests.conftest import Deployment, Tenant
-from tests.support import ServiceProcess, System, eventually
+from tests.support import ServiceProcess, System, api_and_worker, eventually
 
 
 @pytest.fixture(scope="module")
 async def system(deployment: Deployment) -> AsyncIterator[System]:
-    sys_ = System(deployment.env(retry_base_s="0.05", retry_cap_s="0.2"))
-    try:
-        await sys_.start_api()
-        await sys_.start_worker()
-        yield sys_
-    finally:
-        sys_.stop()
+    async with api_and_worker(deployment.env(retry_base_s="0.05", retry_cap_s="0.2")) as system:
+        yield system
 
 
 @pytest.fixture(scope="module")
