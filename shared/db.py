@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit
@@ -74,11 +75,32 @@ async def create_pool(
     return pool
 
 
+# First line of a migration that runs outside a transaction, one statement at a time:
+# CREATE INDEX CONCURRENTLY on a large, busy table must not block its writes, and it
+# cannot run in a transaction. Such a migration must be safe to run again from the
+# start (DROP INDEX CONCURRENTLY IF EXISTS first): a crash may interrupt it anywhere.
+NO_TRANSACTION = "-- longhaul:no-transaction"
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def transactional(self) -> bool:
+        return not self.sql.startswith(NO_TRANSACTION)
+
+    def statements(self) -> list[str]:
+        """The statements of a non-transactional migration: split at each ``;`` that
+        ends a line (these files hold no semicolons elsewhere)."""
+        parts = (part.strip() for part in self.sql.split(";\n"))
+        return [p.removesuffix(";") for p in parts if _has_code(p)]
+
+
+def _has_code(sql: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("--") for line in sql.splitlines())
 
 
 def migrations() -> list[Migration]:
@@ -115,12 +137,14 @@ async def migrate(dsn: str, timeout: float = 30.0) -> list[int]:
     """Apply every migration not yet applied; return the versions applied now.
 
     Idempotent and safe to run from several processes at once: they queue on one
-    advisory lock, and each migration commits with its version row."""
+    advisory lock, and each migration commits with its version row (a non-transactional
+    one records its version after its last statement, and runs again whole if
+    interrupted)."""
     await ensure_database(dsn, timeout)
     conn = await asyncpg.connect(dsn, timeout=timeout)
     applied: list[int] = []
     try:
-        await asyncio.wait_for(conn.execute("SELECT pg_advisory_lock($1)", _MIGRATE_LOCK), timeout)
+        await _lock(conn, timeout)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version integer PRIMARY KEY, name text NOT NULL,"
@@ -130,13 +154,14 @@ async def migrate(dsn: str, timeout: float = 30.0) -> list[int]:
         for migration in migrations():
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+            if migration.transactional:
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await _record(conn, migration)
+            else:
+                for statement in migration.statements():
+                    await conn.execute(statement)
+                await _record(conn, migration)
             log.info(
                 "migration applied", extra={"version": migration.version, "name": migration.name}
             )
@@ -144,6 +169,25 @@ async def migrate(dsn: str, timeout: float = 30.0) -> list[int]:
     finally:
         await conn.close()  # also releases the advisory lock
     return applied
+
+
+async def _lock(conn: asyncpg.Connection, timeout: float) -> None:
+    """Take the migration lock, polling: a migrator blocked inside pg_advisory_lock()
+    holds a snapshot, which CREATE INDEX CONCURRENTLY in the lock holder would wait
+    for (a deadlock); between two tries it holds nothing."""
+    deadline = time.monotonic() + timeout
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MIGRATE_LOCK):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"another process held the migration lock for {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
+async def _record(conn: asyncpg.Connection, migration: Migration) -> None:
+    await conn.execute(
+        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+        migration.version,
+        migration.name,
+    )
 
 
 # Errors that mean "PostgreSQL is unreachable or restarting", worth retrying; any other
