@@ -30,8 +30,9 @@ class StreamReader:
         self._redis = redis
         self._wire = wire
         self._max_events = max_events
+        # A page is up to 500 entries: 64 pages bound one reply to some megabytes.
         self._reads: GroupCommit[tuple[str, int], Entries] = GroupCommit(
-            self._read_pages, name="stream-reads"
+            self._read_pages, name="stream-reads", max_batch=64
         )
 
     async def after(self, task_id: UUID, seq: int) -> list[ProgressEvent]:
