@@ -94,7 +94,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         background: list[asyncio.Task[None]] = []
         jobs_stop = asyncio.Event()
         if settings.relay_enabled:
-            relay = await _relay(settings, stack, pool, events, failpoints, worker_id)
+            relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id)
             background.append(asyncio.create_task(relay.run(jobs_stop), name="outbox-relay"))
         background += [
             asyncio.create_task(
@@ -140,6 +140,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
 
 async def _relay(
     settings: WorkerSettings,
+    wire: Wire,
     stack: AsyncExitStack,
     pool: asyncpg.Pool,
     events: EventSink,
@@ -150,7 +151,6 @@ async def _relay(
     RabbitMQ's flow control throttles a publishing connection, and on a shared one that
     would also stall our acks."""
     timeout = settings.io_timeout_s
-    wire = Wire(settings.namespace)
     publishing = await amqp.connect(
         settings.amqp_url, f"longhaul-worker-relay {worker_id}", timeout
     )
