@@ -111,7 +111,7 @@ async def _load(conn: asyncpg.Connection) -> None:
     )
 
 
-async def _tasks_reads(url: str) -> int:
+async def _rows_read(url: str) -> int:
     """Rows and index entries of tasks, the outbox and dead letters read so far. A backend reports its counts when
     it exits, so callers close their pools first."""
     conn = await asyncpg.connect(url)
@@ -127,7 +127,7 @@ async def _tasks_reads(url: str) -> int:
 
 
 async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
-    before = await _tasks_reads(big_db)
+    before = await _rows_read(big_db)
 
     # Generic plans for the API's statements too: PostgreSQL may switch any prepared
     # statement to its generic plan after five runs, and that plan must not scan either.
@@ -165,7 +165,7 @@ async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
         await api_pool.close()
         await worker_pool.close()
 
-    read = await _tasks_reads(big_db) - before
+    read = await _rows_read(big_db) - before
     assert read <= statements * PER_STATEMENT, (
         f"{read} rows and index entries read by {statements} per-task statements"
     )
