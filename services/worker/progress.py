@@ -1,16 +1,21 @@
-"""Progress of one running attempt: clamps, coalesces and writes reports, in order.
+"""The events of one running attempt, in order: its start, then its progress reports.
 
 A handler may report thousands of times a second; at most ``max_rate`` reports per
 second reach PostgreSQL and Redis, the latest one always does (on flush), and every
-write goes through one lock so seqs are handed out in the order events are written."""
+write goes through one lock so seqs are handed out in the order events are written.
+
+The start (`running`) event is committed with the claim but written to Redis only
+with the attempt's next event, or once the attempt has run for a moment: most tasks
+are short, and they then cost one event write (a script call, a published message, a
+WebSocket frame's wake-up) instead of two. A client sees both events, in order, at once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from services.worker.ratelimit import RateGate
 from shared.events import EventSink
@@ -20,11 +25,39 @@ log = logging.getLogger(__name__)
 
 Write = Callable[[float, str | None], Awaitable[ProgressEvent | None]]
 
+
+class Events(Protocol):
+    async def emit(self, events: Sequence[ProgressEvent]) -> object: ...
+
+
+class StartEvent:
+    """Holds an attempt's start event (and the earlier ones it backfills) until the
+    first :meth:`emit`, which writes them ahead of its own events."""
+
+    def __init__(
+        self, sink: EventSink, event: ProgressEvent, backfill: Sequence[ProgressEvent]
+    ) -> None:
+        self._sink = sink
+        self._held: tuple[list[ProgressEvent], Sequence[ProgressEvent]] | None = (
+            [event],
+            backfill,
+        )
+        # Two callers (the runner's timer, the reporter) must not both take the held
+        # events, nor write theirs before the start event is in.
+        self._lock = asyncio.Lock()
+
+    async def emit(self, events: Sequence[ProgressEvent] = ()) -> None:
+        async with self._lock:
+            held, backfill = self._held or ([], ())
+            self._held = None
+            await self._sink.emit([*held, *events], backfill=backfill)
+
+
 MAX_MESSAGE = 2000
 
 
 class ProgressReporter:
-    def __init__(self, write: Write, events: EventSink, *, max_rate: float, name: str) -> None:
+    def __init__(self, write: Write, events: Events, *, max_rate: float, name: str) -> None:
         self._write = write
         self._events = events
         self._gate = RateGate(max_rate)

@@ -18,7 +18,7 @@ from uuid import UUID
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from services.worker.progress import ProgressReporter
+from services.worker.progress import ProgressReporter, StartEvent
 from services.worker.registry import Registry
 from services.worker.repository import Claimed, WorkerRepository
 from services.worker.sdk import TaskContext, TaskFailure, TaskSpec
@@ -110,30 +110,30 @@ class Runner:
             # or a message for no task of ours at all, which is kept as a dead letter.
             await self._skip(message, body, headers)
             return
-        await self._events.emit(
-            [event_from_row(claimed.row)], backfill=previous_events([claimed.row])
+        start = StartEvent(
+            self._events, event_from_row(claimed.row), previous_events([claimed.row])
         )
         log.debug("attempt started", extra={"type": message.type, "attempt": message.attempt})
         running = Running(claimed)
         self.running[message.task_id] = running
         try:
-            outcome = await self._run(spec, running)
+            outcome = await self._run(spec, running, start)
             await self._failpoints.hit("worker.before_commit")
             row = await self._commit(spec, claimed, outcome)
             await self._failpoints.hit("worker.after_commit")
         finally:
             del self.running[message.task_id]
-        if row is not None:
-            await self._events.emit([event_from_row(row)])
+        # The start event goes even when the outcome was fenced out: its seq is taken.
+        await start.emit([event_from_row(row)] if row is not None else [])
         log.debug("attempt ended", extra={"outcome": outcome.state, "committed": row is not None})
 
-    async def _run(self, spec: TaskSpec, running: Running) -> Outcome:
+    async def _run(self, spec: TaskSpec, running: Running, start: StartEvent) -> Outcome:
         claimed = running.claimed
         message, row = claimed.message, claimed.row
         timeout_s = float(row["timeout_s"])
         reporter = ProgressReporter(
             lambda p, m: self._write_progress(message, p, m),
-            self._events,
+            start,
             max_rate=self._settings.progress_max_rate_per_s,
             name=str(message.task_id),
         )
@@ -156,7 +156,14 @@ class Runner:
         running.handler = handler
         if row["cancel_requested_at"] is not None:
             running.stop(StopReason.CANCELLED)
-        done, _ = await asyncio.wait({handler}, timeout=timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        done, _ = await asyncio.wait(
+            {handler}, timeout=min(self._settings.start_event_delay_s, timeout_s)
+        )
+        if not done:
+            await start.emit()  # still running: show it now
+            remaining = deadline - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({handler}, timeout=max(0.0, remaining))
         timed_out = not done
         if timed_out:
             handler.cancel()

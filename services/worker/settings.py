@@ -18,6 +18,9 @@ class WorkerSettings(CommonSettings):
     worker_metrics_port: int = Field(default=8002, ge=0, le=65535)
     # At most this many progress events per second per task reach Redis.
     progress_max_rate_per_s: float = Field(default=20.0, gt=0)
+    # An attempt's `running` event waits this long for its first progress report or its
+    # outcome, and goes to Redis with it: a short task costs one event write, not two.
+    start_event_delay_s: float = Field(default=0.02, ge=0, le=5)
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_factor: float = Field(default=2.0, ge=1)
     retry_cap_s: float = Field(default=600.0, ge=0)

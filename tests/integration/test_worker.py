@@ -146,6 +146,28 @@ async def test_task_runs_and_stores_its_result(
     assert (body["state"], body["result"], body["last_seq"]) == ("succeeded", {"ok": True}, 3)
 
 
+async def test_a_task_that_runs_on_is_shown_running_before_it_ends(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """The start event is held back only briefly (LONGHAUL_START_EVENT_DELAY_S): a task
+    that has not reported anything yet is already running in the stream."""
+    task_id = await submit(
+        http, system, tenant, {"type": "demo.sleep", "args": {"seconds": 3, "steps": 1}}
+    )
+
+    async def shown_running() -> bool:
+        return [e.state for e in await events(redis, deployment, task_id)] == ["queued", "running"]
+
+    await eventually(shown_running, within=2.5, what="the running event before the first report")
+    assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "running"
+    assert (await terminal_row(db, task_id))["state"] == "succeeded"
+
+
 async def test_progress_events_are_ordered_and_gapless(
     system: System,
     http: aiohttp.ClientSession,

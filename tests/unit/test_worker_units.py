@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from services.worker.progress import MAX_MESSAGE, ProgressReporter
+from services.worker.progress import MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
 from services.worker.sdk import (
@@ -159,6 +159,52 @@ async def test_fenced_out_stops_writes() -> None:
     await reporter.close()
     assert len(write.calls) == calls_when_fenced
     assert [e.progress for e in sink.events] == [0.1]
+
+
+class BackfillSink:
+    """Stands in for EventSink where the backfill matters: records each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    async def emit(
+        self, events: Sequence[ProgressEvent], *, backfill: Sequence[ProgressEvent] = ()
+    ) -> bool:
+        self.calls.append(([e.seq for e in events], [e.seq for e in backfill]))
+        return True
+
+
+def _event(seq: int) -> ProgressEvent:
+    return ProgressEvent(
+        task_id=uuid7(),
+        seq=seq,
+        state=TaskState.RUNNING,
+        progress=0.0,
+        attempt=1,
+        ts=datetime.now(UTC),
+    )
+
+
+async def test_the_start_event_goes_with_the_first_progress_report() -> None:
+    """The held start event (seq 1) and the first report (seq 2) reach Redis in one
+    call, in order; later reports go alone."""
+    sink = BackfillSink()
+    start = StartEvent(sink, _event(1), [])  # type: ignore[arg-type]
+    write = FakeWrite()  # hands out seqs from 2
+    reporter = ProgressReporter(write, start, max_rate=1000, name="t")
+    await reporter.report(0.5, None, None)
+    await asyncio.sleep(0.002)
+    await reporter.report(0.6, None, None)
+    await reporter.close()
+    assert sink.calls == [([1, 2], []), ([3], [])]
+
+
+async def test_the_start_event_is_written_once() -> None:
+    sink = BackfillSink()
+    start = StartEvent(sink, _event(2), [_event(1)])  # type: ignore[arg-type]
+    await asyncio.gather(start.emit(), start.emit())  # the runner's timer and a report
+    await start.emit([_event(3)])
+    assert sink.calls == [([2], [1]), ([], []), ([3], [])]
 
 
 # ---------------------------------------------------------------- SDK
