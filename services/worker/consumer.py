@@ -39,6 +39,9 @@ IN_FLIGHT = Gauge("longhaul_worker_in_flight", "Deliveries being processed")
 CONSUMING = Gauge("longhaul_worker_consuming", "1 while the broker delivers to this worker")
 
 
+# A finished delivery keeps its prefetch slot this much longer, at most.
+ACK_LINGER_S = 0.01
+
 _SETTLE_ERRORS = (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError)
 
 
@@ -60,7 +63,11 @@ class Consumer:
         # Per channel (a reconnect brings a new one, its tags start over): delivery tag ->
         # finished, for every delivery not yet acked or nacked.
         self._unsettled: dict[aiormq.abc.AbstractChannel, dict[int, bool]] = {}
-        self._acks: GroupCommit[_Delivery, None] = GroupCommit(self._ack_batch, name="acker")
+        # Acks linger a little: nobody waits for them, and at moderate load the acks of
+        # a few milliseconds share one frame (see the module's docstring).
+        self._acks: GroupCommit[_Delivery, None] = GroupCommit(
+            self._ack_batch, name="acker", linger_s=ACK_LINGER_S
+        )
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)

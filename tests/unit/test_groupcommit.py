@@ -24,6 +24,19 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+async def test_a_lingering_writer_takes_items_that_come_soon_after() -> None:
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", linger_s=0.2)
+    first = asyncio.create_task(group.submit(1))
+    for _ in range(3):
+        await asyncio.sleep(0)  # without the linger, [1] would be written by now
+    second = asyncio.create_task(group.submit(2))
+    assert (await first, await second) == (10, 20)
+    assert rec.batches == [[1, 2]]
+    await group.aclose()
+
+
 async def test_callers_arriving_during_a_write_share_the_next_one() -> None:
     rec = Recorder()
     group: GroupCommit[int, int] = GroupCommit(rec.write, name="test")
