@@ -111,12 +111,21 @@ async def _check_types(
         )
 
 
-async def _accepted(svc: Services, rows: Sequence[Row]) -> None:
-    """After the commit: announce the queued events, then wake our relay. In that order
-    the event of this seq is in Redis before a worker can write the next one."""
-    await svc.events.emit([event_from_row(r) for r in rows])
+def _submitted(svc: Services) -> None:
+    """After the commit of new tasks: wake our relay. Their queued event (seq 1) is not
+    written to Redis here: nobody can be subscribed yet, the gateway sends it from the
+    task row until the worker's claim backfills it into the stream. That is one Redis
+    call less per submit, and none between the commit and the publish."""
     if svc.relay is not None:
         svc.relay.wake()
+
+
+async def _requeued(svc: Services, rows: Sequence[Row]) -> None:
+    """After the commit of a retry or a redrive: announce the queued events to clients
+    already watching, then wake our relay. In that order the event of this seq is in
+    Redis before a worker can write the next one."""
+    await svc.events.emit([event_from_row(r) for r in rows])
+    _submitted(svc)
 
 
 def _trace_id(request: web.Request) -> str:
@@ -147,7 +156,7 @@ async def submit(request: web.Request) -> web.Response:
         if earlier is None:
             raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
         return _replay(svc, earlier, fingerprint)
-    await _accepted(svc, rows)
+    _submitted(svc)
     view = task_from_row(rows[0], svc.settings.public_ws_url)
     log.debug("task accepted", extra={"task_id": str(view.id), "type": view.type})
     return _json(view, 202, {"Location": view.links.self})
@@ -207,7 +216,7 @@ async def submit_batch(request: web.Request) -> web.Response:
     trace = _trace_id(request)
     new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in batch.tasks]
     rows = await svc.repo.insert(principal.tenant_id, new)
-    await _accepted(svc, rows)
+    _submitted(svc)
     by_id = {r["id"]: r for r in rows}
     views = [task_from_row(by_id[t.id], svc.settings.public_ws_url) for t in new]
     body = orjson.dumps({"tasks": [v.model_dump(mode="json") for v in views]})
@@ -280,7 +289,7 @@ async def retry_task(request: web.Request) -> web.Response:
             f"only failed or cancelled tasks can be retried; this one is {row['state']}",
             slug="task-not-retryable",
         )
-    await _accepted(svc, [row])
+    await _requeued(svc, [row])
     return _json(task_from_row(row, svc.settings.public_ws_url), 202)
 
 
@@ -344,7 +353,7 @@ async def redrive_dead_letter(request: web.Request) -> web.Response:
         raise ProblemException(
             409, "Conflict", f"cannot redrive: {result.outcome.value}", slug="not-redrivable"
         )
-    await _accepted(svc, [result.task])
+    await _requeued(svc, [result.task])
     body = {
         **deadletters.as_json(result.dead_letter),
         "task": task_from_row(result.task, svc.settings.public_ws_url).model_dump(mode="json"),

@@ -28,6 +28,15 @@ class Plan:
     tail_missing: bool = False
 
 
+def row_is_next_event(delivered: int, db_last_seq: int, db_state: str) -> bool:
+    """Whether the task row itself is the one event the client lacks, exactly as it was
+    written: the row's latest event is rebuilt from the row, and only a running task's
+    progress reports carry ``data``, which the row does not keep. The common subscribe,
+    right after the task was submitted, then needs no stream read (and the API does not
+    write the queued event: the worker's claim backfills it)."""
+    return db_last_seq == delivered + 1 and db_state != "running"
+
+
 def plan_catch_up(delivered: int, stream_seqs: Sequence[int], db_last_seq: int) -> Plan:
     """``delivered``: the client's last seq. ``stream_seqs``: the stream's seqs greater than
     ``delivered``, ascending, read *after* ``db_last_seq`` was read from the database."""

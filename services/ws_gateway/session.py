@@ -28,7 +28,13 @@ from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from services.ws_gateway import frames
-from services.ws_gateway.catchup import LiveCheck, Verdict, check_live, plan_catch_up
+from services.ws_gateway.catchup import (
+    LiveCheck,
+    Verdict,
+    check_live,
+    plan_catch_up,
+    row_is_next_event,
+)
 from services.ws_gateway.hub import Resync
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.registry import Refused, Registry
@@ -107,6 +113,8 @@ class Catcher:
         self, task_id: UUID, delivered: int, row: Mapping[str, Any], tail: Tail
     ) -> CatchUp:
         """The events that bring a client at ``delivered`` up to date, in order."""
+        if row_is_next_event(delivered, row["last_seq"], row["state"]):
+            return CatchUp([event_from_row(row)])
         streams = self._deps.streams
         stream = await streams.after(task_id, delivered)
         plan = plan_catch_up(delivered, [e.seq for e in stream], row["last_seq"])

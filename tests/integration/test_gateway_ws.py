@@ -22,7 +22,7 @@ from services.ws_gateway.settings import GatewaySettings
 from shared import wstokens
 from shared.events import EventSink
 from shared.ids import uuid7
-from shared.schemas import ProgressEvent, TaskState
+from shared.schemas import ProgressEvent, TaskState, format_ts
 from tests.conftest import Deployment, Tenant
 from tests.support import eventually, timeout
 
@@ -342,6 +342,24 @@ async def test_terminal_task_yields_terminal_event_at_once(
         frame = await recv_json(ws, within=2)
     assert frame["state"] == "succeeded" and frame["seq"] == 2 and frame["progress"] == 1.0
     assert frame["snapshot"] is True
+
+
+async def test_a_new_task_is_shown_queued_from_its_row_then_live(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """The API writes no queued event: a subscriber right after the submit gets it from
+    the row (not as a snapshot), then the worker's events live, with no gap."""
+    task_id = await insert_task(db, tenant, last_seq=1)
+    queued = await db.fetchrow("SELECT updated_at FROM tasks WHERE id = $1", task_id)
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 0}))
+        first = await recv_json(ws, within=2)
+        assert (first["seq"], first["state"], first.get("snapshot", False)) == (1, "queued", False)
+        assert first["ts"] == format_ts(queued["updated_at"])  # the row's own event
+        assert await redis.xlen(deployment.wire.event_stream(task_id)) == 0
+        await Writer(db, sink, task_id).step(2)
+        second = await recv_json(ws, within=5)
+    assert (second["seq"], second["state"]) == (2, "running")
 
 
 async def test_not_found_for_other_tenant_and_unknown_id(

@@ -9,7 +9,14 @@ from uuid import UUID
 import pytest
 
 from services.ws_gateway import frames
-from services.ws_gateway.catchup import LiveCheck, Plan, Verdict, check_live, plan_catch_up
+from services.ws_gateway.catchup import (
+    LiveCheck,
+    Plan,
+    Verdict,
+    check_live,
+    plan_catch_up,
+    row_is_next_event,
+)
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.settings import DEFAULT_ORIGINS
@@ -240,3 +247,20 @@ def test_frame_cache_serves_an_equal_event_and_tells_snapshots_apart() -> None:
     cache.frame(event(4))  # size 2: the frame of seq 3 goes
     assert cache.frame(event(3, data={"k": 1})) is not first
     assert json.loads(cache.frame(event(3, data={"k": 1}))) == json.loads(first)
+
+
+@pytest.mark.parametrize(
+    ("delivered", "last_seq", "state", "expected"),
+    [
+        (0, 1, "queued", True),  # just submitted: the row is the queued event
+        (2, 3, "succeeded", True),  # one behind a finished task
+        (3, 4, "retrying", True),
+        (0, 2, "queued", False),  # two behind: the stream has the first
+        (1, 1, "queued", False),  # up to date
+        (2, 3, "running", False),  # a progress report may carry data the row lacks
+    ],
+)
+def test_the_row_stands_for_the_one_event_missing_unless_it_may_carry_data(
+    delivered: int, last_seq: int, state: str, expected: bool
+) -> None:
+    assert row_is_next_event(delivered, last_seq, state) is expected
