@@ -4,9 +4,10 @@ acked only after the runner committed the outcome.
 Acks of deliveries that finish together go out together: a run of finished deliveries
 from the oldest one still unsettled on the channel is acked with one ``multiple`` ack
 (RabbitMQ spent a quarter to a third of the CPU per message of an ack each); one
-that finished while an older delivery still runs is acked alone at once, so a long task
-never holds back the acks (and the prefetch window) of short ones. The channel must
-carry no other consumer: a multiple ack settles every older delivery of its channel.
+that finished while an older delivery still runs is acked alone, so a long task never
+holds back the acks (and the prefetch window) of short ones. Acks wait up to
+``ACK_LINGER_S`` for others to join them. The channel must carry no other consumer: a
+multiple ack settles every older delivery of its channel.
 
 Draining: cancel the consumer so the broker sends no more, let running tasks finish
 within the grace period, hand back the rest, then give up on any that still hang."""
