@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -141,6 +142,15 @@ async def wait_http_ok(url: str, within: float = 30.0, proc: ServiceProcess | No
             return False
 
     await eventually(check, within=within, interval=0.1, what=f"{url} to answer 200")
+
+
+async def worker_metric(system: System, http: aiohttp.ClientSession, name: str) -> float:
+    """A gauge or counter of the system's (first) worker, from its /metrics."""
+    async with http.get(f"http://127.0.0.1:{system.metrics_port}/metrics") as r:
+        text = await r.text()
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in the worker's metrics"
+    return float(match[1])
 
 
 class System:

@@ -7,7 +7,6 @@ would, and must end in the dead_letters table with their reason."""
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
@@ -26,7 +25,7 @@ from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
 from shared.taskrows import previous_events
 from tests.conftest import Deployment, Tenant
-from tests.support import ServiceProcess, System, api_and_worker, eventually
+from tests.support import ServiceProcess, System, api_and_worker, eventually, worker_metric
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +100,6 @@ async def gapless_events(
 async def queue_depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
     declared = await channel.declare_queue(name, passive=True)
     return int(declared.declaration_result.message_count or 0)
-
-
-async def worker_metric(system: System, http: aiohttp.ClientSession, name: str) -> float:
-    async with http.get(f"http://127.0.0.1:{system.metrics_port}/metrics") as r:
-        text = await r.text()
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
-    assert match, f"{name} not in the worker's metrics"
-    return float(match[1])
 
 
 async def queue_settled(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import aio_pika
+import aiohttp
 import asyncpg
 import pytest
 
@@ -14,7 +15,7 @@ from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from tests.conftest import Deployment, Tenant
-from tests.support import System, eventually
+from tests.support import System, eventually, worker_metric
 
 
 @pytest.fixture
@@ -117,7 +118,14 @@ async def test_acks_cover_finished_deliveries_and_never_a_running_one(
             return bool(done == len(quick))
 
         await eventually(all_done, within=60, what="the quick tasks to succeed")
-        # Acks are written before a delivery's task ends; give the last frames a moment.
+        # A delivery ends once its ack is written (acks linger a few milliseconds first):
+        # only the sleeper is left in flight when every quick task's ack is out.
+        async with aiohttp.ClientSession() as http:
+
+            async def only_the_sleeper_in_flight() -> bool:
+                return await worker_metric(system, http, "longhaul_worker_in_flight") == 1
+
+            await eventually(only_the_sleeper_in_flight, within=10, what="the quick acks")
         await eventually(lambda: _depth_is(dep, 0), within=10, what="nothing ready in the queue")
         worker.kill9()
         await eventually(
