@@ -113,7 +113,8 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
             "versions": _versions(),
             "notes": [
                 "medians of the runs with min-max; generator CPU = the load generator's "
-                "CPU (this process and its helper processes) as % of all cores",
+                "CPU (this process and its helper processes) as % of all cores; machine "
+                "CPU = how busy all cores were, everything included",
                 "the machine is shared with whatever else runs on it: see load_avg_*",
                 f"the database holds {profile.history:,} finished tasks of another tenant, "
                 "analyzed, before the run (as pgbench -i loads and vacuums its tables)",

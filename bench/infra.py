@@ -151,15 +151,26 @@ async def wait_http_ok(url: str, proc: Proc | None = None, within: float = 60.0)
     raise RuntimeError(f"{url} did not answer 200 within {within}s")
 
 
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return total - idle, total
+
+
 class CpuMeter:
     """CPU seconds used over an interval by this process (the load generator), its
-    helper processes, and the named service processes."""
+    helper processes, and the named service processes; and how busy the whole machine
+    was (PostgreSQL, RabbitMQ and Redis included), which says whether a latency was
+    measured on a machine with room to spare."""
 
     def __init__(self, services: Mapping[str, Proc], helpers: list[Proc] | None = None) -> None:
         self._services = dict(services)
         self._helpers = helpers or []
         self._start: dict[str, float] = {}
         self._t0 = 0.0
+        self._machine = (0, 0)
 
     def _now(self) -> dict[str, float]:
         me = resource.getrusage(resource.RUSAGE_SELF)
@@ -172,6 +183,7 @@ class CpuMeter:
     def start(self) -> None:
         self._start = self._now()
         self._t0 = time.monotonic()
+        self._machine = _machine_jiffies()
 
     def add_helper_cpu(self, seconds: float) -> None:
         """CPU of helpers that already exited, reported by themselves."""
@@ -182,11 +194,16 @@ class CpuMeter:
         wall = time.monotonic() - self._t0
         end = self._now()
         ncpu = os.cpu_count() or 1
+        (busy_now, total_now), (busy_then, total_then) = _machine_jiffies(), self._machine
+        busy, total = busy_now - busy_then, total_now - total_then
         return {
-            f"{name}_cpu_pct": round(
-                100 * (end[name] - self._start.get(name, 0.0)) / (wall * ncpu), 1
-            )
-            for name in end
+            **{
+                f"{name}_cpu_pct": round(
+                    100 * (end[name] - self._start.get(name, 0.0)) / (wall * ncpu), 1
+                )
+                for name in end
+            },
+            "machine_cpu_pct": round(100 * busy / max(1, total), 1),
         }
 
 

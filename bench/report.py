@@ -120,15 +120,15 @@ def _gateway_rows(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...], 
     return rows
 
 
-def _gen_cpu(doc: dict[str, Any], path: tuple[str, ...]) -> str:
-    s = _s(doc, *path[:-1], "generator_cpu_pct")
+def _cpu(doc: dict[str, Any], path: tuple[str, ...], party: str) -> str:
+    s = _s(doc, *path[:-1], f"{party}_cpu_pct")
     return "" if s is None else f"{s['median']:.0f}%"
 
 
 def table(doc: dict[str, Any]) -> str:
     lines = [
-        "| # | scenario | figure | median | min-max | generator CPU |",
-        "|---|---|---|---:|---:|---:|",
+        "| # | scenario | figure | median | min-max | generator CPU | machine CPU |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     rows = ROWS[:3] + [r for r in ROWS[3:] if r[0] == "2"] + [r for r in ROWS if r[0] == "3"]
     rows += _gateway_rows(doc) + [r for r in ROWS if r[0] == "5"]
@@ -138,7 +138,8 @@ def table(doc: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {num} | {label} | {figure} | {_fmt(s['median'])} | "
-            f"{_fmt(s['min'])}-{_fmt(s['max'])} | {_gen_cpu(doc, path)} |"
+            f"{_fmt(s['min'])}-{_fmt(s['max'])} | {_cpu(doc, path, 'generator')} | "
+            f"{_cpu(doc, path, 'machine')} |"
         )
     return "\n".join(lines)
 

@@ -50,9 +50,11 @@ def test_bench_quick_runs_every_scenario_and_writes_json(tmp_path: Path) -> None
     for key in SCENARIOS["longhaul"]:
         for run in doc["longhaul"][key]["runs"]:
             assert run["accepted"] > 0 and run["terminal_seen"] == run["accepted"], run
+            # The whole machine was busy at least as much as the generator alone was.
+            assert run["generator_cpu_pct"] <= run["machine_cpu_pct"] <= 100, run
     for key in SCENARIOS["peers"]:
         for run in doc["peers"][key]["runs"]:
             assert run["completed"] > 0, run
     assert len(doc["targets"]) == 9
     # The Markdown table is written beside the JSON.
-    assert "| # | scenario |" in out.with_suffix(".md").read_text()
+    assert "| machine CPU |" in out.with_suffix(".md").read_text()
