@@ -1,7 +1,8 @@
 """Named failpoints for fault-injection tests, configured by ``LONGHAUL_FAILPOINTS``.
 
 ``"relay.after_confirm=crash,worker.after_commit=crash"``: at ``relay.after_confirm`` the
-process dies as if by ``kill -9``. Production leaves the setting empty, and then
+process dies as if by ``kill -9``; ``hang`` waits forever, ``pause`` half a second (to
+let another process win a race). Production leaves the setting empty, and then
 ``hit()`` is a dict lookup."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import asyncio
 import os
 import sys
 
-ACTIONS = frozenset({"crash", "hang"})
+ACTIONS = frozenset({"crash", "hang", "pause"})
+PAUSE_S = 0.5
 
 
 class Failpoints:
@@ -30,3 +32,5 @@ class Failpoints:
             os._exit(137)
         if action == "hang":
             await asyncio.Event().wait()
+        if action == "pause":
+            await asyncio.sleep(PAUSE_S)

@@ -7,7 +7,9 @@ write goes through one lock so seqs are handed out in the order events are writt
 The start (`running`) event is committed with the claim but written to Redis only
 with the attempt's next event, or once the attempt has run for a moment: most tasks
 are short, and they then cost one event write (a script call, a published message, a
-WebSocket frame's wake-up) instead of two. A client sees both events, in order, at once."""
+WebSocket frame's wake-up) instead of two. A client sees both events, in order, at once.
+Only a success is written together with it: after any other outcome another process
+may write the task's next event (runner.py)."""
 
 from __future__ import annotations
 

@@ -118,11 +118,18 @@ class Runner:
         self.running[message.task_id] = running
         try:
             outcome = await self._run(spec, running, start)
+            if outcome.state != "succeeded":
+                # Once a retry or a hand-back is committed, another process may write the
+                # task's next events (the relay's promotion, another claim), and Redis
+                # refuses a seq below the stream's last: the held ones go first.
+                await start.emit()
             await self._failpoints.hit("worker.before_commit")
             row = await self._commit(spec, claimed, outcome)
             await self._failpoints.hit("worker.after_commit")
         finally:
-            del self.running[message.task_id]
+            # The next attempt may already run here (its retry was due at once).
+            if self.running.get(message.task_id) is running:
+                del self.running[message.task_id]
         # The start event goes even when the outcome was fenced out: its seq is taken.
         await start.emit([event_from_row(row)] if row is not None else [])
         log.debug("attempt ended", extra={"outcome": outcome.state, "committed": row is not None})

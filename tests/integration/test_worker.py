@@ -229,6 +229,23 @@ async def test_flaky_task_retries_then_succeeds(
     assert [e.attempt for e in found if e.state == "running"][-1] == 3
 
 
+async def test_events_stay_gapless_when_the_relay_promotes_a_retry_first(
+    deployment: Deployment, tenant: Tenant, db: asyncpg.Pool, redis: Redis
+) -> None:
+    """A retry due at once is promoted by the API's relay while the worker, having
+    committed the failed attempt, still holds that attempt's events (a pause after the
+    commit makes sure). Redis refuses a seq below the stream's last, so the worker must
+    have written the held ones before committing."""
+    env = deployment.env(retry_base_s="0", failpoints="worker.after_commit=pause")
+    async with api_and_worker(env) as paused, aiohttp.ClientSession() as http:
+        task_id = await submit(
+            http, paused, tenant, {"type": "demo.flaky", "args": {"fail_times": 1}}
+        )
+        assert (await terminal_row(db, task_id))["state"] == "succeeded"
+        found = await gapless_events(redis, deployment, db, task_id)
+    assert [e.state for e in found][:4] == ["queued", "running", "retrying", "queued"]
+
+
 async def test_flaky_task_out_of_attempts_fails(
     system: System,
     http: aiohttp.ClientSession,

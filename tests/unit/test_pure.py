@@ -13,7 +13,7 @@ import pytest
 from shared import keys
 from shared.backoff import Backoff
 from shared.breaker import Breaker
-from shared.failpoints import Failpoints
+from shared.failpoints import PAUSE_S, Failpoints
 from shared.ids import uuid7
 from shared.schemas import TaskState as S
 from shared.states import TRANSITIONS, can_transition, sources_of
@@ -231,6 +231,14 @@ async def test_hang_failpoint_hangs() -> None:
     """A ``hang`` failpoint never returns (until cancelled)."""
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(Failpoints("x=hang").hit("x"), 0.05)
+
+
+async def test_pause_failpoint_returns_after_its_pause() -> None:
+    """A ``pause`` failpoint holds the caller for PAUSE_S, then lets it go on."""
+    hit = asyncio.ensure_future(Failpoints("x=pause").hit("x"))
+    done, _ = await asyncio.wait({hit}, timeout=PAUSE_S / 5)
+    assert not done
+    await asyncio.wait_for(hit, PAUSE_S * 10)
 
 
 def test_breaker_fails_fast_for_the_cooldown_then_probes() -> None:
