@@ -131,6 +131,40 @@ async def fresh_namespace(deployment: Deployment) -> AsyncIterator[Deployment]:
             await redis.aclose()
 
 
+@dataclass(frozen=True)
+class Isolated:
+    """A namespace with a database of its own, its pool and a tenant in it."""
+
+    deployment: Deployment
+    db: asyncpg.Pool
+    tenant: Tenant
+
+
+@pytest.fixture
+async def isolated(deployment: Deployment) -> AsyncIterator[Isolated]:
+    """For tests that count what reaches their queue. In the run's shared database any
+    relay publishes any due outbox row, and any reaper requeues any expired lease, into
+    its own namespace's queue: rows and tasks other tests left behind would arrive."""
+    namespace = f"{deployment.namespace}_{new_run_id()}"
+    dep = replace(deployment, namespace=namespace, database_url=_pg_url(namespace))
+    await migrate(dep.database_url, timeout=30)
+    pool = await create_pool(dep.database_url, max_size=4, timeout=30)
+    try:
+        yield Isolated(dep, pool, await create_tenant(pool))
+    finally:
+        await pool.close()
+        admin = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{namespace}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        redis = Redis.from_url(dep.redis_url)
+        try:
+            await drop_namespace(dep, redis)
+        finally:
+            await redis.aclose()
+
+
 @pytest.fixture(scope="session")
 async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Pool]:
     # The services' own pool factory: JSON columns come back decoded.

@@ -9,15 +9,16 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ROOT_ENV, Deployment, Tenant
+from tests.conftest import ROOT_ENV, Isolated
 from tests.support import ROOT, ServiceProcess, System, eventually, free_port, wait_http_ok
 
 
 async def test_crash_loop_is_dead_lettered_and_redriven(
-    fresh_namespace: Deployment, tenant: Tenant, http: aiohttp.ClientSession
+    isolated: Isolated, http: aiohttp.ClientSession
 ) -> None:
-    """A message that kills every worker that takes it ends as a dead letter, not a loop."""
-    dep = fresh_namespace
+    """A message that kills every worker that takes it ends as a dead letter, not a loop.
+    Its own database: a crashing worker must take no message but this test's."""
+    dep, tenant = isolated.deployment, isolated.tenant
     ports = {
         "api_port": str(free_port()),
         "gateway_port": str(free_port()),

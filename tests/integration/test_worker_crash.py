@@ -14,7 +14,7 @@ from services.api.repository import ApiRepository, NewTask
 from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import TaskRequest
-from tests.conftest import Deployment, Tenant
+from tests.conftest import Deployment, Isolated, Tenant
 from tests.support import System, eventually, worker_metric
 
 
@@ -83,18 +83,18 @@ async def _depth_is(deployment: Deployment, wanted: int) -> bool:
 
 
 async def test_acks_cover_finished_deliveries_and_never_a_running_one(
-    fresh_namespace: Deployment, db: asyncpg.Pool, tenant: Tenant
+    isolated: Isolated,
 ) -> None:
     """Deliveries that finish together are acked with one multiple ack; those that finish
     while an older delivery still runs are acked alone. So when the worker is killed
     while the oldest delivery runs, every finished task's message is gone from the queue
-    and exactly the running one comes back."""
-    dep = fresh_namespace
+    and exactly the running one comes back. Its own database: the queue holds nothing
+    but this test's."""
+    dep, db, tenant = isolated.deployment, isolated.db, isolated.tenant
     system = System(dep.env())
-    pool = await create_pool(dep.database_url, max_size=2)
     try:
         worker = await system.start_worker()
-        repo = ApiRepository(pool, timeout=10)
+        repo = ApiRepository(db, timeout=10)
         sleeper = uuid7()
         await repo.insert(
             tenant.id,
@@ -134,4 +134,3 @@ async def test_acks_cover_finished_deliveries_and_never_a_running_one(
         assert await db.fetchval("SELECT state FROM tasks WHERE id = $1", sleeper) == "running"
     finally:
         system.stop()
-        await pool.close()
