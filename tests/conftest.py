@@ -153,16 +153,7 @@ async def isolated(deployment: Deployment) -> AsyncIterator[Isolated]:
         yield Isolated(dep, pool, await create_tenant(pool))
     finally:
         await pool.close()
-        admin = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{namespace}" WITH (FORCE)')
-        finally:
-            await admin.close()
-        redis = Redis.from_url(dep.redis_url)
-        try:
-            await drop_namespace(dep, redis)
-        finally:
-            await redis.aclose()
+        await _cleanup(dep, Redis.from_url(dep.redis_url))  # the database is the namespace's
 
 
 @pytest.fixture(scope="session")
