@@ -24,7 +24,7 @@ from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
 from shared.taskrows import previous_events
-from tests.conftest import Deployment, Tenant
+from tests.conftest import Deployment, Isolated, Tenant
 from tests.support import ServiceProcess, System, api_and_worker, eventually, worker_metric
 
 
@@ -230,19 +230,21 @@ async def test_flaky_task_retries_then_succeeds(
 
 
 async def test_events_stay_gapless_when_the_relay_promotes_a_retry_first(
-    deployment: Deployment, tenant: Tenant, db: asyncpg.Pool, redis: Redis
+    isolated: Isolated, redis: Redis
 ) -> None:
     """A retry due at once is promoted by the API's relay while the worker, having
     committed the failed attempt, still holds that attempt's events (a pause after the
     commit makes sure). Redis refuses a seq below the stream's last, so the worker must
-    have written the held ones before committing."""
-    env = deployment.env(retry_base_s="0", failpoints="worker.after_commit=pause")
+    have written the held ones before committing. Its own database and queue: this
+    module's worker must not take the retry."""
+    dep, db, tenant = isolated.deployment, isolated.db, isolated.tenant
+    env = dep.env(retry_base_s="0", failpoints="worker.after_commit=pause")
     async with api_and_worker(env) as paused, aiohttp.ClientSession() as http:
         task_id = await submit(
             http, paused, tenant, {"type": "demo.flaky", "args": {"fail_times": 1}}
         )
         assert (await terminal_row(db, task_id))["state"] == "succeeded"
-        found = await gapless_events(redis, deployment, db, task_id)
+        found = await gapless_events(redis, dep, db, task_id)
     assert [e.state for e in found][:4] == ["queued", "running", "retrying", "queued"]
 
 
