@@ -89,8 +89,7 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
         out, _ = await proc.communicate()
     finally:
         # Delayed tasks the fuzzer submitted would otherwise be published when due, by
-        # whichever test's relay runs then, into that test's queue (a crashing worker of
-        # the dead-letter test took one).
+        # whichever test's relay runs then, into that test's queue.
         await db.execute(
             "DELETE FROM outbox o USING tasks t WHERE t.id = o.task_id AND t.tenant_id = $1",
             tenant.id,
