@@ -169,11 +169,19 @@ class OutboxRelay:
             BROKER_REFUSING.set(int(value))
 
     async def _until_next_due(self) -> float:
-        """Seconds until the earliest outbox row is due, at most poll_s."""
+        """Seconds until the earliest row that is not yet due becomes due, at most poll_s.
+
+        Rows already due are left out: after a flush that took fewer than a batch, those
+        are locked by another relay's flush (or were committed since, and their NOTIFY
+        or wake-up is on its way). Counting them made every idle relay flush again at
+        once for as long as another one held rows: under load, a busy loop of five
+        statements per turn in every process. An unlocked row left behind by a relay
+        that died is still found by the poll."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 due: float | None = await conn.fetchval(
                     "SELECT extract(epoch FROM min(available_at) - now()) FROM outbox"
+                    " WHERE available_at > now()"
                 )
         except (asyncpg.PostgresError, OSError, TimeoutError):
             return self._poll_s

@@ -33,7 +33,7 @@ from shared.relay import OutboxRelay
 from shared.schemas import TaskMessage, TaskRequest, parse_event, parse_task_message
 from shared.settings import CommonSettings
 from shared.wire import Wire
-from tests.conftest import Deployment, Tenant
+from tests.conftest import Deployment, Isolated, Tenant
 from tests.support import eventually, new_run_id
 
 
@@ -360,6 +360,53 @@ async def test_a_row_is_not_published_before_it_is_due(
     assert elapsed >= 1.5 - 0.05, elapsed  # not early (clock granularity aside)
     assert elapsed < 6, elapsed  # and the relay woke for it, not much later
     assert await outbox_rows(pool, [delayed]) == []
+
+
+async def test_an_idle_relay_waits_while_another_holds_the_due_rows(
+    isolated: Isolated, broker: Broker, sink: EventSink
+) -> None:
+    """While another relay's flush holds the only due row, a relay with nothing to do
+    sleeps until its poll instead of flushing again at once; once that row is free (its
+    holder gone without publishing), the poll publishes it."""
+    pool, deployment = isolated.db, isolated.deployment
+    (task_id,) = await insert(pool, isolated.tenant)
+    flushes = 0
+
+    class Counting(OutboxRelay):
+        async def flush_once(self) -> int:
+            nonlocal flushes
+            flushes += 1
+            return await super().flush_once()
+
+    holder = await asyncpg.connect(deployment.database_url)
+    holding = holder.transaction()
+    await holding.start()
+    await holder.fetch("SELECT id FROM outbox WHERE task_id = $1 FOR UPDATE", task_id)
+    relay = Counting(
+        pool,
+        broker.publisher(),
+        sink,
+        dsn=deployment.database_url,
+        failpoints=Failpoints(""),
+        timeout=10,
+        poll_s=1.0,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.create_task(relay.run(stop), name="relay")
+    try:
+        await asyncio.sleep(0.6)
+        assert flushes <= 2, f"{flushes} flushes in 0.6 s with nothing it could take"
+        await holding.rollback()  # the holder died before publishing
+
+        async def published() -> bool:
+            return task_id in {m.task_id for m in await broker.drain()}
+
+        await eventually(published, within=10, interval=0.05, what="the released row")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+        await holder.close()
+    assert await outbox_rows(pool, [task_id]) == []
 
 
 async def test_retrying_task_is_promoted_to_queued_when_published(
