@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from bench import ceiling, gateway, longhaul, peers, report
+from bench import ceiling, gateway, longhaul, machine, peers, report
 from bench.infra import RESULTS, BenchEnv, raise_fd_limit
 from bench.longhaul import LonghaulSystem
 
@@ -100,6 +100,7 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
     started = time.monotonic()
     fds = raise_fd_limit()
     env = BenchEnv(history=profile.history)
+    wake = machine.wake_cost()  # first, while nothing else of the run is busy
     doc: dict[str, Any] = {
         "meta": {
             "profile": profile.name,
@@ -111,6 +112,7 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
             "runs": profile.runs,
             "settings": asdict(profile),
             "versions": _versions(),
+            "wake_cost": wake,
             "notes": [
                 "medians of the runs with min-max; generator CPU = the load generator's "
                 "CPU (this process and its helper processes) as % of all cores; machine "
@@ -118,6 +120,10 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
                 "the machine is shared with whatever else runs on it: see load_avg_*",
                 f"the database holds {profile.history:,} finished tasks of another tenant, "
                 "analyzed, before the run (as pgbench -i loads and vacuums its tables)",
+                f"waking up costs: a small piece of Python work took {wake['ratio']}x its "
+                f"back-to-back CPU after a 5 ms sleep ({wake['work_us_back_to_back']} -> "
+                f"{wake['work_us_after_5ms_sleep']} us); below saturation each process "
+                "pays that for every message it sleeps between (bench/machine.py)",
             ],
         },
         "errors": {},

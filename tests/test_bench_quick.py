@@ -56,5 +56,7 @@ def test_bench_quick_runs_every_scenario_and_writes_json(tmp_path: Path) -> None
         for run in doc["peers"][key]["runs"]:
             assert run["completed"] > 0, run
     assert len(doc["targets"]) == 9
+    wake = doc["meta"]["wake_cost"]
+    assert wake["work_us_back_to_back"] > 0 and wake["ratio"] > 0, wake
     # The Markdown table is written beside the JSON.
     assert "| machine CPU |" in out.with_suffix(".md").read_text()
