@@ -4,15 +4,15 @@ optimisation log in bench/README.md.
 Starts the benchmark's system (1 API, 2 workers, 1 gateway), submits N ``demo.noop``
 per mode (single requests with 64 in flight, or batches of 100 with 4 in flight), each
 followed to its terminal event on a WebSocket (the end-to-end scenario's tracker), and
-prints, per mode, completed/s and the CPU seconds each process on the machine used
-(PostgreSQL, RabbitMQ and Redis included), which tells where the next millisecond is.
-Private namespace and database, removed at the end."""
+prints, per mode, completed/s and per task the CPU time and the sleeps (voluntary
+context switches) of each program on the machine (PostgreSQL, RabbitMQ and Redis
+included), which tell where the next millisecond is: below saturation, mostly in
+wake-ups (bench/machine.py). Private namespace and database, removed at the end."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import os
 import time
 from pathlib import Path
@@ -26,13 +26,32 @@ from bench.longhaul import LonghaulSystem, Rec, Tracker, _one_run
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_by_program() -> dict[str, float]:
-    """CPU seconds of every process now, summed by program (services by module)."""
-    out: collections.Counter[str] = collections.Counter()
+def _switches(pid: str) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of all of a process's threads: each
+    voluntary one is a sleep (below saturation, the wake-up from it costs more than the
+    work it wakes for); each involuntary one a preemption by another process."""
+    slept = preempted = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                slept += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                preempted += int(line.split()[1])
+    return slept, preempted
+
+
+Usage = tuple[float, int, int]  # CPU seconds, sleeps, preemptions
+
+
+def _usage_by_program() -> dict[str, Usage]:
+    """CPU seconds and context switches of every process now, summed by program
+    (services by module)."""
+    out: dict[str, Usage] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            slept, preempted = _switches(pid)
         except OSError:
             continue  # gone meanwhile
         fields = stat[stat.rfind(")") + 2 :].split()
@@ -41,8 +60,23 @@ def _cpu_by_program() -> dict[str, float]:
             name = argv[argv.index(b"-m") + 1].decode(errors="replace")
         elif "postgres" in stat.split()[1]:
             name = "postgres"
-        out[name] += (int(fields[11]) + int(fields[12])) / _TICK
-    return dict(out)
+        cpu = (int(fields[11]) + int(fields[12])) / _TICK
+        was = out.get(name, (0.0, 0, 0))
+        out[name] = (was[0] + cpu, was[1] + slept, was[2] + preempted)
+    return out
+
+
+def _print_usage(before: dict[str, Usage], n: int) -> None:
+    """What each program used since ``before``, per task, the busiest first."""
+    used = {
+        k: tuple(now - was for now, was in zip(v, before.get(k, (0.0, 0, 0)), strict=True))
+        for k, v in _usage_by_program().items()
+    }
+    for name, (cpu, slept, preempted) in sorted(used.items(), key=lambda kv: -kv[1][0])[:8]:
+        print(
+            f"  {cpu:6.2f} s CPU  {1e3 * cpu / n:5.2f} ms/task  {slept / n:5.1f} sleeps"
+            f"  {preempted / n:5.1f} preemptions/task  {name}"
+        )
 
 
 async def _drain(system: LonghaulSystem, n: int, mode: str) -> None:
@@ -58,7 +92,7 @@ async def _drain(system: LonghaulSystem, n: int, mode: str) -> None:
         await tracker.start()
         tracker.expected = n
         requests = iter(range(n // batch))
-        before = _cpu_by_program()
+        before = _usage_by_program()
         t0 = time.monotonic()
 
         async def lane() -> None:
@@ -74,27 +108,22 @@ async def _drain(system: LonghaulSystem, n: int, mode: str) -> None:
         submitted = time.monotonic() - t0
         await asyncio.wait_for(tracker.all_done.wait(), 300)
         took = time.monotonic() - t0
-        after = _cpu_by_program()
         await tracker.close()
     print(f"## {mode}: {n} tasks, submitted in {submitted:.2f} s, all terminal on the WebSocket")
     print(f"completed/s {n / took:.0f}; reconnects {tracker.reconnects}")
-    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
-    for name, cpu in sorted(used.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"  {cpu:6.2f} s CPU  {1e3 * cpu / n:5.2f} ms/task  {name}")
+    _print_usage(before, n)
 
 
 async def _at_rate(system: LonghaulSystem, n: int, rate: float) -> None:
     """Open loop at ``rate`` single submits/s: the latencies the half-rate targets are
     about, and what each process spent per task at that rate."""
-    before = _cpu_by_program()
+    before = _usage_by_program()
     got = await _one_run(system, n=n, mode="single", rate=rate)
-    used = {k: v - before.get(k, 0.0) for k, v in _cpu_by_program().items()}
     print(f"## open loop at {rate}/s: {got['accepted']} accepted, {got['late_sends']} late sends")
     for key in ("submit_to_202_ms", "submit_to_running_ms", "submit_to_terminal_ws_ms"):
         lat = got[key]
         print(f"{key}: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}")
-    for name, cpu in sorted(used.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"  {cpu:6.2f} s CPU  {1e3 * cpu / n:5.2f} ms/task  {name}")
+    _print_usage(before, n)
 
 
 async def main(n: int, modes: list[str], rate: float | None) -> None:
