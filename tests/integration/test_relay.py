@@ -370,27 +370,20 @@ async def test_an_idle_relay_waits_while_another_holds_the_due_rows(
     holder gone without publishing), the poll publishes it."""
     pool, deployment = isolated.db, isolated.deployment
     (task_id,) = await insert(pool, isolated.tenant)
-    flushes = 0
-
-    class Counting(OutboxRelay):
-        async def flush_once(self) -> int:
-            nonlocal flushes
-            flushes += 1
-            return await super().flush_once()
-
     holder = await asyncpg.connect(deployment.database_url)
     holding = holder.transaction()
     await holding.start()
     await holder.fetch("SELECT id FROM outbox WHERE task_id = $1 FOR UPDATE", task_id)
-    relay = Counting(
-        pool,
-        broker.publisher(),
-        sink,
-        dsn=deployment.database_url,
-        failpoints=Failpoints(""),
-        timeout=10,
-        poll_s=1.0,
-    )
+    relay = make_relay(pool, broker.publisher(), sink, deployment, poll_s=1.0)
+    flushes = 0
+    flush = relay.flush_once
+
+    async def counted_flush() -> int:
+        nonlocal flushes
+        flushes += 1
+        return await flush()
+
+    relay.flush_once = counted_flush  # type: ignore[method-assign]
     stop = asyncio.Event()
     loop = asyncio.create_task(relay.run(stop), name="relay")
     try:
