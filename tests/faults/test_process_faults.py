@@ -108,15 +108,20 @@ async def test_worker_sigterm_mid_run(make_run: MakeRun) -> None:
     assert code == 0, victim.output()[-2000:]
 
 
-async def _crash_loop(run: FaultRun, failpoint: str, crashes: int) -> list[int]:
+async def _crash_loop(run: FaultRun, failpoint: str, crashes: int) -> tuple[list[int], list[UUID]]:
     """Run a worker with ``failpoint=crash`` beside a healthy one; each time it dies,
-    start it again, ``crashes`` times. Return the pids that crashed."""
+    start it again, ``crashes`` times. Each start is followed by its share of the N
+    tasks: submitted all at first, they could all be done by the healthy worker before
+    a restarted one (slow to start on a busy machine) asked for any. Return the pids
+    that crashed and the ids of the tasks submitted."""
     crashed: list[int] = []
-    for _ in range(crashes):
+    ids: list[UUID] = []
+    for i in range(crashes):
         # It may crash before it answers /readyz: still a crash.
         with contextlib.suppress(AssertionError):
             await run.start_worker(failpoints=f"{failpoint}=crash")
         proc = run.system.procs[-1]
+        ids += await run.submit(N // crashes + (N % crashes if i == 0 else 0), sleep_s=0.3)
         await eventually(
             lambda proc=proc: asyncio.sleep(0, result=not proc.alive()),
             within=30,
@@ -125,7 +130,7 @@ async def _crash_loop(run: FaultRun, failpoint: str, crashes: int) -> list[int]:
         assert proc.proc.returncode == 137, proc.output()[-2000:]
         assert f"failpoint {failpoint}: crashing" in proc.output()
         crashed.append(proc.pid)
-    return crashed
+    return crashed, ids
 
 
 async def test_worker_crash_after_effect_before_commit(make_run: MakeRun) -> None:
@@ -135,8 +140,7 @@ async def test_worker_crash_after_effect_before_commit(make_run: MakeRun) -> Non
     run = make_run()
     await run.start_api()
     await run.start_worker()
-    ids = await run.submit(N, sleep_s=0.3)
-    crashed = await _crash_loop(run, "worker.before_commit", 3)
+    crashed, ids = await _crash_loop(run, "worker.before_commit", 3)
     settle_s = await run.settle(ids)
     result = await run.judge(
         "failpoint worker.before_commit",
@@ -155,8 +159,7 @@ async def test_worker_crash_after_commit_before_ack(make_run: MakeRun) -> None:
     run = make_run()
     await run.start_api()
     await run.start_worker()
-    ids = await run.submit(N, sleep_s=0.3)
-    crashed = await _crash_loop(run, "worker.after_commit", 3)
+    crashed, ids = await _crash_loop(run, "worker.after_commit", 3)
     settle_s = await run.settle(ids)
     committed_by_crashed = await run.pool.fetchval(
         "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND state = 'succeeded' "
