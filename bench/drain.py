@@ -28,8 +28,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def _switches(pid: str) -> tuple[int, int]:
     """Voluntary and involuntary context switches of all of a process's threads: each
-    voluntary one is a sleep (below saturation, the wake-up from it costs more than the
-    work it wakes for); each involuntary one a preemption by another process."""
+    voluntary one is a sleep (the wake-up from it can cost more than the work it wakes
+    for: bench/machine.py); each involuntary one a preemption by another process."""
     slept = preempted = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
