@@ -120,7 +120,13 @@ async def _at_rate(system: LonghaulSystem, n: int, rate: float) -> None:
     before = _usage_by_program()
     got = await _one_run(system, n=n, mode="single", rate=rate)
     print(f"## open loop at {rate}/s: {got['accepted']} accepted, {got['late_sends']} late sends")
-    for key in ("submit_to_202_ms", "submit_to_running_ms", "submit_to_terminal_ws_ms"):
+    for key in (
+        "submit_to_202_ms",
+        "submit_to_insert_ms",
+        "insert_to_running_ms",
+        "submit_to_running_ms",
+        "submit_to_terminal_ws_ms",
+    ):
         lat = got[key]
         print(f"{key}: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}")
     _print_usage(before, n)

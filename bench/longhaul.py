@@ -307,12 +307,14 @@ async def _one_run(
     pool = await asyncpg.connect(env.database_url)
     try:
         rows = await pool.fetch(
-            "SELECT id, started_at, finished_at, state FROM tasks WHERE id = ANY($1::uuid[])",
+            "SELECT id, created_at, started_at, finished_at, state FROM tasks"
+            " WHERE id = ANY($1::uuid[])",
             [uuid.UUID(k) for k in recs],
         )
     finally:
         await pool.close()
     started = {str(r["id"]): r["started_at"] for r in rows}
+    created = {str(r["id"]): r["created_at"] for r in rows}
     succeeded = sum(1 for r in rows if r["state"] == "succeeded")
     done = [r for r in recs.values() if r.terminal]
     t_last = max((r.terminal for r in done), default=t_sub_end)
@@ -334,6 +336,14 @@ async def _one_run(
             [started[k].timestamp() - r.submit for k, r in recs.items() if started.get(k)]
         ),
         "submit_to_terminal_ws_ms": latency_summary([r.terminal - r.submit for r in done]),
+        # The running latency's two parts: the client to the insert (the request and the
+        # group commit), and the insert to the claim (relay, broker, worker).
+        "submit_to_insert_ms": latency_summary(
+            [created[k].timestamp() - r.submit for k, r in recs.items() if created.get(k)]
+        ),
+        "insert_to_running_ms": latency_summary(
+            [(started[k] - created[k]).total_seconds() for k in recs if started.get(k)]
+        ),
         **cpu,
     }
 
