@@ -7,8 +7,9 @@ PostgreSQL, the commits) per item fall with the number of callers.
 
 The writer is one task at a time, started by the first waiting item: nothing runs
 while nothing is waiting. ``linger_s`` makes it wait that long before each write, for
-more items to join: for writes nobody waits on (acks), fewer round trips at moderate
-load are worth a few milliseconds. Two options keep one caller's trouble its own:
+more items to join, or until ``enough`` are waiting: for writes nobody waits on (acks),
+fewer round trips at moderate load are worth a few milliseconds. Two options keep one
+caller's trouble its own:
 
 * ``key``: items with the same key never share a batch; a later one waits for the next
   batch and so sees the earlier one's effect (a duplicate delivery of a task);
@@ -35,12 +36,16 @@ class GroupCommit(Generic[T, R]):
         key: Callable[[T], Hashable] | None = None,
         alone_on: Callable[[Exception], bool] | None = None,
         linger_s: float = 0.0,
+        enough: int | None = None,
     ) -> None:
         """``write`` takes a batch and returns one result per item, in order."""
         self._write = write
         self._name = name
         self._max_batch = max_batch
         self._linger_s = linger_s
+        self._enough = min(enough or max_batch, max_batch)
+        # Set while the writer lingers: resolved early once ``enough`` items wait.
+        self._gathering: asyncio.Future[None] | None = None
         self._key = key
         self._alone_on = alone_on
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
@@ -51,6 +56,9 @@ class GroupCommit(Generic[T, R]):
         # Marks the outcome as seen even when the caller was cancelled meanwhile.
         done.add_done_callback(_seen)
         self._waiting.append((item, done))
+        gathering = self._gathering
+        if gathering is not None and len(self._waiting) >= self._enough and not gathering.done():
+            gathering.set_result(None)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name=self._name)
         # Shielded: a caller cancelled meanwhile must not cancel the batch of others.
@@ -63,8 +71,8 @@ class GroupCommit(Generic[T, R]):
 
     async def _write_all(self) -> None:
         while self._waiting:
-            if self._linger_s and len(self._waiting) < self._max_batch:
-                await asyncio.sleep(self._linger_s)
+            if self._linger_s and len(self._waiting) < self._enough:
+                await self._linger()
             batch = self._take()
             try:
                 outcomes = await self._outcomes([item for item, _ in batch])
@@ -86,6 +94,16 @@ class GroupCommit(Generic[T, R]):
                     f.set_exception(outcome.error)
                 else:
                     f.set_result(outcome)
+
+    async def _linger(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._gathering = gathering = loop.create_future()
+        timer = loop.call_later(self._linger_s, _resolve, gathering)
+        try:
+            await gathering
+        finally:
+            timer.cancel()
+            self._gathering = None
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         """The next batch, in arrival order; what is left (over the size, or a key
@@ -131,6 +149,11 @@ class _Failed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _seen(future: asyncio.Future[Any]) -> None:

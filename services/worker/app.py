@@ -80,7 +80,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await channel.set_qos(prefetch_count=settings.worker_concurrency)
         topology = await amqp.declare(channel, settings, wire)
         runner = Runner(settings, repo, events, registry, failpoints, worker_id)
-        consumer = Consumer(topology.queue, runner, timeout)
+        consumer = Consumer(topology.queue, runner, timeout, settings.worker_concurrency)
         # Dead letters on a channel of their own: the consumer acks runs of deliveries
         # with one multiple ack, which settles every older delivery of its channel.
         dead_letter_channel = await connection.channel()

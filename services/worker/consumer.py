@@ -55,7 +55,7 @@ class _Delivery:
 
 
 class Consumer:
-    def __init__(self, queue: AbstractQueue, runner: Runner, timeout: float) -> None:
+    def __init__(self, queue: AbstractQueue, runner: Runner, timeout: float, prefetch: int) -> None:
         self._queue = queue
         self._runner = runner
         self._timeout = timeout
@@ -65,9 +65,10 @@ class Consumer:
         # finished, for every delivery not yet acked or nacked.
         self._unsettled: dict[aiormq.abc.AbstractChannel, dict[int, bool]] = {}
         # Acks linger a little: nobody waits for them, and at moderate load the acks of
-        # a few milliseconds share one frame (see the module's docstring).
+        # a few milliseconds share one frame (see the module's docstring). Not once the
+        # whole prefetch window waits for them: the broker sends nothing more until then.
         self._acks: GroupCommit[_Delivery, None] = GroupCommit(
-            self._ack_batch, name="acker", linger_s=ACK_LINGER_S
+            self._ack_batch, name="acker", linger_s=ACK_LINGER_S, enough=prefetch
         )
 
     async def start(self) -> None:

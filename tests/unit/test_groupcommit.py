@@ -37,6 +37,23 @@ async def test_a_lingering_writer_takes_items_that_come_soon_after() -> None:
     await group.aclose()
 
 
+async def test_a_lingering_writer_stops_waiting_once_enough_items_wait() -> None:
+    """With ``enough``, the linger ends as soon as that many items wait: the acks of a
+    full prefetch window go out at once, since nothing more can come before them."""
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", linger_s=30, enough=3)
+    calls = [asyncio.create_task(group.submit(i)) for i in (1, 2)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert rec.batches == []  # two of three: still lingering
+    calls.append(asyncio.create_task(group.submit(3)))
+    results = await asyncio.wait_for(asyncio.gather(*calls), 5)  # not after 30 s
+    assert results == [10, 20, 30]
+    assert rec.batches == [[1, 2, 3]]
+    await group.aclose()
+
+
 async def test_callers_arriving_during_a_write_share_the_next_one() -> None:
     rec = Recorder()
     group: GroupCommit[int, int] = GroupCommit(rec.write, name="test")
