@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from bench import ceiling, gateway, longhaul, machine, peers, report
-from bench.infra import RESULTS, BenchEnv, raise_fd_limit
+from bench.infra import RESULTS, BenchEnv, raise_fd_limit, run_loop
 from bench.longhaul import LonghaulSystem
 
 SCENARIOS = ("ceiling", "longhaul", "gateway", "peers")
@@ -230,12 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, runs=args.runs)
     if args.tasks:
         profile = replace(profile, n_tasks=args.tasks)
-    try:
-        import uvloop  # noqa: PLC0415 - optional
-
-        return uvloop.run(main_async(profile, args.only, args.out))
-    except ImportError:
-        return asyncio.run(main_async(profile, args.only, args.out))
+    return run_loop(main_async(profile, args.only, args.out))
 
 
 if __name__ == "__main__":

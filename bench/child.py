@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from bench.infra import Proc, python
+from bench.infra import Proc, python, run_loop
 
 
 def cpu_self() -> float:
@@ -55,12 +55,7 @@ def main() -> int:
     # Arguments come as the first stdin line: they can be larger than argv allows.
     args = json.loads(sys.stdin.readline())
     fn = _roles()[role]
-    try:
-        import uvloop  # noqa: PLC0415 - optional
-
-        result = uvloop.run(fn(args))
-    except ImportError:
-        result = asyncio.run(fn(args))
+    result = run_loop(fn(args))
     result["cpu_s"] = round(cpu_self(), 3)
     # Results can be megabytes (latency samples): through a file, not the pipe, which
     # cut long lines at 64 KiB here.

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from bench.infra import BenchEnv, raise_fd_limit
+from bench.infra import BenchEnv, raise_fd_limit, run_loop
 from bench.longhaul import LonghaulSystem, Rec, Tracker, _one_run
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -160,4 +160,4 @@ if __name__ == "__main__":
         "--rate", type=float, help="instead: single submits, open loop at this many per second"
     )
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.mode, args.rate))
+    run_loop(main(args.n, args.mode, args.rate))
