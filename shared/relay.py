@@ -17,7 +17,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from shared.amqp import Outgoing, Publisher
-from shared.db import NOTIFY_CHANNEL
+from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
@@ -61,6 +61,15 @@ RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 """
 
 
+# What a flush may meet while PostgreSQL or RabbitMQ is away: retried after a backoff.
+# asyncpg's InterfaceError ("connection is closed") is not a PostgresError.
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (
+    DependencyError,
+    asyncpg.PostgresError,
+    *TRANSIENT_ERRORS,
+)
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -101,7 +110,7 @@ class OutboxRelay:
                 await self._ensure_listener()
                 try:
                     published = await self.flush_once()
-                except (DependencyError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                except _FLUSH_ERRORS as exc:
                     failures += 1
                     PUBLISH_FAILURES.inc()
                     log.warning("outbox relay flush failed", extra={"error": str(exc)[:300]})

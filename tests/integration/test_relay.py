@@ -402,6 +402,40 @@ async def test_an_idle_relay_waits_while_another_holds_the_due_rows(
     assert await outbox_rows(pool, [task_id]) == []
 
 
+async def test_a_client_side_connection_error_is_retried_not_fatal(
+    isolated: Isolated, broker: Broker, sink: EventSink
+) -> None:
+    """asyncpg raises InterfaceError, not a PostgresError, for a connection closed under
+    it: the relay backs off and flushes again instead of ending."""
+    pool, deployment = isolated.db, isolated.deployment
+    relay = make_relay(pool, broker.publisher(), sink, deployment, poll_s=0.2)
+    failures = 0
+    flush = relay.flush_once
+
+    async def failing_once() -> int:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise asyncpg.InterfaceError("cannot call Connection.fetch(): connection is closed")
+        return await flush()
+
+    relay.flush_once = failing_once  # type: ignore[method-assign]
+    (task_id,) = await insert(pool, isolated.tenant)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(relay.run(stop), name="relay")
+    try:
+
+        async def published() -> bool:
+            return task_id in {m.task_id for m in await broker.drain()}
+
+        await eventually(published, within=10, interval=0.05, what="the task after the error")
+        assert not loop.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    assert failures == 1
+
+
 async def test_retrying_task_is_promoted_to_queued_when_published(
     pool: asyncpg.Pool,
     deployment: Deployment,
