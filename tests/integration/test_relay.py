@@ -141,6 +141,25 @@ async def flush_until_empty(relay: OutboxRelay) -> None:
         pass
 
 
+@contextlib.asynccontextmanager
+async def relay_running(relay: OutboxRelay) -> AsyncIterator[asyncio.Task[None]]:
+    """The relay's own loop, stopped (and awaited) on the way out."""
+    stop = asyncio.Event()
+    loop = asyncio.create_task(relay.run(stop), name="relay")
+    try:
+        yield loop
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+
+
+async def wait_published(broker: Broker, task_id: UUID, *, within: float, what: str) -> None:
+    async def published() -> bool:
+        return task_id in {m.task_id for m in await broker.drain()}
+
+    await eventually(published, within=within, interval=0.02, what=what)
+
+
 class _OneConnection:
     """A pool stand-in handing out one connection, so that ApiRepository.insert runs inside
     a transaction the test controls (its own transaction becomes a savepoint)."""
@@ -345,18 +364,9 @@ async def test_a_row_is_not_published_before_it_is_due(
     assert now in first and delayed not in first
     assert len(await outbox_rows(pool, [delayed])) == 1
 
-    stop = asyncio.Event()
-    loop = asyncio.create_task(relay.run(stop), name="relay")
-    try:
-
-        async def published() -> bool:
-            return delayed in {m.task_id for m in await broker.drain()}
-
-        await eventually(published, within=15, interval=0.02, what="the delayed row")
+    async with relay_running(relay):
+        await wait_published(broker, delayed, within=15, what="the delayed row")
         elapsed = time.monotonic() - started
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, 10)
     assert elapsed >= 1.5 - 0.05, elapsed  # not early (clock granularity aside)
     assert elapsed < 6, elapsed  # and the relay woke for it, not much later
     assert await outbox_rows(pool, [delayed]) == []
@@ -384,20 +394,13 @@ async def test_an_idle_relay_waits_while_another_holds_the_due_rows(
         return await flush()
 
     relay.flush_once = counted_flush  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    loop = asyncio.create_task(relay.run(stop), name="relay")
     try:
-        await asyncio.sleep(0.6)
-        assert flushes <= 2, f"{flushes} flushes in 0.6 s with nothing it could take"
-        await holding.rollback()  # the holder died before publishing
-
-        async def published() -> bool:
-            return task_id in {m.task_id for m in await broker.drain()}
-
-        await eventually(published, within=10, interval=0.05, what="the released row")
+        async with relay_running(relay):
+            await asyncio.sleep(0.6)
+            assert flushes <= 2, f"{flushes} flushes in 0.6 s with nothing it could take"
+            await holding.rollback()  # the holder died before publishing
+            await wait_published(broker, task_id, within=10, what="the released row")
     finally:
-        stop.set()
-        await asyncio.wait_for(loop, 10)
         await holder.close()
     assert await outbox_rows(pool, [task_id]) == []
 
@@ -421,18 +424,9 @@ async def test_a_client_side_connection_error_is_retried_not_fatal(
 
     relay.flush_once = failing_once  # type: ignore[method-assign]
     (task_id,) = await insert(pool, isolated.tenant)
-    stop = asyncio.Event()
-    loop = asyncio.create_task(relay.run(stop), name="relay")
-    try:
-
-        async def published() -> bool:
-            return task_id in {m.task_id for m in await broker.drain()}
-
-        await eventually(published, within=10, interval=0.05, what="the task after the error")
+    async with relay_running(relay) as loop:
+        await wait_published(broker, task_id, within=10, what="the task after the error")
         assert not loop.done()
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, 10)
     assert failures == 1
 
 
