@@ -61,13 +61,11 @@ RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 """
 
 
+# What PostgreSQL may answer while it is away or restarting. asyncpg's InterfaceError
+# ("connection is closed") is not a PostgresError.
+_PG_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *TRANSIENT_ERRORS)
 # What a flush may meet while PostgreSQL or RabbitMQ is away: retried after a backoff.
-# asyncpg's InterfaceError ("connection is closed") is not a PostgresError.
-_FLUSH_ERRORS: tuple[type[BaseException], ...] = (
-    DependencyError,
-    asyncpg.PostgresError,
-    *TRANSIENT_ERRORS,
-)
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *_PG_ERRORS)
 
 
 class OutboxRelay:
@@ -192,7 +190,7 @@ class OutboxRelay:
                     "SELECT extract(epoch FROM min(available_at) - now()) FROM outbox"
                     " WHERE available_at > now()"
                 )
-        except (asyncpg.PostgresError, OSError, TimeoutError):
+        except _PG_ERRORS:
             return self._poll_s
         if due is None:
             return self._poll_s
@@ -219,7 +217,7 @@ class OutboxRelay:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except _PG_ERRORS as exc:
             log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
             self._listener = None
             return
@@ -232,6 +230,6 @@ class OutboxRelay:
         assert self._listener is not None
         try:
             await asyncio.wait_for(self._listener.close(), self._timeout)
-        except (asyncpg.PostgresError, OSError, TimeoutError):
+        except _PG_ERRORS:
             self._listener.terminate()
         self._listener = None

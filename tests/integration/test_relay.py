@@ -160,6 +160,42 @@ async def wait_published(broker: Broker, task_id: UUID, *, within: float, what: 
     await eventually(published, within=within, interval=0.02, what=what)
 
 
+class _ClosedOnFetchval:
+    """A pool whose connections' first ``fetchval`` (the relay's next-due query) raises
+    what asyncpg raises for a connection closed under it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.failed = False
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self, timeout: float | None) -> AsyncIterator[Any]:
+        async with self._pool.acquire(timeout=timeout) as conn:
+            yield _FailingFetchval(conn, self)
+
+    def acquire(self, timeout: float | None = None) -> Any:
+        return self._acquire(timeout)
+
+
+class _FailingFetchval:
+    def __init__(self, conn: Any, owner: _ClosedOnFetchval) -> None:
+        self._conn = conn
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetchval(self, *args: Any) -> Any:
+        if not self._owner.failed:
+            self._owner.failed = True
+            raise asyncpg.InterfaceError("cannot call Connection.fetchval(): connection is closed")
+        return await self._conn.fetchval(*args)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 class _OneConnection:
     """A pool stand-in handing out one connection, so that ApiRepository.insert runs inside
     a transaction the test controls (its own transaction becomes a savepoint)."""
@@ -409,9 +445,11 @@ async def test_a_client_side_connection_error_is_retried_not_fatal(
     isolated: Isolated, broker: Broker, sink: EventSink
 ) -> None:
     """asyncpg raises InterfaceError, not a PostgresError, for a connection closed under
-    it: the relay backs off and flushes again instead of ending."""
+    it: the relay backs off and flushes again instead of ending, whether a flush or the
+    idle relay's next-due query met it."""
     pool, deployment = isolated.db, isolated.deployment
-    relay = make_relay(pool, broker.publisher(), sink, deployment, poll_s=0.2)
+    closing = _ClosedOnFetchval(pool)
+    relay = make_relay(closing, broker.publisher(), sink, deployment, poll_s=0.2)  # type: ignore[arg-type]
     failures = 0
     flush = relay.flush_once
 
@@ -426,6 +464,11 @@ async def test_a_client_side_connection_error_is_retried_not_fatal(
     (task_id,) = await insert(pool, isolated.tenant)
     async with relay_running(relay) as loop:
         await wait_published(broker, task_id, within=10, what="the task after the error")
+        await eventually(
+            lambda: _true(closing.failed), within=10, interval=0.02, what="the next-due query"
+        )
+        (later,) = await insert(pool, isolated.tenant)  # found by the poll, not woken for
+        await wait_published(broker, later, within=10, what="a task after the next-due error")
         assert not loop.done()
     assert failures == 1
 
