@@ -32,13 +32,11 @@ help:
 
 install: $(STAMP)
 
-# python3.11 if present, else any python3 >= 3.11 (the project's requires-python).
+# With the interpreter scripts/find-python.sh picks (3.12 where there is one; 3.11 or
+# newer otherwise; LONGHAUL_PYTHON overrides).
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
-	  py=$$(command -v python3.11 || command -v python3 || true); \
-	  if [ -z "$$py" ] || ! "$$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
-	    echo "make install: needs python3.11 (or python3 >= 3.11) on PATH" >&2; exit 1; \
-	  fi; \
+	  py=$$(bash scripts/find-python.sh); \
 	  echo "creating $(VENV) with $$py"; \
 	  "$$py" -m venv $(VENV); \
 	fi

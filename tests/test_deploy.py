@@ -248,7 +248,7 @@ def test_dockerfile_installs_dependencies_before_copying_source(name: str) -> No
     """Editing code must not invalidate the dependency layer; COPY sources must exist."""
     instructions = dockerfile(name)
     base = [args for keyword, args in instructions if keyword == "FROM"]
-    assert base == ["python:3.11-slim"]
+    assert base == ["python:3.12-slim"]
     copies = [(i, args.split()) for i, (kw, args) in enumerate(instructions) if kw == "COPY"]
     first_install = next(
         i for i, (kw, args) in enumerate(instructions) if kw == "RUN" and "pip install" in args
