@@ -61,8 +61,9 @@ class GroupCommit(Generic[T, R]):
             gathering.set_result(None)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name=self._name)
-        # Shielded: a caller cancelled meanwhile must not cancel the batch of others.
-        return await asyncio.shield(done)
+        # A caller cancelled meanwhile cancels only its own future, which the writer
+        # skips: its item is still written with the batch of others.
+        return await done
 
     async def aclose(self) -> None:
         """Wait for what is being written (shutdown)."""

@@ -23,6 +23,36 @@ TASK_COLUMNS = (
 )
 
 
+# Tasks and their first outbox rows (see ApiRepository.insert), built once.
+_INSERT = f"""
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[],
+                         $5::int[], $6::int[], $7::float8[], $8::float8[],
+                         $11::text[], $12::jsonb[], $13::bytea[])
+        AS u(tenant_id, id, type, args, max_attempts, priority, timeout_s,
+             delay_s, trace_id, backoff, body)
+), t AS (
+    INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,
+                       priority, timeout_s, next_attempt_at, last_seq,
+                       idempotency_key, request_hash, trace_id, backoff)
+    SELECT u.id, u.tenant_id, u.type, u.args, 'queued', u.max_attempts, u.priority,
+           u.timeout_s,
+           CASE WHEN u.delay_s > 0
+                THEN now() + make_interval(secs => u.delay_s) END,
+           1, $9, $10, u.trace_id, u.backoff
+    FROM u
+    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+    DO NOTHING
+    RETURNING {TASK_COLUMNS}
+), o AS (
+    INSERT INTO outbox (task_id, attempt, body, available_at)
+    SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now())
+    FROM t JOIN u ON u.id = t.id
+)
+SELECT * FROM t
+"""
+
+
 @dataclass(frozen=True)
 class NewTask:
     id: UUID
@@ -117,33 +147,7 @@ class ApiRepository:
         ]
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
-                f"""
-                WITH u AS (
-                    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[],
-                                         $5::int[], $6::int[], $7::float8[], $8::float8[],
-                                         $11::text[], $12::jsonb[], $13::bytea[])
-                        AS u(tenant_id, id, type, args, max_attempts, priority, timeout_s,
-                             delay_s, trace_id, backoff, body)
-                ), t AS (
-                    INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,
-                                       priority, timeout_s, next_attempt_at, last_seq,
-                                       idempotency_key, request_hash, trace_id, backoff)
-                    SELECT u.id, u.tenant_id, u.type, u.args, 'queued', u.max_attempts, u.priority,
-                           u.timeout_s,
-                           CASE WHEN u.delay_s > 0
-                                THEN now() + make_interval(secs => u.delay_s) END,
-                           1, $9, $10, u.trace_id, u.backoff
-                    FROM u
-                    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-                    DO NOTHING
-                    RETURNING {TASK_COLUMNS}
-                ), o AS (
-                    INSERT INTO outbox (task_id, attempt, body, available_at)
-                    SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now())
-                    FROM t JOIN u ON u.id = t.id
-                )
-                SELECT * FROM t
-                """,
+                _INSERT,
                 list(tenant_ids),
                 [t.id for t in tasks],
                 [r.type for r in reqs],

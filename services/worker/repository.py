@@ -18,6 +18,47 @@ from shared.outbox import Connection
 from shared.schemas import TaskMessage
 from shared.taskrows import EVENT_COLUMNS, PREVIOUS_COLUMNS, Row, qualified
 
+# The per-task statements, built once: asyncpg finds its prepared statement by the text.
+_CLAIM = f"""
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[],
+                         $5::float8[])
+        AS r(id, attempt, tenant_id, worker_id, lease_s)
+), old AS (
+    -- Not locked (FOR UPDATE doubled the statement's cost): the old values
+    -- only rebuild the previous event, and previous_events() drops a row
+    -- another writer changed in between.
+    SELECT {EVENT_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])
+)
+UPDATE tasks AS t SET state = 'running', attempts = req.attempt,
+    worker_id = req.worker_id,
+    lease_expires_at = now() + make_interval(secs => req.lease_s),
+    started_at = coalesce(t.started_at, now()), next_attempt_at = NULL,
+    progress = 0, message = NULL, last_seq = t.last_seq + 1, updated_at = now()
+FROM req JOIN old ON old.id = req.id
+WHERE t.id = req.id AND t.state IN ('queued', 'retrying')
+  AND t.attempts = req.attempt - 1 AND t.tenant_id = req.tenant_id
+RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
+          t.max_attempts, t.created_at, t.cancel_requested_at, t.backoff,
+          {PREVIOUS_COLUMNS}
+"""
+
+_PROGRESS = f"""
+UPDATE tasks SET progress = greatest(progress, $3), message = $4,
+    last_seq = last_seq + 1, updated_at = now()
+WHERE id = $1 AND state = 'running' AND attempts = $2
+RETURNING {EVENT_COLUMNS}
+"""
+
+_SUCCEED = f"""
+UPDATE tasks AS t SET state = 'succeeded', progress = 1, result = u.result,
+    error = NULL, finished_at = now(), worker_id = NULL,
+    lease_expires_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
+FROM unnest($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, attempt, result)
+WHERE t.id = u.id AND t.state = 'running' AND t.attempts = u.attempt
+RETURNING {qualified("t")}
+"""
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -80,29 +121,7 @@ class WorkerRepository:
 
     async def _claim_rows(self, reqs: list[_ClaimRequest]) -> list[Row | None]:
         rows = await self._fetch(
-            f"""
-            WITH req AS (
-                SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[],
-                                     $5::float8[])
-                    AS r(id, attempt, tenant_id, worker_id, lease_s)
-            ), old AS (
-                -- Not locked (FOR UPDATE doubled the statement's cost): the old values
-                -- only rebuild the previous event, and previous_events() drops a row
-                -- another writer changed in between.
-                SELECT {EVENT_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])
-            )
-            UPDATE tasks AS t SET state = 'running', attempts = req.attempt,
-                worker_id = req.worker_id,
-                lease_expires_at = now() + make_interval(secs => req.lease_s),
-                started_at = coalesce(t.started_at, now()), next_attempt_at = NULL,
-                progress = 0, message = NULL, last_seq = t.last_seq + 1, updated_at = now()
-            FROM req JOIN old ON old.id = req.id
-            WHERE t.id = req.id AND t.state IN ('queued', 'retrying')
-              AND t.attempts = req.attempt - 1 AND t.tenant_id = req.tenant_id
-            RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
-                      t.max_attempts, t.created_at, t.cancel_requested_at, t.backoff,
-                      {PREVIOUS_COLUMNS}
-            """,
+            _CLAIM,
             [r.message.task_id for r in reqs],
             [r.message.attempt for r in reqs],
             [r.message.tenant_id for r in reqs],
@@ -116,12 +135,7 @@ class WorkerRepository:
         self, task_id: UUID, attempt: int, progress: float, message: str | None
     ) -> Row | None:
         return await self._fetchrow(
-            f"""
-            UPDATE tasks SET progress = greatest(progress, $3), message = $4,
-                last_seq = last_seq + 1, updated_at = now()
-            WHERE id = $1 AND state = 'running' AND attempts = $2
-            RETURNING {EVENT_COLUMNS}
-            """,
+            _PROGRESS,
             task_id,
             attempt,
             progress,
@@ -134,14 +148,7 @@ class WorkerRepository:
 
     async def _succeed_rows(self, reqs: list[tuple[UUID, int, Any]]) -> list[Row | None]:
         rows = await self._fetch(
-            f"""
-            UPDATE tasks AS t SET state = 'succeeded', progress = 1, result = u.result,
-                error = NULL, finished_at = now(), worker_id = NULL,
-                lease_expires_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
-            FROM unnest($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, attempt, result)
-            WHERE t.id = u.id AND t.state = 'running' AND t.attempts = u.attempt
-            RETURNING {qualified("t")}
-            """,
+            _SUCCEED,
             [r[0] for r in reqs],
             [r[1] for r in reqs],
             [r[2] for r in reqs],
