@@ -1,8 +1,10 @@
 """The API's pure parts: the drain estimator behind Retry-After, cursors, the
-Idempotency-Key rule, validation problems and the OpenAPI document."""
+Idempotency-Key rule, validation problems, the OpenAPI document, and the key cache's
+single lookup per key (with a fake repository)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 from uuid import UUID
@@ -12,10 +14,13 @@ from aiohttp.test_utils import make_mocked_request
 from pydantic import ValidationError
 
 from services.api import requests as rq
+from services.api.auth import Authenticator
 from services.api.backpressure import DrainEstimator
 from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
+from services.api.repository import Principal
 from services.api.routes import routes
+from shared import keys
 from shared.ids import uuid7
 from shared.jsonsafe import nul_path
 from shared.schemas import TaskRequest
@@ -248,3 +253,61 @@ def test_nul_path_finds_nul_in_strings_keys_and_lists() -> None:
     assert nul_path({"a": ["x", "y\x00"]}, ["body"]) == ["body", "a", 1]
     assert nul_path({"k\x00": 1}, ["body"]) == ["body"]
     assert nul_path({"a": "\\u0000 is text here"}, ["body"]) is None
+
+
+# ---------------------------------------------------------------- Authenticator
+
+
+class _SlowKeys:
+    """A key store whose lookups wait for the test, counting them."""
+
+    def __init__(self, secret_hash: bytes) -> None:
+        self.secret_hash = secret_hash
+        self.lookups = 0
+        self.release = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def api_key(self, key_id: str) -> tuple[bytes, Principal]:
+        self.lookups += 1
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return self.secret_hash, Principal(UUID(int=7), key_id, None, None)
+
+
+def _authenticate(auth: Authenticator, key: str) -> Any:
+    return auth.authenticate(
+        make_mocked_request("POST", "/v1/tasks", headers={"Authorization": f"Bearer {key}"})
+    )
+
+
+async def test_requests_that_miss_together_share_one_key_lookup() -> None:
+    """When a key's cache entry is missing (or expired), the requests in flight share one
+    lookup; one of them going away cancels nobody else's."""
+    new = keys.generate("test")
+    store = _SlowKeys(new.secret_hash)
+    auth = Authenticator(store, cache_s=60)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(_authenticate(auth, new.key)) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    waiting[0].cancel()
+    store.release.set()
+    principals = await asyncio.gather(*waiting[1:])
+    assert store.lookups == 1
+    assert {p.tenant_id for p in principals} == {UUID(int=7)}
+    await _authenticate(auth, new.key)  # cached now
+    assert store.lookups == 1
+
+
+async def test_a_failed_key_lookup_fails_its_waiters_and_is_not_cached() -> None:
+    new = keys.generate("test")
+    store = _SlowKeys(new.secret_hash)
+    store.fail = ConnectionError("database away")
+    auth = Authenticator(store, cache_s=60)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(_authenticate(auth, new.key)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    store.release.set()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError] * 3
+    store.fail = None
+    assert (await _authenticate(auth, new.key)).tenant_id == UUID(int=7)
+    assert store.lookups == 2
