@@ -1,8 +1,11 @@
 """The task types workers have registered, with their args validators, re-read from
-PostgreSQL every few seconds (and at once on a miss, at most once a second)."""
+PostgreSQL every few seconds (and at once on a miss, at most once a second). Requests
+that find the types stale together share one read: each used to read them (and build
+every validator) again."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,7 @@ class TaskTypes:
         self._refresh_s = refresh_s
         self._types: dict[str, TaskTypeInfo] = {}
         self._loaded_at = -1e9
+        self._reading: asyncio.Task[None] | None = None
 
     async def get(self, name: str) -> TaskTypeInfo | None:
         now = time.monotonic()
@@ -49,6 +53,20 @@ class TaskTypes:
         return list(self._types.values())
 
     async def reload(self) -> None:
+        """Read the types again, or wait for the read in progress."""
+        if self._reading is None:
+            self._reading = reading = asyncio.create_task(self._read(), name="task-types-read")
+            reading.add_done_callback(self._read_done)
+        # Shielded: one request that goes away must not cancel the others' read.
+        await asyncio.shield(self._reading)
+
+    def _read_done(self, reading: asyncio.Task[None]) -> None:
+        if self._reading is reading:
+            self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # seen, even when every request that waited went away
+
+    async def _read(self) -> None:
         types = {}
         for row in await self._repo.task_types():
             schema = row["args_schema"]

@@ -1,6 +1,6 @@
 """The API's pure parts: the drain estimator behind Retry-After, cursors, the
 Idempotency-Key rule, validation problems, the OpenAPI document, and the key cache's
-single lookup per key (with a fake repository)."""
+single lookup per key and the task types' single read (with fake repositories)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import Principal
 from services.api.routes import routes
+from services.api.tasktypes import TaskTypes
 from shared import keys
 from shared.ids import uuid7
 from shared.jsonsafe import nul_path
@@ -311,3 +312,27 @@ async def test_a_failed_key_lookup_fails_its_waiters_and_is_not_cached() -> None
     store.fail = None
     assert (await _authenticate(auth, new.key)).tenant_id == UUID(int=7)
     assert store.lookups == 2
+
+
+class _SlowTypes:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.release = asyncio.Event()
+
+    async def task_types(self) -> list[dict[str, Any]]:
+        self.reads += 1
+        await self.release.wait()
+        return [{"name": "demo.noop", "args_schema": {"type": "object"}}]
+
+
+async def test_requests_that_find_the_task_types_stale_share_one_read() -> None:
+    store = _SlowTypes()
+    types = TaskTypes(store, refresh_s=60)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(types.get("demo.noop")) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    waiting[0].cancel()
+    store.release.set()
+    found = await asyncio.gather(*waiting[1:])
+    assert store.reads == 1
+    assert {info.name for info in found if info is not None} == {"demo.noop"}
+    assert all(info is not None for info in found)
