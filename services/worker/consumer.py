@@ -119,10 +119,7 @@ class Consumer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def _on_message(self, message: AbstractIncomingMessage) -> asyncio.Task[None]:
-        """Start processing a delivery in a task of its own. Not a coroutine: aio-pika
-        runs a coroutine callback in one more task per delivery, a plain one in a
-        callback (what this returns is not awaited)."""
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
         DELIVERIES.inc()
         # The channel as it is now: aio-pika's message.channel raises once it closed.
         delivery = _Delivery(message.channel, message.delivery_tag or 0)
@@ -133,7 +130,6 @@ class Consumer:
         self._tasks.add(task)
         IN_FLIGHT.set(len(self._tasks))
         task.add_done_callback(self._done)
-        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
