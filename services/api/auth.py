@@ -7,7 +7,6 @@ took a pooled connection for the same row (64 at once in the benchmark, every 5 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -16,6 +15,7 @@ from aiohttp import web
 from services.api.problems import ProblemException
 from services.api.repository import ApiRepository, Principal
 from shared import keys
+from shared.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ class Authenticator:
         self._cache_s = cache_s
         self._max = max_entries
         self._cache: dict[str, tuple[float, tuple[bytes, Principal] | None]] = {}
-        # The lookup in flight per key id, awaited by every request that missed meanwhile.
-        self._lookups: dict[str, asyncio.Task[tuple[bytes, Principal] | None]] = {}
+        self._lookups: SingleFlight[str, tuple[bytes, Principal] | None] = SingleFlight(
+            "api-key-lookup"
+        )
 
     async def authenticate(self, request: web.Request) -> Principal:
         header = request.headers.get("Authorization", "")
@@ -66,13 +67,7 @@ class Authenticator:
         cached = self._cache.get(key_id)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        lookup = self._lookups.get(key_id)
-        if lookup is None:
-            lookup = asyncio.create_task(self._fetch(key_id), name="api-key-lookup")
-            self._lookups[key_id] = lookup
-            lookup.add_done_callback(lambda done: self._looked_up(key_id, done))
-        # Shielded: one request that goes away must not cancel the others' lookup.
-        return await asyncio.shield(lookup)
+        return await self._lookups.run(key_id, lambda: self._fetch(key_id))
 
     async def _fetch(self, key_id: str) -> tuple[bytes, Principal] | None:
         found = await self._repo.api_key(key_id)
@@ -80,9 +75,3 @@ class Authenticator:
             self._cache.clear()  # crude, but bounded: an attacker's misses cannot grow it
         self._cache[key_id] = (time.monotonic() + self._cache_s, found)
         return found
-
-    def _looked_up(self, key_id: str, lookup: asyncio.Task[tuple[bytes, Principal] | None]) -> None:
-        if self._lookups.get(key_id) is lookup:
-            del self._lookups[key_id]
-        if not lookup.cancelled():
-            lookup.exception()  # seen, even when every request that waited went away

@@ -5,7 +5,6 @@ every validator) again."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 
 from services.api.repository import ApiRepository
 from shared.schemas import ProblemError
+from shared.singleflight import SingleFlight
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class TaskTypes:
         self._refresh_s = refresh_s
         self._types: dict[str, TaskTypeInfo] = {}
         self._loaded_at = -1e9
-        self._reading: asyncio.Task[None] | None = None
+        self._reads: SingleFlight[None, None] = SingleFlight("task-types-read")
 
     async def get(self, name: str) -> TaskTypeInfo | None:
         now = time.monotonic()
@@ -54,17 +54,7 @@ class TaskTypes:
 
     async def reload(self) -> None:
         """Read the types again, or wait for the read in progress."""
-        if self._reading is None:
-            self._reading = reading = asyncio.create_task(self._read(), name="task-types-read")
-            reading.add_done_callback(self._read_done)
-        # Shielded: one request that goes away must not cancel the others' read.
-        await asyncio.shield(self._reading)
-
-    def _read_done(self, reading: asyncio.Task[None]) -> None:
-        if self._reading is reading:
-            self._reading = None
-        if not reading.cancelled():
-            reading.exception()  # seen, even when every request that waited went away
+        await self._reads.run(None, self._read)
 
     async def _read(self) -> None:
         types = {}

@@ -1,4 +1,5 @@
-"""Pure shared modules: the state machine, backoff, UUIDv7 ids, API keys, failpoints."""
+"""Pure shared modules: the state machine, backoff, UUIDv7 ids, API keys, failpoints,
+single-flight calls."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from shared.breaker import Breaker
 from shared.failpoints import PAUSE_S, Failpoints
 from shared.ids import uuid7
 from shared.schemas import TaskState as S
+from shared.singleflight import SingleFlight
 from shared.states import TRANSITIONS, can_transition, sources_of
 from shared.taskrows import previous_events
 
@@ -277,3 +279,26 @@ def test_previous_events_come_only_from_the_version_just_before() -> None:
     [event] = previous_events([fresh, stale])
     assert (event.task_id, event.seq, event.state, event.attempt) == (fresh["id"], 1, S.QUEUED, 0)
     assert event.trace_id == "t1"
+
+
+# ---------------------------------------------------------------- single flight
+
+
+async def test_single_flight_shares_a_call_per_key_and_not_across_keys() -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def read(key: str) -> str:
+        calls.append(key)
+        await release.wait()
+        return key.upper()
+
+    flights: SingleFlight[str, str] = SingleFlight("test")
+    waiting = [asyncio.create_task(flights.run(k, lambda k=k: read(k))) for k in "aabab"]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*waiting) == ["A", "A", "B", "A", "B"]
+    assert sorted(calls) == ["a", "b"]
+    # Once a call ended, the next one for its key runs anew.
+    assert await flights.run("a", lambda: read("a")) == "A"
+    assert sorted(calls) == ["a", "a", "b"]
