@@ -101,11 +101,12 @@ def _queue_depth(rabbit: PrivateRabbit, queue: str) -> int | None:
     return None
 
 
-# The broker fixture comes first so that it is torn down last: make_run stops the
-# processes before the node goes away (a worker told to stop while RabbitMQ is gone
-# waits for it and has to be killed).
+# Fixtures are torn down in the reverse order: make_run stops the processes first, then
+# the namespace's keys are deleted (a worker still running would write events after),
+# then the node goes away (a worker told to stop while RabbitMQ is gone waits for it and
+# has to be killed).
 async def test_tasks_longer_than_consumer_timeout(
-    short_timeout_rabbit: PrivateRabbit, make_run: MakeRun, fresh_namespace: Deployment
+    short_timeout_rabbit: PrivateRabbit, fresh_namespace: Deployment, make_run: MakeRun
 ) -> None:
     """Long tasks outlive their deliveries: every task succeeds on its first attempt with
     one execution, the broker did close channels for the timeout, and the workers still
