@@ -38,7 +38,8 @@ async def listen(redis: Redis, wire: Wire, runner: Runner, stop: asyncio.Event) 
             delay = min(delay * 2, 5.0)
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                # Typed only in newer redis-py releases.
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 def _apply(data: object, runner: Runner) -> None:
