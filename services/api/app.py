@@ -167,17 +167,21 @@ class _LazyPublisher(Publisher):
         self._connection = connection
         self._wire = wire
         self._timeout = timeout
-        self._channel: AbstractChannel | None = None
+        self._confirming: AbstractChannel | None = None
         self._ready: Publisher | None = None
 
     async def publish(self, batch: Sequence[amqp.Outgoing]) -> amqp.Published:
-        if self._ready is None or self._channel is None or self._channel.is_closed:
-            self._channel = await asyncio.wait_for(
+        if self._ready is None or self._confirming is None or self._confirming.is_closed:
+            self._confirming = await asyncio.wait_for(
                 self._connection.channel(publisher_confirms=True, on_return_raises=True),
                 self._timeout,
             )
-            exchange = await self._channel.get_exchange(self._wire.tasks_exchange, ensure=False)
-            self._ready = Publisher(exchange, self._wire.tasks_routing_key, self._timeout)
+            self._ready = Publisher(
+                self._confirming,
+                self._wire.tasks_exchange,
+                self._wire.tasks_routing_key,
+                self._timeout,
+            )
         return await self._ready.publish(batch)
 
 

@@ -156,10 +156,9 @@ async def _relay(
     )
     stack.push_async_callback(amqp.close, publishing, timeout)
     publish_channel = await publishing.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await publish_channel.get_exchange(wire.tasks_exchange)
     return OutboxRelay(
         pool,
-        Publisher(exchange, wire.tasks_routing_key, timeout),
+        Publisher(publish_channel, wire.tasks_exchange, wire.tasks_routing_key, timeout),
         events,
         dsn=settings.database_url,
         failpoints=failpoints,

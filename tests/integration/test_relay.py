@@ -55,7 +55,9 @@ class Broker:
     topology: amqp.Topology
 
     def publisher(self) -> Publisher:
-        return Publisher(self.topology.exchange, self.wire.tasks_routing_key, timeout=10)
+        return Publisher(
+            self.channel, self.wire.tasks_exchange, self.wire.tasks_routing_key, timeout=10
+        )
 
     async def drain(self) -> list[TaskMessage]:
         """Every message now in the queue, acked and parsed, in queue order."""
