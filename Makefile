@@ -6,6 +6,7 @@
 #   make up           everything above, then api + worker + ws_gateway until Ctrl-C
 #   make test         lint, then the whole test suite (the browser test included)
 #   make lint         ruff check, ruff format --check, mypy
+#   make lock         constraints.txt from the installed versions (after a dependency change)
 #   make bench        the benchmark suite (bench-quick: a short run)
 #   make clean        caches and test artifacts (distclean: also .venv/ and .run/)
 
@@ -25,7 +26,7 @@ CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 UP_ARGS ?=
 
-.PHONY: help install services migrate up test lint bench bench-quick chromium clean distclean
+.PHONY: help install services migrate up test lint lock bench bench-quick chromium clean distclean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -34,13 +35,13 @@ install: $(STAMP)
 
 # With the interpreter scripts/find-python.sh picks (3.12 where there is one; 3.11 or
 # newer otherwise; LONGHAUL_PYTHON overrides).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@if [ ! -x $(PY) ]; then \
 	  py=$$(bash scripts/find-python.sh); \
 	  echo "creating $(VENV) with $$py"; \
 	  "$$py" -m venv $(VENV); \
 	fi
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	@touch $@
 
 services:
@@ -60,6 +61,10 @@ chromium:
 	  $$sudo apt-get update -q >/dev/null; \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; \
 	fi
+
+lock: install
+	@{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 lint: install
 	$(VENV)/bin/ruff check .
