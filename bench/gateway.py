@@ -16,10 +16,11 @@ import aiohttp
 from redis.asyncio import Redis
 
 from bench.child import Child
-from bench.infra import BenchEnv, CpuMeter, Proc, free_port, python, wait_http_ok
+from bench.infra import BenchEnv, CpuMeter, Proc, python, wait_http_ok
 from bench.longhaul import LonghaulSystem
 from bench.stats import aggregate, cpu_share, latency_summary
 from shared import wstokens
+from tests.support import free_port
 
 IDLE_PER_PROC = 2500
 

@@ -10,7 +10,6 @@ import os
 import resource
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,12 +58,6 @@ def raise_fd_limit() -> int:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Loaded here, not in the forked child: the child must import nothing before exec.

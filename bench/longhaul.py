@@ -30,8 +30,9 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from bench.infra import BenchEnv, CpuMeter, Proc, free_port, python, wait_http_ok
+from bench.infra import BenchEnv, CpuMeter, Proc, python, wait_http_ok
 from bench.stats import aggregate, latency_summary
+from tests.support import free_port
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 JSON = {"Content-Type": "application/json"}
@@ -236,72 +237,75 @@ async def _one_run(
     connector = aiohttp.TCPConnector(limit=max(concurrency, 512))
     http = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
     tracker = Tracker(system, http, ws_conns)
-    await tracker.start()
-    tracker.expected = n
-    statuses: dict[int, int] = {}
-    url = f"{system.api_url}/v1/tasks" if batch == 1 else f"{system.api_url}/v1/tasks:batch"
-    body = (
-        orjson.dumps({"type": "demo.noop"})
-        if batch == 1
-        else orjson.dumps({"tasks": [{"type": "demo.noop"}] * batch})
-    )
-    requests = n // batch
-    late = 0
-    meter = system.meter()
+    try:
+        await tracker.start()
+        tracker.expected = n
+        statuses: dict[int, int] = {}
+        url = f"{system.api_url}/v1/tasks" if batch == 1 else f"{system.api_url}/v1/tasks:batch"
+        body = (
+            orjson.dumps({"type": "demo.noop"})
+            if batch == 1
+            else orjson.dumps({"tasks": [{"type": "demo.noop"}] * batch})
+        )
+        requests = n // batch
+        late = 0
+        meter = system.meter()
 
-    async def submit() -> None:
-        t = time.time()
-        try:
-            async with http.post(url, data=body, headers=headers) as r:
-                data = await r.read()
-                status = r.status
-        except (aiohttp.ClientError, TimeoutError):
-            status = -1
-        now = time.time()
-        statuses[status] = statuses.get(status, 0) + 1
-        if status != 202:
-            return
-        parsed = orjson.loads(data)
-        for task in parsed["tasks"] if batch > 1 else [parsed]:
-            await tracker.track(task["id"], Rec(submit=t, accepted=now))
+        async def submit() -> None:
+            t = time.time()
+            try:
+                async with http.post(url, data=body, headers=headers) as r:
+                    data = await r.read()
+                    status = r.status
+            except (aiohttp.ClientError, TimeoutError):
+                status = -1
+            now = time.time()
+            statuses[status] = statuses.get(status, 0) + 1
+            if status != 202:
+                return
+            parsed = orjson.loads(data)
+            for task in parsed["tasks"] if batch > 1 else [parsed]:
+                await tracker.track(task["id"], Rec(submit=t, accepted=now))
 
-    meter.start()
-    t0 = time.time()
-    if rate is None:
-        counter = iter(range(requests))
+        meter.start()
+        t0 = time.time()
+        if rate is None:
+            counter = iter(range(requests))
 
-        async def lane() -> None:
-            for _ in counter:
-                await submit()
+            async def lane() -> None:
+                for _ in counter:
+                    await submit()
 
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
-    else:
-        inflight: set[asyncio.Task[None]] = set()
-        interval = batch / rate
-        cap = 2000
-        for i in range(requests):
-            delay = t0 + i * interval - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif delay < -0.05:
-                late += 1
-            while len(inflight) >= cap:  # bounded: the generator never runs away
-                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.create_task(submit())
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
-        if inflight:
-            await asyncio.wait(inflight)
-    t_sub_end = time.time()
-    accepted = len(tracker.recs)
-    tracker.expected = accepted
-    if tracker.done >= accepted:
-        tracker.all_done.set()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(tracker.all_done.wait(), timeout_s)
-    cpu = meter.stop()
-    await tracker.close()
-    await http.close()
+            await asyncio.gather(*(lane() for _ in range(concurrency)))
+        else:
+            inflight: set[asyncio.Task[None]] = set()
+            interval = batch / rate
+            cap = 2000
+            for i in range(requests):
+                delay = t0 + i * interval - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -0.05:
+                    late += 1
+                while len(inflight) >= cap:  # bounded: the generator never runs away
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.create_task(submit())
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            if inflight:
+                await asyncio.wait(inflight)
+        t_sub_end = time.time()
+        accepted = len(tracker.recs)
+        tracker.expected = accepted
+        if tracker.done >= accepted:
+            tracker.all_done.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tracker.all_done.wait(), timeout_s)
+        cpu = meter.stop()
+    finally:
+        # Also when a run fails: the next one starts clean.
+        await tracker.close()
+        await http.close()
 
     recs = tracker.recs
     pool = await asyncpg.connect(env.database_url)

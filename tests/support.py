@@ -31,10 +31,23 @@ def timeout(seconds: float) -> float:
     return seconds * SCALE
 
 
+# Ports free_port() handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now that this process has not handed out before. The services of a
+    system get their ports before any of them binds, and the kernel may offer a port it
+    just offered again: a worker's health server once took the gateway's port, and the
+    gateway's readiness check was answered by the worker."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def new_run_id() -> str:
