@@ -8,12 +8,14 @@ on stderr and a non-zero exit code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from shared.errors import ConfigError, DependencyError, StartTimeout
@@ -87,3 +89,15 @@ async def wait_for_dependency(
             log.warning("waiting for dependency", extra={"dependency": name, "error": last})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+@contextlib.contextmanager
+def listening(host: str, port: int, settings: str) -> Iterator[None]:
+    """Around binding a listening socket: a port in use or an address this machine does
+    not have is a configuration error, told in one line that names the settings."""
+    try:
+        yield
+    except OSError as exc:
+        # uvloop's strerror repeats the address; the C library's text does not.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port} ({settings}): {reason}") from None

@@ -35,7 +35,7 @@ from shared.breaker import Breaker
 from shared.db import TRANSIENT_ERRORS, create_pool
 from shared.events import EventSink
 from shared.failpoints import Failpoints
-from shared.lifecycle import wait_for_dependency
+from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
 from shared.relay import OutboxRelay
 from shared.wire import Wire
@@ -217,7 +217,8 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, settings.api_host, settings.api_port, shutdown_timeout=10)
-        await site.start()
+        with listening(settings.api_host, settings.api_port, "LONGHAUL_API_HOST/_PORT"):
+            await site.start()
         log.info("api ready", extra={"url": f"http://{settings.api_host}:{settings.api_port}"})
         await stop.wait()
         log.info("api stopping")

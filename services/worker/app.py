@@ -33,7 +33,7 @@ from shared.db import create_pool
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
-from shared.lifecycle import wait_for_dependency
+from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
 from shared.relay import OutboxRelay
 from shared.wire import Wire
@@ -204,5 +204,7 @@ async def _serve_health(
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.worker_metrics_host, settings.worker_metrics_port).start()
+    host, port = settings.worker_metrics_host, settings.worker_metrics_port
+    with listening(host, port, "LONGHAUL_WORKER_METRICS_HOST/_PORT"):
+        await web.TCPSite(runner, host, port).start()
     return runner

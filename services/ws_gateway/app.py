@@ -36,7 +36,7 @@ from services.ws_gateway.streams import StreamReader
 from shared import wstokens
 from shared.db import create_pool
 from shared.errors import StartTimeout
-from shared.lifecycle import wait_for_dependency
+from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
 from shared.wire import Wire
 
@@ -121,23 +121,24 @@ class Gateway:
                     "Redis pub/sub: could not subscribe within the start "
                     "timeout (LONGHAUL_START_TIMEOUT_S)"
                 ) from None
-            server = await serve(
-                self._handle,
-                s.gateway_host,
-                s.gateway_port,
-                # Origins are checked in _process_request, before the token is spent;
-                # passing them here too keeps websockets' own check as a second guard.
-                origins=[*self.origins, None] if s.allow_missing_origin else list(self.origins),
-                process_request=self._process_request,
-                max_size=s.max_frame_bytes,
-                ping_interval=s.ping_interval_s,
-                ping_timeout=s.ping_timeout_s,
-                open_timeout=s.handshake_timeout_s,
-                close_timeout=s.close_timeout_s,
-                # Clients send tiny frames and we send small JSON: compression would cost
-                # memory per connection (zlib contexts) for nothing.
-                compression=None,
-            )
+            with listening(s.gateway_host, s.gateway_port, "LONGHAUL_GATEWAY_HOST/_PORT"):
+                server = await serve(
+                    self._handle,
+                    s.gateway_host,
+                    s.gateway_port,
+                    # Origins are checked in _process_request, before the token is spent;
+                    # passing them here too keeps websockets' own check as a second guard.
+                    origins=[*self.origins, None] if s.allow_missing_origin else list(self.origins),
+                    process_request=self._process_request,
+                    max_size=s.max_frame_bytes,
+                    ping_interval=s.ping_interval_s,
+                    ping_timeout=s.ping_timeout_s,
+                    open_timeout=s.handshake_timeout_s,
+                    close_timeout=s.close_timeout_s,
+                    # Clients send tiny frames and we send small JSON: compression would cost
+                    # memory per connection (zlib contexts) for nothing.
+                    compression=None,
+                )
             self._server = server
             stack.push_async_callback(self._close_server, server)
             self.port = int(server.sockets[0].getsockname()[1])

@@ -1,0 +1,57 @@
+"""A service that cannot start says why in one line on stderr and exits non-zero:
+2 for a configuration error, 3 for a dependency it cannot reach."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from tests.conftest import Deployment
+from tests.support import ServiceProcess, timeout
+
+
+def _exit(proc: ServiceProcess) -> tuple[int, list[str]]:
+    """The exit code and what the process wrote that is not a JSON log line."""
+    try:
+        code = proc.proc.wait(timeout=timeout(60))
+    finally:
+        proc.terminate()
+    return code, [line for line in proc.output().splitlines() if not line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    ("service", "setting", "names"),
+    [
+        ("api", "api_port", "LONGHAUL_API_HOST/_PORT"),
+        ("ws_gateway", "gateway_port", "LONGHAUL_GATEWAY_HOST/_PORT"),
+        ("worker", "worker_metrics_port", "LONGHAUL_WORKER_METRICS_HOST/_PORT"),
+    ],
+)
+async def test_a_port_in_use_is_one_line_and_exit_code_2(
+    deployment: Deployment, service: str, setting: str, names: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = ServiceProcess(f"services.{service}", deployment.env(**{setting: str(port)}))
+        code, lines = await asyncio.to_thread(_exit, proc)
+    assert (code, lines) == (
+        2,
+        [f"{service}: cannot listen on 127.0.0.1:{port} ({names}): Address already in use"],
+    )
+
+
+async def test_an_unreachable_dependency_is_one_line_and_exit_code_3(
+    deployment: Deployment,
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = closed.getsockname()[1]
+        env = deployment.env(redis_url=f"redis://127.0.0.1:{port}/0", start_timeout_s="1")
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess("services.api", env))
+    assert code == 3
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("api: Redis unreachable for 1s (LONGHAUL_START_TIMEOUT_S): ")
