@@ -542,3 +542,25 @@ async def test_published_message_is_persistent_and_identified(
     assert found.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert found.message_id == f"{task_id}:1"
     assert found.content_type == "application/json"
+
+
+async def test_the_publisher_counts_what_the_broker_refuses(broker: Broker) -> None:
+    """Nacks (a queue at x-max-length refusing publishes) and returns (no route) are
+    refusals, each of its own message, not failures of the batch."""
+    name = f"{broker.wire.namespace}_full"
+    channel = broker.channel
+    exchange = await channel.declare_exchange(name, auto_delete=True)
+    # A classic queue: a quorum queue enforces its length a little late, this one exactly.
+    queue = await channel.declare_queue(
+        name, auto_delete=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(exchange, routing_key=name)
+    try:
+        batch = [Outgoing(message_id=f"m{i}", body=b"{}") for i in range(5)]
+        full = await Publisher(channel, name, name, 10).publish(batch)
+        assert (full.confirmed, full.refused, full.failed) == ([True] * 2 + [False] * 3, 3, 0)
+        nowhere = await Publisher(channel, name, "no-such-route", 10).publish(batch[:1])
+        assert (nowhere.confirmed, nowhere.refused, nowhere.failed) == ([False], 1, 0)
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await exchange.delete()
