@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 from typing import Any, Protocol
+from uuid import UUID
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -131,14 +132,23 @@ class Hub:
         if not name.startswith(self._prefix):
             return
         try:
+            task_id = UUID(name[len(self._prefix) :])
+        except ValueError:
+            log.warning("event on a channel that names no task", extra={"channel": name})
+            return
+        listeners: tuple[Listener, ...] = self._registry.listeners(task_id)
+        if not listeners:
+            # Nobody here watches the task. Every gateway sees every event: with several,
+            # most events are someone else's, and parsing them would be for nothing.
+            return
+        try:
             event = parse_event(data)
         except MalformedMessage as exc:
             log.warning("malformed live event", extra={"channel": name, "error": str(exc)})
             return
-        if str(event.task_id) != name[len(self._prefix) :]:
+        if event.task_id != task_id:
             log.warning("event on another task's channel", extra={"channel": name})
             return
-        listeners: tuple[Listener, ...] = self._registry.listeners(event.task_id)
         for listener in listeners:
             listener.offer(event)
 

@@ -17,10 +17,13 @@ from services.ws_gateway.catchup import (
     plan_catch_up,
     row_is_next_event,
 )
+from services.ws_gateway.hub import Hub
+from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.settings import DEFAULT_ORIGINS
-from shared.schemas import ProgressEvent, TaskState
+from shared.schemas import ProgressEvent, TaskState, encode_event
+from shared.wire import Wire
 
 T1 = UUID("01920000-0000-7000-8000-000000000001")
 T2 = UUID("01920000-0000-7000-8000-000000000002")
@@ -264,3 +267,56 @@ def test_the_row_stands_for_the_one_event_missing_unless_it_may_carry_data(
     delivered: int, last_seq: int, state: str, expected: bool
 ) -> None:
     assert row_is_next_event(delivered, last_seq, state) is expected
+
+
+# ---------------------------------------------------------------- the hub's dispatch
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+
+    def offer(self, item: object) -> None:
+        self.items.append(item)
+
+
+def _hub(registry: Registry[_Listener]) -> Hub:
+    metrics = GatewayMetrics(lambda: 0.0, lambda: 0.0)
+    return Hub("redis://unused", Wire("ns"), registry, metrics, io_timeout=1.0)
+
+
+def test_the_hub_hands_an_event_to_its_tasks_listeners_only() -> None:
+    reg: Registry[_Listener] = Registry(max_connections=10, max_per_tenant=10, max_subscriptions=10)
+    watching, other = _Listener(), _Listener()
+    for listener, task in ((watching, T1), (other, T2)):
+        reg.open(listener, A)
+        reg.subscribe(listener, task)
+    hub, wire = _hub(reg), Wire("ns")
+    event = ProgressEvent(
+        task_id=T1,
+        seq=2,
+        state=TaskState.RUNNING,
+        progress=0.0,
+        ts=datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    hub._dispatch(wire.event_channel(T1).encode(), encode_event(event))
+    # On another task's channel, or not a task's channel at all: nobody gets it.
+    hub._dispatch(wire.event_channel(T2).encode(), encode_event(event))
+    hub._dispatch(wire.event_channel("not-a-task").encode(), encode_event(event))
+    assert (watching.items, other.items) == ([event], [])
+
+
+def test_the_hub_does_not_parse_an_event_nobody_here_watches(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every gateway sees every event: the ones no client of its watches cost a lookup."""
+    reg: Registry[_Listener] = Registry(max_connections=10, max_per_tenant=10, max_subscriptions=10)
+    listener = _Listener()
+    reg.open(listener, A)
+    reg.subscribe(listener, T1)
+    hub, wire = _hub(reg), Wire("ns")
+    hub._dispatch(wire.event_channel(T2).encode(), b"not json")
+    assert "malformed live event" not in caplog.text
+    hub._dispatch(wire.event_channel(T1).encode(), b"not json")
+    assert "malformed live event" in caplog.text
+    assert listener.items == []
