@@ -202,3 +202,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.InternalClientError,
 )
+# Everything PostgreSQL may answer while it is away or restarting, or with any error:
+# for callers that carry on without the answer. asyncpg's InterfaceError ("connection
+# is closed") is not a PostgresError.
+ANY_PG_ERROR: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *TRANSIENT_ERRORS)

@@ -45,6 +45,13 @@ async def enqueue(conn: Connection, items: Sequence[Scheduled]) -> None:
     await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
 
 
+async def due_count(conn: Connection) -> int:
+    """How many rows are due and not yet published: tasks accepted that are not in the
+    queue yet, part of the backlog the API's back pressure limits."""
+    count: int = await conn.fetchval("SELECT count(*) FROM outbox WHERE available_at <= now()")
+    return count
+
+
 def next_attempt(row: Row, available_at: datetime | None = None) -> Scheduled:
     """The next attempt's message of a task row (id, tenant_id, type, attempts, trace_id)."""
     return Scheduled(

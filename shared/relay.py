@@ -17,7 +17,7 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from shared.amqp import Outgoing, Publisher
-from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
+from shared.db import ANY_PG_ERROR, NOTIFY_CHANNEL
 from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
@@ -61,11 +61,8 @@ RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 """
 
 
-# What PostgreSQL may answer while it is away or restarting. asyncpg's InterfaceError
-# ("connection is closed") is not a PostgresError.
-_PG_ERRORS: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *TRANSIENT_ERRORS)
 # What a flush may meet while PostgreSQL or RabbitMQ is away: retried after a backoff.
-_FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *_PG_ERRORS)
+_FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *ANY_PG_ERROR)
 
 
 class OutboxRelay:
@@ -190,7 +187,7 @@ class OutboxRelay:
                     "SELECT extract(epoch FROM min(available_at) - now()) FROM outbox"
                     " WHERE available_at > now()"
                 )
-        except _PG_ERRORS:
+        except ANY_PG_ERROR:
             return self._poll_s
         if due is None:
             return self._poll_s
@@ -217,7 +214,7 @@ class OutboxRelay:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        except _PG_ERRORS as exc:
+        except ANY_PG_ERROR as exc:
             log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
             self._listener = None
             return
@@ -230,6 +227,6 @@ class OutboxRelay:
         assert self._listener is not None
         try:
             await asyncio.wait_for(self._listener.close(), self._timeout)
-        except _PG_ERRORS:
+        except ANY_PG_ERROR:
             self._listener.terminate()
         self._listener = None

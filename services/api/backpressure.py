@@ -1,5 +1,6 @@
-"""Back pressure: the queue depth, sampled a few times a second (never per request),
-and the drain rate measured from it, so a refusal can say when to come back."""
+"""Back pressure: the backlog (the task queue's ready messages and the outbox rows due
+to join them), sampled a few times a second (never per request), and the drain rate
+measured from it, so a refusal can say when to come back."""
 
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterator
 
+import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 from prometheus_client import Gauge
 
+from shared import outbox
+from shared.db import ANY_PG_ERROR
 from shared.wire import Wire
 
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = Gauge("longhaul_api_queue_depth", "Ready messages in the task queue (sampled)")
-DRAIN_RATE = Gauge("longhaul_api_drain_rate", "Measured messages/s leaving the task queue")
-
-# How long an admitted task may take to reach the queue (the insert, the relay's claim,
-# the publish and its confirm): a sample started sooner after it may not count it yet.
-_IN_FLIGHT_S = 0.1
+OUTBOX_DUE = Gauge("longhaul_api_outbox_due", "Outbox rows due, not yet published (sampled)")
+DRAIN_RATE = Gauge("longhaul_api_drain_rate", "Measured messages/s leaving the backlog")
 
 
 class DrainEstimator:
@@ -55,45 +57,87 @@ class DrainEstimator:
         return max(1, min(cap_s, math.ceil(excess / self.rate)))
 
 
+class AdmissionLedger:
+    """The tasks this process admitted that the last sample may not count yet. Pure.
+
+    An admission is pending until its transaction ends, then committed at that moment;
+    a sample counts it once the sample's outbox count began after the commit: the row
+    is then in the outbox or, published, in the queue (or in both, counted twice for a
+    moment, which errs on the side of refusing). No guess of how long a publish takes."""
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._committed: deque[tuple[float, int]] = deque()
+        self._committed_total = 0
+
+    @property
+    def unseen(self) -> int:
+        return self._pending + self._committed_total
+
+    def begin(self, count: int) -> None:
+        self._pending += count
+
+    def end(self, count: int, committed_at: float | None) -> None:
+        """The admission's transaction ended: committed at ``committed_at``, or not (None)."""
+        self._pending -= count
+        if committed_at is not None:
+            self._committed.append((committed_at, count))
+            self._committed_total += count
+
+    def seen_by(self, sample_started: float) -> None:
+        """Forget the admissions committed before a sample that started at this moment."""
+        while self._committed and self._committed[0][0] < sample_started:
+            self._committed_total -= self._committed.popleft()[1]
+
+
 class QueueMonitor:
-    """Samples the depth of the task queue with a passive declare on its own channel."""
+    """Samples the backlog: the outbox rows due (one count) and then the task queue's
+    depth (a passive declare on the monitor's own channel). In that order a row the
+    relay moves between the two is counted twice, never missed."""
 
     def __init__(
-        self, connection: AbstractRobustConnection, wire: Wire, interval_s: float, timeout: float
+        self,
+        connection: AbstractRobustConnection,
+        pool: asyncpg.Pool,
+        wire: Wire,
+        interval_s: float,
+        timeout: float,
     ) -> None:
         self._connection = connection
+        self._pool = pool
         self._wire = wire
         self._interval = interval_s
         self._timeout = timeout
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self.depth = 0
+        self.outbox_due = 0
         # When the last sample succeeded: a stale sample means the broker is unreachable.
         self.sampled_at = 0.0
         self.estimator = DrainEstimator()
-        # Tasks admitted by this process that the last sample may not count yet.
-        self._recent: deque[tuple[float, int]] = deque()
-        self._recent_total = 0
+        self.ledger = AdmissionLedger()
 
     def fresh(self, max_age_s: float) -> bool:
         return time.monotonic() - self.sampled_at <= max_age_s
 
-    def admitted(self, count: int = 1) -> None:
-        """Count tasks this process admitted: until a sample sees them, a burst between
-        two samples would otherwise overshoot the limit by all it sends in one interval."""
-        self._recent.append((time.monotonic(), count))
-        self._recent_total += count
+    @contextlib.contextmanager
+    def admitting(self, count: int = 1) -> Iterator[None]:
+        """Count ``count`` tasks admitted around the transaction that stores them: until a
+        sample sees them, a burst between two samples would otherwise overshoot the
+        limit by all it sends in one interval."""
+        self.ledger.begin(count)
+        committed_at: float | None = None
+        try:
+            yield
+            committed_at = time.monotonic()
+        finally:
+            self.ledger.end(count, committed_at)
 
     @property
     def estimated_depth(self) -> int:
-        """What to compare with the limit: the sampled depth plus the tasks admitted
+        """What to compare with the limit: the sampled backlog plus the tasks admitted
         here that the sample may not have counted yet."""
-        return self.depth + self._recent_total
-
-    def _counted_until(self, when: float) -> None:
-        """Forget admissions the broker had counted by a sample started at ``when``."""
-        while self._recent and self._recent[0][0] < when - _IN_FLIGHT_S:
-            self._recent_total -= self._recent.popleft()[1]
+        return self.depth + self.outbox_due + self.ledger.unseen
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -111,14 +155,28 @@ class QueueMonitor:
             self._queue = None
         if self._queue is None:
             self._queue = await self._channel.declare_queue(self._wire.tasks_queue, passive=True)
+        started = time.monotonic()
+        counted = await self._count_outbox()
         # Declare again on every sample: aio-pika's robust channel answers a repeated
         # passive declare_queue() from its cache, with the count of the first one.
-        started = time.monotonic()
         result = await self._queue.declare(timeout=self._timeout)
         depth = int(result.message_count or 0)
         now = time.monotonic()
-        self.estimator.sample(now, depth)
+        self.estimator.sample(now, depth + self.outbox_due)
         self.depth, self.sampled_at = depth, now
-        self._counted_until(started)
+        if counted:
+            self.ledger.seen_by(started)
         QUEUE_DEPTH.set(depth)
+        OUTBOX_DUE.set(self.outbox_due)
         DRAIN_RATE.set(self.estimator.rate)
+
+    async def _count_outbox(self) -> bool:
+        """Refresh ``outbox_due``; False when PostgreSQL did not answer (the last count
+        stays, and no admission is taken as seen: nothing can commit meanwhile anyway)."""
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                self.outbox_due = await outbox.due_count(conn)
+        except ANY_PG_ERROR as exc:
+            log.debug("outbox count failed", extra={"error": repr(exc)})
+            return False
+        return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -65,9 +65,11 @@ async def _rate_limit(svc: Services, principal: Principal, cost: int) -> None:
         )
 
 
-def _admit(svc: Services, count: int = 1) -> None:
-    """Refuse (503) before writing anything when the queue is over its limit or the
-    broker is unreachable or refusing: we only answer 202 for work we can keep."""
+@contextlib.contextmanager
+def _admit(svc: Services, count: int = 1) -> Iterator[None]:
+    """Refuse (503) before writing anything when the backlog is over its limit or the
+    broker is unreachable or refusing: we only answer 202 for work we can keep. Wraps
+    the transaction that stores the tasks, which the monitor counts until it sees them."""
     monitor = svc.monitor
     if not monitor.fresh(_MAX_SAMPLE_AGE_S) or (svc.relay is not None and svc.relay.refusing):
         raise ProblemException(
@@ -88,7 +90,8 @@ def _admit(svc: Services, count: int = 1) -> None:
             slug="queue-full",
             headers={"Retry-After": str(retry)},
         )
-    monitor.admitted(count)
+    with monitor.admitting(count):
+        yield
 
 
 async def _check_types(
@@ -147,9 +150,9 @@ async def submit(request: web.Request) -> web.Response:
         earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
         if earlier is not None:
             return _replay(svc, earlier, fingerprint)
-    _admit(svc)
     new = NewTask(id=uuid7(), request=task, trace_id=_trace_id(request))
-    rows = await svc.repo.insert(principal.tenant_id, [new], key, fingerprint)
+    with _admit(svc):
+        rows = await svc.repo.insert(principal.tenant_id, [new], key, fingerprint)
     if not rows:  # lost a race with an identical request: answer as its replay
         assert key is not None
         earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
@@ -212,10 +215,10 @@ async def submit_batch(request: web.Request) -> web.Response:
         raise problem from None
     await _rate_limit(svc, principal, len(batch.tasks))
     await _check_types(svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))])
-    _admit(svc, len(batch.tasks))
     trace = _trace_id(request)
     new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in batch.tasks]
-    rows = await svc.repo.insert(principal.tenant_id, new)
+    with _admit(svc, len(new)):
+        rows = await svc.repo.insert(principal.tenant_id, new)
     _submitted(svc)
     by_id = {r["id"]: r for r in rows}
     views = [task_from_row(by_id[t.id], svc.settings.public_ws_url) for t in new]
@@ -278,8 +281,8 @@ async def _tell_workers(svc: Services, command: dict[str, Any]) -> None:
 @routes.post("/v1/tasks/{id}/retry")
 async def retry_task(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
-    _admit(svc)
-    outcome, row = await svc.repo.retry(principal.tenant_id, rq.path_id(request))
+    with _admit(svc):
+        outcome, row = await svc.repo.retry(principal.tenant_id, rq.path_id(request))
     if row is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     if outcome == "conflict":
@@ -345,8 +348,8 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 @routes.post("/v1/dead-letters/{id}/redrive")
 async def redrive_dead_letter(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
-    _admit(svc)
-    result = await svc.repo.redrive(principal.tenant_id, rq.path_id(request, "dead letter"))
+    with _admit(svc):
+        result = await svc.repo.redrive(principal.tenant_id, rq.path_id(request, "dead letter"))
     if result.outcome is deadletters.Redrive.MISSING or result.dead_letter is None:
         raise ProblemException(404, "Not Found", "no such dead letter", slug="not-found")
     if result.outcome is not deadletters.Redrive.DONE or result.task is None:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from services.api import requests as rq
 from services.api.auth import Authenticator
-from services.api.backpressure import DrainEstimator
+from services.api.backpressure import AdmissionLedger, DrainEstimator
 from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import Principal
@@ -78,6 +78,44 @@ def test_retry_after_grows_with_depth() -> None:
     assert values == sorted(values)
     assert values[0] < values[-1]
     assert est.retry_after(150, 100) == math.ceil(51 / est.rate)
+
+
+# ---------------------------------------------------------------- AdmissionLedger
+
+
+def test_an_admission_counts_until_a_sample_begun_after_its_commit() -> None:
+    """Pending while its transaction runs, then counted until a sample that started
+    after the commit: however long the relay takes, a sample before that misses it."""
+    ledger = AdmissionLedger()
+    ledger.begin(3)
+    assert ledger.unseen == 3
+    ledger.seen_by(10.0)  # a sample during the transaction: the rows may not exist yet
+    assert ledger.unseen == 3
+    ledger.end(3, committed_at=10.5)
+    ledger.seen_by(10.4)  # started before the commit
+    assert ledger.unseen == 3
+    ledger.seen_by(10.6)
+    assert ledger.unseen == 0
+
+
+def test_an_admission_that_did_not_commit_stops_counting_at_once() -> None:
+    ledger = AdmissionLedger()
+    ledger.begin(1)
+    ledger.begin(2)
+    ledger.end(2, committed_at=None)
+    assert ledger.unseen == 1
+    ledger.end(1, committed_at=5.0)
+    ledger.seen_by(4.0)
+    assert ledger.unseen == 1
+
+
+def test_a_sample_forgets_only_the_commits_before_it() -> None:
+    ledger = AdmissionLedger()
+    for at in (1.0, 2.0, 3.0):
+        ledger.begin(10)
+        ledger.end(10, committed_at=at)
+    ledger.seen_by(2.5)
+    assert ledger.unseen == 10
 
 
 # ---------------------------------------------------------------- cursors
