@@ -179,7 +179,9 @@ async def test_events_racing_with_subscribe_arrive_once(
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
     total = 200
-    async with gateway(deployment) as gw:
+    # Each write commits, then emits: a grace far above a busy machine's loop lag, so
+    # a subscribe between the two waits for the event instead of taking a snapshot.
+    async with gateway(deployment, snapshot_grace_s=2) as gw:
         clients = [await ws_connect(gw, redis, tenant) for _ in range(8)]
 
         async def write_all() -> None:

@@ -25,7 +25,8 @@ from tests.support import System, api_and_worker, eventually
 async def system(deployment: Deployment) -> AsyncIterator[System]:
     # Not module-scoped: this worker purges whatever finished a second ago in the whole
     # database, and the tests below count what their own purges delete.
-    async with api_and_worker(deployment.env(task_retention_s="1")) as system:
+    env = deployment.env(task_retention_s="1")
+    async with api_and_worker(env) as system:
         yield system
 
 
@@ -40,7 +41,8 @@ async def test_a_finished_task_is_gone_after_the_retention_and_a_running_one_sta
     ids = {}
     for name, body in (
         ("done", {"type": "demo.noop"}),
-        ("running", {"type": "demo.sleep", "args": {"seconds": 6, "steps": 6}}),
+        # Far longer than the purge takes, even on a busy machine.
+        ("running", {"type": "demo.sleep", "args": {"seconds": 60, "steps": 60}}),
     ):
         async with http.post(f"{system.api_url}/v1/tasks", json=body, headers=tenant.headers) as r:
             assert r.status == 202, await r.text()
@@ -53,6 +55,17 @@ async def test_a_finished_task_is_gone_after_the_retention_and_a_running_one_sta
     async with http.get(f"{system.api_url}/v1/tasks/{ids['running']}", headers=tenant.headers) as r:
         assert r.status == 200
         assert (await r.json())["state"] == "running"
+
+    # Leave nothing running behind for the tests that share this deployment's queue.
+    url = f"{system.api_url}/v1/tasks/{ids['running']}"
+    async with http.post(f"{url}/cancel", headers=tenant.headers) as r:
+        assert r.status == 202, await r.text()
+
+    async def cancelled() -> bool:
+        async with http.get(url, headers=tenant.headers) as r:
+            return bool((await r.json())["state"] == "cancelled")
+
+    await eventually(cancelled, within=20, what="the long task to be cancelled")
 
 
 async def _insert(
