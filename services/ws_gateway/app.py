@@ -33,6 +33,7 @@ from services.ws_gateway.responses import json_response, problem, respond
 from services.ws_gateway.session import DependencyDown, Deps, Session
 from services.ws_gateway.settings import GatewaySettings
 from services.ws_gateway.streams import StreamReader
+from services.ws_gateway.sweep import Sweeper
 from shared import wstokens
 from shared.db import create_pool
 from shared.errors import StartTimeout
@@ -113,6 +114,9 @@ class Gateway:
             )
             hub_task = asyncio.create_task(self.hub.run(), name="gateway-hub")
             stack.push_async_callback(_cancel_and_wait, hub_task)
+            sweeper = Sweeper(self.registry, repository, self.metrics, s.subscription_check_s)
+            sweep_task = asyncio.create_task(sweeper.run(), name="gateway-sweep")
+            stack.push_async_callback(_cancel_and_wait, sweep_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
                     await self.hub.connected.wait()

@@ -44,6 +44,11 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.sweep_rechecks = Counter(
+            "longhaul_gateway_sweep_rechecks_total",
+            "Subscribers the sweep found behind the database and sent to catch up",
+            registry=r,
+        )
         self.hub_reconnects = Counter(
             "longhaul_gateway_hub_reconnects_total",
             "Times the Redis subscriber (re)subscribed",

@@ -86,6 +86,10 @@ class Registry(Generic[C]):
         # A copy: a listener may be closed while the caller iterates.
         return tuple(self._listeners.get(task_id, ()))
 
+    def subscribed_tasks(self) -> list[UUID]:
+        """Every task someone here listens to."""
+        return list(self._listeners)
+
     def connections(self) -> tuple[C, ...]:
         return tuple(self._tenant_of)
 

@@ -1,8 +1,9 @@
-"""The gateway's only SQL: the task row a subscription is checked and snapshotted from."""
+"""The gateway's only SQL: the task row a subscription is checked and snapshotted from,
+and the rows' latest seqs the sweep compares its subscribers with."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -12,6 +13,7 @@ from shared.groupcommit import GroupCommit
 from shared.taskrows import qualified
 
 Key = tuple[UUID, UUID]  # (task id, tenant id)
+_CHUNK = 5000
 
 
 class TaskRepository:
@@ -39,6 +41,18 @@ class TaskRepository:
         )
         found = {(r["id"], r["tenant_id"]): dict(r) for r in rows}
         return [found.get(key) for key in keys]
+
+    async def last_seqs(self, task_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The latest event seq of each task that still exists, a few thousand per query."""
+        out: dict[UUID, int] = {}
+        for start in range(0, len(task_ids), _CHUNK):
+            rows = await self._pool.fetch(
+                "SELECT id, last_seq FROM tasks WHERE id = ANY($1::uuid[])",
+                task_ids[start : start + _CHUNK],
+                timeout=self._timeout,
+            )
+            out.update((r["id"], r["last_seq"]) for r in rows)
+        return out
 
     async def aclose(self) -> None:
         """Wait for the reads in flight (shutdown)."""

@@ -48,10 +48,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recheck:
-    """Back to a task whose stream lagged the database, after the grace period."""
+    """Back to a task whose stream lagged the database: after the grace period (final:
+    the row stands in for what the stream still lacks), or from the sweep (a first
+    look, as at a subscribe: the stream may hold what live delivery lost)."""
 
     task_id: UUID
     last_seq: int  # what the database showed: nothing to do once the cursor is there
+    final: bool = True
 
 
 Item = ProgressEvent | Resync | Recheck | frames.ClientOp
@@ -190,6 +193,10 @@ class Session:
         self._items().put_nowait(item)
         self._start_worker()
 
+    def behind(self, task_id: UUID, seq: int) -> bool:
+        """Subscribed to the task and not yet sent ``seq`` of it."""
+        return self._cursors.get(task_id, seq) < seq
+
     def _send_now(self, event: ProgressEvent) -> bool:
         """The common case, written at once without waking the worker: nothing is waiting
         or being processed (so order holds), the event is the next seq and the client's
@@ -307,9 +314,11 @@ class Session:
             for task_id in list(self._cursors):
                 await self._catch_up(task_id)
         elif isinstance(item, Recheck):
-            self._rechecks.pop(item.task_id, None)
-            if self._cursors.get(item.task_id, item.last_seq) < item.last_seq:
-                await self._catch_up(item.task_id, tail=Tail.SNAPSHOT)
+            if item.final:
+                self._rechecks.pop(item.task_id, None)
+            if self.behind(item.task_id, item.last_seq):
+                tail = Tail.SNAPSHOT if item.final else Tail.DEFER
+                await self._catch_up(item.task_id, tail=tail)
         elif isinstance(item, frames.Subscribe):
             await self._subscribe(item)
         elif isinstance(item, frames.Unsubscribe):

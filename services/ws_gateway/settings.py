@@ -37,6 +37,9 @@ class GatewaySettings(CommonSettings):
     # When the database is ahead of the stream, the worker may simply not have written
     # the event yet (it commits first): wait this long before settling for a snapshot.
     snapshot_grace_s: float = Field(default=0.2, ge=0)
+    # How often the rows of the watched tasks are compared with what their subscribers
+    # got (sweep.py): the longest a client waits for an event that Redis never had.
+    subscription_check_s: float = Field(default=5.0, gt=0)
     # SSE is served as long polling (see sse.py): how long one poll waits for news.
     sse_poll_s: float = Field(default=8.0, gt=0)
 

@@ -34,6 +34,10 @@ class _Waiter:
     def offer(self, item: ProgressEvent | Resync) -> None:
         self.woken.set()
 
+    def behind(self, task_id: UUID, seq: int) -> bool:
+        """Never, for the sweep: a poll reads the row itself, and lasts one poll period."""
+        return False
+
 
 async def poll(
     deps: Deps, tenant_id: UUID, task_id: UUID, after_seq: int, wait_s: float

@@ -79,7 +79,9 @@ async def test_fifty_tasks_on_one_connection_resume_and_late_subscribe(
     get exactly what they lack; a finished task yields its terminal event at once."""
     await system.start_api()
     await system.start_worker(worker_concurrency="50")
-    await system.start_gateway()
+    # A subscribe that reads a row whose newest event is still on its way waits for it
+    # this long before it sends a snapshot: far above a busy machine's delays here.
+    await system.start_gateway(snapshot_grace_s="2")
     ids = await _submit(
         http, system, tenant, [{"type": "demo.sleep", "args": {"seconds": 1.0, "steps": 5}}] * 50
     )
@@ -174,3 +176,31 @@ async def test_redis_restart_mid_task_still_ends_in_the_terminal_event(
         system.stop()
     _assert_story(seen)
     assert [e["seq"] for e in seen][:3] == [1, 2, 3]
+
+
+async def test_a_live_client_gets_the_terminal_event_a_crashed_worker_never_wrote(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    """The worker commits the outcome and dies before writing its event to Redis; the
+    redelivery finds the task finished and has nothing to run. A client that watched
+    the task live still ends on the terminal event: the gateway notices that the
+    database moved past what the client got, and catches it up."""
+    await system.start_api()
+    await system.start_gateway(subscription_check_s="0.5")
+    crashing = await system.start_worker(failpoints="worker.after_commit=crash")
+    [task_id] = await _submit(
+        http, system, tenant, [{"type": "demo.sleep", "args": {"seconds": 1.0, "steps": 1}}]
+    )
+    async with await _ws(http, system, tenant) as ws:
+        await ws.send(json.dumps({"op": "subscribe", "task_id": task_id, "after_seq": 0}))
+        await eventually(lambda: _dead(crashing), within=30, what="the worker to crash")
+        # The redelivery goes to a healthy worker, which skips the finished task.
+        await system.start_worker()
+        frames = (await _collect(ws, {task_id}, within=30))[task_id]
+    # Redis never had it: rebuilt from the row (the row is exactly that event).
+    assert frames[-1]["state"] == "succeeded", frames
+    _assert_story(frames)
+
+
+async def _dead(proc: Any) -> bool:
+    return not proc.alive()

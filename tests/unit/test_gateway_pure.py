@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -21,7 +22,9 @@ from services.ws_gateway.hub import Hub
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
+from services.ws_gateway.session import Recheck
 from services.ws_gateway.settings import DEFAULT_ORIGINS
+from services.ws_gateway.sweep import Lag, Sweeper
 from shared.schemas import ProgressEvent, TaskState, encode_event
 from shared.wire import Wire
 
@@ -320,3 +323,64 @@ def test_the_hub_does_not_parse_an_event_nobody_here_watches(
     hub._dispatch(wire.event_channel(T1).encode(), b"not json")
     assert "malformed live event" in caplog.text
     assert listener.items == []
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def test_lag_names_a_seq_only_after_a_whole_check_period() -> None:
+    """A seq seen at one check is due at the next: the live event had a whole period to
+    arrive. Tasks no longer read are forgotten, and seq 0 (no event yet) is never due."""
+    lag = Lag()
+    assert lag.observe({T1: 3, T2: 0}) == {}
+    assert lag.observe({T1: 5, T2: 1}) == {T1: 3}
+    assert lag.observe({T2: 1}) == {T2: 1}
+    assert lag.observe({T1: 9}) == {}
+
+
+class _Watcher:
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor
+        self.offered: list[Recheck] = []
+
+    __hash__ = object.__hash__
+
+    def behind(self, task_id: UUID, seq: int) -> bool:
+        return self.cursor < seq
+
+    def offer(self, item: Recheck) -> None:
+        self.offered.append(item)
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.seqs: dict[UUID, int] = {}
+        self.asked: list[list[UUID]] = []
+
+    async def last_seqs(self, task_ids: Sequence[UUID]) -> dict[UUID, int]:
+        self.asked.append(sorted(task_ids))
+        return {t: self.seqs[t] for t in task_ids if t in self.seqs}
+
+
+async def test_the_sweep_sends_only_a_subscriber_left_behind_to_catch_up() -> None:
+    """Of two subscribers of a task, the one still below the seq the row had one check
+    ago gets a first-look recheck; the one that got it does not; nobody's task is read
+    when nobody watches."""
+    registry: Registry[_Watcher] = Registry(
+        max_connections=10, max_per_tenant=10, max_subscriptions=10
+    )
+    rows = _Rows()
+    metrics = GatewayMetrics(connections=lambda: 0.0, subscriptions=lambda: 0.0)
+    sweeper = Sweeper(registry, rows, metrics, check_s=1)
+    assert await sweeper.check() == 0 and rows.asked == []
+    stuck, fine = _Watcher(cursor=2), _Watcher(cursor=3)
+    for watcher in (stuck, fine):
+        registry.open(watcher, A)
+        registry.subscribe(watcher, T1)
+    rows.seqs = {T1: 3}
+    assert await sweeper.check() == 0  # the event may still be on its way
+    rows.seqs = {T1: 4}
+    assert await sweeper.check() == 1
+    assert stuck.offered == [Recheck(T1, 3, final=False)] and fine.offered == []
+    assert rows.asked == [[T1], [T1]]
+    assert b"longhaul_gateway_sweep_rechecks_total 1.0" in metrics.render()

@@ -1,0 +1,90 @@
+"""Subscriptions left behind the database: the safety net under live delivery.
+
+An event can miss both Redis paths, the stream and pub/sub: a worker killed between
+its commit and its event write, Redis away at that moment (the writer's breaker drops
+what it cannot write), a resync that ran before the write it waited for. The client
+then waits for an event nobody will send, the terminal one included. So every
+``check_s`` the rows of the tasks this process watches are read in one query, and a
+client still below a seq the database already had at the previous check (it had a
+whole period to arrive) catches up: from the stream if it holds the events, else from
+the row as a snapshot.
+
+``Lag`` is the pure part; ``Sweeper`` does the reading and the offering."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+from uuid import UUID
+
+from services.ws_gateway.metrics import GatewayMetrics
+from services.ws_gateway.registry import Registry
+from services.ws_gateway.session import Recheck
+from shared.db import ANY_PG_ERROR
+
+log = logging.getLogger(__name__)
+
+
+class Watcher(Protocol):
+    def behind(self, task_id: UUID, seq: int) -> bool:
+        """Whether this subscriber has not got ``seq`` of the task yet."""
+
+    def offer(self, item: Recheck) -> None: ...
+
+
+class Rows(Protocol):
+    async def last_seqs(self, task_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """The latest event seq of each of these tasks that still exists."""
+
+
+class Lag:
+    """Which tasks' subscribers to look at: those whose row had, one check ago, a seq
+    that may not have reached them. Pure."""
+
+    def __init__(self) -> None:
+        self._seen: dict[UUID, int] = {}
+
+    def observe(self, last_seqs: Mapping[UUID, int]) -> dict[UUID, int]:
+        """Take this check's rows; return, per task, the seq its subscribers should have
+        by now (what the previous check saw). Tasks no longer read are forgotten."""
+        due = {t: seq for t, seq in self._seen.items() if t in last_seqs and seq > 0}
+        self._seen = dict(last_seqs)
+        return due
+
+
+class Sweeper:
+    def __init__(
+        self, registry: Registry[Any], rows: Rows, metrics: GatewayMetrics, check_s: float
+    ) -> None:
+        self._registry = registry
+        self._rows = rows
+        self._metrics = metrics
+        self._check_s = check_s
+        self._lag = Lag()
+
+    async def run(self) -> None:
+        """Check every ``check_s`` until cancelled; a failed read waits for the next."""
+        while True:
+            await asyncio.sleep(self._check_s)
+            try:
+                await self.check()
+            except ANY_PG_ERROR as exc:
+                log.debug("subscription check failed", extra={"error": repr(exc)})
+
+    async def check(self) -> int:
+        """One check; returns how many subscribers were sent to catch up."""
+        watched = self._registry.subscribed_tasks()
+        last_seqs = await self._rows.last_seqs(watched) if watched else {}
+        sent = 0
+        for task_id, seq in self._lag.observe(last_seqs).items():
+            watchers: tuple[Watcher, ...] = self._registry.listeners(task_id)
+            for watcher in watchers:
+                if watcher.behind(task_id, seq):
+                    watcher.offer(Recheck(task_id, seq, final=False))
+                    sent += 1
+        if sent:
+            self._metrics.sweep_rechecks.inc(sent)
+            log.info("subscribers behind the database caught up", extra={"count": sent})
+        return sent
