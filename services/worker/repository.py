@@ -270,11 +270,13 @@ class WorkerRepository:
             )
         return int(status.rsplit(" ", 1)[-1])
 
-    async def exists(self, task_id: UUID, tenant_id: UUID) -> bool:
-        row = await self._fetchrow(
-            "SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id
+    async def event_row(self, task_id: UUID, tenant_id: UUID) -> Row | None:
+        """The task's row as its latest event shows it, or None: no such task of this tenant."""
+        return await self._fetchrow(
+            f"SELECT {EVENT_COLUMNS} FROM tasks WHERE id = $1 AND tenant_id = $2",
+            task_id,
+            tenant_id,
         )
-        return row is not None
 
     async def fail_waiting(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
         """Fail a task whose message for its next attempt was dead-lettered by the broker

@@ -30,7 +30,7 @@ from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.jsonsafe import nul_path
 from shared.logging import task_id_var, trace_id_var
-from shared.schemas import ProgressEvent, TaskMessage, parse_task_message
+from shared.schemas import ProgressEvent, TaskMessage, TaskState, parse_task_message
 from shared.taskrows import Row, event_from_row, previous_events
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,17 @@ class Runner:
             await self._skip(message, body, headers)
 
     async def _skip(self, message: TaskMessage, body: bytes, headers: Mapping[str, Any]) -> None:
-        if not await self._db(lambda: self._repo.exists(message.task_id, message.tenant_id)):
+        row = await self._db(lambda: self._repo.event_row(message.task_id, message.tenant_id))
+        if row is None:
             await self._dead_letter(
                 "unknown_task", "no task with this id and tenant", body, headers, message
             )
+        elif TaskState(row["state"]).terminal:
+            # A worker killed between its commit and its event write left the terminal
+            # event unwritten, and the redelivery that brings it here is the moment to
+            # write it: at once, not at the gateway's next sweep. Redis refuses the seq
+            # when the stream has it, and live clients drop what they already got.
+            await self._events.emit([event_from_row(row)])
 
     async def _dead_letter(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -204,6 +205,31 @@ async def test_events_racing_with_subscribe_arrive_once(
         assert frames is not None
         assert_no_gap(frames, 0)
         assert len(frames) == total
+
+
+async def test_a_live_client_gets_events_that_never_reached_redis(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """Events committed but never written to Redis (the writer died, or Redis was away)
+    reach a client that is subscribed and waiting, the terminal one included: the sweep
+    sees the row ahead of what the client got, and catches it up from the row."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    async with (
+        gateway(deployment, subscription_check_s=0.2) as gw,
+        await ws_connect(gw, redis, tenant) as ws,
+    ):
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 0}))
+        assert (await recv_json(ws))["seq"] == 1
+        await writer.step(2, emit=False)
+        await writer.step(3, TaskState.SUCCEEDED, emit=False)
+        last = await recv_json(ws)
+    assert (last["seq"], last["state"], last.get("snapshot")) == (3, "succeeded", True)
+    rechecks = re.search(
+        rb"^longhaul_gateway_sweep_rechecks_total (\S+)$", gw.metrics.render(), re.M
+    )
+    assert rechecks is not None and float(rechecks[1]) >= 1
 
 
 async def test_snapshot_when_stream_lost_events(
