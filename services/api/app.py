@@ -127,7 +127,14 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
         limiter=RateLimiter(
             deps.redis, wire, settings.rate_limit_per_s, settings.rate_limit_burst, redis_breaker
         ),
-        monitor=QueueMonitor(deps.amqp, deps.pool, wire, settings.queue_depth_refresh_s, timeout),
+        monitor=QueueMonitor(
+            deps.amqp,
+            deps.pool,
+            wire,
+            limit=settings.max_queue_depth,
+            interval_s=settings.queue_depth_refresh_s,
+            timeout=timeout,
+        ),
         relay=relay,
         events=events,
         redis=deps.redis,

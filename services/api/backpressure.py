@@ -100,11 +100,14 @@ class QueueMonitor:
         connection: AbstractRobustConnection,
         pool: asyncpg.Pool,
         wire: Wire,
+        *,
+        limit: int,
         interval_s: float,
         timeout: float,
     ) -> None:
         self._connection = connection
         self._pool = pool
+        self._limit = limit
         self._wire = wire
         self._interval = interval_s
         self._timeout = timeout
@@ -145,7 +148,7 @@ class QueueMonitor:
                 await asyncio.wait_for(self._sample(), self._timeout)
             except (AMQPError, OSError, TimeoutError, RuntimeError) as exc:
                 log.debug("queue depth sample failed", extra={"error": repr(exc)})
-                self._channel = None
+                await self._drop_channel()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)
 
@@ -156,27 +159,40 @@ class QueueMonitor:
         if self._queue is None:
             self._queue = await self._channel.declare_queue(self._wire.tasks_queue, passive=True)
         started = time.monotonic()
-        counted = await self._count_outbox()
+        # A bound of its own, shorter than the sample's: a PostgreSQL that hangs must not
+        # cost the queue's depth, nor read as a broker that is away.
+        outbox_due = await self._count_outbox(self._timeout / 2)
         # Declare again on every sample: aio-pika's robust channel answers a repeated
         # passive declare_queue() from its cache, with the count of the first one.
         result = await self._queue.declare(timeout=self._timeout)
         depth = int(result.message_count or 0)
         now = time.monotonic()
-        self.estimator.sample(now, depth + self.outbox_due)
-        self.depth, self.sampled_at = depth, now
-        if counted:
+        # Both counts are taken together or not at all: a new outbox count beside an old
+        # depth would miss the rows the relay moved into the queue in between. With the
+        # old outbox count those are counted twice, and nothing committed since is taken
+        # as seen.
+        if outbox_due is not None:
+            self.outbox_due = outbox_due
             self.ledger.seen_by(started)
+        self.depth, self.sampled_at = depth, now
+        self.estimator.sample(now, depth + self.outbox_due)
         QUEUE_DEPTH.set(depth)
         OUTBOX_DUE.set(self.outbox_due)
         DRAIN_RATE.set(self.estimator.rate)
 
-    async def _count_outbox(self) -> bool:
-        """Refresh ``outbox_due``; False when PostgreSQL did not answer (the last count
-        stays, and no admission is taken as seen: nothing can commit meanwhile anyway)."""
+    async def _count_outbox(self, timeout: float) -> int | None:
+        """The outbox rows due (counted up to what refuses anyway), or None when
+        PostgreSQL did not answer in time."""
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                self.outbox_due = await outbox.due_count(conn)
+            async with asyncio.timeout(timeout), self._pool.acquire() as conn:
+                return await outbox.due_count(conn, cap=self._limit + 1)
         except ANY_PG_ERROR as exc:
             log.debug("outbox count failed", extra={"error": repr(exc)})
-            return False
-        return True
+            return None
+
+    async def _drop_channel(self) -> None:
+        """After a failed sample: close the channel (a new one next time), not leak it."""
+        channel, self._channel, self._queue = self._channel, None, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(AMQPError, OSError, TimeoutError, RuntimeError):
+                await asyncio.wait_for(channel.close(), self._timeout)

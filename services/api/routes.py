@@ -81,12 +81,12 @@ def _admit(svc: Services, count: int = 1) -> Iterator[None]:
         )
     limit = svc.settings.max_queue_depth
     depth = monitor.estimated_depth
-    if depth >= limit:
-        retry = monitor.estimator.retry_after(depth, limit)
+    if depth + count > limit:  # a batch counts whole: it may not take the queue past it
+        retry = monitor.estimator.retry_after(depth + count - 1, limit)
         raise ProblemException(
             503,
             "Service Unavailable",
-            f"the task queue is over its limit ({depth} >= {limit})",
+            f"the task queue is at its limit ({depth} queued, {count} more, limit {limit})",
             slug="queue-full",
             headers={"Retry-After": str(retry)},
         )

@@ -48,16 +48,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recheck:
-    """Back to a task whose stream lagged the database: after the grace period (final:
-    the row stands in for what the stream still lacks), or from the sweep (a first
-    look, as at a subscribe: the stream may hold what live delivery lost)."""
+    """Back to a task whose stream lagged the database, after the grace period."""
 
     task_id: UUID
     last_seq: int  # what the database showed: nothing to do once the cursor is there
-    final: bool = True
 
 
-Item = ProgressEvent | Resync | Recheck | frames.ClientOp
+@dataclass(frozen=True)
+class Behind:
+    """From the sweep: tasks whose subscription here may lack events the database had
+    a whole check ago, with those seqs. One item per connection and check, however
+    many tasks it watches. A first look, as at a subscribe: the stream may hold what
+    live delivery lost; else the grace, then the row."""
+
+    seqs: tuple[tuple[UUID, int], ...]
+
+
+Item = ProgressEvent | Resync | Recheck | Behind | frames.ClientOp
 
 # Client commands read ahead of the worker: beyond this the reader waits (TCP pushes back).
 _OPS_AHEAD = 64
@@ -178,7 +185,7 @@ class Session:
     # Sessions are registry keys: identity is the right equality.
     __hash__ = object.__hash__
 
-    def offer(self, item: ProgressEvent | Resync | Recheck) -> None:
+    def offer(self, item: ProgressEvent | Resync | Recheck | Behind) -> None:
         if self._slow or self._ended:
             return
         if isinstance(item, ProgressEvent) and self._pending == 0 and self._send_now(item):
@@ -298,7 +305,7 @@ class Session:
         items = self._items()
         while True:
             item = await items.get()
-            if isinstance(item, ProgressEvent | Resync | Recheck):
+            if isinstance(item, ProgressEvent | Resync | Recheck | Behind):
                 self._events_queued -= 1
             elif self._ops_room is not None:
                 self._ops_room.release()
@@ -314,11 +321,13 @@ class Session:
             for task_id in list(self._cursors):
                 await self._catch_up(task_id)
         elif isinstance(item, Recheck):
-            if item.final:
-                self._rechecks.pop(item.task_id, None)
+            self._rechecks.pop(item.task_id, None)
             if self.behind(item.task_id, item.last_seq):
-                tail = Tail.SNAPSHOT if item.final else Tail.DEFER
-                await self._catch_up(item.task_id, tail=tail)
+                await self._catch_up(item.task_id, tail=Tail.SNAPSHOT)
+        elif isinstance(item, Behind):
+            for task_id, seq in item.seqs:
+                if self.behind(task_id, seq):
+                    await self._catch_up(task_id)
         elif isinstance(item, frames.Subscribe):
             await self._subscribe(item)
         elif isinstance(item, frames.Unsubscribe):

@@ -21,7 +21,7 @@ from uuid import UUID
 
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.registry import Registry
-from services.ws_gateway.session import Recheck
+from services.ws_gateway.session import Behind
 from shared.db import ANY_PG_ERROR
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Watcher(Protocol):
     def behind(self, task_id: UUID, seq: int) -> bool:
         """Whether this subscriber has not got ``seq`` of the task yet."""
 
-    def offer(self, item: Recheck) -> None: ...
+    def offer(self, item: Behind) -> None: ...
 
 
 class Rows(Protocol):
@@ -65,26 +65,31 @@ class Sweeper:
         self._lag = Lag()
 
     async def run(self) -> None:
-        """Check every ``check_s`` until cancelled; a failed read waits for the next."""
+        """Check every ``check_s`` until cancelled. A failed check waits for the next:
+        this safety net must not come down with one bad read."""
         while True:
             await asyncio.sleep(self._check_s)
             try:
                 await self.check()
             except ANY_PG_ERROR as exc:
                 log.debug("subscription check failed", extra={"error": repr(exc)})
+            except Exception:
+                log.exception("subscription check failed")
 
     async def check(self) -> int:
-        """One check; returns how many subscribers were sent to catch up."""
+        """One check; returns how many subscriptions were sent to catch up."""
         watched = self._registry.subscribed_tasks()
         last_seqs = await self._rows.last_seqs(watched) if watched else {}
-        sent = 0
+        behind: dict[Watcher, list[tuple[UUID, int]]] = {}
         for task_id, seq in self._lag.observe(last_seqs).items():
             watchers: tuple[Watcher, ...] = self._registry.listeners(task_id)
             for watcher in watchers:
                 if watcher.behind(task_id, seq):
-                    watcher.offer(Recheck(task_id, seq, final=False))
-                    sent += 1
+                    behind.setdefault(watcher, []).append((task_id, seq))
+        for watcher, seqs in behind.items():
+            watcher.offer(Behind(tuple(seqs)))
+        sent = sum(len(seqs) for seqs in behind.values())
         if sent:
             self._metrics.sweep_rechecks.inc(sent)
-            log.info("subscribers behind the database caught up", extra={"count": sent})
+            log.info("subscriptions behind the database sent to catch up", extra={"count": sent})
         return sent

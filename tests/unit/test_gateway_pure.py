@@ -22,7 +22,7 @@ from services.ws_gateway.hub import Hub
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
-from services.ws_gateway.session import Recheck
+from services.ws_gateway.session import Behind
 from services.ws_gateway.settings import DEFAULT_ORIGINS
 from services.ws_gateway.sweep import Lag, Sweeper
 from shared.schemas import ProgressEvent, TaskState, encode_event
@@ -341,14 +341,14 @@ def test_lag_names_a_seq_only_after_a_whole_check_period() -> None:
 class _Watcher:
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor
-        self.offered: list[Recheck] = []
+        self.offered: list[Behind] = []
 
     __hash__ = object.__hash__
 
     def behind(self, task_id: UUID, seq: int) -> bool:
         return self.cursor < seq
 
-    def offer(self, item: Recheck) -> None:
+    def offer(self, item: Behind) -> None:
         self.offered.append(item)
 
 
@@ -364,8 +364,8 @@ class _Rows:
 
 async def test_the_sweep_sends_only_a_subscriber_left_behind_to_catch_up() -> None:
     """Of two subscribers of a task, the one still below the seq the row had one check
-    ago gets a first-look recheck; the one that got it does not; nobody's task is read
-    when nobody watches."""
+    ago is sent to catch up, with all its lagging tasks in one item; the one that got it
+    is not; nothing is read while nobody watches."""
     registry: Registry[_Watcher] = Registry(
         max_connections=10, max_per_tenant=10, max_subscriptions=10
     )
@@ -377,10 +377,11 @@ async def test_the_sweep_sends_only_a_subscriber_left_behind_to_catch_up() -> No
     for watcher in (stuck, fine):
         registry.open(watcher, A)
         registry.subscribe(watcher, T1)
-    rows.seqs = {T1: 3}
-    assert await sweeper.check() == 0  # the event may still be on its way
-    rows.seqs = {T1: 4}
-    assert await sweeper.check() == 1
-    assert stuck.offered == [Recheck(T1, 3, final=False)] and fine.offered == []
-    assert rows.asked == [[T1], [T1]]
-    assert b"longhaul_gateway_sweep_rechecks_total 1.0" in metrics.render()
+    registry.subscribe(stuck, T2)
+    rows.seqs = {T1: 3, T2: 7}
+    assert await sweeper.check() == 0  # the events may still be on their way
+    rows.seqs = {T1: 4, T2: 7}
+    assert await sweeper.check() == 2
+    assert stuck.offered == [Behind(((T1, 3), (T2, 7)))] and fine.offered == []
+    assert rows.asked == [[T1, T2], [T1, T2]]
+    assert b"longhaul_gateway_sweep_rechecks_total 2.0" in metrics.render()
