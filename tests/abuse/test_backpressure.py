@@ -114,6 +114,28 @@ async def test_queue_over_depth_limit_gets_503_and_accepted_tasks_complete(
     await eventually(admitted_again, within=30, interval=0.3, what="202 after the drain")
 
 
+async def test_a_batch_is_admitted_only_whole_under_the_limit(
+    fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """A batch counts with all its tasks: one that would take the backlog past the limit
+    is refused whole (nothing stored), a smaller one that fits is accepted."""
+    system = systems(fresh_namespace, max_queue_depth=str(DEPTH_LIMIT))
+    await system.start_api(rate_limit_per_s="0")
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks:batch"
+
+    async def batch(n: int) -> tuple[int, dict[str, Any], dict[str, str], float]:
+        return await _submit(http, url, tenant, {"tasks": [{"type": "demo.noop"}] * n})
+
+    assert (await batch(40))[0] == 202
+    status, payload, headers, _ = await batch(DEPTH_LIMIT - 40 + 1)
+    assert status == 503, payload
+    _assert_polite_503(payload, headers)
+    assert sum((await _states(db, tenant)).values()) == 40
+    assert (await batch(DEPTH_LIMIT - 40))[0] == 202
+    assert sum((await _states(db, tenant)).values()) == DEPTH_LIMIT
+
+
 async def test_broker_refusing_publishes_gets_503_and_nothing_accepted_is_lost(
     fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
