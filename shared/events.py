@@ -94,6 +94,25 @@ class EventSink:
             [*((e, False) for e in backfill), *((e, True) for e in events)]
         )
 
+    async def announce(self, event: ProgressEvent) -> bool:
+        """Publish ``event`` to live clients without appending it to the stream; True when
+        Redis took it. For an event that may have been lost, announced by someone else than
+        its writer, who may still be about to write it with the events before it: in the
+        stream it would go first, and Redis would then refuse those as late. A client
+        that lacks the ones before catches up from the stream or the row."""
+        if not self.breaker.allow():
+            EVENTS_FAILED.inc()
+            return False
+        try:
+            await self._redis.publish(self._wire.event_channel(event.task_id), encode_event(event))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failed()
+            EVENTS_FAILED.inc()
+            log.warning("progress event not announced", extra={"error": repr(exc)})
+            return False
+        self.breaker.succeeded()
+        return True
+
     async def aclose(self) -> None:
         """Wait for what is being written (shutdown)."""
         await self._group.aclose()

@@ -286,9 +286,10 @@ class Runner:
         elif TaskState(row["state"]).terminal:
             # A worker killed between its commit and its event write left the terminal
             # event unwritten, and the redelivery that brings it here is the moment to
-            # write it: at once, not at the gateway's next sweep. Redis refuses the seq
-            # when the stream has it, and live clients drop what they already got.
-            await self._events.emit([event_from_row(row)])
+            # tell live clients: at once, not at the gateway's next sweep. Published
+            # only: the worker that ran it may be alive and still writing the events
+            # before it (this is a duplicate message), and clients drop what they have.
+            await self._events.announce(event_from_row(row))
 
     async def _dead_letter(
         self,

@@ -13,7 +13,7 @@ from services.ws_gateway.streams import StreamReader
 from shared.events import EventSink
 from shared.schemas import ProgressEvent, TaskState, parse_event
 from tests.conftest import Deployment
-from tests.support import eventually, free_port, private_redis, redis_up
+from tests.support import eventually, free_port, private_redis, redis_up, timeout
 
 
 def _event(task_id: UUID, seq: int, state: TaskState = TaskState.RUNNING) -> ProgressEvent:
@@ -145,3 +145,24 @@ async def test_concurrent_stream_reads_each_get_their_own_events(
     assert [e.seq for e in got[2]] == [2, 3]
     assert got[3] == []
     assert all([e.seq for e in g] == [1, 2, 3] for g in got[4:])
+
+
+async def test_an_announced_event_is_published_and_leaves_the_stream_alone(
+    redis: Redis, deployment: Deployment
+) -> None:
+    """announce() reaches live subscribers only: the events its writer may still append
+    before it (lower seqs) are then not refused by the stream."""
+    sink = _sink(redis, deployment)
+    task_id = uuid4()
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(deployment.wire.event_channel(task_id))
+    assert await pubsub.get_message(timeout=timeout(1)) is not None  # the subscribe reply
+    assert await sink.announce(_event(task_id, 4, TaskState.SUCCEEDED))
+    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout(1))
+    assert msg is not None and parse_event(msg["data"]).seq == 4
+    assert await _stream_seqs(redis, deployment, task_id) == []
+    assert await sink.emit([_event(task_id, 2), _event(task_id, 3)])
+    assert await _stream_seqs(redis, deployment, task_id) == [2, 3]
+    await pubsub.aclose()
+    await redis.delete(deployment.wire.event_stream(task_id))
+    await sink.aclose()
