@@ -11,7 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from shared import deadletters, keys
-from shared.db import migrate
+from shared.db import ANY_PG_ERROR, migrate
 from shared.errors import ConfigError
 from shared.ids import uuid7
 from shared.settings import CommonSettings, load
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"longhaul: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except ANY_PG_ERROR as exc:
         print(f"longhaul: PostgreSQL at {settings.database_url}: {exc}", file=sys.stderr)
         return 3
     except ValueError as exc:

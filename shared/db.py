@@ -69,7 +69,7 @@ async def create_pool(
             command_timeout=timeout,
             server_settings=settings,
         )
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except ANY_PG_ERROR as exc:
         raise DependencyError(f"PostgreSQL: {exc}") from exc
     assert pool is not None
     return pool

@@ -35,7 +35,7 @@ from services.ws_gateway.settings import GatewaySettings
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import Sweeper
 from shared import wstokens
-from shared.db import create_pool
+from shared.db import ANY_PG_ERROR, create_pool
 from shared.errors import StartTimeout
 from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
@@ -223,7 +223,7 @@ class Gateway:
         try:
             await self._deps.repository.ping()
             checks["postgres"] = "ok"
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except ANY_PG_ERROR as exc:
             checks["postgres"] = f"unreachable: {type(exc).__name__}"
         hub_ok = self.hub is not None and self.hub.connected.is_set()
         checks["redis_pubsub"] = "ok" if hub_ok else "resubscribing"

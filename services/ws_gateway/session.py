@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -40,6 +39,7 @@ from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.repository import TaskRepository
 from services.ws_gateway.streams import StreamReader
+from shared.db import ANY_PG_ERROR
 from shared.schemas import ProgressEvent
 from shared.taskrows import event_from_row
 
@@ -116,7 +116,7 @@ class Catcher:
     async def row(self, task_id: UUID) -> Mapping[str, Any] | None:
         try:
             return await self._deps.repository.task_row(task_id, self._tenant_id)
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except ANY_PG_ERROR as exc:
             raise DependencyDown(f"PostgreSQL: {exc!r}") from exc
 
     async def events(

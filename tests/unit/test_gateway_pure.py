@@ -1,12 +1,15 @@
-"""The gateway's pure modules: catch-up plans, live checks, frames, origins, bookkeeping."""
+"""The gateway's pure modules: catch-up plans, live checks, frames, origins, bookkeeping;
+and how a session's catch-up names a lost database connection."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import cast
 from uuid import UUID
 
+import asyncpg
 import pytest
 
 from services.ws_gateway import frames
@@ -22,8 +25,10 @@ from services.ws_gateway.hub import Hub
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
-from services.ws_gateway.session import Behind
+from services.ws_gateway.repository import TaskRepository
+from services.ws_gateway.session import Behind, Catcher, DependencyDown, Deps
 from services.ws_gateway.settings import DEFAULT_ORIGINS
+from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import Lag, Sweeper
 from shared.schemas import ProgressEvent, TaskState, encode_event
 from shared.wire import Wire
@@ -385,3 +390,28 @@ async def test_the_sweep_sends_only_a_subscriber_left_behind_to_catch_up() -> No
     assert stuck.offered == [Behind(((T1, 3), (T2, 7)))] and fine.offered == []
     assert rows.asked == [[T1, T2], [T1, T2]]
     assert b"longhaul_gateway_sweep_rechecks_total 2.0" in metrics.render()
+
+
+class _DownRepository:
+    """A task repository whose connection was closed under it, as asyncpg reports it
+    (InterfaceError, which is not a PostgresError)."""
+
+    async def task_row(self, task_id: UUID, tenant_id: UUID) -> None:
+        raise asyncpg.InterfaceError("connection is closed")
+
+
+async def test_a_closed_database_connection_is_a_dependency_down_not_a_crash() -> None:
+    """The session closes with 1013 (try again later) on DependencyDown, 1011 on
+    anything else: a lost connection must be the first."""
+    deps = Deps(
+        registry=Registry(max_connections=1, max_per_tenant=1, max_subscriptions=1),
+        repository=cast(TaskRepository, _DownRepository()),
+        streams=cast(StreamReader, None),
+        metrics=GatewayMetrics(connections=lambda: 0.0, subscriptions=lambda: 0.0),
+        queue_size=1,
+        snapshot_grace_s=0,
+        close_timeout_s=1,
+        frame_cache=frames.FrameCache(),
+    )
+    with pytest.raises(DependencyDown):
+        await Catcher(deps, A).row(T1)
