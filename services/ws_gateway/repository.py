@@ -1,18 +1,28 @@
 """The gateway's only SQL: the task row a subscription is checked and snapshotted from,
-and the rows' latest seqs the sweep compares its subscribers with."""
+and the rows' latest seqs (and whether they ended) the sweep compares its subscribers with."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
 
 from shared.groupcommit import GroupCommit
+from shared.schemas import TaskState
 from shared.taskrows import qualified
 
 Key = tuple[UUID, UUID]  # (task id, tenant id)
+
+
+class Head(NamedTuple):
+    """Where a task's row is: its latest event seq, and whether that event ended it."""
+
+    seq: int
+    final: bool
+
+
 _CHUNK = 5000
 
 
@@ -42,16 +52,17 @@ class TaskRepository:
         found = {(r["id"], r["tenant_id"]): dict(r) for r in rows}
         return [found.get(key) for key in keys]
 
-    async def last_seqs(self, task_ids: Sequence[UUID]) -> dict[UUID, int]:
-        """The latest event seq of each task that still exists, a few thousand per query."""
-        out: dict[UUID, int] = {}
+    async def heads(self, task_ids: Sequence[UUID]) -> dict[UUID, Head]:
+        """The latest event seq of each task that still exists, and whether the task has
+        ended, a few thousand per query."""
+        out: dict[UUID, Head] = {}
         for start in range(0, len(task_ids), _CHUNK):
             rows = await self._pool.fetch(
-                "SELECT id, last_seq FROM tasks WHERE id = ANY($1::uuid[])",
+                "SELECT id, last_seq, state FROM tasks WHERE id = ANY($1::uuid[])",
                 task_ids[start : start + _CHUNK],
                 timeout=self._timeout,
             )
-            out.update((r["id"], r["last_seq"]) for r in rows)
+            out.update((r["id"], Head(r["last_seq"], TaskState(r["state"]).terminal)) for r in rows)
         return out
 
     async def aclose(self) -> None:

@@ -9,6 +9,12 @@ client still below a seq the database already had at the previous check (it had 
 whole period to arrive) catches up: from the stream if it holds the events, else from
 the row as a snapshot.
 
+A task that ended, with every subscriber holding its terminal event, is settled: only a
+retry (``POST /retry``) can bring it more events. Clients that watch many finished tasks
+(a dashboard) would otherwise cost a read of each at every check; settled tasks are read
+at every ``SETTLED_EVERY``-th check only, so an event of a retry that missed Redis is
+still delivered, later.
+
 ``Lag`` is the pure part; ``Sweeper`` does the reading and the offering."""
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from uuid import UUID
 
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.registry import Registry
+from services.ws_gateway.repository import Head
 from services.ws_gateway.session import Behind
 from shared.db import ANY_PG_ERROR
 
 log = logging.getLogger(__name__)
+
+SETTLED_EVERY = 12  # a minute at the default check period
 
 
 class Watcher(Protocol):
@@ -35,8 +44,9 @@ class Watcher(Protocol):
 
 
 class Rows(Protocol):
-    async def last_seqs(self, task_ids: Sequence[UUID]) -> dict[UUID, int]:
-        """The latest event seq of each of these tasks that still exists."""
+    async def heads(self, task_ids: Sequence[UUID]) -> dict[UUID, Head]:
+        """The latest event seq of each of these tasks that still exists, and whether
+        the task has ended."""
 
 
 class Lag:
@@ -63,6 +73,8 @@ class Sweeper:
         self._metrics = metrics
         self._check_s = check_s
         self._lag = Lag()
+        self._settled: set[UUID] = set()
+        self._checks = 0
 
     async def run(self) -> None:
         """Check every ``check_s`` until cancelled. A failed check waits for the next:
@@ -78,14 +90,26 @@ class Sweeper:
 
     async def check(self) -> int:
         """One check; returns how many subscriptions were sent to catch up."""
+        self._checks += 1
         watched = self._registry.subscribed_tasks()
-        last_seqs = await self._rows.last_seqs(watched) if watched else {}
+        if self._checks % SETTLED_EVERY == 0:
+            self._settled.clear()
+        else:
+            self._settled.intersection_update(watched)
+        unsettled = [t for t in watched if t not in self._settled]
+        heads = await self._rows.heads(unsettled) if unsettled else {}
+        due = self._lag.observe({t: head.seq for t, head in heads.items()})
         behind: dict[Watcher, list[tuple[UUID, int]]] = {}
-        for task_id, seq in self._lag.observe(last_seqs).items():
+        for task_id, seq in due.items():
             watchers: tuple[Watcher, ...] = self._registry.listeners(task_id)
             for watcher in watchers:
                 if watcher.behind(task_id, seq):
                     behind.setdefault(watcher, []).append((task_id, seq))
+        for task_id, head in heads.items():
+            if head.final and not any(
+                w.behind(task_id, head.seq) for w in self._registry.listeners(task_id)
+            ):
+                self._settled.add(task_id)
         for watcher, seqs in behind.items():
             watcher.offer(Behind(tuple(seqs)))
         sent = sum(len(seqs) for seqs in behind.values())

@@ -25,11 +25,11 @@ from services.ws_gateway.hub import Hub
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
-from services.ws_gateway.repository import TaskRepository
+from services.ws_gateway.repository import Head, TaskRepository
 from services.ws_gateway.session import Behind, Catcher, DependencyDown, Deps
 from services.ws_gateway.settings import DEFAULT_ORIGINS
 from services.ws_gateway.streams import StreamReader
-from services.ws_gateway.sweep import Lag, Sweeper
+from services.ws_gateway.sweep import SETTLED_EVERY, Lag, Sweeper
 from shared.schemas import ProgressEvent, TaskState, encode_event
 from shared.wire import Wire
 
@@ -360,11 +360,12 @@ class _Watcher:
 class _Rows:
     def __init__(self) -> None:
         self.seqs: dict[UUID, int] = {}
+        self.ended: set[UUID] = set()
         self.asked: list[list[UUID]] = []
 
-    async def last_seqs(self, task_ids: Sequence[UUID]) -> dict[UUID, int]:
+    async def heads(self, task_ids: Sequence[UUID]) -> dict[UUID, Head]:
         self.asked.append(sorted(task_ids))
-        return {t: self.seqs[t] for t in task_ids if t in self.seqs}
+        return {t: Head(self.seqs[t], t in self.ended) for t in task_ids if t in self.seqs}
 
 
 async def test_the_sweep_sends_only_a_subscriber_left_behind_to_catch_up() -> None:
@@ -390,6 +391,40 @@ async def test_the_sweep_sends_only_a_subscriber_left_behind_to_catch_up() -> No
     assert stuck.offered == [Behind(((T1, 3), (T2, 7)))] and fine.offered == []
     assert rows.asked == [[T1, T2], [T1, T2]]
     assert b"longhaul_gateway_sweep_rechecks_total 2.0" in metrics.render()
+
+
+async def test_a_task_every_subscriber_saw_end_is_read_again_only_now_and_then() -> None:
+    """A finished task whose subscribers all hold its terminal event is left out of the
+    reads until every SETTLED_EVERY-th check; a subscriber still short of it keeps the
+    task read. When a retry's events missed Redis, the subscriber still catches up,
+    after that check."""
+    registry: Registry[_Watcher] = Registry(
+        max_connections=10, max_per_tenant=10, max_subscriptions=10
+    )
+    rows = _Rows()
+    metrics = GatewayMetrics(connections=lambda: 0.0, subscriptions=lambda: 0.0)
+    sweeper = Sweeper(registry, rows, metrics, check_s=1)
+    done, short = _Watcher(cursor=4), _Watcher(cursor=3)
+    registry.open(done, A)
+    registry.open(short, A)
+    registry.subscribe(done, T1)
+    registry.subscribe(short, T2)
+    rows.seqs, rows.ended = {T1: 4, T2: 4}, {T1, T2}
+    assert await sweeper.check() == 0
+    assert await sweeper.check() == 1  # T2's subscriber is sent to catch up
+    assert short.offered == [Behind(((T2, 4),))]
+    assert rows.asked == [[T1, T2], [T2]]
+    short.cursor = 4
+    assert await sweeper.check() == 0
+    # T1 is retried; its queued event (seq 5) never reached anyone.
+    rows.seqs[T1], rows.ended = 5, {T2}
+    checks = 3
+    while checks % SETTLED_EVERY:
+        assert await sweeper.check() == 0
+        checks += 1
+    assert rows.asked[2:] == [[T2], [T1, T2]]  # nothing read between; T2 settled again
+    assert await sweeper.check() == 1
+    assert done.offered == [Behind(((T1, 5),))] and rows.asked[-1] == [T1]
 
 
 class _DownRepository:
