@@ -23,15 +23,20 @@ class NotFound(Exception):
     pass
 
 
-class _Waiter:
-    """A registry listener that only wants to know that something happened."""
+class Waiter:
+    """A registry listener that only wants to know that something new happened: an
+    event the client already has (a finished task's terminal event published again by
+    a redelivery) does not end the poll with nothing to send."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_seq: int) -> None:
         self.woken = asyncio.Event()
+        self._after_seq = after_seq
 
     __hash__ = object.__hash__
 
     def offer(self, item: ProgressEvent | Resync) -> None:
+        if isinstance(item, ProgressEvent) and item.seq <= self._after_seq:
+            return
         self.woken.set()
 
     def behind(self, task_id: UUID, seq: int) -> bool:
@@ -44,7 +49,7 @@ async def poll(
 ) -> list[ProgressEvent]:
     """The events after ``after_seq``, waiting up to ``wait_s`` when there are none yet."""
     catcher = Catcher(deps, tenant_id)
-    waiter = _Waiter()
+    waiter = Waiter(after_seq)
     deps.registry.open(waiter, tenant_id)
     try:
         deps.registry.subscribe(waiter, task_id)

@@ -21,13 +21,14 @@ from services.ws_gateway.catchup import (
     plan_catch_up,
     row_is_next_event,
 )
-from services.ws_gateway.hub import Hub
+from services.ws_gateway.hub import Hub, Resync
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.repository import Head, TaskRepository
 from services.ws_gateway.session import Behind, Catcher, DependencyDown, Deps
 from services.ws_gateway.settings import DEFAULT_ORIGINS
+from services.ws_gateway.sse import Waiter
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import SETTLED_EVERY, Lag, Sweeper
 from shared.schemas import ProgressEvent, TaskState, encode_event
@@ -450,3 +451,19 @@ async def test_a_closed_database_connection_is_a_dependency_down_not_a_crash() -
     )
     with pytest.raises(DependencyDown):
         await Catcher(deps, A).row(T1)
+
+
+def test_an_sse_poll_wakes_for_new_events_and_resyncs_only() -> None:
+    def event(seq: int, state: TaskState) -> ProgressEvent:
+        return ProgressEvent(
+            task_id=T1, seq=seq, state=state, progress=1.0, ts=datetime(2026, 1, 2, tzinfo=UTC)
+        )
+
+    waiter = Waiter(after_seq=3)
+    waiter.offer(event(3, TaskState.SUCCEEDED))  # published again by a redelivery
+    assert not waiter.woken.is_set()
+    waiter.offer(event(4, TaskState.QUEUED))  # a retry
+    assert waiter.woken.is_set()
+    resynced = Waiter(after_seq=3)
+    resynced.offer(Resync())
+    assert resynced.woken.is_set()
