@@ -28,6 +28,7 @@ from services.api.settings import ApiSettings
 from services.worker.settings import WorkerSettings
 from services.ws_gateway.settings import GatewaySettings
 from shared import keys
+from shared.db import ANY_PG_ERROR
 from shared.errors import ConfigError
 from shared.settings import CommonSettings, load
 
@@ -117,7 +118,7 @@ def dev_key(settings: CommonSettings, state_dir: Path) -> str:
             valid = asyncio.run(
                 _key_is_valid(settings.database_url, stored, settings.start_timeout_s)
             )
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except ANY_PG_ERROR as exc:
             raise UpError(f"PostgreSQL at {settings.database_url}: {exc}") from exc
         if valid:
             return stored

@@ -152,12 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"longhaul: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        # First: asyncpg's configuration errors (a bad DSN) are InterfaceErrors too.
+        print(f"longhaul: {exc}", file=sys.stderr)
+        return 2
     except ANY_PG_ERROR as exc:
         print(f"longhaul: PostgreSQL at {settings.database_url}: {exc}", file=sys.stderr)
         return 3
-    except ValueError as exc:
-        print(f"longhaul: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

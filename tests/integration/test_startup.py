@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 
 import pytest
 
-from tests.conftest import Deployment
-from tests.support import ServiceProcess, timeout
+from tests.conftest import ROOT_ENV, Deployment
+from tests.support import ROOT, ServiceProcess, timeout
 
 
 def _exit(proc: ServiceProcess) -> tuple[int, list[str]]:
@@ -55,3 +56,35 @@ async def test_an_unreachable_dependency_is_one_line_and_exit_code_3(
     assert code == 3
     assert len(lines) == 1, lines
     assert lines[0].startswith("api: Redis unreachable for 1s (LONGHAUL_START_TIMEOUT_S): ")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "code", "says"),
+    [
+        # asyncpg refuses it before connecting (its configuration errors are
+        # InterfaceErrors too, as is a lost connection: the order of handling matters)
+        ("postgresql://127.0.0.1/x?sslmode=bogus", 2, "longhaul: `sslmode` parameter"),
+        ("postgresql://127.0.0.1:{port}/x", 3, "longhaul: PostgreSQL at postgresql://"),
+    ],
+)
+async def test_the_cli_tells_a_bad_database_url_from_an_unreachable_database(
+    deployment: Deployment, dsn: str, code: int, says: str
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        env = deployment.env(database_url=dsn.format(port=closed.getsockname()[1]))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "keys",
+            "list",
+            cwd=ROOT,
+            env={**ROOT_ENV, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout(60))
+    lines = err.decode().splitlines()
+    assert (proc.returncode, len(lines)) == (code, 1), lines
+    assert lines[0].startswith(says), lines
