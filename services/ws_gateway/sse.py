@@ -25,8 +25,8 @@ class NotFound(Exception):
 
 class Waiter:
     """A registry listener that only wants to know that something new happened: an
-    event the client already has (a finished task's terminal event published again by
-    a redelivery) does not end the poll with nothing to send."""
+    event the client already has (published again, or late from an earlier attempt)
+    does not end the poll with nothing to send."""
 
     def __init__(self, after_seq: int) -> None:
         self.woken = asyncio.Event()

@@ -10,10 +10,12 @@ whole period to arrive) catches up: from the stream if it holds the events, else
 the row as a snapshot.
 
 A task that ended, with every subscriber holding its terminal event, is settled: only a
-retry (``POST /retry``) can bring it more events. Clients that watch many finished tasks
-(a dashboard) would otherwise cost a read of each at every check; settled tasks are read
-at every ``SETTLED_EVERY``-th check only, so an event of a retry that missed Redis is
-still delivered, later.
+retry (``POST /retry``, a redrive) can bring it more events. Clients that watch many
+finished tasks (a dashboard) would otherwise cost a read of each at every check. A
+settled task is read again when one of its subscribers is no longer exactly at the seq
+it settled at (a new one catching up, or one that got a retry's event live), and at
+every ``SETTLED_EVERY``-th check: so an event of a retry that reached nobody is still
+delivered, one check after that (up to ``SETTLED_EVERY + 1`` periods late).
 
 ``Lag`` is the pure part; ``Sweeper`` does the reading and the offering."""
 
@@ -73,7 +75,7 @@ class Sweeper:
         self._metrics = metrics
         self._check_s = check_s
         self._lag = Lag()
-        self._settled: set[UUID] = set()
+        self._settled: dict[UUID, int] = {}  # task: the seq it ended at
         self._checks = 0
 
     async def run(self) -> None:
@@ -95,7 +97,7 @@ class Sweeper:
         if self._checks % SETTLED_EVERY == 0:
             self._settled.clear()
         else:
-            self._settled.intersection_update(watched)
+            self._unsettle()
         unsettled = [t for t in watched if t not in self._settled]
         heads = await self._rows.heads(unsettled) if unsettled else {}
         due = self._lag.observe({t: head.seq for t, head in heads.items()})
@@ -106,10 +108,10 @@ class Sweeper:
                 if watcher.behind(task_id, seq):
                     behind.setdefault(watcher, []).append((task_id, seq))
         for task_id, head in heads.items():
-            if head.final and not any(
-                w.behind(task_id, head.seq) for w in self._registry.listeners(task_id)
+            if head.final and all(
+                _holds(w, task_id, head.seq) for w in self._registry.listeners(task_id)
             ):
-                self._settled.add(task_id)
+                self._settled[task_id] = head.seq
         for watcher, seqs in behind.items():
             watcher.offer(Behind(tuple(seqs)))
         sent = sum(len(seqs) for seqs in behind.values())
@@ -117,3 +119,17 @@ class Sweeper:
             self._metrics.sweep_rechecks.inc(sent)
             log.info("subscriptions behind the database sent to catch up", extra={"count": sent})
         return sent
+
+    def _unsettle(self) -> None:
+        """Forget settled tasks nobody watches any more, and those a subscriber is no
+        longer exactly at the end of: read them again from this check on."""
+        for task_id, seq in list(self._settled.items()):
+            watchers: tuple[Watcher, ...] = self._registry.listeners(task_id)
+            if not watchers or not all(_holds(w, task_id, seq) for w in watchers):
+                del self._settled[task_id]
+
+
+def _holds(watcher: Watcher, task_id: UUID, seq: int) -> bool:
+    """Whether the subscriber was sent exactly up to ``seq``: not short of it, and not
+    past it (a newer event came live, so the task is moving again)."""
+    return not watcher.behind(task_id, seq) and watcher.behind(task_id, seq + 1)

@@ -428,6 +428,36 @@ async def test_a_task_every_subscriber_saw_end_is_read_again_only_now_and_then()
     assert done.offered == [Behind(((T1, 5),))] and rows.asked[-1] == [T1]
 
 
+async def test_a_settled_task_is_read_again_once_a_subscriber_moves_off_its_end() -> None:
+    """A new subscriber still catching up, or one sent a newer event (a retry's, live),
+    puts a settled task back into the reads at the next check."""
+    registry: Registry[_Watcher] = Registry(
+        max_connections=10, max_per_tenant=10, max_subscriptions=10
+    )
+    rows = _Rows()
+    metrics = GatewayMetrics(connections=lambda: 0.0, subscriptions=lambda: 0.0)
+    sweeper = Sweeper(registry, rows, metrics, check_s=1)
+    first = _Watcher(cursor=4)
+    registry.open(first, A)
+    registry.subscribe(first, T1)
+    rows.seqs, rows.ended = {T1: 4}, {T1}
+    await sweeper.check()
+    await sweeper.check()
+    assert rows.asked == [[T1]]  # settled at the first check
+    newcomer = _Watcher(cursor=0)
+    registry.open(newcomer, A)
+    registry.subscribe(newcomer, T1)
+    await sweeper.check()
+    assert rows.asked == [[T1], [T1]]
+    newcomer.cursor = 4
+    await sweeper.check()
+    await sweeper.check()
+    assert rows.asked == [[T1], [T1], [T1]]  # settled again
+    first.cursor = 5
+    await sweeper.check()
+    assert rows.asked == [[T1], [T1], [T1], [T1]]
+
+
 class _DownRepository:
     """A task repository whose connection was closed under it, as asyncpg reports it
     (InterfaceError, which is not a PostgresError)."""
