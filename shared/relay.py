@@ -6,17 +6,25 @@ any number of relays (every API and worker process runs one) share the rows with
 publishing one twice in the normal case. A crash between the confirm and the commit
 publishes the rows again later: the worker absorbs such duplicates (the message's
 attempt no longer matches). Rows with a future ``available_at`` are retries and delayed
-tasks: the relay sleeps until the earliest is due, so no consumer holds them."""
+tasks: the relay sleeps until the earliest is due, so no consumer holds them.
+
+The API's fresh tasks take a shorter way (``hand_over``): their rows are inserted
+claimed (``claimed_until``) by the inserting process, whose relay publishes them from
+memory right after the commit and then deletes them, with no claim, no transaction and
+no wake-up of its polling loop in between. Should that process die first, the claim
+lapses and any relay's poll publishes the rows."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from uuid import UUID
 
 import asyncpg
 from prometheus_client import Counter, Gauge
 
-from shared.amqp import Outgoing, Publisher
+from shared.amqp import Outgoing, Published, Publisher
 from shared.db import ANY_PG_ERROR, NOTIFY_CHANNEL
 from shared.errors import DependencyError
 from shared.events import EventSink
@@ -36,7 +44,7 @@ BROKER_REFUSING = Gauge("longhaul_outbox_broker_refusing", "1 while the broker r
 
 _CLAIM = """
 SELECT id, task_id, attempt, body FROM outbox
-WHERE available_at <= now()
+WHERE available_at <= now() AND (claimed_until IS NULL OR claimed_until <= now())
 ORDER BY available_at, id
 LIMIT $1
 FOR UPDATE SKIP LOCKED
@@ -60,6 +68,15 @@ WHERE t.id = old.id AND t.state = 'retrying' AND t.attempts = old.next_attempt -
 RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 """
 
+
+# After publishing handed-over first attempts: the confirmed rows go, the others are
+# released to every relay's poll (which backs off while the broker is away).
+_SETTLE_HANDED = """
+WITH gone AS (
+    DELETE FROM outbox WHERE task_id = ANY($1::uuid[]) AND attempt = 1
+)
+UPDATE outbox SET claimed_until = NULL WHERE task_id = ANY($2::uuid[]) AND attempt = 1
+"""
 
 # What a flush may meet while PostgreSQL or RabbitMQ is away: retried after a backoff.
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *ANY_PG_ERROR)
@@ -87,6 +104,9 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._timeout = timeout
         self._wake = asyncio.Event()
+        # First attempts committed by this process, claimed for it: (task id, body).
+        self._handed: list[tuple[UUID, bytes]] = []
+        self._handed_ready = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         # True while the broker refuses publishes (queue full, or down): the API
         # stops admitting tasks until a publish goes through again.
@@ -96,7 +116,67 @@ class OutboxRelay:
         """Ask for a flush now: called in-process right after an outbox commit."""
         self._wake.set()
 
+    def hand_over(self, fresh: Sequence[tuple[UUID, bytes]]) -> None:
+        """Publish these first attempts (task id, message body) from memory: their outbox
+        rows are committed and claimed for this process (see the module's docstring)."""
+        if fresh:
+            self._handed.extend(fresh)
+            self._handed_ready.set()
+
     async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set: handed-over rows at once, the others as they
+        become due. What was handed over before ``stop`` is still published."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._poll(stop), name="relay-poll")
+            group.create_task(self._publish_handed(stop), name="relay-handed")
+
+    async def _publish_handed(self, stop: asyncio.Event) -> None:
+        stopping = asyncio.create_task(stop.wait(), name="relay-handed-stop-wait")
+        try:
+            while self._handed or not stop.is_set():
+                if not self._handed:
+                    ready = asyncio.create_task(self._handed_ready.wait(), name="relay-handed-wait")
+                    try:
+                        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        ready.cancel()
+                    self._handed_ready.clear()
+                    continue
+                batch = self._handed[: self._batch_size]
+                del self._handed[: self._batch_size]
+                try:
+                    await self._publish_claimed(batch)
+                except _FLUSH_ERRORS as exc:
+                    # Released or, failing that, left to their claim's lapse: some relay's
+                    # poll publishes them. Nothing to retry here.
+                    PUBLISH_FAILURES.inc()
+                    log.warning("handed-over publish failed", extra={"error": str(exc)[:300]})
+                    if stop.is_set():
+                        # Stopping with the broker or PostgreSQL away: the rest would
+                        # fail alike, each after a timeout. Their claims lapse too.
+                        log.warning(
+                            "handed-over tasks left to other relays",
+                            extra={"count": len(self._handed)},
+                        )
+                        self._handed.clear()
+        finally:
+            stopping.cancel()
+
+    async def _publish_claimed(self, batch: list[tuple[UUID, bytes]]) -> None:
+        await self._failpoints.hit("relay.before_publish")
+        result = await self._publisher.publish(
+            [Outgoing(message_id=f"{task_id}:1", body=body) for task_id, body in batch]
+        )
+        await self._failpoints.hit("relay.after_confirm")
+        done = [t for (t, _), ok in zip(batch, result.confirmed, strict=True) if ok]
+        left = [t for (t, _), ok in zip(batch, result.confirmed, strict=True) if not ok]
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(_SETTLE_HANDED, done, left)
+        if left:
+            self._wake.set()
+        self._account(result, len(batch), len(done))
+
+    async def _poll(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set; on error, back off and try again."""
         failures = 0
         stopping = asyncio.create_task(stop.wait(), name="relay-stop-wait")
@@ -152,20 +232,24 @@ class OutboxRelay:
             done = [r["id"] for r, ok in zip(rows, result.confirmed, strict=True) if ok]
             if done:
                 await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
-        PUBLISHED.inc(len(done))
+        self._account(result, len(rows), len(done))
+        return len(rows)
+
+    def _account(self, result: Published, sent: int, done: int) -> None:
+        """Count what was confirmed; raise DependencyError when not everything was."""
+        PUBLISHED.inc(done)
         # Only the broker's own refusals (nacks: queue at x-max-length) stop the API from
         # admitting; a slow confirm is retried, and an unreachable broker shows in the
         # API's queue-depth samples.
         if result.refused:
             self._set_refusing(True)
-        elif len(done) == len(rows):
+        elif done == sent:
             self._set_refusing(False)
         if result.refused or result.failed:
             raise DependencyError(
-                f"RabbitMQ did not confirm {len(rows) - len(done)} of {len(rows)} messages "
+                f"RabbitMQ did not confirm {sent - done} of {sent} messages "
                 f"({result.refused} refused): {result.error}"
             )
-        return len(rows)
 
     def _set_refusing(self, value: bool) -> None:
         if value != self.refusing:

@@ -98,7 +98,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     wire = Wire(settings.namespace)
     timeout = settings.io_timeout_s
-    repo = ApiRepository(deps.pool, timeout=timeout, notify=not settings.relay_enabled)
     # One breaker for every Redis call of the process: down is down for all of them.
     redis_breaker = Breaker()
     events = EventSink(
@@ -118,6 +117,12 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
             failpoints=Failpoints(settings.failpoints),
             timeout=timeout,
         )
+    repo = ApiRepository(
+        deps.pool,
+        timeout=timeout,
+        hand_over=relay.hand_over if relay is not None else None,
+        claim_s=settings.handoff_claim_s,
+    )
     svc = Services(
         settings=settings,
         wire=wire,
@@ -160,9 +165,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     if svc.relay is not None:
         tasks.append(asyncio.create_task(svc.relay.run(stop), name="outbox-relay"))
     yield
+    # The last inserts first: their tasks are handed to the relay, which publishes
+    # them before it stops.
+    await svc.repo.aclose()
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await svc.repo.aclose()
     await svc.events.aclose()
 
 

@@ -3,7 +3,7 @@ there is no moment where a task is accepted but has nothing to publish it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -23,7 +23,9 @@ TASK_COLUMNS = (
 )
 
 
-# Tasks and their first outbox rows (see ApiRepository.insert), built once.
+# Tasks and their first outbox rows (see ApiRepository.insert), built once. A row due
+# now is claimed for $14 seconds (NULL: not claimed) by this process, which hands it to
+# its relay to publish at once.
 _INSERT = f"""
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[],
@@ -45,8 +47,9 @@ WITH u AS (
     DO NOTHING
     RETURNING {TASK_COLUMNS}
 ), o AS (
-    INSERT INTO outbox (task_id, attempt, body, available_at)
-    SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now())
+    INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until)
+    SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now()),
+           CASE WHEN t.next_attempt_at IS NULL THEN now() + make_interval(secs => $14) END
     FROM t JOIN u ON u.id = t.id
 )
 SELECT * FROM t
@@ -68,13 +71,25 @@ class Principal:
     rate_burst: int | None
 
 
+# Receives the first attempts just committed and claimed: (task id, message body).
+HandOver = Callable[[list[tuple[UUID, bytes]]], None]
+
+
 class ApiRepository:
-    def __init__(self, pool: asyncpg.Pool, *, timeout: float, notify: bool = True) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        timeout: float,
+        hand_over: HandOver | None = None,
+        claim_s: float = 0.0,
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
-        # NOTIFY the relays after inserting tasks; needless when this process runs its
-        # own relay (woken in-process), and a NOTIFY per commit costs under load.
-        self._notify = notify
+        # With a relay in this process, fresh tasks go to it straight from the insert
+        # (claimed for claim_s); without one, a NOTIFY wakes the other processes' relays.
+        self._hand_over = hand_over
+        self._claim_s = claim_s if hand_over is not None else None
         # One request's bad row (its tenant deleted meanwhile, say) fails only that
         # request: the others of its batch are inserted one by one.
         self._grouped: GroupCommit[tuple[UUID, NewTask], Row] = GroupCommit(
@@ -161,11 +176,19 @@ class ApiRepository:
                 [t.trace_id for t in tasks],
                 [r.backoff.model_dump() if r.backoff else None for r in reqs],
                 bodies,
+                self._claim_s,
             )
-            if rows and self._notify:
-                # No relay in this process to wake directly: wake the others'.
+            if rows and self._hand_over is None:
                 await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-            return list(rows)
+        if rows and self._hand_over is not None:
+            # Their queued event (seq 1) is not written to Redis: nobody can watch them
+            # yet, and the gateway sends it from the row until the worker's claim
+            # backfills it into the stream. Nothing stands between commit and publish.
+            body_of = {t.id: body for t, body in zip(tasks, bodies, strict=True)}
+            self._hand_over(
+                [(r["id"], body_of[r["id"]]) for r in rows if r["next_attempt_at"] is None]
+            )
+        return list(rows)
 
     async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:
         return await self._fetchrow(

@@ -114,12 +114,10 @@ async def _check_types(
         )
 
 
-def _submitted(svc: Services) -> None:
-    """After the commit of new tasks: wake our relay. Their queued event (seq 1) is not
-    written to Redis here: nobody can be subscribed yet, the gateway sends it from the
-    task row until the worker's claim backfills it into the stream. That is one Redis
-    call less per submit, and none between the commit and the publish."""
-    if svc.relay is not None:
+def _submitted(svc: Services, rows: Sequence[Row]) -> None:
+    """After the commit of new tasks, which the insert handed to our relay: wake its
+    poll only for a delayed one, so that it sleeps until that one is due."""
+    if svc.relay is not None and any(r["next_attempt_at"] is not None for r in rows):
         svc.relay.wake()
 
 
@@ -128,7 +126,8 @@ async def _requeued(svc: Services, rows: Sequence[Row]) -> None:
     already watching, then wake our relay. In that order the event of this seq is in
     Redis before a worker can write the next one."""
     await svc.events.emit([event_from_row(r) for r in rows])
-    _submitted(svc)
+    if svc.relay is not None:
+        svc.relay.wake()
 
 
 def _trace_id(request: web.Request) -> str:
@@ -159,7 +158,7 @@ async def submit(request: web.Request) -> web.Response:
         if earlier is None:
             raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
         return _replay(svc, earlier, fingerprint)
-    _submitted(svc)
+    _submitted(svc, rows)
     view = task_from_row(rows[0], svc.settings.public_ws_url)
     log.debug("task accepted", extra={"task_id": str(view.id), "type": view.type})
     return _json(view, 202, {"Location": view.links.self})
@@ -219,7 +218,7 @@ async def submit_batch(request: web.Request) -> web.Response:
     new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in batch.tasks]
     with _admit(svc, len(new)):
         rows = await svc.repo.insert(principal.tenant_id, new)
-    _submitted(svc)
+    _submitted(svc, rows)
     by_id = {r["id"]: r for r in rows}
     views = [task_from_row(by_id[t.id], svc.settings.public_ws_url) for t in new]
     body = orjson.dumps({"tasks": [v.model_dump(mode="json") for v in views]})

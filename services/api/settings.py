@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from shared.settings import CommonSettings
 
@@ -27,5 +27,20 @@ class ApiSettings(CommonSettings):
     task_types_refresh_s: float = Field(default=5.0, gt=0)
     # Also publish the outbox from this process (it normally does).
     relay_enabled: bool = True
+    # How long a fresh task's outbox row stays claimed by the API process that inserted
+    # it and publishes it at once; should that process die first, any relay publishes it
+    # once the claim lapses. Longer than a publish can take (io_timeout_s, twice).
+    handoff_claim_s: float = Field(default=15.0, gt=0)
     # Database pool size of one API process.
     db_pool_size: int = Field(default=10, ge=1, le=200)
+
+    @field_validator("handoff_claim_s")
+    @classmethod
+    def _claim_outlasts_a_publish(cls, value: float, info: ValidationInfo) -> float:
+        timeout = info.data.get("io_timeout_s")
+        if timeout is not None and value < 2 * timeout:
+            raise ValueError(
+                f"must be at least twice LONGHAUL_IO_TIMEOUT_S ({timeout:g}): a claim that "
+                "lapses while its publish is still waiting publishes the task twice"
+            )
+        return value

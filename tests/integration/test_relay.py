@@ -475,6 +475,95 @@ async def test_a_client_side_connection_error_is_retried_not_fatal(
     assert failures == 1
 
 
+async def insert_claimed(
+    pool: asyncpg.Pool, tenant: Tenant, n: int, claim_s: float, **request: Any
+) -> tuple[list[UUID], list[tuple[UUID, bytes]]]:
+    """Insert as an API with a relay does: the rows due now are claimed for ``claim_s``
+    and handed over (here: collected and returned, as if their process died)."""
+    handed: list[tuple[UUID, bytes]] = []
+    repo = ApiRepository(pool, timeout=10, hand_over=handed.extend, claim_s=claim_s)
+    tasks = [
+        NewTask(id=uuid7(), request=TaskRequest(type="relay.test", **request)) for _ in range(n)
+    ]
+    assert len(await repo.insert(tenant.id, tasks)) == n
+    return [t.id for t in tasks], handed
+
+
+async def test_handed_over_rows_are_published_by_their_process_alone(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Fresh tasks go from the insert to its process's relay with their bodies: that relay
+    publishes and deletes them without reading the outbox, while another relay's flush
+    leaves them alone. A delayed task is not handed over, nor claimed."""
+    ids, handed = await insert_claimed(pool, tenant, 5, claim_s=60)
+    (delayed,), none = await insert_claimed(pool, tenant, 1, claim_s=60, delay_s=30)
+    assert [t for t, _ in handed] == ids and none == []
+    assert [parse_task_message(body).task_id for _, body in handed] == ids
+    await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
+    assert [m for m in await broker.drain() if m.task_id in {*ids, delayed}] == []
+    assert len(await outbox_rows(pool, ids)) == 5
+    assert (
+        await pool.fetchval("SELECT claimed_until FROM outbox WHERE task_id = $1", delayed) is None
+    )
+
+    owner = make_relay(pool, broker.publisher(), sink, deployment)
+    async with relay_running(owner):
+        owner.hand_over(handed)
+
+        async def gone() -> bool:
+            return await outbox_rows(pool, ids) == []
+
+        await eventually(gone, within=10, interval=0.02, what="the handed rows deleted")
+    published = [m for m in await broker.drain() if m.task_id in set(ids)]
+    assert sorted(m.task_id for m in published) == sorted(ids)
+    assert all(m.attempt == 1 for m in published)
+    assert len(await outbox_rows(pool, [delayed])) == 1
+
+
+async def test_a_claim_lapses_and_any_relay_publishes_the_row(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """The process that claimed a row died before publishing it: once the claim lapses,
+    another relay's poll publishes it."""
+    ids, _lost_with_its_process = await insert_claimed(pool, tenant, 3, claim_s=0.5)
+    relay = make_relay(pool, broker.publisher(), sink, deployment, poll_s=0.2)
+    await flush_until_empty(relay)
+    assert [m for m in await broker.drain() if m.task_id in set(ids)] == []
+    got: list[UUID] = []
+    async with relay_running(relay):
+
+        async def all_published() -> bool:
+            got.extend(m.task_id for m in await broker.drain() if m.task_id in set(ids))
+            return len(got) >= len(ids)
+
+        await eventually(all_published, within=10, interval=0.05, what="the lapsed rows")
+    assert sorted(got) == sorted(ids)
+    assert await outbox_rows(pool, ids) == []
+
+
+async def test_handed_rows_the_broker_did_not_confirm_are_released(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Handed-over rows the broker refused are released at once (not left claimed until
+    the claim lapses), so every relay's poll retries them; a refusal stops admissions."""
+    ids, handed = await insert_claimed(pool, tenant, 4, claim_s=600)
+    refusing = make_relay(pool, _RefusingPublisher(refuse=True), sink, deployment, poll_s=30)
+
+    async def released() -> bool:
+        return await pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[]) AND claimed_until IS NULL",
+            ids,
+        ) == len(ids)
+
+    async with relay_running(refusing):
+        refusing.hand_over(handed)
+        await eventually(released, within=10, interval=0.02, what="the refused rows released")
+        assert refusing.refusing
+    await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
+    assert sorted(m.task_id for m in await broker.drain() if m.task_id in set(ids)) == sorted(ids)
+    assert await outbox_rows(pool, ids) == []
+
+
 async def test_retrying_task_is_promoted_to_queued_when_published(
     pool: asyncpg.Pool,
     deployment: Deployment,

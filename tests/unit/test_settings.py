@@ -88,3 +88,15 @@ def test_several_bad_values_are_counted(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LONGHAUL_LOG_LEVEL", "chatty")
     with pytest.raises(ConfigError, match=r"\(and 1 more\)$"):
         load(CommonSettings)
+
+
+def test_a_handoff_claim_shorter_than_two_publish_timeouts_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim that could lapse during its own publish would publish tasks twice."""
+    monkeypatch.setenv("LONGHAUL_IO_TIMEOUT_S", "10")
+    monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "15")
+    with pytest.raises(ConfigError, match=r"^invalid configuration: LONGHAUL_HANDOFF_CLAIM_S: "):
+        load(ApiSettings)
+    monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "20")
+    assert load(ApiSettings).handoff_claim_s == 20
