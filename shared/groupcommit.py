@@ -52,8 +52,19 @@ class GroupCommit(Generic[T, R]):
         self._writer: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
+        # A caller cancelled meanwhile cancels only its own future, which the writer
+        # skips: its item is still written with the batch of others.
+        return await self._enqueue(item)
+
+    def add(self, items: Sequence[T]) -> None:
+        """Queue items nobody waits for; their outcome is dropped (``write`` reports its
+        own failures). ``aclose`` still waits for them."""
+        for item in items:
+            self._enqueue(item)
+
+    def _enqueue(self, item: T) -> asyncio.Future[R]:
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        # Marks the outcome as seen even when the caller was cancelled meanwhile.
+        # Marks the outcome as seen even when nobody awaits it (any more).
         done.add_done_callback(_seen)
         self._waiting.append((item, done))
         gathering = self._gathering
@@ -61,9 +72,7 @@ class GroupCommit(Generic[T, R]):
             gathering.set_result(None)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name=self._name)
-        # A caller cancelled meanwhile cancels only its own future, which the writer
-        # skips: its item is still written with the batch of others.
-        return await done
+        return done
 
     async def aclose(self) -> None:
         """Wait for what is being written (shutdown)."""

@@ -31,7 +31,7 @@ from services.worker.repository import WorkerRepository
 from services.ws_gateway.repository import TaskRepository
 from shared.db import create_pool, migrate
 from shared.ids import uuid7
-from shared.relay import _CLAIM, _PROMOTE, _SETTLE_HANDED
+from shared.relay import _CLAIM, _DELETE_HANDED, _PROMOTE, _RELEASE_HANDED
 from shared.schemas import TaskMessage, TaskRequest
 from tests.conftest import PG_ADMIN_URL, Deployment
 
@@ -157,7 +157,8 @@ async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
                 await conn.fetch(_CLAIM, 10)  # the relay's claim (not published)
             # The API's relay: the handed-over rows published, one released.
             published = [t for t, _ in handed]
-            await api_pool.execute(_SETTLE_HANDED, published[1:], published[:1])
+            await api_pool.execute(_DELETE_HANDED, published[1:])
+            await api_pool.execute(_RELEASE_HANDED, published[:1])
             handed.clear()
             assert await worker.reap() == []
             assert await worker.purge_finished(3600) == 0
@@ -166,10 +167,10 @@ async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
             assert (await api.cancel(tenant, queued.id))[0] == "cancelled"
             assert await api.dead_letters(tenant, None, 50) == []
             # Two tasks' insert, claim, progress and renewal; success, failure, the
-            # gateway's read, the relay's promotion and claim, the settling of the
-            # handed-over rows, the reaper; a third task's insert and the two
-            # statements of its cancellation; a page of dead letters; the purge.
-            statements += 2 * 4 + 7 + 3 + 1 + 1
+            # gateway's read, the relay's promotion and claim, the deletion and the
+            # release of handed-over rows, the reaper; a third task's insert and the
+            # two statements of its cancellation; a page of dead letters; the purge.
+            statements += 2 * 4 + 8 + 3 + 1 + 1
         await api.aclose()
         await worker.aclose()
         await gateway.aclose()

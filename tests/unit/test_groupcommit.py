@@ -136,3 +136,25 @@ async def test_max_batch_splits_a_crowd() -> None:
     group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", max_batch=2)
     assert await asyncio.gather(*(group.submit(i) for i in range(5))) == [0, 10, 20, 30, 40]
     assert [len(b) for b in rec.batches] == [2, 2, 1]
+
+
+async def test_added_items_are_written_together_and_awaited_by_aclose(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Items nobody waits for linger into one batch; aclose waits for it; a failed
+    write of such items raises nowhere (no 'exception never retrieved' either)."""
+    rec = Recorder()
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", linger_s=0.05)
+    group.add([1, 2])
+    await asyncio.sleep(0)
+    group.add([3])
+    closing = asyncio.create_task(group.aclose())
+    await asyncio.sleep(0.1)
+    assert not closing.done()  # the batch is still being written
+    rec.release.set()
+    await closing
+    assert rec.batches == [[1, 2, 3]]
+    group.add([-1])
+    await group.aclose()
+    assert rec.batches[-1] == [-1]
+    assert "never retrieved" not in caplog.text
