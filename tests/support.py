@@ -72,6 +72,20 @@ async def eventually(
     raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
+async def outbox_emptied(db: Any, ids: list[Any]) -> None:
+    """The outbox holds none of these tasks' rows, soon: an API deletes the rows it
+    published together, a moment after the broker confirmed them (so a task may end
+    first)."""
+
+    async def empty() -> bool:
+        count = await db.fetchval(
+            "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])", ids
+        )
+        return bool(count == 0)
+
+    await eventually(empty, within=10, what="the published tasks' outbox rows deleted")
+
+
 class ServiceProcess:
     """One service started as ``python -m services.<name>``, its stderr kept as an artifact."""
 

@@ -9,7 +9,7 @@ import aiohttp
 import asyncpg
 
 from tests.conftest import Deployment, Tenant, create_tenant
-from tests.support import System, eventually
+from tests.support import System, eventually, outbox_emptied
 
 JSON = {"Content-Type": "application/json"}
 
@@ -71,9 +71,7 @@ async def test_thousand_noop_tasks_single_and_batch_all_succeed(
     assert all(
         r["result"] == {"ok": True} and r["attempts"] == 1 and r["progress"] == 1.0 for r in rows
     )
-    assert (
-        await db.fetchval("SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])", ids) == 0
-    )
+    await outbox_emptied(db, ids)
 
 
 async def test_task_lifecycle_is_visible_over_rest(

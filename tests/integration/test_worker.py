@@ -25,7 +25,14 @@ from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
 from shared.taskrows import previous_events
 from tests.conftest import Deployment, Isolated, Tenant
-from tests.support import ServiceProcess, System, api_and_worker, eventually, worker_metric
+from tests.support import (
+    ServiceProcess,
+    System,
+    api_and_worker,
+    eventually,
+    outbox_emptied,
+    worker_metric,
+)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +213,7 @@ async def test_permanent_error_fails_at_once(
     }
     found = await gapless_events(redis, deployment, db, task_id)
     assert [e.state for e in found] == ["queued", "running", "failed"]
-    assert await db.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", task_id) == 0
+    await outbox_emptied(db, [task_id])
 
 
 async def test_flaky_task_retries_then_succeeds(
