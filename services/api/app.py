@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError
 from aiohttp import web
 from prometheus_client import Histogram
 from redis.asyncio import Redis
@@ -186,10 +187,16 @@ class _LazyPublisher(Publisher):
 
     async def publish(self, batch: Sequence[amqp.Outgoing]) -> amqp.Published:
         if self._ready is None or self._confirming is None or self._confirming.is_closed:
-            self._confirming = await asyncio.wait_for(
-                self._connection.channel(publisher_confirms=True, on_return_raises=True),
-                self._timeout,
-            )
+            try:
+                self._confirming = await asyncio.wait_for(
+                    self._connection.channel(publisher_confirms=True, on_return_raises=True),
+                    self._timeout,
+                )
+            except (AMQPError, OSError, RuntimeError, TimeoutError) as exc:
+                # The broker is away: nothing of the batch went out, as with a channel
+                # that fails under a publish. The relay keeps the rows and retries.
+                error = f"no channel to publish on: {type(exc).__name__}: {exc}"
+                return amqp.Published([False] * len(batch), failed=len(batch), error=error)
             self._ready = Publisher(
                 self._confirming,
                 self._wire.tasks_exchange,

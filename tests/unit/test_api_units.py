@@ -11,9 +11,11 @@ from uuid import UUID
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from aiormq.exceptions import AMQPConnectionError
 from pydantic import ValidationError
 
 from services.api import requests as rq
+from services.api.app import _LazyPublisher
 from services.api.auth import Authenticator
 from services.api.backpressure import AdmissionLedger, DrainEstimator
 from services.api.openapi import build_openapi
@@ -22,9 +24,11 @@ from services.api.repository import Principal
 from services.api.routes import routes
 from services.api.tasktypes import TaskTypes
 from shared import keys
+from shared.amqp import Outgoing
 from shared.ids import uuid7
 from shared.jsonsafe import nul_path
 from shared.schemas import TaskRequest
+from shared.wire import Wire
 
 # ---------------------------------------------------------------- DrainEstimator
 
@@ -374,3 +378,35 @@ async def test_requests_that_find_the_task_types_stale_share_one_read() -> None:
     assert store.reads == 1
     assert {info.name for info in found if info is not None} == {"demo.noop"}
     assert all(info is not None for info in found)
+
+
+class _NoChannel:
+    """A robust connection while the broker is away: opening a channel fails."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def channel(self, **_: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AMQPConnectionError("connection closed"),
+        ConnectionRefusedError(111, "refused"),
+        RuntimeError("Connection closed"),
+        TimeoutError(),
+    ],
+)
+async def test_a_publish_without_a_channel_fails_its_batch_without_raising(
+    error: BaseException,
+) -> None:
+    """The relay keeps running through a broker outage: a batch it cannot publish comes
+    back as not confirmed (the rows stay for the next flush), not as an exception that
+    would end the relay."""
+    publisher = _LazyPublisher(_NoChannel(error), Wire("unit"), timeout=1)  # type: ignore[arg-type]
+    result = await publisher.publish([Outgoing("a:1", b"{}"), Outgoing("b:1", b"{}")])
+    assert result.confirmed == [False, False]
+    assert (result.failed, result.refused) == (2, 0)
+    assert result.error is not None and "no channel" in result.error
