@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -76,13 +78,25 @@ RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 # lapse before they are gone (that would publish them again).
 SETTLE_LINGER_S = 0.1
 
-_DELETE_HANDED = "DELETE FROM outbox WHERE task_id = ANY($1::uuid[]) AND attempt = 1"
+# By row id: by the task's id, a retry's new row (a task cancelled before it ran and
+# retried within the linger) would go too, and nothing would ever publish the retry.
+_DELETE_HANDED = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 
-# Handed-over rows the broker did not confirm, released at once to every relay's poll
-# (which backs off while the broker is away).
-_RELEASE_HANDED = (
-    "UPDATE outbox SET claimed_until = NULL WHERE task_id = ANY($1::uuid[]) AND attempt = 1"
-)
+# Handed-over rows the broker did not confirm, or that this process will not publish in
+# time, released at once to every relay's poll (which backs off while the broker is
+# away).
+_RELEASE_HANDED = "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])"
+
+
+class Handed(NamedTuple):
+    """A first attempt committed and claimed for this process: its outbox row, its
+    message, and the time (``time.monotonic()``) its claim lapses, at the earliest."""
+
+    row_id: int
+    task_id: UUID
+    body: bytes
+    claimed_until: float
+
 
 # What a flush may meet while PostgreSQL or RabbitMQ is away: retried after a backoff.
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *ANY_PG_ERROR)
@@ -110,10 +124,10 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._timeout = timeout
         self._wake = asyncio.Event()
-        # First attempts committed by this process, claimed for it: (task id, body).
-        self._handed: list[tuple[UUID, bytes]] = []
+        # First attempts committed by this process, claimed for it.
+        self._handed: list[Handed] = []
         self._handed_ready = asyncio.Event()
-        self._published: GroupCommit[UUID, None] = GroupCommit(
+        self._published: GroupCommit[int, None] = GroupCommit(
             self._delete_handed, name="outbox-deletes", linger_s=SETTLE_LINGER_S, enough=batch_size
         )
         self._listener: asyncpg.Connection | None = None
@@ -125,9 +139,9 @@ class OutboxRelay:
         """Ask for a flush now: called in-process right after an outbox commit."""
         self._wake.set()
 
-    def hand_over(self, fresh: Sequence[tuple[UUID, bytes]]) -> None:
-        """Publish these first attempts (task id, message body) from memory: their outbox
-        rows are committed and claimed for this process (see the module's docstring)."""
+    def hand_over(self, fresh: Sequence[Handed]) -> None:
+        """Publish these first attempts from memory: their outbox rows are committed and
+        claimed for this process (see the module's docstring)."""
         if fresh:
             self._handed.extend(fresh)
             self._handed_ready.set()
@@ -157,7 +171,7 @@ class OutboxRelay:
                 batch = self._handed[: self._batch_size]
                 del self._handed[: self._batch_size]
                 try:
-                    await self._publish_claimed(batch)
+                    await self._publish_claimed(self._in_time(batch))
                 except _FLUSH_ERRORS as exc:
                     # Released or, failing that, left to their claim's lapse: some relay's
                     # poll publishes them. Nothing to retry here.
@@ -174,14 +188,29 @@ class OutboxRelay:
         finally:
             stopping.cancel()
 
-    async def _publish_claimed(self, batch: list[tuple[UUID, bytes]]) -> None:
+    def _in_time(self, batch: list[Handed]) -> list[Handed]:
+        """The rows of ``batch`` whose claim outlasts their publish and their deletion.
+        The others (queued here behind a slow broker) would be published by other
+        relays as well: they are left to those, their claim lapses within seconds."""
+        deadline = time.monotonic() + 2 * self._timeout + SETTLE_LINGER_S
+        in_time = [h for h in batch if h.claimed_until >= deadline]
+        if len(in_time) < len(batch):
+            log.warning(
+                "handed-over tasks left to other relays: their claim lapses before a publish",
+                extra={"count": len(batch) - len(in_time)},
+            )
+        return in_time
+
+    async def _publish_claimed(self, batch: list[Handed]) -> None:
+        if not batch:
+            return
         await self._failpoints.hit("relay.before_publish")
         result = await self._publisher.publish(
-            [Outgoing(message_id=f"{task_id}:1", body=body) for task_id, body in batch]
+            [Outgoing(message_id=f"{h.task_id}:1", body=h.body) for h in batch]
         )
         await self._failpoints.hit("relay.after_confirm")
-        done = [t for (t, _), ok in zip(batch, result.confirmed, strict=True) if ok]
-        left = [t for (t, _), ok in zip(batch, result.confirmed, strict=True) if not ok]
+        done = [h.row_id for h, ok in zip(batch, result.confirmed, strict=True) if ok]
+        left = [h.row_id for h, ok in zip(batch, result.confirmed, strict=True) if not ok]
         self._published.add(done)
         if left:
             async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -189,17 +218,17 @@ class OutboxRelay:
             self._wake.set()
         self._account(result, len(batch), len(done))
 
-    async def _delete_handed(self, task_ids: list[UUID]) -> list[None]:
+    async def _delete_handed(self, row_ids: list[int]) -> list[None]:
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                await conn.execute(_DELETE_HANDED, task_ids)
+                await conn.execute(_DELETE_HANDED, row_ids)
         except ANY_PG_ERROR as exc:
             # Their claims lapse and they are published again: duplicates, absorbed.
             log.warning(
                 "published outbox rows not deleted",
-                extra={"count": len(task_ids), "error": str(exc)[:300]},
+                extra={"count": len(row_ids), "error": str(exc)[:300]},
             )
-        return [None] * len(task_ids)
+        return [None] * len(row_ids)
 
     async def _poll(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set; on error, back off and try again."""

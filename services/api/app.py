@@ -166,12 +166,14 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     if svc.relay is not None:
         tasks.append(asyncio.create_task(svc.relay.run(stop), name="outbox-relay"))
     yield
-    # The last inserts first: their tasks are handed to the relay, which publishes
-    # them before it stops.
-    await svc.repo.aclose()
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await svc.events.aclose()
+    try:
+        # The last inserts first: their tasks are handed to the relay, which publishes
+        # them before it stops.
+        await svc.repo.aclose()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await svc.events.aclose()
 
 
 class _LazyPublisher(Publisher):
@@ -184,26 +186,35 @@ class _LazyPublisher(Publisher):
         self._timeout = timeout
         self._confirming: AbstractChannel | None = None
         self._ready: Publisher | None = None
+        # The relay's two loops publish at once: one of them opens the channel, or the
+        # other's would be left open (and restored by the robust connection forever).
+        self._opening = asyncio.Lock()
 
     async def publish(self, batch: Sequence[amqp.Outgoing]) -> amqp.Published:
-        if self._ready is None or self._confirming is None or self._confirming.is_closed:
-            try:
-                self._confirming = await asyncio.wait_for(
-                    self._connection.channel(publisher_confirms=True, on_return_raises=True),
-                    self._timeout,
-                )
-            except (AMQPError, OSError, RuntimeError, TimeoutError) as exc:
-                # The broker is away: nothing of the batch went out, as with a channel
-                # that fails under a publish. The relay keeps the rows and retries.
-                error = f"no channel to publish on: {type(exc).__name__}: {exc}"
-                return amqp.Published([False] * len(batch), failed=len(batch), error=error)
-            self._ready = Publisher(
-                self._confirming,
-                self._wire.tasks_exchange,
-                self._wire.tasks_routing_key,
-                self._timeout,
-            )
-        return await self._ready.publish(batch)
+        async with self._opening:
+            if self._ready is None or self._confirming is None or self._confirming.is_closed:
+                try:
+                    await self._open()
+                except (AMQPError, OSError, RuntimeError, TimeoutError) as exc:
+                    # The broker is away: nothing of the batch went out, as with a
+                    # channel that fails under a publish. The relay keeps the rows.
+                    error = f"no channel to publish on: {type(exc).__name__}: {exc}"
+                    return amqp.Published([False] * len(batch), failed=len(batch), error=error)
+            ready = self._ready
+        assert ready is not None
+        return await ready.publish(batch)
+
+    async def _open(self) -> None:
+        self._confirming = await asyncio.wait_for(
+            self._connection.channel(publisher_confirms=True, on_return_raises=True),
+            self._timeout,
+        )
+        self._ready = Publisher(
+            self._confirming,
+            self._wire.tasks_exchange,
+            self._wire.tasks_routing_key,
+            self._timeout,
+        )
 
 
 async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:

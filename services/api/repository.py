@@ -3,6 +3,7 @@ there is no moment where a task is accepted but has nothing to publish it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ import asyncpg
 from shared import deadletters, outbox
 from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.groupcommit import GroupCommit
+from shared.relay import Handed
 from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import Row
 
@@ -51,8 +53,9 @@ WITH u AS (
     SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now()),
            CASE WHEN t.next_attempt_at IS NULL THEN now() + make_interval(secs => $14) END
     FROM t JOIN u ON u.id = t.id
+    RETURNING id, task_id
 )
-SELECT * FROM t
+SELECT t.*, o.id AS outbox_id FROM t JOIN o ON o.task_id = t.id
 """
 
 
@@ -71,8 +74,8 @@ class Principal:
     rate_burst: int | None
 
 
-# Receives the first attempts just committed and claimed: (task id, message body).
-HandOver = Callable[[list[tuple[UUID, bytes]]], None]
+# Receives the first attempts just committed and claimed.
+HandOver = Callable[[list[Handed]], None]
 
 
 class ApiRepository:
@@ -160,6 +163,9 @@ class ApiRepository:
             )
             for tenant_id, t in zip(tenant_ids, tasks, strict=True)
         ]
+        # Before the statement (whose now() the claims start from): a claim lapses no
+        # earlier than this.
+        claimed_until = time.monotonic() + (self._claim_s or 0.0)
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(
                 _INSERT,
@@ -186,7 +192,11 @@ class ApiRepository:
             # backfills it into the stream. Nothing stands between commit and publish.
             body_of = {t.id: body for t, body in zip(tasks, bodies, strict=True)}
             self._hand_over(
-                [(r["id"], body_of[r["id"]]) for r in rows if r["next_attempt_at"] is None]
+                [
+                    Handed(r["outbox_id"], r["id"], body_of[r["id"]], claimed_until)
+                    for r in rows
+                    if r["next_attempt_at"] is None
+                ]
             )
         return list(rows)
 

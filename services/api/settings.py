@@ -29,7 +29,8 @@ class ApiSettings(CommonSettings):
     relay_enabled: bool = True
     # How long a fresh task's outbox row stays claimed by the API process that inserted
     # it and publishes it at once; should that process die first, any relay publishes it
-    # once the claim lapses. Longer than a publish can take (io_timeout_s, twice).
+    # once the claim lapses. Its publish and its deletion take up to io_timeout_s each,
+    # and rows waiting longer than the rest of the claim are left to the other relays.
     handoff_claim_s: float = Field(default=15.0, gt=0)
     # Database pool size of one API process.
     db_pool_size: int = Field(default=10, ge=1, le=200)
@@ -38,9 +39,9 @@ class ApiSettings(CommonSettings):
     @classmethod
     def _claim_outlasts_a_publish(cls, value: float, info: ValidationInfo) -> float:
         timeout = info.data.get("io_timeout_s")
-        if timeout is not None and value < 2 * timeout:
+        if timeout is not None and value < 3 * timeout:
             raise ValueError(
-                f"must be at least twice LONGHAUL_IO_TIMEOUT_S ({timeout:g}): a claim that "
-                "lapses while its publish is still waiting publishes the task twice"
+                f"must be at least 3 times LONGHAUL_IO_TIMEOUT_S ({timeout:g}): a publish and "
+                "a deletion take up to that each, and the claim must outlast both"
             )
         return value

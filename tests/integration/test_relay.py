@@ -29,7 +29,7 @@ from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
-from shared.relay import OutboxRelay
+from shared.relay import Handed, OutboxRelay
 from shared.schemas import TaskMessage, TaskRequest, parse_event, parse_task_message
 from shared.settings import CommonSettings
 from shared.wire import Wire
@@ -477,10 +477,10 @@ async def test_a_client_side_connection_error_is_retried_not_fatal(
 
 async def insert_claimed(
     pool: asyncpg.Pool, tenant: Tenant, n: int, claim_s: float, **request: Any
-) -> tuple[list[UUID], list[tuple[UUID, bytes]]]:
+) -> tuple[list[UUID], list[Handed]]:
     """Insert as an API with a relay does: the rows due now are claimed for ``claim_s``
     and handed over (here: collected and returned, as if their process died)."""
-    handed: list[tuple[UUID, bytes]] = []
+    handed: list[Handed] = []
     repo = ApiRepository(pool, timeout=10, hand_over=handed.extend, claim_s=claim_s)
     tasks = [
         NewTask(id=uuid7(), request=TaskRequest(type="relay.test", **request)) for _ in range(n)
@@ -497,8 +497,8 @@ async def test_handed_over_rows_are_published_by_their_process_alone(
     leaves them alone. A delayed task is not handed over, nor claimed."""
     ids, handed = await insert_claimed(pool, tenant, 5, claim_s=60)
     (delayed,), none = await insert_claimed(pool, tenant, 1, claim_s=60, delay_s=30)
-    assert [t for t, _ in handed] == ids and none == []
-    assert [parse_task_message(body).task_id for _, body in handed] == ids
+    assert [h.task_id for h in handed] == ids and none == []
+    assert [parse_task_message(h.body).task_id for h in handed] == ids
     await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
     assert [m for m in await broker.drain() if m.task_id in {*ids, delayed}] == []
     assert len(await outbox_rows(pool, ids)) == 5
@@ -525,7 +525,7 @@ async def test_a_claim_lapses_and_any_relay_publishes_the_row(
 ) -> None:
     """The process that claimed a row died before publishing it: once the claim lapses,
     another relay's poll publishes it."""
-    ids, _lost_with_its_process = await insert_claimed(pool, tenant, 3, claim_s=0.5)
+    ids, _lost_with_its_process = await insert_claimed(pool, tenant, 3, claim_s=3)
     relay = make_relay(pool, broker.publisher(), sink, deployment, poll_s=0.2)
     await flush_until_empty(relay)
     assert [m for m in await broker.drain() if m.task_id in set(ids)] == []
@@ -562,6 +562,85 @@ async def test_handed_rows_the_broker_did_not_confirm_are_released(
     await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
     assert sorted(m.task_id for m in await broker.drain() if m.task_id in set(ids)) == sorted(ids)
     assert await outbox_rows(pool, ids) == []
+
+
+async def test_handed_over_rows_are_published_before_the_relay_stops(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Shutdown drains: what was handed over before ``stop`` is published and deleted
+    then, not left to other relays once the claims lapse."""
+    ids, handed = await insert_claimed(pool, tenant, 7, claim_s=600)
+    owner = make_relay(pool, broker.publisher(), sink, deployment, batch_size=3)
+    async with relay_running(owner):
+        owner.hand_over(handed)
+    assert sorted(m.task_id for m in await broker.drain() if m.task_id in set(ids)) == sorted(ids)
+    assert await outbox_rows(pool, ids) == []
+
+
+async def test_a_retry_row_is_not_deleted_with_the_published_first_attempt(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """A task cancelled before it ran and retried gets a new first-attempt row while the
+    published one awaits its deletion: only the published row goes (by row id), or
+    nothing would ever publish the retry."""
+    (task_id,), handed = await insert_claimed(pool, tenant, 1, claim_s=600)
+    async with pool.acquire() as conn, conn.transaction():
+        # What the cancel and the retry do to the outbox; the retry's row is due later
+        # here so that no relay's poll publishes (and deletes) it during the test.
+        await conn.execute("DELETE FROM outbox WHERE task_id = $1", task_id)
+        retry_row = await conn.fetchval(
+            "INSERT INTO outbox (task_id, attempt, body, available_at)"
+            " VALUES ($1, 1, $2, now() + interval '1 hour') RETURNING id",
+            task_id,
+            handed[0].body,
+        )
+    owner = make_relay(pool, broker.publisher(), sink, deployment)
+    async with relay_running(owner):
+        owner.hand_over(handed)
+        await wait_published(broker, task_id, within=10, what="the first attempt")
+    assert [
+        r["id"] for r in await pool.fetch("SELECT id FROM outbox WHERE task_id = $1", task_id)
+    ] == [retry_row]
+
+
+async def test_rows_whose_claim_lapses_before_their_publish_are_left_to_the_others(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Rows handed over too late to be published and deleted within their claim (queued
+    behind a slow broker) are not published by their owner: once the claim lapses
+    another relay publishes them, each once."""
+    ids, handed = await insert_claimed(pool, tenant, 3, claim_s=2)
+    owners = _RecordingPublisher(broker.publisher())
+    # Its timeout is 10 s, so a 2 s claim is too short; and its poll, which could take
+    # the rows once lapsed, sleeps past the test.
+    owner = make_relay(pool, owners, sink, deployment, poll_s=60)
+    other = make_relay(pool, broker.publisher(), sink, deployment, poll_s=0.2)
+    got: list[UUID] = []
+
+    async def all_published() -> bool:
+        got.extend(m.task_id for m in await broker.drain() if m.task_id in set(ids))
+        return len(got) >= len(ids)
+
+    async with relay_running(owner), relay_running(other):
+        owner.hand_over(handed)
+        await eventually(all_published, within=15, interval=0.05, what="the lapsed rows")
+        await asyncio.sleep(0.5)  # a second copy, if any, would arrive now
+        got.extend(m.task_id for m in await broker.drain() if m.task_id in set(ids))
+    assert sorted(got) == sorted(ids)
+    assert owners.sent == []
+    assert await outbox_rows(pool, ids) == []
+
+
+class _RecordingPublisher(Publisher):
+    """Publishes through ``inner`` and records the message ids it was given."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self._inner = inner
+        self.sent: list[str] = []
+
+    async def publish(self, batch: Sequence[Outgoing]) -> Published:
+        self.sent += [item.message_id for item in batch]
+        return await self._inner.publish(batch)
 
 
 async def test_retrying_task_is_promoted_to_queued_when_published(

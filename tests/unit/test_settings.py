@@ -90,13 +90,14 @@ def test_several_bad_values_are_counted(monkeypatch: pytest.MonkeyPatch) -> None
         load(CommonSettings)
 
 
-def test_a_handoff_claim_shorter_than_two_publish_timeouts_is_refused(
+def test_a_handoff_claim_shorter_than_three_io_timeouts_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A claim that could lapse during its own publish would publish tasks twice."""
+    """A claim that could lapse during its own publish and deletion would publish
+    tasks twice."""
     monkeypatch.setenv("LONGHAUL_IO_TIMEOUT_S", "10")
-    monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "15")
+    monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "25")
     with pytest.raises(ConfigError, match=r"^invalid configuration: LONGHAUL_HANDOFF_CLAIM_S: "):
         load(ApiSettings)
-    monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "20")
-    assert load(ApiSettings).handoff_claim_s == 20
+    monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "30")
+    assert load(ApiSettings).handoff_claim_s == 30
