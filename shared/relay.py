@@ -98,6 +98,21 @@ class Handed(NamedTuple):
     claimed_until: float
 
 
+def in_time_for(
+    batch: Sequence[Handed], now: float, timeout: float
+) -> tuple[list[Handed], list[Handed]]:
+    """Split ``batch`` (at ``time.monotonic()`` ``now``) into the rows whose claim outlasts
+    a publish and a deletion, each within ``timeout``, and the rest. Pure.
+
+    A best effort: past that (a broker reconnecting, a queue of deletions) a claim may
+    still lapse first and another relay publish the task again, a duplicate the worker
+    absorbs."""
+    deadline = now + 2 * timeout + SETTLE_LINGER_S
+    in_time = [h for h in batch if h.claimed_until >= deadline]
+    late = [h for h in batch if h.claimed_until < deadline]
+    return in_time, late
+
+
 # What a flush may meet while PostgreSQL or RabbitMQ is away: retried after a backoff.
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *ANY_PG_ERROR)
 
@@ -171,7 +186,10 @@ class OutboxRelay:
                 batch = self._handed[: self._batch_size]
                 del self._handed[: self._batch_size]
                 try:
-                    await self._publish_claimed(self._in_time(batch))
+                    in_time, late = in_time_for(batch, time.monotonic(), self._timeout)
+                    if late:
+                        await self._release_late(late)
+                    await self._publish_claimed(in_time)
                 except _FLUSH_ERRORS as exc:
                     # Released or, failing that, left to their claim's lapse: some relay's
                     # poll publishes them. Nothing to retry here.
@@ -188,18 +206,17 @@ class OutboxRelay:
         finally:
             stopping.cancel()
 
-    def _in_time(self, batch: list[Handed]) -> list[Handed]:
-        """The rows of ``batch`` whose claim outlasts their publish and their deletion.
-        The others (queued here behind a slow broker) would be published by other
-        relays as well: they are left to those, their claim lapses within seconds."""
-        deadline = time.monotonic() + 2 * self._timeout + SETTLE_LINGER_S
-        in_time = [h for h in batch if h.claimed_until >= deadline]
-        if len(in_time) < len(batch):
-            log.warning(
-                "handed-over tasks left to other relays: their claim lapses before a publish",
-                extra={"count": len(batch) - len(in_time)},
-            )
-        return in_time
+    async def _release_late(self, late: list[Handed]) -> None:
+        """Rows queued here too long to be published within their claim: released to
+        every relay's poll (the wake-up starts ours), not left claimed until the claim
+        lapses."""
+        log.warning(
+            "handed-over tasks left to the relays' polls: their claim lapses too soon",
+            extra={"count": len(late)},
+        )
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(_RELEASE_HANDED, [h.row_id for h in late])
+        self._wake.set()
 
     async def _publish_claimed(self, batch: list[Handed]) -> None:
         if not batch:

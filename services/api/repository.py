@@ -163,10 +163,10 @@ class ApiRepository:
             )
             for tenant_id, t in zip(tenant_ids, tasks, strict=True)
         ]
-        # Before the statement (whose now() the claims start from): a claim lapses no
-        # earlier than this.
-        claimed_until = time.monotonic() + (self._claim_s or 0.0)
         async with self._pool.acquire(timeout=self._timeout) as conn:
+            # Just before the statement, whose now() the claims start from: a claim
+            # lapses no earlier than this.
+            claimed_until = time.monotonic() + (self._claim_s or 0.0)
             rows = await conn.fetch(
                 _INSERT,
                 list(tenant_ids),

@@ -16,6 +16,7 @@ from shared.backoff import Backoff
 from shared.breaker import Breaker
 from shared.failpoints import PAUSE_S, Failpoints
 from shared.ids import uuid7
+from shared.relay import SETTLE_LINGER_S, Handed, in_time_for
 from shared.schemas import TaskState as S
 from shared.singleflight import SingleFlight
 from shared.states import TRANSITIONS, can_transition, sources_of
@@ -302,3 +303,18 @@ async def test_single_flight_shares_a_call_per_key_and_not_across_keys() -> None
     # Once a call ended, the next one for its key runs anew.
     assert await flights.run("a", lambda: read("a")) == "A"
     assert sorted(calls) == ["a", "a", "b"]
+
+
+def test_handed_rows_are_published_only_while_their_claim_outlasts_a_publish() -> None:
+    """A handed-over row is published by its process only if its claim lasts for a
+    publish and a deletion (each up to the timeout) and the deletions' linger; else it
+    is left to the other relays."""
+    now, timeout = 100.0, 5.0
+    enough = now + 2 * timeout + SETTLE_LINGER_S
+
+    def row(claimed_until: float) -> Handed:
+        return Handed(1, uuid7(), b"{}", claimed_until)
+
+    fresh, edge, late = row(now + 15), row(enough), row(enough - 0.01)
+    assert in_time_for([fresh, late, edge], now, timeout) == ([fresh, edge], [late])
+    assert in_time_for([], now, timeout) == ([], [])
