@@ -78,9 +78,10 @@ RETURNING {qualified("t")}, {PREVIOUS_COLUMNS}
 # lapse before they are gone (that would publish them again).
 SETTLE_LINGER_S = 0.1
 
-# By row id: by the task's id, a retry's new row (a task cancelled before it ran and
-# retried within the linger) would go too, and nothing would ever publish the retry.
-_DELETE_HANDED = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+# Published rows, by row id (both ways of publishing). By the task's id, a retry's new
+# row (a task cancelled before it ran and retried within the linger) would go too, and
+# nothing would ever publish the retry.
+_DELETE_PUBLISHED = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 
 # Handed-over rows the broker did not confirm, or that this process will not publish in
 # time, released at once to every relay's poll (which backs off while the broker is
@@ -238,7 +239,7 @@ class OutboxRelay:
     async def _delete_handed(self, row_ids: list[int]) -> list[None]:
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                await conn.execute(_DELETE_HANDED, row_ids)
+                await conn.execute(_DELETE_PUBLISHED, row_ids)
         except ANY_PG_ERROR as exc:
             # Their claims lapse and they are published again: duplicates, absorbed.
             log.warning(
@@ -302,7 +303,7 @@ class OutboxRelay:
             await self._failpoints.hit("relay.after_confirm")
             done = [r["id"] for r, ok in zip(rows, result.confirmed, strict=True) if ok]
             if done:
-                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+                await conn.execute(_DELETE_PUBLISHED, done)
         self._account(result, len(rows), len(done))
         return len(rows)
 

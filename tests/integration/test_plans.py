@@ -31,7 +31,7 @@ from services.worker.repository import WorkerRepository
 from services.ws_gateway.repository import TaskRepository
 from shared.db import create_pool, migrate
 from shared.ids import uuid7
-from shared.relay import _CLAIM, _DELETE_HANDED, _PROMOTE, _RELEASE_HANDED, Handed
+from shared.relay import _CLAIM, _DELETE_PUBLISHED, _PROMOTE, _RELEASE_HANDED, Handed
 from shared.schemas import TaskMessage, TaskRequest
 from tests.conftest import PG_ADMIN_URL, Deployment
 
@@ -157,7 +157,7 @@ async def test_per_task_statements_read_a_handful_of_rows(big_db: str) -> None:
                 await conn.fetch(_CLAIM, 10)  # the relay's claim (not published)
             # The API's relay: the handed-over rows published, one released.
             published = [h.row_id for h in handed]
-            await api_pool.execute(_DELETE_HANDED, published[1:])
+            await api_pool.execute(_DELETE_PUBLISHED, published[1:])
             await api_pool.execute(_RELEASE_HANDED, published[:1])
             handed.clear()
             assert await worker.reap() == []
