@@ -34,7 +34,7 @@ from shared.schemas import TaskMessage, TaskRequest, parse_event, parse_task_mes
 from shared.settings import CommonSettings
 from shared.wire import Wire
 from tests.conftest import Deployment, Isolated, Tenant
-from tests.support import eventually, new_run_id
+from tests.support import eventually, new_run_id, outbox_emptied
 
 
 @pytest.fixture(scope="module")
@@ -489,6 +489,16 @@ async def insert_claimed(
     return [t.id for t in tasks], handed
 
 
+async def all_released(pool: asyncpg.Pool, ids: Sequence[UUID]) -> bool:
+    """Whether every outbox row of these tasks is unclaimed: released, for a lapsed
+    claim keeps its time."""
+    count = await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[]) AND claimed_until IS NULL",
+        list(ids),
+    )
+    return bool(count == len(ids))
+
+
 async def test_handed_over_rows_are_published_by_their_process_alone(
     pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
 ) -> None:
@@ -509,11 +519,7 @@ async def test_handed_over_rows_are_published_by_their_process_alone(
     owner = make_relay(pool, broker.publisher(), sink, deployment)
     async with relay_running(owner):
         owner.hand_over(handed)
-
-        async def gone() -> bool:
-            return await outbox_rows(pool, ids) == []
-
-        await eventually(gone, within=10, interval=0.02, what="the handed rows deleted")
+        await outbox_emptied(pool, ids)
     published = [m for m in await broker.drain() if m.task_id in set(ids)]
     assert sorted(m.task_id for m in published) == sorted(ids)
     assert all(m.attempt == 1 for m in published)
@@ -549,15 +555,11 @@ async def test_handed_rows_the_broker_did_not_confirm_are_released(
     ids, handed = await insert_claimed(pool, tenant, 4, claim_s=600)
     refusing = make_relay(pool, _RefusingPublisher(refuse=True), sink, deployment, poll_s=30)
 
-    async def released() -> bool:
-        return await pool.fetchval(
-            "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[]) AND claimed_until IS NULL",
-            ids,
-        ) == len(ids)
-
     async with relay_running(refusing):
         refusing.hand_over(handed)
-        await eventually(released, within=10, interval=0.02, what="the refused rows released")
+        await eventually(
+            lambda: all_released(pool, ids), interval=0.02, what="the refused rows released"
+        )
         assert refusing.refusing
     await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
     assert sorted(m.task_id for m in await broker.drain() if m.task_id in set(ids)) == sorted(ids)
@@ -614,16 +616,11 @@ async def test_rows_whose_claim_lapses_before_their_publish_are_released(
     # the rows stay in the outbox to be looked at.
     owner = make_relay(pool, _RefusingPublisher(), sink, deployment, poll_s=60)
 
-    async def released() -> bool:
-        count = await pool.fetchval(
-            "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[]) AND claimed_until IS NULL",
-            ids,
-        )
-        return bool(count == len(ids))
-
     async with relay_running(owner):
         owner.hand_over(handed)
-        await eventually(released, within=10, interval=0.02, what="the late rows released")
+        await eventually(
+            lambda: all_released(pool, ids), interval=0.02, what="the late rows released"
+        )
     await flush_until_empty(make_relay(pool, broker.publisher(), sink, deployment))
     assert sorted(m.task_id for m in await broker.drain() if m.task_id in set(ids)) == sorted(ids)
     assert await outbox_rows(pool, ids) == []
