@@ -70,7 +70,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         )
         stack.push_async_callback(amqp.close, connection, timeout)
 
-        repo = WorkerRepository(pool, timeout=timeout)
+        repo = WorkerRepository(pool, timeout=timeout, concurrency=settings.worker_concurrency)
         await repo.register_types(registry.schemas())
         events = EventSink(
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
