@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq
+import pamqp.frame
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -23,7 +25,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from shared.settings import CommonSettings
 from shared.wire import Wire
@@ -104,8 +109,14 @@ class Published:
 
 
 class Publisher:
-    """Publishes persistent messages with confirms; a batch is pipelined, not sent one
-    round trip at a time, and bounded by one timeout for the whole batch."""
+    """Publishes persistent messages with confirms: a batch goes to the broker in one
+    write and is bounded by one timeout for the whole batch.
+
+    Straight onto aiormq's channel, as its own ``basic_publish`` does it (the channel's
+    lock, its delivery tags, confirmation futures and returned-message lookup), but for
+    the batch at once: ``basic_publish`` queued each message on its own and waited for
+    the writer to flush it before the next one, with the method frame and a task per
+    message; that was a third of the API's CPU when it published single submits."""
 
     def __init__(
         self, channel: AbstractChannel, exchange: str, routing_key: str, timeout: float
@@ -115,47 +126,104 @@ class Publisher:
         self._exchange = exchange
         self._routing_key = routing_key
         self._timeout = timeout
+        # The Basic.Publish frame is the same for every message of a channel number.
+        self._method: tuple[int, bytes] | None = None
 
     async def publish(self, batch: Sequence[Outgoing]) -> Published:
-        tasks = [asyncio.create_task(self._publish_one(item), name="publish") for item in batch]
-        # One bound for the batch: it also covers a publish that would wait forever on
-        # a connection being restored.
-        _, pending = await asyncio.wait(tasks, timeout=self._timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-        confirmed, refused, failed, error = [], 0, 0, None
-        for task in tasks:
-            exc = None if task.cancelled() else task.exception()
-            ok = not task.cancelled() and exc is None
+        if not batch:
+            return Published([])
+        confirms: list[asyncio.Future[Any]] = []
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._send(batch, confirms)
+                await asyncio.wait(confirms)
+        except TimeoutError:
+            error = "no confirm in time"
+        except Exception as exc:  # noqa: BLE001 - reported in Published, as a confirm's error
+            # The channel or the connection is gone: nothing of it will be confirmed.
+            error = f"{type(exc).__name__}: {exc}"
+        if not confirms:
+            return Published([False] * len(batch), failed=len(batch), error=error)
+        confirmed, refused, failed = [], 0, 0
+        for future in confirms:
+            if not future.done():
+                future.cancel()  # aiormq ignores a confirm that comes later
+            reason = None if future.cancelled() else future.exception()
+            ok = not future.cancelled() and reason is None
             confirmed.append(ok)
             if ok:
                 continue
-            if isinstance(exc, aio_pika.exceptions.DeliveryError):
-                refused += 1
+            if isinstance(reason, aiormq.exceptions.DeliveryError):
+                refused += 1  # nacked, or returned as unroutable (PublishError)
             else:
                 failed += 1
-            error = error or (f"{type(exc).__name__}: {exc}" if exc else "no confirm in time")
+            if reason is not None and error is None:
+                error = f"{type(reason).__name__}: {reason}"
+        if error is None and failed:
+            error = "no confirm"
         return Published(confirmed, refused, failed, error)
 
-    async def _publish_one(self, item: Outgoing) -> None:
-        # Straight to the channel underneath, with the frame's properties built here:
-        # aio-pika's Message sets every property through a locked __setattr__ and then
-        # copies them into these, a quarter of a relay's publishing CPU. The channel was
-        # opened with on_return_raises, so an unroutable message still raises.
+    async def _send(self, batch: Sequence[Outgoing], confirms: list[asyncio.Future[Any]]) -> None:
+        """Queue the batch for the connection's writer as one frame sequence and wait
+        until it is written; ``confirms`` gets one confirmation future per message, in
+        order, once the batch is queued."""
         if self._channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError("the publishing channel is closed")
         channel = await self._channel.get_underlay_channel()
-        await channel.basic_publish(
-            item.body,
-            exchange=self._exchange,
-            routing_key=self._routing_key,
-            properties=Basic.Properties(
-                content_type="application/json",
-                delivery_mode=_PERSISTENT,
-                message_id=item.message_id,
-                correlation_id=item.trace_id,
-            ),
-            mandatory=True,
+        if not isinstance(channel, aiormq.Channel) or not channel.publisher_confirms:
+            raise RuntimeError("a Publisher needs an aiormq channel with publisher confirms")
+        method = self._method_frame(channel.number)
+        payload: list[bytes] = []
+        for item in batch:
+            payload.append(method)
+            payload.append(self._header(item, channel.number))
+            for start in range(0, len(item.body), channel.max_content_size):
+                chunk = item.body[start : start + channel.max_content_size]
+                payload.append(pamqp.frame.marshal(ContentBody(chunk), channel.number))
+        async with channel.lock:
+            written = channel.create_future()
+            try:
+                await channel.write_queue.put(
+                    ChannelFrame(
+                        payload=b"".join(payload), should_close=False, drain_future=written
+                    )
+                )
+            except BaseException:
+                written.cancel()
+                raise
+            # Nothing awaited since the put: the writer has not sent the batch yet, so
+            # no confirm can come before its future exists. The broker numbers a
+            # channel's publishes from 1; so does the channel's delivery_tag.
+            for tag, item in enumerate(batch, start=channel.delivery_tag + 1):
+                confirm = channel.create_future()
+                channel.confirmations[tag] = confirm
+                # Where aiormq looks a returned (unroutable) message up.
+                channel.message_id_delivery_tag[item.message_id] = tag
+                confirm.add_done_callback(functools.partial(_forget, channel, item.message_id, tag))
+                confirms.append(confirm)
+            channel.delivery_tag += len(batch)
+            await written
+
+    def _method_frame(self, number: int) -> bytes:
+        if self._method is None or self._method[0] != number:
+            frame = Basic.Publish(
+                exchange=self._exchange, routing_key=self._routing_key, mandatory=True
+            )
+            self._method = (number, pamqp.frame.marshal(frame, number))
+        return self._method[1]
+
+    @staticmethod
+    def _header(item: Outgoing, number: int) -> bytes:
+        properties = Basic.Properties(
+            content_type="application/json",
+            delivery_mode=_PERSISTENT,
+            message_id=item.message_id,
+            correlation_id=item.trace_id,
         )
+        return pamqp.frame.marshal(ContentHeader(0, len(item.body), properties), number)
+
+
+def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]

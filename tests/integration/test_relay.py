@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import aio_pika
+import aiormq
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -695,23 +696,99 @@ async def test_published_message_is_persistent_and_identified(
     assert found.content_type == "application/json"
 
 
-async def test_the_publisher_counts_what_the_broker_refuses(broker: Broker) -> None:
-    """Nacks (a queue at x-max-length refusing publishes) and returns (no route) are
-    refusals, each of its own message, not failures of the batch."""
-    name = f"{broker.wire.namespace}_full"
-    channel = broker.channel
-    exchange = await channel.declare_exchange(name, auto_delete=True)
-    # A classic queue: a quorum queue enforces its length a little late, this one exactly.
-    queue = await channel.declare_queue(
-        name, auto_delete=True, arguments={"x-max-length": 2, "x-overflow": "reject-publish"}
-    )
+@contextlib.asynccontextmanager
+async def private_route(
+    broker: Broker, suffix: str, arguments: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[str, aio_pika.abc.AbstractQueue]]:
+    """An exchange and a classic queue bound by the same name, removed afterwards."""
+    name = f"{broker.wire.namespace}_{suffix}"
+    exchange = await broker.channel.declare_exchange(name, auto_delete=True)
+    queue = await broker.channel.declare_queue(name, auto_delete=True, arguments=arguments)
     await queue.bind(exchange, routing_key=name)
     try:
-        batch = [Outgoing(message_id=f"m{i}", body=b"{}") for i in range(5)]
-        full = await Publisher(channel, name, name, 10).publish(batch)
-        assert (full.confirmed, full.refused, full.failed) == ([True] * 2 + [False] * 3, 3, 0)
-        nowhere = await Publisher(channel, name, "no-such-route", 10).publish(batch[:1])
-        assert (nowhere.confirmed, nowhere.refused, nowhere.failed) == ([False], 1, 0)
+        yield name, queue
     finally:
         await queue.delete(if_unused=False, if_empty=False)
         await exchange.delete()
+
+
+async def test_the_publisher_counts_what_the_broker_refuses(broker: Broker) -> None:
+    """Nacks (a queue at x-max-length refusing publishes) and returns (no route) are
+    refusals, each of its own message, not failures of the batch."""
+    # A classic queue: a quorum queue enforces its length a little late, this one exactly.
+    limited = {"x-max-length": 2, "x-overflow": "reject-publish"}
+    async with private_route(broker, "full", limited) as (name, _):
+        batch = [Outgoing(message_id=f"m{i}", body=b"{}") for i in range(5)]
+        full = await Publisher(broker.channel, name, name, 10).publish(batch)
+        assert (full.confirmed, full.refused, full.failed) == ([True] * 2 + [False] * 3, 3, 0)
+        nowhere = await Publisher(broker.channel, name, "no-such-route", 10).publish(batch[:1])
+        assert (nowhere.confirmed, nowhere.refused, nowhere.failed) == ([False], 1, 0)
+        # A returned message is forgotten once settled: nothing of it is left behind.
+        underlay = await broker.channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        assert not underlay.message_id_delivery_tag
+
+
+async def test_a_batch_arrives_whole_in_order_and_bodies_larger_than_a_frame_too(
+    broker: Broker,
+) -> None:
+    """The batch is written as one frame sequence: each message keeps its properties,
+    the batch its order, and a body longer than the connection's frame is split over
+    several body frames and arrives whole."""
+    underlay = await broker.channel.get_underlay_channel()
+    assert isinstance(underlay, aiormq.Channel)
+    large = bytes(range(256)) * (underlay.max_content_size * 5 // 2 // 256)
+    batch = [
+        Outgoing(message_id="small-1", body=b'{"n": 1}', trace_id="trace-1"),
+        Outgoing(message_id="large", body=large),
+        Outgoing(message_id="small-2", body=b'{"n": 2}'),
+    ]
+    async with private_route(broker, "whole") as (name, queue):
+        result = await Publisher(broker.channel, name, name, 10).publish(batch)
+        assert result == Published([True, True, True])
+        got = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            got.append(message)
+    assert [(m.message_id, m.body) for m in got] == [(o.message_id, o.body) for o in batch]
+    assert [m.correlation_id for m in got] == ["trace-1", None, None]
+    assert {(m.delivery_mode, m.content_type) for m in got} == {
+        (aio_pika.DeliveryMode.PERSISTENT, "application/json")
+    }
+
+
+async def test_batches_that_time_out_leave_the_channel_confirming_the_right_messages(
+    broker: Broker,
+) -> None:
+    """A batch that could not be queued in time (the channel's lock held meanwhile) fails
+    whole and sends nothing. One that was queued but not confirmed in time fails too, yet
+    still reaches the broker, and its delivery tags stay taken: the next batch's confirms
+    and nacks land on the right messages."""
+    underlay = await broker.channel.get_underlay_channel()
+    assert isinstance(underlay, aiormq.Channel)
+    limited = {"x-max-length": 2, "x-overflow": "reject-publish"}
+    async with private_route(broker, "timeout", limited) as (name, queue):
+        never = [Outgoing(message_id=f"never{i}", body=b"{}") for i in range(2)]
+        async with underlay.lock:
+            late = await Publisher(broker.channel, name, name, 0.05).publish(never)
+        assert late == Published([False, False], failed=2, error="no confirm in time")
+        # Queued at once, unconfirmed a microsecond later (a confirm that did come in
+        # time would do as well): either way the broker takes it, the first of two.
+        hurried = [Outgoing(message_id="hurried", body=b"{}")]
+        await Publisher(broker.channel, name, name, 1e-6).publish(hurried)
+        batch = [Outgoing(message_id=f"next{i}", body=b"{}") for i in range(3)]
+        result = await Publisher(broker.channel, name, name, 10).publish(batch)
+        assert (result.confirmed, result.refused, result.failed) == ([True, False, False], 2, 0)
+        got = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            got.append(message.message_id)
+        assert got == ["hurried", "next0"]
+        assert not set(underlay.message_id_delivery_tag) & {"hurried", "next0", "next1"}
+
+
+async def test_a_closed_channel_fails_the_batch_without_raising(broker: Broker) -> None:
+    channel = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
+    await channel.close()
+    batch = [Outgoing(message_id=f"c{i}", body=b"{}") for i in range(2)]
+    result = await Publisher(channel, broker.wire.tasks_exchange, "any", 10).publish(batch)
+    assert (result.confirmed, result.refused, result.failed) == ([False, False], 0, 2)
+    assert result.error is not None and "closed" in result.error
