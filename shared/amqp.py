@@ -178,8 +178,9 @@ class Publisher:
         for item in batch:
             payload.append(method)
             payload.append(self._header(item, channel.number))
-            for start in range(0, len(item.body), channel.max_content_size):
-                chunk = item.body[start : start + channel.max_content_size]
+            size = channel.max_content_size if channel.max_content_size > 0 else len(item.body)
+            for start in range(0, len(item.body), size):  # frame_max 0: no limit
+                chunk = item.body[start : start + size]
                 payload.append(pamqp.frame.marshal(ContentBody(chunk), channel.number))
         async with channel.lock:
             written = channel.create_future()
@@ -203,7 +204,9 @@ class Publisher:
                 confirm.add_done_callback(functools.partial(_forget, channel, item.message_id, tag))
                 confirms.append(confirm)
             channel.delivery_tag += len(batch)
-            await written
+            # Not `await written`: a closing channel rejects it with the close's reason,
+            # which may be CancelledError; the confirms report that failure instead.
+            await asyncio.wait([written])
 
     def _method_frame(self, number: int) -> bytes:
         if self._method is None or self._method[0] != number:
