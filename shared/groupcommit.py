@@ -75,35 +75,47 @@ class GroupCommit(Generic[T, R]):
         return done
 
     async def aclose(self) -> None:
-        """Wait for what is being written (shutdown)."""
+        """Wait for what is being written (shutdown). Shielded: awaiting a task directly
+        would hand a cancellation of this caller on to the writer, and the items of
+        other callers would go unwritten."""
         if self._writer is not None:
-            await self._writer
+            await asyncio.shield(self._writer)
 
     async def _write_all(self) -> None:
-        while self._waiting:
-            if self._linger_s and len(self._waiting) < self._enough:
-                await self._linger()
-            batch = self._take()
-            try:
-                outcomes = await self._outcomes([item for item, _ in batch])
-            except BaseException as exc:
-                for _, f in batch:
-                    if f.done():
-                        continue
-                    if isinstance(exc, Exception):
-                        f.set_exception(exc)  # every caller of the batch gets it
-                    else:
-                        f.cancel()
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, f), outcome in zip(batch, outcomes, strict=True):
+        try:
+            while self._waiting:
+                if self._linger_s and len(self._waiting) < self._enough:
+                    await self._linger()
+                await self._write_batch(self._take())
+        except BaseException:
+            # The writer itself was cancelled (the loop is stopping): nothing will write
+            # what still waits, so its callers must not wait for it either.
+            waiting, self._waiting = self._waiting, []
+            for _, f in waiting:
+                f.cancel()
+            raise
+
+    async def _write_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            outcomes = await self._outcomes([item for item, _ in batch])
+        except BaseException as exc:
+            for _, f in batch:
                 if f.done():
                     continue
-                if isinstance(outcome, _Failed):
-                    f.set_exception(outcome.error)
+                if isinstance(exc, Exception):
+                    f.set_exception(exc)  # every caller of the batch gets it
                 else:
-                    f.set_result(outcome)
+                    f.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, f), outcome in zip(batch, outcomes, strict=True):
+            if f.done():
+                continue
+            if isinstance(outcome, _Failed):
+                f.set_exception(outcome.error)
+            else:
+                f.set_result(outcome)
 
     async def _linger(self) -> None:
         loop = asyncio.get_running_loop()

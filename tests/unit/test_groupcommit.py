@@ -160,3 +160,37 @@ async def test_added_items_are_written_together_and_awaited_by_aclose(
     assert rec.batches[-1] == [-1]
     gc.collect()  # an unretrieved exception is reported when its future is collected
     assert "never retrieved" not in caplog.text
+
+
+async def test_cancelling_a_caller_of_aclose_does_not_cancel_the_writes_of_others() -> None:
+    """A stopping service that gives up on aclose() (its own timeout) must not take the
+    lingering writer down with it: the submitters would wait forever."""
+    rec = Recorder()
+    rec.release.set()
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test", linger_s=0.2)
+    submitted = asyncio.create_task(group.submit(1))
+    await asyncio.sleep(0)  # the writer is lingering now
+    closing = asyncio.create_task(group.aclose())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert await asyncio.wait_for(submitted, 5) == 10
+    assert rec.batches == [[1]]
+
+
+async def test_a_cancelled_writer_releases_every_waiting_caller() -> None:
+    """Callers whose items wait for the next batch when the writer is cancelled (the
+    loop stopping) are cancelled too, not left waiting for a write that never comes."""
+    rec = Recorder()  # holds the first batch until released
+    group: GroupCommit[int, int] = GroupCommit(rec.write, name="test")
+    first = asyncio.create_task(group.submit(1))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(group.submit(2))  # waits for the next batch
+    await asyncio.sleep(0)
+    assert rec.batches == [[1]]
+    writer = next(t for t in asyncio.all_tasks() if t.get_name() == "test")
+    writer.cancel()
+    done, _ = await asyncio.wait({first, second}, timeout=5)
+    assert done == {first, second}
+    assert first.cancelled() and second.cancelled()
