@@ -792,3 +792,35 @@ async def test_a_closed_channel_fails_the_batch_without_raising(broker: Broker) 
     result = await Publisher(channel, broker.wire.tasks_exchange, "any", 10).publish(batch)
     assert (result.confirmed, result.refused, result.failed) == ([False, False], 0, 2)
     assert result.error is not None and "closed" in result.error
+
+
+async def test_a_connection_closing_while_a_batch_waits_for_its_write_fails_the_batch(
+    broker: Broker, deployment: Deployment
+) -> None:
+    """The batch is queued but not yet written when the connection closes: aiormq rejects
+    the write with the close's reason, CancelledError for a close of our own. That must
+    fail the batch, not cancel the relay loop that called publish()."""
+    connection = await amqp.connect(deployment.amqp_url, "longhaul-test-close", timeout=10)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        # Hold the writer back: the batch goes to a queue no writer reads.
+        real_queue, underlay.write_queue = underlay.write_queue, asyncio.Queue()
+        batch = [Outgoing(message_id=f"w{i}", body=b"{}") for i in range(2)]
+        publisher = Publisher(channel, broker.wire.tasks_exchange, "any", 10)
+        publishing = asyncio.create_task(publisher.publish(batch))
+
+        async def queued() -> bool:
+            return len(underlay.confirmations) == 2
+
+        await eventually(queued, within=5, what="the batch queued")
+        assert not publishing.done()  # waiting for its write
+        underlay.write_queue = real_queue  # the close itself must reach the broker
+        await connection.close()
+        result = await asyncio.wait_for(publishing, 5)  # returns, does not raise
+        assert (result.confirmed, result.failed) == ([False, False], 2)
+        assert result.error is not None and "Cancelled" in result.error
+        assert not underlay.message_id_delivery_tag
+    finally:
+        await connection.close()
