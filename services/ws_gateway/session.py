@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.protocol import State
@@ -39,6 +39,7 @@ from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.repository import TaskRepository
 from services.ws_gateway.streams import StreamReader
+from services.ws_gateway.writes import CoalescedWrites
 from shared.db import ANY_PG_ERROR
 from shared.schemas import ProgressEvent
 from shared.taskrows import event_from_row
@@ -181,6 +182,7 @@ class Session:
         self._reading: asyncio.Task[Any] | None = None
         self._ended = False
         self._slow = False
+        self._writes = CoalescedWrites(ws)
 
     # Sessions are registry keys: identity is the right equality.
     __hash__ = object.__hash__
@@ -213,7 +215,7 @@ class Session:
             return False
         if not self._writable():
             return False
-        broadcast([self.ws], self._deps.frame_cache.frame(event))
+        self._writes.write(self._deps.frame_cache.frame(event))
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.relayed["live"].inc()
         return True
@@ -394,11 +396,11 @@ class Session:
     async def _send(self, event: ProgressEvent, source: str) -> None:
         frame = self._deps.frame_cache.frame(event)
         if self._writable():
-            # Written at once, as _send_now does: send()'s lock and drain are for a
-            # socket that is filling up, where waiting is the back pressure we want.
-            broadcast([self.ws], frame)
+            # Written without waiting, as _send_now does: send()'s lock and drain are
+            # for a socket that is filling up, where waiting is the back pressure we want.
+            self._writes.write(frame)
         else:
-            await self.ws.send(frame)
+            await self.ws.send(frame)  # after the frames queued by _writes: order holds
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.relayed[source].inc()
 
