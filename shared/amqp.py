@@ -145,24 +145,10 @@ class Publisher:
             error = f"{type(exc).__name__}: {exc}"
         if not confirms:
             return Published([False] * len(batch), failed=len(batch), error=error)
-        confirmed, refused, failed = [], 0, 0
         for future in confirms:
             if not future.done():
                 future.cancel()  # aiormq ignores a confirm that comes later
-            reason = None if future.cancelled() else future.exception()
-            ok = not future.cancelled() and reason is None
-            confirmed.append(ok)
-            if ok:
-                continue
-            if isinstance(reason, aiormq.exceptions.DeliveryError):
-                refused += 1  # nacked, or returned as unroutable (PublishError)
-            else:
-                failed += 1
-            if reason is not None and error is None:
-                error = f"{type(reason).__name__}: {reason}"
-        if error is None and failed:
-            error = "no confirm"
-        return Published(confirmed, refused, failed, error)
+        return settled(confirms, error)
 
     async def _send(self, batch: Sequence[Outgoing], confirms: list[asyncio.Future[Any]]) -> None:
         """Queue the batch for the connection's writer as one frame sequence and wait
@@ -230,3 +216,29 @@ class Publisher:
 def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
     if channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]
+
+
+def settled(confirms: Sequence[asyncio.Future[Any]], error: str | None) -> Published:
+    """What settled confirmation futures say, ``error`` being what failed the whole batch
+    (a timeout, a lost channel). Refusals are named beside it: a batch that timed out
+    may also have been refused in part, and the reason to stop admitting is the latter."""
+    confirmed, refused, failed = [], 0, 0
+    failure: str | None = None
+    refusal: str | None = None
+    for future in confirms:
+        reason = None if future.cancelled() else future.exception()
+        ok = not future.cancelled() and reason is None
+        confirmed.append(ok)
+        if ok:
+            continue
+        if isinstance(reason, aiormq.exceptions.DeliveryError):
+            refused += 1  # nacked, or returned as unroutable (PublishError)
+            refusal = refusal or f"{type(reason).__name__}: {reason}"
+        else:
+            failed += 1
+            if reason is not None:
+                failure = failure or f"{type(reason).__name__}: {reason}"
+    if failed and error is None:
+        error = failure or "no confirm"
+    described = "; ".join(part for part in (error, refusal and f"refused: {refusal}") if part)
+    return Published(confirmed, refused, failed, described or None)

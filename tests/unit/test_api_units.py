@@ -11,7 +11,8 @@ from uuid import UUID
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPConnectionError, DeliveryError
+from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from services.api import requests as rq
@@ -24,7 +25,7 @@ from services.api.repository import Principal
 from services.api.routes import routes
 from services.api.tasktypes import TaskTypes
 from shared import keys
-from shared.amqp import Outgoing
+from shared.amqp import Outgoing, settled
 from shared.ids import uuid7
 from shared.jsonsafe import nul_path
 from shared.schemas import TaskRequest
@@ -410,3 +411,20 @@ async def test_a_publish_without_a_channel_fails_its_batch_without_raising(
     assert result.confirmed == [False, False]
     assert (result.failed, result.refused) == (2, 0)
     assert result.error is not None and "no channel" in result.error
+
+
+async def test_a_batch_that_timed_out_still_names_what_the_broker_refused() -> None:
+    """Refusals (nacks: a full queue) stop admissions; a batch that also timed out must
+    say both, with the counts apart."""
+    loop = asyncio.get_running_loop()
+    acked, nacked, late = (loop.create_future() for _ in range(3))
+    acked.set_result(None)
+    nacked.set_exception(DeliveryError(None, Basic.Nack(delivery_tag=2)))
+    late.cancel()
+    result = settled([acked, nacked, late], "no confirm in time")
+    assert (result.confirmed, result.refused, result.failed) == ([True, False, False], 1, 1)
+    assert result.error is not None
+    assert result.error.startswith("no confirm in time; refused: DeliveryError")
+    only_refused = settled([acked, nacked], None)
+    assert only_refused.error is not None and only_refused.error.startswith("refused: ")
+    assert settled([acked], None).error is None
