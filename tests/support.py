@@ -259,12 +259,13 @@ async def api_and_worker(env: Mapping[str, str]) -> AsyncIterator[System]:
 
 
 @contextlib.contextmanager
-def private_redis(port: int) -> Iterator[subprocess.Popen[bytes]]:
+def private_redis(port: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
     """A redis-server of the test's own on ``port`` (nothing kept on disk), so that a test
-    can stop and restart Redis without disturbing the shared one. Wait for redis_up()."""
+    can stop and restart Redis without disturbing the shared one. Wait for redis_up().
+    ``options``: more of redis-server's command-line options."""
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--bind", "127.0.0.1"],
+         "--daemonize", "no", "--bind", "127.0.0.1", *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

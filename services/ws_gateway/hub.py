@@ -6,10 +6,10 @@ subscribes (no race with a SUBSCRIBE acknowledgement) and there is no subscripti
 to replay after a reconnect. The price is that each gateway sees every event of the
 namespace; at one Redis that is the same traffic a broadcast would cost anyway.
 
-We own the read loop instead of relying on redis-py's reconnect, which does not reliably
-resubscribe: on any error the pub/sub connection is dropped, a new one subscribes, and
-every listener is told to resync (re-read its streams), since pub/sub is at-most-once and
-whatever was published meanwhile is gone from it."""
+We own the connection (services/ws_gateway/pubsub.py) and its reconnect: on any error
+it is dropped, a new one subscribes, and every listener is told to resync (re-read its
+streams), since pub/sub is at-most-once and whatever was published meanwhile is gone
+from it."""
 
 from __future__ import annotations
 
@@ -19,12 +19,8 @@ import random
 from typing import Any, Protocol
 from uuid import UUID
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from services.ws_gateway.metrics import GatewayMetrics
+from services.ws_gateway.pubsub import PatternSubscriber
 from services.ws_gateway.registry import Registry
 from shared.errors import MalformedMessage
 from shared.schemas import ProgressEvent, parse_event
@@ -64,30 +60,20 @@ class Hub:
         self.connected = asyncio.Event()
         self.generation = 0
 
-    def _client(self) -> Redis:
-        # No retries: a failed read must reach our loop, which reconnects and resyncs,
-        # rather than redis-py's own reconnect, which may come back unsubscribed.
-        return Redis.from_url(
-            self._redis_url,
-            socket_connect_timeout=self._io_timeout,
-            socket_keepalive=True,
-            # A PING when idle this long: a silently dead connection is noticed.
-            health_check_interval=max(1, int(self._io_timeout * 2)),
-            retry=Retry(NoBackoff(), 0),
-        )
-
     async def run(self) -> None:
         """Subscribe and dispatch until cancelled, reconnecting with backoff."""
         delay = 0.05
         while True:
-            client = self._client()
-            pubsub = client.pubsub()
+            subscriber: PatternSubscriber | None = None
             try:
-                await asyncio.wait_for(
-                    pubsub.psubscribe(self._wire.event_channel_pattern), self._io_timeout
+                subscriber = await PatternSubscriber.open(
+                    self._redis_url,
+                    self._wire.event_channel_pattern,
+                    self._dispatch,
+                    io_timeout=self._io_timeout,
+                    # A PING when idle this long: a silently dead connection is noticed.
+                    idle_s=max(1.0, self._io_timeout * 2),
                 )
-                # The confirmation proves the subscription is active on the server.
-                await self._await_confirmation(pubsub)
                 self.generation += 1
                 self._metrics.hub_reconnects.inc()
                 self._metrics.hub_connected.set(1)
@@ -96,35 +82,18 @@ class Hub:
                     log.info("redis subscriber resubscribed", extra={"generation": self.generation})
                     self._broadcast_resync()
                 delay = 0.05
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "pmessage":
-                        self._dispatch(message["channel"], message["data"])
-            except (RedisError, OSError, TimeoutError) as exc:
+                await subscriber.watch()  # messages are dispatched meanwhile
+            except (OSError, TimeoutError) as exc:  # SubscriberLost is an OSError
                 if self.connected.is_set():
                     log.warning("redis subscriber lost", extra={"error": repr(exc)})
                 self.connected.clear()
                 self._metrics.hub_connected.set(0)
             finally:
-                await self._close_quietly(pubsub, client)
+                if subscriber is not None:
+                    subscriber.close()
             # Full jitter: many gateways do not reconnect to a restarted Redis in step.
             await asyncio.sleep(random.uniform(0, delay))  # noqa: S311
             delay = min(delay * 2, 2.0)
-
-    async def _await_confirmation(self, pubsub: Any) -> None:
-        async with asyncio.timeout(self._io_timeout):
-            while True:
-                message = await pubsub.get_message(timeout=self._io_timeout)
-                if message is not None and message.get("type") == "psubscribe":
-                    return
-
-    @staticmethod
-    async def _close_quietly(pubsub: Any, client: Redis) -> None:
-        try:
-            await pubsub.aclose()
-            await client.aclose()
-        except (RedisError, OSError):
-            pass  # the connection is already gone: nothing left to release
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         """Hand an event to its listeners without awaiting any of them."""
