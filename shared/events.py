@@ -31,20 +31,24 @@ EVENTS_FAILED = Counter("longhaul_events_failed_total", "Progress events Redis d
 # duplicate or late write is refused by Redis itself and the stream never holds one
 # seq twice; that refusal is expected and not counted), the PUBLISH of live events and
 # the expiry. As a pipeline of single commands, packing and parsing them cost the
-# client more than Redis spent running them. Returns {refused, first error}.
+# client more than Redis spent running them; and since packing costs the client per
+# argument, an event is its stream (a key) and its body: the seqs and flags of all come
+# in one argument, and each channel is its stream's name with the channels' prefix.
+# Returns {refused, first error}.
 _WRITE_EVENTS = """
-local maxlen, ttl = ARGV[1], ARGV[2]
-local refused, first = 0, ''
-for i, stream in ipairs(KEYS) do
-    local a = 3 + (i - 1) * 4
-    local added = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, ARGV[a], 'e', ARGV[a + 1])
+local maxlen, ttl, channels, cut = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local refused, first, i = 0, '', 0
+for seq, flags in string.gmatch(ARGV[5], '(%d+):(%d)') do
+    i = i + 1
+    local stream, body = KEYS[i], ARGV[5 + i]
+    local added = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', body)
     if type(added) == 'table' and added.err
         and not string.find(added.err, 'equal or smaller', 1, true) then
         refused = refused + 1
         if first == '' then first = added.err end
     end
-    local flags = tonumber(ARGV[a + 2])
-    if flags % 2 == 1 then redis.call('PUBLISH', ARGV[a + 3], ARGV[a + 1]) end
+    flags = tonumber(flags)
+    if flags % 2 == 1 then redis.call('PUBLISH', channels .. string.sub(stream, cut), body) end
     if flags >= 2 then redis.call('PEXPIRE', stream, ttl) end
 end
 return {refused, first}
@@ -73,6 +77,9 @@ class EventSink:
         self._retention_ms = int(retention_s * 1000)
         self._maxlen = maxlen
         self._script = redis.register_script(_WRITE_EVENTS)
+        # A channel is its stream's name with this prefix in place of the streams' one.
+        self._channels = wire.event_channel("")
+        self._cut = len(wire.event_stream("")) + 1
         self._group: GroupCommit[list[tuple[ProgressEvent, bool]], bool] = GroupCommit(
             self._write_batch, name="event-writer"
         )
@@ -123,16 +130,22 @@ class EventSink:
 
     async def _write(self, events: list[tuple[ProgressEvent, bool]]) -> bool:
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._maxlen, self._retention_ms]
+        marks: list[str] = []
+        bodies: list[bytes] = []
+        stream = self._wire.event_stream
         for event, publish in events:
-            keys.append(self._wire.event_stream(event.task_id))
+            keys.append(stream(event.task_id))
             expire = event.seq == 1 or event.state.terminal or event.seq % _EXPIRE_EVERY == 0
-            args += [
-                f"{event.seq}-0",
-                encode_event(event),
-                int(publish) | int(expire) << 1,
-                self._wire.event_channel(event.task_id) if publish else "",
-            ]
+            marks.append(f"{event.seq}:{int(publish) | int(expire) << 1}")
+            bodies.append(encode_event(event))
+        args: list[bytes | str | int] = [
+            self._maxlen,
+            self._retention_ms,
+            self._channels,
+            self._cut,
+            ",".join(marks),
+            *bodies,
+        ]
         try:
             refused, first_error = await self._script(keys=keys, args=args)
         except ResponseError as exc:

@@ -26,6 +26,8 @@ def format_ts(value: datetime) -> str:
 
     ``isoformat``, not ``strftime``: less than half the cost, and the gateway formats
     one per event it sends."""
+    if value.tzinfo is UTC:  # asyncpg's and ours: "+00:00" becomes "Z"
+        return value.isoformat(timespec="milliseconds")[:-6] + "Z"
     utc = value.astimezone(UTC).replace(tzinfo=None)
     return utc.isoformat(timespec="milliseconds") + "Z"
 
@@ -229,7 +231,29 @@ class ProgressEvent(BaseModel):
 
 
 def encode_event(event: ProgressEvent) -> bytes:
-    return event.model_dump_json(exclude_defaults=False).encode()
+    """The event as pydantic's ``model_dump_json`` writes it, from a dict by orjson: a
+    third of the cost, and the worker encodes two or three events per task. ``data`` that
+    orjson would write otherwise or not at all (a datetime, a set, a key that is not a
+    string) raises TypeError, and pydantic writes that event."""
+    try:
+        return orjson.dumps(
+            {
+                "v": event.v,
+                "task_id": str(event.task_id),  # asyncpg's UUID subclass is not orjson's
+                "seq": event.seq,
+                "state": event.state.value,
+                "progress": event.progress,
+                "message": event.message,
+                "data": event.data,
+                "attempt": event.attempt,
+                "ts": format_ts(event.ts),
+                "snapshot": event.snapshot,
+                "trace_id": event.trace_id,
+            },
+            option=orjson.OPT_PASSTHROUGH_DATETIME,
+        )
+    except TypeError:
+        return event.model_dump_json().encode()
 
 
 def parse_event(body: bytes | str) -> ProgressEvent:

@@ -188,6 +188,59 @@ def test_progress_event_round_trip() -> None:
     assert parse_event(body.decode()) == event
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        {"rows": [1, 2.5, -3e-7, 1e300], "nested": {"ok": True, "none": None}},
+        ["é", "日本", "\u2028", 'quote " and \\ backslash'],
+        12345678901234567890,
+    ],
+)
+def test_encode_event_writes_what_pydantic_writes(
+    data: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encode_event builds the JSON itself (orjson) for speed: byte for byte what the
+    model's own serializer writes, so nothing on the wire changes."""
+    event = ProgressEvent(
+        task_id=uuid7(),
+        seq=3,
+        state=TaskState.RUNNING,
+        progress=0.1,
+        message="half-way ✓",
+        data=data,
+        attempt=2,
+        ts=datetime(2026, 11, 22, 11, 0, 0, 123456, tzinfo=UTC),
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+    )
+    expected = event.model_dump_json().encode()
+
+    def not_this_way(*args: object, **kwargs: object) -> str:
+        raise AssertionError("took pydantic's path")
+
+    monkeypatch.setattr(ProgressEvent, "model_dump_json", not_this_way)
+    assert encode_event(event) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"at": datetime(2026, 1, 2, tzinfo=UTC)},  # orjson would write it otherwise
+        {1: "an int key"},  # orjson refuses it
+        {"tags": {"a"}},  # a set: orjson refuses it
+    ],
+)
+def test_encode_event_leaves_to_pydantic_what_orjson_would_write_otherwise(
+    data: object,
+) -> None:
+    event = ProgressEvent(
+        task_id=uuid7(), seq=1, state="running", progress=0, data=data, ts=datetime.now(UTC)
+    )
+    body = encode_event(event)
+    assert body == event.model_dump_json().encode()
+    assert parse_event(body).seq == 1
+
+
 def test_progress_event_ts_is_truncated_to_milliseconds() -> None:
     """Sub-millisecond precision is dropped on the wire, nothing else changes."""
     ts = datetime(2026, 11, 22, 11, 0, 0, 123456, tzinfo=UTC)
