@@ -10,18 +10,18 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.api import requests as rq
 from services.api.context import SERVICES, Services
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import NewTask, Principal
-from services.api.views import task_from_row
+from services.api.views import task_document
 from shared import deadletters, wstokens
 from shared.ids import uuid7
 from shared.logging import trace_id_var
-from shared.schemas import BatchRequest, ProblemError, TaskPage, TaskRequest, format_ts
+from shared.schemas import BatchRequest, ProblemError, TaskRequest, format_ts
 from shared.taskrows import Row, event_from_row
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ routes = web.RouteTableDef()
 _MAX_SAMPLE_AGE_S = 3.0
 
 
-def _json(
-    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+def _document(
+    document: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=model.model_dump_json(),
+        body=orjson.dumps(document),
         status=status,
         headers=headers,
         content_type="application/json",
@@ -159,9 +159,9 @@ async def submit(request: web.Request) -> web.Response:
             raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
         return _replay(svc, earlier, fingerprint)
     _submitted(svc, rows)
-    view = task_from_row(rows[0], svc.settings.public_ws_url)
-    log.debug("task accepted", extra={"task_id": str(view.id), "type": view.type})
-    return _json(view, 202, {"Location": view.links.self})
+    view = task_document(rows[0], svc.settings.public_ws_url)
+    log.debug("task accepted", extra={"task_id": view["id"], "type": view["type"]})
+    return _document(view, 202, {"Location": view["links"]["self"]})
 
 
 def _replay(svc: Services, earlier: Row, fingerprint: bytes | None) -> web.Response:
@@ -175,8 +175,8 @@ def _replay(svc: Services, earlier: Row, fingerprint: bytes | None) -> web.Respo
                 ProblemError(loc=["header", "Idempotency-Key"], msg="reused with another body")
             ],
         )
-    view = task_from_row(earlier, svc.settings.public_ws_url)
-    return _json(view, 200, {"Location": view.links.self, "Idempotent-Replayed": "true"})
+    view = task_document(earlier, svc.settings.public_ws_url)
+    return _document(view, 200, {"Location": view["links"]["self"], "Idempotent-Replayed": "true"})
 
 
 @routes.post("/v1/tasks:batch")
@@ -220,9 +220,8 @@ async def submit_batch(request: web.Request) -> web.Response:
         rows = await svc.repo.insert(principal.tenant_id, new)
     _submitted(svc, rows)
     by_id = {r["id"]: r for r in rows}
-    views = [task_from_row(by_id[t.id], svc.settings.public_ws_url) for t in new]
-    body = orjson.dumps({"tasks": [v.model_dump(mode="json") for v in views]})
-    return web.Response(body=body, status=202, content_type="application/json")
+    views = [task_document(by_id[t.id], svc.settings.public_ws_url) for t in new]
+    return _document({"tasks": views}, 202)
 
 
 @routes.get("/v1/tasks/{id}")
@@ -231,7 +230,7 @@ async def get_task(request: web.Request) -> web.Response:
     row = await svc.repo.get(principal.tenant_id, rq.path_id(request))
     if row is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
-    return _json(task_from_row(row, svc.settings.public_ws_url))
+    return _document(task_document(row, svc.settings.public_ws_url))
 
 
 @routes.get("/v1/tasks")
@@ -247,11 +246,12 @@ async def list_tasks(request: web.Request) -> web.Response:
     )
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    page = TaskPage(
-        items=[task_from_row(r, svc.settings.public_ws_url) for r in rows],
-        next_cursor=rq.encode_cursor(rows[-1]["id"]) if more else None,
+    return _document(
+        {
+            "items": [task_document(r, svc.settings.public_ws_url) for r in rows],
+            "next_cursor": rq.encode_cursor(rows[-1]["id"]) if more else None,
+        }
     )
-    return _json(page)
 
 
 @routes.post("/v1/tasks/{id}/cancel")
@@ -268,7 +268,7 @@ async def cancel_task(request: web.Request) -> web.Response:
         await svc.events.emit([event_from_row(row)])
     else:
         await _tell_workers(svc, {"op": "cancel", "task_id": str(row["id"])})
-    return _json(task_from_row(row, svc.settings.public_ws_url), 202)
+    return _document(task_document(row, svc.settings.public_ws_url), 202)
 
 
 async def _tell_workers(svc: Services, command: dict[str, Any]) -> None:
@@ -292,7 +292,7 @@ async def retry_task(request: web.Request) -> web.Response:
             slug="task-not-retryable",
         )
     await _requeued(svc, [row])
-    return _json(task_from_row(row, svc.settings.public_ws_url), 202)
+    return _document(task_document(row, svc.settings.public_ws_url), 202)
 
 
 @routes.get("/v1/task-types")
@@ -358,6 +358,6 @@ async def redrive_dead_letter(request: web.Request) -> web.Response:
     await _requeued(svc, [result.task])
     body = {
         **deadletters.as_json(result.dead_letter),
-        "task": task_from_row(result.task, svc.settings.public_ws_url).model_dump(mode="json"),
+        "task": task_document(result.task, svc.settings.public_ws_url),
     }
     return web.Response(body=orjson.dumps(body), status=202, content_type="application/json")

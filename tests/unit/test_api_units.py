@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
@@ -24,11 +25,12 @@ from services.api.problems import ProblemException, validation_problem
 from services.api.repository import Principal
 from services.api.routes import routes
 from services.api.tasktypes import TaskTypes
+from services.api.views import task_document
 from shared import keys
 from shared.amqp import Outgoing, settled
 from shared.ids import uuid7
 from shared.jsonsafe import nul_path
-from shared.schemas import TaskRequest
+from shared.schemas import Task, TaskError, TaskLinks, TaskRequest
 from shared.wire import Wire
 
 # ---------------------------------------------------------------- DrainEstimator
@@ -428,3 +430,74 @@ async def test_a_batch_that_timed_out_still_names_what_the_broker_refused() -> N
     only_refused = settled([acked, nacked], None)
     assert only_refused.error is not None and only_refused.error.startswith("refused: ")
     assert settled([acked], None).error is None
+
+
+# ---------------------------------------------------------------- task documents
+
+
+def _row(**changes: Any) -> dict[str, Any]:
+    created = datetime(2026, 12, 5, 10, 0, 0, 123456, tzinfo=UTC)
+    row: dict[str, Any] = {
+        "id": uuid7(),
+        "type": "demo.noop",
+        "args": {},
+        "state": "queued",
+        "progress": 0.0,
+        "message": None,
+        "result": None,
+        "error": None,
+        "attempts": 0,
+        "max_attempts": 3,
+        "priority": 0,
+        "created_at": created,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": created,
+        "next_attempt_at": None,
+        "last_seq": 1,
+    }
+    return {**row, **changes}
+
+
+def _finished() -> dict[str, Any]:
+    later = datetime(2026, 12, 5, 12, 0, 1, 999000, tzinfo=timezone(timedelta(hours=2)))
+    return _row(
+        state="succeeded",
+        progress=1.0,
+        message="done ✓",
+        args={"n": [1, 2.5], "nested": {"s": "é"}},
+        result={"rows": 3, "ok": True},
+        attempts=2,
+        started_at=later,
+        finished_at=later,
+        updated_at=later,
+        last_seq=4,
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        _row(),
+        _finished(),
+        # The stored error may hold more than the contract's three fields.
+        _row(
+            state="failed",
+            error={"type": "ValueError", "message": "bad", "retryable": False, "stack": "…"},
+        ),
+        _row(state="retrying", next_attempt_at=_row()["created_at"]),
+    ],
+)
+def test_a_task_document_is_the_contracts_task_object(row: dict[str, Any]) -> None:
+    """task_document builds the Task object from the row without the model, for speed:
+    it must be exactly what the model makes of the same row."""
+
+    doc = task_document(row, "ws://example/v1/ws")
+    error = row["error"]
+    model = Task(
+        **{k: v for k, v in row.items() if k != "error"},
+        error=TaskError.model_validate(error) if error else None,
+        links=TaskLinks(self=f"/v1/tasks/{row['id']}", events="ws://example/v1/ws"),
+    )
+    assert doc == model.model_dump(mode="json")
+    assert Task.model_validate(doc).model_dump(mode="json") == doc  # valid as the contract says
