@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -112,6 +115,62 @@ async def test_a_redis_that_stops_answering_is_noticed_by_its_ping() -> None:
         finally:
             server.send_signal(signal.SIGCONT)
             subscriber.close()
+
+
+async def _one_message_through(url: str, publish_url: str) -> Received:
+    got: Received = []
+    subscriber = await PatternSubscriber.open(
+        url, "x:*", lambda c, d: got.append((c, d)), io_timeout=5, idle_s=10
+    )
+    try:
+        client = Redis.from_url(publish_url)
+        try:
+            await client.publish("x:1", b"hello")
+        finally:
+            await client.aclose()
+        await eventually(lambda: _at_least(got, 1), what="the message")
+    finally:
+        subscriber.close()
+    return got
+
+
+async def test_a_unix_socket_url(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "redis.sock"
+    with private_redis(port, "--unixsocket", str(path), "--unixsocketperm", "700"):
+        tcp = f"redis://127.0.0.1:{port}/0"
+        await eventually(lambda: redis_up(tcp), what="private redis up")
+        assert await _one_message_through(f"unix://{path}", tcp) == [(b"x:1", b"hello")]
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_a_tls_url_verifies_the_server(self_signed: tuple[Path, Path]) -> None:
+    """rediss:// is TLS with the server's certificate checked: against the URL's
+    ssl_ca_certs it passes, against the system's authorities a self-signed one fails."""
+    cert, key = self_signed
+    port, tls_port = free_port(), free_port()
+    tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+           "--tls-auth-clients", "no")  # fmt: skip
+    with private_redis(port, *tls):
+        await eventually(lambda: redis_up(f"redis://127.0.0.1:{port}/0"), what="private redis up")
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        assert await _one_message_through(url, url) == [(b"x:1", b"hello")]
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await PatternSubscriber.open(
+                f"rediss://127.0.0.1:{tls_port}/0", "x:*", _ignore, io_timeout=5, idle_s=10
+            )
 
 
 def _ignore(channel: bytes, data: bytes) -> None:
