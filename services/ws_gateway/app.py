@@ -123,7 +123,7 @@ class Gateway:
             except TimeoutError:
                 raise StartTimeout(
                     "Redis pub/sub: could not subscribe within the start "
-                    "timeout (LONGHAUL_START_TIMEOUT_S)"
+                    f"timeout (LONGHAUL_START_TIMEOUT_S): {self.hub.last_error}"
                 ) from None
             with listening(s.gateway_host, s.gateway_port, "LONGHAUL_GATEWAY_HOST/_PORT"):
                 server = await serve(

@@ -59,6 +59,8 @@ class Hub:
         self._prefix = wire.event_channel("")
         self.connected = asyncio.Event()
         self.generation = 0
+        # Why the last attempt to subscribe failed: for the startup error.
+        self.last_error: str | None = None
 
     async def run(self) -> None:
         """Subscribe and dispatch until cancelled, reconnecting with backoff."""
@@ -84,6 +86,7 @@ class Hub:
                 delay = 0.05
                 await subscriber.watch()  # messages are dispatched meanwhile
             except (OSError, TimeoutError) as exc:  # SubscriberLost is an OSError
+                self.last_error = repr(exc)
                 if self.connected.is_set():
                     log.warning("redis subscriber lost", extra={"error": repr(exc)})
                 self.connected.clear()

@@ -12,12 +12,15 @@ Silence is checked as redis-py's ``health_check_interval`` does: a connection qu
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any, NoReturn, cast
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes, bytes], None]  # channel, data
 
@@ -29,7 +32,6 @@ def _command(*parts: str) -> bytes:
 
 
 _PING = _command("PING")
-_READ_LIMIT = 1 << 20  # more unparsed bytes than this and the server is not speaking RESP
 
 
 class SubscriberLost(ConnectionError):
@@ -47,6 +49,9 @@ class _Protocol(asyncio.Protocol):
         # the handshake; the PING's pong is dropped.
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.lost: asyncio.Future[None] = loop.create_future()
+        # Marked as seen: a connection lost before anyone watches it (a cancelled
+        # opening) must not log "exception was never retrieved".
+        self.lost.add_done_callback(_seen)
         self.last_read = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,16 +61,20 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_read = self._loop.time()
         self._parser.feed(data)
-        while (reply := self._parser.gets()) is not False:
-            if isinstance(reply, hiredis.ReplyError):
-                self._fail(SubscriberLost(f"redis answered: {reply}"))
-                return
-            if isinstance(reply, list) and len(reply) == 4 and reply[0] == b"pmessage":
-                self._on_message(reply[2], reply[3])
-            elif not (isinstance(reply, list) and reply and reply[0] == b"pong"):
-                self.replies.put_nowait(reply)
-        if self._parser.len() > _READ_LIMIT:
-            self._fail(SubscriberLost("redis sent an unparsable reply"))
+        try:
+            while (reply := self._parser.gets()) is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    self._fail(SubscriberLost(f"redis answered: {reply}"))
+                    return
+                if isinstance(reply, list) and len(reply) == 4 and reply[0] == b"pmessage":
+                    self._on_message(reply[2], reply[3])
+                elif not (isinstance(reply, list) and reply and reply[0] == b"pong"):
+                    self.replies.put_nowait(reply)
+        except Exception as exc:  # not RESP, or a bug in the dispatch
+            # Whatever else this read held goes with the connection; the hub's
+            # reconnect resyncs every listener.
+            log.exception("reading the redis subscription failed")
+            self._fail(SubscriberLost(f"reading the subscription failed: {exc!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -116,9 +125,9 @@ class PatternSubscriber:
     async def _handshake(self, target: dict[str, Any], pattern: str) -> None:
         transport = self._protocol.transport
         assert transport is not None
-        if target.get("password") is not None:
-            user = target.get("username")
-            password = target["password"]
+        user: str = target.get("username") or ""
+        password: str = target.get("password") or ""
+        if user or password:  # as redis-py does: a user alone authenticates with ""
             transport.write(
                 _command("AUTH", user, password) if user else _command("AUTH", password)
             )
@@ -131,9 +140,12 @@ class PatternSubscriber:
 
     async def _reply(self) -> Any:
         got = asyncio.ensure_future(self._protocol.replies.get())
-        await asyncio.wait({got, self._protocol.lost}, return_when=asyncio.FIRST_COMPLETED)
-        if not got.done():
-            got.cancel()
+        try:
+            await asyncio.wait({got, self._protocol.lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not got.done():  # lost, timed out or cancelled: the read goes too
+                got.cancel()
+        if not got.done() or got.cancelled():
             self._protocol.lost.result()  # raises the loss
         return got.result()
 
@@ -166,12 +178,16 @@ class PatternSubscriber:
         lost = self._protocol.lost
         if not lost.done():
             lost.set_exception(SubscriberLost("closed"))
-        lost.exception()  # retrieved: nobody need await it any more
 
 
 def _tls(target: dict[str, Any]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=target.get("ssl_ca_certs"))
-    if target.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    """The TLS context redis-py makes of this URL (every ``ssl_*`` option of its query):
+    the services' other Redis connections are redis-py's, and one URL must mean the
+    same to all of them."""
+    options = {k: v for k, v in target.items() if k != "connection_class"}
+    return SSLConnection(**options).ssl_context.get()
+
+
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -161,16 +161,86 @@ async def test_a_tls_url_verifies_the_server(self_signed: tuple[Path, Path]) -> 
     ssl_ca_certs it passes, against the system's authorities a self-signed one fails."""
     cert, key = self_signed
     port, tls_port = free_port(), free_port()
+    # Clients must show a certificate too (Redis's default): the URL's client certificate
+    # options must reach the handshake, as they do for redis-py's connections.
     tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-           "--tls-auth-clients", "no")  # fmt: skip
+           "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "yes")  # fmt: skip
     with private_redis(port, *tls):
         await eventually(lambda: redis_up(f"redis://127.0.0.1:{port}/0"), what="private redis up")
-        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+        url = (
+            f"rediss://127.0.0.1:{tls_port}/0"
+            f"?ssl_ca_certs={cert}&ssl_certfile={cert}&ssl_keyfile={key}"
+        )
         assert await _one_message_through(url, url) == [(b"x:1", b"hello")]
         with pytest.raises(ssl.SSLCertVerificationError):
             await PatternSubscriber.open(
                 f"rediss://127.0.0.1:{tls_port}/0", "x:*", _ignore, io_timeout=5, idle_s=10
             )
+
+
+async def test_a_message_larger_than_any_socket_read_arrives(
+    deployment: Deployment, redis: Redis
+) -> None:
+    got: Received = []
+    pattern = f"{deployment.namespace}:big:*"
+    subscriber = await PatternSubscriber.open(
+        deployment.redis_url, pattern, lambda c, d: got.append((c, d)), io_timeout=5, idle_s=10
+    )
+    try:
+        body = b"x" * (3 << 20)
+        await redis.publish(f"{deployment.namespace}:big:1", body)
+        await eventually(lambda: _at_least(got, 1), what="the large message")
+        assert got == [(f"{deployment.namespace}:big:1".encode(), body)]
+    finally:
+        subscriber.close()
+
+
+async def test_a_failing_dispatch_ends_the_subscription_for_a_resync(
+    deployment: Deployment, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception out of the dispatch is a bug, but it must end in a new subscription
+    (the hub resyncs its listeners), not in a reader that silently skips messages."""
+
+    def broken(channel: bytes, data: bytes) -> None:
+        raise RuntimeError("dispatch bug")
+
+    pattern = f"{deployment.namespace}:broken:*"
+    subscriber = await PatternSubscriber.open(
+        deployment.redis_url, pattern, broken, io_timeout=5, idle_s=10
+    )
+    watch = asyncio.create_task(subscriber.watch(), name="watch")
+    try:
+        await redis.publish(f"{deployment.namespace}:broken:1", b"x")
+        with pytest.raises(SubscriberLost, match="dispatch bug"):
+            await asyncio.wait_for(watch, timeout(10))
+        assert "reading the redis subscription failed" in caplog.text
+    finally:
+        subscriber.close()
+
+
+async def test_a_server_that_never_answers_times_the_opening_out_and_leaves_nothing() -> None:
+    """A port that accepts but does not speak (a stopped Redis behind a proxy, say):
+    the opening gives up after the I/O timeout, with no read left pending."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        before = set(asyncio.all_tasks())
+        with pytest.raises(TimeoutError):
+            await PatternSubscriber.open(
+                f"redis://127.0.0.1:{port}/0", "x:*", _ignore, io_timeout=0.3, idle_s=10
+            )
+        await asyncio.sleep(0)  # a cancelled read finishes on the next turn
+        assert [t for t in asyncio.all_tasks() - before if not t.done()] == []
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 def _ignore(channel: bytes, data: bytes) -> None:
