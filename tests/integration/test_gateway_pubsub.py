@@ -5,10 +5,12 @@ closes the connection, refuses it or stops answering ends the subscription."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +23,23 @@ from tests.support import eventually, free_port, private_redis, redis_up, timeou
 Received = list[tuple[bytes, bytes]]
 
 
+@contextlib.asynccontextmanager
+async def _subscribed(url: str, pattern: str) -> AsyncIterator[Received]:
+    """The messages of a subscription open for the block, as they arrive."""
+    got: Received = []
+    subscriber = await PatternSubscriber.open(
+        url, pattern, lambda c, d: got.append((c, d)), io_timeout=5, idle_s=10
+    )
+    try:
+        yield got
+    finally:
+        subscriber.close()
+
+
 async def test_a_pipelined_burst_arrives_whole_in_order_and_only_the_pattern(
     deployment: Deployment, redis: Redis
 ) -> None:
-    got: Received = []
-    pattern = f"{deployment.namespace}:pubsub:*"
-    subscriber = await PatternSubscriber.open(
-        deployment.redis_url,
-        pattern,
-        lambda channel, data: got.append((channel, data)),
-        io_timeout=5,
-        idle_s=10,
-    )
-    try:
+    async with _subscribed(deployment.redis_url, f"{deployment.namespace}:pubsub:*") as got:
         # Large enough that Redis sends it in many socket writes, and messages straddle
         # the reads.
         sent = [
@@ -48,8 +54,6 @@ async def test_a_pipelined_burst_arrives_whole_in_order_and_only_the_pattern(
         await eventually(lambda: _at_least(got, len(sent)), what="the burst")
         await asyncio.sleep(0.1)  # nothing more comes: the other channel's message
         assert got == sent
-    finally:
-        subscriber.close()
 
 
 async def _at_least(got: Received, n: int) -> bool:
@@ -66,45 +70,41 @@ async def test_a_password_is_sent_and_a_refusal_ends_the_opening() -> None:
             await PatternSubscriber.open(
                 f"redis://:wrong@127.0.0.1:{port}/0", "x:*", _ignore, io_timeout=5, idle_s=10
             )
-        got: Received = []
+        assert await _one_message_through(url, url) == [(b"x:1", b"hello")]
+
+
+Watched = tuple[subprocess.Popen[bytes], "asyncio.Task[None]"]
+
+
+@contextlib.asynccontextmanager
+async def _watched(io_timeout: float, idle_s: float) -> AsyncIterator[Watched]:
+    """A private Redis, and the watch of a subscription to it."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with private_redis(port) as server:
+        await eventually(lambda: redis_up(url), what="private redis up")
         subscriber = await PatternSubscriber.open(
-            url, "x:*", lambda c, d: got.append((c, d)), io_timeout=5, idle_s=10
+            url, "x:*", _ignore, io_timeout=io_timeout, idle_s=idle_s
         )
+        watch = asyncio.create_task(subscriber.watch(), name="watch")
         try:
-            client = Redis.from_url(url)
-            try:
-                await client.publish("x:1", b"hello")
-            finally:
-                await client.aclose()
-            await eventually(lambda: _at_least(got, 1), what="the message")
-            assert got == [(b"x:1", b"hello")]
+            yield server, watch
         finally:
             subscriber.close()
 
 
 async def test_a_closed_connection_ends_the_watch() -> None:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    with private_redis(port) as server:
-        await eventually(lambda: redis_up(url), what="private redis up")
-        subscriber = await PatternSubscriber.open(url, "x:*", _ignore, io_timeout=5, idle_s=60)
-        watch = asyncio.create_task(subscriber.watch(), name="watch")
+    async with _watched(io_timeout=5, idle_s=60) as (server, watch):
         server.terminate()
         server.wait(timeout=10)
         with pytest.raises(SubscriberLost, match="connection lost"):
             await asyncio.wait_for(watch, timeout(10))
-        subscriber.close()
 
 
 async def test_a_redis_that_stops_answering_is_noticed_by_its_ping() -> None:
     """Silence alone is no failure (an idle namespace publishes nothing), so a quiet
     connection is PINGed; no answer within the I/O timeout ends the subscription."""
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    with private_redis(port) as server:
-        await eventually(lambda: redis_up(url), what="private redis up")
-        subscriber = await PatternSubscriber.open(url, "x:*", _ignore, io_timeout=0.5, idle_s=0.5)
-        watch = asyncio.create_task(subscriber.watch(), name="watch")
+    async with _watched(io_timeout=0.5, idle_s=0.5) as (server, watch):
         # Quiet but alive: the PINGs are answered and the watch goes on.
         await asyncio.sleep(1.6)
         assert not watch.done()
@@ -114,23 +114,16 @@ async def test_a_redis_that_stops_answering_is_noticed_by_its_ping() -> None:
                 await asyncio.wait_for(watch, timeout(10))
         finally:
             server.send_signal(signal.SIGCONT)
-            subscriber.close()
 
 
 async def _one_message_through(url: str, publish_url: str) -> Received:
-    got: Received = []
-    subscriber = await PatternSubscriber.open(
-        url, "x:*", lambda c, d: got.append((c, d)), io_timeout=5, idle_s=10
-    )
-    try:
+    async with _subscribed(url, "x:*") as got:
         client = Redis.from_url(publish_url)
         try:
             await client.publish("x:1", b"hello")
         finally:
             await client.aclose()
         await eventually(lambda: _at_least(got, 1), what="the message")
-    finally:
-        subscriber.close()
     return got
 
 
@@ -181,18 +174,11 @@ async def test_a_tls_url_verifies_the_server(self_signed: tuple[Path, Path]) -> 
 async def test_a_message_larger_than_any_socket_read_arrives(
     deployment: Deployment, redis: Redis
 ) -> None:
-    got: Received = []
-    pattern = f"{deployment.namespace}:big:*"
-    subscriber = await PatternSubscriber.open(
-        deployment.redis_url, pattern, lambda c, d: got.append((c, d)), io_timeout=5, idle_s=10
-    )
-    try:
+    async with _subscribed(deployment.redis_url, f"{deployment.namespace}:big:*") as got:
         body = b"x" * (3 << 20)
         await redis.publish(f"{deployment.namespace}:big:1", body)
         await eventually(lambda: _at_least(got, 1), what="the large message")
         assert got == [(f"{deployment.namespace}:big:1".encode(), body)]
-    finally:
-        subscriber.close()
 
 
 async def test_a_failing_dispatch_ends_the_subscription_for_a_resync(

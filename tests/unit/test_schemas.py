@@ -202,16 +202,18 @@ def test_encode_event_writes_what_pydantic_writes(
 ) -> None:
     """encode_event builds the JSON itself (orjson) for speed: byte for byte what the
     model's own serializer writes, so nothing on the wire changes."""
-    event = ProgressEvent(
-        task_id=uuid7(),
-        seq=3,
-        state=TaskState.RUNNING,
-        progress=0.1,
-        message="half-way ✓",
-        data=data,
-        attempt=2,
-        ts=datetime(2026, 11, 22, 11, 0, 0, 123456, tzinfo=UTC),
-        trace_id="0af7651916cd43dd8448eb211c80319c",
+    event = ProgressEvent.model_validate(
+        {
+            "task_id": uuid7(),
+            "seq": 3,
+            "state": "running",
+            "progress": 0.1,
+            "message": "half-way ✓",
+            "data": data,
+            "attempt": 2,
+            "ts": datetime(2026, 11, 22, 11, 0, 0, 123456, tzinfo=UTC),
+            "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        }
     )
     expected = event.model_dump_json().encode()
 
