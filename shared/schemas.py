@@ -231,8 +231,8 @@ class ProgressEvent(BaseModel):
 
 
 def encode_event(event: ProgressEvent) -> bytes:
-    """The event as pydantic's ``model_dump_json`` writes it, from a dict by orjson: a
-    third of the cost, and the worker encodes two or three events per task. ``data`` that
+    """The event as pydantic's ``model_dump_json`` writes it, from a dict by orjson: 3.0
+    µs against 3.6, and the worker encodes two or three events per task. ``data`` that
     orjson would write otherwise or not at all (a datetime, a set, a key that is not a
     string) raises TypeError, and pydantic writes that event."""
     try:
