@@ -107,6 +107,7 @@ async def _drain(system: LonghaulSystem, n: int, mode: str) -> None:
         await asyncio.gather(*(lane() for _ in range(64 if batch == 1 else 4)))
         submitted = time.monotonic() - t0
         await asyncio.wait_for(tracker.all_done.wait(), 300)
+        tracker.check()
         took = time.monotonic() - t0
         await tracker.close()
     print(f"## {mode}: {n} tasks, submitted in {submitted:.2f} s, all terminal on the WebSocket")

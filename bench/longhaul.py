@@ -124,6 +124,9 @@ class Tracker:
         self.recs: dict[str, Rec] = {}
         self.reconnects = 0
         self.errors: dict[str, int] = {}
+        # Tracked tasks whose subscription the gateway refused (the code): they will
+        # never be seen to end here, so the wait for all of them ends at the first.
+        self.refused: dict[str, str] = {}
         self.all_done = asyncio.Event()
         self.expected = 0
         self.done = 0
@@ -172,6 +175,16 @@ class Tracker:
             with contextlib.suppress(ConnectionClosed):
                 await conn.send(_sub(task_id))
 
+    def check(self) -> None:
+        """Raise if the gateway refused a subscription: the run cannot measure what it
+        claims (a connection holds at most 1,000 subscriptions by default: more tasks
+        outstanding at once than 1,000 per tracker connection hit that cap)."""
+        if self.refused:
+            codes = sorted(set(self.refused.values()))
+            raise RuntimeError(
+                f"the gateway refused {len(self.refused)} subscriptions ({', '.join(codes)})"
+            )
+
     async def _read(self, i: int) -> None:
         for _ in range(1000):  # bounded reconnects
             conn = self._conns[i]
@@ -184,6 +197,10 @@ class Tracker:
                     if kind == "error":
                         code = str(msg.get("code"))
                         self.errors[code] = self.errors.get(code, 0) + 1
+                        refused = msg.get("task_id")
+                        if refused in self.recs and not self.recs[refused].terminal:
+                            self.refused[refused] = code
+                            self.all_done.set()
                         continue
                     if kind != "event" or msg.get("state") not in TERMINAL:
                         continue
@@ -301,6 +318,7 @@ async def _one_run(
             tracker.all_done.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tracker.all_done.wait(), timeout_s)
+        tracker.check()
         cpu = meter.stop()
     finally:
         # Also when a run fails: the next one starts clean.
