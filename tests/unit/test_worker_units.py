@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from services.worker.progress import MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
+from services.worker.runner import start_handler
 from services.worker.sdk import (
     EmptyArgs,
     PermanentError,
@@ -30,6 +31,38 @@ from shared.backoff import Backoff
 from shared.errors import ConfigError
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskState
+
+# ---------------------------------------------------------------- handler start
+
+
+async def test_a_handler_that_never_waits_is_done_once_started() -> None:
+    """On Python 3.12+ its first step runs at once: the runner then skips the wait."""
+
+    async def at_once() -> int:
+        return 7
+
+    handler = start_handler(at_once(), name="handler-x")
+    assert handler.done() is (sys.version_info >= (3, 12))
+    assert await handler == 7
+    assert handler.get_name() == "handler-x"
+
+
+async def test_a_handler_that_waits_goes_on_as_a_task() -> None:
+    steps: list[str] = []
+    gate = asyncio.Event()
+
+    async def waits() -> str:
+        steps.append("started")
+        await gate.wait()
+        steps.append("resumed")
+        return "done"
+
+    handler = start_handler(waits(), name="handler-y")
+    assert not handler.done()
+    gate.set()
+    assert await handler == "done"
+    assert steps == ["started", "resumed"]
+
 
 # ---------------------------------------------------------------- RateGate
 
