@@ -101,6 +101,10 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
     fds = raise_fd_limit()
     env = BenchEnv(history=profile.history)
     wake = machine.wake_cost()  # first, while nothing else of the run is busy
+    hop = {
+        "any_cpu": machine.round_trip(),
+        "one_cpu": machine.round_trip(cpus={min(os.sched_getaffinity(0))}),
+    }
     doc: dict[str, Any] = {
         "meta": {
             "profile": profile.name,
@@ -113,6 +117,7 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
             "settings": asdict(profile),
             "versions": _versions(),
             "wake_cost": wake,
+            "round_trip": hop,
             "notes": [
                 "medians of the runs with min-max; generator CPU = the load generator's "
                 "CPU (this process and its helper processes) as % of all cores; machine "
@@ -124,6 +129,11 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
                 f"back-to-back CPU after a 5 ms sleep ({wake['work_us_back_to_back']} -> "
                 f"{wake['work_us_after_5ms_sleep']} us); below saturation each process "
                 "pays that for every message it sleeps between (bench/machine.py)",
+                "a message to another process and back (pipes, both asleep between): "
+                f"{hop['any_cpu']['round_trip_us']} us and "
+                f"{hop['any_cpu']['cpu_us_per_round_trip']} us of CPU; with both on one CPU "
+                f"{hop['one_cpu']['round_trip_us']} us and "
+                f"{hop['one_cpu']['cpu_us_per_round_trip']} us (bench/machine.py)",
             ],
         },
         "errors": {},

@@ -1,5 +1,6 @@
 """What the machine charges for waking up: the same small piece of Python work, timed
-back to back and after a sleep.
+back to back and after a sleep; and a message to another process and back, with the
+two on any CPU and on one.
 
 A process of the system that handles one message and sleeps until the next one runs
 its code with cold caches (and, on a virtual machine, on a vCPU the host may have put
@@ -10,7 +11,10 @@ figure makes the half-rate latencies of one machine comparable with another's.""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -46,4 +50,52 @@ def wake_cost(n: int = 200, sleep_s: float = 0.005) -> dict[str, Any]:
         "work_us_back_to_back": round(warm, 1),
         f"work_us_after_{int(sleep_s * 1000)}ms_sleep": round(cold, 1),
         "ratio": round(cold / warm, 2),
+    }
+
+
+# The other end of ``round_trip``: answers each byte with one, then prints its CPU.
+_ECHO = """
+import os, sys, time
+n = int(sys.argv[1])
+os.write(1, b"r")
+t = time.process_time()
+for _ in range(n):
+    os.read(0, 1)
+    os.write(1, b"x")
+os.write(1, repr(time.process_time() - t).encode())
+"""
+
+
+def round_trip(n: int = 5000, cpus: set[int] | None = None) -> dict[str, float]:
+    """A byte to another process and back over pipes, ``n`` times, each side asleep
+    until the other writes: what a message between two services costs below
+    saturation, apart from any work. ``cpus``: both processes kept on these CPUs (one
+    CPU: no wake-up crosses to another; on a virtual machine such a wake-up can cost
+    the host's interrupt to a sleeping vCPU)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ECHO, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdin is not None and child.stdout is not None
+    mine = os.sched_getaffinity(0)
+    out, into = child.stdout.fileno(), child.stdin.fileno()
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(child.pid, cpus)
+            os.sched_setaffinity(0, cpus)
+        os.read(out, 1)  # the child is ready
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            os.write(into, b"x")
+            os.read(out, 1)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        child.stdin.close()
+        child_cpu = float(child.stdout.read() or b"0")
+    finally:
+        os.sched_setaffinity(0, mine)
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    return {
+        "round_trip_us": round(wall / n * 1e6, 1),
+        "cpu_us_per_round_trip": round((cpu + child_cpu) / n * 1e6, 1),
     }

@@ -64,5 +64,7 @@ def test_bench_quick_runs_every_scenario_and_writes_json(tmp_path: Path) -> None
     assert len(doc["targets"]) == 9
     wake = doc["meta"]["wake_cost"]
     assert wake["work_us_back_to_back"] > 0 and wake["ratio"] > 0, wake
+    for hop in doc["meta"]["round_trip"].values():
+        assert hop["round_trip_us"] > 0 and hop["cpu_us_per_round_trip"] > 0, hop
     # The Markdown table is written beside the JSON.
     assert "| machine CPU |" in out.with_suffix(".md").read_text()
