@@ -13,8 +13,12 @@ import asyncpg
 from shared import deadletters, keys
 from shared.db import ANY_PG_ERROR, migrate
 from shared.errors import ConfigError
+from shared.events import EventSink
 from shared.ids import uuid7
+from shared.redis import create_client
 from shared.settings import CommonSettings, load
+from shared.taskrows import EVENT_COLUMNS, Row, event_from_row
+from shared.wire import Wire
 
 
 async def _migrate(settings: CommonSettings) -> None:
@@ -102,12 +106,36 @@ async def _dlq_redrive(settings: CommonSettings, dead_letter_id: str) -> None:
     conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
     try:
         async with conn.transaction():
-            result = await deadletters.redrive(conn, wanted, None, "id, attempts")
+            result = await deadletters.redrive(conn, wanted, None, EVENT_COLUMNS)
     finally:
         await conn.close()
     if result.outcome is not deadletters.Redrive.DONE or result.task is None:
         raise ConfigError(f"cannot redrive {wanted}: {result.outcome.value}")
+    if not await _announce(settings, result.task):
+        print(
+            "warning: the task's queued event was not written to Redis; its watchers "
+            "see it queued when a worker takes it",
+            file=sys.stderr,
+        )
     print(f"task {result.task['id']} queued again as attempt {result.task['attempts'] + 1}")
+
+
+async def _announce(settings: CommonSettings, row: Row) -> bool:
+    """The redriven task's queued event, as the API's redrive writes it: clients that
+    watch the task see it queued again now. Best effort, the redrive being committed:
+    without it the event reaches the stream only with the claim of a worker (as
+    backfill, not published), and never while no worker runs the type."""
+    redis = create_client(settings.redis_url, settings.io_timeout_s)
+    try:
+        sink = EventSink(
+            redis,
+            Wire(settings.namespace),
+            retention_s=settings.event_retention_s,
+            maxlen=settings.event_stream_maxlen,
+        )
+        return await sink.emit([event_from_row(row)])
+    finally:
+        await redis.aclose()
 
 
 def _parser() -> argparse.ArgumentParser:

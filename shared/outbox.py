@@ -56,8 +56,12 @@ async def due_count(conn: Connection, cap: int) -> int:
     return count
 
 
+# What next_attempt() reads of a task row.
+MESSAGE_COLUMNS = "id, tenant_id, type, attempts, trace_id"
+
+
 def next_attempt(row: Row, available_at: datetime | None = None) -> Scheduled:
-    """The next attempt's message of a task row (id, tenant_id, type, attempts, trace_id)."""
+    """The next attempt's message of a task row (MESSAGE_COLUMNS)."""
     return Scheduled(
         TaskMessage(
             task_id=row["id"],
@@ -75,7 +79,8 @@ async def rerun(
 ) -> Row | None:
     """Queue a failed or cancelled task again as its next attempt (POST /retry, a dead
     letter's redrive). ``tenant_id`` None: any tenant (the operator's CLI). Returns the
-    row (``returning`` columns) or None when the task is not failed or cancelled."""
+    row (``returning`` columns, and MESSAGE_COLUMNS for the message) or None when the
+    task is not failed or cancelled."""
     row = await conn.fetchrow(
         f"""
         UPDATE tasks SET state = 'queued', result = NULL, error = NULL,
@@ -85,7 +90,7 @@ async def rerun(
             last_seq = last_seq + 1, updated_at = now()
         WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
           AND state IN ('failed', 'cancelled')
-        RETURNING {returning}, tenant_id, trace_id
+        RETURNING {returning}, {MESSAGE_COLUMNS}
         """,
         task_id,
         tenant_id,

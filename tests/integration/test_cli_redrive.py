@@ -1,0 +1,108 @@
+"""The operator's ``longhaul dlq redrive`` against the real PostgreSQL and Redis: the dead
+letter's task is queued again, once, and whoever watches it sees it queued at once, not
+when a worker takes it. No worker runs here, so nothing else writes the event."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from services.api.repository import ApiRepository, NewTask
+from shared.ids import uuid7
+from shared.schemas import ProgressEvent, TaskRequest, TaskState, parse_event
+from tests.conftest import ROOT_ENV, Isolated
+from tests.support import ROOT
+
+
+async def _dead_lettered(isolated: Isolated) -> tuple[UUID, UUID]:
+    """A task that failed as a poison message does (no attempt ran), and its dead letter."""
+    db = isolated.db
+    task_id, letter_id = uuid7(), uuid7()
+    await ApiRepository(db, timeout=10).insert(
+        isolated.tenant.id, [NewTask(id=task_id, request=TaskRequest(type="demo.noop"))]
+    )
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM outbox WHERE task_id = $1", task_id)
+        await conn.execute(
+            "UPDATE tasks SET state = 'failed', finished_at = now(), updated_at = now(),"
+            " last_seq = last_seq + 1, error = jsonb_build_object('type', 'poison',"
+            " 'message', 'dead-lettered', 'retryable', false) WHERE id = $1",
+            task_id,
+        )
+        await conn.execute(
+            "INSERT INTO dead_letters (id, tenant_id, task_id, reason, body, attempts)"
+            " VALUES ($1, $2, $3, 'delivery_limit', '\\x00'::bytea, 0)",
+            letter_id,
+            isolated.tenant.id,
+            task_id,
+        )
+    return task_id, letter_id
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shared.cli",
+        *args,
+        cwd=ROOT,
+        env={**ROOT_ENV, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _published(watcher: PubSub) -> list[ProgressEvent]:
+    """What the channel carried: read until it stays quiet (the subscription's own
+    confirmation comes first, as a message of another type)."""
+    seen: list[ProgressEvent] = []
+    while (message := await watcher.get_message(timeout=1)) is not None:
+        if message["type"] == "message":
+            seen.append(parse_event(message["data"]))
+    return seen
+
+
+async def test_redrive_queues_the_task_and_announces_it(isolated: Isolated, redis: Redis) -> None:
+    dep = isolated.deployment
+    task_id, letter_id = await _dead_lettered(isolated)
+    watcher = redis.pubsub()
+    await watcher.subscribe(dep.wire.event_channel(task_id))
+    try:
+        code, out, err = await _cli(dep.env(), "dlq", "redrive", str(letter_id))
+        assert code == 0, err
+        assert out.strip() == f"task {task_id} queued again as attempt 1", out
+        row = await isolated.db.fetchrow("SELECT state, last_seq FROM tasks WHERE id = $1", task_id)
+        assert row["state"] == "queued"
+        outbox = await isolated.db.fetch("SELECT attempt FROM outbox WHERE task_id = $1", task_id)
+        assert [r["attempt"] for r in outbox] == [1]
+        # In the stream, for clients that subscribe later...
+        entries = await redis.xrange(dep.wire.event_stream(task_id))
+        stored = [parse_event(fields[b"e"]) for _, fields in entries]
+        assert [(e.seq, e.state) for e in stored] == [(row["last_seq"], TaskState.QUEUED)]
+        # ...and published to those watching now.
+        assert await _published(watcher) == [stored[0]]
+    finally:
+        await watcher.aclose()
+
+    code, _, err = await _cli(dep.env(), "dlq", "redrive", str(letter_id))
+    assert code != 0 and "already redriven" in err, err
+
+
+async def test_redrive_without_redis_still_queues_the_task(isolated: Isolated) -> None:
+    """The redrive is committed first: Redis away costs the event, with a warning, not
+    the redrive."""
+    task_id, letter_id = await _dead_lettered(isolated)
+    env = isolated.deployment.env(redis_url="redis://127.0.0.1:1/0", io_timeout_s="2")
+    code, out, err = await _cli(env, "dlq", "redrive", str(letter_id))
+    assert code == 0, err
+    assert out.strip() == f"task {task_id} queued again as attempt 1", out
+    assert "warning: the task's queued event was not written to Redis" in err, err
+    state = await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id)
+    assert state == "queued"
