@@ -1,6 +1,9 @@
-"""The operator's ``longhaul dlq redrive`` against the real PostgreSQL and Redis: the dead
-letter's task is queued again, once, and whoever watches it sees it queued at once, not
-when a worker takes it. No worker runs here, so nothing else writes the event."""
+"""The operator's ``longhaul`` command against the real PostgreSQL and Redis.
+
+``dlq redrive``: the dead letter's task is queued again, once, and whoever watches it
+sees it queued at once, not when a worker takes it. No worker runs here, so nothing
+else writes the event. ``keys``: a key is listed by its id, never its secret, and
+shown revoked once revoked."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from services.api.repository import ApiRepository, NewTask
+from shared import keys
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskRequest, TaskState, parse_event
 from tests.conftest import ROOT_ENV, Isolated
@@ -106,3 +110,28 @@ async def test_redrive_without_redis_still_queues_the_task(isolated: Isolated) -
     assert "warning: the task's queued event was not written to Redis" in err, err
     state = await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id)
     assert state == "queued"
+
+
+async def test_keys_are_listed_by_id_and_shown_revoked(isolated: Isolated) -> None:
+    env = isolated.deployment.env()
+    tenant = f"cli-{uuid7().hex[:12]}"
+    code, out, err = await _cli(env, "keys", "create", "--tenant", tenant, "--label", "ops")
+    assert code == 0, err
+    key = out.strip().splitlines()[-1]
+    parsed = keys.parse(key)
+    assert parsed is not None, key
+
+    async def listed() -> list[str]:
+        code, out, err = await _cli(env, "keys", "list", "--tenant", tenant)
+        assert code == 0, err
+        assert parsed.secret not in out  # never the secret
+        return [line for line in out.splitlines() if parsed.key_id in line]
+
+    [line] = await listed()
+    assert line.split("\t")[1:2] == [tenant] and line.endswith("\tactive"), line
+    code, out, err = await _cli(env, "keys", "revoke", key)
+    assert code == 0 and out.strip() == f"revoked {parsed.key_id}", (out, err)
+    [line] = await listed()
+    assert line.endswith("\trevoked"), line
+    code, _, err = await _cli(env, "keys", "revoke", parsed.key_id)
+    assert code != 0 and f"no active key with id {parsed.key_id}" in err, err
