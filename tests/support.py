@@ -31,6 +31,25 @@ def timeout(seconds: float) -> float:
     return seconds * SCALE
 
 
+# The operator command as installed beside the interpreter (.venv/bin/longhaul).
+LONGHAUL_CLI = str(Path(sys.executable).parent / "longhaul")
+
+
+async def run_cli(env: Mapping[str, str], *args: str) -> tuple[int, str, str]:
+    """``longhaul ARGS`` in ``env``: its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        LONGHAUL_CLI,
+        *args,
+        cwd=ROOT,
+        env=dict(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout(60))
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 # Ports free_port() handed out in this process.
 _HANDED_OUT: set[int] = set()
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -27,26 +25,16 @@ from services.api.repository import Principal
 from shared import keys
 from tests.abuse.conftest import TASKS_MODULE, MakeSystem, request
 from tests.conftest import ROOT_ENV, Deployment, Tenant, create_tenant
-from tests.support import ARTIFACTS, ROOT, System, eventually, timeout
+from tests.support import ARTIFACTS, System, eventually, run_cli, timeout
 
 # WebSocket tokens' TTL here: short, yet long enough for a busy machine to use one.
 TOKEN_TTL_S = 2
 
-LONGHAUL_CLI = str(Path(sys.executable).parent / "longhaul")
-
 
 async def _cli(deployment: Deployment, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        LONGHAUL_CLI,
-        *args,
-        cwd=ROOT,
-        env={**ROOT_ENV, **deployment.env()},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    code, out, err = await run_cli({**ROOT_ENV, **deployment.env()}, *args)
+    assert code == 0, err
+    return out
 
 
 async def test_revoked_key_gets_401_within_the_auth_cache_lifetime(

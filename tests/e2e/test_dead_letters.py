@@ -3,14 +3,19 @@ by the broker, stored with its reason, its task failed, and a redrive runs it ag
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from typing import Any
 
 import aiohttp
 
 from tests.conftest import ROOT_ENV, Isolated
-from tests.support import ROOT, ServiceProcess, System, eventually, free_port, wait_http_ok
+from tests.support import (
+    ServiceProcess,
+    System,
+    eventually,
+    free_port,
+    run_cli,
+    wait_http_ok,
+)
 
 
 async def test_crash_loop_is_dead_lettered_and_redriven(
@@ -70,18 +75,8 @@ async def test_crash_loop_is_dead_lettered_and_redriven(
         assert letter["reason"] == "delivery_limit" and letter["redriven_at"] is None
 
         # The operator sees it too, with the CLI.
-        cli = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "dlq",
-            "list",
-            cwd=ROOT,
-            env={**ROOT_ENV, **system.env},
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await cli.communicate()
-        assert cli.returncode == 0 and letter["id"] in out.decode()
+        code, out, err = await run_cli({**ROOT_ENV, **system.env}, "dlq", "list")
+        assert code == 0 and letter["id"] in out, err
 
         redrive = f"{system.api_url}/v1/dead-letters/{letter['id']}/redrive"
         async with http.post(redrive, headers=tenant.headers) as r:

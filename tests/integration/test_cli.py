@@ -7,8 +7,6 @@ shown revoked once revoked."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from uuid import UUID
 
 from redis.asyncio import Redis
@@ -19,7 +17,7 @@ from shared import keys
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskRequest, TaskState, parse_event
 from tests.conftest import ROOT_ENV, Isolated
-from tests.support import ROOT
+from tests.support import run_cli
 
 
 async def _dead_lettered(isolated: Isolated) -> tuple[UUID, UUID]:
@@ -48,19 +46,7 @@ async def _dead_lettered(isolated: Isolated) -> tuple[UUID, UUID]:
 
 
 async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shared.cli",
-        *args,
-        cwd=ROOT,
-        env={**ROOT_ENV, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli({**ROOT_ENV, **env}, *args)
 
 
 async def _published(watcher: PubSub) -> list[ProgressEvent]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 
 import pytest
 
 from tests.conftest import ROOT_ENV, Deployment
-from tests.support import ROOT, ServiceProcess, timeout
+from tests.support import ServiceProcess, run_cli, timeout
 
 
 def _exit(proc: ServiceProcess) -> tuple[int, list[str]]:
@@ -73,18 +72,7 @@ async def test_the_cli_tells_a_bad_database_url_from_an_unreachable_database(
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         env = deployment.env(database_url=dsn.format(port=closed.getsockname()[1]))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "keys",
-            "list",
-            cwd=ROOT,
-            env={**ROOT_ENV, **env},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await asyncio.wait_for(proc.communicate(), timeout(60))
-    lines = err.decode().splitlines()
-    assert (proc.returncode, len(lines)) == (code, 1), lines
+        returncode, _, err = await run_cli({**ROOT_ENV, **env}, "keys", "list")
+    lines = err.splitlines()
+    assert (returncode, len(lines)) == (code, 1), lines
     assert lines[0].startswith(says), lines
