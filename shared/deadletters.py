@@ -4,16 +4,22 @@ reason, listed and redriven by the API (per tenant) and the ``longhaul dlq`` CLI
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from shared import outbox
+from shared.ids import uuid7
 from shared.outbox import Connection
-from shared.schemas import format_ts
+from shared.schemas import TaskMessage, encode_task_message, format_ts
 from shared.taskrows import Row
 
 COLUMNS = "id, tenant_id, task_id, reason, detail, attempts, last_error, created_at, redriven_at"
+
+# The reason of a task that failed with its attempts run out (the others are the
+# worker's and the broker's: malformed, unknown_type, delivery_limit, ...).
+EXHAUSTED = "attempts_exhausted"
 
 
 class Redrive(enum.Enum):
@@ -29,6 +35,30 @@ class RedriveResult:
     outcome: Redrive
     dead_letter: Row | None = None
     task: Row | None = None
+
+
+async def keep_exhausted(conn: Connection, messages: Sequence[TaskMessage]) -> None:
+    """Keep the last attempt's message of tasks that failed with their attempts run out
+    as dead letters, with the task's error: listed with the poison messages, and
+    redriven the same way. Call in the transaction that failed the tasks."""
+    if not messages:
+        return
+    await conn.execute(
+        """
+        INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, attempts,
+                                  last_error)
+        SELECT u.id, t.tenant_id, t.id, $4,
+               left(format('%s of %s attempts failed; the last: %s', t.attempts,
+                           t.max_attempts, t.error->>'message'), 2000),
+               u.body, t.attempts, t.error
+        FROM unnest($1::uuid[], $2::uuid[], $3::bytea[]) AS u(id, task_id, body)
+        JOIN tasks t ON t.id = u.task_id
+        """,
+        [uuid7() for _ in messages],
+        [m.task_id for m in messages],
+        [encode_task_message(m) for m in messages],
+        EXHAUSTED,
+    )
 
 
 async def list_page(
@@ -68,13 +98,17 @@ async def redrive(
         return RedriveResult(Redrive.MISSING)
     if letter["redriven_at"] is not None:
         return RedriveResult(Redrive.ALREADY, letter)
-    if letter["task_id"] is None:
+    if letter["task_id"] is None or letter["tenant_id"] is None:
+        # No tenant, no task: a message naming an unknown tenant names no task of ours.
         return RedriveResult(Redrive.NO_TASK, letter)
     task = await outbox.rerun(conn, letter["task_id"], letter["tenant_id"], task_columns)
     if task is None:
         # Either the task is still running or queued, or it was purged (retention).
         gone = await conn.fetchval(
-            "SELECT NOT EXISTS (SELECT 1 FROM tasks WHERE id = $1)", letter["task_id"]
+            "SELECT NOT EXISTS (SELECT 1 FROM tasks WHERE id = $1"
+            " AND ($2::uuid IS NULL OR tenant_id = $2))",
+            letter["task_id"],
+            letter["tenant_id"],
         )
         return RedriveResult(Redrive.NO_TASK if gone else Redrive.NOT_FINISHED, letter)
     letter = await conn.fetchrow(

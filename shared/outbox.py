@@ -60,18 +60,20 @@ async def due_count(conn: Connection, cap: int) -> int:
 MESSAGE_COLUMNS = "id, tenant_id, type, attempts, trace_id"
 
 
+def message_of(row: Row, attempt: int) -> TaskMessage:
+    """The message of ``attempt`` of a task row (MESSAGE_COLUMNS)."""
+    return TaskMessage(
+        task_id=row["id"],
+        tenant_id=row["tenant_id"],
+        type=row["type"],
+        attempt=attempt,
+        trace_id=row["trace_id"],
+    )
+
+
 def next_attempt(row: Row, available_at: datetime | None = None) -> Scheduled:
     """The next attempt's message of a task row (MESSAGE_COLUMNS)."""
-    return Scheduled(
-        TaskMessage(
-            task_id=row["id"],
-            tenant_id=row["tenant_id"],
-            type=row["type"],
-            attempt=row["attempts"] + 1,
-            trace_id=row["trace_id"],
-        ),
-        available_at,
-    )
+    return Scheduled(message_of(row, row["attempts"] + 1), available_at)
 
 
 async def rerun(

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
-from shared import outbox
+from shared import deadletters, outbox
 from shared.groupcommit import GroupCommit
 from shared.ids import uuid7
 from shared.outbox import Connection
@@ -176,18 +176,18 @@ class WorkerRepository:
         self, task_id: UUID, attempt: int, state: str, error: dict[str, Any] | None
     ) -> Row | None:
         """End the attempt as ``failed`` or ``cancelled``."""
-        return await self._fetchrow(
-            f"""
-            UPDATE tasks SET state = $3, error = $4, finished_at = now(), worker_id = NULL,
-                lease_expires_at = NULL, last_seq = last_seq + 1, updated_at = now()
-            WHERE id = $1 AND state = 'running' AND attempts = $2
-            RETURNING {EVENT_COLUMNS}
-            """,
-            task_id,
-            attempt,
-            state,
-            error,
-        )
+        return await self._fetchrow(_FINISH, task_id, attempt, state, error)
+
+    async def exhaust(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
+        """Fail the task's last attempt and keep its message as a dead letter (its
+        attempts ran out), in one transaction."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row: Row | None = await conn.fetchrow(
+                _FINISH, message.task_id, message.attempt, "failed", error
+            )
+            if row is not None:
+                await deadletters.keep_exhausted(conn, [message])
+            return row
 
     async def retry_later(
         self, message: TaskMessage, error: dict[str, Any], delay_s: float
@@ -324,10 +324,11 @@ class WorkerRepository:
             """
             INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, headers,
                                       attempts, last_error)
-            SELECT $1, t.id, $3, $4, $5, $6, $7, task.attempts, task.error
+            SELECT $1, t.id, task.id, $4, $5, $6, $7, task.attempts, task.error
             FROM (SELECT 1) AS one
             LEFT JOIN tenants t ON t.id = $2
-            -- Only the named tenant's task: a forged message may name another's.
+            -- Only the named tenant's task, its id included: a forged message may
+            -- name another's, which a redrive would then run.
             LEFT JOIN tasks task ON task.id = $3 AND task.tenant_id = t.id
             """,
             uuid7(),
@@ -351,6 +352,14 @@ class WorkerRepository:
     async def _execute(self, sql: str, *args: Any) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.execute(sql, *args)
+
+
+_FINISH = f"""
+UPDATE tasks SET state = $3, error = $4, finished_at = now(), worker_id = NULL,
+    lease_expires_at = NULL, last_seq = last_seq + 1, updated_at = now()
+WHERE id = $1 AND state = 'running' AND attempts = $2
+RETURNING {EVENT_COLUMNS}
+"""
 
 
 def _deadlock(exc: Exception) -> bool:
@@ -377,4 +386,7 @@ async def _requeue_or_fail(
         error,
     )
     await outbox.enqueue(conn, [outbox.next_attempt(r) for r in rows if r["state"] == "queued"])
+    await deadletters.keep_exhausted(
+        conn, [outbox.message_of(r, r["attempts"]) for r in rows if r["state"] == "failed"]
+    )
     return list(rows)

@@ -250,6 +250,8 @@ class Runner:
             backoff = _backoff_of(claimed.row) or spec.backoff or self._backoff
             delay = backoff.delay(attempt)
             return await self._db(lambda: self._repo.retry_later(message, error, delay))
+        if outcome.retryable:  # its attempts ran out: also a dead letter, to redrive
+            return await self._db(lambda: self._repo.exhaust(message, error))
         return await self._db(lambda: self._repo.finish(tid, attempt, "failed", error))
 
     async def _write_progress(
@@ -270,7 +272,10 @@ class Runner:
         if claimed is not None:
             detail = f"no worker here runs tasks of type {message.type!r}"
             error = {"type": "unknown_type", "retryable": False, "message": detail}
-            await self._events.emit([event_from_row(claimed.row)])
+            # With the queued event before it, as every claim writes it (see process).
+            await self._events.emit(
+                [event_from_row(claimed.row)], backfill=previous_events([claimed.row])
+            )
             row = await self._db(
                 lambda: self._repo.finish(message.task_id, message.attempt, "failed", error)
             )

@@ -22,15 +22,23 @@ from services.api.repository import ApiRepository, NewTask
 from services.worker.repository import WorkerRepository
 from shared.db import create_pool
 from shared.ids import uuid7
-from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, parse_event
+from shared.schemas import (
+    ProgressEvent,
+    TaskMessage,
+    TaskRequest,
+    encode_task_message,
+    parse_event,
+    parse_task_message,
+)
 from shared.taskrows import previous_events
-from tests.conftest import Deployment, Isolated, Tenant
+from tests.conftest import ROOT_ENV, Deployment, Isolated, Tenant
 from tests.support import (
     ServiceProcess,
     System,
     api_and_worker,
     eventually,
     outbox_emptied,
+    run_cli,
     worker_metric,
 )
 
@@ -274,6 +282,31 @@ async def test_flaky_task_out_of_attempts_fails(
     assert (row["state"], row["attempts"]) == ("failed", 2)
     error = as_json(row["error"])
     assert error["type"] == "flaky" and error["retryable"] is True
+    # Its attempts ran out: a dead letter too (committed with the failure), listed and
+    # redriven like the poison messages.
+    [letter] = await db.fetch("SELECT * FROM dead_letters WHERE task_id = $1", task_id)
+    assert (letter["reason"], letter["tenant_id"], letter["attempts"]) == (
+        "attempts_exhausted",
+        tenant.id,
+        2,
+    )
+    assert as_json(letter["last_error"]) == error
+    assert "2 of 2 attempts failed" in letter["detail"]
+    kept = parse_task_message(bytes(letter["body"]))
+    assert (kept.task_id, kept.tenant_id, kept.attempt) == (task_id, tenant.id, 2)
+    redrive = f"{system.api_url}/v1/dead-letters/{letter['id']}/redrive"
+    async with http.post(redrive, headers=tenant.headers) as r:
+        assert r.status == 202, await r.text()
+
+    async def failed_again() -> asyncpg.Record | None:
+        row = await db.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+        return row if row["state"] == "failed" and row["attempts"] == 3 else None
+
+    await eventually(failed_again, within=30, what="the redriven attempt to fail again")
+    letters = await db.fetch(
+        "SELECT attempts, redriven_at FROM dead_letters WHERE task_id = $1 ORDER BY id", task_id
+    )
+    assert [(r["attempts"], r["redriven_at"] is None) for r in letters] == [(2, False), (3, True)]
 
 
 # ---------------------------------------------------------------- duplicates and poison
@@ -326,6 +359,7 @@ async def test_poison_messages_are_dead_lettered_with_their_reason(
     http: aiohttp.ClientSession,
     tenant: Tenant,
     db: asyncpg.Pool,
+    redis: Redis,
     deployment: Deployment,
     amqp_channel: aio_pika.abc.AbstractChannel,
 ) -> None:
@@ -377,6 +411,8 @@ async def test_poison_messages_are_dead_lettered_with_their_reason(
     task = await terminal_row(db, unknown_id)
     assert task["state"] == "failed"
     assert as_json(task["error"])["type"] == "unknown_type"
+    found = await gapless_events(redis, deployment, db, unknown_id)
+    assert [e.state for e in found] == ["queued", "running", "failed"]
     assert as_json(task["error"])["retryable"] is False
     await eventually(
         lambda: queue_settled(system, http, amqp_channel, deployment.wire.tasks_queue),
@@ -453,3 +489,84 @@ async def test_a_claim_rebuilds_the_previous_event_only_from_the_version_before(
     assert claimed is not None
     assert (claimed.row["prev_last_seq"], claimed.row["last_seq"]) == (1, 3)
     assert previous_events([claimed.row]) == []
+
+
+async def test_a_message_naming_another_tenants_task_leaves_no_task_to_redrive(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    deployment: Deployment,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+) -> None:
+    """A forged message (a real task id, a tenant that is not the task's) is kept as an
+    ``unknown_task`` dead letter that names no task: redriving it runs nothing."""
+    victim = await submit(http, system, tenant, {"type": "demo.fail", "args": {"message": "x"}})
+    assert (await terminal_row(db, victim))["state"] == "failed"
+    forged = TaskMessage(task_id=victim, tenant_id=uuid7(), type="demo.noop", attempt=1)
+    body = encode_task_message(forged)
+    await publish_raw(amqp_channel, deployment, body)
+
+    async def kept() -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await db.fetchrow(
+            "SELECT * FROM dead_letters WHERE body = $1", body
+        )
+        return row
+
+    letter = await eventually(kept, within=20, what="the forged message's dead letter")
+    assert (letter["reason"], letter["tenant_id"], letter["task_id"]) == (
+        "unknown_task",
+        None,
+        None,
+    )
+    code, _, err = await run_cli(
+        {**ROOT_ENV, **deployment.env()}, "dlq", "redrive", str(letter["id"])
+    )
+    assert code != 0 and "no task to run again" in err, err
+    row = await db.fetchrow("SELECT state, attempts FROM tasks WHERE id = $1", victim)
+    assert (row["state"], row["attempts"]) == ("failed", 1)
+
+
+async def test_a_lost_last_attempt_fails_the_task_and_keeps_a_dead_letter(
+    isolated: Isolated,
+) -> None:
+    """The reaper fails a task whose last attempt's lease ran out and keeps that
+    attempt's message as a dead letter, in one transaction. A database of its own: no
+    other reaper gets there first."""
+    repo = WorkerRepository(isolated.db, timeout=10)
+    task_id = uuid7()
+    await isolated.db.execute(
+        "INSERT INTO tasks (id, tenant_id, type, args, state, attempts, max_attempts,"
+        " timeout_s, last_seq, started_at, worker_id, lease_expires_at)"
+        " VALUES ($1, $2, 'demo.noop', '{}'::jsonb, 'running', 2, 2, 60, 4, now(), 'gone',"
+        " now() - interval '1 second')",
+        task_id,
+        isolated.tenant.id,
+    )
+    [row] = await repo.reap()
+    assert (row["id"], row["state"]) == (task_id, "failed")
+    [letter] = await isolated.db.fetch("SELECT * FROM dead_letters WHERE task_id = $1", task_id)
+    assert (letter["reason"], letter["tenant_id"], letter["attempts"]) == (
+        "attempts_exhausted",
+        isolated.tenant.id,
+        2,
+    )
+    assert as_json(letter["last_error"])["type"] == "lost"
+    kept = parse_task_message(bytes(letter["body"]))
+    assert (kept.task_id, kept.type, kept.attempt) == (task_id, "demo.noop", 2)
+    # Not its last attempt: requeued, and no dead letter.
+    again = uuid7()
+    await isolated.db.execute(
+        "INSERT INTO tasks (id, tenant_id, type, args, state, attempts, max_attempts,"
+        " timeout_s, last_seq, started_at, worker_id, lease_expires_at)"
+        " VALUES ($1, $2, 'demo.noop', '{}'::jsonb, 'running', 1, 2, 60, 2, now(), 'gone',"
+        " now() - interval '1 second')",
+        again,
+        isolated.tenant.id,
+    )
+    [row] = await repo.reap()
+    assert (row["id"], row["state"]) == (again, "queued")
+    assert (
+        await isolated.db.fetchval("SELECT count(*) FROM dead_letters WHERE task_id = $1", again)
+        == 0
+    )
