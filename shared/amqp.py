@@ -30,6 +30,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from shared.errors import ConfigError
 from shared.settings import CommonSettings
 from shared.wire import Wire
 
@@ -79,11 +80,25 @@ async def declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire
     exchange = await channel.declare_exchange(
         wire.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
-    queue = await channel.declare_queue(
-        wire.tasks_queue, durable=True, arguments=task_queue_arguments(settings, wire)
-    )
+    queue = await _declare_task_queue(channel, settings, wire)
     await queue.bind(exchange, routing_key=wire.tasks_routing_key)
     return Topology(exchange=exchange, queue=queue, dead_letters=dead)
+
+
+async def _declare_task_queue(
+    channel: AbstractChannel, settings: CommonSettings, wire: Wire
+) -> AbstractQueue:
+    """The broker refuses a declare whose arguments differ from the queue's (it keeps
+    the first declarer's): that is a setting to fix, not a crash."""
+    try:
+        return await channel.declare_queue(
+            wire.tasks_queue, durable=True, arguments=task_queue_arguments(settings, wire)
+        )
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise ConfigError(
+            f"queue {wire.tasks_queue} refuses these settings: LONGHAUL_DELIVERY_LIMIT and"
+            f" LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with ({exc})"
+        ) from None
 
 
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)

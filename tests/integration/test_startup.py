@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import aio_pika
 import pytest
 
+from shared import amqp
+from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment
 from tests.support import ServiceProcess, run_cli, timeout
 
@@ -55,6 +58,29 @@ async def test_an_unreachable_dependency_is_one_line_and_exit_code_3(
     assert code == 3
     assert len(lines) == 1, lines
     assert lines[0].startswith("api: Redis unreachable for 1s (LONGHAUL_START_TIMEOUT_S): ")
+
+
+@pytest.mark.parametrize("service", ["api", "worker"])
+async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_code_2(
+    fresh_namespace: Deployment, ports: dict[str, str], service: str
+) -> None:
+    """The namespace's task queue exists with LONGHAUL_DELIVERY_LIMIT=50 (another
+    instance declared it): a service started with 3 says which settings to fix."""
+    connection = await aio_pika.connect(fresh_namespace.amqp_url)
+    try:
+        settings = CommonSettings(namespace=fresh_namespace.namespace, delivery_limit=50)
+        await amqp.declare(await connection.channel(), settings, fresh_namespace.wire)
+    finally:
+        await connection.close()
+    env = fresh_namespace.env(**ports, delivery_limit="3")
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, len(lines)) == (2, 1), lines
+    queue = fresh_namespace.wire.tasks_queue
+    assert lines[0].startswith(
+        f"{service}: queue {queue} refuses these settings: LONGHAUL_DELIVERY_LIMIT and"
+        " LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with (PRECONDITION_FAILED"
+    ), lines
+    assert "inequivalent arg 'x-delivery-limit'" in lines[0], lines
 
 
 @pytest.mark.parametrize(
