@@ -238,7 +238,9 @@ class Gateway:
         self, request: Request, raw_id: str, query: dict[str, list[str]], origin: str | None
     ) -> Response:
         assert self._deps is not None
-        if not origin_allowed(origin, self.origins, allow_missing=True):
+        if not origin_allowed(
+            origin, self.origins, allow_missing=self.settings.allow_missing_origin
+        ):
             return problem(403, "origin not allowed")
         cors = {"Access-Control-Allow-Origin": origin} if origin else {}
         auth = request.headers.get("Authorization", "")

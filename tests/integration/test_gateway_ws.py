@@ -473,6 +473,23 @@ async def test_foreign_origin_gets_403_and_keeps_the_token(
             assert ws.protocol.state.name == "OPEN"
 
 
+async def test_no_origin_gets_403_on_sse_too_when_missing_origins_are_refused(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """With LONGHAUL_ALLOW_MISSING_ORIGIN=false, the SSE fallback refuses a request
+    without Origin as the WebSocket endpoint does, keeping the token; an allowed
+    Origin still gets the events."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    async with gateway(deployment, allow_missing_origin=False) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        await expect_status(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}", 403)
+        path = f"/v1/tasks/{task_id}/events?token={token}"
+        assert (await sse_get(gw.port, path, {}))[0] == 403
+        status, body = await sse_get(gw.port, path, {"Origin": "http://localhost:5173"})
+    assert status == 200 and "id: 1\n" in body
+
+
 async def test_oversized_frame_closes_1009(
     deployment: Deployment, tenant: Tenant, redis: Redis
 ) -> None:
