@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
-from shared.errors import DependencyError
+from shared.errors import ConfigError, DependencyError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,21 @@ def migrations() -> list[Migration]:
             version, _, name = entry.name.removesuffix(".sql").partition("_")
             found.append(Migration(int(version), name, entry.read_text()))
     return sorted(found, key=lambda m: m.version)
+
+
+async def require_schema(pool: asyncpg.Pool) -> None:
+    """Refuse to serve a database whose schema is behind this code's migrations: one
+    line that names the fix, not a traceback at the first query of a missing table."""
+    latest = migrations()[-1].version
+    try:
+        applied = await pool.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        applied = None
+    if applied is None or applied < latest:
+        raise ConfigError(
+            f"the database is not migrated (schema version {applied or 0}, this code needs"
+            f" {latest}): run `longhaul migrate` first"
+        )
 
 
 async def ensure_database(dsn: str, timeout: float) -> None:

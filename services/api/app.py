@@ -33,7 +33,7 @@ from services.api.tasktypes import TaskTypes
 from shared import amqp
 from shared.amqp import Publisher
 from shared.breaker import Breaker
-from shared.db import TRANSIENT_ERRORS, create_pool
+from shared.db import TRANSIENT_ERRORS, create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.lifecycle import listening, wait_for_dependency
@@ -230,6 +230,7 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
             stop,
         )
         stack.push_async_callback(pool.close)
+        await require_schema(pool)
         redis = create_client(settings.redis_url, timeout)
         stack.push_async_callback(redis.aclose)
         await wait_for_dependency("Redis", redis.ping, settings.start_timeout_s, stop)

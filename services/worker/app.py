@@ -29,7 +29,7 @@ from services.worker.runner import Runner
 from services.worker.settings import WorkerSettings
 from shared import amqp
 from shared.amqp import Publisher
-from shared.db import create_pool
+from shared.db import create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
@@ -59,6 +59,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             stop,
         )
         stack.push_async_callback(pool.close)
+        await require_schema(pool)
         redis: Redis = create_client(settings.redis_url, timeout)
         stack.push_async_callback(redis.aclose)
         await wait_for_dependency("Redis", redis.ping, settings.start_timeout_s, stop)

@@ -35,7 +35,7 @@ from services.ws_gateway.settings import GatewaySettings
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import Sweeper
 from shared import wstokens
-from shared.db import ANY_PG_ERROR, create_pool
+from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
 from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
@@ -91,6 +91,7 @@ class Gateway:
                 stop,
             )
             stack.push_async_callback(pool.close)
+            await require_schema(pool)
             redis = create_client(s.redis_url, s.io_timeout_s)
             stack.push_async_callback(redis.aclose)
             await wait_for_dependency("Redis", redis.ping, s.start_timeout_s, stop)

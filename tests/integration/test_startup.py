@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 
 import aio_pika
+import asyncpg
 import pytest
 
 from shared import amqp
+from shared.db import migrations
 from shared.settings import CommonSettings
-from tests.conftest import ROOT_ENV, Deployment
+from tests.conftest import PG_ADMIN_URL, ROOT_ENV, Deployment, _pg_url
 from tests.support import ServiceProcess, run_cli, timeout
 
 
@@ -81,6 +84,34 @@ async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_co
         " LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with (PRECONDITION_FAILED"
     ), lines
     assert "inequivalent arg 'x-delivery-limit'" in lines[0], lines
+
+
+@pytest.fixture
+async def bare_database(deployment: Deployment) -> AsyncIterator[str]:
+    """An existing database of this run that was never migrated; dropped afterwards."""
+    name = f"{deployment.namespace}_bare"
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _pg_url(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.mark.parametrize("service", ["api", "worker", "ws_gateway"])
+async def test_an_unmigrated_database_is_one_line_and_exit_code_2(
+    fresh_namespace: Deployment, bare_database: str, ports: dict[str, str], service: str
+) -> None:
+    env = fresh_namespace.env(**ports, database_url=bare_database)
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, len(lines)) == (2, 1), lines
+    latest = migrations()[-1].version
+    assert lines[0] == (
+        f"{service}: the database is not migrated (schema version 0, this code needs"
+        f" {latest}): run `longhaul migrate` first"
+    ), lines
 
 
 @pytest.mark.parametrize(
