@@ -138,6 +138,17 @@ async def _announce(settings: CommonSettings, row: Row) -> bool:
         await redis.aclose()
 
 
+def _positive(text: str) -> int:
+    """argparse's type for a count: its own one-line error, not PostgreSQL's."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longhaul", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead letters: messages that could not be processed")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", help="newest first, every tenant's")
-    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_list.add_argument("--limit", type=_positive, default=50)
     dlq_redrive = dlq_sub.add_parser("redrive", help="run a dead letter's task again")
     dlq_redrive.add_argument("id")
     return parser

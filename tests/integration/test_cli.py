@@ -121,3 +121,8 @@ async def test_keys_are_listed_by_id_and_shown_revoked(isolated: Isolated) -> No
     assert line.endswith("\trevoked"), line
     code, _, err = await _cli(env, "keys", "revoke", parsed.key_id)
     assert code != 0 and f"no active key with id {parsed.key_id}" in err, err
+
+
+async def test_a_bad_limit_is_refused_before_the_database(isolated: Isolated) -> None:
+    code, _, err = await _cli(isolated.deployment.env(), "dlq", "list", "--limit", "-1")
+    assert code == 2 and "--limit: must be a whole number of at least 1, not '-1'" in err, err
