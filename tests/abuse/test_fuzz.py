@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import aio_pika
 import aiohttp
@@ -210,6 +210,8 @@ async def test_malformed_messages_on_the_queue_become_dead_letters(
 
     tag = uuid4().hex
     good = {"v": 1, "task_id": str(uuid7()), "tenant_id": str(b.id), "type": "demo.noop"}
+    # Forged: tenant B's id on tenant A's task.
+    forged_body = _dumps({**good, "attempt": 2, "task_id": a_task})
     bodies = [
         os.urandom(64),
         b"",
@@ -227,8 +229,7 @@ async def test_malformed_messages_on_the_queue_become_dead_letters(
         _dumps({**good, "attempt": 2**80}),
         # Well formed, but no such task: kept as a dead letter, not silently dropped.
         _dumps({**good, "attempt": 1}),
-        # Forged: tenant B's id on tenant A's task.
-        _dumps({**good, "attempt": 2, "task_id": a_task}),
+        forged_body,
         b'{"v": 1, "pad": "' + b"x" * (4 * 1024 * 1024) + b'"}',
         os.urandom(2 * 1024 * 1024),
     ]
@@ -265,12 +266,17 @@ async def test_malformed_messages_on_the_queue_become_dead_letters(
     assert worker.alive()
     assert "Traceback" not in worker.output()
 
-    # The forged message is B's dead letter now; it must not carry A's task's data.
-    forged = next(r for r in rows if r["task_id"] == UUID(a_task))
-    assert forged["tenant_id"] == b.id
+    # The forged message is B's dead letter now; it must not carry A's task's data, nor
+    # name A's task (a redrive would run it, or tell B whether it exists).
+    forged = next(r for r in rows if bytes(r["body"]) == forged_body)
+    assert (forged["tenant_id"], forged["task_id"]) == (b.id, None), dict(forged)
     _, raw, _ = await request(http, "GET", f"{system.api_url}/v1/dead-letters", headers=b.headers)
     assert marker not in raw.decode(), "B's dead letters show A's task error"
     assert forged["last_error"] is None and forged["attempts"] is None, dict(forged)
+    letter_id = await db.fetchval("SELECT id FROM dead_letters WHERE body = $1", forged_body)
+    redrive = f"{system.api_url}/v1/dead-letters/{letter_id}/redrive"
+    status, raw, _ = await request(http, "POST", redrive, headers=b.headers)
+    assert status == 409 and "no task to run again" in raw.decode(), raw
 
     # And the worker still runs real work.
     status, raw, _ = await request(http, "POST", url, json={"type": "demo.noop"}, headers=b.headers)
