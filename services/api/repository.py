@@ -118,7 +118,12 @@ class ApiRepository:
 
     async def task_types(self) -> list[Row]:
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            return list(await conn.fetch("SELECT name, args_schema FROM task_types ORDER BY name"))
+            return list(
+                await conn.fetch(
+                    "SELECT name, args_schema, max_attempts, timeout_s FROM task_types"
+                    " ORDER BY name"
+                )
+            )
 
     async def insert(
         self,

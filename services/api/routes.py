@@ -96,14 +96,18 @@ def _admit(svc: Services, count: int = 1) -> Iterator[None]:
 
 async def _check_types(
     svc: Services, tasks: Sequence[TaskRequest], prefix: Sequence[list[str | int]]
-) -> None:
+) -> list[TaskRequest]:
+    """Refuse unknown types and bad args; return the tasks with their type's defaults
+    where they set none."""
     errors: list[ProblemError] = []
+    typed: list[TaskRequest] = []
     for task, loc in zip(tasks, prefix, strict=True):
         info = await svc.types.get(task.type)
         if info is None:
             errors.append(ProblemError(loc=[*loc, "type"], msg=f"unknown task type {task.type!r}"))
         else:
             errors += info.errors(task.args, [*loc, "args"])
+            typed.append(info.defaults_for(task))
     if errors:
         raise ProblemException(
             422,
@@ -112,6 +116,7 @@ async def _check_types(
             slug="validation",
             errors=errors,
         )
+    return typed
 
 
 def _submitted(svc: Services, rows: Sequence[Row]) -> None:
@@ -143,13 +148,13 @@ async def submit(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
     key = rq.idempotency_key(request)
     task = rq.validate(TaskRequest, await rq.read_json(request))
-    await _check_types(svc, [task], [["body"]])
-    fingerprint = rq.request_hash(task) if key else None
+    [typed] = await _check_types(svc, [task], [["body"]])
+    fingerprint = rq.request_hash(task) if key else None  # of what the client sent
     if key is not None:
         earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
         if earlier is not None:
             return _replay(svc, earlier, fingerprint)
-    new = NewTask(id=uuid7(), request=task, trace_id=_trace_id(request))
+    new = NewTask(id=uuid7(), request=typed, trace_id=_trace_id(request))
     with _admit(svc):
         rows = await svc.repo.insert(principal.tenant_id, [new], key, fingerprint)
     if not rows:  # lost a race with an identical request: answer as its replay
@@ -213,9 +218,11 @@ async def submit_batch(request: web.Request) -> web.Response:
                     problem.problem.errors.extend(more.problem.errors or [])
         raise problem from None
     await _rate_limit(svc, principal, len(batch.tasks))
-    await _check_types(svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))])
+    tasks = await _check_types(
+        svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))]
+    )
     trace = _trace_id(request)
-    new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in batch.tasks]
+    new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in tasks]
     with _admit(svc, len(new)):
         rows = await svc.repo.insert(principal.tenant_id, new)
     _submitted(svc, rows)

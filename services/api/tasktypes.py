@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from services.api.repository import ApiRepository
-from shared.schemas import ProblemError
+from shared.schemas import ProblemError, TaskRequest
 from shared.singleflight import SingleFlight
 
 
@@ -22,6 +22,18 @@ class TaskTypeInfo:
     name: str
     args_schema: dict[str, Any]
     validator: Draft202012Validator
+    # The type's own defaults (``@task(max_attempts=..., timeout_s=...)``), if it set them.
+    max_attempts: int | None = None
+    timeout_s: float | None = None
+
+    def defaults_for(self, task: TaskRequest) -> TaskRequest:
+        """``task`` with the type's defaults where the request set no value of its own."""
+        update: dict[str, Any] = {
+            field: value
+            for field, value in (("max_attempts", self.max_attempts), ("timeout_s", self.timeout_s))
+            if value is not None and field not in task.model_fields_set
+        }
+        return task.model_copy(update=update) if update else task
 
     def errors(self, args: dict[str, Any], prefix: list[str | int]) -> list[ProblemError]:
         return [
@@ -64,6 +76,8 @@ class TaskTypes:
                 validator = Draft202012Validator(schema)
             except SchemaError:
                 continue  # a worker registered a schema we cannot read: admit no args
-            types[row["name"]] = TaskTypeInfo(row["name"], schema, validator)
+            types[row["name"]] = TaskTypeInfo(
+                row["name"], schema, validator, row["max_attempts"], row["timeout_s"]
+            )
         self._types = types
         self._loaded_at = time.monotonic()

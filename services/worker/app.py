@@ -72,7 +72,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         stack.push_async_callback(amqp.close, connection, timeout)
 
         repo = WorkerRepository(pool, timeout=timeout, concurrency=settings.worker_concurrency)
-        await repo.register_types(registry.schemas())
+        await repo.register_types(registry.specs())
         events = EventSink(
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
         )

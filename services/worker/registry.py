@@ -42,6 +42,9 @@ class Registry:
     def get(self, name: str) -> TaskSpec | None:
         return self._specs.get(name)
 
+    def specs(self) -> list[TaskSpec]:
+        return list(self._specs.values())
+
     def schemas(self) -> Mapping[str, dict[str, Any]]:
         return {name: spec.args_schema() for name, spec in self._specs.items()}
 

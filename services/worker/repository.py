@@ -11,6 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.worker.sdk import TaskSpec
 from shared import deadletters, outbox
 from shared.groupcommit import GroupCommit
 from shared.ids import uuid7
@@ -120,13 +121,17 @@ class WorkerRepository:
         await self._claims.aclose()
         await self._successes.aclose()
 
-    async def register_types(self, schemas: Mapping[str, dict[str, Any]]) -> None:
+    async def register_types(self, specs: Sequence[TaskSpec]) -> None:
+        """The types this worker runs, with their args schema and the defaults the API
+        gives their tasks (``@task(max_attempts=..., timeout_s=...)``)."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.executemany(
-                "INSERT INTO task_types (name, args_schema) VALUES ($1, $2) "
-                "ON CONFLICT (name) DO UPDATE SET args_schema = EXCLUDED.args_schema, "
-                "registered_at = now()",
-                list(schemas.items()),
+                "INSERT INTO task_types (name, args_schema, max_attempts, timeout_s)"
+                " VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (name) DO UPDATE SET args_schema = EXCLUDED.args_schema,"
+                " max_attempts = EXCLUDED.max_attempts, timeout_s = EXCLUDED.timeout_s,"
+                " registered_at = now()",
+                [(s.name, s.args_schema(), s.max_attempts, s.timeout_s) for s in specs],
             )
 
     async def claim(self, message: TaskMessage, worker_id: str, lease_s: float) -> Claimed | None:

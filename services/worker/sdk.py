@@ -129,6 +129,11 @@ def task(
         model = hints.get(params[1], EmptyArgs)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"task {name!r}: annotate args with a pydantic model, not {model!r}")
+        # The ranges a request may set: the API gives these to requests that set none.
+        if max_attempts is not None and not 1 <= max_attempts <= 100:
+            raise TypeError(f"task {name!r}: max_attempts must be 1..100, not {max_attempts}")
+        if timeout_s is not None and not 0 < timeout_s <= 7 * 24 * 3600:
+            raise TypeError(f"task {name!r}: timeout_s must be > 0 and <= 7 days")
         spec = TaskSpec(name, fn, model, max_attempts, timeout_s, backoff)
         setattr(fn, SPEC_ATTRIBUTE, spec)
         return fn

@@ -136,6 +136,16 @@ async def test_failures_retries_and_user_task_module(
         http, url, tenant, {"type": "user.reverse", "args": {"text": "abc"}}
     )
     assert status == 202, user
+    # The type's @task(max_attempts=1, timeout_s=0.3) for a request that sets neither;
+    # a request's own values win.
+    _, strict, _ = await _post(http, url, tenant, {"type": "user.strict", "args": {"seconds": 30}})
+    _, lenient, _ = await _post(
+        http,
+        url,
+        tenant,
+        {"type": "user.strict", "args": {"seconds": 0.5}, "timeout_s": 10, "max_attempts": 3},
+    )
+    assert (user["max_attempts"], strict["max_attempts"], lenient["max_attempts"]) == (2, 1, 3)
 
     async def terminal(task_id: str) -> dict[str, Any] | None:
         async with http.get(f"{url}/{task_id}", headers=tenant.headers) as r:
@@ -152,6 +162,10 @@ async def test_failures_retries_and_user_task_module(
     assert timed_out["state"] == "failed" and timed_out["error"]["type"] == "timeout"
     done = await eventually(lambda: terminal(user["id"]), within=30, what="user.reverse")
     assert done["result"] == {"reversed": "cba", "attempt": 1}
+    cut = await eventually(lambda: terminal(strict["id"]), within=30, what="user.strict")
+    assert (cut["state"], cut["error"]["type"], cut["attempts"]) == ("failed", "timeout", 1)
+    slept = await eventually(lambda: terminal(lenient["id"]), within=30, what="user.strict")
+    assert (slept["state"], slept["result"]) == ("succeeded", {"slept": 0.5})
     # The user's args model is enforced by the API before anything is queued.
     status, problem, _ = await _post(http, url, tenant, {"type": "user.reverse", "args": {}})
     assert status == 422 and problem["errors"][0]["loc"][:2] == ["body", "args"]

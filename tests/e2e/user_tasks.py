@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import BaseModel, Field
 
 from services.worker.sdk import TaskContext, task
@@ -21,3 +23,14 @@ async def reverse(ctx: TaskContext, args: ReverseArgs) -> ReverseResult:
     """Reverses a string, reporting progress once, and returns a pydantic model."""
     await ctx.report_progress(0.5, "halfway", data={"length": len(args.text)})
     return ReverseResult(reversed=args.text[::-1], attempt=ctx.attempt)
+
+
+class NapArgs(BaseModel):
+    seconds: float = Field(ge=0, le=60)
+
+
+@task("user.strict", max_attempts=1, timeout_s=0.3)
+async def strict(ctx: TaskContext, args: NapArgs) -> dict[str, float]:
+    """Sleeps; past its type's timeout unless the request sets a longer one."""
+    await asyncio.sleep(args.seconds)
+    return {"slept": args.seconds}

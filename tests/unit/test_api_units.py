@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from aiormq.exceptions import AMQPConnectionError, DeliveryError
+from jsonschema import Draft202012Validator
 from pamqp.commands import Basic
 from pydantic import ValidationError
 
@@ -25,7 +26,7 @@ from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import Principal
 from services.api.routes import routes
-from services.api.tasktypes import TaskTypes
+from services.api.tasktypes import TaskTypeInfo, TaskTypes
 from services.api.views import task_document
 from shared import keys
 from shared.amqp import Outgoing, settled
@@ -368,7 +369,14 @@ class _SlowTypes:
     async def task_types(self) -> list[dict[str, Any]]:
         self.reads += 1
         await self.release.wait()
-        return [{"name": "demo.noop", "args_schema": {"type": "object"}}]
+        return [
+            {
+                "name": "demo.noop",
+                "args_schema": {"type": "object"},
+                "max_attempts": None,
+                "timeout_s": None,
+            }
+        ]
 
 
 async def test_requests_that_find_the_task_types_stale_share_one_read() -> None:
@@ -502,3 +510,17 @@ def test_a_task_document_is_the_contracts_task_object(row: dict[str, Any]) -> No
     )
     assert orjson.dumps(doc) == model.model_dump_json().encode()
     assert Task.model_validate(doc).model_dump(mode="json") == doc  # valid as the contract says
+
+
+def test_a_types_defaults_fill_only_what_the_request_left_unset() -> None:
+    info = TaskTypeInfo(
+        "x.t", {"type": "object"}, Draft202012Validator({}), max_attempts=1, timeout_s=0.5
+    )
+    bare = TaskRequest.model_validate({"type": "x.t"})
+    assert (info.defaults_for(bare).max_attempts, info.defaults_for(bare).timeout_s) == (1, 0.5)
+    own = TaskRequest.model_validate({"type": "x.t", "max_attempts": 5, "timeout_s": 600})
+    assert info.defaults_for(own) == own  # the request's values, even the contract's defaults
+    half = TaskRequest.model_validate({"type": "x.t", "timeout_s": 9})
+    assert (info.defaults_for(half).max_attempts, info.defaults_for(half).timeout_s) == (1, 9)
+    plain = TaskTypeInfo("x.t", {"type": "object"}, Draft202012Validator({}))
+    assert plain.defaults_for(bare) == bare

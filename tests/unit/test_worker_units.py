@@ -303,8 +303,28 @@ async def _one_param(ctx: TaskContext) -> None:
     return None
 
 
+async def _two_params(ctx: TaskContext, args: ResizeArgs) -> None:
+    return None
+
+
 async def _three_params(ctx: TaskContext, args: ResizeArgs, extra: int) -> None:
     return None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"max_attempts": 0}, "max_attempts must be 1..100"),
+        ({"max_attempts": 101}, "max_attempts must be 1..100"),
+        ({"timeout_s": 0}, "timeout_s must be > 0 and <= 7 days"),
+        ({"timeout_s": 8 * 24 * 3600}, "timeout_s must be > 0 and <= 7 days"),
+    ],
+)
+def test_task_refuses_defaults_no_request_could_set(kwargs: dict[str, Any], says: str) -> None:
+    """The type's defaults are given to requests as they are: out of a request's range,
+    the worker would register what the API must not insert."""
+    with pytest.raises(TypeError, match=says):
+        task("x.bounds", **kwargs)(_two_params)
 
 
 @pytest.mark.parametrize("handler", [_no_params, _one_param, _three_params])
