@@ -65,6 +65,21 @@ def _pg_url(database: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
 
+@contextlib.asynccontextmanager
+async def scratch_database(name: str, *, create: bool) -> AsyncIterator[str]:
+    """The URL of database ``name``, created empty (``create``) or left for the code
+    under test to create; dropped before and after, even when the test fails."""
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if create:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _pg_url(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
 async def deployment() -> AsyncIterator[Deployment]:
     run_id = new_run_id()

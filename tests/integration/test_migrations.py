@@ -10,20 +10,14 @@ import asyncpg
 import pytest
 
 from shared.db import migrate, migrations
-from tests.conftest import PG_ADMIN_URL, Deployment, _pg_url
+from tests.conftest import PG_ADMIN_URL, Deployment, scratch_database
 
 
 @pytest.fixture
 async def fresh_database(deployment: Deployment) -> AsyncIterator[str]:
     """A database name of this run that does not exist yet; dropped afterwards."""
-    name = f"{deployment.namespace}_mig"
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        yield _pg_url(name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(f"{deployment.namespace}_mig", create=False) as url:
+        yield url
 
 
 async def _check_concurrent(dsn: str) -> None:

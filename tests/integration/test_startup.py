@@ -8,13 +8,12 @@ import socket
 from collections.abc import AsyncIterator
 
 import aio_pika
-import asyncpg
 import pytest
 
 from shared import amqp
 from shared.db import migrations
 from shared.settings import CommonSettings
-from tests.conftest import PG_ADMIN_URL, ROOT_ENV, Deployment, _pg_url
+from tests.conftest import ROOT_ENV, Deployment, scratch_database
 from tests.support import ServiceProcess, run_cli, timeout
 
 
@@ -89,15 +88,8 @@ async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_co
 @pytest.fixture
 async def bare_database(deployment: Deployment) -> AsyncIterator[str]:
     """An existing database of this run that was never migrated; dropped afterwards."""
-    name = f"{deployment.namespace}_bare"
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _pg_url(name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(f"{deployment.namespace}_bare", create=True) as url:
+        yield url
 
 
 @pytest.mark.parametrize("service", ["api", "worker", "ws_gateway"])
