@@ -105,8 +105,7 @@ async def redrive(
     if task is None:
         # Either the task is still running or queued, or it was purged (retention).
         gone = await conn.fetchval(
-            "SELECT NOT EXISTS (SELECT 1 FROM tasks WHERE id = $1"
-            " AND ($2::uuid IS NULL OR tenant_id = $2))",
+            "SELECT NOT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2)",
             letter["task_id"],
             letter["tenant_id"],
         )

@@ -76,13 +76,11 @@ def next_attempt(row: Row, available_at: datetime | None = None) -> Scheduled:
     return Scheduled(message_of(row, row["attempts"] + 1), available_at)
 
 
-async def rerun(
-    conn: Connection, task_id: UUID, tenant_id: UUID | None, returning: str
-) -> Row | None:
-    """Queue a failed or cancelled task again as its next attempt (POST /retry, a dead
-    letter's redrive). ``tenant_id`` None: any tenant (the operator's CLI). Returns the
-    row (``returning`` columns, and MESSAGE_COLUMNS for the message) or None when the
-    task is not failed or cancelled."""
+async def rerun(conn: Connection, task_id: UUID, tenant_id: UUID, returning: str) -> Row | None:
+    """Queue a failed or cancelled task of ``tenant_id`` again as its next attempt (POST
+    /retry, a dead letter's redrive, the letter's tenant). Returns the row
+    (``returning`` columns, and MESSAGE_COLUMNS for the message) or None when the task
+    is not failed or cancelled."""
     row = await conn.fetchrow(
         f"""
         UPDATE tasks SET state = 'queued', result = NULL, error = NULL,
@@ -90,8 +88,7 @@ async def rerun(
             cancel_requested_at = NULL, next_attempt_at = NULL,
             max_attempts = greatest(max_attempts, attempts + 1),
             last_seq = last_seq + 1, updated_at = now()
-        WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
-          AND state IN ('failed', 'cancelled')
+        WHERE id = $1 AND tenant_id = $2 AND state IN ('failed', 'cancelled')
         RETURNING {returning}, {MESSAGE_COLUMNS}
         """,
         task_id,

@@ -385,7 +385,7 @@ async def _requeue_or_fail(
             error = ${n + 1}::jsonb, worker_id = NULL, lease_expires_at = NULL,
             last_seq = last_seq + 1, updated_at = now()
         WHERE {where}
-        RETURNING {EVENT_COLUMNS}, tenant_id, type
+        RETURNING {EVENT_COLUMNS}, {outbox.MESSAGE_COLUMNS}
         """,
         *args,
         error,
