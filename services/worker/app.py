@@ -99,7 +99,9 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             background.append(asyncio.create_task(relay.run(jobs_stop), name="outbox-relay"))
         background += [
             asyncio.create_task(
-                heartbeat(repo, runner, worker_id, settings.lease_s, jobs_stop),
+                heartbeat(
+                    repo, runner, worker_id, settings.lease_s, jobs_stop, types=registry.names()
+                ),
                 name="lease-heartbeat",
             ),
             asyncio.create_task(reaper(repo, events, settings.lease_s, jobs_stop), name="reaper"),
@@ -119,7 +121,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             "worker ready",
             extra={
                 "worker_id": worker_id,
-                "types": sorted(registry.schemas()),
+                "types": registry.names(),
                 "concurrency": settings.worker_concurrency,
             },
         )

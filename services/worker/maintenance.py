@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 
 from prometheus_client import Counter
 
@@ -29,13 +30,20 @@ _PURGE_BATCHES = 10
 
 
 async def heartbeat(
-    repo: WorkerRepository, runner: Runner, worker_id: str, lease_s: float, stop: asyncio.Event
+    repo: WorkerRepository,
+    runner: Runner,
+    worker_id: str,
+    lease_s: float,
+    stop: asyncio.Event,
+    types: Sequence[str] = (),
 ) -> None:
-    """Renew every running attempt's lease each third of the lease, in one statement."""
+    """Renew every running attempt's lease each third of the lease, in one statement,
+    and say this worker still runs ``types`` (workers lacking one pass its tasks on)."""
     while not await _wait(stop, lease_s / 3):
         ids = list(runner.running)
         try:
             cancel = await repo.renew_leases(ids, worker_id, lease_s)
+            await repo.touch_types(types)
         except TRANSIENT_ERRORS as exc:
             log.warning("lease renewal failed", extra={"error": repr(exc)})
             continue

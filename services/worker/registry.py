@@ -42,6 +42,9 @@ class Registry:
     def get(self, name: str) -> TaskSpec | None:
         return self._specs.get(name)
 
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
     def specs(self) -> list[TaskSpec]:
         return list(self._specs.values())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -126,13 +127,45 @@ class WorkerRepository:
         gives their tasks (``@task(max_attempts=..., timeout_s=...)``)."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.executemany(
-                "INSERT INTO task_types (name, args_schema, max_attempts, timeout_s)"
-                " VALUES ($1, $2, $3, $4)"
+                "INSERT INTO task_types (name, args_schema, max_attempts, timeout_s, seen_at)"
+                " VALUES ($1, $2, $3, $4, now())"
                 " ON CONFLICT (name) DO UPDATE SET args_schema = EXCLUDED.args_schema,"
                 " max_attempts = EXCLUDED.max_attempts, timeout_s = EXCLUDED.timeout_s,"
-                " registered_at = now()",
+                " registered_at = now(), seen_at = now()",
                 [(s.name, s.args_schema(), s.max_attempts, s.timeout_s) for s in specs],
             )
+
+    async def touch_types(self, names: Sequence[str]) -> None:
+        """Say this worker still runs these types (see pass_on)."""
+        await self._execute(
+            "UPDATE task_types SET seen_at = now() WHERE name = ANY($1::text[])", list(names)
+        )
+
+    async def pass_on(self, message: TaskMessage, seen_within_s: float, delay_s: float) -> bool:
+        """For a message of a type this worker lacks: when another worker said it runs
+        the type within ``seen_within_s`` and the task still waits for this attempt,
+        publish the same message again in ``delay_s`` (the outbox) and return True. The
+        attempt is not used up: no handler ran."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            waiting = await conn.fetchval(
+                """
+                SELECT t.id FROM tasks t JOIN task_types tt ON tt.name = t.type
+                WHERE t.id = $1 AND t.tenant_id = $2 AND t.type = $3
+                  AND t.state IN ('queued', 'retrying') AND t.attempts = $4 - 1
+                  AND tt.seen_at > now() - make_interval(secs => $5)
+                FOR UPDATE OF t
+                """,
+                message.task_id,
+                message.tenant_id,
+                message.type,
+                message.attempt,
+                seen_within_s,
+            )
+            if waiting is None:
+                return False
+            later = datetime.now(UTC) + timedelta(seconds=delay_s)
+            await outbox.enqueue(conn, [outbox.Scheduled(message, later)])
+            return True
 
     async def claim(self, message: TaskMessage, worker_id: str, lease_s: float) -> Claimed | None:
         """Start ``message.attempt`` if the task is waiting for exactly that attempt.

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
+from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from services.worker.progress import ProgressReporter, StartEvent
@@ -36,6 +37,14 @@ from shared.taskrows import Row, event_from_row, previous_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+PASSED_ON = Counter(
+    "longhaul_worker_passed_on_total",
+    "Messages of a type this worker lacks, published again for a worker that runs it",
+)
+# A message of a type this worker lacks goes back to the queue this much later: the
+# broker may give it to this worker again, and each turn costs a transaction.
+PASS_ON_DELAY_S = 1.0
 
 
 class StopReason(enum.Enum):
@@ -265,7 +274,15 @@ class Runner:
     async def _unknown_type(
         self, message: TaskMessage, body: bytes, headers: Mapping[str, Any]
     ) -> None:
-        """No handler here: fail the task (it must end) and keep the message to redrive."""
+        """No handler here. While another worker runs the type (it said so within a
+        lease: a rolling deploy that adds a type), pass the message on to it. Otherwise
+        fail the task (it must end) and keep the message to redrive."""
+        if await self._db(
+            lambda: self._repo.pass_on(message, self._settings.lease_s, PASS_ON_DELAY_S)
+        ):
+            PASSED_ON.inc()
+            log.info("passed on: another worker runs this type", extra={"type": message.type})
+            return
         claimed = await self._db(
             lambda: self._repo.claim(message, self._worker_id, self._settings.lease_s)
         )
