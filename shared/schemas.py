@@ -87,8 +87,19 @@ class TaskRequest(_Strict):
     type: TaskType
     args: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=0, ge=0, le=9)
-    max_attempts: int = Field(default=5, ge=1, le=100)
-    timeout_s: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="When absent: the type's own (`@task(max_attempts=...)`), else 5.",
+    )
+    timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Seconds per attempt. When absent: the type's own"
+        " (`@task(timeout_s=...)`), else 600.",
+    )
     delay_s: float = Field(default=0.0, ge=0, le=30 * 24 * 3600)
     # Overrides the retry backoff of the task's type and of the worker (an addition to
     # the contract's request).
