@@ -35,8 +35,9 @@ from services.ws_gateway.settings import GatewaySettings
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import Sweeper
 from shared import wstokens
-from shared.db import ANY_PG_ERROR, create_pool, require_schema
+from shared.db import create_pool, require_schema
 from shared.errors import StartTimeout
+from shared.health import readiness
 from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
 from shared.wire import Wire
@@ -213,25 +214,23 @@ class Gateway:
             return None
 
     async def _readyz(self) -> Response:
+        """The same body as the other services' (shared.health), and the hub's own
+        subscription to Redis: without it no live event reaches a client."""
         assert self._redis is not None and self._deps is not None
-        checks: dict[str, str] = {}
-        try:
-            async with asyncio.timeout(self.settings.io_timeout_s):
-                await self._redis.ping()
-            checks["redis"] = "ok"
-        except (RedisError, OSError, TimeoutError) as exc:
-            checks["redis"] = f"unreachable: {type(exc).__name__}"
-        try:
-            await self._deps.repository.ping()
-            checks["postgres"] = "ok"
-        except ANY_PG_ERROR as exc:
-            checks["postgres"] = f"unreachable: {type(exc).__name__}"
-        hub_ok = self.hub is not None and self.hub.connected.is_set()
-        checks["redis_pubsub"] = "ok" if hub_ok else "resubscribing"
-        ok = all(v == "ok" for v in checks.values())
-        return json_response(
-            200 if ok else 503, {"status": "ok" if ok else "unavailable", "checks": checks}
+
+        async def pubsub() -> None:
+            if self.hub is None or not self.hub.connected.is_set():
+                raise ConnectionError("resubscribing")
+
+        ok, body = await readiness(
+            {
+                "postgresql": self._deps.repository.ping,
+                "redis": self._redis.ping,
+                "redis_pubsub": pubsub,
+            },
+            self.settings.io_timeout_s,
         )
+        return json_response(200 if ok else 503, body)
 
     # ------------------------------------------------------------------ SSE
 

@@ -30,16 +30,22 @@ from tests.integration.test_gateway_ws import (
 from tests.support import eventually, free_port, private_redis, redis_up, running, timeout
 
 
-async def http_ok(port: int, path: str = "/healthz") -> bool:
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """Status and body of a plain GET to the gateway; status 0 when nothing listens."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
-        return False
+        return 0, b""
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
-    head = await reader.read()
+    raw = await reader.read()
     writer.close()
-    return head.startswith(b"HTTP/1.1 200")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def http_ok(port: int, path: str = "/healthz") -> bool:
+    return (await http_get(port, path))[0] == 200
 
 
 async def test_kill9_and_restart_resumes_without_gap(
@@ -131,6 +137,10 @@ async def test_subscription_survives_redis_restart(
                 await eventually(
                     until(lambda: not gw.hub.connected.is_set()), what="hub notices Redis is gone"
                 )
+                status, body = await http_get(gw.port, "/readyz")
+                deps = json.loads(body)["dependencies"]
+                assert status == 503 and deps["postgresql"] == "ok", body
+                assert deps["redis"].startswith("down") and deps["redis_pubsub"].startswith("down")
                 # Committed while Redis is down: the event itself is lost.
                 await writer.step(2, emit=False)
                 with private_redis(port):
@@ -140,6 +150,7 @@ async def test_subscription_survives_redis_restart(
                         within=timeout(20),
                         what="hub resubscribed",
                     )
+                    await eventually(lambda: http_ok(gw.port, "/readyz"), what="ready again")
                     got += await recv_until_seq(ws, task_id, 2)
                     for seq in range(3, 6):
                         await writer.step(seq)

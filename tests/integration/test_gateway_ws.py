@@ -516,10 +516,9 @@ async def test_health_ready_and_metrics(
             head, _, body = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200"), head
             bodies[path] = body
-    assert json.loads(bodies["/readyz"])["checks"] == {
-        "redis": "ok",
-        "postgres": "ok",
-        "redis_pubsub": "ok",
+    assert json.loads(bodies["/readyz"]) == {
+        "status": "ok",
+        "dependencies": {"redis": "ok", "postgresql": "ok", "redis_pubsub": "ok"},
     }
     assert b"longhaul_gateway_connections" in bodies["/metrics"]
 
