@@ -5,6 +5,7 @@ every validator) again."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from jsonschema.exceptions import SchemaError
 from services.api.repository import ApiRepository
 from shared.schemas import ProblemError, TaskRequest
 from shared.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,16 @@ class TaskTypes:
         for row in await self._repo.task_types():
             schema = row["args_schema"]
             try:
-                validator = Draft202012Validator(schema)
-            except SchemaError:
-                continue  # a worker registered a schema we cannot read: admit no args
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as exc:
+                # Not one a worker's @task makes (pydantic's are valid): the type is
+                # refused as unknown rather than admitted unchecked.
+                log.warning(
+                    "task type has an invalid args schema; refusing it",
+                    extra={"type": row["name"], "error": exc.message},
+                )
+                continue
+            validator = Draft202012Validator(schema)
             types[row["name"]] = TaskTypeInfo(
                 row["name"], schema, validator, row["max_attempts"], row["timeout_s"]
             )

@@ -392,6 +392,27 @@ async def test_requests_that_find_the_task_types_stale_share_one_read() -> None:
     assert all(info is not None for info in found)
 
 
+class _Types:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    async def task_types(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+async def test_a_type_with_an_invalid_args_schema_is_refused_not_admitted_unchecked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def row(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "args_schema": schema, "max_attempts": None, "timeout_s": None}
+
+    rows = [row("ok.type", {"type": "object"}), row("bad.type", {"type": 12})]
+    types = TaskTypes(_Types(rows), refresh_s=60)  # type: ignore[arg-type]
+    assert (await types.get("ok.type")) is not None
+    assert (await types.get("bad.type")) is None
+    assert any(getattr(r, "type", None) == "bad.type" for r in caplog.records)
+
+
 class _NoChannel:
     """A robust connection while the broker is away: opening a channel fails."""
 
