@@ -48,6 +48,10 @@ WS_PATH = "/v1/ws"
 _SSE_PATH = re.compile(r"^/v1/tasks/([^/]+)/events$")
 
 
+_REFUSED_401 = "missing, invalid, expired or already used token"
+_STORE_DOWN_503 = "the token store is unavailable; try again"
+
+
 class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -193,10 +197,14 @@ class Gateway:
         except Refused as exc:
             self.metrics.refused.labels(reason="capacity").inc()
             return problem(503, exc.message, {"Retry-After": "5"})
-        tenant_id = await self._consume_token(query.get("token", [""])[0])
+        try:
+            tenant_id = await self._consume_token(query.get("token", [""])[0])
+        except DependencyDown:
+            self.metrics.refused.labels(reason="dependency").inc()
+            return problem(503, _STORE_DOWN_503, {"Retry-After": "1"})
         if tenant_id is None:
             self.metrics.refused.labels(reason="token").inc()
-            return problem(401, "missing, invalid, expired or already used token")
+            return problem(401, _REFUSED_401)
         try:
             self.registry.check_room(tenant_id)
         except Refused as exc:
@@ -206,12 +214,15 @@ class Gateway:
         return None
 
     async def _consume_token(self, token: str) -> UUID | None:
+        """The token's tenant, or None for a bad, expired or used token. Raises
+        DependencyDown when Redis cannot tell: a client must not take an outage for a
+        refusal of its token."""
         assert self._redis is not None
         try:
             return await wstokens.consume(self._redis, self.wire, token)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("token check failed: Redis unavailable", extra={"error": repr(exc)})
-            return None
+            raise DependencyDown(f"Redis: {exc!r}") from exc
 
     async def _readyz(self) -> Response:
         """The same body as the other services' (shared.health), and the hub's own
@@ -243,11 +254,19 @@ class Gateway:
         ):
             return problem(403, "origin not allowed")
         cors = {"Access-Control-Allow-Origin": origin} if origin else {}
+        try:
+            # As for a WebSocket: the process's cap before the token is spent.
+            self.registry.check_room()
+        except Refused as exc:
+            return problem(503, exc.message, {**cors, "Retry-After": "5"})
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
-        tenant_id = await self._consume_token(token)
+        try:
+            tenant_id = await self._consume_token(token)
+        except DependencyDown:
+            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
         if tenant_id is None:
-            return problem(401, "missing, invalid, expired or already used token", cors)
+            return problem(401, _REFUSED_401, cors)
         after = sse.parse_last_event_id(
             request.headers.get("Last-Event-ID"), query.get("last_event_id", [None])[0]
         )

@@ -27,7 +27,9 @@ def parse_allowed_origins(value: str) -> tuple[re.Pattern[str], ...]:
         regex = "".join(
             _WILD if part == "*" else re.escape(part) for part in re.split(r"(\*)", entry.lower())
         )
-        patterns.append(re.compile(f"^{regex}$"))
+        # Case-insensitive (scheme and host are): websockets' own check of the raw
+        # header uses these patterns too, after ours has let the token be spent.
+        patterns.append(re.compile(f"^{regex}$", re.IGNORECASE))
     return tuple(patterns)
 
 
@@ -36,6 +38,5 @@ def origin_allowed(
 ) -> bool:
     if origin is None:
         return allow_missing
-    # Origins are case-insensitive in scheme and host; browsers send them lowercase.
-    candidate = origin.strip().lower()
+    candidate = origin.strip()
     return any(p.match(candidate) for p in allowed)

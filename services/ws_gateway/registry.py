@@ -38,7 +38,8 @@ class Registry(Generic[C]):
         """Raise Refused when one more connection (of this tenant) is over a cap."""
         if len(self._tenant_of) >= self._max_connections:
             raise Refused("too_many_connections", "the gateway is at its connection limit")
-        if tenant_id is not None and self._per_tenant[tenant_id] >= self._max_per_tenant:
+        # get(), not []: a check must not leave a zero entry for a handshake that fails.
+        if tenant_id is not None and self._per_tenant.get(tenant_id, 0) >= self._max_per_tenant:
             raise Refused("too_many_connections", "this tenant is at its connection limit")
 
     def open(self, conn: C, tenant_id: UUID) -> None:

@@ -144,8 +144,10 @@ class Catcher:
             return CatchUp(_contiguous(stream, delivered))
         if row["last_seq"] < 1:
             return CatchUp([])  # a task with no event yet has nothing to show
+        # Only the tail missing: the retained events before it still go, with their data.
+        before = _contiguous(stream, delivered) if plan.tail_missing else []
         snapshot = event_from_row(row, snapshot=True)
-        return CatchUp([snapshot, *_contiguous(stream, snapshot.seq)])
+        return CatchUp([*before, snapshot, *_contiguous(stream, snapshot.seq)])
 
 
 def _contiguous(stream: list[ProgressEvent], after: int) -> list[ProgressEvent]:
@@ -174,7 +176,8 @@ class Session:
         self._pending = 0  # items queued or being processed: while any, no direct send
         self._ops_room: asyncio.Semaphore | None = None
         self._cursors: dict[UUID, int] = {}
-        self._rechecks: dict[UUID, asyncio.TimerHandle] = {}
+        # Per task, the pending recheck and the row's seq it checks for.
+        self._rechecks: dict[UUID, tuple[asyncio.TimerHandle, int]] = {}
         # An idle connection (most of them) costs no task of its own: the handler's task
         # reads, the worker starts with the first item, and falling behind or failing
         # cancels the read instead of a task of its own waiting for it.
@@ -266,7 +269,7 @@ class Session:
             pass  # the client went away mid-frame
         finally:
             self._reading = None
-            for timer in self._rechecks.values():
+            for timer, _ in self._rechecks.values():
                 timer.cancel()
             self._rechecks.clear()
             if self._worker is not None:
@@ -323,7 +326,8 @@ class Session:
             for task_id in list(self._cursors):
                 await self._catch_up(task_id)
         elif isinstance(item, Recheck):
-            self._rechecks.pop(item.task_id, None)
+            if (pending := self._rechecks.get(item.task_id)) and pending[1] == item.last_seq:
+                del self._rechecks[item.task_id]
             if self.behind(item.task_id, item.last_seq):
                 await self._catch_up(item.task_id, tail=Tail.SNAPSHOT)
         elif isinstance(item, Behind):
@@ -335,8 +339,8 @@ class Session:
         elif isinstance(item, frames.Unsubscribe):
             self._deps.registry.unsubscribe(self, item.task_id)
             self._cursors.pop(item.task_id, None)
-            if (timer := self._rechecks.pop(item.task_id, None)) is not None:
-                timer.cancel()
+            if (pending := self._rechecks.pop(item.task_id, None)) is not None:
+                pending[0].cancel()
         else:
             await self.ws.send(frames.error_frame("bad_request", item.message, item.task_id))
 
@@ -385,13 +389,18 @@ class Session:
         caught = await self._catcher.events(task_id, delivered, row, tail)
         for event in caught.events:
             await self._send(event, "snapshot" if event.snapshot else "replay")
-        if caught.recheck and task_id not in self._rechecks:
+        last_seq = int(row["last_seq"])
+        pending = self._rechecks.get(task_id)
+        if caught.recheck and (pending is None or pending[1] < last_seq):
             # The live event will most likely fill the tail meanwhile; if not, the
-            # recheck sends the row as a snapshot.
-            recheck = Recheck(task_id, int(row["last_seq"]))
-            self._rechecks[task_id] = asyncio.get_running_loop().call_later(
-                self._deps.snapshot_grace_s, self.offer, recheck
+            # recheck sends the row as a snapshot. One pending for an older seq would
+            # find nothing missing and leave the newer tail to the sweep: replaced.
+            if pending is not None:
+                pending[0].cancel()
+            timer = asyncio.get_running_loop().call_later(
+                self._deps.snapshot_grace_s, self.offer, Recheck(task_id, last_seq)
             )
+            self._rechecks[task_id] = (timer, last_seq)
 
     async def _send(self, event: ProgressEvent, source: str) -> None:
         frame = self._deps.frame_cache.frame(event)

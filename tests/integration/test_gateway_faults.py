@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.ws_gateway.app import Gateway
 from shared import wstokens
@@ -137,6 +137,14 @@ async def test_subscription_survives_redis_restart(
                 await eventually(
                     until(lambda: not gw.hub.connected.is_set()), what="hub notices Redis is gone"
                 )
+                # Redis cannot tell whether a token is good: try again, not 401.
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token=any"):
+                        pass
+                assert refused.value.response.status_code == 503
+                assert refused.value.response.headers["Retry-After"] == "1"
+                status, _ = await http_get(gw.port, f"/v1/tasks/{task_id}/events?token=any")
+                assert status == 503
                 status, body = await http_get(gw.port, "/readyz")
                 deps = json.loads(body)["dependencies"]
                 assert status == 503 and deps["postgresql"] == "ok", body

@@ -252,6 +252,73 @@ async def test_snapshot_when_stream_lost_events(
     assert nxt["seq"] == 5 and "snapshot" not in nxt
 
 
+@pytest.mark.parametrize("transport", ["websocket, no grace", "sse"])
+async def test_a_lost_tail_keeps_the_retained_events_before_its_snapshot(
+    deployment: Deployment,
+    db: asyncpg.Pool,
+    tenant: Tenant,
+    redis: Redis,
+    sink: EventSink,
+    transport: str,
+) -> None:
+    """Events 4 and 5 were committed and never reached Redis: a client after seq 1
+    still gets 2 and 3 from the stream, with their data, then the row as a snapshot."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in (1, 2, 3):
+        await writer.step(seq, data={"chunk": seq})
+    for seq in (4, 5):
+        await writer.step(seq, emit=False)
+    async with gateway(deployment, snapshot_grace_s=0, subscription_check_s=60) as gw:
+        if transport == "sse":
+            token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+            path = f"/v1/tasks/{task_id}/events?token={token}"
+            status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"})
+            assert status == 200, body
+            got = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+        else:
+            async with await ws_connect(gw, redis, tenant) as ws:
+                await ws.send(
+                    json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 1})
+                )
+                got = await recv_until_seq(ws, task_id, 5)
+    assert [(f["seq"], f.get("snapshot", False), f["data"]) for f in got] == [
+        (2, False, {"chunk": 2}),
+        (3, False, {"chunk": 3}),
+        (5, True, None),
+    ]
+
+
+async def test_a_newer_lost_tail_is_rechecked_though_an_older_recheck_was_pending(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A subscribe finds event 2 late (a recheck for seq 2 is set); 2 arrives. Then 3
+    never reaches Redis and the terminal 4 is only announced: the catch-up that gap
+    starts must get its own recheck, which sends the row within the grace, rather
+    than leave it to the sweep (a minute here)."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    late = await writer.step(2, emit=False)
+    async with (
+        gateway(deployment, snapshot_grace_s=0.5, subscription_check_s=60) as gw,
+        await ws_connect(gw, redis, tenant) as ws,
+    ):
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+        got = await recv_until_seq(ws, task_id, 1)
+        await sink.emit([late])
+        got += await recv_until_seq(ws, task_id, 2)
+        await writer.step(3, emit=False)
+        await sink.announce(await writer.step(4, TaskState.SUCCEEDED, emit=False))
+        got += await recv_until_seq(ws, task_id, 4, within=5)
+    assert [(f["seq"], f.get("snapshot", False)) for f in got] == [
+        (1, False),
+        (2, False),
+        (4, True),
+    ]
+    assert got[-1]["state"] == "succeeded"
+
+
 async def test_backfill_goes_to_the_stream_only(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
@@ -469,7 +536,8 @@ async def test_foreign_origin_gets_403_and_keeps_the_token(
         url = f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}"
         await expect_status(url, 403, origin="https://evil.example")
         await expect_status(url, 403, origin="http://localhost.evil.example:8000")
-        async with connect(url, origin="http://localhost:5173") as ws:
+        # Upper case passes both checks (ours, and websockets' on the raw header).
+        async with connect(url, origin="http://LOCALHOST:5173") as ws:
             assert ws.protocol.state.name == "OPEN"
 
 
@@ -487,6 +555,25 @@ async def test_no_origin_gets_403_on_sse_too_when_missing_origins_are_refused(
         path = f"/v1/tasks/{task_id}/events?token={token}"
         assert (await sse_get(gw.port, path, {}))[0] == 403
         status, body = await sse_get(gw.port, path, {"Origin": "http://localhost:5173"})
+    assert status == 200 and "id: 1\n" in body
+
+
+async def test_sse_at_the_process_cap_is_503_and_keeps_the_token(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """As for a WebSocket: the gateway being full is a 503 (another gateway may take
+    it), checked before the token is spent."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    async with gateway(deployment, max_connections=1) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = f"/v1/tasks/{task_id}/events?token={token}"
+        async with await ws_connect(gw, redis, tenant):
+            await eventually(until(lambda: gw.registry.connection_count == 1))
+            status, body = await sse_get(gw.port, path, {})
+            assert status == 503 and "connection limit" in body, body
+        await eventually(until(lambda: gw.registry.connection_count == 0))
+        status, body = await sse_get(gw.port, path, {})
     assert status == 200 and "id: 1\n" in body
 
 

@@ -186,6 +186,15 @@ def test_missing_origin_follows_the_setting() -> None:
     assert not origin_allowed(None, allowed, allow_missing=False)
 
 
+def test_allowed_patterns_match_any_case_as_websockets_applies_them() -> None:
+    """websockets checks the raw Origin header against the same patterns after ours
+    has let the token be spent: they must agree on case (scheme and host have none)."""
+    allowed = parse_allowed_origins("https://App.Example.com,http://localhost:*")
+    for origin in ("https://app.example.com", "HTTPS://APP.EXAMPLE.COM", "http://LocalHost:3000"):
+        assert any(p.fullmatch(origin) for p in allowed), origin
+        assert origin_allowed(origin, allowed, allow_missing=False), origin
+
+
 def test_wildcard_is_one_label() -> None:
     """'*' stands for one host label, not for dots or another domain."""
     allowed = parse_allowed_origins("https://*.example.com")
@@ -237,6 +246,14 @@ def test_registry_caps() -> None:
     with pytest.raises(Refused) as info:
         reg.subscribe("b1", T2)
     assert info.value.code == "too_many_subscriptions"
+
+
+def test_a_room_check_for_a_tenant_leaves_nothing_behind() -> None:
+    """A handshake checked and then failed (a plain GET with a token) keeps no entry."""
+    reg: Registry[str] = Registry(max_connections=3, max_per_tenant=2, max_subscriptions=1)
+    for _ in range(3):
+        reg.check_room(A)
+    assert not reg._per_tenant
 
 
 def test_frame_cache_serves_an_equal_event_and_tells_snapshots_apart() -> None:
