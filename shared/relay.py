@@ -292,6 +292,10 @@ class OutboxRelay:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:
+                # Nothing left to refuse: what the broker refused went out through
+                # another relay, or was handed back. Kept set, it refused every submit
+                # here for good (only a full publish of ours cleared it).
+                self._set_refusing(False)
                 return 0
             await self._failpoints.hit("relay.before_publish")
             result = await self._publisher.publish(

@@ -172,6 +172,12 @@ async def test_broker_refusing_publishes_gets_503_and_nothing_accepted_is_lost(
     ids = await db.fetch("SELECT id FROM tasks WHERE tenant_id = $1", tenant.id)
     await outbox_emptied(db, [r["id"] for r in ids])
 
+    # Drained (by whichever relay published the refused rows): admitting again.
+    async def admitted() -> bool:
+        return (await _submit(http, url, tenant, {"type": "demo.noop"}))[0] == 202
+
+    await eventually(admitted, within=30, interval=0.5, what="the API to admit tasks again")
+
 
 # ---------------------------------------------------------------- a dependency down
 
