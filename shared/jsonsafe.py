@@ -1,5 +1,7 @@
-"""What JSON PostgreSQL cannot store: a NUL character in any string (jsonb and text
-refuse it). Pure."""
+"""What JSON the services cannot keep: a NUL character in any string (PostgreSQL's jsonb
+and text refuse it), and nesting deeper than a task document can be written back (orjson
+writes at most 254 levels, and a task's args sit a few levels down in every answer).
+Pure."""
 
 from __future__ import annotations
 
@@ -21,3 +23,21 @@ def nul_path(value: Any, loc: list[str | int]) -> list[str | int] | None:
             if (found := nul_path(item, [*loc, index])) is not None:
                 return found
     return None
+
+
+MAX_DEPTH = 64
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels. Iterative: a body
+    nested a thousand levels must not exhaust the stack."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from services.api.problems import ProblemException, validation_problem
-from shared.jsonsafe import nul_path
+from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
 from shared.schemas import TASK_TYPE_PATTERN, ProblemError, TaskRequest, TaskState
 
 M = TypeVar("M", bound=BaseModel)
@@ -26,8 +26,8 @@ _TYPE_RE = re.compile(TASK_TYPE_PATTERN)
 
 async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless it says application/json, 413 if too large, 400 if
-    not JSON, 422 if it holds a NUL character (valid JSON, but PostgreSQL cannot store
-    it). aiohttp enforces the size limit (client_max_size) while reading."""
+    not JSON, 422 if it nests deeper than MAX_DEPTH or holds a NUL character (valid JSON,
+    but not JSON we can keep and answer with). aiohttp enforces the size limit (client_max_size) while reading."""
     if request.content_type != "application/json":
         raise ProblemException(
             415,
@@ -42,6 +42,15 @@ async def read_json(request: web.Request) -> Any:
         raise ProblemException(
             400, "Bad Request", f"the body is not valid JSON: {exc}", slug="invalid-json"
         ) from None
+    # Counting brackets is cheap and bounds the depth: most bodies skip the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and deeper_than(data, MAX_DEPTH):
+        raise ProblemException(
+            422,
+            "Invalid request",
+            f"the body nests arrays and objects more than {MAX_DEPTH} levels deep",
+            slug="validation",
+            errors=[ProblemError(loc=["body"], msg=f"nested more than {MAX_DEPTH} levels")],
+        )
     # Only an escaped NUL can be in valid JSON: most bodies skip the walk.
     if b"\\u0000" in raw and (where := nul_path(data, ["body"])) is not None:
         raise ProblemException(

@@ -77,6 +77,24 @@ async def test_api_size_and_count_limits(
         assert status == expected, (path, status, body[:300])
         assert headers["Content-Type"].startswith("application/problem+json"), path
         assert orjson.loads(body)["status"] == expected
+
+    # Deep nesting that is valid JSON: a recursive walk, an idempotency fingerprint or
+    # the answer (args sit a few levels down in it) failed past their own limits.
+    def nested(depth: int, leaf: Any) -> Any:
+        for _ in range(depth):
+            leaf = [leaf]
+        return leaf
+
+    for depth, leaf, extra in (
+        (990, "\x00", {}),
+        (260, 1, {"Idempotency-Key": "deep-1"}),
+        (65, 1, {}),
+    ):
+        body_ = {"type": "demo.fail", "args": {"message": nested(depth, leaf)}}
+        status, body, _ = await request(
+            http, "POST", f"{base}/v1/tasks", json=body_, headers={**tenant.headers, **extra}
+        )
+        assert status == 422 and b"nests arrays and objects" in body, (depth, status, body[:300])
     status, body, _ = await request(
         http, "GET", f"{base}/v1/tasks", headers={**tenant.headers, "X-Junk": "j" * 20_000}
     )

@@ -31,7 +31,7 @@ from services.api.views import task_document
 from shared import keys
 from shared.amqp import Outgoing, settled
 from shared.ids import uuid7
-from shared.jsonsafe import nul_path
+from shared.jsonsafe import deeper_than, nul_path
 from shared.schemas import Task, TaskError, TaskLinks, TaskRequest
 from shared.wire import Wire
 
@@ -294,6 +294,16 @@ def test_path_id_parsing() -> None:
         rq.path_id(bad)
     assert info.value.problem.status == 404
     assert isinstance(value, UUID)
+
+
+def test_deeper_than_counts_arrays_and_objects_without_recursing() -> None:
+    deep: Any = 1
+    for _ in range(100_000):  # far past the interpreter's recursion limit
+        deep = [deep]
+    assert deeper_than(deep, 64)
+    assert not deeper_than({"a": [{"b": [1]}]}, 4)
+    assert deeper_than({"a": [{"b": [1]}]}, 3)
+    assert not deeper_than("scalar", 0)
 
 
 def test_nul_path_finds_nul_in_strings_keys_and_lists() -> None:
