@@ -66,7 +66,9 @@ async def create_pool(
             init=_init_connection,
             reset=_keep_session,
             timeout=timeout,
-            command_timeout=timeout,
+            # The server's statement_timeout fires first (QueryCanceledError, the
+            # connection fine); ours is for a server that stopped answering at all.
+            command_timeout=timeout + 1.0,
             server_settings=settings,
         )
     except ANY_PG_ERROR as exc:
@@ -205,7 +207,7 @@ async def _record(conn: asyncpg.Connection, migration: Migration) -> None:
     )
 
 
-# Errors that mean "PostgreSQL is unreachable or restarting", worth retrying; any other
+# Errors that mean "PostgreSQL is unreachable, restarting or too slow", worth retrying; any other
 # PostgresError is a bug or a constraint and is raised at once.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -216,6 +218,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.InternalClientError,
+    # statement_timeout fired (a lock held, an overloaded server): slow, not wrong.
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
 )
 # Everything PostgreSQL may answer while it is away or restarting, or with any error:
 # for callers that carry on without the answer. asyncpg's InterfaceError ("connection

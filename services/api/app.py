@@ -73,7 +73,7 @@ async def dependency_middleware(request: web.Request, handler: Handler) -> web.S
         raise ProblemException(
             503,
             "Service Unavailable",
-            "the database is unreachable",
+            "the database is unreachable or too slow",
             slug="database-unavailable",
             headers={"Retry-After": "5"},
         ) from None

@@ -9,6 +9,7 @@ import asyncio
 import time
 from dataclasses import replace
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import asyncpg
@@ -180,6 +181,28 @@ async def test_broker_refusing_publishes_gets_503_and_nothing_accepted_is_lost(
 
 
 # ---------------------------------------------------------------- a dependency down
+
+
+async def test_a_statement_past_its_timeout_is_503_not_500(
+    fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """A row held by a long transaction makes the cancel's UPDATE wait past the
+    statement timeout: the database is too slow, which is a 503 like it being away."""
+    system = systems(fresh_namespace, io_timeout_s="1")
+    await system.start_api(rate_limit_per_s="0")
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks"
+    status, task, _, _ = await _submit(http, url, tenant, {"type": "demo.noop", "delay_s": 3600})
+    assert status == 202, task
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", UUID(task["id"]))
+        status, payload, headers, _ = await _submit(
+            http, f"{url}/{task['id']}/cancel", tenant, None
+        )
+    assert status == 503, payload
+    _assert_polite_503(payload, headers)
+    status, payload, _, _ = await _submit(http, f"{url}/{task['id']}/cancel", tenant, None)
+    assert status in (200, 202) and payload["state"] == "cancelled", payload
 
 
 async def test_redis_down_answers_503_for_tokens_and_keeps_accepting_tasks(
