@@ -252,32 +252,38 @@ class ApiRepository:
         ("requested", row) for a running one (its worker is told), ("terminal", row) or
         ("missing", None)."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"""
-                UPDATE tasks SET state = 'cancelled', finished_at = now(), next_attempt_at = NULL,
-                    last_seq = last_seq + 1, updated_at = now()
-                WHERE id = $1 AND tenant_id = $2 AND state IN ('queued', 'retrying')
-                RETURNING {TASK_COLUMNS}
-                """,
+            # Locked first, then decided on: with an UPDATE per state, a worker moving
+            # the task between them (running to retrying) left it matching neither,
+            # and a live task was answered "already retrying" with a 409.
+            state = await conn.fetchval(
+                "SELECT state FROM tasks WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
                 task_id,
                 tenant_id,
             )
-            if row is not None:
+            if state is None:
+                return "missing", None
+            if state in ("queued", "retrying"):
+                row = await conn.fetchrow(
+                    f"""
+                    UPDATE tasks SET state = 'cancelled', finished_at = now(),
+                        next_attempt_at = NULL, last_seq = last_seq + 1, updated_at = now()
+                    WHERE id = $1 RETURNING {TASK_COLUMNS}
+                    """,
+                    task_id,
+                )
                 await conn.execute("DELETE FROM outbox WHERE task_id = $1", task_id)
                 return "cancelled", row
-            row = await conn.fetchrow(
-                f"""
-                UPDATE tasks SET cancel_requested_at = coalesce(cancel_requested_at, now())
-                WHERE id = $1 AND tenant_id = $2 AND state = 'running'
-                RETURNING {TASK_COLUMNS}
-                """,
-                task_id,
-                tenant_id,
-            )
-            if row is not None:
+            if state == "running":
+                row = await conn.fetchrow(
+                    f"""
+                    UPDATE tasks SET cancel_requested_at = coalesce(cancel_requested_at, now())
+                    WHERE id = $1 RETURNING {TASK_COLUMNS}
+                    """,
+                    task_id,
+                )
                 return "requested", row
-        current = await self.get(tenant_id, task_id)
-        return ("terminal", current) if current is not None else ("missing", None)
+            row = await conn.fetchrow(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1", task_id)
+            return "terminal", row
 
     async def retry(self, tenant_id: UUID, task_id: UUID) -> tuple[str, Row | None]:
         """Run a failed or cancelled task again as its next attempt. Returns ("queued",

@@ -408,14 +408,19 @@ async def _requeue_or_fail(
     conn: Connection, where: str, args: tuple[Any, ...], error: dict[str, Any]
 ) -> list[Row]:
     """Move matching running tasks to ``queued`` with the next attempt in the outbox, or to
-    ``failed`` when that was their last attempt. Runs inside the caller's transaction."""
+    ``failed`` when that was their last attempt, or to ``cancelled`` when their cancel
+    was asked for (the attempt ended without its worker seeing it through). Runs inside
+    the caller's transaction."""
     n = len(args)
     rows = await conn.fetch(
         f"""
         UPDATE tasks SET
-            state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
-            finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
-            error = ${n + 1}::jsonb, worker_id = NULL, lease_expires_at = NULL,
+            state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                         WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN cancel_requested_at IS NOT NULL
+                                 OR attempts >= max_attempts THEN now() END,
+            error = CASE WHEN cancel_requested_at IS NULL THEN ${n + 1}::jsonb END,
+            worker_id = NULL, lease_expires_at = NULL,
             last_seq = last_seq + 1, updated_at = now()
         WHERE {where}
         RETURNING {EVENT_COLUMNS}, {outbox.MESSAGE_COLUMNS}

@@ -31,7 +31,7 @@ from shared.schemas import (
     parse_task_message,
 )
 from shared.taskrows import previous_events
-from tests.conftest import ROOT_ENV, Deployment, Isolated, Tenant
+from tests.conftest import ROOT_ENV, Deployment, Isolated, Tenant, create_tenant
 from tests.support import (
     ServiceProcess,
     System,
@@ -570,3 +570,60 @@ async def test_a_lost_last_attempt_fails_the_task_and_keeps_a_dead_letter(
         await isolated.db.fetchval("SELECT count(*) FROM dead_letters WHERE task_id = $1", again)
         == 0
     )
+
+
+async def _insert_running(db: asyncpg.Pool, tenant_id: UUID, attempts: int, lease_s: float) -> UUID:
+    """A running task of a worker that is gone, its lease ending ``lease_s`` from now."""
+    task_id = uuid7()
+    await db.execute(
+        "INSERT INTO tasks (id, tenant_id, type, args, state, attempts, max_attempts,"
+        " timeout_s, last_seq, started_at, worker_id, lease_expires_at)"
+        " VALUES ($1, $2, 'demo.noop', '{}'::jsonb, 'running', $3, 2, 60, 2, now(), 'gone',"
+        " now() + make_interval(secs => $4))",
+        task_id,
+        tenant_id,
+        attempts,
+        lease_s,
+    )
+    return task_id
+
+
+@pytest.mark.parametrize("attempts", [1, 2])
+async def test_a_lost_attempt_whose_cancel_was_asked_ends_cancelled(
+    isolated: Isolated, attempts: int
+) -> None:
+    """The user asked to cancel; the worker died before it saw the request. The
+    reaper ends the task cancelled: no next attempt, no failure, no dead letter."""
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, attempts, -1)
+    await isolated.db.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task_id)
+    [row] = await WorkerRepository(isolated.db, timeout=10).reap()
+    assert (row["id"], row["state"]) == (task_id, "cancelled")
+    task = await isolated.db.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+    assert task["error"] is None and task["finished_at"] is not None
+    for table in ("outbox", "dead_letters"):
+        count = f"SELECT count(*) FROM {table} WHERE task_id = $1"
+        assert await isolated.db.fetchval(count, task_id) == 0, table
+
+
+async def test_a_cancel_waiting_for_a_workers_commit_cancels_the_task(
+    system: System, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """A cancel that arrives while a worker's transaction moves the task from running
+    to retrying waits for it and cancels the retrying task (it answered 409 'already
+    retrying': the task matched neither of the cancel's two updates)."""
+    tenant = await create_tenant(db)
+    task_id = await _insert_running(db, tenant.id, 1, 3600)
+    url = f"{system.api_url}/v1/tasks/{task_id}/cancel"
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE tasks SET state = 'retrying', worker_id = NULL, lease_expires_at = NULL,"
+            " next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+            task_id,
+        )
+        cancel = asyncio.create_task(http.post(url, headers=tenant.headers))
+        await asyncio.sleep(0.5)  # the cancel is waiting for this row
+        assert not cancel.done()
+    async with await cancel as r:
+        body = await r.json()
+        assert r.status == 202, body
+    assert body["state"] == "cancelled"
