@@ -65,6 +65,9 @@ class _Strict(BaseModel):
 class BackoffSpec(_Strict):
     """Retry delays of one task: full jitter in [0, min(cap_s, base_s * factor**(n-1))]."""
 
+    # Strict, as TaskRequest: a client's "2" or true is not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     base_s: float = Field(default=1.0, ge=0, le=3600)
     factor: float = Field(default=2.0, ge=1, le=10)
     cap_s: float = Field(default=600.0, ge=0, le=24 * 3600)
@@ -76,6 +79,9 @@ class TaskRequest(_Strict):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
+        # The contract's types as the OpenAPI document states them: "3" and true are
+        # not integers (lax mode took them as 3 and 1).
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"type": "demo.sleep", "args": {"seconds": 5, "steps": 10}},

@@ -8,7 +8,16 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from shared.schemas import BatchRequest, Problem, Task, TaskBatch, TaskPage, TaskRequest, TaskState
+from shared.schemas import (
+    TASK_TYPE_PATTERN,
+    BatchRequest,
+    Problem,
+    Task,
+    TaskBatch,
+    TaskPage,
+    TaskRequest,
+    TaskState,
+)
 
 
 class WsToken(BaseModel):
@@ -120,7 +129,13 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        # Printable ASCII, no space (as requests.idempotency_key checks).
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 255,
+                            "pattern": "^[!-~]+$",
+                        },
                     }
                 ],
                 "requestBody": {"required": True, **_content(TaskRequest)},
@@ -131,7 +146,14 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                         **_content(Task),
                         "headers": {"Location": {"schema": {"type": "string"}}},
                     },
-                    "200": {"description": "idempotent replay", **_content(Task)},
+                    "200": {
+                        "description": "idempotent replay",
+                        **_content(Task),
+                        "headers": {
+                            "Location": {"schema": {"type": "string"}},
+                            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+                        },
+                    },
                     **_COMMON,
                     **_body_errors(),
                 },
@@ -145,7 +167,15 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "string", "enum": [s.value for s in TaskState]},
                     },
-                    {"name": "type", "in": "query", "schema": {"type": "string", "maxLength": 128}},
+                    {
+                        "name": "type",
+                        "in": "query",
+                        "schema": {
+                            "type": "string",
+                            "maxLength": 128,
+                            "pattern": TASK_TYPE_PATTERN,
+                        },
+                    },
                     {
                         "name": "limit",
                         "in": "query",

@@ -75,7 +75,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         # aiohttp's own refusals (404 route, 405 method, 413 body): same shape as ours.
         headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
         return problem_response(
-            Problem(title=exc.reason, status=exc.status, detail=_detail(exc)), headers
+            Problem(title=exc.reason, status=exc.status, detail=_detail(exc, request)), headers
         )
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
@@ -88,8 +88,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
 
 
-def _detail(exc: web.HTTPException) -> str | None:
+def _detail(exc: web.HTTPException, request: web.Request) -> str:
+    """aiohttp's own text when it says more than the status line, else ours: every
+    problem has a detail."""
     text: Any = exc.text
     if isinstance(text, str) and text and not text.startswith(f"{exc.status}:"):
         return text
-    return None
+    if exc.status == 404:
+        return f"no route for {request.path}"
+    if exc.status == 405:
+        return f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+    return str(exc.reason)

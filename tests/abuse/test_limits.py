@@ -58,6 +58,10 @@ async def test_api_size_and_count_limits(
         (422, "POST", "/v1/tasks", {"json": {"type": "t" * 129}}),
         (422, "POST", "/v1/tasks", {"json": {"type": "demo.noop", "delay_s": 1e308}}),
         (422, "POST", "/v1/tasks", {"json": {"type": "demo.noop", "priority": 2**70}}),
+        (422, "POST", "/v1/tasks", {"json": {"type": "demo.noop", "max_attempts": True}}),
+        (422, "POST", "/v1/tasks", {"json": {"type": "demo.noop", "priority": "3"}}),
+        (404, "GET", "/v1/nothing-here", {}),
+        (405, "DELETE", "/v1/tasks", {}),
         (400, "POST", "/v1/tasks", {"data": b"[" * 30_000 + b"]" * 30_000}),
         (422, "GET", "/v1/tasks?limit=501", {}),
         (422, "GET", "/v1/tasks?limit=0", {}),
@@ -77,6 +81,7 @@ async def test_api_size_and_count_limits(
         assert status == expected, (path, status, body[:300])
         assert headers["Content-Type"].startswith("application/problem+json"), path
         assert orjson.loads(body)["status"] == expected
+        assert orjson.loads(body)["detail"], (path, body[:300])
 
     # Deep nesting that is valid JSON: a recursive walk, an idempotency fingerprint or
     # the answer (args sit a few levels down in it) failed past their own limits.
