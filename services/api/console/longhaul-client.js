@@ -19,8 +19,9 @@
  *   });
  *   // later: sub.unsubscribe(); client.close();
  *
- * What it guarantees per task: `onEvent` is called in strictly increasing `seq`, with no
- * gap and no duplicate, across reconnects. After a dropped connection (gateway restart,
+ * What it guarantees per task and handler: `onEvent` is called in strictly increasing
+ * `seq`, with no gap and no duplicate, across reconnects; a handler added later (even
+ * after the task ended) gets what it lacks from its own `afterSeq`. After a dropped connection (gateway restart,
  * network change) it fetches a new token, reconnects with exponential backoff and full
  * jitter, and resubscribes each task with `after_seq` = the last seq it delivered, so the
  * gateway replays what was missed. When the gateway can no longer replay (events expired),
@@ -61,16 +62,20 @@ export class LonghaulClient {
     this.onStatus = options.onStatus ?? (() => {});
     this.baseDelayMs = options.baseDelayMs ?? 500;
     this.maxDelayMs = options.maxDelayMs ?? 15000;
-    /** task id -> { lastSeq, handlers: Set<{onEvent, onError}> } */
+    /** task id (lower case) -> { lastSeq, handlers: Set<{onEvent, onError, lastSeq}> } */
     this.subscriptions = new Map();
     this.status = "idle";
     this.socket = null;
     this.attempt = 0;
     this.closed = false;
     this.timer = null;
+    // Each connect() takes a number; one that a newer one (or close()) overtook while
+    // it waited for its token gives up, so there is never more than one socket.
+    this.generation = 0;
     this.#onOnline = () => {
-      // The network came back: do not sit out the rest of a long backoff.
-      if (this.status === "reconnecting") this.#connectSoon(0);
+      // The network came back: do not sit out the rest of a backoff (a connect in
+      // flight has no timer and goes on by itself).
+      if (this.timer !== null) this.#connectSoon(0);
     };
     globalThis.addEventListener?.("online", this.#onOnline);
     this.#connect();
@@ -83,14 +88,21 @@ export class LonghaulClient {
    * Returns `{ unsubscribe() }`. Several handlers may follow the same task.
    */
   subscribe(taskId, { onEvent = () => {}, onError = () => {}, afterSeq = 0 } = {}) {
-    const handler = { onEvent, onError };
+    // The gateway answers with the canonical (lower-case) form of the id.
+    taskId = String(taskId).toLowerCase();
+    const handler = { onEvent, onError, lastSeq: afterSeq };
     let sub = this.subscriptions.get(taskId);
     if (!sub) {
-      sub = { lastSeq: afterSeq, handlers: new Set() };
+      sub = { lastSeq: afterSeq, handlers: new Set([handler]) };
       this.subscriptions.set(taskId, sub);
-      this.#send({ op: "subscribe", task_id: taskId, after_seq: sub.lastSeq });
+      this.#send({ op: "subscribe", task_id: taskId, after_seq: afterSeq });
+    } else {
+      const behind = afterSeq < lowestSeq(sub);
+      sub.handlers.add(handler);
+      // It lacks events the others have had: subscribing again restarts the task's
+      // stream from its seq (the others skip what they have).
+      if (behind) this.#send({ op: "subscribe", task_id: taskId, after_seq: afterSeq });
     }
-    sub.handlers.add(handler);
     return {
       unsubscribe: () => {
         sub.handlers.delete(handler);
@@ -104,15 +116,18 @@ export class LonghaulClient {
 
   /** The last seq delivered for a task (0 when none). */
   lastSeq(taskId) {
-    return this.subscriptions.get(taskId)?.lastSeq ?? 0;
+    return this.subscriptions.get(String(taskId).toLowerCase())?.lastSeq ?? 0;
   }
 
   /** Stop for good: close the socket and cancel any pending reconnect. */
   close() {
     this.closed = true;
+    this.generation += 1;
     clearTimeout(this.timer);
+    this.timer = null;
     globalThis.removeEventListener?.("online", this.#onOnline);
     if (this.socket) this.socket.close(1000, "client closed");
+    this.socket = null;
     this.#setStatus("closed");
   }
 
@@ -139,11 +154,13 @@ export class LonghaulClient {
 
   async #connect() {
     if (this.closed) return;
+    const generation = ++this.generation;
     this.#setStatus(this.attempt === 0 ? "connecting" : "reconnecting", { attempt: this.attempt });
     let token;
     try {
       token = await this.getToken();
     } catch (err) {
+      if (generation !== this.generation) return;
       if (err instanceof AuthError) {
         this.#setStatus("unauthorized", { message: err.message });
         return;
@@ -151,22 +168,28 @@ export class LonghaulClient {
       this.#scheduleReconnect();
       return;
     }
-    if (this.closed) return;
+    if (this.closed || generation !== this.generation) return;
     const url = new URL(this.gatewayUrl);
     url.searchParams.set("token", token);
     const socket = new WebSocket(url);
+    if (this.socket) this.socket.close(1000, "replaced");
     this.socket = socket;
     socket.onopen = () => {
+      if (this.socket !== socket) return;
       this.attempt = 0;
       this.#setStatus("open");
-      // Resume every task from the last seq we handed out: the gateway replays the rest.
+      // Resume every task from the lowest seq a handler has: the gateway replays the rest.
       for (const [taskId, sub] of this.subscriptions) {
-        this.#send({ op: "subscribe", task_id: taskId, after_seq: sub.lastSeq });
+        this.#send({ op: "subscribe", task_id: taskId, after_seq: lowestSeq(sub) });
       }
     };
-    socket.onmessage = (message) => this.#receive(message.data);
+    socket.onmessage = (message) => {
+      if (this.socket === socket) this.#receive(message.data);
+    };
     socket.onclose = () => {
-      if (this.socket === socket) this.socket = null;
+      // Only the current socket's end reconnects: a replaced one's is expected.
+      if (this.socket !== socket) return;
+      this.socket = null;
       if (!this.closed) this.#scheduleReconnect();
     };
   }
@@ -182,7 +205,10 @@ export class LonghaulClient {
 
   #connectSoon(delayMs) {
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.#connect(), delayMs);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.#connect();
+    }, delayMs);
   }
 
   #send(frame) {
@@ -202,16 +228,27 @@ export class LonghaulClient {
     const sub = this.subscriptions.get(frame.task_id);
     if (!sub) return;
     if (frame.type === "event") {
-      // The gateway already de-duplicates; this guards the resume window, where a
-      // late frame of the old subscription could still arrive. Snapshots reset.
-      if (!frame.snapshot && frame.seq <= sub.lastSeq) return;
-      sub.lastSeq = frame.seq;
-      for (const h of sub.handlers) safeCall(h.onEvent, frame);
+      // Each handler takes what follows its own seq: a subscribe again for a handler
+      // that came later replays events the others already have. A snapshot below a
+      // handler's seq resets it (it was ahead of the database).
+      for (const h of [...sub.handlers]) {
+        if (frame.seq > h.lastSeq || (frame.snapshot && frame.seq < h.lastSeq)) {
+          h.lastSeq = frame.seq;
+          safeCall(h.onEvent, frame);
+        }
+      }
+      sub.lastSeq = Math.max(...[...sub.handlers].map((h) => h.lastSeq), frame.seq);
     } else if (frame.type === "error") {
-      if (frame.code === "not_found") this.subscriptions.delete(frame.task_id);
+      // Not followed on the gateway (no such task, too many subscriptions, a bad
+      // frame): forgotten here too, not resubscribed at the next reconnect.
+      this.subscriptions.delete(frame.task_id);
       for (const h of sub.handlers) safeCall(h.onError, frame);
     }
   }
+}
+
+function lowestSeq(sub) {
+  return Math.min(...[...sub.handlers].map((h) => h.lastSeq));
 }
 
 function safeCall(fn, arg) {

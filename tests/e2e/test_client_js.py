@@ -1,0 +1,170 @@
+"""The browser client module (longhaul-client.js) in a real headless Chromium, with the
+page's WebSocket replaced by a scripted one: the orderings a live gateway rarely
+produces on cue (a handler added after the task ended, the network coming back while
+a reconnect waits for its token, a refused subscription) are played exactly.
+
+The client against the real gateway, through a restart, is test_browser.py's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, Route
+
+from tests.e2e.test_browser import browser  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+CLIENT = Path(__file__).parents[2] / "services" / "api" / "console" / "longhaul-client.js"
+ORIGIN = "http://client.test"
+
+# Installed before the page's scripts: every WebSocket the client opens is one of these,
+# opened, fed and closed by the scenarios below.
+FAKE_WEBSOCKET = """
+window.sockets = [];
+window.onlineListeners = [];
+class FakeWebSocket {
+  static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3;
+  constructor(url) { this.url = String(url); this.readyState = 0; this.sent = [];
+                     window.sockets.push(this); }
+  send(text) { this.sent.push(JSON.parse(text)); }
+  close() { this.readyState = 3; }
+  open() { this.readyState = 1; this.onopen?.(); }
+  feed(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
+  drop() { this.readyState = 3; this.onclose?.({}); }
+}
+window.WebSocket = FakeWebSocket;
+window.tick = () => new Promise((resolve) => setTimeout(resolve, 10));
+"""
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:  # noqa: F811 - the fixture
+    page = await browser.new_page()
+
+    async def serve(route: Route) -> None:
+        if route.request.url.endswith("/longhaul-client.js"):
+            await route.fulfill(body=CLIENT.read_text(), content_type="text/javascript")
+        else:
+            await route.fulfill(
+                body="<!doctype html><title>client</title>", content_type="text/html"
+            )
+
+    await page.route(f"{ORIGIN}/**", serve)
+    await page.add_init_script(FAKE_WEBSOCKET)
+    await page.goto(f"{ORIGIN}/")
+    try:
+        yield page
+    finally:
+        await page.close()
+
+
+async def run(page: Page, body: str) -> Any:
+    """``body``: an async function's statements, with LonghaulClient in scope."""
+    return await page.evaluate(
+        "async () => { const { LonghaulClient } = await import('/longhaul-client.js');"
+        f" {body} }}"
+    )
+
+
+TASK = "0192f5c8-0000-7000-8000-00000000000a"
+
+
+async def test_a_handler_added_after_the_end_gets_the_events_from_its_own_seq(
+    page: Page,
+) -> None:
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
+        await tick();
+        const ws = sockets[0];
+        ws.open();
+        const first = [], second = [];
+        client.subscribe("{TASK}", {{ onEvent: (e) => first.push(e.seq) }});
+        const events = [
+          {{ type: "event", task_id: "{TASK}", seq: 1, state: "queued" }},
+          {{ type: "event", task_id: "{TASK}", seq: 2, state: "succeeded" }},
+        ];
+        events.forEach((e) => ws.feed(e));
+        client.subscribe("{TASK}", {{ onEvent: (e) => second.push(e.seq), afterSeq: 0 }});
+        events.forEach((e) => ws.feed(e));  // the gateway replays from the new after_seq
+        client.close();
+        return {{ first, second, sent: ws.sent }};
+        """,
+    )
+    assert result["first"] == [1, 2]  # no duplicate from the replay
+    assert result["second"] == [1, 2]
+    assert result["sent"] == [
+        {"op": "subscribe", "task_id": TASK, "after_seq": 0},
+        {"op": "subscribe", "task_id": TASK, "after_seq": 0},
+    ]
+
+
+async def test_the_network_back_during_a_reconnect_makes_no_second_socket(page: Page) -> None:
+    result = await run(
+        page,
+        f"""
+        let tokens = 0, release;
+        const client = new LonghaulClient({{
+          gatewayUrl: "ws://gw/v1/ws", baseDelayMs: 1,
+          getToken: () => {{
+            tokens += 1;
+            if (tokens === 2) return new Promise((resolve) => {{ release = () => resolve("t2"); }});
+            return Promise.resolve("t" + tokens);
+          }},
+        }});
+        await tick();
+        sockets[0].open();
+        client.subscribe("{TASK}", {{}});
+        sockets[0].drop();                           // a reconnect starts; its token hangs
+        await tick(); await tick();
+        window.dispatchEvent(new Event("online"));   // the network is back meanwhile
+        await tick(); await tick();
+        release(); await tick();
+        const made = sockets.length;
+        sockets[sockets.length - 1].open();
+        const current = sockets.indexOf(client.socket);
+        client.close();
+        return {{ made, current, states: sockets.map((s) => s.readyState),
+                  sent: sockets.map((s) => s.sent.length) }};
+        """,
+    )
+    assert result["made"] == 2, result
+    assert result["current"] == 1
+    assert result["states"] == [3, 3]  # close() left nothing open
+    assert result["sent"] == [1, 1]  # one subscribe each: the first, then the resume
+
+
+async def test_ids_in_any_case_and_refused_subscriptions(page: Page) -> None:
+    upper = TASK.upper()
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",
+                                             baseDelayMs: 1 }});
+        await tick();
+        sockets[0].open();
+        const got = [], errors = [];
+        client.subscribe("{upper}", {{ onEvent: (e) => got.push(e.seq) }});
+        // The gateway names tasks in lower case.
+        sockets[0].feed({{ type: "event", task_id: "{TASK}", seq: 1, state: "queued" }});
+        const refused = "0192f5c8-0000-7000-8000-00000000000b";
+        client.subscribe(refused, {{ onError: (e) => errors.push(e.code) }});
+        sockets[0].feed({{ type: "error", task_id: refused, code: "too_many_subscriptions",
+                           message: "cap" }});
+        sockets[0].drop();
+        await tick(); await tick(); await tick();
+        sockets[1].open();
+        const resumed = sockets[1].sent;
+        client.close();
+        return {{ got, errors, resumed, lastSeq: client.lastSeq("{upper}") }};
+        """,
+    )
+    assert result["got"] == [1] and result["lastSeq"] == 1
+    assert result["errors"] == ["too_many_subscriptions"]
+    # The refused task is not subscribed again behind the page's back.
+    assert result["resumed"] == [{"op": "subscribe", "task_id": TASK, "after_seq": 1}]
