@@ -282,6 +282,9 @@ class Gateway:
             events = await sse.poll(self._deps, tenant_id, task_id, after, wait_s)
         except sse.NotFound:
             return problem(404, "no such task", cors)
+        except sse.Ended:
+            # 204 tells an EventSource to stop reconnecting: the stream is over.
+            return respond(204, b"", "", cors)
         except DependencyDown:
             return problem(503, "database unavailable", {**cors, "Retry-After": "1"})
         except Refused as exc:

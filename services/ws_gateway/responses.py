@@ -15,14 +15,13 @@ def respond(
     status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
 ) -> Response:
     status_obj = http.HTTPStatus(status)
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
+    # A 204 has no content, and must not say how long it is (RFC 9110, 8.6).
+    content = (
+        []
+        if status == 204
+        else [("Content-Type", content_type), ("Content-Length", str(len(body)))]
     )
+    headers = Headers([*content, ("Cache-Control", "no-store"), ("Connection", "close")])
     for key, value in (extra or {}).items():
         headers[key] = value
     return Response(status_obj.value, status_obj.phrase, headers, body)

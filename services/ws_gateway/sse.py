@@ -44,10 +44,15 @@ class Waiter:
         return False
 
 
+class Ended(Exception):
+    """The client has the task's terminal event: nothing will follow."""
+
+
 async def poll(
     deps: Deps, tenant_id: UUID, task_id: UUID, after_seq: int, wait_s: float
 ) -> list[ProgressEvent]:
-    """The events after ``after_seq``, waiting up to ``wait_s`` when there are none yet."""
+    """The events after ``after_seq``, waiting up to ``wait_s`` when there are none yet.
+    Raises Ended when the task has ended and the client has every event of it."""
     catcher = Catcher(deps, tenant_id)
     waiter = Waiter(after_seq)
     deps.registry.open(waiter, tenant_id)
@@ -57,6 +62,8 @@ async def poll(
         if row is None:
             raise NotFound(str(task_id))
         events = (await catcher.events(task_id, after_seq, row, Tail.WAIT)).events
+        if TaskState(row["state"]).terminal and after_seq >= row["last_seq"]:
+            raise Ended(str(task_id))
         if events or TaskState(row["state"]).terminal:
             return events
         try:

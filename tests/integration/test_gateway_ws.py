@@ -660,6 +660,33 @@ async def sse_get(port: int, path: str, headers: dict[str, str]) -> tuple[int, s
     return int(head.split()[1]), body.decode()
 
 
+async def test_sse_ends_with_204_once_the_client_has_the_terminal_event(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """An EventSource reconnects after every response; a 204 is what stops it. Before
+    the terminal event the events come as usual, and at once (no poll wait)."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    await writer.step(2, TaskState.SUCCEEDED)
+    async with gateway(deployment, sse_poll_s=5) as gw:
+        path = f"/v1/tasks/{task_id}/events?token="
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        status, body = await sse_get(gw.port, path + token, {"Last-Event-ID": "1"})
+        assert status == 200 and "id: 2\n" in body, body
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        reader, writer_ = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer_.write(
+            f"GET {path + token} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 2\r\n\r\n".encode()
+        )
+        await writer_.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout(5))
+        writer_.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 204"), head
+    assert b"content-length" not in head.lower() and rest == b""
+
+
 async def test_sse_long_poll_resumes_from_last_event_id(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
