@@ -4,6 +4,7 @@ single-flight calls."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -148,6 +149,14 @@ def test_uuid7_is_time_ordered_across_calls() -> None:
 def test_uuid7_is_unique() -> None:
     """Many ids in the same millisecond do not collide."""
     assert len({uuid7() for _ in range(10_000)}) == 10_000
+
+
+def test_uuid7_increases_strictly_within_a_millisecond() -> None:
+    """The tasks of one batch get ids in creation order, not in random order."""
+    ids = [uuid7() for _ in range(10_000)]
+    assert len({i.int >> 80 for i in ids}) < len(ids)  # many shared a millisecond
+    assert all(a < b for a, b in itertools.pairwise(ids))
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
 
 
 # ---------------------------------------------------------------- keys
