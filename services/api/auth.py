@@ -27,7 +27,10 @@ class Authenticator:
         self._repo = repo
         self._cache_s = cache_s
         self._max = max_entries
-        self._cache: dict[str, tuple[float, tuple[bytes, Principal] | None]] = {}
+        # Hits and misses apart: misses are anyone's to make (random key ids), and
+        # filling the cache with them must not evict the keys in use.
+        self._hits: dict[str, tuple[float, tuple[bytes, Principal]]] = {}
+        self._misses: dict[str, float] = {}
         self._lookups: SingleFlight[str, tuple[bytes, Principal] | None] = SingleFlight(
             "api-key-lookup"
         )
@@ -64,14 +67,24 @@ class Authenticator:
         return found[1]
 
     async def _lookup(self, key_id: str) -> tuple[bytes, Principal] | None:
-        cached = self._cache.get(key_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+        now = time.monotonic()
+        hit = self._hits.get(key_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self._misses.get(key_id, 0.0) > now:
+            return None
         return await self._lookups.run(key_id, lambda: self._fetch(key_id))
 
     async def _fetch(self, key_id: str) -> tuple[bytes, Principal] | None:
         found = await self._repo.api_key(key_id)
-        if len(self._cache) >= self._max:
-            self._cache.clear()  # crude, but bounded: an attacker's misses cannot grow it
-        self._cache[key_id] = (time.monotonic() + self._cache_s, found)
+        expires = time.monotonic() + self._cache_s
+        # Crude, but bounded: each kind is emptied when full.
+        if found is None:
+            if len(self._misses) >= self._max:
+                self._misses.clear()
+            self._misses[key_id] = expires
+        else:
+            if len(self._hits) >= self._max:
+                self._hits.clear()
+            self._hits[key_id] = (expires, found)
         return found

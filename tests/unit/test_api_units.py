@@ -356,6 +356,31 @@ async def test_requests_that_miss_together_share_one_key_lookup() -> None:
     assert store.lookups == 1
 
 
+class _OneKey:
+    def __init__(self, key_id: str, secret_hash: bytes) -> None:
+        self.key_id, self.secret_hash = key_id, secret_hash
+        self.lookups: list[str] = []
+
+    async def api_key(self, key_id: str) -> tuple[bytes, Principal] | None:
+        self.lookups.append(key_id)
+        if key_id != self.key_id:
+            return None
+        return self.secret_hash, Principal(UUID(int=7), key_id, None, None)
+
+
+async def test_a_spray_of_unknown_keys_does_not_evict_the_keys_in_use() -> None:
+    real = keys.generate("test")
+    store = _OneKey(keys.parse(real.key).key_id, real.secret_hash)  # type: ignore[union-attr]
+    auth = Authenticator(store, cache_s=60, max_entries=100)  # type: ignore[arg-type]
+    await _authenticate(auth, real.key)
+    for _ in range(250):  # past max_entries twice over
+        with pytest.raises(ProblemException):
+            await _authenticate(auth, keys.generate("test").key)
+    await _authenticate(auth, real.key)
+    assert store.lookups.count(store.key_id) == 1  # still cached
+    assert len(store.lookups) == 251
+
+
 async def test_a_failed_key_lookup_fails_its_waiters_and_is_not_cached() -> None:
     new = keys.generate("test")
     store = _SlowKeys(new.secret_hash)
