@@ -276,8 +276,11 @@ class Gateway:
             return problem(404, "no such task", cors)
         if after is None:
             return problem(400, "Last-Event-ID must be a seq (an integer >= 0)", cors)
-        # Stay inside websockets' open_timeout, which bounds process_request.
-        wait_s = max(0.0, min(self.settings.sse_poll_s, self.settings.handshake_timeout_s - 1))
+        wait_s = sse.poll_wait(
+            self.settings.sse_poll_s,
+            self.settings.handshake_timeout_s,
+            self.settings.snapshot_grace_s,
+        )
         try:
             events = await sse.poll(self._deps, tenant_id, task_id, after, wait_s)
         except sse.NotFound:

@@ -44,6 +44,13 @@ class Waiter:
         return False
 
 
+def poll_wait(poll_s: float, handshake_timeout_s: float, snapshot_grace_s: float) -> float:
+    """How long a poll may wait for news and still answer inside websockets'
+    open_timeout, which bounds process_request: it reads twice, each read may wait the
+    snapshot grace, and a second is left for the rest."""
+    return max(0.0, min(poll_s, handshake_timeout_s - 1 - 2 * snapshot_grace_s))
+
+
 class Ended(Exception):
     """The client has the task's terminal event: nothing will follow."""
 

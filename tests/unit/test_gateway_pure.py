@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from services.ws_gateway import frames
+from services.ws_gateway import frames, sse
 from services.ws_gateway.catchup import (
     LiveCheck,
     Plan,
@@ -514,3 +514,9 @@ def test_an_sse_poll_wakes_for_new_events_and_resyncs_only() -> None:
     resynced = Waiter(after_seq=3)
     resynced.offer(Resync())
     assert resynced.woken.is_set()
+
+
+def test_an_sse_poll_waits_only_as_long_as_the_handshake_timeout_leaves_room() -> None:
+    assert sse.poll_wait(8, 10, 0.2) == 8
+    assert sse.poll_wait(8, 10, 2) == 5  # two reads may each wait the grace
+    assert sse.poll_wait(8, 3, 2) == 0
