@@ -13,7 +13,7 @@ from prometheus_client import Counter
 
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner, StopReason
-from shared.db import TRANSIENT_ERRORS
+from shared.db import ANY_PG_ERROR
 from shared.events import EventSink
 from shared.taskrows import event_from_row
 
@@ -44,8 +44,8 @@ async def heartbeat(
         try:
             cancel = await repo.renew_leases(ids, worker_id, lease_s)
             await repo.touch_types(types)
-        except TRANSIENT_ERRORS as exc:
-            log.warning("lease renewal failed", extra={"error": repr(exc)})
+        except Exception as exc:  # noqa: BLE001 - see _survive
+            _survive("lease renewal", exc)
             continue
         for task_id in cancel:
             if (running := runner.running.get(task_id)) is not None:
@@ -61,8 +61,8 @@ async def reaper(
     while not await _wait(stop, interval * random.uniform(0.5, 1.0)):  # noqa: S311
         try:
             rows = await repo.reap()
-        except TRANSIENT_ERRORS as exc:
-            log.warning("reaper failed", extra={"error": repr(exc)})
+        except Exception as exc:  # noqa: BLE001 - see _survive
+            _survive("reaper", exc)
             continue
         if rows:
             REAPED.inc(len(rows))
@@ -85,12 +85,22 @@ async def purge(
         for _ in range(_PURGE_BATCHES):
             try:
                 deleted = await repo.purge_finished(retention_s, batch)
-            except TRANSIENT_ERRORS as exc:
-                log.warning("purge of finished tasks failed", extra={"error": repr(exc)})
+            except Exception as exc:  # noqa: BLE001 - see _survive
+                _survive("purge of finished tasks", exc)
                 break
             PURGED.inc(deleted)
             if deleted < batch or stop.is_set():
                 break
+
+
+def _survive(job: str, exc: Exception) -> None:
+    """A periodic job goes on after any error: one that ended would end silently (a
+    heartbeat lost to a deadlock with the success writer stopped renewing every lease
+    of its worker, whose tasks were then reaped and run again while they ran)."""
+    if isinstance(exc, ANY_PG_ERROR):
+        log.warning(f"{job} failed", extra={"error": repr(exc)})
+    else:
+        log.error(f"{job} failed", exc_info=exc)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

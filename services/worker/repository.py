@@ -273,13 +273,20 @@ class WorkerRepository:
     async def renew_leases(
         self, task_ids: Sequence[UUID], worker_id: str, lease_s: float
     ) -> list[UUID]:
-        """Extend this worker's leases; return the tasks whose cancellation was requested."""
+        """Extend this worker's leases; return the tasks whose cancellation was requested.
+
+        Rows another statement holds are skipped, not waited for: the claim and success
+        writers lock many rows in an order of their plan's choosing, and a renewal
+        waiting among them deadlocked (PostgreSQL then failed one of the two). A row
+        skipped is being written (most likely finished) and is renewed next time."""
         if not task_ids:
             return []
         rows = await self._fetch(
             """
             UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3)
-            WHERE id = ANY($1::uuid[]) AND state = 'running' AND worker_id = $2
+            WHERE id IN (SELECT id FROM tasks
+                         WHERE id = ANY($1::uuid[]) AND state = 'running' AND worker_id = $2
+                         FOR UPDATE SKIP LOCKED)
             RETURNING id, cancel_requested_at
             """,
             list(task_ids),

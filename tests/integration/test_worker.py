@@ -627,3 +627,31 @@ async def test_a_cancel_waiting_for_a_workers_commit_cancels_the_task(
         body = await r.json()
         assert r.status == 202, body
     assert body["state"] == "cancelled"
+
+
+async def test_the_success_writer_and_the_lease_renewal_never_deadlock(
+    isolated: Isolated,
+) -> None:
+    """Both write the rows of the worker's running tasks at once; they locked them in
+    different orders and deadlocked, the renewal (the heartbeat) often the victim. The
+    renewal now skips the rows another statement holds."""
+    db = isolated.db
+    repo = WorkerRepository(db, timeout=10, concurrency=16)
+    ids = [
+        await _insert_running(db, isolated.tenant.id, 1, 30) for _ in range(16)
+    ]  # created in id order; the successes come in the reverse one
+    deadlocks = 0
+    for _ in range(200):
+        await db.execute(
+            "UPDATE tasks SET state = 'running', attempts = 1, worker_id = 'w'"
+            " WHERE id = ANY($1::uuid[])",
+            ids,
+        )
+        results = await asyncio.gather(
+            repo._succeed_rows([(i, 1, {"ok": True}) for i in reversed(ids)]),
+            repo.renew_leases(ids, "w", 30),
+            return_exceptions=True,
+        )
+        deadlocks += sum(isinstance(r, asyncpg.DeadlockDetectedError) for r in results)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+    assert deadlocks == 0

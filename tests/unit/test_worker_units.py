@@ -9,11 +9,14 @@ import textwrap
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 import pytest
 from pydantic import BaseModel
 
+from services.worker.maintenance import heartbeat, reaper
 from services.worker.progress import MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
@@ -464,3 +467,48 @@ def test_registry_constructor_refuses_duplicates() -> None:
 
     with pytest.raises(ConfigError, match="defined twice"):
         Registry([TaskSpec("same", a, EmptyArgs), TaskSpec("same", b, EmptyArgs)])
+
+
+class _FlakyLeases:
+    """A repository whose first renewal and first reap fail as PostgreSQL can."""
+
+    def __init__(self) -> None:
+        self.renewals = 0
+        self.reaps = 0
+
+    async def renew_leases(self, ids: Sequence[Any], worker_id: str, lease_s: float) -> list[Any]:
+        self.renewals += 1
+        if self.renewals == 1:
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return []
+
+    async def touch_types(self, names: Sequence[str]) -> None:
+        return None
+
+    async def reap(self) -> list[Any]:
+        self.reaps += 1
+        if self.reaps == 1:
+            raise asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+        if self.reaps == 2:
+            raise RuntimeError("a bug of ours")
+        return []
+
+
+async def test_the_heartbeat_and_the_reaper_go_on_after_any_error() -> None:
+    """One deadlock (with the worker's own success write) ended the heartbeat for
+    good: every lease of the worker then ran out while its tasks ran."""
+    repo = _FlakyLeases()
+    runner = SimpleNamespace(running={})
+    stop = asyncio.Event()
+    jobs = [
+        asyncio.create_task(heartbeat(repo, runner, "w", 0.03, stop)),  # type: ignore[arg-type]
+        asyncio.create_task(reaper(repo, SimpleNamespace(), 0.03, stop)),  # type: ignore[arg-type]
+    ]
+    # The reaper's interval has a 0.5 s floor: three rounds take up to 1.5 s.
+    for _ in range(400):
+        if repo.renewals >= 3 and repo.reaps >= 3:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.gather(*jobs)
+    assert repo.renewals >= 3 and repo.reaps >= 3
