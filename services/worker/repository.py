@@ -347,11 +347,13 @@ class WorkerRepository:
             UPDATE tasks SET state = 'failed', error = $3, finished_at = now(),
                 next_attempt_at = NULL, last_seq = last_seq + 1, updated_at = now()
             WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
+              AND tenant_id = $4  -- a forged message must not fail another's task
             RETURNING {EVENT_COLUMNS}
             """,
             message.task_id,
             message.attempt,
             error,
+            message.tenant_id,
         )
 
     async def dead_letter(

@@ -655,3 +655,19 @@ async def test_the_success_writer_and_the_lease_renewal_never_deadlock(
         deadlocks += sum(isinstance(r, asyncpg.DeadlockDetectedError) for r in results)
         assert not [r for r in results if isinstance(r, BaseException)], results
     assert deadlocks == 0
+
+
+async def test_a_broker_dead_letter_fails_only_its_own_tenants_task(isolated: Isolated) -> None:
+    """A crash-looping message the broker dead-letters fails the task it names, but a
+    forged one naming another tenant's task leaves that task alone."""
+    repo = WorkerRepository(isolated.db, timeout=10)
+    other = await create_tenant(isolated.db)
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 0, 30)
+    await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
+    error = {"type": "poison", "message": "crash loop", "retryable": False}
+    forged = TaskMessage(task_id=task_id, tenant_id=other.id, type="demo.noop", attempt=1)
+    assert await repo.fail_waiting(forged, error) is None
+    assert await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "queued"
+    own = forged.model_copy(update={"tenant_id": isolated.tenant.id})
+    row = await repo.fail_waiting(own, error)
+    assert row is not None and row["state"] == "failed"
