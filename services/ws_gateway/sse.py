@@ -69,7 +69,8 @@ async def poll(
         if row is None:
             raise NotFound(str(task_id))
         events = (await catcher.events(task_id, after_seq, row, Tail.WAIT)).events
-        if TaskState(row["state"]).terminal and after_seq >= row["last_seq"]:
+        # Equal, not beyond: a client ahead of the database gets a snapshot (events()).
+        if TaskState(row["state"]).terminal and after_seq == row["last_seq"]:
             raise Ended(str(task_id))
         if events or TaskState(row["state"]).terminal:
             return events
