@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+import orjson
+
 from services.worker.ratelimit import RateGate
 from shared.events import EventSink
 from shared.schemas import ProgressEvent
@@ -56,12 +58,22 @@ class StartEvent:
 
 
 MAX_MESSAGE = 2000
+MAX_DATA_BYTES = 64 * 1024
 
 
 class ProgressReporter:
-    def __init__(self, write: Write, events: Events, *, max_rate: float, name: str) -> None:
+    def __init__(
+        self,
+        write: Write,
+        events: Events,
+        *,
+        max_rate: float,
+        name: str,
+        on_fenced: Callable[[], None] = lambda: None,
+    ) -> None:
         self._write = write
         self._events = events
+        self._on_fenced = on_fenced
         self._gate = RateGate(max_rate)
         self._lock = asyncio.Lock()
         self._pending: tuple[float, str | None, Any] | None = None
@@ -72,13 +84,25 @@ class ProgressReporter:
         self.fenced_out = False
 
     async def report(self, progress: float, message: str | None, data: Any) -> None:
+        """Raises TypeError or ValueError to the handler for ``data`` that is not JSON or
+        is too large: found here, not in a write held back for later, where it failed
+        the attempt's outcome (and, in a shared event batch, other tasks' events)."""
+        if data is not None:
+            try:
+                encoded = orjson.dumps(data)
+            except TypeError as exc:
+                raise TypeError(f"progress data is not JSON: {exc}") from None
+            if len(encoded) > MAX_DATA_BYTES:
+                raise ValueError(f"progress data is over {MAX_DATA_BYTES} bytes as JSON")
+            data = orjson.loads(encoded)  # what will be sent, not a live object
         if self.fenced_out:
             return
         progress = min(1.0, max(self._progress, float(progress)))  # never decreasing
         self._progress = progress
         if message is not None:
-            # PostgreSQL text cannot hold NUL.
+            # PostgreSQL text holds neither NUL nor a lone surrogate.
             message = str(message)[:MAX_MESSAGE].replace("\x00", "")
+            message = message.encode("utf-8", "replace").decode("utf-8")
         self._pending = (progress, message, data)
         if self._flusher is not None and not self._flusher.done():
             return  # the scheduled flush will send the latest
@@ -99,7 +123,10 @@ class ProgressReporter:
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._gate.wait(time.monotonic()))
-        await self._send()
+        try:
+            await self._send()
+        except Exception:  # a lost report must not cost the outcome
+            log.warning("held-back progress report not written", exc_info=True)
 
     async def _send(self) -> None:
         async with self._lock:
@@ -111,6 +138,7 @@ class ProgressReporter:
             event = await self._write(progress, message)
             if event is None:
                 self.fenced_out = True
+                self._on_fenced()
                 return
             if data is not None:
                 event = event.model_copy(update={"data": data})

@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from services.worker.sdk import TaskSpec
 from shared import deadletters, outbox
@@ -53,10 +54,12 @@ RETURNING {EVENT_COLUMNS}
 """
 
 _SUCCEED = f"""
-UPDATE tasks AS t SET state = 'succeeded', progress = 1, result = u.result,
+UPDATE tasks AS t SET state = 'succeeded', progress = 1, result = u.result::jsonb,
     error = NULL, finished_at = now(), worker_id = NULL,
     lease_expires_at = NULL, last_seq = t.last_seq + 1, updated_at = now()
-FROM unnest($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, attempt, result)
+-- Results as JSON text: in a jsonb[] parameter, asyncpg takes a result that is a list
+-- for one more dimension of the array ([1, 2, 3] was stored as 1).
+FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(id, attempt, result)
 WHERE t.id = u.id AND t.state = 'running' AND t.attempts = u.attempt
 RETURNING {qualified("t")}
 """
@@ -205,7 +208,7 @@ class WorkerRepository:
             _SUCCEED,
             [r[0] for r in reqs],
             [r[1] for r in reqs],
-            [r[2] for r in reqs],
+            [orjson.dumps(r[2]).decode() for r in reqs],
         )
         by_id = {row["id"]: row for row in rows}
         return [by_id.get(r[0]) for r in reqs]

@@ -61,12 +61,18 @@ class Running:
     handler: asyncio.Task[Any] | None = None
     stop_reason: StopReason | None = None
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Done once stop() is called: the run waits on it beside the handler, so that a
+    # handler ignoring its cancellation is given up after the grace period, not at
+    # its timeout. Made only for a handler that did not end at once.
+    stopped: asyncio.Future[None] | None = None
 
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         if self.handler is not None and not self.handler.done():
             self.handler.cancel()
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,9 @@ class Runner:
             start,
             max_rate=self._settings.progress_max_rate_per_s,
             name=str(message.task_id),
+            # The attempt is no longer ours (reaped): its handler must not run on
+            # beside the next attempt.
+            on_fenced=lambda: running.stop(StopReason.FENCED),
         )
         ctx = TaskContext(
             task_id=message.task_id,
@@ -171,20 +180,33 @@ class Runner:
             # Asked before the attempt began: the handler never starts.
             running.stop(StopReason.CANCELLED)
             return Outcome("cancelled")
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         handler = start_handler(_call(spec, ctx, args), name=f"handler-{message.task_id}")
         running.handler = handler
-        done: set[asyncio.Task[Any]] = {handler} if handler.done() else set()
-        if not done:
-            done, _ = await asyncio.wait(
-                {handler}, timeout=min(self._settings.start_event_delay_s, timeout_s)
+        timed_out = False
+        if handler.done():
+            # Done at its first step; one that blocked the loop past its timeout
+            # still ran past it.
+            timed_out = loop.time() > deadline
+        else:
+            stopped = running.stopped = loop.create_future()
+            if running.stop_reason is not None:
+                stopped.set_result(None)
+            waiting = {handler, stopped}
+            await asyncio.wait(
+                waiting,
+                timeout=min(self._settings.start_event_delay_s, timeout_s),
+                return_when=asyncio.FIRST_COMPLETED,
             )
-        if not done:
-            await start.emit()  # still running: show it now
-            remaining = deadline - asyncio.get_running_loop().time()
-            done, _ = await asyncio.wait({handler}, timeout=max(0.0, remaining))
-        timed_out = not done
-        if timed_out:
+            if not handler.done() and not stopped.done():
+                await start.emit()  # still running: show it now
+                remaining = deadline - loop.time()
+                await asyncio.wait(
+                    waiting, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+                )
+            timed_out = not handler.done() and not stopped.done()
+        if timed_out and not handler.done():
             handler.cancel()
         if not handler.done():
             done, _ = await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
@@ -228,11 +250,11 @@ class Runner:
         exc = handler.exception()
         if exc is None:
             result = handler.result()
-            if isinstance(result, BaseModel):
-                result = result.model_dump(mode="json")
             try:
+                if isinstance(result, BaseModel):
+                    result = result.model_dump(mode="json")
                 encoded = orjson.dumps(result)
-            except TypeError as err:
+            except (TypeError, ValueError) as err:  # pydantic's serialization error too
                 return _failed("invalid_result", f"result is not JSON: {err}", retryable=False)
             result = orjson.loads(encoded)
             if b"\\u0000" in encoded and (where := nul_path(result, ["result"])) is not None:
@@ -359,7 +381,12 @@ def _backoff_of(row: Row) -> Backoff | None:
 
 
 async def _call(spec: TaskSpec, ctx: TaskContext, args: BaseModel) -> Any:
-    return await spec.handler(ctx, args)
+    try:
+        return await spec.handler(ctx, args)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # Raised in a handler they would stop the whole worker (its other tasks with
+        # it); a handler's exception fails its attempt.
+        raise RuntimeError(f"the handler raised {type(exc).__name__}") from exc
 
 
 def start_handler(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:

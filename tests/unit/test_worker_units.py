@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from services.worker.maintenance import heartbeat, reaper
-from services.worker.progress import MAX_MESSAGE, ProgressReporter, StartEvent
+from services.worker.progress import MAX_DATA_BYTES, MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
 from services.worker.runner import start_handler
@@ -512,3 +512,29 @@ async def test_the_heartbeat_and_the_reaper_go_on_after_any_error() -> None:
     stop.set()
     await asyncio.gather(*jobs)
     assert repo.renewals >= 3 and repo.reaps >= 3
+
+
+async def test_a_fenced_report_stops_the_attempt_and_bad_data_is_refused_at_once() -> None:
+    """A report the database refuses as no longer this attempt's (reaped) tells the
+    runner, which stops the handler; data that is not JSON, or too large, is refused to
+    the handler when it reports, not in a write held back for later."""
+    fenced: list[bool] = []
+    write, sink = FakeWrite(), FakeSink()
+    reporter = ProgressReporter(
+        write,  # type: ignore[arg-type]
+        sink,
+        max_rate=1000,
+        name="t",
+        on_fenced=lambda: fenced.append(True),
+    )
+    with pytest.raises(TypeError, match="not JSON"):
+        await reporter.report(0.1, None, {"set": {1}})
+    with pytest.raises(ValueError, match="bytes"):
+        await reporter.report(0.1, None, "x" * (MAX_DATA_BYTES + 1))
+    assert write.calls == []
+    await reporter.report(0.2, "lone \ud800", None)
+    assert write.calls == [(0.2, "lone ?")]  # PostgreSQL text refuses a lone surrogate
+    write.fenced = True
+    await reporter.report(0.3, None, None)
+    await reporter.close()  # the report may be held back by the rate limit
+    assert fenced == [True] and reporter.fenced_out
