@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 from contextlib import AsyncExitStack
+from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
@@ -44,7 +46,9 @@ log = logging.getLogger(__name__)
 async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio.Event) -> None:
     wire = Wire(settings.namespace)
     failpoints = Failpoints(settings.failpoints)
-    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    # The random part: containers with the host's name and PID 1 would share an id, and
+    # renew each other's leases (a dead one's tasks never reaped).
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     timeout = settings.io_timeout_s
     async with AsyncExitStack() as stack:
         pool = await wait_for_dependency(
@@ -139,6 +143,26 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
             await asyncio.wait_for(channel.close(), timeout)
         log.info("worker stopped")
+        await _leave_abandoned(stack, runner.abandoned, settings.cancel_grace_s)
+
+
+async def _leave_abandoned(
+    stack: AsyncExitStack, handlers: set[asyncio.Task[Any]], grace_s: float
+) -> None:
+    """Handlers that ignored their cancellation (their attempts are settled): a last
+    wait, then exit without them, the connections closed. The event loop's own shutdown
+    would wait for them for as long as they run, and a stopping worker must stop."""
+    if not handlers:
+        return
+    _, running = await asyncio.wait(set(handlers), timeout=grace_s)
+    if running:
+        await stack.aclose()
+        log.warning(
+            "exiting with handlers that ignored cancellation still running",
+            extra={"count": len(running)},
+        )
+        logging.shutdown()
+        os._exit(0)
 
 
 async def _relay(

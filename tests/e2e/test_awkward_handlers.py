@@ -43,7 +43,7 @@ async def test_misbehaving_handlers_end_their_own_tasks(
     reports = await submit({"type": "awkward.reports"})
     exits = await submit({"type": "awkward.exit"})
     blocks = await submit({"type": "awkward.block", "args": {"seconds": 1.0}})
-    stubborn = await submit({"type": "awkward.stubborn", "args": {"seconds": 8}})
+    stubborn = await submit({"type": "awkward.stubborn", "args": {"seconds": 120}})
 
     async def ended(task_id: str) -> dict[str, Any]:
         return await eventually(partial(_ended, http, system, tenant, task_id), within=30)
@@ -61,8 +61,8 @@ async def test_misbehaving_handlers_end_their_own_tasks(
     task = await ended(blocks)
     assert (task["state"], task["error"]["type"]) == ("failed", "timeout"), task
 
-    # Cancelled, it goes on (8 s in all): given up after the 1 s grace, not at its
-    # 60 s timeout.
+    # Cancelled, it goes on (two minutes in all): given up after the 1 s grace, not at
+    # its 60 s timeout.
     async def running() -> bool:
         async with http.get(f"{system.api_url}/v1/tasks/{stubborn}", headers=tenant.headers) as r:
             return bool((await r.json())["state"] == "running")
@@ -75,3 +75,7 @@ async def test_misbehaving_handlers_end_their_own_tasks(
     task = await eventually(partial(_ended, http, system, tenant, stubborn), within=5)
     assert task["state"] == "cancelled"
     assert worker.alive(), worker.output()[-2000:]
+    # Stopping, the worker does not wait for the handler it gave up on (SIGKILL, -9,
+    # if it does not exit in time).
+    assert worker.terminate(wait=20) == 0, worker.output()[-2000:]
+    assert "handlers that ignored cancellation still running" in worker.output()
