@@ -81,7 +81,8 @@ class FaultResult:
 
 
 def worker_id_of(proc: ServiceProcess) -> str:
-    return f"{socket.gethostname()}:{proc.pid}"
+    """What the worker's id starts with (a random part follows: services/worker/app.py)."""
+    return f"{socket.gethostname()}:{proc.pid}:"
 
 
 class FaultRun:
@@ -190,8 +191,11 @@ class FaultRun:
         )
 
     async def running_on(self, worker_id: str) -> dict[UUID, int]:
+        """The tasks running on the worker whose id starts with ``worker_id``."""
         rows = await self.pool.fetch(
-            "SELECT id, attempts FROM tasks WHERE state = 'running' AND worker_id = $1", worker_id
+            "SELECT id, attempts FROM tasks WHERE state = 'running'"
+            " AND starts_with(worker_id, $1)",
+            worker_id,
         )
         return {r["id"]: r["attempts"] for r in rows}
 
