@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -21,11 +22,23 @@ from shared.taskrows import event_from_row
 log = logging.getLogger(__name__)
 
 
+# A dead letter that could not be stored (PostgreSQL away) is handed back this much
+# later: the broker redelivers at once, and each turn would be a spin.
+RETRY_S = 1.0
+
+
 class DeadLetterSink:
-    def __init__(self, queue: AbstractQueue, repo: WorkerRepository, events: EventSink) -> None:
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        repo: WorkerRepository,
+        events: EventSink,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._queue = queue
         self._repo = repo
         self._events = events
+        self._pause = pause
         self._tag: str | None = None
 
     async def start(self) -> None:
@@ -41,32 +54,40 @@ class DeadLetterSink:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # Rejected (requeued) on error: a dead letter is never dropped.
         async with message.process(requeue=True):
-            headers: dict[str, Any] = dict(message.headers or {})
-            reason = _text(headers.get("x-first-death-reason")) or "dead-lettered"
-            deliveries = headers.get("x-delivery-count")
-            detail = f"dead-lettered by the broker ({reason}) after {deliveries} deliveries"
             try:
-                task = parse_task_message(message.body)
-            except MessageError:
-                task = None
-            await self._repo.dead_letter(
-                reason=reason,
-                detail=detail,
-                body=message.body,
-                headers=_jsonable(headers),
-                tenant_id=task.tenant_id if task else None,
-                task_id=task.task_id if task else None,
+                await self._store(message)
+            except Exception as exc:
+                log.warning("dead letter not stored yet", extra={"error": repr(exc)[:300]})
+                await self._pause(RETRY_S)
+                raise
+
+    async def _store(self, message: AbstractIncomingMessage) -> None:
+        headers: dict[str, Any] = dict(message.headers or {})
+        reason = _text(headers.get("x-first-death-reason")) or "dead-lettered"
+        deliveries = headers.get("x-delivery-count")
+        detail = f"dead-lettered by the broker ({reason}) after {deliveries} deliveries"
+        try:
+            task = parse_task_message(message.body)
+        except MessageError:
+            task = None
+        await self._repo.dead_letter(
+            reason=reason,
+            detail=detail,
+            body=message.body,
+            headers=_jsonable(headers),
+            tenant_id=task.tenant_id if task else None,
+            task_id=task.task_id if task else None,
+        )
+        if task is not None:
+            row = await self._repo.fail_waiting(
+                task, {"type": "poison", "message": detail, "retryable": False}
             )
-            if task is not None:
-                row = await self._repo.fail_waiting(
-                    task, {"type": "poison", "message": detail, "retryable": False}
-                )
-                if row is not None:
-                    await self._events.emit([event_from_row(row)])
-            log.warning(
-                "dead letter stored",
-                extra={"reason": reason, "task": str(task.task_id) if task else None},
-            )
+            if row is not None:
+                await self._events.emit([event_from_row(row)])
+        log.warning(
+            "dead letter stored",
+            extra={"reason": reason, "task": str(task.task_id) if task else None},
+        )
 
 
 def _text(value: object) -> str | None:

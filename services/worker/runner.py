@@ -217,8 +217,9 @@ class Runner:
         if reporter.fenced_out and running.stop_reason is None:
             running.stop_reason = StopReason.FENCED
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
-        if outcome.state == "succeeded":
-            await reporter.close()
+        # Whatever the outcome: a report held back and written after the outcome's
+        # event would take a seq below it, which the stream refuses (a gap).
+        await reporter.close()
         return outcome
 
     def _outcome(

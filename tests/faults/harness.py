@@ -193,8 +193,7 @@ class FaultRun:
     async def running_on(self, worker_id: str) -> dict[UUID, int]:
         """The tasks running on the worker whose id starts with ``worker_id``."""
         rows = await self.pool.fetch(
-            "SELECT id, attempts FROM tasks WHERE state = 'running'"
-            " AND starts_with(worker_id, $1)",
+            "SELECT id, attempts FROM tasks WHERE state = 'running' AND starts_with(worker_id, $1)",
             worker_id,
         )
         return {r["id"]: r["attempts"] for r in rows}

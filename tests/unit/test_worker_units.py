@@ -4,9 +4,10 @@ its write and emit callables), the @task SDK and the registry of task types."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,8 @@ import asyncpg
 import pytest
 from pydantic import BaseModel
 
+from services.worker import deadletters
+from services.worker.deadletters import DeadLetterSink
 from services.worker.maintenance import heartbeat, reaper
 from services.worker.progress import MAX_DATA_BYTES, MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
@@ -538,3 +541,42 @@ async def test_a_fenced_report_stops_the_attempt_and_bad_data_is_refused_at_once
     await reporter.report(0.3, None, None)
     await reporter.close()  # the report may be held back by the rate limit
     assert fenced == [True] and reporter.fenced_out
+
+
+class _Delivery:
+    """A dead letter as aio-pika hands it over: process() settles it on exit."""
+
+    body = b"{}"
+    headers: dict[str, Any] = {"x-first-death-reason": "delivery_limit"}
+
+    def __init__(self) -> None:
+        self.settled: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def process(self, *, requeue: bool) -> AsyncIterator[None]:
+        try:
+            yield
+        except Exception:
+            self.settled.append("requeued" if requeue else "dropped")
+            raise
+        self.settled.append("acked")
+
+
+class _DatabaseAway:
+    async def dead_letter(self, **_: Any) -> None:
+        raise ConnectionRefusedError(111, "refused")
+
+
+async def test_a_dead_letter_not_stored_is_handed_back_after_a_pause() -> None:
+    """With PostgreSQL away the broker would redeliver it at once, for as long as the
+    outage lasts: it goes back only after a pause."""
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    sink = DeadLetterSink(None, _DatabaseAway(), None, pause=pause)  # type: ignore[arg-type]
+    delivery = _Delivery()
+    with pytest.raises(ConnectionRefusedError):
+        await sink._on_message(delivery)  # type: ignore[arg-type]
+    assert pauses == [deadletters.RETRY_S] and delivery.settled == ["requeued"]
