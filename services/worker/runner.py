@@ -229,6 +229,8 @@ class Runner:
         timed_out: bool,
         timeout_s: float,
     ) -> Outcome:
+        if reason is not None and handler.done() and not handler.cancelled():
+            handler.exception()  # retrieved: the stop decides, the handler's error is moot
         if reason is StopReason.CANCELLED:
             return Outcome("cancelled")
         if reason in (StopReason.SHUTDOWN, StopReason.FENCED):
