@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -98,6 +99,10 @@ def listening(host: str, port: int, settings: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        # uvloop's strerror repeats the address; the C library's text does not.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        # uvloop's strerror repeats the address; the C library's text does not. A host
+        # name that does not resolve has a resolver's code, not an errno.
+        if isinstance(exc, socket.gaierror) or not exc.errno:
+            reason = exc.strerror or str(exc)
+        else:
+            reason = os.strerror(exc.errno)
         raise ConfigError(f"cannot listen on {host}:{port} ({settings}): {reason}") from None

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.failpoints import Failpoints
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# Any duration setting (a name ending in _s): past this, a value is a typo, and some
+# overflow at run time (an interval out of PostgreSQL's range, an expiry Redis refuses).
+MAX_SECONDS = 10 * 365 * 24 * 3600
+_SCHEMES = {
+    "amqp_url": ("amqp", "amqps"),
+    "redis_url": ("redis", "rediss", "unix"),
+    "database_url": ("postgresql", "postgres"),
+}
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 S = TypeVar("S", bound=BaseSettings)
@@ -19,7 +29,9 @@ S = TypeVar("S", bound=BaseSettings)
 class CommonSettings(BaseSettings):
     """Connection settings and the namespace that isolates one deployment (or test run)."""
 
-    model_config = SettingsConfigDict(env_prefix="LONGHAUL_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LONGHAUL_", extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -47,6 +59,29 @@ class CommonSettings(BaseSettings):
     delivery_limit: int = Field(default=50, ge=2)
     # Broker-side last guard against floods (x-max-length + reject-publish).
     queue_max_length: int = Field(default=1_000_000, ge=1)
+
+    @field_validator("amqp_url", "redis_url", "database_url")
+    @classmethod
+    def _url_of_its_kind(cls, value: str, info: ValidationInfo) -> str:
+        schemes = _SCHEMES[str(info.field_name)]
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+            raise ValueError(f"must be a URL starting {' or '.join(s + '://' for s in schemes)}")
+        return value
+
+    @field_validator("failpoints")
+    @classmethod
+    def _failpoints_parse(cls, value: str) -> str:
+        Failpoints(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _durations_in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        name = str(info.field_name)
+        if name.endswith("_s") and isinstance(value, float | int) and value > MAX_SECONDS:
+            raise ValueError(f"must be at most {MAX_SECONDS} seconds")
+        return value
 
     @field_validator("namespace")
     @classmethod

@@ -49,6 +49,16 @@ async def test_a_port_in_use_is_one_line_and_exit_code_2(
     )
 
 
+async def test_a_host_that_does_not_resolve_is_named_with_the_resolvers_reason(
+    deployment: Deployment,
+) -> None:
+    proc = ServiceProcess("services.api", deployment.env(api_host="999.1.1.1", api_port="0"))
+    code, lines = await asyncio.to_thread(_exit, proc)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("api: cannot listen on 999.1.1.1:0 (LONGHAUL_API_HOST/_PORT): ")
+    assert "Unknown error" not in lines[0], lines  # the resolver's own words
+
+
 async def test_an_unreachable_dependency_is_one_line_and_exit_code_3(
     deployment: Deployment,
 ) -> None:

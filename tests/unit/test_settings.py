@@ -68,6 +68,15 @@ def test_unrelated_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None
         ("LONGHAUL_API_PORT", "70000", ApiSettings),
         ("LONGHAUL_WORKER_CONCURRENCY", "0", WorkerSettings),
         ("LONGHAUL_RETRY_FACTOR", "0.5", WorkerSettings),
+        # Each of these was a traceback, a retry until the start timeout, or a value
+        # that broke at run time (an interval or an expiry out of range).
+        ("LONGHAUL_REDIS_URL", "notaurl", CommonSettings),
+        ("LONGHAUL_DATABASE_URL", "notaurl", CommonSettings),
+        ("LONGHAUL_AMQP_URL", "http://127.0.0.1:5672/", CommonSettings),
+        ("LONGHAUL_FAILPOINTS", "garbage", CommonSettings),
+        ("LONGHAUL_LEASE_S", "inf", CommonSettings),
+        ("LONGHAUL_CANCEL_GRACE_S", "nan", WorkerSettings),
+        ("LONGHAUL_EVENT_RETENTION_S", "1e300", CommonSettings),
     ],
 )
 def test_bad_value_is_one_line_naming_the_env_var(
