@@ -5,6 +5,7 @@ import { LonghaulClient, isTerminal } from "/console/longhaul-client.js";
 
 const KEY_STORAGE = "longhaul.apiKey";
 const LIST_LIMIT = 50;
+const TABLE_CAP = 200; // rows kept; older ones leave the table (and their subscription)
 const LOG_CAP = 500;
 const REFRESH_MS = 15000;
 
@@ -26,10 +27,11 @@ const state = {
 // ------------------------------------------------------------------ HTTP
 
 class ApiError extends Error {
-  constructor(status, problem) {
+  constructor(status, problem, retryAfter) {
     super(problem?.detail || problem?.title || `HTTP ${status}`);
     this.status = status;
     this.problem = problem;
+    this.retryAfter = retryAfter; // seconds, for 429 and 503
   }
 }
 
@@ -42,15 +44,25 @@ async function api(path, { method = "GET", body } = {}) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const text = await response.text();
-  const payload = text ? JSON.parse(text) : null;
-  if (!response.ok) throw new ApiError(response.status, payload);
+  let payload = null;
+  try {
+    payload = text ? JSON.parse(text) : null;
+  } catch {
+    // Not ours (a proxy's HTML error page): the status says what happened.
+    if (response.ok) throw new Error(`HTTP ${response.status}: the answer is not JSON`);
+  }
+  if (!response.ok) {
+    const retryAfter = Number(response.headers.get("Retry-After")) || null;
+    throw new ApiError(response.status, payload, retryAfter);
+  }
   return payload;
 }
 
 function describe(err) {
   if (err instanceof ApiError) {
     const details = (err.problem?.errors || []).map((e) => `${(e.loc || []).join(".")}: ${e.msg}`);
-    return [err.message, ...details].join(" — ");
+    // A 422's detail already sums its errors up: the errors alone, each once.
+    return details.length ? details.join(" — ") : err.message;
   }
   return String(err.message || err);
 }
@@ -69,7 +81,11 @@ function keyFromFragment() {
   if (!match) return null;
   // Out of the address bar (and history) at once: the key must not be bookmarked or shared.
   history.replaceState(null, "", location.pathname + location.search);
-  return decodeURIComponent(match[1]);
+  try {
+    return decodeURIComponent(match[1]);
+  } catch {
+    return null; // a mangled link: sign in by hand
+  }
 }
 
 async function signIn(key) {
@@ -81,8 +97,15 @@ async function signIn(key) {
     await start(types.items);
   } catch (err) {
     state.apiKey = null;
-    showSignIn(err instanceof ApiError && err.status === 401
-      ? "That API key was refused." : `Cannot reach the API: ${describe(err)}`);
+    if (err instanceof ApiError && err.status === 401) {
+      showSignIn("That API key was refused.");
+      return;
+    }
+    // Busy or away (429, 503, the network): the key is fine; try again.
+    const seconds = err instanceof ApiError && err.retryAfter ? err.retryAfter : 5;
+    $("sign-in").hidden = true;
+    notify(`Cannot reach the API: ${describe(err)} Trying again in ${seconds} s.`);
+    setTimeout(() => signIn(key), seconds * 1000);
   }
 }
 
@@ -209,6 +232,7 @@ async function submitTask(event) {
     const task = await api("/v1/tasks", { method: "POST", body: { type: $("task-type").value, args } });
     notify("");
     upsert(task, { afterSeq: 0, front: true });
+    trimTable();
     renderTable();
   } catch (err) {
     notify(`Not submitted: ${describe(err)}`);
@@ -231,6 +255,7 @@ async function refreshList() {
     // Newest first as the API orders them; tasks we created that the page no longer
     // shows (older than the page) stay below.
     state.order = [...ids, ...state.order.filter((id) => !ids.includes(id))];
+    trimTable();
     renderTable();
   } catch (err) {
     if (err instanceof ApiError && err.status === 401) return signOut();
@@ -246,7 +271,21 @@ function upsert(task, { afterSeq, front = false }) {
     if (front) state.order.unshift(task.id);
     else state.order.push(task.id);
   }
-  if (!state.subs.has(task.id)) watch(task.id, afterSeq);
+  // Only what can still change is followed: a connection's subscriptions are capped.
+  if (!state.subs.has(task.id) && !isTerminal(task.state)) watch(task.id, afterSeq);
+}
+
+function trimTable() {
+  for (const id of state.order.splice(TABLE_CAP)) {
+    unwatch(id);
+    state.tasks.delete(id);
+    state.logs.delete(id);
+  }
+}
+
+function unwatch(taskId) {
+  state.subs.get(taskId)?.unsubscribe();
+  state.subs.delete(taskId);
 }
 
 function watch(taskId, afterSeq) {
@@ -277,6 +316,8 @@ function onEvent(taskId, ev) {
     // Result, error and attempts live on the Task: fetch it when the state moves.
     if (stateChanged || isTerminal(ev.state)) refreshTask(taskId);
   }
+  // Ended: nothing more will come (a retry follows it again), unless its log is open.
+  if (isTerminal(ev.state) && state.selected !== taskId) unwatch(taskId);
 }
 
 async function refreshTask(taskId) {
@@ -299,7 +340,10 @@ async function act(taskId, action) {
     const task = await api(`/v1/tasks/${taskId}/${action}`, { method: "POST" });
     notify(`${action === "cancel" ? "Cancel" : "Retry"} requested for ${shortId(taskId)}.`, "info");
     const known = state.tasks.get(taskId);
+    const seen = known?.last_seq ?? 0;
     if (!known || task.last_seq >= known.last_seq) state.tasks.set(taskId, task);
+    // Retried, it runs again: follow it from the events we have.
+    if (!isTerminal(task.state) && !state.subs.has(taskId)) watch(taskId, seen);
     renderRow(taskId);
   } catch (err) {
     notify(`Cannot ${action}: ${describe(err)}`);
@@ -372,7 +416,11 @@ function renderTable() {
 }
 
 function select(taskId) {
+  const previous = state.selected;
   state.selected = taskId;
+  if (previous && previous !== taskId && isTerminal(state.tasks.get(previous)?.state)) {
+    unwatch(previous);
+  }
   for (const tr of $("task-rows").children) tr.classList.toggle("selected", tr.dataset.taskId === taskId);
   $("log-task").textContent = `— ${taskId}`;
   $("log-empty").hidden = true;

@@ -1,0 +1,178 @@
+"""The web console's own logic in headless Chromium, with the API answered by the test
+and the WebSocket scripted (as in test_client_js.py): what it subscribes to, how it
+takes a busy API at sign-in, and how it shows errors. The console against the real
+system is test_browser.py's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, Route
+
+from tests.e2e.test_browser import browser  # noqa: F401 - the fixture
+from tests.e2e.test_client_js import FAKE_WEBSOCKET
+from tests.support import eventually
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+CONSOLE = Path(__file__).parents[2] / "services" / "api" / "console"
+ORIGIN = "http://console.test"
+TYPES = {"items": [{"name": "demo.sleep", "args_schema": {"type": "object"}}]}
+
+
+def _task(n: int, state: str, last_seq: int = 3) -> dict[str, Any]:
+    return {
+        "id": f"0192f5c8-0000-7000-8000-{n:012d}",
+        "type": "demo.sleep",
+        "args": {},
+        "state": state,
+        "progress": 1.0 if state == "succeeded" else 0.5,
+        "message": None,
+        "result": None,
+        "error": None,
+        "attempts": 1,
+        "max_attempts": 5,
+        "last_seq": last_seq,
+    }
+
+
+Answer = tuple[int, Any, dict[str, str]]
+
+
+class FakeApi:
+    """The API as the console sees it: a queue of answers per path (the last repeats)."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, list[Answer]] = {}
+        self.calls: list[str] = []
+
+    def on(self, path: str, *answers: Answer) -> None:
+        self.answers[path] = list(answers)
+
+    async def serve(self, route: Route) -> None:
+        url = route.request.url.removeprefix(ORIGIN)
+        path = url.split("#")[0]
+        if path.startswith("/console/") and path != "/console/config.json":
+            name = path.removeprefix("/console/") or "index.html"
+            kinds = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+            kind = kinds[Path(name).suffix]
+            await route.fulfill(body=(CONSOLE / name).read_text(), content_type=kind)
+            return
+        self.calls.append(f"{route.request.method} {path}")
+        key = next((p for p in self.answers if path.startswith(p)), None)
+        queue = self.answers.get(key or "", [(404, {"title": "Not Found"}, {})])
+        status, body, headers = queue.pop(0) if len(queue) > 1 else queue[0]
+        text = body if isinstance(body, str) else json.dumps(body)
+        await route.fulfill(status=status, body=text, headers=headers)
+
+
+@pytest.fixture
+async def console(browser: Browser) -> AsyncIterator[tuple[FakeApi, Callable[[], Any]]]:  # noqa: F811
+    api = FakeApi()
+    api.on("/console/config.json", (200, {"gateway_url": "ws://gw/v1/ws"}, {}))
+    api.on("/v1/ws-tokens", (200, {"token": "t", "expires_in": 60}, {}))
+    page = await browser.new_page()
+    await page.route(f"{ORIGIN}/**", api.serve)
+    await page.add_init_script(FAKE_WEBSOCKET)
+
+    async def open_console() -> Page:
+        await page.goto(f"{ORIGIN}/console/#key=lh_test_key")
+        return page
+
+    try:
+        yield api, open_console
+    finally:
+        await page.close()
+
+
+async def _sent(page: Page) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = await page.evaluate("sockets.flatMap((s) => s.sent)")
+    return frames
+
+
+async def test_only_tasks_that_can_change_are_followed(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """Ended tasks are not subscribed to (a connection's subscriptions are capped, and
+    a console left open listed ever more of them); a task that ends is unsubscribed."""
+    api, open_console = console
+    done = [_task(n, "succeeded") for n in range(1, 8)]
+    live = [_task(n, "running") for n in (8, 9)]
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [*live, *done], "next_cursor": None}, {}))
+    page = await open_console()
+    await eventually(lambda: page.evaluate("sockets.length === 1"), what="a socket")
+    await page.evaluate("sockets[0].open()")
+
+    async def subscribed() -> list[str] | None:
+        ids = [f["task_id"] for f in await _sent(page) if f["op"] == "subscribe"]
+        return ids or None
+
+    assert sorted(await eventually(subscribed)) == sorted(t["id"] for t in live)
+    ended = {**live[0], "type": "event", "task_id": live[0]["id"], "seq": 4, "state": "failed"}
+    await page.evaluate("(frame) => sockets[0].feed(frame)", ended)
+
+    async def unsubscribed() -> bool:
+        return {"op": "unsubscribe", "task_id": live[0]["id"]} in await _sent(page)
+
+    await eventually(unsubscribed, what="the ended task to be unsubscribed")
+
+
+async def test_a_busy_api_at_sign_in_is_retried_not_a_refused_key(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    api, open_console = console
+    busy = {"title": "Too Many Requests", "status": 429, "detail": "over the rate limit"}
+    api.on("/v1/task-types", (429, busy, {"Retry-After": "1"}), (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console()
+    notice = page.locator("#notice")
+    await eventually(notice.text_content, what="the notice")
+    assert "Trying again in 1 s" in (await notice.text_content() or "")
+    assert await page.locator("#sign-in").is_hidden()
+    await page.locator("#app").wait_for(state="visible", timeout=10_000)
+    assert api.calls.count("GET /v1/task-types") == 2
+
+
+async def test_errors_are_told_once_and_a_proxys_page_by_its_status(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    api, open_console = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console()
+    await page.locator("#app").wait_for(state="visible", timeout=10_000)
+    invalid = {
+        "title": "Invalid request",
+        "status": 422,
+        "detail": "body.args.seconds: must be >= 0",
+        "errors": [{"loc": ["body", "args", "seconds"], "msg": "must be >= 0"}],
+    }
+    api.on("/v1/tasks", (422, invalid, {}))
+    await page.locator("#submit-button").click()
+    await eventually(lambda: page.locator("#notice").text_content(), what="the notice")
+    text = await page.locator("#notice").text_content() or ""
+    assert text.count("must be >= 0") == 1, text
+    api.on("/v1/tasks", (502, "<html><body>Bad Gateway</body></html>", {}))
+    await page.locator("#submit-button").click()
+
+    async def told_502() -> bool:
+        return "HTTP 502" in (await page.locator("#notice").text_content() or "")
+
+    await eventually(told_502, what="the 502 by its status")
+
+
+async def test_a_mangled_key_link_shows_the_sign_in_form(browser: Browser) -> None:  # noqa: F811
+    api = FakeApi()
+    page = await browser.new_page()
+    await page.route(f"{ORIGIN}/**", api.serve)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"{ORIGIN}/console/#key=%E0%A4%A")
+    await page.locator("#sign-in").wait_for(state="visible", timeout=10_000)
+    await page.close()
+    assert errors == []
