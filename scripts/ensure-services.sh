@@ -158,7 +158,10 @@ ensure() {
 check_pg_login() {
   command -v psql >/dev/null || return 0
   local admin="${DATABASE_URL%%\?*}" out
-  admin="${admin%/*}/postgres"   # the run's database may not exist yet; migrate creates it
+  # The run's database may not exist yet (migrate creates it): log in to postgres. A URL
+  # with no database path (postgresql://user@host:5432) gets one; a path is replaced.
+  local rest="${admin#*://}"
+  if [[ $rest == */* ]]; then admin="${admin%/*}/postgres"; else admin="$admin/postgres"; fi
   if ! out=$(PGCONNECT_TIMEOUT=3 psql "$admin" -XAtqc 'select 1' 2>&1); then
     problems+=("PostgreSQL (reachable but refuses the login of LONGHAUL_DATABASE_URL: ${out%%$'\n'*})")
   fi

@@ -370,12 +370,19 @@ def test_ensure_services_script_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "ensure-services.sh")], check=True)
 
 
-async def test_ensure_services_is_quick_when_everything_is_up(deployment: Any) -> None:
-    """With the run's RabbitMQ, Redis and PostgreSQL up, it only checks, and says so."""
+@pytest.mark.parametrize("database_path", ["run's", "none"])
+async def test_ensure_services_is_quick_when_everything_is_up(
+    deployment: Any, database_path: str
+) -> None:
+    """With the run's RabbitMQ, Redis and PostgreSQL up, it only checks, and says so;
+    a database URL without a path (a valid one) too."""
+    env = deployment.env()
+    if database_path == "none":
+        env["LONGHAUL_DATABASE_URL"] = env["LONGHAUL_DATABASE_URL"].rsplit("/", 1)[0]
     proc = await asyncio.create_subprocess_exec(
         "bash",
         str(ROOT / "scripts" / "ensure-services.sh"),
-        env={**os.environ, **deployment.env()},
+        env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout(10))
