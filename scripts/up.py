@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -164,6 +165,20 @@ def start(child: Child, env: dict[str, str]) -> None:
     )
 
 
+def port_is_free(child: Child) -> None:
+    """Before starting anything: a port another server holds would answer our health
+    checks, and `make up` would announce that server as ours."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((child.host, child.port))
+        except OSError as exc:
+            raise UpError(
+                f"{child.name}: {child.host}:{child.port} is taken ({exc.strerror}); "
+                "stop what listens there or set its LONGHAUL_*_PORT"
+            ) from None
+
+
 def healthy(child: Child) -> bool:
     try:
         with urllib.request.urlopen(
@@ -237,8 +252,10 @@ def stop(children: list[Child], stopper: Stopper) -> list[Child]:
 def run(worker_args: list[str], state_dir: Path) -> int:
     settings = load(CommonSettings)
     children, console = _children(worker_args)
+    for child in children:
+        port_is_free(child)
     key = dev_key(settings, state_dir)
-    env = {**os.environ, "LONGHAUL_DEV_API_KEY": key}
+    env = dict(os.environ)
     env.setdefault("LONGHAUL_LOG_FORMAT", "text")  # a terminal, not a log shipper
 
     stopper = Stopper()

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -550,3 +551,20 @@ async def test_up_stops_everything_when_a_child_dies(
             assert await http_status(f"http://127.0.0.1:{port}/healthz") is None
     finally:
         await up.stop()
+
+
+@pytest.mark.e2e
+async def test_up_refuses_a_port_another_server_holds(
+    deployment: Any, ports: dict[str, str], tmp_path: Path
+) -> None:
+    """Another server on the gateway's port would answer the health check, and `make up`
+    announced it as its own: it stops first, naming the port, and starts nothing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(ports["gateway_port"])))
+        taken.listen()
+        up = UpProcess(deployment.env(**ports), tmp_path, "up-port-taken")
+        code = await up.wait(within=30)
+    assert code == 1
+    assert f"ws_gateway: 127.0.0.1:{ports['gateway_port']} is taken" in up.output()
+    assert "Longhaul is up" not in up.output()
+    assert not (tmp_path / "dev-api-key").exists()  # nothing was started or made
