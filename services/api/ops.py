@@ -55,8 +55,9 @@ async def console_config(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    settings = app[SERVICES].settings
-    app[OPENAPI] = orjson.dumps(build_openapi(f"http://{settings.api_host}:{settings.api_port}"))
+    # Relative: the API's bind address (0.0.0.0 in a container) is not where clients
+    # reach it, and a proxy in front changes the host again.
+    app[OPENAPI] = orjson.dumps(build_openapi("/"))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
