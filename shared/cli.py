@@ -6,15 +6,17 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
 
 from shared import deadletters, keys
-from shared.db import ANY_PG_ERROR, migrate
-from shared.errors import ConfigError
+from shared.db import ANY_PG_ERROR, ensure_database, migrate
+from shared.errors import ConfigError, DependencyError
 from shared.events import EventSink
 from shared.ids import uuid7
+from shared.lifecycle import wait_for_dependency
 from shared.redis import create_client
 from shared.settings import CommonSettings, load
 from shared.taskrows import EVENT_COLUMNS, Row, event_from_row
@@ -22,6 +24,12 @@ from shared.wire import Wire
 
 
 async def _migrate(settings: CommonSettings) -> None:
+    # Run first in a deployment (compose's one-shot): PostgreSQL may still be starting.
+    await wait_for_dependency(
+        "PostgreSQL",
+        lambda: ensure_database(settings.database_url, settings.io_timeout_s),
+        settings.start_timeout_s,
+    )
     applied = await migrate(settings.database_url, timeout=settings.start_timeout_s)
     print(f"migrations applied: {applied}" if applied else "schema up to date")
 
@@ -195,10 +203,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # First: asyncpg's configuration errors (a bad DSN) are InterfaceErrors too.
         print(f"longhaul: {exc}", file=sys.stderr)
         return 2
+    except DependencyError as exc:  # PostgreSQL unreachable for the start timeout
+        print(f"longhaul: {exc}", file=sys.stderr)
+        return 3
     except ANY_PG_ERROR as exc:
-        print(f"longhaul: PostgreSQL at {settings.database_url}: {exc}", file=sys.stderr)
+        print(f"longhaul: PostgreSQL at {_without_password(settings.database_url)}: {exc}",
+              file=sys.stderr)  # fmt: skip
         return 3
     return 0
+
+
+def _without_password(url: str) -> str:
+    """The URL to show: an error message must not carry the database's password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 if __name__ == "__main__":

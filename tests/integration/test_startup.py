@@ -123,6 +123,12 @@ async def test_an_unmigrated_database_is_one_line_and_exit_code_2(
         # InterfaceErrors too, as is a lost connection: the order of handling matters)
         ("postgresql://127.0.0.1/x?sslmode=bogus", 2, "longhaul: `sslmode` parameter"),
         ("postgresql://127.0.0.1:{port}/x", 3, "longhaul: PostgreSQL at postgresql://"),
+        # The password is not shown.
+        (
+            "postgresql://u:sekret@127.0.0.1:{port}/x",
+            3,
+            "longhaul: PostgreSQL at postgresql://u:***@",
+        ),
     ],
 )
 async def test_the_cli_tells_a_bad_database_url_from_an_unreachable_database(
@@ -135,3 +141,21 @@ async def test_the_cli_tells_a_bad_database_url_from_an_unreachable_database(
     lines = err.splitlines()
     assert (returncode, len(lines)) == (code, 1), lines
     assert lines[0].startswith(says), lines
+    assert "sekret" not in err
+
+
+async def test_migrate_waits_for_postgresql_then_says_it_is_unreachable(
+    deployment: Deployment,
+) -> None:
+    """Run first in a deployment, while PostgreSQL may still be starting: it retries for
+    the start timeout, then one line and exit code 3 (it was a traceback)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = deployment.env(
+            database_url=f"postgresql://127.0.0.1:{closed.getsockname()[1]}/x",
+            start_timeout_s="1",
+        )
+        returncode, _, err = await run_cli({**ROOT_ENV, **env}, "migrate")
+    last = err.splitlines()[-1]
+    assert returncode == 3 and "Traceback" not in err, err
+    assert last.startswith("longhaul: PostgreSQL unreachable for 1s (LONGHAUL_START_TIMEOUT_S)")
