@@ -29,7 +29,7 @@ from services.api.settings import ApiSettings
 from services.worker.settings import WorkerSettings
 from services.ws_gateway.settings import GatewaySettings
 from shared import keys
-from shared.db import ANY_PG_ERROR
+from shared.db import ANY_PG_ERROR, redacted
 from shared.errors import ConfigError
 from shared.settings import CommonSettings, load
 
@@ -120,7 +120,7 @@ def dev_key(settings: CommonSettings, state_dir: Path) -> str:
                 _key_is_valid(settings.database_url, stored, settings.start_timeout_s)
             )
         except ANY_PG_ERROR as exc:
-            raise UpError(f"PostgreSQL at {settings.database_url}: {exc}") from exc
+            raise UpError(f"PostgreSQL at {redacted(settings.database_url)}: {exc}") from exc
         if valid:
             return stored
         print(f"up: {path} holds a key this database does not know; creating a new one")

@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
 
 from shared import deadletters, keys
-from shared.db import ANY_PG_ERROR, ensure_database, migrate
+from shared.db import ANY_PG_ERROR, ensure_database, migrate, redacted
 from shared.errors import ConfigError, DependencyError
 from shared.events import EventSink
 from shared.ids import uuid7
@@ -207,19 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"longhaul: {exc}", file=sys.stderr)
         return 3
     except ANY_PG_ERROR as exc:
-        print(f"longhaul: PostgreSQL at {_without_password(settings.database_url)}: {exc}",
+        print(f"longhaul: PostgreSQL at {redacted(settings.database_url)}: {exc}",
               file=sys.stderr)  # fmt: skip
         return 3
     return 0
-
-
-def _without_password(url: str) -> str:
-    """The URL to show: an error message must not carry the database's password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -128,6 +128,15 @@ async def require_schema(pool: asyncpg.Pool) -> None:
             f"the database is not migrated (schema version {applied or 0}, this code needs"
             f" {latest}): run `longhaul migrate` first"
         )
+
+
+def redacted(url: str) -> str:
+    """The URL to show in a message: without the database's password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def ensure_database(dsn: str, timeout: float) -> None:
