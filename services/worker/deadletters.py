@@ -64,8 +64,10 @@ class DeadLetterSink:
     async def _store(self, message: AbstractIncomingMessage) -> None:
         headers: dict[str, Any] = dict(message.headers or {})
         reason = _text(headers.get("x-first-death-reason")) or "dead-lettered"
-        deliveries = headers.get("x-delivery-count")
-        detail = f"dead-lettered by the broker ({reason}) after {deliveries} deliveries"
+        deliveries = headers.get("x-delivery-count")  # not set by every RabbitMQ version
+        detail = f"dead-lettered by the broker ({reason})" + (
+            f" after {deliveries} deliveries" if deliveries is not None else ""
+        )
         try:
             task = parse_task_message(message.body)
         except MessageError:
