@@ -114,8 +114,12 @@ class FrameCache:
     deleted since the dict last resized, so evicting the oldest cost 3.6 µs a frame
     once the cache was full, against 0.3 µs here."""
 
-    def __init__(self, size: int = 16_384) -> None:
+    def __init__(self, size: int = 16_384, max_bytes: int = 16 * 1024 * 1024) -> None:
         self._size = size
+        # Progress data may reach 64 KiB a frame: counted in characters too, or one
+        # task's large reports pinned a gigabyte after its watchers had gone.
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._frames: OrderedDict[tuple[UUID, int, bool], str] = OrderedDict()
 
     def frame(self, event: ProgressEvent) -> str:
@@ -124,7 +128,8 @@ class FrameCache:
         if text is not None:
             return text
         text = event_frame(event)
-        if len(self._frames) >= self._size:
-            self._frames.popitem(last=False)
+        self._bytes += len(text)
         self._frames[key] = text
+        while len(self._frames) > self._size or self._bytes > self._max_bytes:
+            self._bytes -= len(self._frames.popitem(last=False)[1])
         return text

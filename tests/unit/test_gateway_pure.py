@@ -278,6 +278,22 @@ def test_frame_cache_serves_an_equal_event_and_tells_snapshots_apart() -> None:
     assert json.loads(cache.frame(event(3, data={"k": 1}))) == json.loads(first)
 
 
+def test_frame_cache_holds_a_bounded_number_of_bytes() -> None:
+    """Frames of large progress data leave the cache by size, not only by count."""
+    cache = frames.FrameCache(size=1000, max_bytes=50_000)
+    task = UUID("0190a000-0000-7000-8000-000000000001")
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    for seq in range(1, 101):
+        cache.frame(
+            ProgressEvent(
+                task_id=task, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=at,
+                data="x" * 10_000,
+            )
+        )  # fmt: skip
+    assert cache._bytes <= 50_000 and len(cache._frames) == 4
+    assert cache._bytes == sum(len(f) for f in cache._frames.values())
+
+
 @pytest.mark.parametrize(
     ("delivered", "last_seq", "state", "expected"),
     [
