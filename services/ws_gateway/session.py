@@ -414,8 +414,8 @@ class Session:
         self._deps.metrics.relayed[source].inc()
 
     def _writable(self) -> bool:
-        """Open, and the kernel takes what we write (nothing much buffered by us)."""
+        """Open, and the kernel takes what we write (nothing much buffered by us, this
+        turn's queued frames included)."""
         ws = self.ws
-        return (
-            ws.protocol.state is State.OPEN and ws.transport.get_write_buffer_size() < _UNREAD_BYTES
-        )
+        buffered = ws.transport.get_write_buffer_size() + self._writes.pending
+        return ws.protocol.state is State.OPEN and buffered < _UNREAD_BYTES

@@ -17,20 +17,27 @@ from websockets.asyncio.connection import Connection
 
 
 class CoalescedWrites:
-    __slots__ = ("_flushing", "_ws")
+    __slots__ = ("_flushing", "_ws", "pending")
 
     def __init__(self, ws: Connection) -> None:
         self._ws = ws
         self._flushing: asyncio.Handle | None = None
+        # Bytes queued this turn and not yet handed to the transport: a catch-up of
+        # thousands of frames happens within one turn, where the transport's buffer
+        # alone never shows the client falling behind.
+        self.pending = 0
 
     def write(self, frame: str) -> None:
         """Queue a text frame; the connection must be open."""
-        self._ws.protocol.send_text(frame.encode())
+        data = frame.encode()
+        self.pending += len(data)
+        self._ws.protocol.send_text(data)
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flushing = None
+        self.pending = 0
         transport = self._ws.transport
         chunks = self._ws.protocol.data_to_send()
         if not chunks or transport.is_closing():

@@ -613,6 +613,39 @@ async def test_health_ready_and_metrics(
 # ---------------------------------------------------------------- slow consumers
 
 
+async def test_a_catch_up_to_a_client_that_does_not_read_waits_for_its_socket(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A replay happens within one turn of the loop, where the transport's buffer alone
+    never grew: 1,500 frames of 30 KiB went into memory at once for a client that read
+    none of them. Past the buffer's mark the replay waits for the socket instead."""
+    task_id = await insert_task(db, tenant, state="running", last_seq=1500)
+    at = datetime.now(UTC)
+    blob = "x" * 30 * 1024
+    for start in range(1, 1501, 50):
+        events = [
+            ProgressEvent(
+                task_id=task_id, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=at,
+                data={"b": blob},
+            )
+            for seq in range(start, start + 50)
+        ]  # fmt: skip
+        assert await sink.emit(events)
+    async with gateway(deployment) as gw:
+        ws = await ws_connect(gw, redis, tenant, max_size=2**20)  # and never reads
+        try:
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+            await eventually(until(lambda: gw.registry.subscription_count == 1))
+            await asyncio.sleep(1.0)
+            [session] = gw.registry.connections()
+            buffered = session.ws.transport.get_write_buffer_size()
+            # The replay whole is 44 MiB; the kernel's buffers take a few of them.
+            assert buffered < 8 * 2**20, buffered
+            assert session._cursors[task_id] < 1500
+        finally:
+            ws.transport.abort()
+
+
 async def test_non_reading_client_is_dropped_others_keep_receiving(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
