@@ -112,3 +112,22 @@ async def test_limits_stored_with_the_tenant_override_the_default(
     print(f"generous tenant (1000/s, burst 200): {statuses.count(200)}/100 x 200")
     # The default burst (20) would have refused most of these.
     assert statuses == [200] * 100
+
+
+async def test_batches_refused_as_bad_still_cost_the_tenant(
+    deployment: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """A batch took its tokens only once its body was valid: malformed or invalid
+    batches (each up to 1,000 items to check) were never limited."""
+    system = systems(deployment)
+    await system.start_api(rate_limit_per_s="1", rate_limit_burst="3")
+    tenant = await create_tenant(db)
+    url = f"{system.api_url}/v1/tasks:batch"
+    statuses = []
+    for _ in range(8):
+        async with http.post(url, json={"tasks": [{"type": "no such type"}] * 10},
+                             headers=tenant.headers) as r:  # fmt: skip
+            statuses.append(r.status)
+    print(f"invalid batches at 1/s, burst 3: {statuses}")
+    assert statuses[:3] == [422] * 3
+    assert 429 in statuses[3:], statuses
