@@ -49,7 +49,9 @@ for seq, flags in string.gmatch(ARGV[5], '(%d+):(%d)') do
     end
     flags = tonumber(flags)
     if flags % 2 == 1 then redis.call('PUBLISH', channels .. string.sub(stream, cut), body) end
-    if flags >= 2 then redis.call('PEXPIRE', stream, ttl) end
+    -- Also a stream this write made anew (Redis restarted, or evicted it mid-task):
+    -- with no expiry it stayed for good if its terminal write was lost.
+    if flags >= 2 or redis.call('PTTL', stream) == -1 then redis.call('PEXPIRE', stream, ttl) end
 end
 return {refused, first}
 """

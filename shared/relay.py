@@ -147,6 +147,7 @@ class OutboxRelay:
             self._delete_handed, name="outbox-deletes", linger_s=SETTLE_LINGER_S, enough=batch_size
         )
         self._listener: asyncpg.Connection | None = None
+        self._listen_retry_at = 0.0
         # True while the broker refuses publishes (queue full, or down): the API
         # stops admitting tasks until a publish goes through again.
         self.refusing = False
@@ -371,12 +372,20 @@ class OutboxRelay:
         """Keep a LISTEN connection open; without it the relay still polls every poll_s."""
         if self._listener is not None and not self._listener.is_closed():
             return
+        # Not again until poll_s after a failure: this runs before every flush, and a
+        # PostgreSQL at its connection limit got a new attempt from every relay per flush.
+        if time.monotonic() < self._listen_retry_at:
+            return
+        conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
         except ANY_PG_ERROR as exc:
             log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
+            if conn is not None:
+                conn.terminate()  # connected, but not listening: not left open
             self._listener = None
+            self._listen_retry_at = time.monotonic() + self._poll_s
             return
         self._listener = conn
 
