@@ -14,8 +14,11 @@ class GatewayMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # An SSE poll holds a place under the same caps as a WebSocket while it waits.
         self.connections = Gauge(
-            "longhaul_gateway_connections", "Open WebSocket connections", registry=r
+            "longhaul_gateway_connections",
+            "Open client connections: WebSocket sessions and SSE polls in progress",
+            registry=r,
         )
         self.connections.set_function(connections)
         self.subscriptions = Gauge(
