@@ -20,6 +20,7 @@ from shared.schemas import TASK_TYPE_PATTERN, ProblemError, TaskRequest, TaskSta
 M = TypeVar("M", bound=BaseModel)
 
 _IDEMPOTENCY_MAX = 255
+_DIGITS = re.compile(r"[0-9]+")
 # The same rule as TaskRequest.type: anything else names no task type.
 _TYPE_RE = re.compile(TASK_TYPE_PATTERN)
 
@@ -100,6 +101,18 @@ def path_id(request: web.Request, what: str = "task") -> UUID:
         raise ProblemException(404, "Not Found", f"no such {what}", slug="not-found") from None
 
 
+def query_int(raw: str, low: int, high: int) -> int | None:
+    """``raw`` as an integer in ``low..high`` if it is ASCII decimal digits alone, else
+    None. Not int(): it also takes "1_0", "+5", " 5 " and non-ASCII digits such as "٣"."""
+    if _DIGITS.fullmatch(raw) is None:
+        return None
+    significant = raw.lstrip("0")
+    if len(significant) > len(str(high)):  # out of range, and no int() of 4,000 digits
+        return None
+    value = int(significant or "0")
+    return value if low <= value <= high else None
+
+
 class ListQuery(BaseModel):
     state: TaskState | None = None
     type: str | None = None
@@ -132,12 +145,11 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
         errors.append(ProblemError(loc=["query", "type"], msg="not a task type name"))
     limit = 50
     if "limit" in q:
-        try:
-            limit = int(q["limit"])
-            if not 1 <= limit <= 500:
-                raise ValueError
-        except ValueError:
+        parsed = query_int(q["limit"], 1, 500)
+        if parsed is None:
             errors.append(ProblemError(loc=["query", "limit"], msg="an integer from 1 to 500"))
+        else:
+            limit = parsed
     before = None
     if q.get("cursor"):
         before = decode_cursor(q["cursor"])

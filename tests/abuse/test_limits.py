@@ -66,6 +66,8 @@ async def test_api_size_and_count_limits(
         (422, "GET", "/v1/tasks?limit=501", {}),
         (422, "GET", "/v1/tasks?limit=0", {}),
         (422, "GET", "/v1/tasks?limit=99999999999999999999999", {}),
+        (422, "GET", "/v1/tasks?limit=1_0", {}),
+        (422, "GET", "/v1/tasks?limit=%D9%A3", {}),
         (422, "GET", f"/v1/tasks?type={'t' * 129}", {}),
         (422, "GET", f"/v1/tasks?cursor={'A' * 4000}", {}),
         (422, "GET", "/v1/dead-letters?limit=501", {}),

@@ -145,6 +145,50 @@ def test_garbage_cursor_is_none(garbage: str) -> None:
     assert rq.decode_cursor(garbage) is None
 
 
+# ---------------------------------------------------------------- integer query parameters
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("1", 1), ("50", 50), ("500", 500), ("0007", 7), ("0" * 30 + "9", 9)]
+)
+def test_limit_takes_ascii_decimal_digits(raw: str, expected: int) -> None:
+    """A limit of ASCII digits alone, leading zeros included, is that number."""
+    request = make_mocked_request("GET", f"/v1/tasks?limit={raw}")
+    assert rq.list_query(request).limit == expected
+    assert rq.query_int(raw, 1, 500) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "1_0",
+        "+5",
+        "%2B5",
+        "-5",
+        "%205",
+        "5%20",
+        "5%0A",
+        "%D9%A3",
+        "%EF%BC%95",
+        "0x10",
+        "5.0",
+        "1e2",
+        "",
+        "0",
+        "501",
+        "9" * 4000,
+    ],
+)
+def test_limit_refuses_what_is_not_ascii_decimal_digits(raw: str) -> None:
+    """What int() takes but the contract does not ("1_0", " 5", "+5", Arabic-Indic or
+    fullwidth digits) is a 422 naming the parameter, as is a number out of range."""
+    request = make_mocked_request("GET", f"/v1/tasks?limit={raw}")
+    with pytest.raises(ProblemException) as info:
+        rq.list_query(request)
+    assert info.value.problem.status == 422
+    assert [e.loc for e in info.value.problem.errors or []] == [["query", "limit"]]
+
+
 # ---------------------------------------------------------------- Idempotency-Key
 
 
