@@ -21,6 +21,9 @@ M = TypeVar("M", bound=BaseModel)
 
 _IDEMPOTENCY_MAX = 255
 _DIGITS = re.compile(r"[0-9]+")
+# W3C Trace Context: version-traceid-parentid-flags in lowercase hex; a later version
+# may append fields after a dash, version 00 may not.
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
 # The same rule as TaskRequest.type: anything else names no task type.
 _TYPE_RE = re.compile(TASK_TYPE_PATTERN)
 
@@ -84,6 +87,22 @@ def idempotency_key(request: web.Request) -> str | None:
             errors=[ProblemError(loc=["header", "Idempotency-Key"], msg="1..255 printable ASCII")],
         )
     return key
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a valid ``traceparent`` header, else None: per W3C Trace Context
+    an invalid one is ignored (a new trace starts), never propagated."""
+    if traceparent is None:
+        return None
+    match = _TRACEPARENT_RE.fullmatch(traceparent)
+    if match is None:
+        return None
+    version, trace, parent, rest = match.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return None
+    if trace == "0" * 32 or parent == "0" * 16:
+        return None
+    return trace
 
 
 def request_hash(task: TaskRequest) -> bytes:

@@ -136,9 +136,7 @@ async def _requeued(svc: Services, rows: Sequence[Row]) -> None:
 
 
 def _trace_id(request: web.Request) -> str:
-    incoming = request.headers.get("traceparent", "")
-    parts = incoming.split("-")
-    trace = parts[1] if len(parts) == 4 and len(parts[1]) == 32 else uuid.uuid4().hex
+    trace = rq.trace_id(request.headers.get("traceparent")) or uuid.uuid4().hex
     trace_id_var.set(trace)
     return trace
 

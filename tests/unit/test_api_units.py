@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
@@ -25,7 +26,7 @@ from services.api.backpressure import AdmissionLedger, DrainEstimator
 from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import Principal
-from services.api.routes import routes
+from services.api.routes import _trace_id, routes
 from services.api.tasktypes import TaskTypeInfo, TaskTypes
 from services.api.views import task_document
 from shared import keys
@@ -187,6 +188,67 @@ def test_limit_refuses_what_is_not_ascii_decimal_digits(raw: str) -> None:
         rq.list_query(request)
     assert info.value.problem.status == 422
     assert [e.loc for e in info.value.problem.errors or []] == [["query", "limit"]]
+
+
+# ---------------------------------------------------------------- traceparent
+
+_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+_PARENT = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"00-{_TRACE}-{_PARENT}-01",
+        f"00-{_TRACE}-{_PARENT}-00",
+        f"01-{_TRACE}-{_PARENT}-01",  # a later version is read as far as we know it
+        f"cc-{_TRACE}-{_PARENT}-01-what-comes-later",
+    ],
+)
+def test_a_valid_traceparent_gives_its_trace_id(header: str) -> None:
+    """A well-formed traceparent's trace id is carried on."""
+    assert rq.trace_id(header) == _TRACE
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "garbage",
+        f"00-{'z' * 32}-{_PARENT}-01",  # not hex, right length: was propagated
+        f"00-{'-' * 32}-{_PARENT}-01",
+        f"00-{_TRACE.upper()}-{_PARENT}-01",
+        f"00-{_TRACE}-{_PARENT.upper()}-01",
+        f"00-{_TRACE}-{'g' * 16}-01",
+        f"00-{_TRACE}-{_PARENT}-zz",
+        f"00-{_TRACE}-{_PARENT}-1",
+        f"0-{_TRACE}-{_PARENT}-01",
+        f"xy-{_TRACE}-{_PARENT}-01",
+        f"ff-{_TRACE}-{_PARENT}-01",  # version ff is invalid
+        f"00-{'0' * 32}-{_PARENT}-01",
+        f"00-{_TRACE}-{'0' * 16}-01",
+        f"00-{_TRACE}-{_PARENT}-01-extra",  # version 00 has exactly four fields
+        f"00-{_TRACE}-{_PARENT}-01 ",
+        f"00-{_TRACE}0-{_PARENT}-01",
+        f"00-{_TRACE}-{_PARENT}0-01",
+        f"cc-{_TRACE}-{_PARENT}-01x",
+    ],
+)
+def test_an_invalid_traceparent_is_ignored(header: str) -> None:
+    """A traceparent that is not lowercase hex of the right lengths, or names the
+    all-zero trace or parent, is treated as absent: the request starts a new trace."""
+    assert rq.trace_id(header) is None
+    request = make_mocked_request("POST", "/v1/tasks", headers={"traceparent": header})
+    started = _trace_id(request)
+    assert re.fullmatch("[0-9a-f]{32}", started) and started not in header
+
+
+def test_no_traceparent_starts_a_trace() -> None:
+    """Without the header a request gets a new trace id of its own."""
+    assert rq.trace_id(None) is None
+    first = _trace_id(make_mocked_request("POST", "/v1/tasks"))
+    assert re.fullmatch("[0-9a-f]{32}", first)
+    assert _trace_id(make_mocked_request("POST", "/v1/tasks")) != first
 
 
 # ---------------------------------------------------------------- Idempotency-Key
