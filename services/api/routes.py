@@ -287,9 +287,14 @@ async def _tell_workers(svc: Services, command: dict[str, Any]) -> None:
 @routes.post("/v1/tasks/{id}/retry")
 async def retry_task(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
+    task_id = rq.path_id(request)
+    # Not a hot path: one more read so that an unknown id is a 404 under back pressure
+    # too, not a 503 telling the client to try again later.
+    if not await svc.repo.task_exists(principal.tenant_id, task_id):
+        raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     with _admit(svc):
-        outcome, row = await svc.repo.retry(principal.tenant_id, rq.path_id(request))
-    if row is None:
+        outcome, row = await svc.repo.retry(principal.tenant_id, task_id)
+    if row is None:  # purged (retention) since the read
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     if outcome == "conflict":
         raise ProblemException(
@@ -354,10 +359,15 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 @routes.post("/v1/dead-letters/{id}/redrive")
 async def redrive_dead_letter(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
+    letter_id = rq.path_id(request, "dead letter")
+    missing = ProblemException(404, "Not Found", "no such dead letter", slug="not-found")
+    # As for a retry: an unknown id is a 404 under back pressure too.
+    if not await svc.repo.dead_letter_exists(principal.tenant_id, letter_id):
+        raise missing
     with _admit(svc):
-        result = await svc.repo.redrive(principal.tenant_id, rq.path_id(request, "dead letter"))
+        result = await svc.repo.redrive(principal.tenant_id, letter_id)
     if result.outcome is deadletters.Redrive.MISSING or result.dead_letter is None:
-        raise ProblemException(404, "Not Found", "no such dead letter", slug="not-found")
+        raise missing
     if result.outcome is not deadletters.Redrive.DONE or result.task is None:
         raise ProblemException(
             409, "Conflict", f"cannot redrive: {result.outcome.value}", slug="not-redrivable"

@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
+from shared.ids import uuid7
 from tests.abuse.conftest import MakeSystem, report
 from tests.conftest import Deployment, Tenant, create_tenant
 from tests.support import eventually, free_port, outbox_emptied, private_redis, redis_up
@@ -135,6 +136,49 @@ async def test_a_batch_is_admitted_only_whole_under_the_limit(
     assert sum((await _states(db, tenant)).values()) == 40
     assert (await batch(DEPTH_LIMIT - 40))[0] == 202
     assert sum((await _states(db, tenant)).values()) == DEPTH_LIMIT
+
+
+async def test_a_retry_or_redrive_of_an_unknown_id_is_404_under_back_pressure(
+    fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
+) -> None:
+    """With the queue at its limit, a retry or redrive of an id that does not exist, is
+    malformed or is another tenant's is a 404: it can never be carried out, so a 503
+    telling the client to try again later would be wrong."""
+    system = systems(fresh_namespace, max_queue_depth=str(DEPTH_LIMIT))
+    await system.start_api(rate_limit_per_s="0")
+    tenant, other = await create_tenant(db), await create_tenant(db)
+    base = system.api_url
+    status, theirs, _, _ = await _submit(http, f"{base}/v1/tasks", other, {"type": "demo.noop"})
+    assert status == 202, theirs
+    letter = uuid7()
+    await db.execute(
+        "INSERT INTO dead_letters (id, tenant_id, task_id, reason, body)"
+        " VALUES ($1, $2, $3, 'malformed', '')",
+        letter,
+        other.id,
+        UUID(theirs["id"]),
+    )
+    batch = {"tasks": [{"type": "demo.noop"}] * (DEPTH_LIMIT - 1)}
+    status, payload, _, _ = await _submit(http, f"{base}/v1/tasks:batch", tenant, batch)
+    assert status == 202, payload
+
+    async def refused() -> bool:
+        status, *_ = await _submit(http, f"{base}/v1/tasks", tenant, {"type": "demo.noop"})
+        return status == 503
+
+    await eventually(refused, within=10, interval=0.3, what="back pressure")
+    for path in (
+        f"/v1/tasks/{uuid7()}/retry",
+        "/v1/tasks/not-an-id/retry",
+        f"/v1/tasks/{theirs['id']}/retry",
+        f"/v1/dead-letters/{uuid7()}/redrive",
+        "/v1/dead-letters/not-an-id/redrive",
+        f"/v1/dead-letters/{letter}/redrive",
+    ):
+        status, payload, headers, _ = await _submit(http, f"{base}{path}", tenant, None)
+        assert status == 404, (path, payload)
+        assert payload["status"] == 404 and "Retry-After" not in headers, (path, payload)
+    assert (await _submit(http, f"{base}/v1/tasks", tenant, {"type": "demo.noop"}))[0] == 503
 
 
 async def test_broker_refusing_publishes_gets_503_and_nothing_accepted_is_lost(
