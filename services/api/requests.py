@@ -14,13 +14,13 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from services.api.problems import ProblemException, validation_problem
+from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
 from shared.schemas import TASK_TYPE_PATTERN, ProblemError, TaskRequest, TaskState
 
 M = TypeVar("M", bound=BaseModel)
 
 _IDEMPOTENCY_MAX = 255
-_DIGITS = re.compile(r"[0-9]+")
 # W3C Trace Context: version-traceid-parentid-flags in lowercase hex; a later version
 # may append fields after a dash, version 00 may not.
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
@@ -120,18 +120,6 @@ def path_id(request: web.Request, what: str = "task") -> UUID:
         raise ProblemException(404, "Not Found", f"no such {what}", slug="not-found") from None
 
 
-def query_int(raw: str, low: int, high: int) -> int | None:
-    """``raw`` as an integer in ``low..high`` if it is ASCII decimal digits alone, else
-    None. Not int(): it also takes "1_0", "+5", " 5 " and non-ASCII digits such as "٣"."""
-    if _DIGITS.fullmatch(raw) is None:
-        return None
-    significant = raw.lstrip("0")
-    if len(significant) > len(str(high)):  # out of range, and no int() of 4,000 digits
-        return None
-    value = int(significant or "0")
-    return value if low <= value <= high else None
-
-
 class ListQuery(BaseModel):
     state: TaskState | None = None
     type: str | None = None
@@ -164,7 +152,7 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
         errors.append(ProblemError(loc=["query", "type"], msg="not a task type name"))
     limit = 50
     if "limit" in q:
-        parsed = query_int(q["limit"], 1, 500)
+        parsed = decimal_int(q["limit"], 1, 500)
         if parsed is None:
             errors.append(ProblemError(loc=["query", "limit"], msg="an integer from 1 to 500"))
         else:

@@ -34,7 +34,7 @@ class BadRequest:
 
 ClientOp = Subscribe | Unsubscribe | BadRequest
 
-_MAX_SEQ = 2**63 - 1
+MAX_SEQ = 2**63 - 1
 
 
 def parse_client_frame(frame: str | bytes) -> ClientOp:
@@ -60,7 +60,7 @@ def parse_client_frame(frame: str | bytes) -> ClientOp:
         return Unsubscribe(task_id)
     after = raw.get("after_seq", 0)
     # bool is an int in Python; JSON true is not a seq.
-    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= _MAX_SEQ:
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_SEQ:
         return BadRequest("after_seq must be an integer >= 0", task_text)
     return Subscribe(task_id, after)
 

@@ -14,6 +14,7 @@ from uuid import UUID
 from services.ws_gateway import frames
 from services.ws_gateway.hub import Resync
 from services.ws_gateway.session import Catcher, Deps, Tail
+from shared.digits import decimal_int
 from shared.schemas import ProgressEvent, TaskState
 
 RETRY_MS = 500
@@ -98,8 +99,4 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
     raw = header if header is not None else query
     if raw is None or raw == "":
         return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
+    return decimal_int(raw, 0, frames.MAX_SEQ)

@@ -31,6 +31,7 @@ from services.api.tasktypes import TaskTypeInfo, TaskTypes
 from services.api.views import task_document
 from shared import keys
 from shared.amqp import Outgoing, settled
+from shared.digits import decimal_int
 from shared.ids import uuid7
 from shared.jsonsafe import deeper_than, nul_path
 from shared.schemas import Task, TaskError, TaskLinks, TaskRequest
@@ -156,7 +157,7 @@ def test_limit_takes_ascii_decimal_digits(raw: str, expected: int) -> None:
     """A limit of ASCII digits alone, leading zeros included, is that number."""
     request = make_mocked_request("GET", f"/v1/tasks?limit={raw}")
     assert rq.list_query(request).limit == expected
-    assert rq.query_int(raw, 1, 500) == expected
+    assert decimal_int(raw, 1, 500) == expected
 
 
 @pytest.mark.parametrize(

@@ -536,3 +536,28 @@ def test_an_sse_poll_waits_only_as_long_as_the_handshake_timeout_leaves_room() -
     assert sse.poll_wait(8, 10, 0.2) == 8
     assert sse.poll_wait(8, 10, 2) == 5  # two reads may each wait the grace
     assert sse.poll_wait(8, 3, 2) == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "query", "expected"),
+    [
+        (None, None, 0),
+        ("", None, 0),
+        ("7", "9", 7),  # the header wins over the query
+        (None, "0012", 12),
+        (None, str(2**63 - 1), 2**63 - 1),
+    ],
+)
+def test_last_event_id_is_a_decimal_seq(
+    header: str | None, query: str | None, expected: int
+) -> None:
+    assert sse.parse_last_event_id(header, query) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["1_0", " 5", "+5", "-1", "\u0663", "\uff15", "0x10", str(2**63), "9" * 4000]
+)
+def test_last_event_id_refuses_what_is_not_ascii_digits_or_past_a_bigint(raw: str) -> None:
+    """int() took all but "-1" and 0x10 (a seq past a bigint then failed in PostgreSQL)."""
+    assert sse.parse_last_event_id(raw, None) is None
+    assert sse.parse_last_event_id(None, raw) is None
