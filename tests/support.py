@@ -105,6 +105,23 @@ async def outbox_emptied(db: Any, ids: list[Any]) -> None:
     await eventually(empty, within=10, what="the published tasks' outbox rows deleted")
 
 
+async def register_task_types(env: Mapping[str, str], *modules: str) -> None:
+    """Start a worker (built-in types and ``modules``) until it is ready, then stop it:
+    a worker registers its types at start, and the API admits only registered types."""
+    port = free_port()
+    args = [a for m in modules for a in ("--tasks", m)]
+    worker = ServiceProcess(
+        "services.worker",
+        {**env, "LONGHAUL_WORKER_METRICS_PORT": str(port)},
+        args,
+        name="types-worker",
+    )
+    try:
+        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc=worker)
+    finally:
+        worker.terminate()
+
+
 class ServiceProcess:
     """One service started as ``python -m services.<name>``, its stderr kept as an artifact."""
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Deployment
-from tests.support import ServiceProcess, System, free_port, wait_http_ok
+from tests.support import System, free_port, register_task_types
 
 TASKS_MODULE = "tests.abuse.abuse_tasks"
 
@@ -31,17 +31,7 @@ def new_ports() -> dict[str, str]:
 async def task_types(deployment: Deployment) -> None:
     """Register the built-in and the abuse task types in the run's database once: a
     worker does that at start. The API admits only registered types."""
-    port = free_port()
-    worker = ServiceProcess(
-        "services.worker",
-        deployment.env(worker_metrics_port=str(port)),
-        ["--tasks", TASKS_MODULE],
-        name="types-worker",
-    )
-    try:
-        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", proc=worker)
-    finally:
-        worker.terminate()
+    await register_task_types(deployment.env(), TASKS_MODULE)
 
 
 @pytest.fixture

@@ -7,11 +7,20 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.conftest import Deployment
-from tests.support import System
+from tests.support import System, register_task_types
+
+
+@pytest.fixture(scope="session")
+async def builtin_types(deployment: Deployment) -> None:
+    """Tests that start an API alone submit built-in types (demo.noop): without this they
+    passed only after a test that had started a worker."""
+    await register_task_types(deployment.env())
 
 
 @pytest.fixture
-async def system(deployment: Deployment, ports: dict[str, str]) -> AsyncIterator[System]:
+async def system(
+    deployment: Deployment, ports: dict[str, str], builtin_types: None
+) -> AsyncIterator[System]:
     sys_ = System(deployment.env(), ports)
     try:
         yield sys_
