@@ -299,12 +299,12 @@ class ApiRepository:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return await deadletters.list_page(conn, tenant_id, before, limit)
 
-    async def task_exists(self, tenant_id: UUID, task_id: UUID) -> bool:
-        """Without its columns: ``get`` reads args and result, which may be large."""
+    async def task_state(self, tenant_id: UUID, task_id: UUID) -> str | None:
+        """Without the other columns: ``get`` reads args and result, which may be large."""
         row = await self._fetchrow(
-            "SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id
+            "SELECT state FROM tasks WHERE id = $1 AND tenant_id = $2", task_id, tenant_id
         )
-        return row is not None
+        return None if row is None else str(row["state"])
 
     async def dead_letter_exists(self, tenant_id: UUID, dead_letter_id: UUID) -> bool:
         row = await self._fetchrow(

@@ -288,23 +288,34 @@ async def _tell_workers(svc: Services, command: dict[str, Any]) -> None:
 async def retry_task(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
     task_id = rq.path_id(request)
-    # Not a hot path: one more read so that an unknown id is a 404 under back pressure
-    # too, not a 503 telling the client to try again later.
-    if not await svc.repo.task_exists(principal.tenant_id, task_id):
+    # Not a hot path: one more read so that a retry that cannot be carried out is told so
+    # under back pressure too, not a 503 telling the client to try again later.
+    state = await svc.repo.task_state(principal.tenant_id, task_id)
+    if state is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
+    if state not in _RETRYABLE:
+        raise _not_retryable(state)
     with _admit(svc):
         outcome, row = await svc.repo.retry(principal.tenant_id, task_id)
     if row is None:  # purged (retention) since the read
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
-    if outcome == "conflict":
-        raise ProblemException(
-            409,
-            "Conflict",
-            f"only failed or cancelled tasks can be retried; this one is {row['state']}",
-            slug="task-not-retryable",
-        )
+    if outcome == "conflict":  # another retry got there first
+        raise _not_retryable(row["state"])
     await _requeued(svc, [row])
     return _document(task_document(row, svc.settings.public_ws_url), 202)
+
+
+# The states outbox.rerun takes a task from.
+_RETRYABLE = frozenset({"failed", "cancelled"})
+
+
+def _not_retryable(state: str) -> ProblemException:
+    return ProblemException(
+        409,
+        "Conflict",
+        f"only failed or cancelled tasks can be retried; this one is {state}",
+        slug="task-not-retryable",
+    )
 
 
 @routes.get("/v1/task-types")

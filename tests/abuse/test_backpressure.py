@@ -138,12 +138,13 @@ async def test_a_batch_is_admitted_only_whole_under_the_limit(
     assert sum((await _states(db, tenant)).values()) == DEPTH_LIMIT
 
 
-async def test_a_retry_or_redrive_of_an_unknown_id_is_404_under_back_pressure(
+async def test_a_retry_or_redrive_that_cannot_be_carried_out_is_told_so_under_back_pressure(
     fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
     """With the queue at its limit, a retry or redrive of an id that does not exist, is
-    malformed or is another tenant's is a 404: it can never be carried out, so a 503
-    telling the client to try again later would be wrong."""
+    malformed or is another tenant's is a 404, and a retry of a task that is not failed or
+    cancelled a 409: neither can ever be carried out, so a 503 telling the client to try
+    again later would be wrong."""
     system = systems(fresh_namespace, max_queue_depth=str(DEPTH_LIMIT))
     await system.start_api(rate_limit_per_s="0")
     tenant, other = await create_tenant(db), await create_tenant(db)
@@ -161,6 +162,7 @@ async def test_a_retry_or_redrive_of_an_unknown_id_is_404_under_back_pressure(
     batch = {"tasks": [{"type": "demo.noop"}] * (DEPTH_LIMIT - 1)}
     status, payload, _, _ = await _submit(http, f"{base}/v1/tasks:batch", tenant, batch)
     assert status == 202, payload
+    queued = payload["tasks"][0]["id"]
 
     async def refused() -> bool:
         status, *_ = await _submit(http, f"{base}/v1/tasks", tenant, {"type": "demo.noop"})
@@ -178,6 +180,11 @@ async def test_a_retry_or_redrive_of_an_unknown_id_is_404_under_back_pressure(
         status, payload, headers, _ = await _submit(http, f"{base}{path}", tenant, None)
         assert status == 404, (path, payload)
         assert payload["status"] == 404 and "Retry-After" not in headers, (path, payload)
+    status, payload, headers, _ = await _submit(
+        http, f"{base}/v1/tasks/{queued}/retry", tenant, None
+    )
+    assert status == 409 and "Retry-After" not in headers, payload
+    assert payload["type"].endswith("/task-not-retryable"), payload
     assert (await _submit(http, f"{base}/v1/tasks", tenant, {"type": "demo.noop"}))[0] == 503
 
 
