@@ -84,6 +84,29 @@ async def list_page(
     )
 
 
+async def redrive_blocker(
+    conn: Connection, dead_letter_id: UUID, tenant_id: UUID
+) -> Redrive | None:
+    """What would stop a redrive now, read without locks; None if it would go ahead.
+    For refusing before admission (back pressure): redrive() decides under its locks."""
+    row = await conn.fetchrow(
+        "SELECT d.redriven_at, d.task_id, t.state FROM dead_letters d"
+        " LEFT JOIN tasks t ON t.id = d.task_id AND t.tenant_id = d.tenant_id"
+        " WHERE d.id = $1 AND d.tenant_id = $2",
+        dead_letter_id,
+        tenant_id,
+    )
+    if row is None:
+        return Redrive.MISSING
+    if row["redriven_at"] is not None:
+        return Redrive.ALREADY
+    if row["task_id"] is None or row["state"] is None:
+        return Redrive.NO_TASK
+    if row["state"] not in ("failed", "cancelled"):  # those outbox.rerun takes
+        return Redrive.NOT_FINISHED
+    return None
+
+
 async def redrive(
     conn: Connection, dead_letter_id: UUID, tenant_id: UUID | None, task_columns: str
 ) -> RedriveResult:

@@ -306,13 +306,11 @@ class ApiRepository:
         )
         return None if row is None else str(row["state"])
 
-    async def dead_letter_exists(self, tenant_id: UUID, dead_letter_id: UUID) -> bool:
-        row = await self._fetchrow(
-            "SELECT 1 FROM dead_letters WHERE id = $1 AND tenant_id = $2",
-            dead_letter_id,
-            tenant_id,
-        )
-        return row is not None
+    async def redrive_blocker(
+        self, tenant_id: UUID, dead_letter_id: UUID
+    ) -> deadletters.Redrive | None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await deadletters.redrive_blocker(conn, dead_letter_id, tenant_id)
 
     async def redrive(self, tenant_id: UUID, dead_letter_id: UUID) -> deadletters.RedriveResult:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():

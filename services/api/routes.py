@@ -367,22 +367,28 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+def _redrive_refused(outcome: deadletters.Redrive) -> ProblemException:
+    if outcome is deadletters.Redrive.MISSING:
+        return ProblemException(404, "Not Found", "no such dead letter", slug="not-found")
+    return ProblemException(
+        409, "Conflict", f"cannot redrive: {outcome.value}", slug="not-redrivable"
+    )
+
+
 @routes.post("/v1/dead-letters/{id}/redrive")
 async def redrive_dead_letter(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
     letter_id = rq.path_id(request, "dead letter")
-    missing = ProblemException(404, "Not Found", "no such dead letter", slug="not-found")
-    # As for a retry: an unknown id is a 404 under back pressure too.
-    if not await svc.repo.dead_letter_exists(principal.tenant_id, letter_id):
-        raise missing
+    # As for a retry: a redrive that cannot be carried out is told so under back
+    # pressure too.
+    blocker = await svc.repo.redrive_blocker(principal.tenant_id, letter_id)
+    if blocker is not None:
+        raise _redrive_refused(blocker)
     with _admit(svc):
         result = await svc.repo.redrive(principal.tenant_id, letter_id)
-    if result.outcome is deadletters.Redrive.MISSING or result.dead_letter is None:
-        raise missing
-    if result.outcome is not deadletters.Redrive.DONE or result.task is None:
-        raise ProblemException(
-            409, "Conflict", f"cannot redrive: {result.outcome.value}", slug="not-redrivable"
-        )
+    done = result.outcome is deadletters.Redrive.DONE
+    if not done or result.dead_letter is None or result.task is None:
+        raise _redrive_refused(result.outcome)
     await _requeued(svc, [result.task])
     body = {
         **deadletters.as_json(result.dead_letter),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -142,9 +143,9 @@ async def test_a_retry_or_redrive_that_cannot_be_carried_out_is_told_so_under_ba
     fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
     """With the queue at its limit, a retry or redrive of an id that does not exist, is
-    malformed or is another tenant's is a 404, and a retry of a task that is not failed or
-    cancelled a 409: neither can ever be carried out, so a 503 telling the client to try
-    again later would be wrong."""
+    malformed or is another tenant's is a 404; a retry or redrive whose task is not failed
+    or cancelled, or a dead letter redriven before, a 409. None of them can be carried
+    out, so a 503 telling the client to try again later would be wrong."""
     system = systems(fresh_namespace, max_queue_depth=str(DEPTH_LIMIT))
     await system.start_api(rate_limit_per_s="0")
     tenant, other = await create_tenant(db), await create_tenant(db)
@@ -163,6 +164,15 @@ async def test_a_retry_or_redrive_that_cannot_be_carried_out_is_told_so_under_ba
     status, payload, _, _ = await _submit(http, f"{base}/v1/tasks:batch", tenant, batch)
     assert status == 202, payload
     queued = payload["tasks"][0]["id"]
+    unfinished, redriven = uuid7(), uuid7()
+    await db.executemany(
+        "INSERT INTO dead_letters (id, tenant_id, task_id, reason, body, redriven_at)"
+        " VALUES ($1, $2, $3, 'malformed', '', $4)",
+        [
+            (unfinished, tenant.id, UUID(queued), None),
+            (redriven, tenant.id, UUID(queued), datetime.now(UTC)),
+        ],
+    )
 
     async def refused() -> bool:
         status, *_ = await _submit(http, f"{base}/v1/tasks", tenant, {"type": "demo.noop"})
@@ -185,6 +195,11 @@ async def test_a_retry_or_redrive_that_cannot_be_carried_out_is_told_so_under_ba
     )
     assert status == 409 and "Retry-After" not in headers, payload
     assert payload["type"].endswith("/task-not-retryable"), payload
+    for letter_id, why in ((unfinished, "not failed or cancelled"), (redriven, "already")):
+        path = f"{base}/v1/dead-letters/{letter_id}/redrive"
+        status, payload, headers, _ = await _submit(http, path, tenant, None)
+        assert status == 409 and "Retry-After" not in headers, payload
+        assert why in payload["detail"], payload
     assert (await _submit(http, f"{base}/v1/tasks", tenant, {"type": "demo.noop"}))[0] == 503
 
 
