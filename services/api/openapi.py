@@ -129,12 +129,13 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        # Printable ASCII, no space (as requests.idempotency_key checks).
+                        # Printable ASCII (as requests.idempotency_key checks), spaces
+                        # only inside: HTTP strips them from the ends.
                         "schema": {
                             "type": "string",
                             "minLength": 1,
                             "maxLength": 255,
-                            "pattern": "^[!-~]+$",
+                            "pattern": "^[!-~]([ -~]*[!-~])?$",
                         },
                     }
                 ],

@@ -78,7 +78,8 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= _IDEMPOTENCY_MAX or not all(33 <= ord(c) <= 126 for c in key):
+    # Printable ASCII, the space included (HTTP has stripped it from the ends already).
+    if not 1 <= len(key) <= _IDEMPOTENCY_MAX or not all(32 <= ord(c) <= 126 for c in key):
         raise ProblemException(
             422,
             "Invalid request",

@@ -264,15 +264,17 @@ def test_no_idempotency_key_is_none() -> None:
     assert rq.idempotency_key(_request({})) is None
 
 
-@pytest.mark.parametrize("key", ["a", "order-42:retry#1", "~" * 255, "!"])
+@pytest.mark.parametrize(
+    "key", ["a", "order-42:retry#1", "~" * 255, "!", "order 42", '"sf string"']
+)
 def test_valid_idempotency_keys(key: str) -> None:
     """1..255 printable ASCII characters are accepted as they are."""
     assert rq.idempotency_key(_request({"Idempotency-Key": key})) == key
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "tab\there", "caf\u00e9"])
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "del\x7f", "caf\u00e9"])
 def test_invalid_idempotency_keys(key: str) -> None:
-    """Empty, too long, spaces, controls or non-ASCII keys are a 422 naming the header."""
+    """Empty, too long, controls or non-ASCII keys are a 422 naming the header."""
     with pytest.raises(ProblemException) as info:
         rq.idempotency_key(_request({"Idempotency-Key": key}))
     problem = info.value.problem
