@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, cast
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -13,6 +17,66 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 # WebSocket subscribes or API requests reaches.
 MAX_CONNECTIONS = 64
 
+# Set on a connection error raised before the command's first byte was written.
+_NOT_SENT = "longhaul_not_sent"
+
+
+def _not_sent(error: BaseException) -> bool:
+    return bool(getattr(error, _NOT_SENT, False))
+
+
+class _MarksNotSent(AbstractConnection):
+    """Marks the errors of connecting and of the health-check PING, which come before
+    the command is written: only those are retried. After a write the command may have
+    run (a timeout above all), and running a script or an INCR again is not harmless."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        try:
+            await super().connect_check_health(check_health, retry_socket_connect)
+        except RedisConnectionError as error:
+            setattr(error, _NOT_SENT, True)
+            raise
+
+    async def check_health(self) -> None:
+        try:
+            await super().check_health()  # type: ignore[no-untyped-call, unused-ignore]
+        except RedisConnectionError as error:
+            setattr(error, _NOT_SENT, True)
+            raise
+
+
+_marking: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _marking_class(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    # The URL picks the class (TCP, TLS, Unix socket); the mixin goes on top of it.
+    if cls not in _marking:
+        _marking[cls] = type(f"Longhaul{cls.__name__}", (_MarksNotSent, cls), {})
+    return _marking[cls]
+
+
+class _Client(Redis):
+    """Every call ends within ``call_timeout`` as a whole: waiting for a pooled
+    connection, connecting, a retry and the reply each had their own timeout, which
+    added up to several times it against a hung Redis."""
+
+    call_timeout: float
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        deadline = asyncio.timeout(self.call_timeout)
+        try:
+            async with deadline:
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call, unused-ignore]
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            # Callers handle Redis' errors; a cancelled command's connection is closed.
+            raise RedisTimeoutError(
+                f"Redis did not answer {args[0]!s} within {self.call_timeout:g} s"
+            ) from None
+
 
 def create_client(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) -> Redis:
     pool = BlockingConnectionPool.from_url(
@@ -22,10 +86,17 @@ def create_client(url: str, timeout: float, max_connections: int = MAX_CONNECTIO
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=15,
-        # One quick retry rides out a pooled connection that Redis dropped (a restart);
-        # a Redis that is down fails the call at once (and trips the caller's breaker).
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # One quick retry where the command was certainly not sent (a refused connect, a
+        # pooled connection found dropped by a restart), never after a timeout.
+        retry=Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            retries=1,
+            supported_errors=(RedisConnectionError,),
+            is_retryable=_not_sent,
+        ),
     )
+    pool.connection_class = _marking_class(pool.connection_class)
     # The client owns the pool: closing it closes the connections.
-    return Redis.from_pool(pool)
+    client = cast(_Client, _Client.from_pool(pool))
+    client.call_timeout = timeout
+    return client

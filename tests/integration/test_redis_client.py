@@ -9,9 +9,18 @@ to PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis import create_client
 from tests.conftest import Deployment
+from tests.faults.private import PrivateRedis
 
 
 async def test_a_burst_beyond_the_pool_waits_for_connections(deployment: Deployment) -> None:
@@ -28,3 +37,79 @@ async def test_a_burst_beyond_the_pool_waits_for_connections(deployment: Deploym
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == []
     assert results == [None] * 300
+
+
+# A script that counts its runs and, on its first, keeps Redis busy for ARGV[1] seconds:
+# the reply to that first run comes after the client's timeout.
+_SLOW_FIRST_RUN = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  local t = redis.call('TIME')
+  local start = t[1] * 1e6 + t[2]
+  repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > ARGV[1] * 1e6
+end
+return n
+"""
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+async def test_a_timed_out_script_is_not_run_again(private_redis: PrivateRedis) -> None:
+    """The command may have run when its reply is late: a retry would run it twice (a
+    rate limiter's token taken twice, events appended twice)."""
+    client = create_client(private_redis.url, 0.5)
+    try:
+        script = client.register_script(_SLOW_FIRST_RUN)
+        await client.ping()  # connected, script cache warm-up aside
+        with pytest.raises(RedisTimeoutError):
+            await script(keys=["runs"], args=[0.8])
+        await asyncio.sleep(0.6)  # the first run has finished
+        assert await client.get("runs") == b"1"
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_to_a_hung_redis_ends_within_its_timeout(
+    private_redis: PrivateRedis,
+) -> None:
+    """SIGSTOP: connects succeed (the kernel accepts) and nothing answers. Retries,
+    reconnects and the pool's wait used to add up to several times the timeout."""
+    assert private_redis.proc is not None
+    pooled = create_client(private_redis.url, 1.0)
+    fresh = create_client(private_redis.url, 1.0)
+    try:
+        await pooled.ping()
+        os.kill(private_redis.proc.pid, signal.SIGSTOP)
+        try:
+            for client in (pooled, fresh):
+                started = time.monotonic()
+                with pytest.raises((RedisError, TimeoutError)):
+                    await client.incr("hung")
+                assert time.monotonic() - started < 1.5  # it was 2 s and more
+        finally:
+            os.kill(private_redis.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.2)
+        assert await pooled.get("hung") in (None, b"1")
+    finally:
+        await pooled.aclose()
+        await fresh.aclose()
+
+
+async def test_a_pooled_connection_survives_a_redis_restart(private_redis: PrivateRedis) -> None:
+    client = create_client(private_redis.url, 2.0)
+    try:
+        await client.set("k", "1")
+        private_redis.stop()
+        private_redis.start()
+        await asyncio.sleep(0.2)  # a running service's loop sees the old connection close
+        assert await client.incr("k") == 1  # the restarted Redis has no data
+    finally:
+        await client.aclose()
