@@ -49,6 +49,16 @@ async def test_a_port_in_use_is_one_line_and_exit_code_2(
     )
 
 
+async def test_an_empty_origin_allow_list_is_one_line_and_exit_code_2(
+    deployment: Deployment,
+) -> None:
+    """It started, then refused every browser's connection with 403."""
+    proc = ServiceProcess("services.ws_gateway", deployment.env(allowed_origins=" , "))
+    code, lines = await asyncio.to_thread(_exit, proc)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("ws_gateway: invalid configuration: LONGHAUL_ALLOWED_ORIGINS: ")
+
+
 async def test_a_host_that_does_not_resolve_is_named_with_the_resolvers_reason(
     deployment: Deployment,
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from services.api.settings import ApiSettings
 from services.worker.settings import WorkerSettings
+from services.ws_gateway.settings import GatewaySettings
 from shared.errors import ConfigError
 from shared.settings import CommonSettings, load
 
@@ -77,6 +78,9 @@ def test_unrelated_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None
         ("LONGHAUL_LEASE_S", "inf", CommonSettings),
         ("LONGHAUL_CANCEL_GRACE_S", "nan", WorkerSettings),
         ("LONGHAUL_EVENT_RETENTION_S", "1e300", CommonSettings),
+        # No origin at all: every browser's connection to the gateway got 403.
+        ("LONGHAUL_ALLOWED_ORIGINS", "", GatewaySettings),
+        ("LONGHAUL_ALLOWED_ORIGINS", " , ,", GatewaySettings),
     ],
 )
 def test_bad_value_is_one_line_naming_the_env_var(
