@@ -79,10 +79,13 @@ test: install services chromium lint
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
-bench: install services
+# The benchmark's own addresses (LONGHAUL_BENCH_*_URL), not the services' ones.
+bench: install
+	@bash scripts/ensure-services.sh --bench
 	$(PY) -m bench
 
-bench-quick: install services
+bench-quick: install
+	@bash scripts/ensure-services.sh --bench
 	$(PY) -m bench --quick
 
 clean:

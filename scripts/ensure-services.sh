@@ -3,9 +3,11 @@
 #
 # For each one: reachable -> nothing to do; server installed -> start it; not installed
 # -> apt-get install it, then start it. Addresses come from LONGHAUL_AMQP_URL,
-# LONGHAUL_REDIS_URL and LONGHAUL_DATABASE_URL (contract defaults otherwise); only a
-# server on this machine (127.0.0.1, localhost, ::1) is started or installed, a remote
-# one is only checked. Idempotent, and quick when everything is already up.
+# LONGHAUL_REDIS_URL and LONGHAUL_DATABASE_URL (contract defaults otherwise); with
+# --bench, from the benchmark's LONGHAUL_BENCH_AMQP_URL, LONGHAUL_BENCH_REDIS_URL and
+# LONGHAUL_BENCH_PG_URL (bench/infra.py, same defaults). Only a server on this machine
+# (127.0.0.1, localhost, ::1) is started or installed, a remote one is only checked.
+# Idempotent, and quick when everything is already up.
 #
 # Exit 0 when all three are reachable; otherwise one line naming what is missing, exit 1.
 set -euo pipefail
@@ -14,9 +16,20 @@ cd "$(dirname "$0")/.."
 mkdir -p .run
 LOG="$PWD/.run/services.log"   # apt and server start-up output, kept out of the terminal
 
-AMQP_URL="${LONGHAUL_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
-REDIS_URL="${LONGHAUL_REDIS_URL:-redis://127.0.0.1:6379/0}"
-DATABASE_URL="${LONGHAUL_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/longhaul}"
+if [[ ${1:-} == --bench ]]; then
+  AMQP_URL="${LONGHAUL_BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
+  REDIS_URL="${LONGHAUL_BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
+  DATABASE_URL="${LONGHAUL_BENCH_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
+  DATABASE_VAR=LONGHAUL_BENCH_PG_URL
+elif [[ $# -eq 0 ]]; then
+  AMQP_URL="${LONGHAUL_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
+  REDIS_URL="${LONGHAUL_REDIS_URL:-redis://127.0.0.1:6379/0}"
+  DATABASE_URL="${LONGHAUL_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/longhaul}"
+  DATABASE_VAR=LONGHAUL_DATABASE_URL
+else
+  echo "usage: $0 [--bench]" >&2
+  exit 2
+fi
 
 say() { printf 'ensure-services: %s\n' "$*" >&2; }
 
@@ -163,7 +176,7 @@ check_pg_login() {
   local rest="${admin#*://}"
   if [[ $rest == */* ]]; then admin="${admin%/*}/postgres"; else admin="$admin/postgres"; fi
   if ! out=$(PGCONNECT_TIMEOUT=3 psql "$admin" -XAtqc 'select 1' 2>&1); then
-    problems+=("PostgreSQL (reachable but refuses the login of LONGHAUL_DATABASE_URL: ${out%%$'\n'*})")
+    problems+=("PostgreSQL (reachable but refuses the login of $DATABASE_VAR: ${out%%$'\n'*})")
   fi
 }
 

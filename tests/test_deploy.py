@@ -391,6 +391,40 @@ async def test_ensure_services_is_quick_when_everything_is_up(
     assert "are reachable" in stderr.decode()
 
 
+@pytest.mark.parametrize("target", ["bench", "bench-quick"])
+def test_make_bench_checks_the_benchmarks_own_services(target: str) -> None:
+    """`make -n` (prints, runs nothing): the check is of the addresses the benchmark
+    uses (LONGHAUL_BENCH_*_URL), before the benchmark."""
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    check = out.find("ensure-services.sh --bench")
+    assert -1 < check < out.find("-m bench"), out
+
+
+async def test_ensure_services_for_the_bench_checks_the_bench_urls(deployment: Any) -> None:
+    """The services' URLs all answer; the benchmark's Redis does not (127.0.0.2 counts
+    as another machine: it is only checked, and refuses at once)."""
+    env = {
+        **os.environ,
+        **deployment.env(),
+        "LONGHAUL_BENCH_AMQP_URL": deployment.amqp_url,
+        "LONGHAUL_BENCH_REDIS_URL": "redis://127.0.0.2:1/0",
+        "LONGHAUL_BENCH_PG_URL": deployment.database_url,
+    }
+    script = str(ROOT / "scripts" / "ensure-services.sh")
+    proc = await asyncio.create_subprocess_exec(
+        "bash", script, "--bench", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout(10))
+    assert proc.returncode == 1, stderr.decode()
+    assert "missing: Redis (127.0.0.2:1 is not reachable" in stderr.decode()
+
+
 # --- each image's command, on the host -------------------------------------------------
 
 
