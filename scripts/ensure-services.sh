@@ -6,7 +6,8 @@
 # LONGHAUL_REDIS_URL and LONGHAUL_DATABASE_URL (contract defaults otherwise); with
 # --bench, from the benchmark's LONGHAUL_BENCH_AMQP_URL, LONGHAUL_BENCH_REDIS_URL and
 # LONGHAUL_BENCH_PG_URL (bench/infra.py, same defaults). Only a server on this machine
-# (127.0.0.1, localhost, ::1) is started or installed, a remote one is only checked.
+# (127.0.0.1, localhost, ::1) is started or installed, a remote one is only checked. A
+# URL that names a Unix socket (unix://, PostgreSQL's host=/dir) is checked on the socket.
 # Idempotent, and quick when everything is already up.
 #
 # Exit 0 when all three are reachable; otherwise one line naming what is missing, exit 1.
@@ -33,23 +34,85 @@ fi
 
 say() { printf 'ensure-services: %s\n' "$*" >&2; }
 
-# host_port URL DEFAULT_PORT -> prints "host port" (IPv6 brackets removed).
-host_port() {
+# %XX escapes decoded (a socket path may be written %2F...).
+url_decode() { printf '%b' "${1//%/\\x}"; }
+
+# query_pairs URL NAME... -> the URL's NAME=value query pairs as written, joined by "&".
+query_pairs() {
+  [[ $1 == *\?* ]] || return 0
+  local query="${1#*\?}" pair name pairs out=()
+  IFS='&' read -ra pairs <<<"${query%%#*}"
+  for pair in "${pairs[@]}"; do
+    for name in "${@:2}"; do [[ $pair == "$name="* ]] && out+=("$pair"); done
+  done
+  local IFS='&'
+  echo "${out[*]}"
+}
+
+query_param() { # URL NAME -> the decoded value of the first NAME= in the query
+  local pair
+  pair=$(query_pairs "$1" "$2")
+  pair="${pair%%&*}"
+  [[ -z $pair ]] || url_decode "${pair#*=}"
+}
+
+# address URL DEFAULT_PORT -> "port host" (IPv6 brackets removed) for TCP, or
+# "unix path" for a Unix socket: a unix:// URL (Redis; the path is the socket), or a
+# PostgreSQL host that is a directory, in a host= query option or %2F-encoded (libpq:
+# the socket is dir/.s.PGSQL.port; host= and port= in the query win over the URL's).
+# The port comes first: a socket path may contain spaces.
+address() {
+  local url=$1 rest
+  if [[ $url == unix://* ]]; then
+    rest="${url#unix://}"
+    [[ ${rest%%/*} != *@* ]] || rest="${rest#*@}" # user:password@
+    rest="${rest%%[?#]*}"
+    [[ $rest == /* ]] || { echo "cannot parse the socket path in '$url'" >&2; return 1; }
+    echo "unix $(url_decode "$rest")"
+    return 0
+  fi
   local re='^[A-Za-z0-9+.-]+://([^@/]*@)?(\[[^]/]+\]|[^:/?#]+)?(:([0-9]+))?'
-  if [[ ! $1 =~ $re ]]; then
-    echo "cannot parse the address in '$1'" >&2
+  if [[ ! $url =~ $re ]]; then
+    echo "cannot parse the address in '$url'" >&2
     return 1
   fi
-  local host="${BASH_REMATCH[2]:-127.0.0.1}"
+  local host port="${BASH_REMATCH[4]:-$2}"
+  host=$(url_decode "${BASH_REMATCH[2]}")
+  if [[ $url == postgres* ]]; then
+    local q
+    q=$(query_param "$url" host)
+    host="${q:-$host}"
+    q=$(query_param "$url" port)
+    port="${q:-$port}"
+    if [[ $host == /* ]]; then
+      echo "unix ${host%/}/.s.PGSQL.$port"
+      return 0
+    fi
+  fi
+  host="${host:-127.0.0.1}"
   host="${host#[}"
-  echo "${host%]} ${BASH_REMATCH[4]:-$2}"
+  echo "$port ${host%]}"
 }
 
 is_local() { [[ $1 == 127.0.0.1 || $1 == localhost || $1 == ::1 ]]; }
 
-# A TCP connect is enough to know the server listens; the protocol is checked by the
-# services themselves (and, for PostgreSQL, by check_pg_login below).
-reachable() { timeout 1 bash -c "exec 3<>'/dev/tcp/$1/$2'" 2>/dev/null; }
+# The Python that connects to a Unix socket (bash cannot): the project's, else any.
+SOCKET_PY=python3
+[[ -x .venv/bin/python ]] && SOCKET_PY=.venv/bin/python
+
+# reachable HOST PORT, or reachable PATH unix. A connect is enough to know the server
+# listens; the protocol is checked by the services themselves (and, for PostgreSQL, by
+# check_pg_login below).
+reachable() {
+  if [[ $2 != unix ]]; then
+    timeout 1 bash -c "exec 3<>'/dev/tcp/$1/$2'" 2>/dev/null
+  elif command -v "$SOCKET_PY" >/dev/null; then
+    timeout 3 "$SOCKET_PY" -c \
+      'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1" 2>/dev/null
+  else
+    [[ -S $1 ]] # no Python: a socket file at least (it may be a stale one)
+  fi
+}
 
 wait_for() { # host port seconds
   local deadline=$((SECONDS + $3))
@@ -135,22 +198,33 @@ have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && 
 
 # ensure NAME URL DEFAULT_PORT INSTALLED_CHECK PACKAGE START_FUNCTION WAIT_SECONDS
 ensure() {
-  local name=$1 url=$2 installed=$4 package=$5 start=$6 seconds=$7 host port fresh=
-  read -r host port < <(host_port "$url" "$3") || { problems+=("$name (bad URL $url)"); return; }
+  local name=$1 url=$2 installed=$4 package=$5 start=$6 seconds=$7 host port at fresh=
+  read -r port host < <(address "$url" "$3") || { problems+=("$name (bad URL $url)"); return; }
   reachable "$host" "$port" && return 0
-  if ! is_local "$host"; then
-    problems+=("$name ($host:$port is not reachable; it is not on this machine, start it there)")
-    return
-  fi
-  # The start commands below serve the default port on loopback; anything else is a
-  # configuration this script cannot fix by starting a server.
-  if [[ $port != "$3" ]]; then
-    problems+=("$name (nothing listens on $host:$port; only the default port $3 is started here)")
-    return
-  fi
-  if reachable 127.0.0.1 "$port"; then
-    problems+=("$name (a server listens on 127.0.0.1:$port but not on $host:$port)")
-    return
+  at="$host:$port"
+  if [[ $port == unix ]]; then
+    at="the Unix socket $host"
+    # The start commands below serve TCP; of the sockets, only a Debian cluster's
+    # default one comes up with them.
+    if [[ $name != PostgreSQL || ! $host =~ ^(/var)?/run/postgresql/\.s\.PGSQL\.$3$ ]]; then
+      problems+=("$name (nothing listens on $at; only the default address is started here)")
+      return
+    fi
+  else
+    if ! is_local "$host"; then
+      problems+=("$name ($at is not reachable; it is not on this machine, start it there)")
+      return
+    fi
+    # The start commands below serve the default port on loopback; anything else is a
+    # configuration this script cannot fix by starting a server.
+    if [[ $port != "$3" ]]; then
+      problems+=("$name (nothing listens on $at; only the default port $3 is started here)")
+      return
+    fi
+    if reachable 127.0.0.1 "$port"; then
+      problems+=("$name (a server listens on 127.0.0.1:$port but not on $at)")
+      return
+    fi
   fi
   if ! "$installed"; then
     if ! apt_install "$package"; then
@@ -163,7 +237,7 @@ ensure() {
   reachable "$host" "$port" && return 0   # package scripts may have started it (systemd)
   say "starting $name"
   if ! "$start" || ! wait_for "$host" "$port" "$seconds"; then
-    problems+=("$name (installed but not listening on $host:$port after starting it; see $LOG)")
+    problems+=("$name (installed but not listening on $at after starting it; see $LOG)")
   fi
 }
 
@@ -175,6 +249,10 @@ check_pg_login() {
   # with no database path (postgresql://user@host:5432) gets one; a path is replaced.
   local rest="${admin#*://}"
   if [[ $rest == */* ]]; then admin="${admin%/*}/postgres"; else admin="$admin/postgres"; fi
+  # Of the query, only where the server is: the other options may be asyncpg's own.
+  local where
+  where=$(query_pairs "$DATABASE_URL" host port)
+  [[ -z $where ]] || admin="$admin?$where"
   if ! out=$(PGCONNECT_TIMEOUT=3 psql "$admin" -XAtqc 'select 1' 2>&1); then
     problems+=("PostgreSQL (reachable but refuses the login of $DATABASE_VAR: ${out%%$'\n'*})")
   fi

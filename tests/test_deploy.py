@@ -425,6 +425,80 @@ async def test_ensure_services_for_the_bench_checks_the_bench_urls(deployment: A
     assert "missing: Redis (127.0.0.2:1 is not reachable" in stderr.decode()
 
 
+async def _ensure_services(env: dict[str, str]) -> tuple[int | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        str(ROOT / "scripts" / "ensure-services.sh"),
+        env={**os.environ, **env},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout(10))
+    return proc.returncode, stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("setting", "url", "socket_path"),
+    [
+        ("LONGHAUL_REDIS_URL", "unix:///nonexistent/redis.sock?db=0", "/nonexistent/redis.sock"),
+        (
+            "LONGHAUL_REDIS_URL",
+            "unix://:secret@/nonexistent/redis%20a.sock",
+            "/nonexistent/redis a.sock",
+        ),
+        (
+            "LONGHAUL_DATABASE_URL",
+            "postgresql://postgres@/longhaul?sslmode=disable&host=/nonexistent",
+            "/nonexistent/.s.PGSQL.5432",
+        ),
+        (
+            "LONGHAUL_DATABASE_URL",
+            "postgresql://postgres@%2Fnonexistent:5433/longhaul",
+            "/nonexistent/.s.PGSQL.5433",
+        ),
+        (
+            "LONGHAUL_DATABASE_URL",
+            "postgresql://postgres@/longhaul?host=%2Fnonexistent&port=5434",
+            "/nonexistent/.s.PGSQL.5434",
+        ),
+    ],
+)
+async def test_ensure_services_checks_a_unix_socket_on_the_socket(
+    deployment: Any, setting: str, url: str, socket_path: str
+) -> None:
+    """It checked TCP on the default port instead, where a server answered."""
+    code, stderr = await _ensure_services({**deployment.env(), setting: url})
+    assert code == 1, stderr
+    assert f"nothing listens on the Unix socket {socket_path};" in stderr
+
+
+async def test_ensure_services_reaches_servers_on_their_unix_sockets(
+    deployment: Any, tmp_path: Path
+) -> None:
+    """A private Redis on a socket only; PostgreSQL on its socket when this machine's
+    cluster has one (the login is checked over it too)."""
+    sock = tmp_path / "redis.sock"
+    server = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
+        "--appendonly", "no", "--dir", str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+    async def listening() -> bool:
+        return sock.is_socket()
+
+    try:
+        await eventually(listening, what="redis-server's socket")
+        env = {**deployment.env(), "LONGHAUL_REDIS_URL": f"unix://{sock}?db=0"}
+        pg_dir = Path("/var/run/postgresql")
+        if (pg_dir / ".s.PGSQL.5432").is_socket():
+            env["LONGHAUL_DATABASE_URL"] = f"postgresql://postgres@/longhaul?host={pg_dir}"
+        code, stderr = await _ensure_services(env)
+        assert code == 0, stderr
+    finally:
+        server.kill()
+        await server.wait()
+
+
 # --- each image's command, on the host -------------------------------------------------
 
 
