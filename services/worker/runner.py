@@ -214,8 +214,6 @@ class Runner:
                 log.warning("handler ignored cancellation; abandoning it")
                 self.abandoned.add(handler)
                 handler.add_done_callback(self.abandoned.discard)
-        if reporter.fenced_out and running.stop_reason is None:
-            running.stop_reason = StopReason.FENCED
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
         # Whatever the outcome: a report held back and written after the outcome's
         # event would take a seq below it, which the stream refuses (a gap).
