@@ -72,17 +72,15 @@ class DeadLetterSink:
             task = parse_task_message(message.body)
         except MessageError:
             task = None
-        await self._repo.dead_letter(
-            reason=reason,
-            detail=detail,
-            body=message.body,
-            headers=_jsonable(headers),
-            tenant_id=task.tenant_id if task else None,
-            task_id=task.task_id if task else None,
-        )
-        if task is not None:
-            row = await self._repo.fail_waiting(
-                task, {"type": "poison", "message": detail, "retryable": False}
+        readable = _jsonable(headers)
+        if task is None:
+            await self._repo.dead_letter(
+                reason=reason, detail=detail, body=message.body, headers=readable
+            )
+        else:
+            error = {"type": "poison", "message": detail, "retryable": False}
+            row = await self._repo.dead_letter_task(
+                task, error, reason=reason, detail=detail, body=message.body, headers=readable
             )
             if row is not None:
                 await self._events.emit([event_from_row(row)])

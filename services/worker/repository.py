@@ -342,22 +342,41 @@ class WorkerRepository:
             tenant_id,
         )
 
-    async def fail_waiting(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
-        """Fail a task whose message for its next attempt was dead-lettered by the broker
-        (a crash loop past the delivery limit): it must still end, and be redrivable."""
-        return await self._fetchrow(
-            f"""
-            UPDATE tasks SET state = 'failed', error = $3, finished_at = now(),
-                next_attempt_at = NULL, last_seq = last_seq + 1, updated_at = now()
-            WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
-              AND tenant_id = $4  -- a forged message must not fail another's task
-            RETURNING {EVENT_COLUMNS}
-            """,
-            message.task_id,
-            message.attempt,
-            error,
-            message.tenant_id,
-        )
+    async def dead_letter_task(
+        self,
+        message: TaskMessage,
+        error: dict[str, Any],
+        *,
+        reason: str,
+        detail: str,
+        body: bytes,
+        headers: Mapping[str, Any],
+    ) -> Row | None:
+        """Keep a task's message the broker dead-lettered (a crash loop past the delivery
+        limit) and fail the task if it waits for that attempt: it must still end, and be
+        redrivable. In one transaction: with the dead letter committed alone, a failure
+        before the task's update had the redelivery keep it a second time."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            await conn.execute(
+                _DEAD_LETTER,
+                *_dead_letter_args(
+                    reason, detail, body, headers, message.tenant_id, message.task_id
+                ),
+            )
+            row: Row | None = await conn.fetchrow(
+                f"""
+                UPDATE tasks SET state = 'failed', error = $3, finished_at = now(),
+                    next_attempt_at = NULL, last_seq = last_seq + 1, updated_at = now()
+                WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
+                  AND tenant_id = $4  -- a forged message must not fail another's task
+                RETURNING {EVENT_COLUMNS}
+                """,
+                message.task_id,
+                message.attempt,
+                error,
+                message.tenant_id,
+            )
+            return row
 
     async def dead_letter(
         self,
@@ -371,23 +390,7 @@ class WorkerRepository:
     ) -> None:
         """Keep a message that can never be processed, with the reason, before acking it."""
         await self._execute(
-            """
-            INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, headers,
-                                      attempts, last_error)
-            SELECT $1, t.id, task.id, $4, $5, $6, $7, task.attempts, task.error
-            FROM (SELECT 1) AS one
-            LEFT JOIN tenants t ON t.id = $2
-            -- Only the named tenant's task, its id included: a forged message may
-            -- name another's, which a redrive would then run.
-            LEFT JOIN tasks task ON task.id = $3 AND task.tenant_id = t.id
-            """,
-            uuid7(),
-            tenant_id,
-            task_id,
-            reason,
-            detail[:2000],
-            body,
-            dict(headers),
+            _DEAD_LETTER, *_dead_letter_args(reason, detail, body, headers, tenant_id, task_id)
         )
 
     async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
@@ -402,6 +405,30 @@ class WorkerRepository:
     async def _execute(self, sql: str, *args: Any) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.execute(sql, *args)
+
+
+# With the task's attempts and last error, when the message names a task of its tenant.
+_DEAD_LETTER = """
+INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, headers,
+                          attempts, last_error)
+SELECT $1, t.id, task.id, $4, $5, $6, $7, task.attempts, task.error
+FROM (SELECT 1) AS one
+LEFT JOIN tenants t ON t.id = $2
+-- Only the named tenant's task, its id included: a forged message may
+-- name another's, which a redrive would then run.
+LEFT JOIN tasks task ON task.id = $3 AND task.tenant_id = t.id
+"""
+
+
+def _dead_letter_args(
+    reason: str,
+    detail: str,
+    body: bytes,
+    headers: Mapping[str, Any],
+    tenant_id: UUID | None,
+    task_id: UUID | None,
+) -> tuple[Any, ...]:
+    return (uuid7(), tenant_id, task_id, reason, detail[:2000], body, dict(headers))
 
 
 _FINISH = f"""

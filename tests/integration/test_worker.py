@@ -7,6 +7,7 @@ would, and must end in the dead_letters table with their reason."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
@@ -19,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.api.repository import ApiRepository, NewTask
+from services.worker.deadletters import DeadLetterSink
 from services.worker.repository import WorkerRepository
 from shared.db import create_pool
 from shared.ids import uuid7
@@ -666,8 +668,66 @@ async def test_a_broker_dead_letter_fails_only_its_own_tenants_task(isolated: Is
     await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
     error = {"type": "poison", "message": "crash loop", "retryable": False}
     forged = TaskMessage(task_id=task_id, tenant_id=other.id, type="demo.noop", attempt=1)
-    assert await repo.fail_waiting(forged, error) is None
+    letter = {"reason": "delivery_limit", "detail": "crash loop", "headers": {}}
+    body = encode_task_message(forged)
+    assert await repo.dead_letter_task(forged, error, body=body, **letter) is None
     assert await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "queued"
     own = forged.model_copy(update={"tenant_id": isolated.tenant.id})
-    row = await repo.fail_waiting(own, error)
+    row = await repo.dead_letter_task(own, error, body=encode_task_message(own), **letter)
     assert row is not None and row["state"] == "failed"
+
+
+class _DeadLetter:
+    """A delivery from the dead-letter queue; an error in process() would requeue it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.headers = {"x-first-death-reason": "delivery_limit"}
+
+    @contextlib.asynccontextmanager
+    async def process(self, *, requeue: bool) -> AsyncIterator[None]:
+        yield
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.emitted: list[ProgressEvent] = []
+
+    async def emit(self, events: list[ProgressEvent]) -> bool:
+        self.emitted += events
+        return True
+
+
+async def _no_pause(_: float) -> None:
+    pass
+
+
+async def test_a_dead_letter_redelivered_after_a_failure_is_kept_once(
+    isolated: Isolated,
+) -> None:
+    """The task's update fails after the dead letter's insert: the delivery goes back
+    to the queue, and its redelivery leaves one dead letter, not two."""
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 0, 30)
+    await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
+    message = TaskMessage(
+        task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
+    )
+    events = _Events()
+    repo = WorkerRepository(isolated.db, timeout=10)
+    sink = DeadLetterSink(None, repo, events, pause=_no_pause)  # type: ignore[arg-type]
+    delivery = _DeadLetter(encode_task_message(message))
+    await isolated.db.execute(
+        """
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;
+        CREATE TRIGGER refuse BEFORE UPDATE ON tasks FOR EACH ROW EXECUTE FUNCTION refuse();
+        """
+    )
+    with pytest.raises(asyncpg.RaiseError, match="refused"):
+        await sink._on_message(delivery)  # type: ignore[arg-type]
+    await isolated.db.execute("DROP TRIGGER refuse ON tasks")
+    await sink._on_message(delivery)  # type: ignore[arg-type]
+    count = "SELECT count(*) FROM dead_letters WHERE task_id = $1"
+    assert await isolated.db.fetchval(count, task_id) == 1
+    assert await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "failed"
+    assert [(e.task_id, e.state) for e in events.emitted] == [(task_id, "failed")]
