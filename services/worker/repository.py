@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -150,9 +149,12 @@ class WorkerRepository:
         publish the same message again in ``delay_s`` (the outbox) and return True. The
         attempt is not used up: no handler ran."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            waiting = await conn.fetchval(
+            # Later by PostgreSQL's clock, as every time of the outbox: a worker's clock
+            # set apart would hold the message back or let it out at once (a spin).
+            later = await conn.fetchval(
                 """
-                SELECT t.id FROM tasks t JOIN task_types tt ON tt.name = t.type
+                SELECT now() + make_interval(secs => $6)
+                FROM tasks t JOIN task_types tt ON tt.name = t.type
                 WHERE t.id = $1 AND t.tenant_id = $2 AND t.type = $3
                   AND t.state IN ('queued', 'retrying') AND t.attempts = $4 - 1
                   AND tt.seen_at > now() - make_interval(secs => $5)
@@ -163,10 +165,10 @@ class WorkerRepository:
                 message.type,
                 message.attempt,
                 seen_within_s,
+                delay_s,
             )
-            if waiting is None:
+            if later is None:
                 return False
-            later = datetime.now(UTC) + timedelta(seconds=delay_s)
             await outbox.enqueue(conn, [outbox.Scheduled(message, later)])
             return True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import datetime, tzinfo
 from typing import Any
 from uuid import UUID
 
@@ -22,6 +23,7 @@ from redis.asyncio import Redis
 from services.api.repository import ApiRepository, NewTask
 from services.worker.deadletters import DeadLetterSink
 from services.worker.repository import WorkerRepository
+from services.worker.runner import PASS_ON_DELAY_S
 from shared.db import create_pool
 from shared.ids import uuid7
 from shared.schemas import (
@@ -731,3 +733,31 @@ async def test_a_dead_letter_redelivered_after_a_failure_is_kept_once(
     assert await isolated.db.fetchval(count, task_id) == 1
     assert await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "failed"
     assert [(e.task_id, e.state) for e in events.emitted] == [(task_id, "failed")]
+
+
+async def test_a_passed_on_message_is_due_by_the_databases_clock(
+    isolated: Isolated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker lacking a task's type passes its message on PASS_ON_DELAY_S later by
+    PostgreSQL's clock: this worker's, an hour ahead, must not hold it back an hour."""
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Ahead:
+            return cls.fromtimestamp(datetime.now(tz).timestamp() + 3600, tz)
+
+    monkeypatch.setattr("services.worker.repository.datetime", Ahead, raising=False)
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 0, 30)
+    await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
+    await isolated.db.execute(
+        "INSERT INTO task_types (name, args_schema, seen_at) VALUES ('demo.noop', '{}', now())"
+    )
+    message = TaskMessage(
+        task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
+    )
+    repo = WorkerRepository(isolated.db, timeout=10)
+    before = await isolated.db.fetchval("SELECT now()")
+    assert await repo.pass_on(message, seen_within_s=30, delay_s=PASS_ON_DELAY_S)
+    due = await isolated.db.fetchval("SELECT available_at FROM outbox WHERE task_id = $1", task_id)
+    # Not before the delay by the database's clock, and not an hour after it.
+    assert PASS_ON_DELAY_S <= (due - before).total_seconds() < PASS_ON_DELAY_S + 60
