@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
 from services.worker.progress import ProgressReporter, StartEvent
@@ -41,6 +41,10 @@ T = TypeVar("T")
 PASSED_ON = Counter(
     "longhaul_worker_passed_on_total",
     "Messages of a type this worker lacks, published again for a worker that runs it",
+)
+ABANDONED = Gauge(
+    "longhaul_worker_abandoned_handlers",
+    "Handlers given up on (they ignored cancellation) that still run in this process",
 )
 # A message of a type this worker lacks goes back to the queue this much later: the
 # broker may give it to this worker again, and each turn costs a transaction.
@@ -211,14 +215,27 @@ class Runner:
         if not handler.done():
             done, _ = await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
             if not done:
-                log.warning("handler ignored cancellation; abandoning it")
+                # Unowned from now on, it still takes this process's CPU and memory:
+                # counted until it ends.
                 self.abandoned.add(handler)
-                handler.add_done_callback(self.abandoned.discard)
+                ABANDONED.inc()
+                handler.add_done_callback(self._abandoned_ended)
+                log.warning(
+                    "handler ignored cancellation; abandoning it",
+                    extra={"abandoned": len(self.abandoned)},
+                )
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
         # Whatever the outcome: a report held back and written after the outcome's
         # event would take a seq below it, which the stream refuses (a gap).
         await reporter.close()
         return outcome
+
+    def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
+        self.abandoned.discard(handler)
+        ABANDONED.dec()
+        if not handler.cancelled():
+            handler.exception()  # retrieved: its attempt has long been settled
+        log.info("an abandoned handler ended", extra={"abandoned": len(self.abandoned)})
 
     def _outcome(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from services.worker import deadletters
@@ -23,7 +24,8 @@ from services.worker.maintenance import heartbeat, reaper
 from services.worker.progress import MAX_DATA_BYTES, MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
-from services.worker.runner import start_handler
+from services.worker.repository import Claimed
+from services.worker.runner import Runner, Running, StopReason, start_handler
 from services.worker.sdk import (
     EmptyArgs,
     PermanentError,
@@ -33,10 +35,12 @@ from services.worker.sdk import (
     spec_of,
     task,
 )
+from services.worker.settings import WorkerSettings
 from shared.backoff import Backoff
 from shared.errors import ConfigError
+from shared.failpoints import Failpoints
 from shared.ids import uuid7
-from shared.schemas import ProgressEvent, TaskState
+from shared.schemas import ProgressEvent, TaskMessage, TaskState
 
 # ---------------------------------------------------------------- handler start
 
@@ -580,3 +584,50 @@ async def test_a_dead_letter_not_stored_is_handed_back_after_a_pause() -> None:
     with pytest.raises(ConnectionRefusedError):
         await sink._on_message(delivery)  # type: ignore[arg-type]
     assert pauses == [deadletters.RETRY_S] and delivery.settled == ["requeued"]
+
+
+# ---------------------------------------------------------------- abandoned handlers
+
+
+class _Held:
+    """Stands in for StartEvent: nothing to write."""
+
+    async def emit(self, events: Sequence[ProgressEvent] = ()) -> None:
+        pass
+
+
+def _abandoned() -> float | None:
+    return REGISTRY.get_sample_value("longhaul_worker_abandoned_handlers")
+
+
+async def test_a_handler_ignoring_its_cancellation_is_counted_until_it_ends() -> None:
+    """Given up on after the grace period it runs on in the process: the gauge counts it
+    until it ends."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(ctx: TaskContext, args: EmptyArgs) -> str:
+        started.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+        return "done"
+
+    spec = TaskSpec("t.stubborn", stubborn, EmptyArgs)
+    settings = WorkerSettings(cancel_grace_s=0.05, start_event_delay_s=0)
+    runner = Runner(settings, None, FakeSink(), Registry([spec]), Failpoints(""), "w")  # type: ignore[arg-type]
+    message = TaskMessage(task_id=uuid7(), tenant_id=uuid7(), type=spec.name, attempt=1)
+    row = {"timeout_s": 60.0, "max_attempts": 1, "cancel_requested_at": None, "args": {}}
+    running = Running(Claimed(row, message))  # type: ignore[arg-type]
+    before = _abandoned()
+    run = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
+    try:
+        await started.wait()
+        running.stop(StopReason.CANCELLED)
+        assert (await run).state == "cancelled"
+        assert before is not None and _abandoned() == before + 1 and len(runner.abandoned) == 1
+        [handler] = runner.abandoned
+    finally:
+        release.set()  # a failed test must not leave it running: the loop would wait
+    assert await handler == "done"
+    await asyncio.sleep(0)  # the done callbacks
+    assert _abandoned() == before and not runner.abandoned
