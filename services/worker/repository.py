@@ -232,6 +232,30 @@ class WorkerRepository:
                 await deadletters.keep_exhausted(conn, [message])
             return row
 
+    async def fail_and_keep(
+        self,
+        message: TaskMessage,
+        error: dict[str, Any],
+        *,
+        reason: str,
+        detail: str,
+        body: bytes,
+        headers: Mapping[str, Any],
+    ) -> Row | None:
+        """Fail the attempt and keep its message as a dead letter (it can never run
+        here), in one transaction: a task failed without it could not be redriven."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row: Row | None = await conn.fetchrow(
+                _FINISH, message.task_id, message.attempt, "failed", error
+            )
+            await conn.execute(
+                _DEAD_LETTER,
+                *_dead_letter_args(
+                    reason, detail, body, headers, message.tenant_id, message.task_id
+                ),
+            )
+            return row
+
     async def retry_later(
         self, message: TaskMessage, error: dict[str, Any], delay_s: float
     ) -> Row | None:

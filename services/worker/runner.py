@@ -333,12 +333,21 @@ class Runner:
             await self._events.emit(
                 [event_from_row(claimed.row)], backfill=previous_events([claimed.row])
             )
+            log.warning(
+                "dead-lettering message", extra={"reason": "unknown_type", "detail": detail}
+            )
             row = await self._db(
-                lambda: self._repo.finish(message.task_id, message.attempt, "failed", error)
+                lambda: self._repo.fail_and_keep(
+                    message,
+                    error,
+                    reason="unknown_type",
+                    detail=detail,
+                    body=body,
+                    headers=_jsonable(headers),
+                )
             )
             if row is not None:
                 await self._events.emit([event_from_row(row)])
-            await self._dead_letter("unknown_type", detail, body, headers, message)
         else:
             await self._skip(message, body, headers)
 

@@ -22,9 +22,12 @@ from redis.asyncio import Redis
 
 from services.api.repository import ApiRepository, NewTask
 from services.worker.deadletters import DeadLetterSink
+from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
-from services.worker.runner import PASS_ON_DELAY_S
+from services.worker.runner import PASS_ON_DELAY_S, Runner
+from services.worker.settings import WorkerSettings
 from shared.db import create_pool
+from shared.failpoints import Failpoints
 from shared.ids import uuid7
 from shared.schemas import (
     ProgressEvent,
@@ -695,8 +698,11 @@ class _Events:
     def __init__(self) -> None:
         self.emitted: list[ProgressEvent] = []
 
-    async def emit(self, events: list[ProgressEvent]) -> bool:
+    async def emit(self, events: list[ProgressEvent], *, backfill: Any = ()) -> bool:
         self.emitted += events
+        return True
+
+    async def announce(self, event: ProgressEvent) -> bool:
         return True
 
 
@@ -733,6 +739,45 @@ async def test_a_dead_letter_redelivered_after_a_failure_is_kept_once(
     assert await isolated.db.fetchval(count, task_id) == 1
     assert await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "failed"
     assert [(e.task_id, e.state) for e in events.emitted] == [(task_id, "failed")]
+
+
+async def test_a_task_of_a_type_no_worker_runs_is_never_failed_without_its_dead_letter(
+    isolated: Isolated,
+) -> None:
+    """The dead letter's insert fails after the task's update: neither is kept (a task
+    failed as unknown_type with no dead letter could not be redriven), and the task ends
+    with its dead letter once its lease runs out and its next attempt comes."""
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 0, 30)
+    await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
+    message = TaskMessage(
+        task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
+    )
+    repo = WorkerRepository(isolated.db, timeout=10)
+    runner = Runner(WorkerSettings(), repo, _Events(), Registry([]), Failpoints(""), "w")  # type: ignore[arg-type]
+    await isolated.db.execute(
+        """
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON dead_letters
+            FOR EACH ROW EXECUTE FUNCTION refuse();
+        """
+    )
+    with pytest.raises(asyncpg.RaiseError, match="refused"):
+        await runner.process(encode_task_message(message), {})
+    await isolated.db.execute("DROP TRIGGER refuse ON dead_letters")
+    await runner.process(encode_task_message(message), {})  # the redelivery: a duplicate
+    letters = "SELECT reason FROM dead_letters WHERE task_id = $1"
+    state = "SELECT state FROM tasks WHERE id = $1"
+    assert await isolated.db.fetchval(state, task_id) == "running"
+    assert await isolated.db.fetch(letters, task_id) == []
+    await isolated.db.execute("UPDATE tasks SET lease_expires_at = now() WHERE id = $1", task_id)
+    [row] = await repo.reap()
+    assert row["state"] == "queued"
+    second = message.model_copy(update={"attempt": 2})
+    await runner.process(encode_task_message(second), {})
+    await repo.aclose()
+    assert await isolated.db.fetchval(state, task_id) == "failed"
+    assert [r["reason"] for r in await isolated.db.fetch(letters, task_id)] == ["unknown_type"]
 
 
 async def test_a_passed_on_message_is_due_by_the_databases_clock(
