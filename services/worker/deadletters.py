@@ -13,7 +13,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError
 
-from services.worker.repository import WorkerRepository
+from services.worker.repository import Letter, WorkerRepository
 from shared.errors import MessageError
 from shared.events import EventSink
 from shared.schemas import parse_task_message
@@ -72,16 +72,12 @@ class DeadLetterSink:
             task = parse_task_message(message.body)
         except MessageError:
             task = None
-        readable = _jsonable(headers)
+        letter = Letter(reason, detail, message.body, _jsonable(headers))
         if task is None:
-            await self._repo.dead_letter(
-                reason=reason, detail=detail, body=message.body, headers=readable
-            )
+            await self._repo.dead_letter(letter)
         else:
             error = {"type": "poison", "message": detail, "retryable": False}
-            row = await self._repo.dead_letter_task(
-                task, error, reason=reason, detail=detail, body=message.body, headers=readable
-            )
+            row = await self._repo.dead_letter_task(task, error, letter)
             if row is not None:
                 await self._events.emit([event_from_row(row)])
         log.warning(

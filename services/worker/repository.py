@@ -233,14 +233,7 @@ class WorkerRepository:
             return row
 
     async def fail_and_keep(
-        self,
-        message: TaskMessage,
-        error: dict[str, Any],
-        *,
-        reason: str,
-        detail: str,
-        body: bytes,
-        headers: Mapping[str, Any],
+        self, message: TaskMessage, error: dict[str, Any], letter: Letter
     ) -> Row | None:
         """Fail the attempt and keep its message as a dead letter (it can never run
         here), in one transaction: a task failed without it could not be redriven."""
@@ -248,12 +241,7 @@ class WorkerRepository:
             row: Row | None = await conn.fetchrow(
                 _FINISH, message.task_id, message.attempt, "failed", error
             )
-            await conn.execute(
-                _DEAD_LETTER,
-                *_dead_letter_args(
-                    reason, detail, body, headers, message.tenant_id, message.task_id
-                ),
-            )
+            await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id))
             return row
 
     async def retry_later(
@@ -369,26 +357,14 @@ class WorkerRepository:
         )
 
     async def dead_letter_task(
-        self,
-        message: TaskMessage,
-        error: dict[str, Any],
-        *,
-        reason: str,
-        detail: str,
-        body: bytes,
-        headers: Mapping[str, Any],
+        self, message: TaskMessage, error: dict[str, Any], letter: Letter
     ) -> Row | None:
         """Keep a task's message the broker dead-lettered (a crash loop past the delivery
         limit) and fail the task if it waits for that attempt: it must still end, and be
         redrivable. In one transaction: with the dead letter committed alone, a failure
         before the task's update had the redelivery keep it a second time."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            await conn.execute(
-                _DEAD_LETTER,
-                *_dead_letter_args(
-                    reason, detail, body, headers, message.tenant_id, message.task_id
-                ),
-            )
+            await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id))
             row: Row | None = await conn.fetchrow(
                 f"""
                 UPDATE tasks SET state = 'failed', error = $3, finished_at = now(),
@@ -405,19 +381,10 @@ class WorkerRepository:
             return row
 
     async def dead_letter(
-        self,
-        *,
-        reason: str,
-        detail: str,
-        body: bytes,
-        headers: Mapping[str, Any],
-        tenant_id: UUID | None = None,
-        task_id: UUID | None = None,
+        self, letter: Letter, tenant_id: UUID | None = None, task_id: UUID | None = None
     ) -> None:
         """Keep a message that can never be processed, with the reason, before acking it."""
-        await self._execute(
-            _DEAD_LETTER, *_dead_letter_args(reason, detail, body, headers, tenant_id, task_id)
-        )
+        await self._execute(_DEAD_LETTER, *letter.args(tenant_id, task_id))
 
     async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -446,15 +413,26 @@ LEFT JOIN tasks task ON task.id = $3 AND task.tenant_id = t.id
 """
 
 
-def _dead_letter_args(
-    reason: str,
-    detail: str,
-    body: bytes,
-    headers: Mapping[str, Any],
-    tenant_id: UUID | None,
-    task_id: UUID | None,
-) -> tuple[Any, ...]:
-    return (uuid7(), tenant_id, task_id, reason, detail[:2000], body, dict(headers))
+@dataclass(frozen=True)
+class Letter:
+    """A message to keep as a dead letter: why, and the message as it came."""
+
+    reason: str
+    detail: str
+    body: bytes
+    headers: Mapping[str, Any]
+
+    def args(self, tenant_id: UUID | None, task_id: UUID | None) -> tuple[Any, ...]:
+        """The parameters of _DEAD_LETTER."""
+        return (
+            uuid7(),
+            tenant_id,
+            task_id,
+            self.reason,
+            self.detail[:2000],
+            self.body,
+            dict(self.headers),
+        )
 
 
 _FINISH = f"""

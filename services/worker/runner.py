@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.worker.progress import ProgressReporter, StartEvent
 from services.worker.registry import Registry
-from services.worker.repository import Claimed, WorkerRepository
+from services.worker.repository import Claimed, Letter, WorkerRepository
 from services.worker.sdk import TaskContext, TaskFailure, TaskSpec
 from services.worker.settings import WorkerSettings
 from shared.backoff import Backoff
@@ -336,16 +336,8 @@ class Runner:
             log.warning(
                 "dead-lettering message", extra={"reason": "unknown_type", "detail": detail}
             )
-            row = await self._db(
-                lambda: self._repo.fail_and_keep(
-                    message,
-                    error,
-                    reason="unknown_type",
-                    detail=detail,
-                    body=body,
-                    headers=_jsonable(headers),
-                )
-            )
+            letter = Letter("unknown_type", detail, body, _jsonable(headers))
+            row = await self._db(lambda: self._repo.fail_and_keep(message, error, letter))
             if row is not None:
                 await self._events.emit([event_from_row(row)])
         else:
@@ -374,12 +366,10 @@ class Runner:
         message: TaskMessage | None = None,
     ) -> None:
         log.warning("dead-lettering message", extra={"reason": reason, "detail": detail[:300]})
+        letter = Letter(reason, detail, body, _jsonable(headers))
         await self._db(
             lambda: self._repo.dead_letter(
-                reason=reason,
-                detail=detail,
-                body=body,
-                headers=_jsonable(headers),
+                letter,
                 tenant_id=message.tenant_id if message else None,
                 task_id=message.task_id if message else None,
             )

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from services.api.repository import ApiRepository, NewTask
 from services.worker.deadletters import DeadLetterSink
 from services.worker.registry import Registry
-from services.worker.repository import WorkerRepository
+from services.worker.repository import Letter, WorkerRepository
 from services.worker.runner import PASS_ON_DELAY_S, Runner
 from services.worker.settings import WorkerSettings
 from shared.db import create_pool
@@ -673,12 +673,12 @@ async def test_a_broker_dead_letter_fails_only_its_own_tenants_task(isolated: Is
     await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
     error = {"type": "poison", "message": "crash loop", "retryable": False}
     forged = TaskMessage(task_id=task_id, tenant_id=other.id, type="demo.noop", attempt=1)
-    letter = {"reason": "delivery_limit", "detail": "crash loop", "headers": {}}
-    body = encode_task_message(forged)
-    assert await repo.dead_letter_task(forged, error, body=body, **letter) is None
+    letter = Letter("delivery_limit", "crash loop", encode_task_message(forged), {})
+    assert await repo.dead_letter_task(forged, error, letter) is None
     assert await isolated.db.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "queued"
     own = forged.model_copy(update={"tenant_id": isolated.tenant.id})
-    row = await repo.dead_letter_task(own, error, body=encode_task_message(own), **letter)
+    own_letter = Letter("delivery_limit", "crash loop", encode_task_message(own), {})
+    row = await repo.dead_letter_task(own, error, own_letter)
     assert row is not None and row["state"] == "failed"
 
 

@@ -567,7 +567,7 @@ class _Delivery:
 
 
 class _DatabaseAway:
-    async def dead_letter(self, **_: Any) -> None:
+    async def dead_letter(self, *_: Any, **__: Any) -> None:
         raise ConnectionRefusedError(111, "refused")
 
 
