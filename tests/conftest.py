@@ -22,6 +22,7 @@ from shared import keys
 from shared.db import create_pool, migrate
 from shared.ids import uuid7
 from shared.wire import Wire
+from tests.faults.private import PrivateRedis
 from tests.support import free_port, new_run_id
 
 AMQP_URL = os.environ.get("LONGHAUL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -240,3 +241,14 @@ async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
     client = Redis.from_url(deployment.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own, for tests that stop, pause or restart it."""
+    server = PrivateRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

@@ -380,15 +380,9 @@ async def test_ensure_services_is_quick_when_everything_is_up(
     env = deployment.env()
     if database_path == "none":
         env["LONGHAUL_DATABASE_URL"] = env["LONGHAUL_DATABASE_URL"].rsplit("/", 1)[0]
-    proc = await asyncio.create_subprocess_exec(
-        "bash",
-        str(ROOT / "scripts" / "ensure-services.sh"),
-        env={**os.environ, **env},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(proc.communicate(), timeout(10))
-    assert proc.returncode == 0, stderr.decode()
-    assert "are reachable" in stderr.decode()
+    returncode, stderr = await _ensure_services(env)
+    assert returncode == 0, stderr
+    assert "are reachable" in stderr
 
 
 @pytest.mark.parametrize("target", ["bench", "bench-quick"])
@@ -410,25 +404,21 @@ async def test_ensure_services_for_the_bench_checks_the_bench_urls(deployment: A
     """The services' URLs all answer; the benchmark's Redis does not (127.0.0.2 counts
     as another machine: it is only checked, and refuses at once)."""
     env = {
-        **os.environ,
         **deployment.env(),
         "LONGHAUL_BENCH_AMQP_URL": deployment.amqp_url,
         "LONGHAUL_BENCH_REDIS_URL": "redis://127.0.0.2:1/0",
         "LONGHAUL_BENCH_PG_URL": deployment.database_url,
     }
-    script = str(ROOT / "scripts" / "ensure-services.sh")
-    proc = await asyncio.create_subprocess_exec(
-        "bash", script, "--bench", env=env, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await asyncio.wait_for(proc.communicate(), timeout(10))
-    assert proc.returncode == 1, stderr.decode()
-    assert "missing: Redis (127.0.0.2:1 is not reachable" in stderr.decode()
+    returncode, stderr = await _ensure_services(env, "--bench")
+    assert returncode == 1, stderr
+    assert "missing: Redis (127.0.0.2:1 is not reachable" in stderr
 
 
-async def _ensure_services(env: dict[str, str]) -> tuple[int | None, str]:
+async def _ensure_services(env: dict[str, str], *args: str) -> tuple[int | None, str]:
     proc = await asyncio.create_subprocess_exec(
         "bash",
         str(ROOT / "scripts" / "ensure-services.sh"),
+        *args,
         env={**os.environ, **env},
         stderr=asyncio.subprocess.PIPE,
     )

@@ -105,16 +105,6 @@ async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> Non
 # ---------------------------------------------------------------------------- Redis
 
 
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
 async def test_redis_restart(make_run: MakeRun, private_redis: PrivateRedis) -> None:
     """Redis (no persistence) stops and starts mid-run: progress events are lost for a
     while, which is allowed (Redis is not the truth); tasks are not."""

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from redis.exceptions import RedisError
@@ -50,16 +49,6 @@ if n == 1 then
 end
 return n
 """
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 async def test_a_timed_out_script_is_not_run_again(private_redis: PrivateRedis) -> None:
