@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from services.ws_gateway.origins import parse_allowed_origins
 from shared.settings import CommonSettings
@@ -17,11 +17,13 @@ DEFAULT_ORIGINS = (
 class GatewaySettings(CommonSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=8001, ge=0, le=65535)
-    # Comma-separated origins; "*" matches one host label or a port ("http://localhost:*").
-    allowed_origins: str = DEFAULT_ORIGINS
     # SDKs and servers send no Origin; browsers always do, and Cross-Site WebSocket
     # Hijacking needs a browser, so a missing Origin is no risk (the token still is).
+    # (Before allowed_origins: its check reads this.)
     allow_missing_origin: bool = True
+    # Comma-separated origins; "*" matches one host label or a port ("http://localhost:*").
+    # Empty: no browser may connect (a gateway for servers and SDKs alone).
+    allowed_origins: str = DEFAULT_ORIGINS
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
     max_frame_bytes: int = Field(default=65536, ge=1024)
@@ -45,6 +47,11 @@ class GatewaySettings(CommonSettings):
 
     @field_validator("allowed_origins")
     @classmethod
-    def _origins_parse(cls, value: str) -> str:
-        parse_allowed_origins(value)  # raises ValueError with the bad entry
+    def _origins_parse(cls, value: str, info: ValidationInfo) -> str:
+        # Raises ValueError with the bad entry.
+        if not parse_allowed_origins(value) and not info.data.get("allow_missing_origin"):
+            raise ValueError(
+                "no origin listed and LONGHAUL_ALLOW_MISSING_ORIGIN is false: no client"
+                " could connect"
+            )
         return value

@@ -49,11 +49,13 @@ async def test_a_port_in_use_is_one_line_and_exit_code_2(
     )
 
 
-async def test_an_empty_origin_allow_list_is_one_line_and_exit_code_2(
+async def test_an_allow_list_no_client_could_pass_is_one_line_and_exit_code_2(
     deployment: Deployment,
 ) -> None:
-    """It started, then refused every browser's connection with 403."""
-    proc = ServiceProcess("services.ws_gateway", deployment.env(allowed_origins=" , "))
+    """No origin listed and a missing Origin refused: it started, then refused every
+    connection with 403."""
+    env = deployment.env(allowed_origins=" , ", allow_missing_origin="false")
+    proc = ServiceProcess("services.ws_gateway", env)
     code, lines = await asyncio.to_thread(_exit, proc)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("ws_gateway: invalid configuration: LONGHAUL_ALLOWED_ORIGINS: ")

@@ -204,13 +204,10 @@ def test_wildcard_is_one_label() -> None:
 
 
 def test_malformed_origin_entry_is_refused() -> None:
-    """A typo in the allow-list, or an empty one, stops the service instead of allowing
-    nothing or all."""
+    """A typo in the allow-list stops the service instead of allowing nothing or all."""
     with pytest.raises(ValueError, match="not an origin"):
         parse_allowed_origins("localhost:8000")
-    for empty in ("", " , ,"):
-        with pytest.raises(ValueError, match="no origin listed"):
-            parse_allowed_origins(empty)
+    assert parse_allowed_origins(" , ,") == ()  # no browser at all (see test_settings)
 
 
 # ---------------------------------------------------------------- registry

@@ -78,9 +78,6 @@ def test_unrelated_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None
         ("LONGHAUL_LEASE_S", "inf", CommonSettings),
         ("LONGHAUL_CANCEL_GRACE_S", "nan", WorkerSettings),
         ("LONGHAUL_EVENT_RETENTION_S", "1e300", CommonSettings),
-        # No origin at all: every browser's connection to the gateway got 403.
-        ("LONGHAUL_ALLOWED_ORIGINS", "", GatewaySettings),
-        ("LONGHAUL_ALLOWED_ORIGINS", " , ,", GatewaySettings),
     ],
 )
 def test_bad_value_is_one_line_naming_the_env_var(
@@ -114,3 +111,17 @@ def test_a_handoff_claim_shorter_than_three_io_timeouts_is_refused(
         load(ApiSettings)
     monkeypatch.setenv("LONGHAUL_HANDOFF_CLAIM_S", "30")
     assert load(ApiSettings).handoff_claim_s == 30
+
+
+def test_no_origin_is_a_gateway_for_servers_alone_or_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty allow-list refuses every browser: fine for a gateway that only servers and
+    SDKs (no Origin) use, an error when those are refused too (no client could connect)."""
+    monkeypatch.setenv("LONGHAUL_ALLOWED_ORIGINS", " , ")
+    assert load(GatewaySettings).allow_missing_origin
+    monkeypatch.setenv("LONGHAUL_ALLOW_MISSING_ORIGIN", "false")
+    with pytest.raises(ConfigError) as info:
+        load(GatewaySettings)
+    assert str(info.value).startswith("invalid configuration: LONGHAUL_ALLOWED_ORIGINS: ")
+    assert "no client could connect" in str(info.value)
