@@ -401,6 +401,9 @@ class WorkerRepository:
 
 
 # With the task's attempts and last error, when the message names a task of its tenant.
+# Once per message of a task: the broker dead-letters at least once, and a worker may
+# die between its commit and its ack (the body names the attempt, so a later attempt's
+# letter, or one after a redrive, is kept).
 _DEAD_LETTER = """
 INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, headers,
                           attempts, last_error)
@@ -410,6 +413,10 @@ LEFT JOIN tenants t ON t.id = $2
 -- Only the named tenant's task, its id included: a forged message may
 -- name another's, which a redrive would then run.
 LEFT JOIN tasks task ON task.id = $3 AND task.tenant_id = t.id
+WHERE task.id IS NULL OR NOT EXISTS (
+    SELECT 1 FROM dead_letters d
+    WHERE d.task_id = task.id AND d.redriven_at IS NULL AND d.body = $6
+)
 """
 
 

@@ -682,6 +682,29 @@ async def test_a_broker_dead_letter_fails_only_its_own_tenants_task(isolated: Is
     assert row is not None and row["state"] == "failed"
 
 
+async def test_a_message_dead_lettered_twice_is_kept_once(isolated: Isolated) -> None:
+    """The broker dead-letters at least once, and a worker may die between its commit and
+    its ack: the same message again adds no second letter (a redrive of the stale one
+    would run the task again); another attempt's message is kept."""
+    repo = WorkerRepository(isolated.db, timeout=10)
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 0, 30)
+    await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
+    error = {"type": "poison", "message": "crash loop", "retryable": False}
+    message = TaskMessage(
+        task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
+    )
+    letter = Letter("delivery_limit", "crash loop", encode_task_message(message), {})
+    assert await repo.dead_letter_task(message, error, letter) is not None
+    assert await repo.dead_letter_task(message, error, letter) is None
+    unknown = Letter("unknown_type", "no worker", encode_task_message(message), {})
+    assert await repo.fail_and_keep(message, error, unknown) is None  # already failed
+    later = message.model_copy(update={"attempt": 2})
+    kept = Letter("malformed", "x", encode_task_message(later), {})
+    await repo.dead_letter(kept, tenant_id=later.tenant_id, task_id=later.task_id)
+    count = "SELECT count(*) FROM dead_letters WHERE task_id = $1"
+    assert await isolated.db.fetchval(count, task_id) == 2
+
+
 class _DeadLetter:
     """A delivery from the dead-letter queue; an error in process() would requeue it."""
 
