@@ -259,14 +259,7 @@ class Gateway:
             self.registry.check_room()
         except Refused as exc:
             return problem(503, exc.message, {**cors, "Retry-After": "5"})
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
-        try:
-            tenant_id = await self._consume_token(token)
-        except DependencyDown:
-            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
-        if tenant_id is None:
-            return problem(401, _REFUSED_401, cors)
+        # What needs no token is checked before the token is spent (it is single-use).
         after = sse.parse_last_event_id(
             request.headers.get("Last-Event-ID"), query.get("last_event_id", [None])[0]
         )
@@ -276,6 +269,14 @@ class Gateway:
             return problem(404, "no such task", cors)
         if after is None:
             return problem(400, "Last-Event-ID must be a seq (an integer >= 0)", cors)
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
+        try:
+            tenant_id = await self._consume_token(token)
+        except DependencyDown:
+            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
+        if tenant_id is None:
+            return problem(401, _REFUSED_401, cors)
         wait_s = sse.poll_wait(
             self.settings.sse_poll_s,
             self.settings.handshake_timeout_s,

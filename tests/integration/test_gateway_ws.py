@@ -577,6 +577,24 @@ async def test_sse_at_the_process_cap_is_503_and_keeps_the_token(
     assert status == 200 and "id: 1\n" in body
 
 
+async def test_sse_refuses_a_bad_last_event_id_or_task_id_before_spending_the_token(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A request that is refused for what it asks keeps its single-use token: the client
+    fixes the request and tries again with it."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = f"/v1/tasks/{task_id}/events?token={token}"
+        status, _ = await sse_get(gw.port, path, {"Last-Event-ID": "1_0"})
+        assert status == 400
+        status, _ = await sse_get(gw.port, f"/v1/tasks/not-a-task/events?token={token}", {})
+        assert status == 404
+        status, body = await sse_get(gw.port, path, {})
+    assert status == 200 and "id: 1\n" in body
+
+
 async def test_oversized_frame_closes_1009(
     deployment: Deployment, tenant: Tenant, redis: Redis
 ) -> None:
