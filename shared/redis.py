@@ -58,9 +58,11 @@ def _marking_class(cls: type[AbstractConnection]) -> type[AbstractConnection]:
 
 
 class _Client(Redis):
-    """Every call ends within ``call_timeout`` as a whole: waiting for a pooled
+    """A command ends within ``call_timeout`` as a whole: waiting for a pooled
     connection, connecting, a retry and the reply each had their own timeout, which
-    added up to several times it against a hung Redis."""
+    added up to several times it against a hung Redis. Not covered: a pipeline (each
+    of its steps keeps its own timeout), and a script Redis lost (a restart), which is
+    up to three commands (EVALSHA, SCRIPT LOAD, EVALSHA) of their own."""
 
     call_timeout: float
 

@@ -244,7 +244,7 @@ async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
+def redis_server() -> Iterator[PrivateRedis]:
     """A redis-server of the test's own, for tests that stop, pause or restart it."""
     server = PrivateRedis()
     try:

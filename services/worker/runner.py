@@ -233,9 +233,12 @@ class Runner:
     def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
         self.abandoned.discard(handler)
         ABANDONED.dec()
-        if not handler.cancelled():
-            handler.exception()  # retrieved: its attempt has long been settled
-        log.info("an abandoned handler ended", extra={"abandoned": len(self.abandoned)})
+        # Its attempt has long been settled: what it raised is only told.
+        error = None if handler.cancelled() else handler.exception()
+        log.info(
+            "an abandoned handler ended",
+            extra={"abandoned": len(self.abandoned), "error": repr(error)[:300] if error else None},
+        )
 
     def _outcome(
         self,

@@ -105,18 +105,18 @@ async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> Non
 # ---------------------------------------------------------------------------- Redis
 
 
-async def test_redis_restart(make_run: MakeRun, private_redis: PrivateRedis) -> None:
+async def test_redis_restart(make_run: MakeRun, redis_server: PrivateRedis) -> None:
     """Redis (no persistence) stops and starts mid-run: progress events are lost for a
     while, which is allowed (Redis is not the truth); tasks are not."""
-    run = make_run(env={"LONGHAUL_REDIS_URL": private_redis.url}, redis_url=private_redis.url)
+    run = make_run(env={"LONGHAUL_REDIS_URL": redis_server.url}, redis_url=redis_server.url)
     await run.start_api()
     await run.start_worker()
     await run.start_worker()
     ids = await run.submit(N, sleep_s=1.0)
     await _busy(run, ids)
-    await asyncio.to_thread(private_redis.stop)
+    await asyncio.to_thread(redis_server.stop)
     during, statuses = await _submit_while_down(run, DOWN_S)
-    await asyncio.to_thread(private_redis.start)
+    await asyncio.to_thread(redis_server.start)
     restarted = time.monotonic()
     settle_s = await run.settle(ids + during)
 
