@@ -185,6 +185,8 @@ class Session:
         self._reading: asyncio.Task[Any] | None = None
         self._ended = False
         self._slow = False
+        # A resync waits in the queue: another one would re-read the same streams.
+        self._resync_queued = False
         self._writes = CoalescedWrites(ws)
 
     # Sessions are registry keys: identity is the right equality.
@@ -195,6 +197,11 @@ class Session:
             return
         if isinstance(item, ProgressEvent) and self._pending == 0 and self._send_now(item):
             return
+        if isinstance(item, Resync):
+            # The one waiting reads every stream when it starts, after this reconnect.
+            if self._resync_queued:
+                return
+            self._resync_queued = True
         if self._falling_behind():
             self._slow = True
             self._deps.metrics.drops.inc()
@@ -323,6 +330,7 @@ class Session:
         if isinstance(item, ProgressEvent):
             await self._live(item)
         elif isinstance(item, Resync):
+            self._resync_queued = False  # a reconnect from here on needs its own reads
             for task_id in list(self._cursors):
                 await self._catch_up(task_id)
         elif isinstance(item, Recheck):

@@ -232,6 +232,44 @@ async def test_a_live_client_gets_events_that_never_reached_redis(
     assert rechecks is not None and float(rechecks[1]) >= 1
 
 
+async def test_resyncs_queued_together_read_each_stream_once(
+    deployment: Deployment,
+    db: asyncpg.Pool,
+    tenant: Tenant,
+    redis: Redis,
+    sink: EventSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Redis subscriber reconnecting several times before a connection got to its
+    first resync costs that connection one read of each stream, not one per reconnect;
+    an event lost meanwhile still arrives."""
+    tasks = [await insert_task(db, tenant) for _ in range(3)]
+    writers = [Writer(db, sink, t) for t in tasks]
+    for w in writers:
+        await w.step(1)
+    async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
+        for t in tasks:
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(t), "after_seq": 0}))
+            await recv_until_seq(ws, t, 1)
+        [session] = gw.registry.connections()
+        reads: list[UUID] = []
+        catch_up = session._catch_up
+
+        async def counted(task_id: UUID, **kwargs: Any) -> None:
+            reads.append(task_id)
+            await catch_up(task_id, **kwargs)
+
+        monkeypatch.setattr(session, "_catch_up", counted)
+        lost = await writers[0].step(2, emit=False)
+        assert await sink.emit([], backfill=[lost])  # to the stream only: a lost publish
+        for _ in range(3):
+            gw.hub._broadcast_resync()
+        frames = await recv_until_seq(ws, tasks[0], 2)
+        await eventually(until(lambda: session._pending == 0))
+    assert sorted(reads) == sorted(tasks), reads
+    assert [f["seq"] for f in frames if f["type"] == "event"] == [2]
+
+
 async def test_snapshot_when_stream_lost_events(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
