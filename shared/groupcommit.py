@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from shared.futures import mark_retrieved
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -65,7 +67,7 @@ class GroupCommit(Generic[T, R]):
     def _enqueue(self, item: T) -> asyncio.Future[R]:
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         # Marks the outcome as seen even when nobody awaits it (any more).
-        done.add_done_callback(_seen)
+        done.add_done_callback(mark_retrieved)
         self._waiting.append((item, done))
         gathering = self._gathering
         if gathering is not None and len(self._waiting) >= self._enough and not gathering.done():
@@ -176,8 +178,3 @@ class _Failed:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _seen(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -20,6 +20,8 @@ from typing import Any, NoReturn, cast
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+from shared.futures import mark_retrieved
+
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[bytes, bytes], None]  # channel, data
@@ -51,7 +53,7 @@ class _Protocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         # Marked as seen: a connection lost before anyone watches it (a cancelled
         # opening) must not log "exception was never retrieved".
-        self.lost.add_done_callback(_seen)
+        self.lost.add_done_callback(mark_retrieved)
         self.last_read = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -186,8 +188,3 @@ def _tls(target: dict[str, Any]) -> ssl.SSLContext:
     same to all of them."""
     options = {k: v for k, v in target.items() if k != "connection_class"}
     return SSLConnection(**options).ssl_context.get()
-
-
-def _seen(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
