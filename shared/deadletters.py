@@ -13,6 +13,7 @@ from shared import outbox
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage, encode_task_message, format_ts
+from shared.states import RERUNNABLE
 from shared.taskrows import Row
 
 COLUMNS = "id, tenant_id, task_id, reason, detail, attempts, last_error, created_at, redriven_at"
@@ -102,7 +103,7 @@ async def redrive_blocker(
         return Redrive.ALREADY
     if row["task_id"] is None or row["state"] is None:
         return Redrive.NO_TASK
-    if row["state"] not in ("failed", "cancelled"):  # those outbox.rerun takes
+    if row["state"] not in RERUNNABLE:
         return Redrive.NOT_FINISHED
     return None
 

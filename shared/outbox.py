@@ -13,6 +13,7 @@ import asyncpg
 
 from shared.db import NOTIFY_CHANNEL
 from shared.schemas import TaskMessage, encode_task_message
+from shared.states import RERUNNABLE
 from shared.taskrows import Row
 
 Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -76,6 +77,9 @@ def next_attempt(row: Row, available_at: datetime | None = None) -> Scheduled:
     return Scheduled(message_of(row, row["attempts"] + 1), available_at)
 
 
+_RERUN_FROM = ", ".join(sorted(f"'{s.value}'" for s in RERUNNABLE))
+
+
 async def rerun(conn: Connection, task_id: UUID, tenant_id: UUID, returning: str) -> Row | None:
     """Queue a failed or cancelled task of ``tenant_id`` again as its next attempt (POST
     /retry, a dead letter's redrive, the letter's tenant). Returns the row
@@ -88,7 +92,7 @@ async def rerun(conn: Connection, task_id: UUID, tenant_id: UUID, returning: str
             cancel_requested_at = NULL, next_attempt_at = NULL,
             max_attempts = greatest(max_attempts, attempts + 1),
             last_seq = last_seq + 1, updated_at = now()
-        WHERE id = $1 AND tenant_id = $2 AND state IN ('failed', 'cancelled')
+        WHERE id = $1 AND tenant_id = $2 AND state IN ({_RERUN_FROM})
         RETURNING {returning}, {MESSAGE_COLUMNS}
         """,
         task_id,

@@ -16,6 +16,10 @@ TRANSITIONS: dict[S, frozenset[S]] = {
 }
 
 
+# The states a task is run again from (POST /retry, a dead letter's redrive).
+RERUNNABLE: frozenset[S] = frozenset(s for s in S if s.terminal and S.QUEUED in TRANSITIONS[s])
+
+
 def can_transition(current: S, new: S) -> bool:
     return new in TRANSITIONS[current]
 

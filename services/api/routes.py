@@ -22,6 +22,7 @@ from shared import deadletters, wstokens
 from shared.ids import uuid7
 from shared.logging import trace_id_var
 from shared.schemas import BatchRequest, ProblemError, TaskRequest, format_ts
+from shared.states import RERUNNABLE
 from shared.taskrows import Row, event_from_row
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ async def retry_task(request: web.Request) -> web.Response:
     state = await svc.repo.task_state(principal.tenant_id, task_id)
     if state is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")
-    if state not in _RETRYABLE:
+    if state not in RERUNNABLE:
         raise _not_retryable(state)
     with _admit(svc):
         outcome, row = await svc.repo.retry(principal.tenant_id, task_id)
@@ -303,10 +304,6 @@ async def retry_task(request: web.Request) -> web.Response:
         raise _not_retryable(row["state"])
     await _requeued(svc, [row])
     return _document(task_document(row, svc.settings.public_ws_url), 202)
-
-
-# The states outbox.rerun takes a task from.
-_RETRYABLE = frozenset({"failed", "cancelled"})
 
 
 def _not_retryable(state: str) -> ProblemException:
