@@ -7,7 +7,9 @@
 # --bench, from the benchmark's LONGHAUL_BENCH_AMQP_URL, LONGHAUL_BENCH_REDIS_URL and
 # LONGHAUL_BENCH_PG_URL (bench/infra.py, same defaults). Only a server on this machine
 # (127.0.0.1, localhost, ::1) is started or installed, a remote one is only checked. A
-# URL that names a Unix socket (unix://, PostgreSQL's host=/dir) is checked on the socket.
+# URL that names a Unix socket (unix://, PostgreSQL's host=/dir) is checked on the socket;
+# a PostgreSQL URL with no host where asyncpg would look (PGHOST, its socket directories,
+# localhost).
 # Idempotent, and quick when everything is already up.
 #
 # Exit 0 when all three are reachable; otherwise one line naming what is missing, exit 1.
@@ -34,8 +36,12 @@ fi
 
 say() { printf 'ensure-services: %s\n' "$*" >&2; }
 
-# %XX escapes decoded (a socket path may be written %2F...).
-url_decode() { printf '%b' "${1//%/\\x}"; }
+# %XX escapes decoded (a socket path may be written %2F...). Backslashes are doubled
+# first: printf's %b would read a path's own "\c" as "stop here", "\n" as a newline.
+url_decode() {
+  local text="${1//\\/\\\\}"
+  printf '%b' "${text//%/\\x}"
+}
 
 # query_pairs URL NAME... -> the URL's NAME=value query pairs as written, joined by "&".
 query_pairs() {
@@ -84,8 +90,15 @@ address() {
     host="${q:-$host}"
     q=$(query_param "$url" port)
     port="${q:-$port}"
+    # No host in the URL: asyncpg (the services' client) takes PGHOST, else tries its
+    # default socket directories and then localhost.
+    [[ -n $host ]] || host="${PGHOST:-}"
     if [[ $host == /* ]]; then
       echo "unix ${host%/}/.s.PGSQL.$port"
+      return 0
+    fi
+    if [[ -z $host ]]; then
+      echo "$port default"
       return 0
     fi
   fi
@@ -94,17 +107,29 @@ address() {
   echo "$port ${host%]}"
 }
 
-is_local() { [[ $1 == 127.0.0.1 || $1 == localhost || $1 == ::1 ]]; }
+is_local() { [[ $1 == 127.0.0.1 || $1 == localhost || $1 == ::1 || $1 == default ]]; }
 
 # The Python that connects to a Unix socket (bash cannot): the project's, else any.
 SOCKET_PY=python3
 [[ -x .venv/bin/python ]] && SOCKET_PY=.venv/bin/python
 
-# reachable HOST PORT, or reachable PATH unix. A connect is enough to know the server
+# Where asyncpg looks for PostgreSQL when the URL and PGHOST name no host, before localhost;
+# and the first of them (or 127.0.0.1) found listening, for psql, which looks elsewhere.
+PG_SOCKET_DIRS=(/run/postgresql /var/run/postgresql /tmp /private/tmp)
+PG_DEFAULT_HOST=
+
+# reachable HOST PORT, or reachable PATH unix, or reachable default PORT (PostgreSQL
+# with no host: its default sockets, then loopback). A connect is enough to know the server
 # listens; the protocol is checked by the services themselves (and, for PostgreSQL, by
 # check_pg_login below).
 reachable() {
-  if [[ $2 != unix ]]; then
+  if [[ $1 == default ]]; then
+    local dir
+    for dir in "${PG_SOCKET_DIRS[@]}"; do
+      reachable "$dir/.s.PGSQL.$2" unix && PG_DEFAULT_HOST=$dir && return 0
+    done
+    reachable 127.0.0.1 "$2" && PG_DEFAULT_HOST=127.0.0.1
+  elif [[ $2 != unix ]]; then
     timeout 1 bash -c "exec 3<>'/dev/tcp/$1/$2'" 2>/dev/null
   elif command -v "$SOCKET_PY" >/dev/null; then
     timeout 3 "$SOCKET_PY" -c \
@@ -202,6 +227,7 @@ ensure() {
   read -r port host < <(address "$url" "$3") || { problems+=("$name (bad URL $url)"); return; }
   reachable "$host" "$port" && return 0
   at="$host:$port"
+  [[ $host != default ]] || at="127.0.0.1:$port or a socket in ${PG_SOCKET_DIRS[*]}"
   if [[ $port == unix ]]; then
     at="the Unix socket $host"
     # The start commands below serve TCP; of the sockets, only a Debian cluster's
@@ -252,6 +278,9 @@ check_pg_login() {
   # Of the query, only where the server is: the other options may be asyncpg's own.
   local where
   where=$(query_pairs "$DATABASE_URL" host port)
+  if [[ -n $PG_DEFAULT_HOST ]]; then
+    where="${where:+$where&}host=$PG_DEFAULT_HOST"
+  fi
   [[ -z $where ]] || admin="$admin?$where"
   if ! out=$(PGCONNECT_TIMEOUT=3 psql "$admin" -XAtqc 'select 1' 2>&1); then
     problems+=("PostgreSQL (reachable but refuses the login of $DATABASE_VAR: ${out%%$'\n'*})")

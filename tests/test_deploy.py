@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -414,12 +415,14 @@ async def test_ensure_services_for_the_bench_checks_the_bench_urls(deployment: A
     assert "missing: Redis (127.0.0.2:1 is not reachable" in stderr
 
 
-async def _ensure_services(env: dict[str, str], *args: str) -> tuple[int | None, str]:
+async def _ensure_services(
+    env: dict[str, str], *args: str, base: Mapping[str, str] = os.environ
+) -> tuple[int | None, str]:
     proc = await asyncio.create_subprocess_exec(
         "bash",
         str(ROOT / "scripts" / "ensure-services.sh"),
         *args,
-        env={**os.environ, **env},
+        env={**base, **env},
         stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout(10))
@@ -450,6 +453,8 @@ async def _ensure_services(env: dict[str, str], *args: str) -> tuple[int | None,
             "postgresql://postgres@/longhaul?host=%2Fnonexistent&port=5434",
             "/nonexistent/.s.PGSQL.5434",
         ),
+        # printf's %b read the path's "\c" as the end of its output: /nonexistent/a.
+        ("LONGHAUL_REDIS_URL", "unix:///nonexistent/a\\cb.sock", "/nonexistent/a\\cb.sock"),
     ],
 )
 async def test_ensure_services_checks_a_unix_socket_on_the_socket(
@@ -459,6 +464,36 @@ async def test_ensure_services_checks_a_unix_socket_on_the_socket(
     code, stderr = await _ensure_services({**deployment.env(), setting: url})
     assert code == 1, stderr
     assert f"nothing listens on the Unix socket {socket_path};" in stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "pghost", "problem"),
+    [
+        # It checked 127.0.0.1:5432, where a server answered, and then blamed the login.
+        (
+            "postgresql://postgres@/longhaul",
+            "/nonexistent",
+            "nothing listens on the Unix socket /nonexistent/.s.PGSQL.5432;",
+        ),
+        (
+            "postgresql://postgres@:5499/longhaul",
+            None,
+            "nothing listens on 127.0.0.1:5499 or a socket in /run/postgresql"
+            " /var/run/postgresql /tmp /private/tmp;",
+        ),
+    ],
+)
+async def test_ensure_services_looks_for_a_postgresql_url_without_host_where_asyncpg_does(
+    deployment: Any, url: str, pghost: str | None, problem: str
+) -> None:
+    env = {**deployment.env(), "LONGHAUL_DATABASE_URL": url}
+    if pghost is None:
+        os_env = {k: v for k, v in os.environ.items() if k != "PGHOST"}
+        code, stderr = await _ensure_services(env, base=os_env)
+    else:
+        code, stderr = await _ensure_services({**env, "PGHOST": pghost})
+    assert code == 1, stderr
+    assert problem in stderr
 
 
 async def test_ensure_services_reaches_servers_on_their_unix_sockets(
