@@ -1,8 +1,13 @@
-"""Redis plumbing: one client per process, every call under a timeout."""
+"""Redis plumbing: one client per process, every call under a timeout, and a command
+retried once on a fresh connection only where that cannot run it twice: it was certainly
+not sent, or its caller declared it harmless to repeat (``idempotent()``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -25,10 +30,35 @@ def _not_sent(error: BaseException) -> bool:
     return bool(getattr(error, _NOT_SENT, False))
 
 
+# True inside idempotent(): read where redis-py decides on a retry, so it follows the
+# task awaiting the command, whichever pooled connection it runs on.
+_IDEMPOTENT: ContextVar[bool] = ContextVar("longhaul_redis_idempotent", default=False)
+
+
+@contextlib.contextmanager
+def idempotent() -> Iterator[None]:
+    """Declares the Redis commands awaited in this block harmless to run twice: after
+    any connection error each is retried once on a fresh connection, even if it may have
+    been sent (by a client of create_client; others ignore this). A pooled connection
+    whose server vanished without closing it (a failover, a restart the client has not
+    seen yet) then costs no failed call. The retry runs within the call's deadline; a
+    timeout is still not retried (see create_client)."""
+    token = _IDEMPOTENT.set(True)
+    try:
+        yield
+    finally:
+        _IDEMPOTENT.reset(token)
+
+
+def _retryable(error: BaseException) -> bool:
+    return _not_sent(error) or _IDEMPOTENT.get()
+
+
 class _MarksNotSent(AbstractConnection):
     """Marks the errors of connecting and of the health-check PING, which come before
-    the command is written: only those are retried. After a write the command may have
-    run (a timeout above all), and running a script or an INCR again is not harmless."""
+    the command is written: those are retried for every command. After a write the
+    command may have run, and running a script or an INCR again is not harmless: then
+    only a command run under ``idempotent()`` is retried."""
 
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
@@ -58,11 +88,12 @@ def _marking_class(cls: type[AbstractConnection]) -> type[AbstractConnection]:
 
 
 class _Client(Redis):
-    """A command ends within ``call_timeout`` as a whole: waiting for a pooled
-    connection, connecting, a retry and the reply each had their own timeout, which
-    added up to several times it against a hung Redis. Not covered: a pipeline (each
-    of its steps keeps its own timeout), and a script Redis lost (a restart), which is
-    up to three commands (EVALSHA, SCRIPT LOAD, EVALSHA) of their own."""
+    """A command ends within ``call_timeout`` as a whole, its retry included (an
+    idempotent one's too): waiting for a pooled connection, connecting, a retry and the
+    reply each had their own timeout, which added up to several times it against a hung
+    Redis. Not covered: a pipeline (each of its steps keeps its own timeout), and a
+    script Redis lost (a restart), which is up to three commands (EVALSHA, SCRIPT LOAD,
+    EVALSHA) of their own."""
 
     call_timeout: float
 
@@ -88,13 +119,16 @@ def create_client(url: str, timeout: float, max_connections: int = MAX_CONNECTIO
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=15,
-        # One quick retry where the command was certainly not sent (a refused connect, a
-        # pooled connection found dropped by a restart), never after a timeout.
+        # One quick retry, on the same connection object reconnected, where the command
+        # was certainly not sent (a refused connect, a failed health check) or after any
+        # connection error under idempotent(). Never after a timeout, idempotent or not:
+        # the socket's timeout is as long as the call's deadline, which started earlier,
+        # so no time would be left for a retry.
         retry=Retry(
             ExponentialBackoff(cap=0.05, base=0.01),
             retries=1,
             supported_errors=(RedisConnectionError,),
-            is_retryable=_not_sent,
+            is_retryable=_retryable,
         ),
     )
     pool.connection_class = _marking_class(pool.connection_class)

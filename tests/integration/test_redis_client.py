@@ -11,9 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -100,8 +104,44 @@ async def test_a_pooled_connection_survives_a_redis_restart(redis_server: Privat
         redis_server.start()
         # A running service's loop sees the old connection close, and the pool opens a
         # new one. A connection whose server vanished without closing it (a failover)
-        # fails its next command instead: it may have been sent, so it is not retried.
+        # fails its next command instead: it may have been sent, so it is not retried
+        # unless declared idempotent.
         await asyncio.sleep(0.2)
         assert await client.incr("k") == 1  # the restarted Redis has no data
+    finally:
+        await client.aclose()
+
+
+def _drop_connections(server: PrivateRedis) -> None:
+    """Closes every client's connection from Redis' side, blocking the event loop: the
+    client has not seen them close when it writes its next command, as with a server
+    that vanished without closing them (a failover). A loop left to run would notice
+    the close, and the pool would replace the connection before using it."""
+    subprocess.run(
+        ["redis-cli", "-p", str(server.port), "CLIENT", "KILL", "TYPE", "normal"],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.parametrize("kind", ["incr", "script"])
+async def test_a_command_not_declared_idempotent_is_not_run_again(
+    redis_server: PrivateRedis, kind: str
+) -> None:
+    """An INCR, or a script such as the rate limiter's, fails once when its connection
+    fails after the write: it may have run, and running it twice is not harmless."""
+    client = create_client(redis_server.url, 2.0)
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    run: Callable[[], Awaitable[Any]] = {
+        "incr": lambda: client.incr("runs"),
+        "script": lambda: script(keys=["runs"]),
+    }[kind]
+    try:
+        assert await run() == 1  # one pooled connection, the script loaded
+        _drop_connections(redis_server)
+        with pytest.raises(RedisConnectionError):
+            await run()
+        # Redis closed that connection before the command came: it did not run.
+        assert await run() == 2
     finally:
         await client.aclose()
