@@ -19,6 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared.breaker import Breaker
 from shared.groupcommit import GroupCommit
+from shared.redis import idempotent
 from shared.schemas import ProgressEvent, encode_event
 from shared.wire import Wire
 
@@ -149,7 +150,11 @@ class EventSink:
             *bodies,
         ]
         try:
-            refused, first_error = await self._script(keys=keys, args=args)
+            # Running the script twice is harmless (Redis refuses a seq's second XADD, the
+            # gateway drops a PUBLISH by seq, the PEXPIRE sets the same expiry), so a
+            # connection lost after it was sent is retried on a fresh one.
+            with idempotent():
+                refused, first_error = await self._script(keys=keys, args=args)
         except ResponseError as exc:
             # Redis is up but refused the whole script (out of memory, say).
             refused, first_error = len(events), str(exc)

@@ -14,14 +14,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.events import EventSink
 from shared.redis import create_client
+from shared.schemas import ProgressEvent, TaskState
+from shared.wire import Wire
 from tests.conftest import Deployment
 from tests.faults.private import PrivateRedis
 
@@ -105,7 +110,7 @@ async def test_a_pooled_connection_survives_a_redis_restart(redis_server: Privat
         # A running service's loop sees the old connection close, and the pool opens a
         # new one. A connection whose server vanished without closing it (a failover)
         # fails its next command instead: it may have been sent, so it is not retried
-        # unless declared idempotent.
+        # unless declared idempotent (the tests below).
         await asyncio.sleep(0.2)
         assert await client.incr("k") == 1  # the restarted Redis has no data
     finally:
@@ -122,6 +127,32 @@ def _drop_connections(server: PrivateRedis) -> None:
         check=True,
         capture_output=True,
     )
+
+
+def _event(task_id: UUID, seq: int) -> ProgressEvent:
+    return ProgressEvent(
+        task_id=task_id, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=datetime.now(UTC)
+    )
+
+
+async def test_an_event_write_is_retried_on_a_connection_found_dead_after_it(
+    redis_server: PrivateRedis,
+) -> None:
+    """The event script is harmless to run twice, so a pooled connection that fails
+    once the script was written to it is replaced and the script run again."""
+    client = create_client(redis_server.url, 2.0)
+    wire = Wire("lhtest")
+    sink = EventSink(client, wire, retention_s=600, maxlen=1000)
+    task_id = uuid4()
+    try:
+        assert await sink.emit([_event(task_id, 1)])  # one pooled connection
+        _drop_connections(redis_server)
+        assert await sink.emit([_event(task_id, 2)])
+        entries = await client.xrange(wire.event_stream(task_id))
+        assert [entry_id for entry_id, _ in entries] == [b"1-0", b"2-0"]
+    finally:
+        await sink.aclose()
+        await client.aclose()
 
 
 @pytest.mark.parametrize("kind", ["incr", "script"])
