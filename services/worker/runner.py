@@ -189,46 +189,52 @@ class Runner:
         handler = start_handler(_call(spec, ctx, args), name=f"handler-{message.task_id}")
         running.handler = handler
         timed_out = False
-        if handler.done():
-            # Done at its first step; one that blocked the loop past its timeout
-            # still ran past it.
-            timed_out = loop.time() > deadline
-        else:
-            stopped = running.stopped = loop.create_future()
-            if running.stop_reason is not None:
-                stopped.set_result(None)
-            waiting = {handler, stopped}
-            await asyncio.wait(
-                waiting,
-                timeout=min(self._settings.start_event_delay_s, timeout_s),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if not handler.done() and not stopped.done():
-                await start.emit()  # still running: show it now
-                remaining = deadline - loop.time()
+        try:
+            if handler.done():
+                # Done at its first step; one that blocked the loop past its timeout
+                # still ran past it.
+                timed_out = loop.time() > deadline
+            else:
+                stopped = running.stopped = loop.create_future()
+                if running.stop_reason is not None:
+                    stopped.set_result(None)
+                waiting = {handler, stopped}
                 await asyncio.wait(
-                    waiting, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+                    waiting,
+                    timeout=min(self._settings.start_event_delay_s, timeout_s),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            timed_out = not handler.done() and not stopped.done()
-        if timed_out and not handler.done():
-            handler.cancel()
-        if not handler.done():
-            done, _ = await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
-            if not done:
-                # Unowned from now on, it still takes this process's CPU and memory:
-                # counted until it ends.
-                self.abandoned.add(handler)
-                ABANDONED.inc()
-                handler.add_done_callback(self._abandoned_ended)
-                log.warning(
-                    "handler ignored cancellation; abandoning it",
-                    extra={"abandoned": len(self.abandoned)},
-                )
+                if not handler.done() and not stopped.done():
+                    await start.emit()  # still running: show it now
+                    remaining = deadline - loop.time()
+                    await asyncio.wait(
+                        waiting, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+                    )
+                timed_out = not handler.done() and not stopped.done()
+            if timed_out and not handler.done():
+                handler.cancel()
+            if not handler.done():
+                await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
+        finally:
+            # Past its grace, or this run itself was cancelled (the last step of a
+            # stopping worker's drain): either way nobody waits for the handler now.
+            if not handler.done():
+                self._abandon(handler)
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
         # Whatever the outcome: a report held back and written after the outcome's
         # event would take a seq below it, which the stream refuses (a gap).
         await reporter.close()
         return outcome
+
+    def _abandon(self, handler: asyncio.Task[Any]) -> None:
+        # Unowned from now on, it still takes this process's CPU and memory: counted
+        # until it ends, and shutdown waits for it a last time.
+        self.abandoned.add(handler)
+        ABANDONED.inc()
+        handler.add_done_callback(self._abandoned_ended)
+        log.warning(
+            "handler ignored cancellation; abandoning it", extra={"abandoned": len(self.abandoned)}
+        )
 
     def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
         self.abandoned.discard(handler)

@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from services.worker import deadletters
+from services.worker.app import _leave_abandoned
+from services.worker.consumer import Consumer
 from services.worker.deadletters import DeadLetterSink
 from services.worker.maintenance import heartbeat, reaper
 from services.worker.progress import MAX_DATA_BYTES, MAX_MESSAGE, ProgressReporter, StartEvent
@@ -600,34 +602,75 @@ def _abandoned() -> float | None:
     return REGISTRY.get_sample_value("longhaul_worker_abandoned_handlers")
 
 
-async def test_a_handler_ignoring_its_cancellation_is_counted_until_it_ends() -> None:
-    """Given up on after the grace period it runs on in the process: the gauge counts it
-    until it ends."""
-    started, release = asyncio.Event(), asyncio.Event()
+class _Stubborn:
+    """A handler that ignores its cancellation until released."""
 
-    async def stubborn(ctx: TaskContext, args: EmptyArgs) -> str:
-        started.set()
-        while not release.is_set():
+    def __init__(self) -> None:
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+
+    async def __call__(self, ctx: TaskContext, args: EmptyArgs) -> str:
+        self.started.set()
+        while not self.release.is_set():
             with contextlib.suppress(asyncio.CancelledError):
-                await release.wait()
+                await self.release.wait()
         return "done"
 
-    spec = TaskSpec("t.stubborn", stubborn, EmptyArgs)
-    settings = WorkerSettings(cancel_grace_s=0.05, start_event_delay_s=0)
+
+def _attempt(handler: Any, cancel_grace_s: float) -> tuple[Runner, Running, TaskSpec]:
+    """A runner and a claimed attempt of ``handler``, for ``runner._run``."""
+    spec = TaskSpec("t.stubborn", handler, EmptyArgs)
+    settings = WorkerSettings(cancel_grace_s=cancel_grace_s, start_event_delay_s=0)
     runner = Runner(settings, None, FakeSink(), Registry([spec]), Failpoints(""), "w")  # type: ignore[arg-type]
     message = TaskMessage(task_id=uuid7(), tenant_id=uuid7(), type=spec.name, attempt=1)
     row = {"timeout_s": 60.0, "max_attempts": 1, "cancel_requested_at": None, "args": {}}
-    running = Running(Claimed(row, message))  # type: ignore[arg-type]
+    return runner, Running(Claimed(row, message)), spec  # type: ignore[arg-type]
+
+
+async def test_a_handler_ignoring_its_cancellation_is_counted_until_it_ends() -> None:
+    """Given up on after the grace period it runs on in the process: the gauge counts it
+    until it ends."""
+    stubborn = _Stubborn()
+    runner, running, spec = _attempt(stubborn, cancel_grace_s=0.05)
     before = _abandoned()
     run = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
     try:
-        await started.wait()
+        await stubborn.started.wait()
         running.stop(StopReason.CANCELLED)
         assert (await run).state == "cancelled"
         assert before is not None and _abandoned() == before + 1 and len(runner.abandoned) == 1
         [handler] = runner.abandoned
     finally:
-        release.set()  # a failed test must not leave it running: the loop would wait
+        stubborn.release.set()  # a failed test must not leave it running: the loop would wait
     assert await handler == "done"
     await asyncio.sleep(0)  # the done callbacks
+    assert _abandoned() == before and not runner.abandoned
+
+
+async def test_a_handler_in_its_grace_when_the_drain_gives_up_is_abandoned() -> None:
+    """The drain's last step cancels the deliveries still running; a handler told to
+    stop that has not ended then is abandoned as at the end of its grace: counted, and
+    waited for by shutdown's last wait."""
+    stubborn = _Stubborn()
+    runner, running, spec = _attempt(stubborn, cancel_grace_s=60)
+    runner.running[running.claimed.message.task_id] = running
+    consumer = Consumer(SimpleNamespace(), runner, timeout=1, prefetch=1)  # type: ignore[arg-type]
+    delivery = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
+    consumer._tasks.add(delivery)
+    before = _abandoned()
+    try:
+        await stubborn.started.wait()
+        # The hand-back wait ends long before the handler's grace would.
+        await consumer.drain(grace_s=0, handback_s=0.05)
+        assert delivery.cancelled() and running.stop_reason is StopReason.SHUTDOWN
+        assert before is not None and _abandoned() == before + 1 and len(runner.abandoned) == 1
+        [handler] = runner.abandoned
+        last_wait = asyncio.create_task(
+            _leave_abandoned(contextlib.AsyncExitStack(), runner.abandoned, 60)
+        )
+        await asyncio.sleep(0.05)
+        assert not last_wait.done() and not handler.done()
+    finally:
+        stubborn.release.set()
+    await asyncio.wait_for(last_wait, 10)  # returns once the handler ended
+    assert await handler == "done"
     assert _abandoned() == before and not runner.abandoned
