@@ -219,6 +219,9 @@ class Runner:
             # Past its grace, or this run itself was cancelled (the last step of a
             # stopping worker's drain): either way nobody waits for the handler now.
             if not handler.done():
+                if not handler.cancelling():
+                    # Never told to stop: claimed after the drain stopped the running.
+                    handler.cancel()
                 self._abandon(handler)
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
         # Whatever the outcome: a report held back and written after the outcome's

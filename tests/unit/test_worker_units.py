@@ -674,3 +674,29 @@ async def test_a_handler_in_its_grace_when_the_drain_gives_up_is_abandoned() -> 
     await asyncio.wait_for(last_wait, 10)  # returns once the handler ended
     assert await handler == "done"
     assert _abandoned() == before and not runner.abandoned
+
+
+async def test_a_run_cancelled_before_its_handler_was_stopped_cancels_it() -> None:
+    """A delivery claimed after the drain stopped the running attempts reaches the
+    drain's last step with its handler never told to stop: it is told then, not left
+    to run on until the process exits."""
+    started = asyncio.Event()
+
+    async def waits(ctx: TaskContext, args: EmptyArgs) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    runner, running, spec = _attempt(waits, cancel_grace_s=60)
+    run = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
+    await started.wait()
+    handler = running.handler
+    assert handler is not None
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    try:
+        await asyncio.wait_for(asyncio.gather(handler, return_exceptions=True), 5)
+    finally:
+        handler.cancel()  # a failed test must not leave it running
+    await asyncio.sleep(0)  # the done callbacks
+    assert handler.cancelled() and not runner.abandoned
