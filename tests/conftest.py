@@ -246,9 +246,5 @@ async def redis(deployment: Deployment) -> AsyncIterator[Redis]:
 @pytest.fixture
 def redis_server() -> Iterator[PrivateRedis]:
     """A redis-server of the test's own, for tests that stop, pause or restart it."""
-    server = PrivateRedis()
-    try:
-        server.start()
+    with PrivateRedis() as server:
         yield server
-    finally:
-        server.close()

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -292,30 +290,3 @@ async def api_and_worker(env: Mapping[str, str]) -> AsyncIterator[System]:
         yield system
     finally:
         system.stop()
-
-
-@contextlib.contextmanager
-def private_redis(port: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A redis-server of the test's own on ``port`` (nothing kept on disk), so that a test
-    can stop and restart Redis without disturbing the shared one. Wait for redis_up().
-    ``options``: more of redis-server's command-line options."""
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--bind", "127.0.0.1", *options],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-async def redis_up(url: str) -> bool:
-    client = Redis.from_url(url)
-    try:
-        return bool(await client.ping())
-    except (OSError, RedisError):  # not listening yet, or still loading
-        return False
-    finally:
-        await client.aclose()

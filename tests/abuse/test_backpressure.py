@@ -20,7 +20,8 @@ import pytest
 from shared.ids import uuid7
 from tests.abuse.conftest import MakeSystem, report
 from tests.conftest import Deployment, Tenant, create_tenant
-from tests.support import eventually, free_port, outbox_emptied, private_redis, redis_up
+from tests.faults.private import PrivateRedis
+from tests.support import eventually, outbox_emptied
 
 SUBMISSIONS = 200
 DEPTH_LIMIT = 50
@@ -277,25 +278,24 @@ async def test_redis_down_answers_503_for_tokens_and_keeps_accepting_tasks(
     """With the API's (private) Redis stopped, WebSocket tokens get a prompt 503 with
     Retry-After; submissions are still accepted (Redis is not the truth, the rate
     limit fails open) and run once Redis is back."""
-    port = free_port()
-    redis_url = f"redis://127.0.0.1:{port}/0"
-    dep = replace(fresh_namespace, redis_url=redis_url)
-    system = systems(dep, io_timeout_s="1")
-    tenant = await create_tenant(db)
-    url = f"{system.api_url}/v1/tasks"
-    with private_redis(port):
-        await eventually(lambda: redis_up(redis_url), what="private redis up")
+    with PrivateRedis() as server:
+        dep = replace(fresh_namespace, redis_url=server.url)
+        system = systems(dep, io_timeout_s="1")
+        tenant = await create_tenant(db)
+        url = f"{system.api_url}/v1/tasks"
         await system.start_api()
         assert (await _submit(http, url, tenant, {"type": "demo.noop"}))[0] == 202
-    tokens = [await _submit(http, f"{system.api_url}/v1/ws-tokens", tenant, None) for _ in range(5)]
-    for status, payload, headers, _ in tokens:
-        assert status == 503, payload
-        _assert_polite_503(payload, headers)
-    report("503 (Redis down) latency", [t[3] for t in tokens])
-    during = [await _submit(http, url, tenant, {"type": "demo.noop"}) for _ in range(5)]
-    assert [r[0] for r in during] == [202] * 5, [r[1] for r in during]
-    report("202 with Redis down latency", [r[3] for r in during])
-    with private_redis(port):
-        await eventually(lambda: redis_up(redis_url), what="private redis back")
+        server.stop()
+        tokens = [
+            await _submit(http, f"{system.api_url}/v1/ws-tokens", tenant, None) for _ in range(5)
+        ]
+        for status, payload, headers, _ in tokens:
+            assert status == 503, payload
+            _assert_polite_503(payload, headers)
+        report("503 (Redis down) latency", [t[3] for t in tokens])
+        during = [await _submit(http, url, tenant, {"type": "demo.noop"}) for _ in range(5)]
+        assert [r[0] for r in during] == [202] * 5, [r[1] for r in during]
+        report("202 with Redis down latency", [r[3] for r in during])
+        server.start()
         await system.start_worker()
         await _all_succeed(db, tenant, 6, within=60)

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import Deployment, Tenant
-from tests.support import System, eventually, free_port, private_redis, redis_up, timeout
+from tests.faults.private import PrivateRedis
+from tests.support import System, eventually, timeout
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -151,12 +152,9 @@ async def test_redis_restart_mid_task_still_ends_in_the_terminal_event(
 ) -> None:
     """With every service on a private Redis that restarts (empty) mid-task, the client's
     stream still ends in the terminal event: from the stream, or a snapshot from the DB."""
-    redis_port = free_port()
-    url = f"redis://127.0.0.1:{redis_port}/0"
-    system = System(deployment.env(redis_url=url), ports)
-    try:
-        with private_redis(redis_port):
-            await eventually(lambda: redis_up(url), what="private redis up")
+    with PrivateRedis() as server:
+        system = System(deployment.env(redis_url=server.url), ports)
+        try:
             await system.start_api()
             await system.start_worker()
             await system.start_gateway()
@@ -166,14 +164,14 @@ async def test_redis_restart_mid_task_still_ends_in_the_terminal_event(
             ws = await _ws(http, system, tenant)
             await ws.send(json.dumps({"op": "subscribe", "task_id": task_id, "after_seq": 0}))
             seen = [json.loads(await ws.recv()) for _ in range(3)]
-        # Redis is down: the task goes on (PostgreSQL is the truth).
-        await asyncio.sleep(1.0)
-        with private_redis(redis_port):
-            await eventually(lambda: redis_up(url), what="private redis back")
+            server.stop()
+            # Redis is down: the task goes on (PostgreSQL is the truth).
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(server.start)  # the client's WebSocket is on this loop
             seen += (await _collect(ws, {task_id}, within=60))[task_id]
             await ws.close()
-    finally:
-        system.stop()
+        finally:
+            system.stop()
     _assert_story(seen)
     assert [e["seq"] for e in seen][:3] == [1, 2, 3]
 

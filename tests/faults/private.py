@@ -1,6 +1,7 @@
 """Private RabbitMQ, Redis and PostgreSQL instances on free ports in temp dirs, for the
-faults that restart a dependency. The shared services on the standard ports are used by
-other runs and are never stopped or restarted by this suite.
+faults that restart a dependency (and, for Redis, any test that stops, pauses or
+configures it). The shared services on the standard ports are used by other runs and
+are never stopped or restarted by this suite.
 
 Each instance is started, stopped and started again on the same port with the same data,
 and ``close()`` (idempotent) brings it down for good and removes its files."""
@@ -12,6 +13,7 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -35,7 +37,12 @@ def _wait(check: object, within: float, what: str) -> None:
 
 
 class PrivateRedis:
-    def __init__(self) -> None:
+    """Nothing kept on disk: a restart starts it empty. Also a context manager that
+    starts it and closes it."""
+
+    def __init__(self, *options: str) -> None:
+        """``options``: more of redis-server's command-line options."""
+        self.options = options
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="lhfault-redis-")
         self.log_path = _log("redis")
@@ -49,7 +56,7 @@ class PrivateRedis:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", self.dir],
+                 "--save", "", "--appendonly", "no", "--dir", self.dir, *self.options],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         _wait(self._ping, 20, "Redis")
@@ -58,7 +65,17 @@ class PrivateRedis:
         result = subprocess.run(
             ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False
         )
-        return result.stdout.strip() == b"PONG"
+        # One with --requirepass answers too: with a refusal.
+        return result.stdout.strip() == b"PONG" or result.stdout.startswith(b"NOAUTH")
+
+    def pause(self) -> None:
+        """SIGSTOP: connects still succeed (the kernel accepts them) and nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -70,6 +87,17 @@ class PrivateRedis:
             self.proc.kill()
             self.proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PrivateRedis:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 class PrivatePostgres:

@@ -13,7 +13,8 @@ from services.ws_gateway.streams import StreamReader
 from shared.events import EventSink
 from shared.schemas import ProgressEvent, TaskState, parse_event
 from tests.conftest import Deployment
-from tests.support import eventually, free_port, private_redis, redis_up, timeout
+from tests.faults.private import PrivateRedis
+from tests.support import timeout
 
 
 def _event(task_id: UUID, seq: int, state: TaskState = TaskState.RUNNING) -> ProgressEvent:
@@ -95,11 +96,8 @@ async def test_a_refused_write_returns_false_and_spares_the_rest(
 async def test_the_script_is_loaded_again_after_redis_forgot_it(deployment: Deployment) -> None:
     """After SCRIPT FLUSH (as after a Redis restart) the next emit still writes. On a
     private Redis: flushing the shared one's scripts would disturb other runs."""
-    port = free_port()
-    with private_redis(port):
-        url = f"redis://127.0.0.1:{port}/0"
-        await eventually(lambda: redis_up(url), what="private redis up")
-        client = Redis.from_url(url)
+    with PrivateRedis() as server:
+        client = Redis.from_url(server.url)
         try:
             sink = _sink(client, deployment)
             task = uuid4()

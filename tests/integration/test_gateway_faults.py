@@ -18,6 +18,7 @@ from shared import wstokens
 from shared.events import EventSink
 from shared.redis import create_client
 from tests.conftest import Deployment, Tenant
+from tests.faults.private import PrivateRedis
 from tests.integration.test_gateway_ws import (
     Writer,
     assert_no_gap,
@@ -27,7 +28,7 @@ from tests.integration.test_gateway_ws import (
     recv_until_seq,
     until,
 )
-from tests.support import eventually, free_port, private_redis, redis_up, running, timeout
+from tests.support import eventually, free_port, running, timeout
 
 
 async def http_get(port: int, path: str) -> tuple[int, bytes]:
@@ -114,10 +115,8 @@ async def test_subscription_survives_redis_restart(
 ) -> None:
     """After Redis restarts (losing everything), the hub resubscribes by itself, events
     committed meanwhile arrive as a snapshot, and live relay goes on without a gap."""
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    with private_redis(port) as first:
-        await eventually(lambda: redis_up(url), what="private redis up")
+    with PrivateRedis() as server:
+        url = server.url
         gw = Gateway(gateway_settings(deployment, redis_url=url, io_timeout_s=2))
         async with gw.start():
             # The retrying client every service uses: it rides out the restart.
@@ -132,8 +131,7 @@ async def test_subscription_survives_redis_restart(
                 await writer.step(1)
                 got = await recv_until_seq(ws, task_id, 1)
                 assert gw.hub is not None
-                first.terminate()
-                first.wait(timeout=10)
+                server.stop()
                 await eventually(
                     until(lambda: not gw.hub.connected.is_set()), what="hub notices Redis is gone"
                 )
@@ -151,18 +149,18 @@ async def test_subscription_survives_redis_restart(
                 assert deps["redis"].startswith("down") and deps["redis_pubsub"].startswith("down")
                 # Committed while Redis is down: the event itself is lost.
                 await writer.step(2, emit=False)
-                with private_redis(port):
-                    await eventually(lambda: redis_up(url), what="private redis back")
-                    await eventually(
-                        until(lambda: gw.hub.generation >= 2),
-                        within=timeout(20),
-                        what="hub resubscribed",
-                    )
-                    await eventually(lambda: http_ok(gw.port, "/readyz"), what="ready again")
-                    got += await recv_until_seq(ws, task_id, 2)
-                    for seq in range(3, 6):
-                        await writer.step(seq)
-                    got += await recv_until_seq(ws, task_id, 5)
-                    await client.aclose()
+                # Not started on the loop: the gateway in this process must run meanwhile.
+                await asyncio.to_thread(server.start)
+                await eventually(
+                    until(lambda: gw.hub.generation >= 2),
+                    within=timeout(20),
+                    what="hub resubscribed",
+                )
+                await eventually(lambda: http_ok(gw.port, "/readyz"), what="ready again")
+                got += await recv_until_seq(ws, task_id, 2)
+                for seq in range(3, 6):
+                    await writer.step(seq)
+                got += await recv_until_seq(ws, task_id, 5)
+                await client.aclose()
     assert_no_gap(got, 0)
     assert [f.get("snapshot", False) for f in got] == [False, True, False, False, False]

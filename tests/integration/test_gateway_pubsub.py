@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import ssl
 import subprocess
 import uuid
@@ -18,7 +17,8 @@ from redis.asyncio import Redis
 
 from services.ws_gateway.pubsub import PatternSubscriber, SubscriberLost
 from tests.conftest import Deployment
-from tests.support import eventually, free_port, private_redis, redis_up, timeout
+from tests.faults.private import PrivateRedis
+from tests.support import eventually, free_port, timeout
 
 Received = list[tuple[bytes, bytes]]
 
@@ -61,30 +61,25 @@ async def _at_least(got: Received, n: int) -> bool:
 
 
 async def test_a_password_is_sent_and_a_refusal_ends_the_opening() -> None:
-    port = free_port()
     secret = uuid.uuid4().hex
-    with private_redis(port, "--requirepass", secret):
-        url = f"redis://:{secret}@127.0.0.1:{port}/0"
-        await eventually(lambda: redis_up(url), what="private redis up")
+    with PrivateRedis("--requirepass", secret) as server:
+        url = f"redis://:{secret}@127.0.0.1:{server.port}/0"
         with pytest.raises(SubscriberLost, match=r"WRONGPASS|invalid"):
             await PatternSubscriber.open(
-                f"redis://:wrong@127.0.0.1:{port}/0", "x:*", _ignore, io_timeout=5, idle_s=10
+                f"redis://:wrong@127.0.0.1:{server.port}/0", "x:*", _ignore, io_timeout=5, idle_s=10
             )
         assert await _one_message_through(url, url) == [(b"x:1", b"hello")]
 
 
-Watched = tuple[subprocess.Popen[bytes], "asyncio.Task[None]"]
+Watched = tuple[PrivateRedis, "asyncio.Task[None]"]
 
 
 @contextlib.asynccontextmanager
 async def _watched(io_timeout: float, idle_s: float) -> AsyncIterator[Watched]:
     """A private Redis, and the watch of a subscription to it."""
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    with private_redis(port) as server:
-        await eventually(lambda: redis_up(url), what="private redis up")
+    with PrivateRedis() as server:
         subscriber = await PatternSubscriber.open(
-            url, "x:*", _ignore, io_timeout=io_timeout, idle_s=idle_s
+            server.url, "x:*", _ignore, io_timeout=io_timeout, idle_s=idle_s
         )
         watch = asyncio.create_task(subscriber.watch(), name="watch")
         try:
@@ -95,8 +90,7 @@ async def _watched(io_timeout: float, idle_s: float) -> AsyncIterator[Watched]:
 
 async def test_a_closed_connection_ends_the_watch() -> None:
     async with _watched(io_timeout=5, idle_s=60) as (server, watch):
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
         with pytest.raises(SubscriberLost, match="connection lost"):
             await asyncio.wait_for(watch, timeout(10))
 
@@ -108,12 +102,12 @@ async def test_a_redis_that_stops_answering_is_noticed_by_its_ping() -> None:
         # Quiet but alive: the PINGs are answered and the watch goes on.
         await asyncio.sleep(1.6)
         assert not watch.done()
-        server.send_signal(signal.SIGSTOP)
+        server.pause()
         try:
             with pytest.raises(SubscriberLost, match="PING"):
                 await asyncio.wait_for(watch, timeout(10))
         finally:
-            server.send_signal(signal.SIGCONT)
+            server.resume()
 
 
 async def _one_message_through(url: str, publish_url: str) -> Received:
@@ -128,12 +122,9 @@ async def _one_message_through(url: str, publish_url: str) -> Received:
 
 
 async def test_a_unix_socket_url(tmp_path: Path) -> None:
-    port = free_port()
     path = tmp_path / "redis.sock"
-    with private_redis(port, "--unixsocket", str(path), "--unixsocketperm", "700"):
-        tcp = f"redis://127.0.0.1:{port}/0"
-        await eventually(lambda: redis_up(tcp), what="private redis up")
-        assert await _one_message_through(f"unix://{path}", tcp) == [(b"x:1", b"hello")]
+    with PrivateRedis("--unixsocket", str(path), "--unixsocketperm", "700") as server:
+        assert await _one_message_through(f"unix://{path}", server.url) == [(b"x:1", b"hello")]
 
 
 @pytest.fixture
@@ -153,13 +144,12 @@ async def test_a_tls_url_verifies_the_server(self_signed: tuple[Path, Path]) -> 
     """rediss:// is TLS with the server's certificate checked: against the URL's
     ssl_ca_certs it passes, against the system's authorities a self-signed one fails."""
     cert, key = self_signed
-    port, tls_port = free_port(), free_port()
+    tls_port = free_port()
     # Clients must show a certificate too (Redis's default): the URL's client certificate
     # options must reach the handshake, as they do for redis-py's connections.
     tls = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "yes")  # fmt: skip
-    with private_redis(port, *tls):
-        await eventually(lambda: redis_up(f"redis://127.0.0.1:{port}/0"), what="private redis up")
+    with PrivateRedis(*tls):
         url = (
             f"rediss://127.0.0.1:{tls_port}/0"
             f"?ssl_ca_certs={cert}&ssl_certfile={cert}&ssl_keyfile={key}"
