@@ -44,7 +44,8 @@ PASSED_ON = Counter(
 )
 ABANDONED = Gauge(
     "longhaul_worker_abandoned_handlers",
-    "Handlers given up on (they ignored cancellation) that still run in this process",
+    "Handlers given up on (past their cancel grace, or their run was cancelled) that"
+    " still run in this process",
 )
 # A message of a type this worker lacks goes back to the queue this much later: the
 # broker may give it to this worker again, and each turn costs a transaction.
@@ -105,8 +106,9 @@ class Runner:
         self._worker_id = worker_id
         self._backoff = Backoff(settings.retry_base_s, settings.retry_factor, settings.retry_cap_s)
         self.running: dict[UUID, Running] = {}
-        # Handlers that ignored cancellation past the grace period: kept so shutdown
-        # can wait for them a last time, never awaited on the hot path.
+        # Handlers still running past their cancel grace, or when their run was
+        # cancelled (a stopping worker's drain): kept so shutdown can wait for them a
+        # last time, never awaited on the hot path.
         self.abandoned: set[asyncio.Task[Any]] = set()
 
     async def process(self, body: bytes, headers: Mapping[str, Any]) -> None:
@@ -219,25 +221,25 @@ class Runner:
             # Past its grace, or this run itself was cancelled (the last step of a
             # stopping worker's drain): either way nobody waits for the handler now.
             if not handler.done():
+                why = "handler ignored cancellation; abandoning it"
                 if not handler.cancelling():
                     # Never told to stop: claimed after the drain stopped the running.
                     handler.cancel()
-                self._abandon(handler)
+                    why = "run cancelled before its handler ended; cancelled and abandoning it"
+                self._abandon(handler, why)
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
         # Whatever the outcome: a report held back and written after the outcome's
         # event would take a seq below it, which the stream refuses (a gap).
         await reporter.close()
         return outcome
 
-    def _abandon(self, handler: asyncio.Task[Any]) -> None:
+    def _abandon(self, handler: asyncio.Task[Any], why: str) -> None:
         # Unowned from now on, it still takes this process's CPU and memory: counted
         # until it ends, and shutdown waits for it a last time.
         self.abandoned.add(handler)
         ABANDONED.inc()
         handler.add_done_callback(self._abandoned_ended)
-        log.warning(
-            "handler ignored cancellation; abandoning it", extra={"abandoned": len(self.abandoned)}
-        )
+        log.warning(why, extra={"abandoned": len(self.abandoned)})
 
     def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
         self.abandoned.discard(handler)
