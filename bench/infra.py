@@ -340,7 +340,7 @@ class BenchEnv:
             await redis.aclose()
         await delete_amqp(
             self.amqp_url,
-            [self.wire.tasks_queue, self.wire.dead_letter_queue, *self.extra_queues],
+            [*self.wire.task_queues, self.wire.dead_letter_queue, *self.extra_queues],
             [self.wire.tasks_exchange, self.wire.dead_letter_exchange, *self.extra_exchanges],
         )
 

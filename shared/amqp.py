@@ -1,10 +1,12 @@
 """RabbitMQ plumbing: connecting, declaring the topology, publishing with confirms.
 
-The topology: a durable direct exchange routes task messages to one durable quorum
-queue. The queue dead-letters crash loops (past ``x-delivery-limit``) at least once to
-the dead-letter queue, and refuses publishes past ``x-max-length`` (``reject-publish``,
-which at-least-once dead-lettering requires anyway): a nack the relay sees, never a
-silently dropped message."""
+The topology: a durable direct exchange routes task messages to two durable quorum
+queues, the normal lane and the high lane (tasks of priority ``wire.HIGH_PRIORITY`` and
+above), each by its own routing key. Both take the same arguments: each dead-letters
+crash loops (past ``x-delivery-limit``) at least once to the dead-letter queue, and
+refuses publishes past ``x-max-length`` (``reject-publish``, which at-least-once
+dead-lettering requires anyway): a nack the relay sees, never a silently dropped
+message."""
 
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def task_queue_arguments(settings: CommonSettings, wire: Wire) -> dict[str, Any]
 @dataclass(frozen=True)
 class Topology:
     exchange: AbstractExchange
-    queue: AbstractQueue
+    queue: AbstractQueue  # the normal lane
+    high_queue: AbstractQueue  # the high lane
     dead_letters: AbstractQueue
 
 
@@ -80,23 +83,25 @@ async def declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire
     exchange = await channel.declare_exchange(
         wire.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
-    queue = await _declare_task_queue(channel, settings, wire)
+    queue = await _declare_task_queue(channel, settings, wire, wire.tasks_queue)
     await queue.bind(exchange, routing_key=wire.tasks_routing_key)
-    return Topology(exchange=exchange, queue=queue, dead_letters=dead)
+    high_queue = await _declare_task_queue(channel, settings, wire, wire.high_tasks_queue)
+    await high_queue.bind(exchange, routing_key=wire.high_tasks_routing_key)
+    return Topology(exchange=exchange, queue=queue, high_queue=high_queue, dead_letters=dead)
 
 
 async def _declare_task_queue(
-    channel: AbstractChannel, settings: CommonSettings, wire: Wire
+    channel: AbstractChannel, settings: CommonSettings, wire: Wire, name: str
 ) -> AbstractQueue:
     """The broker refuses a declare whose arguments differ from the queue's (it keeps
     the first declarer's): that is a setting to fix, not a crash."""
     try:
         return await channel.declare_queue(
-            wire.tasks_queue, durable=True, arguments=task_queue_arguments(settings, wire)
+            name, durable=True, arguments=task_queue_arguments(settings, wire)
         )
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise ConfigError(
-            f"queue {wire.tasks_queue} refuses these settings: LONGHAUL_DELIVERY_LIMIT and"
+            f"queue {name} refuses these settings: LONGHAUL_DELIVERY_LIMIT and"
             f" LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with ({exc})"
         ) from None
 

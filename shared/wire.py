@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
+# A task of this priority or above (0..9) goes to the high lane, the others to the normal
+# lane. Workers start a waiting high-lane delivery before any waiting normal one; within
+# a lane the order stays FIFO (RabbitMQ 3.10's quorum queues have no message priorities).
+HIGH_PRIORITY = 5
+
+
+def is_high(priority: int) -> bool:
+    """Whether a task of ``priority`` travels in the high lane."""
+    return priority >= HIGH_PRIORITY
+
 
 @dataclass(frozen=True)
 class Wire:
@@ -24,6 +34,20 @@ class Wire:
     @property
     def tasks_routing_key(self) -> str:
         return "task"
+
+    @property
+    def high_tasks_queue(self) -> str:
+        """The high lane: tasks of priority HIGH_PRIORITY and above."""
+        return f"{self.tasks_queue}.high"
+
+    @property
+    def high_tasks_routing_key(self) -> str:
+        return "task.high"
+
+    @property
+    def task_queues(self) -> tuple[str, str]:
+        """Both lanes' queues, the normal one first."""
+        return (self.tasks_queue, self.high_tasks_queue)
 
     @property
     def dead_letter_exchange(self) -> str:

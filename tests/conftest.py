@@ -120,7 +120,7 @@ async def drop_namespace(dep: Deployment, redis: Redis) -> None:
         await redis.delete(key)
     conn = await aio_pika.connect(dep.amqp_url)
     try:
-        for name in (dep.wire.tasks_queue, dep.wire.dead_letter_queue):
+        for name in (*dep.wire.task_queues, dep.wire.dead_letter_queue):
             channel = await conn.channel()
             with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.queue_delete(name)
