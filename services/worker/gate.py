@@ -27,15 +27,22 @@ class Gate:
     def waiting(self) -> int:
         return len(self._high) + len(self._normal)
 
-    async def enter(self, high: bool) -> None:
-        """Wait for a slot (a high-lane delivery before any normal one). Raises GateClosed
-        once the gate is closed. Cancelled while waiting, it takes no slot; cancelled
-        just after a slot was given to it, it passes the slot on."""
+    def try_enter(self) -> bool:
+        """Take a free slot nobody waits for, if there is one: the fast path, the usual
+        one below full load (no coroutine, no future). Raises GateClosed once closed."""
         if self._closed:
             raise GateClosed
         if self._free and not self._high and not self._normal:
-            # The fast path, the usual one below full load: no future, no wait.
             self._free -= 1
+            return True
+        return False
+
+    async def enter(self, high: bool) -> None:
+        """Take a slot, waiting for one if need be (a high-lane delivery before any
+        normal one). Raises GateClosed once the gate is closed. Cancelled while waiting,
+        it takes no slot; cancelled just after a slot was given to it, it passes the
+        slot on."""
+        if self.try_enter():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lane = self._high if high else self._normal

@@ -157,3 +157,11 @@ async def test_closing_refuses_the_waiters_and_later_ones_but_not_the_running() 
 def test_a_gate_needs_a_slot() -> None:
     with pytest.raises(ValueError):
         Gate(0)
+
+
+def test_the_fast_path_takes_only_a_slot_nobody_waits_for() -> None:
+    """try_enter takes a free slot, and nothing once they are all taken."""
+    gate = Gate(1)
+    assert gate.try_enter() and not gate.try_enter()
+    gate.leave()
+    assert gate.try_enter()
