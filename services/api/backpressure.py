@@ -1,5 +1,5 @@
-"""Back pressure: the backlog (the task queue's ready messages and the outbox rows due
-to join them), sampled a few times a second (never per request), and the drain rate
+"""Back pressure: the backlog (the ready messages of both task queues, the normal and
+the high lane, and the outbox rows due to join them), sampled a few times a second (never per request), and the drain rate
 measured from it, so a refusal can say when to come back."""
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from shared.wire import Wire
 
 log = logging.getLogger(__name__)
 
-QUEUE_DEPTH = Gauge("longhaul_api_queue_depth", "Ready messages in the task queue (sampled)")
+QUEUE_DEPTH = Gauge(
+    "longhaul_api_queue_depth", "Ready messages in the task queues, both lanes (sampled)"
+)
 OUTBOX_DUE = Gauge("longhaul_api_outbox_due", "Outbox rows due, not yet published (sampled)")
 DRAIN_RATE = Gauge("longhaul_api_drain_rate", "Measured messages/s leaving the backlog")
 
@@ -91,8 +93,8 @@ class AdmissionLedger:
 
 
 class QueueMonitor:
-    """Samples the backlog: the outbox rows due (one count) and then the task queue's
-    depth (a passive declare on the monitor's own channel). In that order a row the
+    """Samples the backlog: the outbox rows due (one count) and then the task queues'
+    depth, both lanes' (passive declares on the monitor's own channel). In that order a row the
     relay moves between the two is counted twice, never missed."""
 
     def __init__(
@@ -112,7 +114,7 @@ class QueueMonitor:
         self._interval = interval_s
         self._timeout = timeout
         self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._queues: list[AbstractQueue] = []
         self.depth = 0
         self.outbox_due = 0
         # When the last sample succeeded: a stale sample means the broker is unreachable.
@@ -155,17 +157,22 @@ class QueueMonitor:
     async def _sample(self) -> None:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
-            self._queue = None
-        if self._queue is None:
-            self._queue = await self._channel.declare_queue(self._wire.tasks_queue, passive=True)
+            self._queues = []
+        if not self._queues:
+            self._queues = [
+                await self._channel.declare_queue(name, passive=True)
+                for name in self._wire.task_queues
+            ]
         started = time.monotonic()
         # A bound of its own, shorter than the sample's: a PostgreSQL that hangs must not
         # cost the queue's depth, nor read as a broker that is away.
         outbox_due = await self._count_outbox(self._timeout / 2)
         # Declare again on every sample: aio-pika's robust channel answers a repeated
         # passive declare_queue() from its cache, with the count of the first one.
-        result = await self._queue.declare(timeout=self._timeout)
-        depth = int(result.message_count or 0)
+        depth = 0
+        for queue in self._queues:
+            result = await queue.declare(timeout=self._timeout)
+            depth += int(result.message_count or 0)
         now = time.monotonic()
         # Both counts are taken together or not at all: a new outbox count beside an old
         # depth would miss the rows the relay moved into the queue in between. With the
@@ -192,7 +199,7 @@ class QueueMonitor:
 
     async def _drop_channel(self) -> None:
         """After a failed sample: close the channel (a new one next time), not leak it."""
-        channel, self._channel, self._queue = self._channel, None, None
+        channel, self._channel, self._queues = self._channel, None, []
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(AMQPError, OSError, TimeoutError, RuntimeError):
                 await asyncio.wait_for(channel.close(), self._timeout)
