@@ -30,10 +30,14 @@ class Scheduled:
 async def enqueue(conn: Connection, items: Sequence[Scheduled]) -> None:
     if not items:
         return
+    # The task's priority routes the message to its lane (see the relay). Read from the
+    # task row here, in the caller's transaction, so no path that schedules a message
+    # (retries, pass-ons, requeues, reruns, redrives) can route it by anything else.
     await conn.execute(
         """
-        INSERT INTO outbox (task_id, attempt, body, available_at)
-        SELECT u.task_id, u.attempt, u.body, coalesce(u.available_at, now())
+        INSERT INTO outbox (task_id, attempt, body, available_at, priority)
+        SELECT u.task_id, u.attempt, u.body, coalesce(u.available_at, now()),
+               coalesce((SELECT t.priority FROM tasks AS t WHERE t.id = u.task_id), 0)
         FROM unnest($1::uuid[], $2::int[], $3::bytea[], $4::timestamptz[])
              AS u(task_id, attempt, body, available_at)
         """,

@@ -49,9 +49,10 @@ WITH u AS (
     DO NOTHING
     RETURNING {TASK_COLUMNS}
 ), o AS (
-    INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until)
+    INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until, priority)
     SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now()),
-           CASE WHEN t.next_attempt_at IS NULL THEN now() + make_interval(secs => $14) END
+           CASE WHEN t.next_attempt_at IS NULL THEN now() + make_interval(secs => $14) END,
+           u.priority
     FROM t JOIN u ON u.id = t.id
     RETURNING id, task_id
 )

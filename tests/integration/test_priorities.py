@@ -7,7 +7,10 @@ from __future__ import annotations
 import aio_pika
 
 from services.api.backpressure import QueueMonitor
-from shared import amqp
+from services.api.repository import ApiRepository, NewTask
+from shared import amqp, outbox
+from shared.ids import uuid7
+from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import Isolated
 from tests.support import eventually
@@ -36,3 +39,31 @@ async def test_back_pressure_counts_both_lanes(isolated: Isolated) -> None:
         assert await eventually(sampled, within=10, what="both lanes counted") == 5
     finally:
         await connection.close()
+
+
+async def test_every_outbox_row_carries_its_tasks_priority(isolated: Isolated) -> None:
+    """The API's insert and every later outbox.enqueue (retries, pass-ons, requeues,
+    reruns and redrives all go through it) copy the task's priority into the row."""
+    db = isolated.db
+    tasks = [
+        NewTask(id=uuid7(), request=TaskRequest(type="demo.noop", priority=priority))
+        for priority in (0, 4, 5, 9)
+    ]
+    await ApiRepository(db, timeout=10).insert(isolated.tenant.id, tasks)
+    ids = [t.id for t in tasks]
+    first = await db.fetch(
+        "SELECT task_id, priority FROM outbox WHERE task_id = ANY($1::uuid[])", ids
+    )
+    assert {r["task_id"]: r["priority"] for r in first} == {t.id: t.request.priority for t in tasks}
+    await db.execute("DELETE FROM outbox WHERE task_id = ANY($1::uuid[])", ids)
+    async with db.acquire() as conn:
+        rows = await conn.fetch(
+            f"SELECT {outbox.MESSAGE_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])", ids
+        )
+        await outbox.enqueue(conn, [outbox.next_attempt(r) for r in rows])
+    later = await db.fetch(
+        "SELECT task_id, attempt, priority FROM outbox WHERE task_id = ANY($1::uuid[])", ids
+    )
+    assert {r["task_id"]: (r["attempt"], r["priority"]) for r in later} == {
+        t.id: (1, t.request.priority) for t in tasks
+    }
