@@ -6,7 +6,8 @@ any number of relays (every API and worker process runs one) share the rows with
 publishing one twice in the normal case. A crash between the confirm and the commit
 publishes the rows again later: the worker absorbs such duplicates (the message's
 attempt no longer matches). Rows with a future ``available_at`` are retries and delayed
-tasks: the relay sleeps until the earliest is due, so no consumer holds them.
+tasks: the relay sleeps until the earliest is due, so no consumer holds them. Each
+message goes to its task's lane, by the priority its row carries (the Publisher routes).
 
 The API's fresh tasks take a shorter way (``hand_over``): their rows are inserted
 claimed (``claimed_until``) by the inserting process, whose relay publishes them from
@@ -46,7 +47,7 @@ PUBLISH_FAILURES = Counter("longhaul_outbox_publish_failures_total", "Relay batc
 BROKER_REFUSING = Gauge("longhaul_outbox_broker_refusing", "1 while the broker refuses publishes")
 
 _CLAIM = """
-SELECT id, task_id, attempt, body FROM outbox
+SELECT id, task_id, attempt, body, priority FROM outbox
 WHERE available_at <= now() AND (claimed_until IS NULL OR claimed_until <= now())
 ORDER BY available_at, id
 LIMIT $1
@@ -97,6 +98,8 @@ class Handed(NamedTuple):
     task_id: UUID
     body: bytes
     claimed_until: float
+    # The task's: which lane the message goes to.
+    priority: int = 0
 
 
 def in_time_for(
@@ -225,7 +228,7 @@ class OutboxRelay:
             return
         await self._failpoints.hit("relay.before_publish")
         result = await self._publisher.publish(
-            [Outgoing(message_id=f"{h.task_id}:1", body=h.body) for h in batch]
+            [Outgoing(message_id=f"{h.task_id}:1", body=h.body, priority=h.priority) for h in batch]
         )
         await self._failpoints.hit("relay.after_confirm")
         done = [h.row_id for h, ok in zip(batch, result.confirmed, strict=True) if ok]
@@ -301,7 +304,11 @@ class OutboxRelay:
             await self._failpoints.hit("relay.before_publish")
             result = await self._publisher.publish(
                 [
-                    Outgoing(message_id=f"{r['task_id']}:{r['attempt']}", body=r["body"])
+                    Outgoing(
+                        message_id=f"{r['task_id']}:{r['attempt']}",
+                        body=r["body"],
+                        priority=r["priority"],
+                    )
                     for r in rows
                 ]
             )

@@ -214,6 +214,7 @@ class _LazyPublisher(Publisher):
             self._wire.tasks_exchange,
             self._wire.tasks_routing_key,
             self._timeout,
+            high_routing_key=self._wire.high_tasks_routing_key,
         )
 
 

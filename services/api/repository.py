@@ -199,7 +199,7 @@ class ApiRepository:
             body_of = {t.id: body for t, body in zip(tasks, bodies, strict=True)}
             self._hand_over(
                 [
-                    Handed(r["outbox_id"], r["id"], body_of[r["id"]], claimed_until)
+                    Handed(r["outbox_id"], r["id"], body_of[r["id"]], claimed_until, r["priority"])
                     for r in rows
                     if r["next_attempt_at"] is None
                 ]

@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aio_pika.exceptions import AMQPError
 from aiohttp import web
 from redis.asyncio import Redis
@@ -81,16 +81,21 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
         )
 
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=settings.worker_concurrency)
-        topology = await amqp.declare(channel, settings, wire)
+        # Each consumer on a channel of its own, with the same prefetch: the consumer
+        # acks runs of deliveries with one multiple ack, which settles every older
+        # delivery of its channel. The high lane's too: at most worker_concurrency
+        # deliveries of both lanes run at once (the consumer's gate).
+        channel, topology = await _consuming_channel(connection, settings, wire)
+        high_channel, high_topology = await _consuming_channel(connection, settings, wire)
         runner = Runner(settings, repo, events, registry, failpoints, worker_id)
-        consumer = Consumer(topology.queue, runner, timeout, settings.worker_concurrency)
-        # Dead letters on a channel of their own: the consumer acks runs of deliveries
-        # with one multiple ack, which settles every older delivery of its channel.
-        dead_letter_channel = await connection.channel()
-        await dead_letter_channel.set_qos(prefetch_count=settings.worker_concurrency)
-        dead_letter_topology = await amqp.declare(dead_letter_channel, settings, wire)
+        consumer = Consumer(
+            topology.queue,
+            runner,
+            timeout,
+            settings.worker_concurrency,
+            high_queue=high_topology.high_queue,
+        )
+        _, dead_letter_topology = await _consuming_channel(connection, settings, wire)
         sink = DeadLetterSink(dead_letter_topology.dead_letters, repo, events)
 
         health = await _serve_health(settings, pool, redis, connection, consumer)
@@ -140,10 +145,21 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         await asyncio.gather(*background, return_exceptions=True)
         await repo.aclose()
         await events.aclose()
-        with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
-            await asyncio.wait_for(channel.close(), timeout)
+        for consumed in (high_channel, channel):
+            with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
+                await asyncio.wait_for(consumed.close(), timeout)
         log.info("worker stopped")
         await _leave_abandoned(stack, runner.abandoned, settings.cancel_grace_s)
+
+
+async def _consuming_channel(
+    connection: AbstractRobustConnection, settings: WorkerSettings, wire: Wire
+) -> tuple[AbstractChannel, amqp.Topology]:
+    """A channel for one consumer, its prefetch the worker's concurrency, and the
+    topology declared on it."""
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=settings.worker_concurrency)
+    return channel, await amqp.declare(channel, settings, wire)
 
 
 async def _leave_abandoned(
@@ -185,7 +201,13 @@ async def _relay(
     publish_channel = await publishing.channel(publisher_confirms=True, on_return_raises=True)
     return OutboxRelay(
         pool,
-        Publisher(publish_channel, wire.tasks_exchange, wire.tasks_routing_key, timeout),
+        Publisher(
+            publish_channel,
+            wire.tasks_exchange,
+            wire.tasks_routing_key,
+            timeout,
+            high_routing_key=wire.high_tasks_routing_key,
+        ),
         events,
         dsn=settings.database_url,
         failpoints=failpoints,

@@ -1,5 +1,8 @@
-"""Consumes the task queue: one asyncio task per delivery (prefetch bounds how many),
-acked only after the runner committed the outcome.
+"""Consumes the task queues, the normal lane and the high lane, each on its own channel:
+one asyncio task per delivery (each lane's prefetch bounds how many), acked only after
+the runner committed the outcome. At most ``concurrency`` deliveries of both lanes run at
+once; the others wait for a slot at the gate, which serves the high lane first
+(services/worker/gate.py). A waiting delivery counts as in flight.
 
 Acks of deliveries that finish together go out together: a run of finished deliveries
 from the oldest one still unsettled on the channel is acked with one ``multiple`` ack
@@ -9,16 +12,17 @@ holds back the acks (and the prefetch window) of short ones. Acks wait up to
 ``ACK_LINGER_S`` for others to join them. The channel must carry no other consumer: a
 multiple ack settles every older delivery of its channel.
 
-Draining: cancel the consumer so the broker sends no more, let running tasks finish
-within the grace period, hand back the rest, then give up on any that still hang."""
+Draining: cancel the consumers so the broker sends no more, hand back at once the
+deliveries still waiting for a slot, let running tasks finish within the grace period,
+hand back the rest, then give up on any that still hang."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import aiormq
 import aiormq.abc
@@ -26,6 +30,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError
 from prometheus_client import Counter, Gauge
 
+from services.worker.gate import Gate, GateClosed
 from services.worker.runner import Runner, StopReason
 from shared.groupcommit import GroupCommit
 
@@ -37,7 +42,10 @@ ACK_FAILURES = Counter(
     "Acks that failed (stale channel); the redelivery is absorbed",
 )
 IN_FLIGHT = Gauge("longhaul_worker_in_flight", "Deliveries being processed")
-CONSUMING = Gauge("longhaul_worker_consuming", "1 while the broker delivers to this worker")
+CONSUMING = Gauge(
+    "longhaul_worker_consuming", "1 while the broker delivers to this worker (on every lane)"
+)
+WAITING = Gauge("longhaul_worker_waiting", "Deliveries in flight waiting for a run slot")
 
 
 # A finished delivery keeps its prefetch slot this much longer, at most.
@@ -54,12 +62,36 @@ class _Delivery:
     tag: int
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One queue and our consumer of it, on a channel of its own."""
+
+    queue: AbstractQueue
+    high: bool
+    on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] = field(repr=False)
+    tag: str | None = None
+    # The watchdog found the consumer gone once (see watch).
+    missed: bool = False
+
+
 class Consumer:
-    def __init__(self, queue: AbstractQueue, runner: Runner, timeout: float, prefetch: int) -> None:
-        self._queue = queue
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        runner: Runner,
+        timeout: float,
+        prefetch: int,
+        high_queue: AbstractQueue | None = None,
+    ) -> None:
+        """``prefetch`` is the worker's concurrency: each lane's prefetch, and how many
+        deliveries of both run at once. ``high_queue`` (on a channel of its own) is the
+        high lane."""
+        self._lanes = [_Lane(queue, False, self._on_normal)]
+        if high_queue is not None:
+            self._lanes.append(_Lane(high_queue, True, self._on_high))
         self._runner = runner
         self._timeout = timeout
-        self._tag: str | None = None
+        self._gate = Gate(prefetch)
         self._tasks: set[asyncio.Task[None]] = set()
         # Per channel (a reconnect brings a new one, its tags start over): delivery tag ->
         # finished, for every delivery not yet acked or nacked.
@@ -72,18 +104,27 @@ class Consumer:
         )
 
     async def start(self) -> None:
-        self._tag = await self._queue.consume(self._on_message)
+        for lane in self._lanes:
+            lane.tag = await lane.queue.consume(lane.on_message)
 
     async def consuming(self) -> bool:
-        """Whether the broker still delivers to our consumer on the current channel."""
-        if self._tag is None:
+        """Whether the broker still delivers to our consumers (every lane's) on the
+        current channels."""
+        for lane in self._lanes:
+            if not await self._lane_consuming(lane):
+                return False
+        return True
+
+    @staticmethod
+    async def _lane_consuming(lane: _Lane) -> bool:
+        if lane.tag is None:
             return False
         try:
-            underlay = await self._queue.channel.get_underlay_channel()
+            underlay = await lane.queue.channel.get_underlay_channel()
         except aiormq.exceptions.ChannelInvalidStateError:
             return False  # reconnecting: the robust channel restores the consumer
         consumers: dict[str, object] = getattr(underlay, "consumers", {})  # aiormq.Channel
-        return self._tag in consumers
+        return lane.tag in consumers
 
     async def watch(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
         """Consume again if the consumer is gone while the channel is up.
@@ -92,40 +133,58 @@ class Consumer:
         broker cancels one (a deleted queue, a quorum leader that went away, aio-pika
         issue 231 after some restarts). Two misses in a row are required: right after a
         reconnect the restore may simply not have run yet, and consuming twice with one
-        tag would close the channel."""
-        missed = False
+        tag would close the channel. Every lane is watched on its own."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
-            if stop.is_set() or self._tag is None:
+            if stop.is_set() or any(lane.tag is None for lane in self._lanes):
                 return
-            if await self.consuming():
-                missed = False
-                CONSUMING.set(1)
-                continue
-            CONSUMING.set(0)
-            if not missed:
-                missed = True
-                continue
-            try:
-                await self._queue.consume(self._on_message, consumer_tag=self._tag)
-            except (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
-                log.warning("could not consume again; will retry", extra={"error": repr(exc)})
-                continue
-            log.warning("the broker had dropped our consumer; consuming again")
-            missed = False
+            consuming = True
+            for lane in self._lanes:
+                consuming = await self._watch_lane(lane) and consuming
+            CONSUMING.set(int(consuming))
+
+    async def _watch_lane(self, lane: _Lane) -> bool:
+        """One look at a lane's consumer: whether it was there."""
+        if await self._lane_consuming(lane):
+            lane.missed = False
+            return True
+        if not lane.missed:
+            lane.missed = True
+            return False
+        try:
+            await lane.queue.consume(lane.on_message, consumer_tag=lane.tag)
+        except (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
+            log.warning(
+                "could not consume again; will retry",
+                extra={"queue": lane.queue.name, "error": repr(exc)},
+            )
+            return False
+        log.warning(
+            "the broker had dropped our consumer; consuming again",
+            extra={"queue": lane.queue.name},
+        )
+        lane.missed = False
+        return False
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_normal(self, message: AbstractIncomingMessage) -> None:
+        self._accept(message, high=False)
+
+    async def _on_high(self, message: AbstractIncomingMessage) -> None:
+        self._accept(message, high=True)
+
+    def _accept(self, message: AbstractIncomingMessage, high: bool) -> None:
         DELIVERIES.inc()
         # The channel as it is now: aio-pika's message.channel raises once it closed.
         delivery = _Delivery(message.channel, message.delivery_tag or 0)
         self._unsettled.setdefault(delivery.channel, {})[delivery.tag] = False
         task = asyncio.create_task(
-            self._handle(message, delivery), name=f"delivery-{message.delivery_tag}"
+            self._handle(message, delivery, high),
+            name=f"delivery-{'high-' if high else ''}{message.delivery_tag}",
         )
         self._tasks.add(task)
         IN_FLIGHT.set(len(self._tasks))
@@ -135,7 +194,17 @@ class Consumer:
         self._tasks.discard(task)
         IN_FLIGHT.set(len(self._tasks))
 
-    async def _handle(self, message: AbstractIncomingMessage, delivery: _Delivery) -> None:
+    async def _handle(
+        self, message: AbstractIncomingMessage, delivery: _Delivery, high: bool
+    ) -> None:
+        try:
+            # The fast path first: no coroutine to wait with while a slot is free.
+            if not self._gate.try_enter():
+                await self._wait_for_slot(high)
+        except GateClosed:
+            # Draining: never started, handed back now for another worker to take.
+            await self._nack(delivery)
+            return
         try:
             await self._runner.process(message.body, message.headers or {})
         except asyncio.CancelledError:
@@ -147,7 +216,17 @@ class Consumer:
             log.exception("processing failed unexpectedly; requeueing the message")
             await self._nack(delivery)
             return
+        finally:
+            self._gate.leave()
         await self._acks.submit(delivery)
+
+    async def _wait_for_slot(self, high: bool) -> None:
+        """Every slot is taken: wait for one (GateClosed once draining)."""
+        WAITING.set(self._gate.waiting + 1)
+        try:
+            await self._gate.enter(high)
+        finally:
+            WAITING.set(self._gate.waiting)
 
     async def _nack(self, delivery: _Delivery) -> None:
         try:
@@ -196,22 +275,11 @@ class Consumer:
 
     async def drain(self, grace_s: float, handback_s: float) -> None:
         """Stop taking work and let what runs finish, hand it back or give it up."""
-        if self._tag is not None:
-            try:
-                # Bounded: while the broker is down the robust channel would wait for
-                # the reconnect forever, and a stopping worker must still stop.
-                await asyncio.wait_for(self._queue.cancel(self._tag), self._timeout)
-            except (
-                AMQPError,
-                aiormq.exceptions.ChannelInvalidStateError,
-                RuntimeError,
-                TimeoutError,
-            ) as exc:
-                log.info(
-                    "consumer cancel failed; closing the channel stops it",
-                    extra={"error": repr(exc)},
-                )
-            self._tag = None
+        await asyncio.gather(*(self._cancel(lane) for lane in self._lanes))
+        # What waits for a slot never starts: handed back at once (and what still
+        # arrives before the cancels took effect).
+        self._gate.close()
+        WAITING.set(0)
         if self._tasks:
             log.info("draining", extra={"in_flight": len(self._tasks), "grace_s": grace_s})
             await asyncio.wait(set(self._tasks), timeout=grace_s)
@@ -223,6 +291,25 @@ class Consumer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _cancel(self, lane: _Lane) -> None:
+        if lane.tag is None:
+            return
+        try:
+            # Bounded: while the broker is down the robust channel would wait for the
+            # reconnect forever, and a stopping worker must still stop.
+            await asyncio.wait_for(lane.queue.cancel(lane.tag), self._timeout)
+        except (
+            AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            RuntimeError,
+            TimeoutError,
+        ) as exc:
+            log.info(
+                "consumer cancel failed; closing the channel stops it",
+                extra={"queue": lane.queue.name, "error": repr(exc)},
+            )
+        lane.tag = None
 
 
 def _settle_failed(exc: BaseException) -> None:

@@ -700,3 +700,70 @@ async def test_a_run_cancelled_before_its_handler_was_stopped_cancels_it() -> No
         handler.cancel()  # a failed test must not leave it running
     await asyncio.sleep(0)  # the done callbacks
     assert handler.cancelled() and not runner.abandoned
+
+
+class _Channel:
+    """Records the acks and nacks of a consumer's deliveries."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.nacked: list[int] = []
+
+    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.acked.append(tag)
+
+    async def basic_nack(self, tag: int, requeue: bool = True) -> None:
+        assert requeue
+        self.nacked.append(tag)
+
+
+class _BlockingRunner:
+    """Processes a delivery until told to finish; records what it started."""
+
+    def __init__(self) -> None:
+        self.running: dict[Any, Any] = {}
+        self.started: list[bytes] = []
+        self.finish = asyncio.Event()
+
+    async def process(self, body: bytes, headers: Any) -> None:
+        self.started.append(body)
+        await self.finish.wait()
+
+
+async def test_deliveries_wait_for_a_slot_high_first_and_are_handed_back_on_drain() -> None:
+    """With every slot taken, later deliveries wait (still in flight), the high lane's
+    first; draining hands the waiting ones back at once and lets the running one finish."""
+    runner = _BlockingRunner()
+    consumer = Consumer(SimpleNamespace(), runner, timeout=1, prefetch=1)  # type: ignore[arg-type]
+    normal, high = _Channel(), _Channel()
+
+    def deliver(channel: _Channel, tag: int, is_high: bool) -> None:
+        message = SimpleNamespace(channel=channel, delivery_tag=tag, body=b"%d" % tag, headers={})
+        consumer._accept(message, high=is_high)  # type: ignore[arg-type]
+
+    deliver(normal, 1, False)
+    await asyncio.sleep(0)
+    deliver(normal, 2, False)
+    deliver(high, 3, True)
+    await asyncio.sleep(0.01)
+    assert runner.started == [b"1"] and consumer.in_flight == 3
+    runner.finish.set()
+    await asyncio.sleep(0.05)
+    # The high delivery came after normal 2, and ran before it.
+    assert runner.started == [b"1", b"3", b"2"] and consumer.in_flight == 0
+    assert normal.acked == [1, 2] and high.acked == [3]
+
+    runner.finish.clear()
+    deliver(normal, 4, False)
+    await asyncio.sleep(0)
+    deliver(high, 5, True)
+    deliver(normal, 6, False)
+    await asyncio.sleep(0.01)
+    assert consumer.in_flight == 3
+    drained = asyncio.create_task(consumer.drain(grace_s=10, handback_s=1))
+    await asyncio.sleep(0.05)
+    # Handed back at once, never started; the running one is still given its grace.
+    assert sorted(normal.nacked + high.nacked) == [5, 6] and consumer.in_flight == 1
+    runner.finish.set()
+    await drained
+    assert runner.started[-1] == b"4" and normal.acked[-1] == 4 and consumer.in_flight == 0
