@@ -67,7 +67,6 @@ class _Lane:
     """One queue and our consumer of it, on a channel of its own."""
 
     queue: AbstractQueue
-    high: bool
     on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] = field(repr=False)
     tag: str | None = None
     # The watchdog found the consumer gone once (see watch).
@@ -86,9 +85,9 @@ class Consumer:
         """``prefetch`` is the worker's concurrency: each lane's prefetch, and how many
         deliveries of both run at once. ``high_queue`` (on a channel of its own) is the
         high lane."""
-        self._lanes = [_Lane(queue, False, self._on_normal)]
+        self._lanes = [_Lane(queue, self._on_normal)]
         if high_queue is not None:
-            self._lanes.append(_Lane(high_queue, True, self._on_high))
+            self._lanes.append(_Lane(high_queue, self._on_high))
         self._runner = runner
         self._timeout = timeout
         self._gate = Gate(prefetch)

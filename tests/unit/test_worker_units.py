@@ -43,6 +43,7 @@ from shared.errors import ConfigError
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskState
+from tests.support import eventually
 
 # ---------------------------------------------------------------- handler start
 
@@ -767,3 +768,51 @@ async def test_deliveries_wait_for_a_slot_high_first_and_are_handed_back_on_drai
     runner.finish.set()
     await drained
     assert runner.started[-1] == b"4" and normal.acked[-1] == 4 and consumer.in_flight == 0
+
+
+class _Queue:
+    """A queue whose consumer the broker may have dropped (``consumers``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.consumers: dict[str, object] = {}
+        self.consumed: list[str | None] = []
+        self.channel = self
+
+    async def get_underlay_channel(self) -> _Queue:
+        return self
+
+    async def consume(self, callback: Any, consumer_tag: str | None = None) -> str:
+        tag = consumer_tag or f"ctag-{self.name}"
+        self.consumers[tag] = callback
+        self.consumed.append(consumer_tag)
+        return tag
+
+
+async def test_the_watchdog_consumes_again_on_the_lane_whose_consumer_was_dropped() -> None:
+    """Both lanes are watched: a high-lane consumer the broker dropped is restored with
+    its tag after two misses, and readiness reads not consuming meanwhile."""
+    normal, high = _Queue("normal"), _Queue("high")
+    consumer = Consumer(
+        normal,  # type: ignore[arg-type]
+        _BlockingRunner(),  # type: ignore[arg-type]
+        timeout=1,
+        prefetch=1,
+        high_queue=high,  # type: ignore[arg-type]
+    )
+    await consumer.start()
+    assert await consumer.consuming()
+    high.consumers.clear()  # cancelled by the broker
+    assert not await consumer.consuming()
+    stop = asyncio.Event()
+    watching = asyncio.create_task(consumer.watch(stop, interval_s=0.01))
+
+    async def restored() -> bool:
+        return high.consumed[1:] == ["ctag-high"]
+
+    try:
+        await eventually(restored, within=5, interval=0.01, what="the high lane consumed again")
+    finally:
+        stop.set()
+        await watching
+    assert normal.consumed == [None] and await consumer.consuming()
