@@ -1,6 +1,7 @@
-"""Priorities with real processes, RabbitMQ and PostgreSQL: a task of priority
-HIGH_PRIORITY or above travels in the high lane, on every path that publishes it, and a
-worker starts it before the normal tasks that wait."""
+"""Priorities against the real RabbitMQ and PostgreSQL (the API and the worker as
+processes): a task of priority HIGH_PRIORITY or above travels in the high lane, on every
+path that publishes it, a worker starts it before the normal tasks that wait, and back
+pressure counts both lanes."""
 
 from __future__ import annotations
 
