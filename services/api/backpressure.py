@@ -1,6 +1,7 @@
 """Back pressure: the backlog (the ready messages of both task queues, the normal and
-the high lane, and the outbox rows due to join them), sampled a few times a second (never per request), and the drain rate
-measured from it, so a refusal can say when to come back."""
+the high lane, and the outbox rows due to join them), sampled a few times a second
+(never per request), and the drain rate measured from it, so a refusal can say when to
+come back."""
 
 from __future__ import annotations
 
@@ -94,8 +95,8 @@ class AdmissionLedger:
 
 class QueueMonitor:
     """Samples the backlog: the outbox rows due (one count) and then the task queues'
-    depth, both lanes' (passive declares on the monitor's own channel). In that order a row the
-    relay moves between the two is counted twice, never missed."""
+    depth, both lanes' (passive declares on the monitor's own channel). In that order a
+    row the relay moves between the two is counted twice, never missed."""
 
     def __init__(
         self,
