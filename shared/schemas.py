@@ -92,7 +92,13 @@ class TaskRequest(_Strict):
 
     type: TaskType
     args: dict[str, Any] = Field(default_factory=dict)
-    priority: int = Field(default=0, ge=0, le=9)
+    priority: int = Field(
+        default=0,
+        ge=0,
+        le=9,
+        description="5 or more: the high lane, started before any waiting task below 5;"
+        " FIFO within a lane.",
+    )
     max_attempts: int = Field(
         default=5,
         ge=1,
