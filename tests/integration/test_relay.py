@@ -84,7 +84,7 @@ async def broker(deployment: Deployment) -> AsyncIterator[Broker]:
         yield Broker(wire, connection, channel, topology)
     finally:
         cleanup = await connection.channel()
-        for queue in (wire.tasks_queue, wire.dead_letter_queue):
+        for queue in (*wire.task_queues, wire.dead_letter_queue):
             await cleanup.queue_delete(queue)
         for exchange in (wire.tasks_exchange, wire.dead_letter_exchange):
             await cleanup.exchange_delete(exchange)
