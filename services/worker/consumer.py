@@ -41,7 +41,9 @@ ACK_FAILURES = Counter(
     "longhaul_worker_ack_failures_total",
     "Acks that failed (stale channel); the redelivery is absorbed",
 )
-IN_FLIGHT = Gauge("longhaul_worker_in_flight", "Deliveries being processed")
+IN_FLIGHT = Gauge(
+    "longhaul_worker_in_flight", "Deliveries being processed or waiting for a run slot"
+)
 CONSUMING = Gauge(
     "longhaul_worker_consuming", "1 while the broker delivers to this worker (on every lane)"
 )
@@ -198,12 +200,21 @@ class Consumer:
     ) -> None:
         try:
             # The fast path first: no coroutine to wait with while a slot is free.
-            if not self._gate.try_enter():
-                await self._wait_for_slot(high)
+            entered = self._gate.try_enter()
         except GateClosed:
-            # Draining: never started, handed back now for another worker to take.
-            await self._nack(delivery)
+            # Arrived after the drain closed the gate (our consumer's cancel had not
+            # taken effect): left unsettled, the channel's close returns it, once. A nack
+            # could bring it straight back to us, a delivery counted each time, until the
+            # queue's delivery limit dead-lettered a healthy task.
             return
+        if not entered:
+            try:
+                await self._wait_for_slot(high)
+            except GateClosed:
+                # Waiting when the drain began: never started, handed back at once for
+                # another worker to take.
+                await self._nack(delivery)
+                return
         try:
             await self._runner.process(message.body, message.headers or {})
         except asyncio.CancelledError:

@@ -765,9 +765,15 @@ async def test_deliveries_wait_for_a_slot_high_first_and_are_handed_back_on_drai
     await asyncio.sleep(0.05)
     # Handed back at once, never started; the running one is still given its grace.
     assert sorted(normal.nacked + high.nacked) == [5, 6] and consumer.in_flight == 1
+    # One that still arrives (a consumer cancel not yet in effect) is left for the
+    # channel's close to return: a nack could bring it straight back, again and again.
+    deliver(normal, 7, False)
+    await asyncio.sleep(0.01)
+    assert sorted(normal.nacked + high.nacked) == [5, 6] and b"7" not in runner.started
     runner.finish.set()
     await drained
     assert runner.started[-1] == b"4" and normal.acked[-1] == 4 and consumer.in_flight == 0
+    assert 7 not in normal.acked
 
 
 class _Queue:
