@@ -225,7 +225,7 @@ class Runner:
                 if not handler.cancelling():
                     # Never told to stop: claimed after the drain stopped the running.
                     handler.cancel()
-                    why = "run cancelled before its handler ended; cancelled and abandoning it"
+                    why = "run ended before its handler did; cancelled and abandoning it"
                 self._abandon(handler, why)
         outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
         # Whatever the outcome: a report held back and written after the outcome's
