@@ -82,14 +82,15 @@ address() {
     echo "cannot parse the address in '$url'" >&2
     return 1
   fi
-  local host port="${BASH_REMATCH[4]:-$2}"
+  local host port="${BASH_REMATCH[4]:-$2}" url_port="${BASH_REMATCH[4]}"
   host=$(url_decode "${BASH_REMATCH[2]}")
   if [[ $url == postgres* ]]; then
     local q
     q=$(query_param "$url" host)
     host="${q:-$host}"
     q=$(query_param "$url" port)
-    port="${q:-$port}"
+    # No port in the URL: asyncpg (and psql) take PGPORT before the default.
+    port="${q:-${url_port:-${PGPORT:-$2}}}"
     # No host in the URL: asyncpg (the services' client) takes PGHOST, else tries its
     # default socket directories and then localhost.
     [[ -n $host ]] || host="${PGHOST:-}"

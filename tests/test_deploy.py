@@ -467,31 +467,34 @@ async def test_ensure_services_checks_a_unix_socket_on_the_socket(
 
 
 @pytest.mark.parametrize(
-    ("url", "pghost", "problem"),
+    ("url", "pg_env", "problem"),
     [
         # It checked 127.0.0.1:5432, where a server answered, and then blamed the login.
         (
             "postgresql://postgres@/longhaul",
-            "/nonexistent",
+            {"PGHOST": "/nonexistent"},
             "nothing listens on the Unix socket /nonexistent/.s.PGSQL.5432;",
         ),
         (
             "postgresql://postgres@:5499/longhaul",
-            None,
+            {},
             "nothing listens on 127.0.0.1:5499 or a socket in /run/postgresql"
             " /var/run/postgresql /tmp /private/tmp;",
+        ),
+        (
+            "postgresql://postgres@127.0.0.1/longhaul",
+            {"PGPORT": "5498"},
+            "nothing listens on 127.0.0.1:5498;",
         ),
     ],
 )
 async def test_ensure_services_looks_for_a_postgresql_url_without_host_where_asyncpg_does(
-    deployment: Any, url: str, pghost: str | None, problem: str
+    deployment: Any, url: str, pg_env: dict[str, str], problem: str
 ) -> None:
-    env = {**deployment.env(), "LONGHAUL_DATABASE_URL": url}
-    if pghost is None:
-        os_env = {k: v for k, v in os.environ.items() if k != "PGHOST"}
-        code, stderr = await _ensure_services(env, base=os_env)
-    else:
-        code, stderr = await _ensure_services({**env, "PGHOST": pghost})
+    """The URL's host and port, else PGHOST and PGPORT, else asyncpg's defaults."""
+    base = {k: v for k, v in os.environ.items() if k not in {"PGHOST", "PGPORT"}}
+    env = {**deployment.env(), "LONGHAUL_DATABASE_URL": url, **pg_env}
+    code, stderr = await _ensure_services(env, base=base)
     assert code == 1, stderr
     assert problem in stderr
 
