@@ -44,8 +44,8 @@ PASSED_ON = Counter(
 )
 ABANDONED = Gauge(
     "longhaul_worker_abandoned_handlers",
-    "Handlers given up on (past their cancel grace, or their run was cancelled) that"
-    " still run in this process",
+    "Handlers given up on (past their cancel grace, or their run ended first) that still"
+    " run in this process",
 )
 # A message of a type this worker lacks goes back to the queue this much later: the
 # broker may give it to this worker again, and each turn costs a transaction.
@@ -106,9 +106,9 @@ class Runner:
         self._worker_id = worker_id
         self._backoff = Backoff(settings.retry_base_s, settings.retry_factor, settings.retry_cap_s)
         self.running: dict[UUID, Running] = {}
-        # Handlers still running past their cancel grace, or when their run was
-        # cancelled (a stopping worker's drain): kept so shutdown can wait for them a
-        # last time, never awaited on the hot path.
+        # Handlers still running past their cancel grace, or when their run ended first
+        # (cancelled by a stopping worker's drain, say): kept so shutdown can wait for
+        # them a last time, never awaited on the hot path.
         self.abandoned: set[asyncio.Task[Any]] = set()
 
     async def process(self, body: bytes, headers: Mapping[str, Any]) -> None:
