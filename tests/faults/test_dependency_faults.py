@@ -76,6 +76,11 @@ async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> Non
     async def consuming() -> int:
         return await asyncio.to_thread(rabbit.consumers, queue)
 
+    async def both_consuming_high() -> int:
+        # The high lane is consumed on channels of its own: both workers' come back too.
+        count = await asyncio.to_thread(rabbit.consumers, run.wire.high_tasks_queue)
+        return count if count == 2 else 0
+
     consumers_before = await eventually(consuming, within=20, interval=0.5, what="consumers")
     await asyncio.to_thread(rabbit.stop)
     stopped = time.monotonic()
@@ -84,6 +89,9 @@ async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> Non
     restarted = time.monotonic()
     consumers_after = await eventually(consuming, within=60, interval=0.5, what="consumers > 0")
     recover_s = time.monotonic() - restarted
+    high_consumers_after = await eventually(
+        both_consuming_high, within=60, interval=0.5, what="both high-lane consumers"
+    )
     settle_s = await run.settle(ids + during)
     stale_acks = sum(p.output().count("could not settle a delivery") for p in run.workers())
     await run.judge(
@@ -94,6 +102,7 @@ async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> Non
         down_s=round(restarted - stopped, 2),
         consumers_before=consumers_before,
         consumers_after=consumers_after,
+        high_consumers_after=high_consumers_after,
         answers_while_down=statuses,
         stale_acks_absorbed=stale_acks,
         settle_s=round(settle_s, 2),
