@@ -254,6 +254,17 @@ class Publisher:
         return pamqp.frame.marshal(ContentHeader(0, len(item.body), properties), number)
 
 
+def task_publisher(channel: AbstractChannel, wire: Wire, timeout: float) -> Publisher:
+    """The relays' publisher: each task message to its lane, by its task's priority."""
+    return Publisher(
+        channel,
+        wire.tasks_exchange,
+        wire.tasks_routing_key,
+        timeout,
+        high_routing_key=wire.high_tasks_routing_key,
+    )
+
+
 def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
     if channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]

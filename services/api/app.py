@@ -209,13 +209,7 @@ class _LazyPublisher(Publisher):
             self._connection.channel(publisher_confirms=True, on_return_raises=True),
             self._timeout,
         )
-        self._ready = Publisher(
-            self._confirming,
-            self._wire.tasks_exchange,
-            self._wire.tasks_routing_key,
-            self._timeout,
-            high_routing_key=self._wire.high_tasks_routing_key,
-        )
+        self._ready = amqp.task_publisher(self._confirming, self._wire, self._timeout)
 
 
 async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:

@@ -30,7 +30,6 @@ from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
 from services.worker.settings import WorkerSettings
 from shared import amqp
-from shared.amqp import Publisher
 from shared.db import create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
@@ -201,13 +200,7 @@ async def _relay(
     publish_channel = await publishing.channel(publisher_confirms=True, on_return_raises=True)
     return OutboxRelay(
         pool,
-        Publisher(
-            publish_channel,
-            wire.tasks_exchange,
-            wire.tasks_routing_key,
-            timeout,
-            high_routing_key=wire.high_tasks_routing_key,
-        ),
+        amqp.task_publisher(publish_channel, wire, timeout),
         events,
         dsn=settings.database_url,
         failpoints=failpoints,
