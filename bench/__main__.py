@@ -1,8 +1,9 @@
 """``python -m bench [--quick] [--only SCENARIO ...] [--out PATH]``.
 
-Runs the scenarios of issue #6 in order (ceilings, Longhaul end to end and the API,
-the gateway, the peers), writes ``bench/results/<timestamp>.json`` and prints a
-Markdown table. Everything runs under a private namespace and database, removed at
+Runs the scenarios of issue #6: the throughput runs in rounds (the ceilings, Longhaul
+at saturation and the peers, one run each per round), then Longhaul and the API at half
+the saturation rates, then the gateway. Writes ``bench/results/<timestamp>.json`` and
+prints a Markdown table. Everything runs under a private namespace and database, removed at
 the end even when a scenario fails."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import orjson
 from bench import ceiling, gateway, longhaul, machine, peers, report
 from bench.infra import RESULTS, BenchEnv, raise_fd_limit, run_loop
 from bench.longhaul import LonghaulSystem
+from bench.stats import series
 
 SCENARIOS = ("ceiling", "longhaul", "gateway", "peers")
 
@@ -119,7 +121,9 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
             "wake_cost": wake,
             "round_trip": hop,
             "notes": [
-                "medians of the runs with min-max; generator CPU = the load generator's "
+                "medians of the runs with min-max; the ceilings, Longhaul's saturation "
+                "runs and the peers run in rounds, one run of each per round, and a "
+                "target's ratio is the median of its per-round ratios; generator CPU = the load generator's "
                 "CPU (this process and its helper processes) as % of all cores; machine "
                 "CPU = how busy all cores were, everything included",
                 "the machine is shared with whatever else runs on it: see load_avg_*",
@@ -139,60 +143,45 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
         "errors": {},
     }
     failed = False
-    system: LonghaulSystem | None = None
     try:
         await env.open()
-        if "ceiling" in only:
-            print("== 1. ceilings", file=sys.stderr)
-            doc["ceiling"] = await _guard(
-                doc,
-                "ceiling",
-                ceiling.run(
-                    env,
-                    n_amqp=profile.n_amqp,
-                    n_pg=profile.n_pg,
-                    n_redis=profile.n_redis,
-                    runs=profile.runs,
-                ),
-            )
-        if "longhaul" in only or "gateway" in only:
+        await _rounds(env, profile, only, doc)
+        if "longhaul" in doc or "gateway" in only:
             system = LonghaulSystem(env)
-            await system.start()
-        if "longhaul" in only and system is not None:
-            print("== 2/5. Longhaul end to end and API", file=sys.stderr)
-            doc["longhaul"] = await _guard(
-                doc,
-                "longhaul",
-                longhaul.run(
-                    system,
-                    n=profile.n_tasks,
-                    runs=profile.runs,
-                    batch=profile.batch,
-                    max_rate_run_s=profile.max_rate_run_s,
-                    timeout_s=profile.timeout_s,
-                ),
-            )
-        if "gateway" in only and system is not None:
-            print("== 4. gateway", file=sys.stderr)
-            doc["gateway"] = await _guard(
-                doc,
-                "gateway",
-                gateway.run(
-                    system,
-                    idle_counts=list(profile.idle_counts),
-                    clients=profile.fanout_clients,
-                    duration=profile.fanout_s,
-                    runs=profile.runs,
-                ),
-            )
-        if system is not None:
-            for proc in system.procs.values():
-                proc.stop()
-        if "peers" in only:
-            print("== 3. peers", file=sys.stderr)
-            doc["peers"] = await _guard(
-                doc, "peers", peers.run(env, n=profile.n_tasks, runs=profile.runs)
-            )
+            try:
+                await system.start()
+                if "longhaul" in doc:
+                    print("== 5. Longhaul at half the saturation rates", file=sys.stderr)
+                    doc["longhaul"].update(
+                        await _guard(
+                            doc,
+                            "longhaul",
+                            longhaul.half_rates(
+                                system,
+                                doc["longhaul"],
+                                n=profile.n_tasks,
+                                runs=profile.runs,
+                                batch=profile.batch,
+                                max_rate_run_s=profile.max_rate_run_s,
+                                timeout_s=profile.timeout_s,
+                            ),
+                        )
+                    )
+                if "gateway" in only:
+                    print("== 4. gateway", file=sys.stderr)
+                    doc["gateway"] = await _guard(
+                        doc,
+                        "gateway",
+                        gateway.run(
+                            system,
+                            idle_counts=list(profile.idle_counts),
+                            clients=profile.fanout_clients,
+                            duration=profile.fanout_s,
+                            runs=profile.runs,
+                        ),
+                    )
+            finally:
+                system.stop()
     except Exception:
         failed = True
         doc["errors"]["setup"] = traceback.format_exc()
@@ -213,6 +202,55 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
         print(f"scenario {name} failed:\n{err}", file=sys.stderr)
     print(f"results: {path}", file=sys.stderr)
     return 1 if failed else 0
+
+
+async def _rounds(env: BenchEnv, profile: Profile, only: list[str], doc: dict[str, Any]) -> None:
+    """The throughput runs, in rounds: each round runs once the ceilings, Longhaul's
+    saturation runs and the peers, back to back, so that every ratio of a target is
+    taken within a round (the machine drifts over minutes, the peers' figures with it).
+    The ceilings and the peers swap places every other round, Longhaul in between:
+    a drift over the run weighs on neither side of a ratio more than on the other."""
+    steps = [s for s in ("ceiling", "longhaul", "peers") if s in only]
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in steps}
+
+    async def ceiling_round(i: int) -> dict[str, dict[str, Any]]:
+        return await ceiling.one_round(
+            env, n_amqp=profile.n_amqp, n_pg=profile.n_pg, n_redis=profile.n_redis, round_no=i
+        )
+
+    async def longhaul_round(i: int) -> dict[str, dict[str, Any]]:
+        # Started for the round and stopped after it: the ceilings and the peers run on
+        # a machine where nothing else of the benchmark runs.
+        system = LonghaulSystem(env)
+        try:
+            await system.start()
+            return await longhaul.saturation_round(
+                system, n=profile.n_tasks, batch=profile.batch, timeout_s=profile.timeout_s
+            )
+        finally:
+            system.stop()
+
+    async def peers_round(i: int) -> dict[str, dict[str, Any]]:
+        return await peers.one_round(env, n=profile.n_tasks)
+
+    run_step = {"ceiling": ceiling_round, "longhaul": longhaul_round, "peers": peers_round}
+    for i in range(profile.runs):
+        for step in steps if i % 2 == 0 else steps[::-1]:
+            if step in doc["errors"]:
+                continue  # failed in an earlier round: its runs stay paired by round
+            print(f"== round {i + 1}/{profile.runs}: {step}", file=sys.stderr)
+            for key, result in (await _guard(doc, step, run_step[step](i))).items():
+                found[step].setdefault(key, []).append(result)
+    configs = {
+        "ceiling": ceiling.configs(
+            n_amqp=profile.n_amqp, n_pg=profile.n_pg, n_redis=profile.n_redis
+        ),
+        "longhaul": longhaul.saturation_configs(n=profile.n_tasks, batch=profile.batch),
+        "peers": peers.configs(profile.n_tasks),
+    }
+    for name, by_key in found.items():
+        if name not in doc["errors"]:
+            doc[name] = {key: series(configs[name][key], rs) for key, rs in by_key.items()}
 
 
 async def _guard(doc: dict[str, Any], name: str, coro: Any) -> dict[str, Any]:

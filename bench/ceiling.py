@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from bench.child import Child, sleep_until
 from bench.infra import BenchEnv
-from bench.stats import aggregate, cpu_share
+from bench.stats import cpu_share
 
 QUEUE_ARGS = {"x-queue-type": "quorum"}
 
@@ -208,54 +208,45 @@ async def _spread(env: BenchEnv, role: str, args: dict[str, Any], procs: int) ->
     }
 
 
-async def run(env: BenchEnv, *, n_amqp: int, n_pg: int, n_redis: int, runs: int) -> dict[str, Any]:
-    amqp_runs, pg_runs, redis_runs = [], [], []
-    for i in range(runs):
-        amqp_runs.append(await _one_amqp(env, n_amqp, i))
-        pg_runs.append(
-            await _spread(
-                env,
-                "pg_lifecycle",
-                {
-                    "dsn": env.database_url,
-                    "tenant_id": str(env.tenant_id),
-                    "n": n_pg,
-                    "concurrency": 16,
-                },
-                2,
-            )
-        )
-        redis_runs.append(
-            await _spread(
-                env,
-                "redis_events",
-                {
-                    "url": env.redis_url,
-                    "prefix": f"{env.namespace}:ceiling:",
-                    "n": n_redis,
-                    "concurrency": 32,
-                },
-                2,
-            )
-        )
+async def one_round(
+    env: BenchEnv, *, n_amqp: int, n_pg: int, n_redis: int, round_no: int
+) -> dict[str, dict[str, Any]]:
+    """One run of each ceiling, one after the other."""
     return {
-        "rabbitmq": {
-            "config": f"quorum queue, persistent messages, 1 publisher process with confirms "
-            f"(window 512 unconfirmed) + 1 consumer process (manual ack, prefetch 256), "
-            f"concurrently; N={n_amqp} per run",
-            "runs": amqp_runs,
-            "summary": aggregate(amqp_runs),
-        },
-        "postgresql": {
-            "config": f"task-row lifecycle INSERT + 2 conditional UPDATEs (3 autocommit "
-            f"transactions) on the tasks table, 2 processes x 16 connections; N={n_pg} rows per run",
-            "runs": pg_runs,
-            "summary": aggregate(pg_runs),
-        },
-        "redis": {
-            "config": f"per message one pipelined XADD (MAXLEN ~1000) + PUBLISH, 2 processes x "
-            f"32 concurrent; N={n_redis} per run",
-            "runs": redis_runs,
-            "summary": aggregate(redis_runs),
-        },
+        "rabbitmq": await _one_amqp(env, n_amqp, round_no),
+        "postgresql": await _spread(
+            env,
+            "pg_lifecycle",
+            {
+                "dsn": env.database_url,
+                "tenant_id": str(env.tenant_id),
+                "n": n_pg,
+                "concurrency": 16,
+            },
+            2,
+        ),
+        "redis": await _spread(
+            env,
+            "redis_events",
+            {
+                "url": env.redis_url,
+                "prefix": f"{env.namespace}:ceiling:",
+                "n": n_redis,
+                "concurrency": 32,
+            },
+            2,
+        ),
+    }
+
+
+def configs(*, n_amqp: int, n_pg: int, n_redis: int) -> dict[str, str]:
+    """Each ceiling's description, by name."""
+    return {
+        "rabbitmq": f"quorum queue, persistent messages, 1 publisher process with confirms "
+        f"(window 512 unconfirmed) + 1 consumer process (manual ack, prefetch 256), "
+        f"concurrently; N={n_amqp} per run",
+        "postgresql": f"task-row lifecycle INSERT + 2 conditional UPDATEs (3 autocommit "
+        f"transactions) on the tasks table, 2 processes x 16 connections; N={n_pg} rows per run",
+        "redis": f"per message one pipelined XADD (MAXLEN ~1000) + PUBLISH, 2 processes x "
+        f"32 concurrent; N={n_redis} per run",
     }

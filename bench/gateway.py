@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from bench.child import Child
 from bench.infra import BenchEnv, CpuMeter, Proc, python, wait_http_ok
 from bench.longhaul import LonghaulSystem
-from bench.stats import aggregate, cpu_share, latency_summary
+from bench.stats import cpu_share, latency_summary, series
 from shared import wstokens
 from tests.support import free_port
 
@@ -294,13 +294,12 @@ async def run(
         t = time.monotonic()
         rs = [await _idle_once(system.env, count) for _ in range(runs)]
         _log(f"idle {count}: {time.monotonic() - t:.1f}s")
-        out[f"idle_{count}"] = {
-            "config": f"{count} idle WebSocket connections to a fresh gateway process (default "
+        out[f"idle_{count}"] = series(
+            f"{count} idle WebSocket connections to a fresh gateway process (default "
             f"settings, per-tenant cap raised to 20000), from {max(1, math.ceil(count / IDLE_PER_PROC))} "
             f"client processes; RSS growth / connections",
-            "runs": rs,
-            "summary": aggregate(rs),
-        }
+            rs,
+        )
     fan = [await fanout_once(system, clients, duration) for _ in range(runs)]
     for key, config in (
         (
@@ -324,10 +323,5 @@ async def run(
             "in the phase above",
         ),
     ):
-        rs = [f[key] for f in fan]
-        out[f"fanout_{key}"] = {
-            "config": f"{config}; {duration:g} s window",
-            "runs": rs,
-            "summary": aggregate(rs),
-        }
+        out[f"fanout_{key}"] = series(f"{config}; {duration:g} s window", [f[key] for f in fan])
     return out

@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from bench.infra import BenchEnv, CpuMeter, Proc, python, wait_http_ok
-from bench.stats import aggregate, latency_summary
+from bench.stats import latency_summary, series
 from tests.support import free_port
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -88,6 +88,11 @@ class LonghaulSystem:
         )
         self.procs["gateway"] = gw
         await wait_http_ok(f"http://127.0.0.1:{self.gateway_port}/readyz", gw)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+        self.procs.clear()
 
     @property
     def worker_procs(self) -> list[Proc]:
@@ -370,8 +375,34 @@ async def _one_run(
     }
 
 
-async def run(
+def saturation_configs(*, n: int, batch: int) -> dict[str, str]:
+    """The saturation runs' descriptions, by name."""
+    return {
+        "single_saturation": f"POST /v1/tasks, 1 task per request, closed loop with 64 "
+        f"requests in flight; N={n}",
+        "batch_saturation": f"POST /v1/tasks:batch of {batch}, closed loop with 4 batches in "
+        f"flight; N={n}",
+    }
+
+
+async def saturation_round(
+    system: LonghaulSystem, *, n: int, batch: int, timeout_s: float
+) -> dict[str, dict[str, Any]]:
+    """One run of each saturation scenario: the figures the peers' and the ceiling's
+    are compared with, so they are measured in the same round as those."""
+    return {
+        "single_saturation": await _one_run(
+            system, n=n, mode="single", concurrency=64, timeout_s=timeout_s
+        ),
+        "batch_saturation": await _one_run(
+            system, n=n, mode="batch", batch=batch, concurrency=4, timeout_s=timeout_s
+        ),
+    }
+
+
+async def half_rates(
     system: LonghaulSystem,
+    saturation: dict[str, Any],
     *,
     n: int,
     runs: int,
@@ -379,54 +410,35 @@ async def run(
     max_rate_run_s: float,
     timeout_s: float,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    async def series(name: str, config: str, **kw: Any) -> dict[str, Any]:
-        results = []
-        for _ in range(runs):
-            results.append(await _one_run(system, timeout_s=timeout_s, **kw))
-        out[name] = {"config": config, "runs": results, "summary": aggregate(results)}
-        return out[name]
-
-    sat = await series(
-        "single_saturation",
-        f"POST /v1/tasks, 1 task per request, closed loop with 64 requests in flight; N={n}",
-        n=n,
-        mode="single",
-        concurrency=64,
-    )
-    sat_rate = _sustainable(sat["summary"])
-    rate = max(10.0, round(sat_rate / 2, 1))
+    """The open-loop runs at half the saturation rates (``saturation``: the series of
+    the saturation runs, by name)."""
+    rate = max(10.0, round(_sustainable(saturation["single_saturation"]["summary"]) / 2, 1))
     n_rate = min(n, max(100, int(rate * max_rate_run_s)))
-    await series(
-        "single_half_rate",
-        f"POST /v1/tasks, open loop at {rate}/s = 50% of the saturation rate "
-        f"(min of accepted/s and completed/s at saturation); N={n_rate}",
-        n=n_rate,
-        mode="single",
-        rate=rate,
-    )
-    bsat = await series(
-        "batch_saturation",
-        f"POST /v1/tasks:batch of {batch}, closed loop with 4 batches in flight; N={n}",
-        n=n,
-        mode="batch",
-        batch=batch,
-        concurrency=4,
-    )
-    brate = max(batch * 1.0, round(_sustainable(bsat["summary"]) / 2, 1))
+    brate = max(batch * 1.0, round(_sustainable(saturation["batch_saturation"]["summary"]) / 2, 1))
     n_brate = min(n, max(batch, int(brate * max_rate_run_s) // batch * batch))
-    await series(
-        "batch_half_rate",
-        f"POST /v1/tasks:batch of {batch}, open loop at {brate} tasks/s = 50% of the batch "
-        f"saturation rate; N={n_brate}",
-        n=n_brate,
-        mode="batch",
-        batch=batch,
-        rate=brate,
-    )
-    out["half_rate_single_per_s"] = rate
-    return out
+    single = [
+        await _one_run(system, n=n_rate, mode="single", rate=rate, timeout_s=timeout_s)
+        for _ in range(runs)
+    ]
+    batches = [
+        await _one_run(
+            system, n=n_brate, mode="batch", batch=batch, rate=brate, timeout_s=timeout_s
+        )
+        for _ in range(runs)
+    ]
+    return {
+        "single_half_rate": series(
+            f"POST /v1/tasks, open loop at {rate}/s = 50% of the saturation rate "
+            f"(min of accepted/s and completed/s at saturation); N={n_rate}",
+            single,
+        ),
+        "batch_half_rate": series(
+            f"POST /v1/tasks:batch of {batch}, open loop at {brate} tasks/s = 50% of the "
+            f"batch saturation rate; N={n_brate}",
+            batches,
+        ),
+        "half_rate_single_per_s": rate,
+    }
 
 
 def _sustainable(summary: dict[str, Any]) -> float:

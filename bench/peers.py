@@ -18,7 +18,7 @@ import aio_pika
 import orjson
 
 from bench.infra import BenchEnv, CpuMeter, Proc, python
-from bench.stats import aggregate, cpu_share
+from bench.stats import cpu_share
 
 CONFIGS = {
     "celery_safe": (
@@ -127,59 +127,68 @@ async def _client(env: BenchEnv, which: str, penv: dict[str, str], n: int) -> di
     return result
 
 
-async def run(env: BenchEnv, *, n: int, runs: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, (which, mode, config) in CONFIGS.items():
-        queue = f"{env.namespace}_{name}"
-        prefix = f"{env.namespace}:peer:{name}:"
-        env.extra_queues += [queue, f"{queue}.DQ", f"{queue}.XQ"]
-        env.extra_exchanges += [queue, f"{queue}.pidbox", f"{queue}.ev"]
-        penv = {
-            "BENCH_PEER_QUEUE": queue,
-            "BENCH_PEER_MODE": mode,
-            "BENCH_AMQP_URL": env.amqp_url,
-            "BENCH_REDIS_URL": env.redis_url,
-            "BENCH_PEER_PREFIX": prefix,
-            "dramatiq_queue_prefetch": "16" if mode == "safe" else "64",
-        }
+def _penv(env: BenchEnv, name: str, mode: str) -> dict[str, str]:
+    queue = f"{env.namespace}_{name}"
+    return {
+        "BENCH_PEER_QUEUE": queue,
+        "BENCH_PEER_MODE": mode,
+        "BENCH_AMQP_URL": env.amqp_url,
+        "BENCH_REDIS_URL": env.redis_url,
+        "BENCH_PEER_PREFIX": f"{env.namespace}:peer:{name}:",
+        "dramatiq_queue_prefetch": "16" if mode == "safe" else "64",
+    }
+
+
+def configs(n: int) -> dict[str, str]:
+    """Each configuration's description, by name."""
+    return {
+        name: f"{config}; 2 worker processes; client {CLIENT_THREADS} threads; N={n}"
+        for name, (_, _, config) in CONFIGS.items()
+    }
+
+
+async def one_round(env: BenchEnv, *, n: int) -> dict[str, dict[str, Any]]:
+    """One run of every configuration, each on workers started for it and stopped after
+    it: the machine runs nothing else of the benchmark meanwhile."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, (which, mode, _) in CONFIGS.items():
+        penv = _penv(env, name, mode)
+        queue = penv["BENCH_PEER_QUEUE"]
+        if queue not in env.extra_queues:  # removed at the end of the benchmark
+            env.extra_queues += [queue, f"{queue}.DQ", f"{queue}.XQ"]
+            env.extra_exchanges += [queue, f"{queue}.pidbox", f"{queue}.ev"]
         t_start = time.monotonic()
         workers = await _start_workers(env, which, penv, queue)
         print(f"   {name}: workers up in {time.monotonic() - t_start:.1f}s", file=sys.stderr)
-        results = []
         try:
-            for _ in range(runs):
-                meter = CpuMeter(
-                    {"workers": workers[0]}
-                    if len(workers) == 1
-                    else {f"worker{i}": w for i, w in enumerate(workers)}
-                )
-                meter.start()
-                r = await _client(env, which, penv, n)
-                cpu = meter.stop()
-                wall = r["t_done"] - r["t0"]
-                results.append(
-                    {
-                        "accepted_per_s": round(r["n"] / (r["t_submitted"] - r["t0"]), 1),
-                        "completed_per_s": round(r["done"] / wall, 1) if wall > 0 else None,
-                        "completed": r["done"],
-                        "generator_cpu_pct": cpu_share(r["cpu_s"], wall),
-                        **{k: v for k, v in cpu.items() if k != "generator_cpu_pct"},
-                    }
-                )
+            meter = CpuMeter(
+                {"workers": workers[0]}
+                if len(workers) == 1
+                else {f"worker{i}": w for i, w in enumerate(workers)}
+            )
+            meter.start()
+            r = await _client(env, which, penv, n)
+            cpu = meter.stop()
         finally:
-            t_stop = time.monotonic()
-            # Celery's shutdown takes ~10 s per worker here, warm or cold; the run is
-            # over, so it gets SIGQUIT and then SIGKILL after 2 s. Dramatiq stops
-            # promptly on SIGTERM.
-            sig = signal.SIGQUIT if which == "celery" else signal.SIGTERM
-            for w in workers:
-                w.send_signal(sig)
-            for w in workers:
-                w.stop(wait=2.0 if which == "celery" else 20.0, sig=sig)
-            print(f"   {name}: stopped in {time.monotonic() - t_stop:.1f}s", file=sys.stderr)
+            _stop_workers(name, which, workers)
+        wall = r["t_done"] - r["t0"]
         out[name] = {
-            "config": f"{config}; 2 worker processes; client {CLIENT_THREADS} threads; N={n}",
-            "runs": results,
-            "summary": aggregate(results),
+            "accepted_per_s": round(r["n"] / (r["t_submitted"] - r["t0"]), 1),
+            "completed_per_s": round(r["done"] / wall, 1) if wall > 0 else None,
+            "completed": r["done"],
+            "generator_cpu_pct": cpu_share(r["cpu_s"], wall),
+            **{k: v for k, v in cpu.items() if k != "generator_cpu_pct"},
         }
     return out
+
+
+def _stop_workers(name: str, which: str, workers: list[Proc]) -> None:
+    t_stop = time.monotonic()
+    # Celery's shutdown takes ~10 s per worker here, warm or cold; the run is over, so
+    # it gets SIGQUIT and then SIGKILL after 2 s. Dramatiq stops promptly on SIGTERM.
+    sig = signal.SIGQUIT if which == "celery" else signal.SIGTERM
+    for w in workers:
+        w.send_signal(sig)
+    for w in workers:
+        w.stop(wait=2.0 if which == "celery" else 20.0, sig=sig)
+    print(f"   {name}: stopped in {time.monotonic() - t_stop:.1f}s", file=sys.stderr)

@@ -63,6 +63,22 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def series(config: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A scenario's figure set as the results document holds it: its configuration, its
+    runs and their summary."""
+    return {"config": config, "runs": list(runs), "summary": aggregate(runs)}
+
+
+def leaf(run: dict[str, Any], figure: str) -> Any:
+    """The value at ``figure`` (``a.b`` for nested) in one run's results, or None."""
+    node: Any = run
+    for part in figure.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -62,6 +62,8 @@ def test_bench_quick_runs_every_scenario_and_writes_json(tmp_path: Path) -> None
         for run in doc["peers"][key]["runs"]:
             assert run["completed"] > 0, run
     assert len(doc["targets"]) == 9
+    # Every target was measured, its verdict taken from at least one run.
+    assert all(t["met"] is not None and t["runs"] >= 1 for t in doc["targets"]), doc["targets"]
     wake = doc["meta"]["wake_cost"]
     assert wake["work_us_back_to_back"] > 0 and wake["ratio"] > 0, wake
     for hop in doc["meta"]["round_trip"].values():

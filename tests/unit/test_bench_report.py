@@ -1,0 +1,52 @@
+"""The benchmark's verdicts on the issue's targets: pure functions of a results
+document, so they are checked here on documents made up for the purpose."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import report
+from bench.stats import series
+
+
+def _doc(single: list[float], celery: list[float], post_p99: list[float]) -> dict[str, Any]:
+    return {
+        "longhaul": {
+            "single_saturation": series("", [{"completed_per_s": v} for v in single]),
+            "single_half_rate": series("", [{"submit_to_202_ms": {"p99": v}} for v in post_p99]),
+        },
+        "peers": {"celery_safe": series("", [{"completed_per_s": v} for v in celery])},
+    }
+
+
+def _target(doc: dict[str, Any], starts: str) -> dict[str, Any]:
+    return next(t for t in report.targets(doc) if t["target"].startswith(starts))
+
+
+def test_a_ratio_target_pairs_the_runs_of_each_round() -> None:
+    # The peer drifts with the machine and Longhaul with it: every round meets 2x,
+    # though the ratio of the two medians (1,000 / 600 = 1.67) does not.
+    doc = _doc(single=[1000, 1400, 1900], celery=[480, 600, 900], post_p99=[10])
+    got = _target(doc, "single-submit e2e ≥ 2x Celery")
+    assert (got["value"], got["reference"]) == (1400, 600)
+    assert (got["ratio"], got["ratio_min"], got["ratio_max"]) == (2.11, 2.08, 2.33)
+    assert got["met"] is True
+    assert (got["met_runs"], got["runs"]) == (3, 3)
+
+
+def test_a_round_the_peer_missed_is_not_paired() -> None:
+    doc = _doc(single=[1000, 1000, 1000], celery=[400, 600], post_p99=[10])
+    got = _target(doc, "single-submit e2e ≥ 2x Celery")
+    assert (got["ratio"], got["met"], got["met_runs"], got["runs"]) == (2.08, True, 1, 2)
+
+
+def test_a_limit_target_counts_the_runs_within_it() -> None:
+    doc = _doc(single=[1000], celery=[400], post_p99=[20, 30, 24])
+    got = _target(doc, "POST /v1/tasks p99")
+    assert (got["value"], got["met"], got["met_runs"], got["runs"]) == (24, True, 2, 3)
+
+
+def test_a_target_not_measured_is_neither_met_nor_missed() -> None:
+    got = _target(_doc(single=[1000], celery=[], post_p99=[]), "single-submit e2e ≥ Dramatiq")
+    assert got["ratio"] is None and got["met"] is None and got["runs"] == 0
+    assert "| 0 of 0 |" in report.targets_table(report.targets(_doc([1], [], [])))
