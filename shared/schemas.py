@@ -96,8 +96,9 @@ class TaskRequest(_Strict):
         default=0,
         ge=0,
         le=9,
-        description="5 or more: the high lane; a worker starts it before the tasks below 5"
-        " that wait for its slots. FIFO within a lane.",
+        description="5 or more: the high lane; a worker starts it in a slot reserved for"
+        " the high lane, or before the tasks below 5 that wait for its slots. FIFO within"
+        " a lane.",
     )
     max_attempts: int = Field(
         default=5,

@@ -54,7 +54,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             "PostgreSQL",
             lambda: create_pool(
                 settings.database_url,
-                max_size=min(settings.worker_concurrency + 4, 40),
+                max_size=min(settings.worker_concurrency + settings.worker_high_reserved + 4, 40),
                 timeout=timeout,
                 generic_plans=True,
             ),
@@ -74,18 +74,27 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         )
         stack.push_async_callback(amqp.close, connection, timeout)
 
-        repo = WorkerRepository(pool, timeout=timeout, concurrency=settings.worker_concurrency)
+        repo = WorkerRepository(
+            pool,
+            timeout=timeout,
+            concurrency=settings.worker_concurrency + settings.worker_high_reserved,
+        )
         await repo.register_types(registry.specs())
         events = EventSink(
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
         )
 
-        # Each consumer on a channel of its own, with the same prefetch: the consumer
-        # acks runs of deliveries with one multiple ack, which settles every older
-        # delivery of its channel. The high lane's too: at most worker_concurrency
-        # deliveries of both lanes run at once (the consumer's gate).
-        channel, topology = await _consuming_channel(connection, settings, wire)
-        high_channel, high_topology = await _consuming_channel(connection, settings, wire)
+        # Each consumer on a channel of its own: the consumer acks runs of deliveries
+        # with one multiple ack, which settles every older delivery of its channel. At
+        # most worker_concurrency deliveries of both lanes run at once, and
+        # worker_high_reserved more of the high lane's (the consumer's gate), whose
+        # prefetch covers both.
+        normal_prefetch = settings.worker_concurrency
+        high_prefetch = normal_prefetch + settings.worker_high_reserved
+        channel, topology = await _consuming_channel(connection, settings, wire, normal_prefetch)
+        high_channel, high_topology = await _consuming_channel(
+            connection, settings, wire, high_prefetch
+        )
         runner = Runner(settings, repo, events, registry, failpoints, worker_id)
         consumer = Consumer(
             topology.queue,
@@ -93,6 +102,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
             timeout,
             settings.worker_concurrency,
             high_queue=high_topology.high_queue,
+            reserved=settings.worker_high_reserved,
         )
         _, dead_letter_topology = await _consuming_channel(connection, settings, wire)
         sink = DeadLetterSink(dead_letter_topology.dead_letters, repo, events)
@@ -131,6 +141,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
                 "worker_id": worker_id,
                 "types": registry.names(),
                 "concurrency": settings.worker_concurrency,
+                "high_reserved": settings.worker_high_reserved,
             },
         )
         await stop.wait()
@@ -152,12 +163,15 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
 
 
 async def _consuming_channel(
-    connection: AbstractRobustConnection, settings: WorkerSettings, wire: Wire
+    connection: AbstractRobustConnection,
+    settings: WorkerSettings,
+    wire: Wire,
+    prefetch: int | None = None,
 ) -> tuple[AbstractChannel, amqp.Topology]:
-    """A channel for one consumer, its prefetch the worker's concurrency, and the
-    topology declared on it."""
+    """A channel for one consumer, its prefetch (the worker's concurrency unless
+    given), and the topology declared on it."""
     channel = await connection.channel()
-    await channel.set_qos(prefetch_count=settings.worker_concurrency)
+    await channel.set_qos(prefetch_count=prefetch or settings.worker_concurrency)
     return channel, await amqp.declare(channel, settings, wire)
 
 

@@ -1,8 +1,9 @@
 """Consumes the task queues, the normal lane and the high lane, each on its own channel:
 one asyncio task per delivery (each lane's prefetch bounds how many), acked only after
 the runner committed the outcome. At most ``concurrency`` deliveries of both lanes run at
-once; the others wait for a slot at the gate, which serves the high lane first
-(services/worker/gate.py). A waiting delivery counts as in flight.
+once, and ``reserved`` more of the high lane; the others wait for a slot at the gate,
+which serves the high lane first (services/worker/gate.py). A waiting delivery counts as
+in flight.
 
 Acks of deliveries that finish together go out together: a run of finished deliveries
 from the oldest one still unsettled on the channel is acked with one ``multiple`` ack
@@ -83,16 +84,18 @@ class Consumer:
         timeout: float,
         prefetch: int,
         high_queue: AbstractQueue | None = None,
+        reserved: int = 0,
     ) -> None:
-        """``prefetch`` is the worker's concurrency: each lane's prefetch, and how many
-        deliveries of both run at once. ``high_queue`` (on a channel of its own) is the
-        high lane."""
+        """``prefetch`` is the worker's concurrency: the normal lane's prefetch, and how
+        many deliveries of both run at once, plus ``reserved`` more of the high lane only
+        (whose prefetch is the sum). ``high_queue`` (on a channel of its own) is the high
+        lane."""
         self._lanes = [_Lane(queue, self._on_normal)]
         if high_queue is not None:
             self._lanes.append(_Lane(high_queue, self._on_high))
         self._runner = runner
         self._timeout = timeout
-        self._gate = Gate(prefetch)
+        self._gate = Gate(prefetch, reserved)
         self._tasks: set[asyncio.Task[None]] = set()
         # Per channel (a reconnect brings a new one, its tags start over): delivery tag ->
         # finished, for every delivery not yet acked or nacked.
@@ -200,7 +203,7 @@ class Consumer:
     ) -> None:
         try:
             # The fast path first: no coroutine to wait with while a slot is free.
-            entered = self._gate.try_enter()
+            entered = self._gate.try_enter(high)
         except GateClosed:
             # Arrived after the drain closed the gate (our consumer's cancel had not
             # taken effect): left unsettled, the channel's close returns it, once. A nack
@@ -227,7 +230,7 @@ class Consumer:
             await self._nack(delivery)
             return
         finally:
-            self._gate.leave()
+            self._gate.leave(high)
         await self._acks.submit(delivery)
 
     async def _wait_for_slot(self, high: bool) -> None:

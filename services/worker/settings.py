@@ -10,6 +10,10 @@ from shared.settings import CommonSettings
 class WorkerSettings(CommonSettings):
     # Tasks run at once by one worker process; also the AMQP prefetch.
     worker_concurrency: int = Field(default=16, ge=1, le=10_000)
+    # Run slots beyond those for the high lane's tasks only (priority >= 5): so many of
+    # them start at once however busy normal tasks keep the worker. 0: the high lane
+    # only goes first for the shared slots.
+    worker_high_reserved: int = Field(default=1, ge=0, le=10_000)
     # How long a stopping worker lets running tasks finish before handing them back.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # How long a cancelled handler may take to stop before it is abandoned.

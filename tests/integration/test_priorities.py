@@ -46,8 +46,9 @@ async def test_a_high_priority_task_starts_before_the_waiting_normal_ones(
     isolated: Isolated, http: aiohttp.ClientSession
 ) -> None:
     """A worker of concurrency 1 with a backlog of normal tasks submitted first: a task
-    of priority 9 submitted last waits only for the running task, not for the backlog."""
-    system = System(isolated.deployment.env(worker_concurrency="1"))
+    of priority 9 submitted last waits only for the running task, not for the backlog
+    (no reserved slot: the shared slot's order alone)."""
+    system = System(isolated.deployment.env(worker_concurrency="1", worker_high_reserved="0"))
     try:
         await system.start_worker()
         await system.start_api()
@@ -89,6 +90,56 @@ async def test_a_high_priority_task_starts_before_the_waiting_normal_ones(
         # before it; without lanes, all of them would.
         before = [r for r in waiting if r["started_at"] < high_row["started_at"]]
         assert len(before) <= 1, (len(before), len(waiting))
+    finally:
+        system.stop()
+
+
+async def test_a_high_priority_task_runs_in_the_reserve_beside_a_busy_normal_lane(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """A worker of concurrency 1 and one reserved slot, its slot taken by a long normal
+    task and another waiting: a priority-9 task starts at once in the reserved slot and
+    ends before the long one, while the waiting normal task never takes the reserve."""
+    system = System(isolated.deployment.env(worker_concurrency="1", worker_high_reserved="1"))
+    try:
+        await system.start_worker()
+        await system.start_api()
+        normal = [
+            await _submit(http, system, isolated, type="demo.sleep", args={"seconds": 2.0})
+            for _ in range(2)
+        ]
+
+        async def first_started() -> bool:
+            started = await isolated.db.fetchval(
+                "SELECT started_at FROM tasks WHERE id = $1", normal[0]
+            )
+            return started is not None
+
+        await eventually(first_started, within=30, what="the first normal task to start")
+        high = await _submit(
+            http, system, isolated, type="demo.sleep", args={"seconds": 0.01}, priority=9
+        )
+
+        async def all_done() -> bool:
+            done = await isolated.db.fetchval(
+                "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND id = ANY($1::uuid[])",
+                [*normal, high],
+            )
+            return bool(done == 3)
+
+        await eventually(all_done, within=60, what="every task to succeed")
+        rows = {
+            r["id"]: r
+            for r in await isolated.db.fetch(
+                "SELECT id, started_at, finished_at FROM tasks WHERE id = ANY($1::uuid[])",
+                [*normal, high],
+            )
+        }
+        first, second = rows[normal[0]], rows[normal[1]]
+        # Without the reserve it would wait for the first normal task to end.
+        assert rows[high]["finished_at"] < first["finished_at"]
+        # The reserve was free all along, yet the second normal task waited for the slot.
+        assert second["started_at"] >= first["finished_at"]
     finally:
         system.stop()
 

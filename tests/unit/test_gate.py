@@ -30,7 +30,7 @@ class _Log:
             await release.wait()
         finally:
             self.running -= 1
-            self.gate.leave()
+            self.gate.leave(high)
 
 
 def _at_once(entering: Coroutine[Any, Any, None]) -> None:
@@ -54,8 +54,8 @@ async def test_a_free_slot_is_taken_at_once() -> None:
     _at_once(gate.enter(high=False))  # done without yielding
     _at_once(gate.enter(high=True))
     assert gate.waiting == 0
-    gate.leave()
-    gate.leave()
+    gate.leave(False)
+    gate.leave(True)
 
 
 async def test_waiting_high_deliveries_start_first_and_each_lane_in_order() -> None:
@@ -117,7 +117,7 @@ async def test_a_cancelled_waiter_frees_nothing_and_blocks_nothing() -> None:
     assert not second.done()
     second.cancel()
     await asyncio.gather(second, return_exceptions=True)
-    gate.leave()
+    gate.leave(False)
 
 
 async def test_a_waiter_cancelled_as_it_is_given_a_slot_passes_it_on() -> None:
@@ -128,12 +128,12 @@ async def test_a_waiter_cancelled_as_it_is_given_a_slot_passes_it_on() -> None:
     unlucky = asyncio.create_task(gate.enter(high=True))
     next_one = asyncio.create_task(gate.enter(high=False))
     await _settle()
-    gate.leave()  # the slot goes to unlucky...
+    gate.leave(False)  # the slot goes to unlucky...
     unlucky.cancel()  # ...which is cancelled before it resumes
     await asyncio.gather(unlucky, return_exceptions=True)
     await asyncio.wait_for(next_one, 1)
     assert gate.waiting == 0
-    gate.leave()
+    gate.leave(False)
     _at_once(gate.enter(high=False))  # exactly one slot, free
 
 
@@ -151,17 +151,68 @@ async def test_closing_refuses_the_waiters_and_later_ones_but_not_the_running() 
     with pytest.raises(GateClosed):
         await gate.enter(high=True)
     assert gate.waiting == 0
-    gate.leave()
+    gate.leave(False)
 
 
 def test_a_gate_needs_a_slot() -> None:
     with pytest.raises(ValueError):
         Gate(0)
+    with pytest.raises(ValueError):
+        Gate(1, reserved=-1)
 
 
 def test_the_fast_path_takes_only_a_slot_nobody_waits_for() -> None:
     """try_enter takes a free slot, and nothing once they are all taken."""
     gate = Gate(1)
-    assert gate.try_enter() and not gate.try_enter()
-    gate.leave()
-    assert gate.try_enter()
+    assert gate.try_enter(False) and not gate.try_enter(False) and not gate.try_enter(True)
+    gate.leave(False)
+    assert gate.try_enter(True)
+
+
+async def test_the_reserve_starts_high_deliveries_however_busy_the_normal_lane() -> None:
+    """With every shared slot taken by normal deliveries and more of them waiting, a
+    high-lane delivery still starts at once in a reserved slot, and so does one more
+    while the reserve lasts; past it, it waits, first in line."""
+    gate = Gate(2, reserved=2)
+    log = _Log(gate)
+    hold = asyncio.Event()
+    normal = [asyncio.create_task(log.run(f"n{i}", False, hold)) for i in range(3)]
+    await _settle()
+    assert log.order == ["n0", "n1"] and gate.waiting == 1
+    _at_once(gate.enter(high=True))
+    _at_once(gate.enter(high=True))
+    third = asyncio.create_task(log.run("h3", True, hold))
+    await _settle()
+    assert gate.waiting == 2 and "h3" not in log.order
+    gate.leave(True)  # a reserved slot back: the waiting high delivery takes it
+    await _settle()
+    assert log.order[-1] == "h3" and gate.waiting == 1
+    gate.leave(True)  # the reserve is not for normal deliveries: n2 still waits
+    await _settle()
+    assert "n2" not in log.order and gate.waiting == 1
+    hold.set()
+    await asyncio.gather(*normal, third)
+    assert log.order[-1] == "n2" and log.most == 3
+
+
+async def test_high_deliveries_past_the_reserve_take_shared_slots_first() -> None:
+    """High-lane deliveries use the shared slots too, and a freed one goes to a waiting
+    high delivery before a normal one; normal ones never run more than the shared
+    slots."""
+    gate = Gate(1, reserved=1)
+    log = _Log(gate)
+    hold, release = asyncio.Event(), asyncio.Event()
+    busy = [asyncio.create_task(log.run(f"h{i}", True, hold)) for i in range(2)]
+    await _settle()
+    assert log.order == ["h0", "h1"]  # the shared slot and the reserved one
+    waiting = [
+        asyncio.create_task(log.run(name, high, release))
+        for name, high in [("n0", False), ("h2", True), ("n1", False)]
+    ]
+    await _settle()
+    assert gate.waiting == 3
+    hold.set()
+    release.set()
+    await asyncio.gather(*busy, *waiting)
+    assert log.order[2:] == ["h2", "n0", "n1"]
+    assert log.most == 2
