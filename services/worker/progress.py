@@ -121,6 +121,21 @@ class ProgressReporter:
         if self._pending is not None and not self.fenced_out:
             await self._send()
 
+    async def abort(self) -> None:
+        """End reporting: called when the run ends, after :meth:`close`, or instead of it
+        when the run is cancelled (a stopping worker's drain gave up on it). Then the
+        held-back report is dropped and the task that would write it is stopped and
+        awaited here: nobody would await it later, and it would write once the worker
+        had closed its pools. A write it has begun is cut, as the handler's own are: the
+        drain must not wait for PostgreSQL, whose writes retry while it is away. Reports
+        from then on (an abandoned handler's) are dropped."""
+        self.fenced_out = True
+        self._pending = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.wait({self._flusher})
+            self._flusher = None
+
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._gate.wait(time.monotonic()))
         try:

@@ -188,49 +188,57 @@ class Runner:
             return Outcome("cancelled")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        handler = start_handler(_call(spec, ctx, args), name=f"handler-{message.task_id}")
-        running.handler = handler
-        timed_out = False
         try:
-            if handler.done():
-                # Done at its first step; one that blocked the loop past its timeout
-                # still ran past it.
-                timed_out = loop.time() > deadline
-            else:
-                stopped = running.stopped = loop.create_future()
-                if running.stop_reason is not None:
-                    stopped.set_result(None)
-                waiting = {handler, stopped}
-                await asyncio.wait(
-                    waiting,
-                    timeout=min(self._settings.start_event_delay_s, timeout_s),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not handler.done() and not stopped.done():
-                    await start.emit()  # still running: show it now
-                    remaining = deadline - loop.time()
+            handler = start_handler(_call(spec, ctx, args), name=f"handler-{message.task_id}")
+            running.handler = handler
+            timed_out = False
+            try:
+                if handler.done():
+                    # Done at its first step; one that blocked the loop past its timeout
+                    # still ran past it.
+                    timed_out = loop.time() > deadline
+                else:
+                    stopped = running.stopped = loop.create_future()
+                    if running.stop_reason is not None:
+                        stopped.set_result(None)
+                    waiting = {handler, stopped}
                     await asyncio.wait(
-                        waiting, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+                        waiting,
+                        timeout=min(self._settings.start_event_delay_s, timeout_s),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
-                timed_out = not handler.done() and not stopped.done()
-            if timed_out and not handler.done():
-                handler.cancel()
-            if not handler.done():
-                await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
-        finally:
-            # Past its grace, or this run itself was cancelled (the last step of a
-            # stopping worker's drain): either way nobody waits for the handler now.
-            if not handler.done():
-                why = "handler ignored cancellation; abandoning it"
-                if not handler.cancelling():
-                    # Never told to stop: claimed after the drain stopped the running.
+                    if not handler.done() and not stopped.done():
+                        await start.emit()  # still running: show it now
+                        remaining = deadline - loop.time()
+                        await asyncio.wait(
+                            waiting,
+                            timeout=max(0.0, remaining),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    timed_out = not handler.done() and not stopped.done()
+                if timed_out and not handler.done():
                     handler.cancel()
-                    why = "run ended before its handler did; cancelled and abandoning it"
-                self._abandon(handler, why)
-        outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
-        # Whatever the outcome: a report held back and written after the outcome's
-        # event would take a seq below it, which the stream refuses (a gap).
-        await reporter.close()
+                if not handler.done():
+                    await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
+            finally:
+                # Past its grace, or this run itself was cancelled (the last step of a
+                # stopping worker's drain): either way nobody waits for the handler now.
+                if not handler.done():
+                    why = "handler ignored cancellation; abandoning it"
+                    if not handler.cancelling():
+                        # Never told to stop: claimed after the drain stopped the running.
+                        handler.cancel()
+                        why = "run ended before its handler did; cancelled and abandoning it"
+                    self._abandon(handler, why)
+            outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
+            # Whatever the outcome: a report held back and written after the outcome's
+            # event would take a seq below it, which the stream refuses (a gap).
+            await reporter.close()
+        finally:
+            # Also when the run is cancelled (the drain's last step) before close():
+            # its held-back report is then dropped, not written later by a task
+            # nobody awaits; and an abandoned handler's later reports are dropped.
+            await reporter.abort()
         return outcome
 
     def _abandon(self, handler: asyncio.Task[Any], why: str) -> None:

@@ -617,10 +617,16 @@ class _Stubborn:
         return "done"
 
 
-def _attempt(handler: Any, cancel_grace_s: float) -> tuple[Runner, Running, TaskSpec]:
+def _attempt(
+    handler: Any, cancel_grace_s: float, progress_max_rate_per_s: float = 20.0
+) -> tuple[Runner, Running, TaskSpec]:
     """A runner and a claimed attempt of ``handler``, for ``runner._run``."""
     spec = TaskSpec("t.stubborn", handler, EmptyArgs)
-    settings = WorkerSettings(cancel_grace_s=cancel_grace_s, start_event_delay_s=0)
+    settings = WorkerSettings(
+        cancel_grace_s=cancel_grace_s,
+        start_event_delay_s=0,
+        progress_max_rate_per_s=progress_max_rate_per_s,
+    )
     runner = Runner(settings, None, FakeSink(), Registry([spec]), Failpoints(""), "w")  # type: ignore[arg-type]
     message = TaskMessage(task_id=uuid7(), tenant_id=uuid7(), type=spec.name, attempt=1)
     row = {"timeout_s": 60.0, "max_attempts": 1, "cancel_requested_at": None, "args": {}}
@@ -701,6 +707,46 @@ async def test_a_run_cancelled_before_its_handler_was_stopped_cancels_it() -> No
         handler.cancel()  # a failed test must not leave it running
     await asyncio.sleep(0)  # the done callbacks
     assert handler.cancelled() and not runner.abandoned
+
+
+async def test_a_cancelled_run_stops_its_held_back_report() -> None:
+    """The drain's last step cancels a run whose handler has a report held back by the
+    rate limit: the task that would write it later is stopped and awaited with the run,
+    not left to write after the run is over, and later reports are dropped."""
+    contexts: list[TaskContext] = []
+    reported = asyncio.Event()
+
+    async def reports(ctx: TaskContext, args: EmptyArgs) -> None:
+        contexts.append(ctx)
+        await ctx.report_progress(0.1)
+        await ctx.report_progress(0.2)  # held back: one per second
+        reported.set()
+        await asyncio.Event().wait()
+
+    runner, running, spec = _attempt(reports, cancel_grace_s=60, progress_max_rate_per_s=1)
+    write = FakeWrite()
+
+    async def write_progress(_: TaskMessage, progress: float, text: str | None) -> Any:
+        return await write(progress, text)
+
+    runner._write_progress = write_progress  # type: ignore[method-assign]
+    flusher = f"progress-{running.claimed.message.task_id}"
+    run = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
+    await reported.wait()
+    assert any(t.get_name() == flusher for t in asyncio.all_tasks())
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    held = [t for t in asyncio.all_tasks() if t.get_name() == flusher]
+    try:
+        assert held == []
+        [ctx] = contexts
+        await ctx.report_progress(0.3)
+        assert not any(t.get_name() == flusher for t in asyncio.all_tasks())
+        assert write.calls == [(0.1, None)]
+    finally:
+        for task in held:  # a failed test must not leave it running
+            task.cancel()
 
 
 class _Channel:
