@@ -114,7 +114,12 @@ class EventSink:
             EVENTS_FAILED.inc()
             return False
         try:
-            await self._redis.publish(self._wire.event_channel(event.task_id), encode_event(event))
+            # Publishing twice is harmless (clients drop an event by seq), so a connection
+            # lost after the PUBLISH was sent is retried on a fresh one.
+            with idempotent():
+                await self._redis.publish(
+                    self._wire.event_channel(event.task_id), encode_event(event)
+                )
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failed()
             EVENTS_FAILED.inc()

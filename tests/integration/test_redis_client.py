@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+import orjson
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -148,6 +149,36 @@ async def test_an_event_write_is_retried_on_a_connection_found_dead_after_it(
         entries = await client.xrange(wire.event_stream(task_id))
         assert [entry_id for entry_id, _ in entries] == [b"1-0", b"2-0"]
     finally:
+        await sink.aclose()
+        await client.aclose()
+
+
+async def test_an_announce_is_retried_on_a_connection_found_dead_after_it(
+    redis_server: PrivateRedis,
+) -> None:
+    """Publishing an event twice is harmless (clients drop it by seq), so a pooled
+    connection that fails once the PUBLISH was written to it is replaced and the
+    PUBLISH sent again."""
+    client = create_client(redis_server.url, 2.0)
+    wire = Wire("lhtest")
+    sink = EventSink(client, wire, retention_s=600, maxlen=1000)
+    task_id = uuid4()
+    listener = client.pubsub()  # a pubsub connection: not dropped below
+    try:
+        await listener.subscribe(wire.event_channel(task_id))
+        assert await sink.announce(_event(task_id, 1))  # one pooled connection
+        _drop_connections(redis_server)
+        assert await sink.announce(_event(task_id, 2))
+        seqs: list[int] = []
+        async with asyncio.timeout(10):
+            while len(seqs) < 2:
+                # None for the subscribe's confirmation, too.
+                message = await listener.get_message(ignore_subscribe_messages=True, timeout=1)
+                if message is not None:
+                    seqs.append(orjson.loads(message["data"])["seq"])
+        assert seqs == [1, 2]
+    finally:
+        await listener.aclose()
         await sink.aclose()
         await client.aclose()
 
