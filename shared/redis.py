@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, KeyT, ScriptTextT
 
 # Connections a process keeps to Redis. Past them a call waits for a free one (at most
 # the call's timeout): redis-py's default pool raises at once past 100, which a burst of
@@ -87,28 +91,71 @@ def _marking_class(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     return _marking[cls]
 
 
+@contextlib.asynccontextmanager
+async def _deadline(timeout: float, what: object) -> AsyncIterator[None]:
+    """The block ends within ``timeout``, else raises Redis' own TimeoutError, which
+    callers handle; a command cancelled in it has its connection closed (redis-py)."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise RedisTimeoutError(f"Redis did not answer {what!s} within {timeout:g} s") from None
+
+
+class _Script(AsyncScript):
+    """Its call (EVALSHA, or for a script Redis lost, EVALSHA, SCRIPT LOAD and EVALSHA
+    again) ends within the client's timeout as a whole, as a command does. Each of the
+    three still follows the retry rules (create_client)."""
+
+    registered_client: _Client
+
+    async def __call__(
+        self,
+        keys: Sequence[KeyT] | None = None,
+        args: Iterable[EncodableT] | None = None,
+        client: Redis | RedisCluster | None = None,
+    ) -> Any:
+        async with _deadline(self.registered_client.call_timeout, "a script"):
+            return await super().__call__(keys, args, client)
+
+
+class _Pipeline(Pipeline):
+    """Its execute() ends within the client's timeout as a whole, its wait for a pooled
+    connection included, as a command does. It follows the retry rules already (the
+    connection's Retry)."""
+
+    call_timeout: float
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        async with _deadline(self.call_timeout, "a pipeline"):
+            return await super().execute(raise_on_error)  # type: ignore[no-any-return, unused-ignore]
+
+
 class _Client(Redis):
     """A command ends within ``call_timeout`` as a whole, its retry included (an
     idempotent one's too): waiting for a pooled connection, connecting, a retry and the
     reply each had their own timeout, which added up to several times it against a hung
-    Redis. Not covered: a pipeline (each of its steps keeps its own timeout), and a
-    script Redis lost (a restart), which is up to three commands (EVALSHA, SCRIPT LOAD,
-    EVALSHA) of their own."""
+    Redis. So do a pipeline's execute() and a script's call, which are several commands
+    or steps each with a timeout of its own."""
 
     call_timeout: float
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        deadline = asyncio.timeout(self.call_timeout)
-        try:
-            async with deadline:
-                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call, unused-ignore]
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            # Callers handle Redis' errors; a cancelled command's connection is closed.
-            raise RedisTimeoutError(
-                f"Redis did not answer {args[0]!s} within {self.call_timeout:g} s"
-            ) from None
+        async with _deadline(self.call_timeout, args[0]):
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call, unused-ignore]
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.call_timeout = self.call_timeout
+        return pipe
+
+    # The async client's register_script returns an AsyncScript; a sync base of it
+    # declares a Script.
+    def register_script(self, script: ScriptTextT) -> AsyncScript:  # type: ignore[override]
+        return _Script(self, script)
 
 
 def create_client(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) -> Redis:

@@ -28,6 +28,7 @@ from shared.schemas import ProgressEvent, TaskState
 from shared.wire import Wire
 from tests.conftest import Deployment
 from tests.faults.private import PrivateRedis
+from tests.support import eventually
 
 
 async def test_a_burst_beyond_the_pool_waits_for_connections(deployment: Deployment) -> None:
@@ -97,6 +98,72 @@ async def test_a_call_to_a_hung_redis_ends_within_its_timeout(
     finally:
         await pooled.aclose()
         await fresh.aclose()
+
+
+# Keeps Redis busy for ARGV[1] seconds, then returns 1.
+_BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1e6 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > ARGV[1] * 1e6
+return 1
+"""
+
+
+async def test_a_pipeline_ends_within_its_timeout_its_wait_for_a_connection_included(
+    redis_server: PrivateRedis,
+) -> None:
+    """A pipeline waited for a pooled connection up to its timeout, then for its reply up
+    to its timeout again: the stream reads of a burst of subscribers could take twice
+    as long as a call may."""
+    client = create_client(redis_server.url, 2.0, max_connections=1)
+    observer = create_client(redis_server.url, 2.0)
+
+    async def blocked() -> bool:
+        return any(c["cmd"] == "blpop" for c in await observer.client_list())
+
+    try:
+        # The pool's one connection is taken for 1.2 s, and the pipeline's reply comes
+        # 1.2 s after it is sent: each within the timeout, not both.
+        holder = asyncio.create_task(client.blpop(["nothing"], timeout=1.2))
+        await eventually(blocked, what="BLPOP holding the pool's connection")
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.eval(_BUSY, 0, 1.2)
+                await pipe.execute()
+        assert time.monotonic() - started < 2.5
+        assert await holder is None
+        # The cut pipeline's connection was closed, not pooled with its reply unread.
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set("k", "v")
+            pipe.get("k")
+            assert await pipe.execute() == [True, b"v"]
+    finally:
+        await client.aclose()
+        await observer.aclose()
+
+
+async def test_a_script_redis_lost_is_run_within_its_timeout_its_reload_included(
+    redis_server: PrivateRedis,
+) -> None:
+    """A script Redis does not hold (a restart) is EVALSHA, SCRIPT LOAD and EVALSHA
+    again: each had its own timeout, so the call could take up to three times it."""
+    client = create_client(redis_server.url, 2.0)
+    script = client.register_script(_BUSY)
+    try:
+        await client.ping()
+        # The NOSCRIPT reply comes 1.2 s after the EVALSHA, and the script then runs
+        # 1.2 s: each within the timeout, not both.
+        redis_server.pause()
+        asyncio.get_running_loop().call_later(1.2, redis_server.resume)
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await script(args=[1.2])
+        assert time.monotonic() - started < 2.5
+        assert await script(args=[0]) == 1  # loaded now
+    finally:
+        redis_server.resume()  # a failed test must not leave it stopped
+        await client.aclose()
 
 
 async def test_a_pooled_connection_survives_a_redis_restart(redis_server: PrivateRedis) -> None:
