@@ -74,11 +74,10 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         )
         stack.push_async_callback(amqp.close, connection, timeout)
 
-        repo = WorkerRepository(
-            pool,
-            timeout=timeout,
-            concurrency=settings.worker_concurrency + settings.worker_high_reserved,
-        )
+        # Its statements go without lingering once worker_concurrency deliveries wait
+        # for one: normal deliveries alone never reach more (the reserve is for the
+        # high lane's), and a threshold they cannot reach made each statement linger.
+        repo = WorkerRepository(pool, timeout=timeout, concurrency=settings.worker_concurrency)
         await repo.register_types(registry.specs())
         events = EventSink(
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
