@@ -224,6 +224,7 @@ async def _rounds(env: BenchEnv, profile: Profile, only: list[str], doc: dict[st
         system = LonghaulSystem(env)
         try:
             await system.start()
+            await longhaul.warm_up(system, n=profile.n_tasks, timeout_s=profile.timeout_s)
             return await longhaul.saturation_round(
                 system, n=profile.n_tasks, batch=profile.batch, timeout_s=profile.timeout_s
             )
@@ -237,7 +238,9 @@ async def _rounds(env: BenchEnv, profile: Profile, only: list[str], doc: dict[st
     for i in range(profile.runs):
         for step in steps if i % 2 == 0 else steps[::-1]:
             if step in doc["errors"]:
-                continue  # failed in an earlier round: its runs stay paired by round
+                # Failed in an earlier round: stopped for good, so what it measured is
+                # rounds 0..k-1, still paired by index with the others' rounds.
+                continue
             print(f"== round {i + 1}/{profile.runs}: {step}", file=sys.stderr)
             for key, result in (await _guard(doc, step, run_step[step](i))).items():
                 found[step].setdefault(key, []).append(result)
@@ -249,7 +252,7 @@ async def _rounds(env: BenchEnv, profile: Profile, only: list[str], doc: dict[st
         "peers": peers.configs(profile.n_tasks),
     }
     for name, by_key in found.items():
-        if name not in doc["errors"]:
+        if by_key:  # the rounds before a failure count (the error is in doc["errors"])
             doc[name] = {key: series(configs[name][key], rs) for key, rs in by_key.items()}
 
 

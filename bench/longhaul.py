@@ -385,6 +385,16 @@ def saturation_configs(*, n: int, batch: int) -> dict[str, str]:
     }
 
 
+def warm_up_size(n: int) -> int:
+    """Tasks run, unmeasured, by a system or peer just started, before its measured
+    run: connections, prepared statements and caches are then as in service."""
+    return min(500, max(50, n // 20))
+
+
+async def warm_up(system: LonghaulSystem, *, n: int, timeout_s: float) -> None:
+    await _one_run(system, n=warm_up_size(n), mode="single", concurrency=64, timeout_s=timeout_s)
+
+
 async def saturation_round(
     system: LonghaulSystem, *, n: int, batch: int, timeout_s: float
 ) -> dict[str, dict[str, Any]]:

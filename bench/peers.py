@@ -18,6 +18,7 @@ import aio_pika
 import orjson
 
 from bench.infra import BenchEnv, CpuMeter, Proc, python
+from bench.longhaul import warm_up_size
 from bench.stats import cpu_share
 
 CONFIGS = {
@@ -161,6 +162,7 @@ async def one_round(env: BenchEnv, *, n: int) -> dict[str, dict[str, Any]]:
         workers = await _start_workers(env, which, penv, queue)
         print(f"   {name}: workers up in {time.monotonic() - t_start:.1f}s", file=sys.stderr)
         try:
+            await _client(env, which, penv, warm_up_size(n))  # unmeasured
             meter = CpuMeter(
                 {"workers": workers[0]}
                 if len(workers) == 1
