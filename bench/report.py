@@ -168,6 +168,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     def higher(
         name: str, path: tuple[str, str, str], ref: tuple[str, str, str], factor: float
     ) -> None:
+        # Run i of each side is round i: a scenario that fails is not run again, so a
+        # shorter list lacks only the last rounds, which zip leaves unpaired.
         pairs = zip(_runs(doc, *path), _runs(doc, *ref), strict=False)
         ratios = [v / r for v, r in pairs if v is not None and r]
         spread = over_runs(ratios)
