@@ -12,13 +12,18 @@ message goes to its task's lane, by the priority its row carries (the Publisher 
 The API's fresh tasks take a shorter way (``hand_over``): their rows are inserted
 claimed (``claimed_until``) by the inserting process, whose relay publishes them from
 memory right after the commit and then deletes them, with no claim, no transaction and
-no wake-up of its polling loop in between. Should that process die first, the claim
-lapses and any relay's poll publishes the rows."""
+no wake-up of its polling loop in between. Should that process die first, its rows are
+released to every relay within about two seconds: each relay holds a session advisory
+lock on its owner key (``claimed_by``) on its LISTEN connection, which dies with the
+process, and every relay releases, once a second, the rows claimed by a key whose lock
+nobody holds. Failing that (no LISTEN connection, a process of an earlier version),
+the claim lapses and any relay's poll publishes the rows."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -45,6 +50,16 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("longhaul_outbox_published_total", "Outbox rows published and confirmed")
 PUBLISH_FAILURES = Counter("longhaul_outbox_publish_failures_total", "Relay batches not confirmed")
 BROKER_REFUSING = Gauge("longhaul_outbox_broker_refusing", "1 while the broker refuses publishes")
+ORPHANS_RELEASED = Counter(
+    "longhaul_outbox_orphans_released_total",
+    "Handed-over rows released because the process that claimed them died",
+)
+
+# The first key of every relay's owner lock (the second is its owner key): "LHOB".
+OWNER_LOCK_CLASS = 0x4C484F42
+# A handed-over row is published within milliseconds by a live claimer: one claimed for
+# longer is checked for a dead one, once per this long by each relay.
+ORPHAN_AFTER_S = 1.0
 
 _CLAIM = """
 SELECT id, task_id, attempt, body, priority FROM outbox
@@ -88,6 +103,20 @@ _DELETE_PUBLISHED = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 # time, released at once to every relay's poll (which backs off while the broker is
 # away).
 _RELEASE_HANDED = "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])"
+
+# Claimed rows whose claimer died (its owner lock is gone with its connection), released
+# to every relay's poll. Advisory locks are per database: pg_locks shows every one's.
+_RELEASE_ORPHANS = """
+UPDATE outbox SET claimed_until = NULL
+WHERE claimed_until > now() AND claimed_by IS NOT NULL
+  AND available_at < now() - make_interval(secs => $2)
+  AND claimed_by::bigint NOT IN (
+      SELECT l.objid::bigint FROM pg_locks AS l
+      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+        AND l.classid::bigint = $1
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+RETURNING id
+"""
 
 
 class Handed(NamedTuple):
@@ -151,6 +180,10 @@ class OutboxRelay:
         )
         self._listener: asyncpg.Connection | None = None
         self._listen_retry_at = 0.0
+        # This process's key for the rows it claims (``claimed_by``), locked on the
+        # LISTEN connection while it is open. Positive: pg_locks shows it as an oid.
+        self.owner = secrets.randbelow(2**31 - 1) + 1
+        self._orphans_checked_at = 0.0
         # True while the broker refuses publishes (queue full, or down): the API
         # stops admitting tasks until a publish goes through again.
         self.refusing = False
@@ -260,6 +293,9 @@ class OutboxRelay:
             while not stop.is_set():
                 await self._ensure_listener()
                 try:
+                    if time.monotonic() >= self._orphans_checked_at + ORPHAN_AFTER_S:
+                        self._orphans_checked_at = time.monotonic()
+                        await self.release_orphans()
                     published = await self.flush_once()
                 except _FLUSH_ERRORS as exc:
                     failures += 1
@@ -280,6 +316,19 @@ class OutboxRelay:
             stopping.cancel()
             if self._listener is not None:
                 await self._close_listener()
+
+    async def release_orphans(self) -> int:
+        """Release to every relay's poll the handed-over rows of processes that died
+        (see the module's docstring); return how many."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            released = await conn.fetch(_RELEASE_ORPHANS, OWNER_LOCK_CLASS, ORPHAN_AFTER_S)
+        if released:
+            ORPHANS_RELEASED.inc(len(released))
+            log.warning(
+                "handed-over tasks of a process that died released to the relays",
+                extra={"count": len(released)},
+            )
+        return len(released)
 
     async def flush_once(self) -> int:
         """Publish one batch of due rows; return how many were published.
@@ -387,6 +436,10 @@ class OutboxRelay:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            # Held while the connection lives: the rows this process claims are its
+            # (see release_orphans). Not got (a key another process drew): they wait
+            # for their claim to lapse, as without it.
+            await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, self.owner)
         except ANY_PG_ERROR as exc:
             log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
             if conn is not None:

@@ -49,9 +49,11 @@ WITH u AS (
     DO NOTHING
     RETURNING {TASK_COLUMNS}
 ), o AS (
-    INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until, priority)
+    INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until, claimed_by,
+                        priority)
     SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now()),
            CASE WHEN t.next_attempt_at IS NULL THEN now() + make_interval(secs => $14) END,
+           CASE WHEN t.next_attempt_at IS NULL THEN $15::int END,
            u.priority
     FROM t JOIN u ON u.id = t.id
     RETURNING id, task_id
@@ -87,13 +89,16 @@ class ApiRepository:
         timeout: float,
         hand_over: HandOver | None = None,
         claim_s: float = 0.0,
+        owner: int | None = None,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
         # With a relay in this process, fresh tasks go to it straight from the insert
-        # (claimed for claim_s); without one, a NOTIFY wakes the other processes' relays.
+        # (claimed for claim_s, by its owner key); without one, a NOTIFY wakes the other
+        # processes' relays.
         self._hand_over = hand_over
         self._claim_s = claim_s if hand_over is not None else None
+        self._owner = owner if hand_over is not None else None
         # One request's bad row (its tenant deleted meanwhile, say) fails only that
         # request: the others of its batch are inserted one by one.
         self._grouped: GroupCommit[tuple[UUID, NewTask], Row] = GroupCommit(
@@ -189,6 +194,7 @@ class ApiRepository:
                 [r.backoff.model_dump() if r.backoff else None for r in reqs],
                 bodies,
                 self._claim_s,
+                self._owner,
             )
             if rows and self._hand_over is None:
                 await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)

@@ -215,10 +215,12 @@ async def test_relay_crash_after_confirm(make_run: MakeRun) -> None:
 
 async def test_api_kill9_between_commit_and_publish(make_run: MakeRun) -> None:
     """The API answers 202 (task and outbox row committed) and dies before publishing;
-    a new API's relay publishes the rows and every task completes."""
+    a new API's relay publishes the rows and every task completes. Their claims hold for
+    ten minutes: the relay finds that the process that claimed them died, and does not
+    wait for the claims to lapse."""
     run = make_run()
     await run.start_worker(relay_enabled="false")
-    api = await run.start_api(failpoints="relay.before_publish=hang")
+    api = await run.start_api(failpoints="relay.before_publish=hang", handoff_claim_s="600")
     ids = await run.submit(N, sleep_s=0.1)
     unpublished = await run.pool.fetchval(
         "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])", ids

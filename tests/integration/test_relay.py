@@ -30,7 +30,7 @@ from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
-from shared.relay import Handed, OutboxRelay
+from shared.relay import ORPHAN_AFTER_S, OWNER_LOCK_CLASS, Handed, OutboxRelay
 from shared.schemas import TaskMessage, TaskRequest, parse_event, parse_task_message
 from shared.settings import CommonSettings
 from shared.wire import Wire
@@ -477,12 +477,18 @@ async def test_a_client_side_connection_error_is_retried_not_fatal(
 
 
 async def insert_claimed(
-    pool: asyncpg.Pool, tenant: Tenant, n: int, claim_s: float, **request: Any
+    pool: asyncpg.Pool,
+    tenant: Tenant,
+    n: int,
+    claim_s: float,
+    owner: int | None = None,
+    **request: Any,
 ) -> tuple[list[UUID], list[Handed]]:
     """Insert as an API with a relay does: the rows due now are claimed for ``claim_s``
-    and handed over (here: collected and returned, as if their process died)."""
+    (by ``owner``) and handed over (here: collected and returned, as if their process
+    died)."""
     handed: list[Handed] = []
-    repo = ApiRepository(pool, timeout=10, hand_over=handed.extend, claim_s=claim_s)
+    repo = ApiRepository(pool, timeout=10, hand_over=handed.extend, claim_s=claim_s, owner=owner)
     tasks = [
         NewTask(id=uuid7(), request=TaskRequest(type="relay.test", **request)) for _ in range(n)
     ]
@@ -544,6 +550,57 @@ async def test_a_claim_lapses_and_any_relay_publishes_the_row(
             return len(got) >= len(ids)
 
         await eventually(all_published, within=10, interval=0.05, what="the lapsed rows")
+    assert sorted(got) == sorted(ids)
+    assert await outbox_rows(pool, ids) == []
+
+
+async def _owner_locked(pool: asyncpg.Pool, owner: int) -> bool:
+    held = await pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 2"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        OWNER_LOCK_CLASS,
+        owner,
+    )
+    return bool(held)
+
+
+async def test_rows_of_a_process_that_died_are_released_before_their_claim_lapses(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Rows claimed by a process whose owner lock is held stay claimed however old; once
+    its connection is gone (the process died), any relay releases them at once, though
+    their claim would hold for ten more minutes, and publishes them."""
+    alive = make_relay(pool, broker.publisher(), sink, deployment)
+    async with relay_running(alive):
+        await eventually(
+            lambda: _owner_locked(pool, alive.owner), within=10, what="the relay's owner lock"
+        )
+        # A process of its own, holding its owner lock as a relay's LISTEN connection does.
+        claimer = await asyncpg.connect(deployment.database_url)
+        try:
+            owner = alive.owner + 1 if alive.owner < 2**31 - 1 else 1
+            assert await claimer.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, owner
+            )
+            ids, _handed = await insert_claimed(pool, tenant, 3, claim_s=600, owner=owner)
+            await asyncio.sleep(ORPHAN_AFTER_S + 0.3)  # older than a live claimer's rows
+            await alive.release_orphans()  # as the running relay's loop does too
+            claimed = await pool.fetchval(
+                "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])"
+                " AND claimed_until IS NOT NULL",
+                ids,
+            )
+            assert claimed == len(ids), "rows of a live claimer were released"
+        finally:
+            await claimer.close()  # the claimer dies
+        got: list[UUID] = []
+
+        async def all_published() -> bool:
+            got.extend(m.task_id for m in await broker.drain() if m.task_id in set(ids))
+            return len(got) >= len(ids)
+
+        await eventually(all_published, within=15, interval=0.05, what="the orphaned rows")
     assert sorted(got) == sorted(ids)
     assert await outbox_rows(pool, ids) == []
 
