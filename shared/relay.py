@@ -15,9 +15,11 @@ memory right after the commit and then deletes them, with no claim, no transacti
 no wake-up of its polling loop in between. Should that process die first, its rows are
 released to every relay within about two seconds: each relay holds a session advisory
 lock on its owner key (``claimed_by``) on its LISTEN connection, which dies with the
-process, and every relay releases, once a second, the rows claimed by a key whose lock
-nobody holds. Failing that (no LISTEN connection, a process of an earlier version),
-the claim lapses and any relay's poll publishes the rows."""
+process (or, its host gone, when PostgreSQL's keepalive finds the connection dead, in
+about 8 s), and every relay releases, once a second, the rows claimed by a key whose
+lock nobody holds. Rows inserted while the lock is not held (no LISTEN connection) carry
+no key, and they and those of processes of an earlier version wait for their claim to
+lapse; then any relay's poll publishes them."""
 
 from __future__ import annotations
 
@@ -106,17 +108,31 @@ _RELEASE_HANDED = "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::big
 
 # Claimed rows whose claimer died (its owner lock is gone with its connection), released
 # to every relay's poll. Advisory locks are per database: pg_locks shows every one's.
+# Rows another relay holds (releasing them too, or publishing them) are skipped, not
+# waited for: this runs in the flush loop.
 _RELEASE_ORPHANS = """
 UPDATE outbox SET claimed_until = NULL
-WHERE claimed_until > now() AND claimed_by IS NOT NULL
-  AND available_at < now() - make_interval(secs => $2)
-  AND claimed_by::bigint NOT IN (
-      SELECT l.objid::bigint FROM pg_locks AS l
-      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-        AND l.classid::bigint = $1
-        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE claimed_until > now() AND claimed_by IS NOT NULL
+      AND available_at < now() - make_interval(secs => $2)
+      AND claimed_by::bigint NOT IN (
+          SELECT l.objid::bigint FROM pg_locks AS l
+          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+            AND l.classid::bigint = $1
+            AND l.database = (
+                SELECT oid FROM pg_database WHERE datname = current_database()))
+    FOR UPDATE SKIP LOCKED)
 RETURNING id
 """
+
+# The LISTEN connection's: a host that vanished (no FIN, no RST) leaves its owner lock
+# held until PostgreSQL finds the connection dead, by default after two hours.
+_LISTENER_KEEPALIVE = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "3",
+}
 
 
 class Handed(NamedTuple):
@@ -183,6 +199,7 @@ class OutboxRelay:
         # This process's key for the rows it claims (``claimed_by``), locked on the
         # LISTEN connection while it is open. Positive: pg_locks shows it as an oid.
         self.owner = secrets.randbelow(2**31 - 1) + 1
+        self._owner_locked = False
         self._orphans_checked_at = 0.0
         # True while the broker refuses publishes (queue full, or down): the API
         # stops admitting tasks until a publish goes through again.
@@ -208,6 +225,17 @@ class OutboxRelay:
                 group.create_task(self._publish_handed(stop), name="relay-handed")
         finally:
             await self._published.aclose()
+            # Last: its owner lock says the handed-over rows are being published, and
+            # the last of them were, just above.
+            if self._listener is not None:
+                await self._close_listener()
+
+    def owner_key(self) -> int | None:
+        """The key to claim rows with (``claimed_by``) while this relay holds its owner
+        lock; None otherwise: rows claimed then wait for their claim to lapse, since
+        every relay would take them for a dead process's."""
+        listening = self._listener is not None and not self._listener.is_closed()
+        return self.owner if self._owner_locked and listening else None
 
     async def _publish_handed(self, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait(), name="relay-handed-stop-wait")
@@ -292,10 +320,16 @@ class OutboxRelay:
         try:
             while not stop.is_set():
                 await self._ensure_listener()
-                try:
-                    if time.monotonic() >= self._orphans_checked_at + ORPHAN_AFTER_S:
-                        self._orphans_checked_at = time.monotonic()
+                if time.monotonic() >= self._orphans_checked_at + ORPHAN_AFTER_S:
+                    self._orphans_checked_at = time.monotonic()
+                    try:
                         await self.release_orphans()
+                    except ANY_PG_ERROR as exc:
+                        log.warning(
+                            "rows of processes that died not looked for",
+                            extra={"error": str(exc)[:300]},
+                        )
+                try:
                     published = await self.flush_once()
                 except _FLUSH_ERRORS as exc:
                     failures += 1
@@ -314,8 +348,6 @@ class OutboxRelay:
                 await self._sleep(stopping, await self._until_next_due())
         finally:
             stopping.cancel()
-            if self._listener is not None:
-                await self._close_listener()
 
     async def release_orphans(self) -> int:
         """Release to every relay's poll the handed-over rows of processes that died
@@ -425,21 +457,23 @@ class OutboxRelay:
         self._wake.clear()
 
     async def _ensure_listener(self) -> None:
-        """Keep a LISTEN connection open; without it the relay still polls every poll_s."""
+        """Keep a LISTEN connection open, holding the owner lock; without it the relay
+        still polls every poll_s."""
         if self._listener is not None and not self._listener.is_closed():
+            if not self._owner_locked and time.monotonic() >= self._listen_retry_at:
+                await self._lock_owner(self._listener)
             return
+        self._owner_locked = False
         # Not again until poll_s after a failure: this runs before every flush, and a
         # PostgreSQL at its connection limit got a new attempt from every relay per flush.
         if time.monotonic() < self._listen_retry_at:
             return
         conn: asyncpg.Connection | None = None
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._timeout, server_settings=_LISTENER_KEEPALIVE
+            )
             await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            # Held while the connection lives: the rows this process claims are its
-            # (see release_orphans). Not got (a key another process drew): they wait
-            # for their claim to lapse, as without it.
-            await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, self.owner)
         except ANY_PG_ERROR as exc:
             log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
             if conn is not None:
@@ -448,6 +482,23 @@ class OutboxRelay:
             self._listen_retry_at = time.monotonic() + self._poll_s
             return
         self._listener = conn
+        await self._lock_owner(conn)
+
+    async def _lock_owner(self, conn: asyncpg.Connection) -> None:
+        """Take the owner lock, held while ``conn`` lives (see release_orphans). Not got
+        (the key held by another process, or by this one's previous session that the
+        server has not yet found closed): tried again after poll_s, and meanwhile rows
+        are claimed with no key."""
+        try:
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, self.owner
+            )
+        except ANY_PG_ERROR as exc:
+            log.debug("owner lock not taken", extra={"error": str(exc)})
+            got = False
+        self._owner_locked = bool(got)
+        if not got:
+            self._listen_retry_at = time.monotonic() + self._poll_s
 
     def _on_notify(self, *_args: object) -> None:
         self._wake.set()

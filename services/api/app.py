@@ -123,7 +123,7 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
         timeout=timeout,
         hand_over=relay.hand_over if relay is not None else None,
         claim_s=settings.handoff_claim_s,
-        owner=relay.owner if relay is not None else None,
+        owner=relay.owner_key if relay is not None else None,
     )
     svc = Services(
         settings=settings,

@@ -89,13 +89,13 @@ class ApiRepository:
         timeout: float,
         hand_over: HandOver | None = None,
         claim_s: float = 0.0,
-        owner: int | None = None,
+        owner: Callable[[], int | None] | None = None,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
         # With a relay in this process, fresh tasks go to it straight from the insert
-        # (claimed for claim_s, by its owner key); without one, a NOTIFY wakes the other
-        # processes' relays.
+        # (claimed for claim_s, by the relay's owner key when it has one); without one, a
+        # NOTIFY wakes the other processes' relays.
         self._hand_over = hand_over
         self._claim_s = claim_s if hand_over is not None else None
         self._owner = owner if hand_over is not None else None
@@ -194,7 +194,7 @@ class ApiRepository:
                 [r.backoff.model_dump() if r.backoff else None for r in reqs],
                 bodies,
                 self._claim_s,
-                self._owner,
+                self._owner() if self._owner is not None else None,
             )
             if rows and self._hand_over is None:
                 await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)

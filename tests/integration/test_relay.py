@@ -488,7 +488,13 @@ async def insert_claimed(
     (by ``owner``) and handed over (here: collected and returned, as if their process
     died)."""
     handed: list[Handed] = []
-    repo = ApiRepository(pool, timeout=10, hand_over=handed.extend, claim_s=claim_s, owner=owner)
+    repo = ApiRepository(
+        pool,
+        timeout=10,
+        hand_over=handed.extend,
+        claim_s=claim_s,
+        owner=None if owner is None else lambda: owner,
+    )
     tasks = [
         NewTask(id=uuid7(), request=TaskRequest(type="relay.test", **request)) for _ in range(n)
     ]
@@ -572,10 +578,12 @@ async def test_rows_of_a_process_that_died_are_released_before_their_claim_lapse
     its connection is gone (the process died), any relay releases them at once, though
     their claim would hold for ten more minutes, and publishes them."""
     alive = make_relay(pool, broker.publisher(), sink, deployment)
+    assert alive.owner_key() is None  # no lock yet: rows it claimed would carry no key
     async with relay_running(alive):
         await eventually(
             lambda: _owner_locked(pool, alive.owner), within=10, what="the relay's owner lock"
         )
+        assert alive.owner_key() == alive.owner
         # A process of its own, holding its owner lock as a relay's LISTEN connection does.
         claimer = await asyncpg.connect(deployment.database_url)
         try:
@@ -603,6 +611,23 @@ async def test_rows_of_a_process_that_died_are_released_before_their_claim_lapse
         await eventually(all_published, within=15, interval=0.05, what="the orphaned rows")
     assert sorted(got) == sorted(ids)
     assert await outbox_rows(pool, ids) == []
+    # Stopped: its lock is released with its LISTEN connection, after its last rows.
+    assert alive.owner_key() is None and not await _owner_locked(pool, alive.owner)
+
+
+async def test_rows_claimed_with_no_key_wait_for_their_claim(
+    pool: asyncpg.Pool, deployment: Deployment, tenant: Tenant, broker: Broker, sink: EventSink
+) -> None:
+    """Rows inserted while their process held no owner lock carry no key: no relay takes
+    them for a dead process's, however old, until their claim lapses."""
+    ids, _handed = await insert_claimed(pool, tenant, 2, claim_s=600)
+    relay = make_relay(pool, broker.publisher(), sink, deployment)
+    await asyncio.sleep(ORPHAN_AFTER_S + 0.3)
+    assert await relay.release_orphans() == 0
+    await flush_until_empty(relay)
+    assert [m for m in await broker.drain() if m.task_id in set(ids)] == []
+    assert len(await outbox_rows(pool, ids)) == 2
+    await pool.execute("DELETE FROM outbox WHERE task_id = ANY($1::uuid[])", ids)
 
 
 async def test_handed_rows_the_broker_did_not_confirm_are_released(
