@@ -1,8 +1,9 @@
 """``make up``: run api, worker and ws_gateway as children until Ctrl-C, with a dev API key.
 
 Run after ``make install services migrate`` (the Makefile does that). The dev key is
-created once and kept in ``.run/dev-api-key``; it is reused while it is still a valid,
-unrevoked key of this database. On Ctrl-C or SIGTERM every child gets SIGTERM and is
+``LONGHAUL_DEV_API_KEY`` when set (registered for the tenant ``dev`` if this database
+does not know it yet); otherwise it is created once and kept in ``.run/dev-api-key``,
+and reused while it is still a valid, unrevoked key of this database. On Ctrl-C or SIGTERM every child gets SIGTERM and is
 waited for (they drain); a second Ctrl-C kills them. If a child dies on its own, the
 others are stopped and this exits non-zero, naming it."""
 
@@ -110,31 +111,48 @@ async def _key_is_valid(database_url: str, key: str, timeout: float) -> bool:
     return secret_hash is not None and keys.verify(parsed, bytes(secret_hash))
 
 
-def dev_key(settings: CommonSettings, state_dir: Path) -> str:
-    """The stored dev key if this database still accepts it, else a new one (stored)."""
-    path = state_dir / "dev-api-key"
-    if path.exists():
-        stored = path.read_text().strip()
-        try:
-            valid = asyncio.run(
-                _key_is_valid(settings.database_url, stored, settings.start_timeout_s)
-            )
-        except ANY_PG_ERROR as exc:
-            raise UpError(f"PostgreSQL at {redacted(settings.database_url)}: {exc}") from exc
-        if valid:
-            return stored
-        print(f"up: {path} holds a key this database does not know; creating a new one")
-    created = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "keys", "create", "--tenant", "dev", "--label", "dev"],
+def _valid(settings: CommonSettings, key: str) -> bool:
+    try:
+        return asyncio.run(_key_is_valid(settings.database_url, key, settings.start_timeout_s))
+    except ANY_PG_ERROR as exc:
+        raise UpError(f"PostgreSQL at {redacted(settings.database_url)}: {exc}") from exc
+
+
+def _create_key(settings: CommonSettings, *extra: str) -> str:
+    """``longhaul keys create --tenant dev`` with ``extra``: the key it prints."""
+    # Our own CLI; ``extra`` is this module's arguments or the operator's own key.
+    created = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "shared.cli", "keys", "create", "--tenant", "dev", *extra],
         cwd=ROOT,
         env={**os.environ, "LONGHAUL_DATABASE_URL": settings.database_url},
-        stdout=subprocess.PIPE,
+        capture_output=True,
         check=False,
     )
     lines = created.stdout.decode().strip().splitlines()
     if created.returncode != 0 or not lines or keys.parse(lines[-1]) is None:
-        raise UpError(f"`longhaul keys create` failed (exit {created.returncode})")
-    key = lines[-1]
+        why = created.stderr.decode().strip().splitlines()[-1:] or [""]
+        raise UpError(f"`longhaul keys create` failed (exit {created.returncode}) {why[0]}")
+    return lines[-1]
+
+
+def dev_key(settings: CommonSettings, state_dir: Path, given: str | None = None) -> str:
+    """``given`` (LONGHAUL_DEV_API_KEY), registered if this database does not know it;
+    else the stored dev key if this database still accepts it, else a new one (stored)."""
+    if given:
+        if keys.parse(given) is None:
+            raise UpError(
+                "LONGHAUL_DEV_API_KEY is not a Longhaul API key (lh_dev_<12 id chars>_<secret>)"
+            )
+        if _valid(settings, given):
+            return given
+        return _create_key(settings, "--key", given)
+    path = state_dir / "dev-api-key"
+    if path.exists():
+        stored = path.read_text().strip()
+        if _valid(settings, stored):
+            return stored
+        print(f"up: {path} holds a key this database does not know; creating a new one")
+    key = _create_key(settings, "--label", "dev")
     state_dir.mkdir(parents=True, exist_ok=True)
     # The file holds a secret: readable by its owner only, from the moment it exists.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -254,7 +272,9 @@ def run(worker_args: list[str], state_dir: Path) -> int:
     children, console = _children(worker_args)
     for child in children:
         port_is_free(child)
-    key = dev_key(settings, state_dir)
+    given = os.environ.get("LONGHAUL_DEV_API_KEY", "").strip() or None
+    key = dev_key(settings, state_dir, given)
+    where_key = "LONGHAUL_DEV_API_KEY" if given else f"also in {state_dir / 'dev-api-key'}"
     env = dict(os.environ)
     env.setdefault("LONGHAUL_LOG_FORMAT", "text")  # a terminal, not a log shipper
 
@@ -269,7 +289,7 @@ def run(worker_args: list[str], state_dir: Path) -> int:
                 f"\nLonghaul is up: api :{children[0].port}, worker :{children[1].port}, "
                 f"ws_gateway :{children[2].port}\n"
                 f"  console      {console}#key={key}\n"
-                f"  dev API key  {key}   (also in {state_dir / 'dev-api-key'})\n"
+                f"  dev API key  {key}   ({where_key})\n"
                 "Ctrl-C stops everything.\n",
                 flush=True,
             )

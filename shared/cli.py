@@ -33,8 +33,10 @@ async def _migrate(settings: CommonSettings) -> None:
     print(f"migrations applied: {applied}" if applied else "schema up to date")
 
 
-async def _keys_create(settings: CommonSettings, tenant: str, label: str) -> None:
-    new = keys.generate(label)
+async def _keys_create(
+    settings: CommonSettings, tenant: str, label: str | None, given: str | None
+) -> None:
+    new = keys.generate(label or "live") if given is None else _given_key(given, label)
     conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
     try:
         async with conn.transaction():
@@ -44,17 +46,36 @@ async def _keys_create(settings: CommonSettings, tenant: str, label: str) -> Non
                 uuid7(),
                 tenant,
             )
-            await conn.execute(
-                "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
+            inserted = await conn.fetchval(
+                "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
                 new.key_id,
                 tenant_id,
                 new.label,
                 new.secret_hash,
             )
+            if inserted is None:  # only a given key can meet its id (12 random characters)
+                raise ValueError(f"key id {new.key_id} is taken: a key is registered once")
     finally:
         await conn.close()
     print(f"tenant {tenant} ({tenant_id}), key id {new.key_id}", file=sys.stderr)
     print(new.key)
+
+
+def _given_key(key: str, label: str | None) -> keys.NewKey:
+    """A key made elsewhere (``--key``: ``make up``'s LONGHAUL_DEV_API_KEY, a key kept in
+    a secret store), registered as it is."""
+    parsed = keys.parse(key)
+    if parsed is None:
+        raise ValueError("--key is not a Longhaul API key (lh_<label>_<12 id chars>_<secret>)")
+    if label is not None and label != parsed.label:
+        raise ValueError(f"--label {label} disagrees with the key's own label {parsed.label}")
+    return keys.NewKey(
+        key=key,
+        key_id=parsed.key_id,
+        label=parsed.label,
+        secret_hash=keys.hash_secret(parsed.secret),
+    )
 
 
 async def _keys_revoke(settings: CommonSettings, key_id: str) -> None:
@@ -164,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys_p.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a tenant if needed and a key for it")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--label", default="live", help="shown in the key: lh_<label>_...")
+    create.add_argument("--label", help="shown in the key: lh_<label>_... (default: live)")
+    create.add_argument("--key", help="register this key (made elsewhere) instead of making one")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key)")
     revoke.add_argument("key_id")
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
@@ -190,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 asyncio.run(_dlq_redrive(settings, args.id))
         elif args.keys_command == "create":
-            asyncio.run(_keys_create(settings, args.tenant, args.label))
+            asyncio.run(_keys_create(settings, args.tenant, args.label, args.key))
         elif args.keys_command == "revoke":
             asyncio.run(_keys_revoke(settings, args.key_id))
         else:

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 import yaml
 
+from shared import keys
 from shared.settings import CommonSettings
 from tests.support import ARTIFACTS, ROOT, eventually, running, timeout
 
@@ -670,6 +671,15 @@ async def test_up_runs_the_system_with_a_dev_key_and_stops_on_sigterm(
     renewed = await asyncio.to_thread(up_module.dev_key, settings, tmp_path)
     assert renewed != key
     assert (tmp_path / "dev-api-key").read_text().strip() == renewed
+    # LONGHAUL_DEV_API_KEY: that key, registered the first time, as it is afterwards;
+    # the stored one is left alone. Not a key: one line, before anything starts.
+    given = keys.generate("dev").key
+    for _ in range(2):
+        assert await asyncio.to_thread(up_module.dev_key, settings, tmp_path, given) == given
+        assert await up_module._key_is_valid(deployment.database_url, given, timeout(10))
+    assert await asyncio.to_thread(up_module.dev_key, settings, tmp_path) == renewed
+    with pytest.raises(up_module.UpError, match="LONGHAUL_DEV_API_KEY is not a Longhaul"):
+        await asyncio.to_thread(up_module.dev_key, settings, tmp_path, "lh_dev_oops")
 
 
 @pytest.mark.e2e

@@ -123,6 +123,34 @@ async def test_keys_are_listed_by_id_and_shown_revoked(isolated: Isolated) -> No
     assert code != 0 and f"no active key with id {parsed.key_id}" in err, err
 
 
+async def test_a_key_made_elsewhere_is_registered_once(isolated: Isolated) -> None:
+    """``keys create --key``: a key made elsewhere (make up's LONGHAUL_DEV_API_KEY) is
+    registered as it is and works; registering it again, a malformed key, or a label
+    that is not the key's own are refused with one line and exit 2."""
+    env = isolated.deployment.env()
+    tenant = f"cli-{uuid7().hex[:12]}"
+    given = keys.generate("dev").key
+    code, out, err = await _cli(env, "keys", "create", "--tenant", tenant, "--key", given)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == given
+    parsed = keys.parse(given)
+    assert parsed is not None
+    stored = await isolated.db.fetchval(
+        "SELECT secret_hash FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+        parsed.key_id,
+    )
+    assert stored is not None and keys.verify(parsed, bytes(stored))
+    code, _, err = await _cli(env, "keys", "create", "--tenant", tenant, "--key", given)
+    assert code == 2 and f"key id {parsed.key_id} is taken" in err, err
+    code, _, err = await _cli(env, "keys", "create", "--tenant", tenant, "--key", "lh_x")
+    assert code == 2 and "--key is not a Longhaul API key" in err, err
+    other = keys.generate("dev").key
+    code, _, err = await _cli(
+        env, "keys", "create", "--tenant", tenant, "--key", other, "--label", "ops"
+    )
+    assert code == 2 and "disagrees with the key's own label dev" in err, err
+
+
 async def test_a_bad_limit_is_refused_before_the_database(isolated: Isolated) -> None:
     code, _, err = await _cli(isolated.deployment.env(), "dlq", "list", "--limit", "-1")
     assert code == 2 and "--limit: must be a whole number of at least 1, not '-1'" in err, err
