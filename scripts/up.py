@@ -32,7 +32,7 @@ from services.ws_gateway.settings import GatewaySettings
 from shared import keys
 from shared.db import ANY_PG_ERROR, redacted
 from shared.errors import ConfigError
-from shared.settings import CommonSettings, load
+from shared.settings import CommonSettings, load, reachable_host
 
 ROOT = Path(__file__).resolve().parent.parent
 # Past their own start timeout a service exits by itself; this is only a backstop.
@@ -63,34 +63,29 @@ class Child:
             self.proc.send_signal(signum)
 
 
-def _local(host: str) -> str:
-    """Where to reach a server bound to ``host`` from this machine."""
-    return "127.0.0.1" if host in {"", "0.0.0.0", "::"} else host
-
-
 def _children(worker_args: list[str]) -> tuple[list[Child], str]:
     """The three services and the console URL, from the same settings they will read."""
     api = load(ApiSettings)
     worker = load(WorkerSettings)
     gateway = load(GatewaySettings)
     children = [
-        Child("api", "services.api", _local(api.api_host), api.api_port, []),
+        Child("api", "services.api", reachable_host(api.api_host), api.api_port, []),
         Child(
             "worker",
             "services.worker",
-            _local(worker.worker_metrics_host),
+            reachable_host(worker.worker_metrics_host),
             worker.worker_metrics_port,
             worker_args,
         ),
         Child(
             "ws_gateway",
             "services.ws_gateway",
-            _local(gateway.gateway_host),
+            reachable_host(gateway.gateway_host),
             gateway.gateway_port,
             [],
         ),
     ]
-    return children, f"http://{_local(api.api_host)}:{api.api_port}/"
+    return children, f"http://{reachable_host(api.api_host)}:{api.api_port}/"
 
 
 # --- the dev API key -----------------------------------------------------------------

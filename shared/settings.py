@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -47,7 +47,12 @@ class CommonSettings(BaseSettings):
     log_format: str = Field(default="json", pattern="^(json|text)$")
     # Test-only fault injection, "name=action,name=action" (see shared.failpoints).
     failpoints: str = ""
-    # Where browsers reach the gateway; shown in Task.links.events.
+    # Where the gateway listens; known to every service, since the API tells browsers
+    # where to reach it.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8001, ge=0, le=65535)
+    # Where browsers reach the gateway; shown in Task.links.events. Unset, where the
+    # gateway listens (see _public_ws_url_follows_the_gateway).
     public_ws_url: str = "ws://127.0.0.1:8001/v1/ws"
     # Retention of per-task progress streams in Redis.
     event_retention_s: PositiveFloat = 24 * 3600
@@ -59,6 +64,18 @@ class CommonSettings(BaseSettings):
     delivery_limit: int = Field(default=50, ge=2)
     # Broker-side last guard against floods (x-max-length + reject-publish).
     queue_max_length: int = Field(default=1_000_000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _public_ws_url_follows_the_gateway(cls, data: Any) -> Any:
+        # LONGHAUL_GATEWAY_HOST/PORT move the gateway: a deployment that sets them for
+        # every service points browsers there without also setting the URL.
+        if not isinstance(data, dict) or data.get("public_ws_url"):
+            return data
+        host = reachable_host(str(data.get("gateway_host") or "127.0.0.1"))
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        port = data.get("gateway_port", 8001)
+        return {**data, "public_ws_url": f"ws://{host}:{port}/v1/ws"}
 
     @field_validator("amqp_url", "redis_url", "database_url")
     @classmethod
@@ -97,6 +114,11 @@ class CommonSettings(BaseSettings):
         if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return upper
+
+
+def reachable_host(host: str) -> str:
+    """Where a server bound to ``host`` is reached from this machine."""
+    return "127.0.0.1" if host in {"", "0.0.0.0", "::"} else host
 
 
 def load(cls: type[S]) -> S:

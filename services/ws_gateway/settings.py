@@ -15,8 +15,7 @@ DEFAULT_ORIGINS = (
 
 
 class GatewaySettings(CommonSettings):
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = Field(default=8001, ge=0, le=65535)
+    # gateway_host and gateway_port: in CommonSettings (the API needs them too).
     # SDKs and servers send no Origin; browsers always do, and Cross-Site WebSocket
     # Hijacking needs a browser, so a missing Origin is no risk (the token still is).
     # (Before allowed_origins: its check reads this.)

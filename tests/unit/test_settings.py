@@ -37,6 +37,24 @@ def test_defaults_match_the_contract() -> None:
     assert worker.delivery_limit == 50  # well above the default max_attempts (5)
 
 
+def test_the_public_gateway_url_follows_where_the_gateway_listens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LONGHAUL_GATEWAY_HOST/PORT move the gateway: unless LONGHAUL_PUBLIC_WS_URL says
+    otherwise, the API points browsers there (a wildcard address as this machine)."""
+    monkeypatch.setenv("LONGHAUL_GATEWAY_PORT", "9001")
+    assert load(ApiSettings).public_ws_url == "ws://127.0.0.1:9001/v1/ws"
+    monkeypatch.setenv("LONGHAUL_GATEWAY_HOST", "0.0.0.0")
+    assert load(ApiSettings).public_ws_url == "ws://127.0.0.1:9001/v1/ws"
+    monkeypatch.setenv("LONGHAUL_GATEWAY_HOST", "::1")
+    assert load(GatewaySettings).public_ws_url == "ws://[::1]:9001/v1/ws"
+    monkeypatch.setenv("LONGHAUL_PUBLIC_WS_URL", "wss://events.example.com/v1/ws")
+    assert load(ApiSettings).public_ws_url == "wss://events.example.com/v1/ws"
+    monkeypatch.setenv("LONGHAUL_GATEWAY_PORT", "not a port")
+    with pytest.raises(ConfigError, match="LONGHAUL_GATEWAY_PORT"):
+        load(ApiSettings)
+
+
 def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     """LONGHAUL_<FIELD> overrides a field, with type conversion."""
     monkeypatch.setenv("LONGHAUL_NAMESPACE", "run_42")
