@@ -26,10 +26,11 @@ class Unsubscribe:
 
 @dataclass(frozen=True)
 class BadRequest:
-    """A frame the server cannot act on; answered with an ``error`` frame."""
+    """A frame the server cannot act on; answered with an ``error`` frame of ``code``."""
 
     message: str
     task_id: str | None = None
+    code: str = "bad_request"
 
 
 ClientOp = Subscribe | Unsubscribe | BadRequest
@@ -54,7 +55,10 @@ def parse_client_frame(frame: str | bytes) -> ClientOp:
     try:
         task_id = UUID(task_text)
     except ValueError:
-        # Not a UUID cannot be a task, of this tenant or another: same answer as unknown.
+        if op == "subscribe":
+            # Not a UUID cannot be a task, of this tenant or another: the contract's
+            # answer to an unknown id (and REST's 404 for a malformed one).
+            return BadRequest("no such task", task_text, code="not_found")
         return BadRequest("task_id is not a UUID", task_text)
     if op == "unsubscribe":
         return Unsubscribe(task_id)

@@ -350,7 +350,7 @@ class Session:
             if (pending := self._rechecks.pop(item.task_id, None)) is not None:
                 pending[0].cancel()
         else:
-            await self.ws.send(frames.error_frame("bad_request", item.message, item.task_id))
+            await self.ws.send(frames.error_frame(item.code, item.message, item.task_id))
 
     async def _subscribe(self, op: frames.Subscribe) -> None:
         try:

@@ -498,20 +498,21 @@ async def test_a_new_task_is_shown_queued_from_its_row_then_live(
 async def test_not_found_for_other_tenant_and_unknown_id(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, other_tenant: Tenant, redis: Redis
 ) -> None:
-    """Another tenant's task and an unknown id give the same not_found error."""
+    """Another tenant's task, an unknown id and one that is no UUID at all (no task can
+    have it) give the same not_found error."""
     theirs = await insert_task(db, other_tenant, state="running", last_seq=3)
     unknown = uuid7()
     async with gateway(deployment) as gw, await ws_connect(gw, redis, tenant) as ws:
-        for task_id in (theirs, unknown):
-            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+        for task_id in (str(theirs), str(unknown), "not-a-uuid"):
+            await ws.send(json.dumps({"op": "subscribe", "task_id": task_id}))
             frame = await recv_json(ws)
             assert frame == {
                 "type": "error",
                 "code": "not_found",
                 "message": "no such task",
-                "task_id": str(task_id),
+                "task_id": task_id,
             }
-        await ws.send(json.dumps({"op": "subscribe", "task_id": "not-a-uuid"}))
+        await ws.send(json.dumps({"op": "unsubscribe", "task_id": "not-a-uuid"}))
         bad = await recv_json(ws)
         assert bad["type"] == "error" and bad["code"] == "bad_request"
         assert gw.registry.subscription_count == 0

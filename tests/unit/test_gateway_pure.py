@@ -127,6 +127,17 @@ def test_bad_frames_are_bad_requests(raw: str) -> None:
     assert isinstance(frames.parse_client_frame(raw), frames.BadRequest)
 
 
+def test_a_subscribe_to_no_uuid_is_not_found_and_other_bad_frames_bad_requests() -> None:
+    """No task can have an id that is no UUID: its subscribe gets the unknown id's
+    not_found; a malformed unsubscribe or op stays a bad_request."""
+    op = frames.parse_client_frame('{"op": "subscribe", "task_id": "not-a-uuid"}')
+    assert op == frames.BadRequest("no such task", "not-a-uuid", code="not_found")
+    op = frames.parse_client_frame('{"op": "unsubscribe", "task_id": "not-a-uuid"}')
+    assert isinstance(op, frames.BadRequest) and op.code == "bad_request"
+    op = frames.parse_client_frame('{"op": "subscribe"}')
+    assert isinstance(op, frames.BadRequest) and op.code == "bad_request"
+
+
 def test_event_frame_has_the_contract_fields() -> None:
     """The event frame carries the contract's fields, snapshot only when true."""
     event = ProgressEvent(
