@@ -39,6 +39,7 @@ from shared.failpoints import Failpoints
 from shared.lifecycle import listening, wait_for_dependency
 from shared.redis import create_client
 from shared.relay import OutboxRelay
+from shared.schemas import ProblemError
 from shared.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,15 @@ async def dependency_middleware(request: web.Request, handler: Handler) -> web.S
     except asyncpg.DataError as exc:
         # Input that passed validation but that PostgreSQL refuses to store: the
         # client's to fix, not a server error.
+        detail = f"a value cannot be stored: {exc}"
         raise ProblemException(
-            422, "Invalid request", f"a value cannot be stored: {exc}", slug="validation"
+            422,
+            "Invalid request",
+            detail,
+            slug="validation",
+            # Every validation failure lists its errors (the contract); PostgreSQL does
+            # not say which field, so the body.
+            errors=[ProblemError(loc=["body"], msg=detail)],
         ) from None
     except TRANSIENT_ERRORS:
         raise ProblemException(

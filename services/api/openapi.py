@@ -88,6 +88,8 @@ def _retry_after() -> dict[str, Any]:
 _COMMON = {
     "401": _problem("no or invalid API key"),
     "429": {**_problem("over the tenant's rate limit"), "headers": _retry_after()},
+    # Any route: PostgreSQL (or what else it needs) unreachable or too slow.
+    "503": {**_problem("a dependency down, or back pressure"), "headers": _retry_after()},
 }
 # Where a submitted task's id leads (lets clients and fuzzers follow the API).
 _TASK_LINKS = {
@@ -155,6 +157,10 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                             "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
                         },
                     },
+                    "409": _problem(
+                        "a concurrent request with this Idempotency-Key won, and its task"
+                        " could not be read: retry the request"
+                    ),
                     **_COMMON,
                     **_body_errors(),
                 },

@@ -11,8 +11,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from aiormq.exceptions import AMQPConnectionError, DeliveryError
 from jsonschema import Draft202012Validator
@@ -20,7 +22,7 @@ from pamqp.commands import Basic
 from pydantic import ValidationError
 
 from services.api import requests as rq
-from services.api.app import _LazyPublisher
+from services.api.app import _LazyPublisher, dependency_middleware
 from services.api.auth import Authenticator
 from services.api.backpressure import AdmissionLedger, DrainEstimator
 from services.api.openapi import build_openapi
@@ -689,3 +691,42 @@ def test_a_types_defaults_fill_only_what_the_request_left_unset() -> None:
     assert (info.defaults_for(half).max_attempts, info.defaults_for(half).timeout_s) == (1, 9)
     plain = TaskTypeInfo("x.t", {"type": "object"}, Draft202012Validator({}))
     assert plain.defaults_for(bare) == bare
+
+
+# ---------------------------------------------------------------- dependency errors
+
+
+async def test_a_value_postgresql_refuses_is_a_422_listing_its_error() -> None:
+    """Input that passed validation but that PostgreSQL will not store is the client's
+    to fix: a 422 with the contract's ``errors`` list, as every validation failure."""
+
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        raise asyncpg.DataError("value out of range")
+
+    request = make_mocked_request("POST", "/v1/tasks")
+    with pytest.raises(ProblemException) as info:
+        await dependency_middleware(request, refusing)
+    problem = info.value.problem
+    assert problem.status == 422
+    assert [(e.loc, e.msg) for e in problem.errors or []] == [
+        (["body"], "a value cannot be stored: value out of range")
+    ]
+
+
+async def test_postgresql_unreachable_is_a_503_with_retry_after() -> None:
+    async def unreachable(request: web.Request) -> web.StreamResponse:
+        raise ConnectionRefusedError("no PostgreSQL")
+
+    with pytest.raises(ProblemException) as info:
+        await dependency_middleware(make_mocked_request("GET", "/v1/tasks"), unreachable)
+    assert info.value.problem.status == 503
+    assert info.value.headers.get("Retry-After") == "5"
+
+
+def test_every_route_declares_the_503_a_database_outage_gives() -> None:
+    """Any /v1 route answers 503 with Retry-After while PostgreSQL is away."""
+    spec = build_openapi("http://127.0.0.1:8000")
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            answer = op["responses"].get("503")
+            assert answer is not None and "Retry-After" in answer["headers"], (path, method)
