@@ -355,6 +355,8 @@ async def test_list_pages_newest_first_with_filters(
         },
     )
     created = [t["id"] for t in body["tasks"]]
+    # The batch's answer is in the request's order.
+    assert [t["type"] for t in body["tasks"]] == ["demo.noop"] * 7 + ["demo.sleep"] * 3
     seen: list[str] = []
     cursor = None
     while True:
@@ -371,6 +373,13 @@ async def test_list_pages_newest_first_with_filters(
         assert len((await r.json())["items"]) == 3
     async with http.get(url, params={"state": "running"}, headers=tenant.headers) as r:
         assert (await r.json())["items"] == []
+    # With no limit, a page holds the contract's 50.
+    await _post(
+        http, f"{url}:batch", tenant, {"tasks": [{"type": "demo.noop", "delay_s": 3600}] * 45}
+    )
+    async with http.get(url, headers=tenant.headers) as r:
+        page = await r.json()
+    assert len(page["items"]) == 50 and page["next_cursor"] is not None
 
 
 async def test_cancel_and_retry(
