@@ -736,6 +736,35 @@ async def test_non_reading_client_is_dropped_others_keep_receiving(
         stalled.transport.abort()
 
 
+async def test_a_slow_client_is_told_1013_when_it_reads_again(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """The contract's close code for a slow client: one that fell behind, and that reads
+    again while the gateway closes it, receives the close frame with 1013 (a client that
+    never reads again only sees its TCP connection dropped)."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    async with gateway(deployment, client_queue_size=8, close_timeout_s=30) as gw:
+        slow = await ws_connect(gw, redis, tenant, max_queue=1)
+        await slow.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+        await eventually(until(lambda: gw.registry.subscription_count == 1))
+        slow.transport.pause_reading()
+        drops = gw.metrics.drops._value.get()
+        blob = "y" * 16_000
+        seq = 0
+        while gw.metrics.drops._value.get() == drops:
+            seq += 1
+            assert seq <= 2000, "the gateway never found the client slow"
+            await writer.step(seq, data=blob)
+        slow.transport.resume_reading()  # within the gateway's 30 s close handshake
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(30):
+                async for _ in slow:
+                    pass
+        assert slow.close_code == 1013, (slow.close_code, slow.close_reason)
+        assert slow.close_reason == "slow consumer"
+
+
 # ---------------------------------------------------------------- SSE fallback
 
 
