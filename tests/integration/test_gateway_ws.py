@@ -765,6 +765,28 @@ async def test_a_slow_client_is_told_1013_when_it_reads_again(
         assert slow.close_reason == "slow consumer"
 
 
+async def test_a_connection_that_does_not_answer_pings_is_closed(
+    deployment: Deployment, redis: Redis, tenant: Tenant
+) -> None:
+    """The server pings (every 20 s by default) and closes a connection that does not
+    answer; one that answers stays open."""
+    async with gateway(deployment, ping_interval_s=0.3, ping_timeout_s=0.3) as gw:
+        silent = await ws_connect(gw, redis, tenant)
+        answering = await ws_connect(gw, redis, tenant)
+        await eventually(until(lambda: gw.registry.connection_count == 2))
+        silent.transport.pause_reading()  # its pongs never come
+        await eventually(
+            until(lambda: gw.registry.connection_count == 1),
+            within=10,
+            what="the silent one closed",
+        )
+        await asyncio.sleep(1.0)  # several more pings: the answering one stays
+        assert gw.registry.connection_count == 1
+        await answering.ping()
+        await answering.close()
+        silent.transport.abort()
+
+
 # ---------------------------------------------------------------- SSE fallback
 
 
