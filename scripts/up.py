@@ -113,13 +113,15 @@ def _valid(settings: CommonSettings, key: str) -> bool:
         raise UpError(f"PostgreSQL at {redacted(settings.database_url)}: {exc}") from exc
 
 
-def _create_key(settings: CommonSettings, *extra: str) -> str:
-    """``longhaul keys create --tenant dev`` with ``extra``: the key it prints."""
-    # Our own CLI; ``extra`` is this module's arguments or the operator's own key.
+def _create_key(settings: CommonSettings, *extra: str, stdin: str = "") -> str:
+    """``longhaul keys create --tenant dev`` with ``extra`` (and ``stdin``): the key it
+    prints."""
+    # Our own CLI, with this module's arguments.
     created = subprocess.run(  # noqa: S603
         [sys.executable, "-m", "shared.cli", "keys", "create", "--tenant", "dev", *extra],
         cwd=ROOT,
         env={**os.environ, "LONGHAUL_DATABASE_URL": settings.database_url},
+        input=stdin.encode(),
         capture_output=True,
         check=False,
     )
@@ -136,11 +138,12 @@ def dev_key(settings: CommonSettings, state_dir: Path, given: str | None = None)
     if given:
         if keys.parse(given) is None:
             raise UpError(
-                "LONGHAUL_DEV_API_KEY is not a Longhaul API key (lh_dev_<12 id chars>_<secret>)"
+                "LONGHAUL_DEV_API_KEY is not a Longhaul API key (lh_<label>_<12 id chars>_<secret>)"
             )
         if _valid(settings, given):
             return given
-        return _create_key(settings, "--key", given)
+        # On stdin: an argument would show the secret in every process listing.
+        return _create_key(settings, "--key", "-", stdin=given + "\n")
     path = state_dir / "dev-api-key"
     if path.exists():
         stored = path.read_text().strip()

@@ -36,7 +36,12 @@ async def _migrate(settings: CommonSettings) -> None:
 async def _keys_create(
     settings: CommonSettings, tenant: str, label: str | None, given: str | None
 ) -> None:
-    new = keys.generate(label or "live") if given is None else _given_key(given, label)
+    if given is None:
+        new = keys.generate("live" if label is None else label)
+    else:
+        # "-": from stdin, where no other user of the machine can read it (an argument
+        # shows in every process listing).
+        new = _given_key(sys.stdin.readline().strip() if given == "-" else given, label)
     conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
     try:
         async with conn.transaction():
@@ -55,7 +60,11 @@ async def _keys_create(
                 new.secret_hash,
             )
             if inserted is None:  # only a given key can meet its id (12 random characters)
-                raise ValueError(f"key id {new.key_id} is taken: a key is registered once")
+                revoked = await conn.fetchval(
+                    "SELECT revoked_at IS NOT NULL FROM api_keys WHERE key_id = $1", new.key_id
+                )
+                why = "it was revoked" if revoked else "a key is registered once"
+                raise ValueError(f"key id {new.key_id} is taken: {why}")
     finally:
         await conn.close()
     print(f"tenant {tenant} ({tenant_id}), key id {new.key_id}", file=sys.stderr)
@@ -186,7 +195,10 @@ def _parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create a tenant if needed and a key for it")
     create.add_argument("--tenant", required=True)
     create.add_argument("--label", help="shown in the key: lh_<label>_... (default: live)")
-    create.add_argument("--key", help="register this key (made elsewhere) instead of making one")
+    create.add_argument(
+        "--key",
+        help="register this key (made elsewhere) instead of making one; '-' reads it from stdin",
+    )
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (or the whole key)")
     revoke.add_argument("key_id")
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")

@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -53,7 +53,7 @@ class CommonSettings(BaseSettings):
     gateway_port: int = Field(default=8001, ge=0, le=65535)
     # Where browsers reach the gateway; shown in Task.links.events. Unset, where the
     # gateway listens (see _public_ws_url_follows_the_gateway).
-    public_ws_url: str = "ws://127.0.0.1:8001/v1/ws"
+    public_ws_url: str = Field(default="", validate_default=True)
     # Retention of per-task progress streams in Redis.
     event_retention_s: PositiveFloat = 24 * 3600
     event_stream_maxlen: int = Field(default=10_000, ge=10)
@@ -65,17 +65,17 @@ class CommonSettings(BaseSettings):
     # Broker-side last guard against floods (x-max-length + reject-publish).
     queue_max_length: int = Field(default=1_000_000, ge=1)
 
-    @model_validator(mode="before")
+    @field_validator("public_ws_url")
     @classmethod
-    def _public_ws_url_follows_the_gateway(cls, data: Any) -> Any:
+    def _public_ws_url_follows_the_gateway(cls, value: str, info: ValidationInfo) -> str:
         # LONGHAUL_GATEWAY_HOST/PORT move the gateway: a deployment that sets them for
-        # every service points browsers there without also setting the URL.
-        if not isinstance(data, dict) or data.get("public_ws_url"):
-            return data
-        host = reachable_host(str(data.get("gateway_host") or "127.0.0.1"))
+        # every service points browsers there without also setting the URL. From their
+        # validated values (declared above this field): " 9000 " is port 9000.
+        if value:
+            return value
+        host = reachable_host(str(info.data.get("gateway_host", "127.0.0.1")))
         host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-        port = data.get("gateway_port", 8001)
-        return {**data, "public_ws_url": f"ws://{host}:{port}/v1/ws"}
+        return f"ws://{host}:{info.data.get('gateway_port', 8001)}/v1/ws"
 
     @field_validator("amqp_url", "redis_url", "database_url")
     @classmethod
@@ -117,8 +117,11 @@ class CommonSettings(BaseSettings):
 
 
 def reachable_host(host: str) -> str:
-    """Where a server bound to ``host`` is reached from this machine."""
-    return "127.0.0.1" if host in {"", "0.0.0.0", "::"} else host
+    """Where a server bound to ``host`` is reached from this machine (one bound to
+    ``::`` listens on IPv6 alone: asyncio sets IPV6_V6ONLY)."""
+    if host == "::":
+        return "::1"
+    return "127.0.0.1" if host in {"", "0.0.0.0"} else host
 
 
 def load(cls: type[S]) -> S:

@@ -88,8 +88,9 @@ def _retry_after() -> dict[str, Any]:
 _COMMON = {
     "401": _problem("no or invalid API key"),
     "429": {**_problem("over the tenant's rate limit"), "headers": _retry_after()},
-    # Any route: PostgreSQL (or what else it needs) unreachable or too slow.
-    "503": {**_problem("a dependency down, or back pressure"), "headers": _retry_after()},
+    # Any route: PostgreSQL (or what else it needs) unreachable or too slow. Before a
+    # route's own 503 in its responses, which then says more.
+    "503": {**_problem("a dependency down"), "headers": _retry_after()},
 }
 # Where a submitted task's id leads (lets clients and fuzzers follow the API).
 _TASK_LINKS = {
@@ -243,8 +244,11 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     "202": {"description": "queued again", **_content(Task)},
                     "404": _problem("no such task"),
                     "409": _problem("not failed or cancelled"),
-                    "503": {**_problem("back pressure"), "headers": _retry_after()},
                     **_COMMON,
+                    "503": {
+                        **_problem("back pressure, or a dependency down"),
+                        "headers": _retry_after(),
+                    },
                 },
             },
         },
@@ -276,8 +280,11 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     "202": {"description": "its task is queued again", **_content(Redriven)},
                     "404": _problem("no such dead letter"),
                     "409": _problem("already redriven, or nothing to run"),
-                    "503": {**_problem("back pressure"), "headers": _retry_after()},
                     **_COMMON,
+                    "503": {
+                        **_problem("back pressure, or a dependency down"),
+                        "headers": _retry_after(),
+                    },
                 },
             },
         },
@@ -294,8 +301,11 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 "summary": "A short-lived, single-use token to open one WebSocket",
                 "responses": {
                     "201": {"description": "the token", **_content(WsToken)},
-                    "503": _problem("Redis unreachable"),
                     **_COMMON,
+                    "503": {
+                        **_problem("Redis or PostgreSQL unreachable"),
+                        "headers": _retry_after(),
+                    },
                 },
             },
         },

@@ -141,7 +141,11 @@ async def test_a_key_made_elsewhere_is_registered_once(isolated: Isolated) -> No
     )
     assert stored is not None and keys.verify(parsed, bytes(stored))
     code, _, err = await _cli(env, "keys", "create", "--tenant", tenant, "--key", given)
-    assert code == 2 and f"key id {parsed.key_id} is taken" in err, err
+    assert code == 2 and f"key id {parsed.key_id} is taken: a key is registered once" in err
+    code, _, err = await _cli(env, "keys", "revoke", parsed.key_id)
+    assert code == 0, err
+    code, _, err = await _cli(env, "keys", "create", "--tenant", tenant, "--key", given)
+    assert code == 2 and f"key id {parsed.key_id} is taken: it was revoked" in err, err
     code, _, err = await _cli(env, "keys", "create", "--tenant", tenant, "--key", "lh_x")
     assert code == 2 and "--key is not a Longhaul API key" in err, err
     other = keys.generate("dev").key

@@ -46,6 +46,10 @@ def test_the_public_gateway_url_follows_where_the_gateway_listens(
     assert load(ApiSettings).public_ws_url == "ws://127.0.0.1:9001/v1/ws"
     monkeypatch.setenv("LONGHAUL_GATEWAY_HOST", "0.0.0.0")
     assert load(ApiSettings).public_ws_url == "ws://127.0.0.1:9001/v1/ws"
+    monkeypatch.setenv("LONGHAUL_GATEWAY_PORT", " 9001 ")  # the port's value, not its text
+    assert load(ApiSettings).public_ws_url == "ws://127.0.0.1:9001/v1/ws"
+    monkeypatch.setenv("LONGHAUL_GATEWAY_HOST", "::")  # IPv6 alone (IPV6_V6ONLY)
+    assert load(ApiSettings).public_ws_url == "ws://[::1]:9001/v1/ws"
     monkeypatch.setenv("LONGHAUL_GATEWAY_HOST", "::1")
     assert load(GatewaySettings).public_ws_url == "ws://[::1]:9001/v1/ws"
     monkeypatch.setenv("LONGHAUL_PUBLIC_WS_URL", "wss://events.example.com/v1/ws")
