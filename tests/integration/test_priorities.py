@@ -42,6 +42,38 @@ async def amqp_channel(isolated: Isolated) -> AsyncIterator[aio_pika.abc.Abstrac
     await connection.close()
 
 
+async def _backlog_then_high(
+    isolated: Isolated, http: aiohttp.ClientSession, system: System, n: int, seconds: float
+) -> tuple[list[UUID], UUID]:
+    """``n`` normal demo.sleep tasks of ``seconds``, then, once the first runs, one of
+    priority 9 (0.01 s); returns when all succeeded: (the normal ones, the high one)."""
+    normal = [
+        await _submit(http, system, isolated, type="demo.sleep", args={"seconds": seconds})
+        for _ in range(n)
+    ]
+
+    async def one_started() -> bool:
+        started = await isolated.db.fetchval(
+            "SELECT count(started_at) FROM tasks WHERE id = ANY($1::uuid[])", normal
+        )
+        return bool(started)
+
+    await eventually(one_started, within=30, what="the backlog to start running")
+    high = await _submit(
+        http, system, isolated, type="demo.sleep", args={"seconds": 0.01}, priority=9
+    )
+
+    async def all_done() -> bool:
+        done = await isolated.db.fetchval(
+            "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND id = ANY($1::uuid[])",
+            [*normal, high],
+        )
+        return bool(done == n + 1)
+
+    await eventually(all_done, within=60, what="every task to succeed")
+    return normal, high
+
+
 async def test_a_high_priority_task_starts_before_the_waiting_normal_ones(
     isolated: Isolated, http: aiohttp.ClientSession
 ) -> None:
@@ -52,30 +84,7 @@ async def test_a_high_priority_task_starts_before_the_waiting_normal_ones(
     try:
         await system.start_worker()
         await system.start_api()
-        normal = [
-            await _submit(http, system, isolated, type="demo.sleep", args={"seconds": 0.3})
-            for _ in range(8)
-        ]
-
-        async def one_started() -> bool:
-            started = await isolated.db.fetchval(
-                "SELECT count(started_at) FROM tasks WHERE id = ANY($1::uuid[])", normal
-            )
-            return bool(started)
-
-        await eventually(one_started, within=30, what="the backlog to start running")
-        high = await _submit(
-            http, system, isolated, type="demo.sleep", args={"seconds": 0.01}, priority=9
-        )
-
-        async def all_done() -> bool:
-            done = await isolated.db.fetchval(
-                "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND id = ANY($1::uuid[])",
-                [*normal, high],
-            )
-            return bool(done == len(normal) + 1)
-
-        await eventually(all_done, within=60, what="every task to succeed")
+        normal, high = await _backlog_then_high(isolated, http, system, 8, 0.3)
         high_row = await isolated.db.fetchrow(
             "SELECT created_at, started_at FROM tasks WHERE id = $1", high
         )
@@ -104,30 +113,7 @@ async def test_a_high_priority_task_runs_in_the_reserve_beside_a_busy_normal_lan
     try:
         await system.start_worker()
         await system.start_api()
-        normal = [
-            await _submit(http, system, isolated, type="demo.sleep", args={"seconds": 2.0})
-            for _ in range(2)
-        ]
-
-        async def first_started() -> bool:
-            started = await isolated.db.fetchval(
-                "SELECT started_at FROM tasks WHERE id = $1", normal[0]
-            )
-            return started is not None
-
-        await eventually(first_started, within=30, what="the first normal task to start")
-        high = await _submit(
-            http, system, isolated, type="demo.sleep", args={"seconds": 0.01}, priority=9
-        )
-
-        async def all_done() -> bool:
-            done = await isolated.db.fetchval(
-                "SELECT count(*) FROM tasks WHERE state = 'succeeded' AND id = ANY($1::uuid[])",
-                [*normal, high],
-            )
-            return bool(done == 3)
-
-        await eventually(all_done, within=60, what="every task to succeed")
+        normal, high = await _backlog_then_high(isolated, http, system, 2, 2.0)
         rows = {
             r["id"]: r
             for r in await isolated.db.fetch(
