@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support import ARTIFACTS, free_port
+from tests.support import ARTIFACTS, free_port, timeout
 
 
 def _log(name: str) -> Path:
@@ -28,6 +28,9 @@ def _log(name: str) -> Path:
 
 
 def _wait(check: object, within: float, what: str) -> None:
+    """Until ``check()`` is true, at most ``within`` seconds scaled for a slow machine
+    (LONGHAUL_TEST_TIMEOUT_SCALE, as every wait of the suite)."""
+    within = timeout(within)
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if check():  # type: ignore[operator]
