@@ -168,3 +168,41 @@ async def test_ids_in_any_case_and_refused_subscriptions(page: Page) -> None:
     assert result["errors"] == ["too_many_subscriptions"]
     # The refused task is not subscribed again behind the page's back.
     assert result["resumed"] == [{"op": "subscribe", "task_id": TASK, "after_seq": 1}]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "{" + TASK + "}",
+        "urn:uuid:" + TASK,
+        TASK.replace("-", "").upper(),
+        "{urn:uuid:" + TASK.upper() + "}",
+    ],
+)
+async def test_an_id_in_any_form_the_gateway_reads_gets_its_events(
+    page: Page, written: str
+) -> None:
+    """The gateway reads any form of a UUID Python's UUID() takes, and names the task in
+    its canonical form: the client follows the same task whichever form it was given,
+    and sends it canonical. A non-UUID goes as written, as the gateway's not_found names
+    it."""
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
+        await tick();
+        sockets[0].open();
+        const got = [], errors = [];
+        client.subscribe("{written}", {{ onEvent: (e) => got.push(e.seq) }});
+        sockets[0].feed({{ type: "event", task_id: "{TASK}", seq: 1, state: "queued" }});
+        client.subscribe("Not-A-Task", {{ onError: (e) => errors.push(e.code) }});
+        sockets[0].feed({{ type: "error", task_id: "Not-A-Task", code: "not_found",
+                           message: "no such task" }});
+        const sent = sockets[0].sent;
+        client.close();
+        return {{ got, errors, sent, lastSeq: client.lastSeq("{written}") }};
+        """,
+    )
+    assert result["got"] == [1] and result["lastSeq"] == 1
+    assert result["errors"] == ["not_found"]
+    assert [m["task_id"] for m in result["sent"]] == [TASK, "Not-A-Task"]

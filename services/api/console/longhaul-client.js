@@ -88,8 +88,8 @@ export class LonghaulClient {
    * Returns `{ unsubscribe() }`. Several handlers may follow the same task.
    */
   subscribe(taskId, { onEvent = () => {}, onError = () => {}, afterSeq = 0 } = {}) {
-    // The gateway answers with the canonical (lower-case) form of the id.
-    taskId = String(taskId).toLowerCase();
+    // The gateway answers with the canonical form of the id.
+    taskId = canonicalId(taskId);
     const handler = { onEvent, onError, lastSeq: afterSeq };
     let sub = this.subscriptions.get(taskId);
     if (!sub) {
@@ -116,7 +116,7 @@ export class LonghaulClient {
 
   /** The last seq delivered for a task (0 when none). */
   lastSeq(taskId) {
-    return this.subscriptions.get(String(taskId).toLowerCase())?.lastSeq ?? 0;
+    return this.subscriptions.get(canonicalId(taskId))?.lastSeq ?? 0;
   }
 
   /** Stop for good: close the socket and cancel any pending reconnect. */
@@ -245,6 +245,19 @@ export class LonghaulClient {
       for (const h of sub.handlers) safeCall(h.onError, frame);
     }
   }
+}
+
+// The id as the gateway writes it in its frames: it reads any form Python's UUID() does
+// (any case, braces, a "urn:uuid:" prefix, hyphens anywhere or none) and answers with
+// the lower-case, hyphenated one. Not a UUID: as given, as the gateway's not_found
+// names it.
+function canonicalId(taskId) {
+  const text = String(taskId);
+  const hex = text.replace(/urn:/g, "").replace(/uuid:/g, "").replace(/^[{}]+|[{}]+$/g, "")
+    .replace(/-/g, "").toLowerCase();
+  if (!/^[0-9a-f]{32}$/.test(hex)) return text;
+  return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20),
+          hex.slice(20)].join("-");
 }
 
 function lowestSeq(sub) {
