@@ -47,6 +47,10 @@ class CommonSettings(BaseSettings):
     log_format: str = Field(default="json", pattern="^(json|text)$")
     # Test-only fault injection, "name=action,name=action" (see shared.failpoints).
     failpoints: str = ""
+    # Where the API listens; known to every service, since the gateway admits browsers
+    # from its origin (the console).
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
     # Where the gateway listens; known to every service, since the API tells browsers
     # where to reach it.
     gateway_host: str = "127.0.0.1"
@@ -73,9 +77,10 @@ class CommonSettings(BaseSettings):
         # validated values (declared above this field): " 9000 " is port 9000.
         if value:
             return value
-        host = reachable_host(str(info.data.get("gateway_host", "127.0.0.1")))
-        host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-        return f"ws://{host}:{info.data.get('gateway_port', 8001)}/v1/ws"
+        return (
+            url_of("ws", info.data.get("gateway_host"), info.data.get("gateway_port"), 8001)
+            + "/v1/ws"
+        )
 
     @field_validator("amqp_url", "redis_url", "database_url")
     @classmethod
@@ -122,6 +127,17 @@ def reachable_host(host: str) -> str:
     if host == "::":
         return "::1"
     return "127.0.0.1" if host in {"", "0.0.0.0"} else host
+
+
+def url_of(scheme: str, host: object, port: object, default_port: int) -> str:
+    """``scheme://host:port`` of a server bound to ``host`` (validated settings; missing
+    where their own validation failed), reached from this machine; the port left out
+    where it is the scheme's own, as a browser's Origin leaves it."""
+    where = reachable_host(str(host if host is not None else "127.0.0.1"))
+    where = f"[{where}]" if ":" in where else where  # an IPv6 address in a URL
+    number = port if isinstance(port, int) else default_port
+    own = {"http": 80, "ws": 80, "https": 443, "wss": 443}.get(scheme)
+    return f"{scheme}://{where}" if number == own else f"{scheme}://{where}:{number}"
 
 
 def load(cls: type[S]) -> S:

@@ -8,8 +8,7 @@ from shared.settings import CommonSettings
 
 
 class ApiSettings(CommonSettings):
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8000, ge=0, le=65535)
+    # api_host and api_port: in CommonSettings (the gateway admits the API's origin).
     # Largest request body; larger ones get 413 before they are read.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Back pressure: above this many ready messages, submissions get 503.

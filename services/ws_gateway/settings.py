@@ -5,13 +5,13 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, field_validator
 
 from services.ws_gateway.origins import parse_allowed_origins
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, url_of
 
-# The API's own origin, and any local port: what a developer's console runs on.
-DEFAULT_ORIGINS = (
-    "http://127.0.0.1:8000,http://localhost:8000,"
-    "http://localhost:*,http://127.0.0.1:*,http://[::1]:*"
-)
+# Any local port: what a developer's console runs on. The default also has the API's own
+# origin, from LONGHAUL_API_HOST/PORT (see _origins_default).
+LOCAL_ORIGINS = "http://localhost:*,http://127.0.0.1:*,http://[::1]:*"
+# The default's stand-in until the API's address is known.
+_API_AND_LOCAL = "<the API's own origin and any local port>"
 
 
 class GatewaySettings(CommonSettings):
@@ -22,7 +22,7 @@ class GatewaySettings(CommonSettings):
     allow_missing_origin: bool = True
     # Comma-separated origins; "*" matches one host label or a port ("http://localhost:*").
     # Empty: no browser may connect (a gateway for servers and SDKs alone).
-    allowed_origins: str = DEFAULT_ORIGINS
+    allowed_origins: str = Field(default=_API_AND_LOCAL, validate_default=True)
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
     max_frame_bytes: int = Field(default=65536, ge=1024)
@@ -43,6 +43,16 @@ class GatewaySettings(CommonSettings):
     subscription_check_s: float = Field(default=5.0, gt=0)
     # SSE is served as long polling (see sse.py): how long one poll waits for news.
     sse_poll_s: float = Field(default=8.0, gt=0)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins_default(cls, value: object, info: ValidationInfo) -> object:
+        # The contract's default: the API's own origin, wherever LONGHAUL_API_HOST/PORT
+        # put it (validated above: in CommonSettings), and any local port.
+        if value != _API_AND_LOCAL:
+            return value
+        api = url_of("http", info.data.get("api_host"), info.data.get("api_port"), 8000)
+        return f"{api},{LOCAL_ORIGINS}"
 
     @field_validator("allowed_origins")
     @classmethod

@@ -27,7 +27,7 @@ from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.repository import Head, TaskRepository
 from services.ws_gateway.session import Behind, Catcher, DependencyDown, Deps
-from services.ws_gateway.settings import DEFAULT_ORIGINS
+from services.ws_gateway.settings import LOCAL_ORIGINS
 from services.ws_gateway.sse import Waiter
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import SETTLED_EVERY, Lag, Sweeper
@@ -170,7 +170,7 @@ def test_event_frame_has_the_contract_fields() -> None:
 
 def test_default_origins_allow_local_pages_only() -> None:
     """Local pages on any port pass; other hosts and look-alikes do not."""
-    allowed = parse_allowed_origins(DEFAULT_ORIGINS)
+    allowed = parse_allowed_origins(f"http://127.0.0.1:8000,{LOCAL_ORIGINS}")  # the default
     for ok in (
         "http://127.0.0.1:8000",
         "http://localhost:8000",

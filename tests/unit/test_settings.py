@@ -59,6 +59,25 @@ def test_the_public_gateway_url_follows_where_the_gateway_listens(
         load(ApiSettings)
 
 
+def test_the_gateway_admits_the_apis_own_origin_wherever_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The contract's default allow-list: the API's own origin (LONGHAUL_API_HOST/PORT,
+    its default port left out as a browser's Origin does) and any local port; a list
+    given is kept, an empty one too (no browser)."""
+    local = "http://localhost:*,http://127.0.0.1:*,http://[::1]:*"
+    assert load(GatewaySettings).allowed_origins == f"http://127.0.0.1:8000,{local}"
+    monkeypatch.setenv("LONGHAUL_API_HOST", "console.example.com")
+    monkeypatch.setenv("LONGHAUL_API_PORT", "80")
+    assert load(GatewaySettings).allowed_origins == f"http://console.example.com,{local}"
+    monkeypatch.setenv("LONGHAUL_API_PORT", " 8443 ")
+    assert load(GatewaySettings).allowed_origins == f"http://console.example.com:8443,{local}"
+    monkeypatch.setenv("LONGHAUL_ALLOWED_ORIGINS", "https://app.example.com")
+    assert load(GatewaySettings).allowed_origins == "https://app.example.com"
+    monkeypatch.setenv("LONGHAUL_ALLOWED_ORIGINS", "")
+    assert load(GatewaySettings).allowed_origins == ""
+
+
 def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     """LONGHAUL_<FIELD> overrides a field, with type conversion."""
     monkeypatch.setenv("LONGHAUL_NAMESPACE", "run_42")
