@@ -3,8 +3,8 @@
 Runs the scenarios of issue #6: the throughput runs in rounds (the ceilings, Longhaul
 at saturation and the peers, one run each per round), then Longhaul and the API at half
 the saturation rates, then the gateway. Writes ``bench/results/<timestamp>.json`` and
-prints a Markdown table. Everything runs under a private namespace and database, removed at
-the end even when a scenario fails."""
+prints a Markdown table. Everything runs under a private namespace and database,
+removed at the end even when a scenario fails."""
 
 from __future__ import annotations
 
@@ -123,9 +123,9 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
             "notes": [
                 "medians of the runs with min-max; the ceilings, Longhaul's saturation "
                 "runs and the peers run in rounds, one run of each per round, and a "
-                "target's ratio is the median of its per-round ratios; generator CPU = the load generator's "
-                "CPU (this process and its helper processes) as % of all cores; machine "
-                "CPU = how busy all cores were, everything included",
+                "target's ratio is the median of its per-round ratios; generator CPU = "
+                "the load generator's CPU (this process and its helper processes) as % "
+                "of all cores; machine CPU = how busy all cores were, everything included",
                 "the machine is shared with whatever else runs on it: see load_avg_*",
                 f"the database holds {profile.history:,} finished tasks of another tenant, "
                 "analyzed, before the run (as pgbench -i loads and vacuums its tables)",

@@ -3,8 +3,9 @@
 Run after ``make install services migrate`` (the Makefile does that). The dev key is
 ``LONGHAUL_DEV_API_KEY`` when set (registered for the tenant ``dev`` if this database
 does not know it yet); otherwise it is created once and kept in ``.run/dev-api-key``,
-and reused while it is still a valid, unrevoked key of this database. On Ctrl-C or SIGTERM every child gets SIGTERM and is
-waited for (they drain); a second Ctrl-C kills them. If a child dies on its own, the
+and reused while it is still a valid, unrevoked key of this database. On Ctrl-C or
+SIGTERM every child gets SIGTERM and is waited for (they drain); a second Ctrl-C kills
+them. If a child dies on its own, the
 others are stopped and this exits non-zero, naming it."""
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from services.ws_gateway.settings import GatewaySettings
 from shared import keys
 from shared.db import ANY_PG_ERROR, redacted
 from shared.errors import ConfigError
-from shared.settings import CommonSettings, load, reachable_host
+from shared.settings import CommonSettings, load, reachable_host, url_of
 
 ROOT = Path(__file__).resolve().parent.parent
 # Past their own start timeout a service exits by itself; this is only a backstop.
@@ -85,7 +86,7 @@ def _children(worker_args: list[str]) -> tuple[list[Child], str]:
             [],
         ),
     ]
-    return children, f"http://{reachable_host(api.api_host)}:{api.api_port}/"
+    return children, url_of("http", api.api_host, api.api_port, 8000) + "/"
 
 
 # --- the dev API key -----------------------------------------------------------------
