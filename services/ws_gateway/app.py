@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from services.ws_gateway import sse
 from services.ws_gateway.frames import FrameCache
+from services.ws_gateway.handshake import DeadlineConnection, connection_class
 from services.ws_gateway.hub import Hub
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
@@ -74,6 +75,8 @@ class Gateway:
         self._redis: Redis | None = None
         self._deps: Deps | None = None
         self._server: Server | None = None
+        self._streams: set[sse.Stream] = set()
+        self._closing = False
         self.hub: Hub | None = None
         self.port: int = 0
 
@@ -143,7 +146,10 @@ class Gateway:
                     max_size=s.max_frame_bytes,
                     ping_interval=s.ping_interval_s,
                     ping_timeout=s.ping_timeout_s,
-                    open_timeout=s.handshake_timeout_s,
+                    # The handshake deadline is the connection class's: open_timeout
+                    # would also cut an SSE stream, served from process_request.
+                    open_timeout=None,
+                    create_connection=connection_class(s.handshake_timeout_s),
                     close_timeout=s.close_timeout_s,
                     # Clients send tiny frames and we send small JSON: compression would cost
                     # memory per connection (zlib contexts) for nothing.
@@ -156,7 +162,11 @@ class Gateway:
             yield self
 
     async def _close_server(self, server: Server) -> None:
-        """Close clients with 1001 and wait for their handlers, bounded in time."""
+        """Close clients with 1001, end SSE streams, and wait for their handlers, bounded
+        in time."""
+        self._closing = True
+        for stream in self._streams:
+            stream.stop()
         server.close()  # stops accepting; 1001 to open connections; idempotent
         try:
             async with asyncio.timeout(self.settings.close_timeout_s + 1):
@@ -184,7 +194,7 @@ class Gateway:
         query = parse_qs(url.query)
         origin = request.headers.get("Origin")
         if (match := _SSE_PATH.match(path)) is not None:
-            return await self._sse(request, match.group(1), query, origin)
+            return await self._sse(connection, request, match.group(1), query, origin)
         if path != WS_PATH:
             return problem(404, f"no route {path}; the WebSocket endpoint is {WS_PATH}")
         if not origin_allowed(
@@ -246,7 +256,12 @@ class Gateway:
     # ------------------------------------------------------------------ SSE
 
     async def _sse(
-        self, request: Request, raw_id: str, query: dict[str, list[str]], origin: str | None
+        self,
+        connection: ServerConnection,
+        request: Request,
+        raw_id: str,
+        query: dict[str, list[str]],
+        origin: str | None,
     ) -> Response:
         assert self._deps is not None
         if not origin_allowed(
@@ -277,23 +292,38 @@ class Gateway:
             return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
         if tenant_id is None:
             return problem(401, _REFUSED_401, cors)
-        wait_s = sse.poll_wait(
-            self.settings.sse_poll_s,
-            self.settings.handshake_timeout_s,
-            self.settings.snapshot_grace_s,
-        )
         try:
-            events = await sse.poll(self._deps, tenant_id, task_id, after, wait_s)
-        except sse.NotFound:
-            return problem(404, "no such task", cors)
-        except sse.Ended:
-            # 204 tells an EventSource to stop reconnecting: the stream is over.
-            return respond(204, b"", "", cors)
-        except DependencyDown:
-            return problem(503, "database unavailable", {**cors, "Retry-After": "1"})
+            self.registry.check_room(tenant_id)
         except Refused as exc:
             return problem(429, exc.message, {**cors, "Retry-After": "5"})
-        return respond(200, sse.body(events), "text/event-stream; charset=utf-8", cors)
+        stream = sse.Stream(self._deps, tenant_id, task_id, after, self.settings.sse_heartbeat_s)
+        self._streams.add(stream)
+        if self._closing:
+            stream.stop()  # still served what it asked for, then ended
+        try:
+            try:
+                await stream.open()
+            except sse.NotFound:
+                return problem(404, "no such task", cors)
+            except sse.Ended:
+                # 204 tells an EventSource to stop reconnecting: the stream is over.
+                return respond(204, b"", "", cors)
+            except DependencyDown:
+                return problem(503, "database unavailable", {**cors, "Retry-After": "1"})
+            except Refused as exc:  # lost a race for the last place since the check
+                return problem(503, exc.message, {**cors, "Retry-After": "5"})
+            assert isinstance(connection, DeadlineConnection)
+            connection.streaming = True
+            try:
+                await stream.serve(connection, cors)
+            except DependencyDown as exc:
+                log.warning("SSE stream cut: dependency down", extra={"error": str(exc)})
+        finally:
+            stream.close()
+            self._streams.discard(stream)
+        # The connection is closed: websockets sends nothing more (it answers only a
+        # connection still in its handshake), and this response goes nowhere.
+        return respond(200, b"", "text/event-stream")
 
     # ------------------------------------------------------------------ connections
 

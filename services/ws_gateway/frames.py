@@ -100,13 +100,6 @@ def error_frame(code: str, message: str, task_id: str | UUID | None = None) -> s
     ).decode()
 
 
-def sse_message(event: ProgressEvent) -> str:
-    """One Server-Sent Events message: ``id`` is the seq, so ``Last-Event-ID`` resumes."""
-    # No "event:" field: EventSource's onmessage then sees every frame, snapshots too
-    # (they say so in their JSON).
-    return f"id: {event.seq}\ndata: {event_frame(event)}\n\n"
-
-
 class FrameCache:
     """Each event's frame encoded once, not once per subscriber. Keyed by what makes an
     event unique (a seq of a task has one content; a snapshot of it is another frame),

@@ -14,10 +14,10 @@ class GatewayMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # An SSE poll holds a place under the same caps as a WebSocket while it waits.
+        # An SSE stream holds a place under the same caps as a WebSocket while it is open.
         self.connections = Gauge(
             "longhaul_gateway_connections",
-            "Open client connections: WebSocket sessions and SSE polls in progress",
+            "Open client connections: WebSocket sessions and SSE streams",
             registry=r,
         )
         self.connections.set_function(connections)

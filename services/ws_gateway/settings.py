@@ -41,8 +41,9 @@ class GatewaySettings(CommonSettings):
     # How often the rows of the watched tasks are compared with what their subscribers
     # got (sweep.py): the longest a client waits for an event that Redis never had.
     subscription_check_s: float = Field(default=5.0, gt=0)
-    # SSE is served as long polling (see sse.py): how long one poll waits for news.
-    sse_poll_s: float = Field(default=8.0, gt=0)
+    # An SSE stream with nothing to send writes a comment this often: proxies close idle
+    # responses, and a write is how a client that vanished is found.
+    sse_heartbeat_s: float = Field(default=15.0, gt=0)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -311,7 +312,7 @@ async def test_a_lost_tail_keeps_the_retained_events_before_its_snapshot(
         if transport == "sse":
             token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
             path = f"/v1/tasks/{task_id}/events?token={token}"
-            status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"})
+            status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"}, until_seq=5)
             assert status == 200, body
             got = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
         else:
@@ -593,7 +594,9 @@ async def test_no_origin_gets_403_on_sse_too_when_missing_origins_are_refused(
         await expect_status(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}", 403)
         path = f"/v1/tasks/{task_id}/events?token={token}"
         assert (await sse_get(gw.port, path, {}))[0] == 403
-        status, body = await sse_get(gw.port, path, {"Origin": "http://localhost:5173"})
+        status, body = await sse_get(
+            gw.port, path, {"Origin": "http://localhost:5173"}, until_seq=1
+        )
     assert status == 200 and "id: 1\n" in body
 
 
@@ -612,7 +615,7 @@ async def test_sse_at_the_process_cap_is_503_and_keeps_the_token(
             status, body = await sse_get(gw.port, path, {})
             assert status == 503 and "connection limit" in body, body
         await eventually(until(lambda: gw.registry.connection_count == 0))
-        status, body = await sse_get(gw.port, path, {})
+        status, body = await sse_get(gw.port, path, {}, until_seq=1)
     assert status == 200 and "id: 1\n" in body
 
 
@@ -630,7 +633,7 @@ async def test_sse_refuses_a_bad_last_event_id_or_task_id_before_spending_the_to
         assert status == 400
         status, _ = await sse_get(gw.port, f"/v1/tasks/not-a-task/events?token={token}", {})
         assert status == 404
-        status, body = await sse_get(gw.port, path, {})
+        status, body = await sse_get(gw.port, path, {}, until_seq=1)
     assert status == 200 and "id: 1\n" in body
 
 
@@ -790,31 +793,48 @@ async def test_a_connection_that_does_not_answer_pings_is_closed(
 # ---------------------------------------------------------------- SSE fallback
 
 
-async def sse_get(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+async def sse_get(
+    port: int, path: str, headers: dict[str, str], until_seq: int | None = None
+) -> tuple[int, str]:
+    """The status and the body: all of it, or of a stream, up to the message of
+    ``until_seq`` (the stream stays open until the task ends). A stream cut short
+    raises: aiohttp checks the chunked framing to its last chunk."""
+    url = f"http://127.0.0.1:{port}{path}"
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+        if resp.status != 200 or until_seq is None:
+            async with asyncio.timeout(timeout(10)):
+                return resp.status, await resp.text()
+        return resp.status, await read_until_seq(resp, until_seq)
+
+
+async def read_until_seq(resp: aiohttp.ClientResponse, seq: int) -> str:
+    body = ""
+    async with asyncio.timeout(timeout(10)):
+        while f"id: {seq}\n" not in body:
+            message = await resp.content.readuntil(b"\n\n")
+            assert message, f"the stream ended before seq {seq}: {body!r}"
+            body += message.decode()
+    return body
+
+
+def sse_ids(body: str) -> list[int]:
+    return [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
 
 
 async def test_sse_ends_with_204_once_the_client_has_the_terminal_event(
     deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
 ) -> None:
-    """An EventSource reconnects after every response; a 204 is what stops it. Before
-    the terminal event the events come as usual, and at once (no poll wait)."""
+    """A stream ends after the terminal event, cleanly (its last chunk); an EventSource
+    reconnects after any end, and a 204 is what stops it."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
     await writer.step(1)
     await writer.step(2, TaskState.SUCCEEDED)
-    async with gateway(deployment, sse_poll_s=5) as gw:
+    async with gateway(deployment) as gw:
         path = f"/v1/tasks/{task_id}/events?token="
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
         status, body = await sse_get(gw.port, path + token, {"Last-Event-ID": "1"})
-        assert status == 200 and "id: 2\n" in body, body
+        assert status == 200 and sse_ids(body) == [2], body
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
         reader, writer_ = await asyncio.open_connection("127.0.0.1", gw.port)
         writer_.write(
@@ -828,34 +848,132 @@ async def test_sse_ends_with_204_once_the_client_has_the_terminal_event(
     assert b"content-length" not in head.lower() and rest == b""
 
 
-async def test_sse_long_poll_resumes_from_last_event_id(
-    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+async def test_sse_streams_live_events_after_last_event_id_until_the_terminal_one(
+    deployment: Deployment,
+    db: asyncpg.Pool,
+    tenant: Tenant,
+    redis: Redis,
+    sink: EventSink,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """GET /v1/tasks/{id}/events returns the events after Last-Event-ID as SSE, and waits
-    for the next one when there is none yet."""
+    """One response: the events after Last-Event-ID, then each new one as it happens,
+    in order, then the end once the terminal event is out. It outlives the handshake
+    timeout (the handshake deadline spares a stream), and the token stays single-use."""
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
     for seq in range(1, 4):
         await writer.step(seq)
-    async with gateway(deployment, sse_poll_s=5) as gw:
+    async with gateway(deployment, handshake_timeout_s=1) as gw:
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        status, body = await sse_get(
-            gw.port, f"/v1/tasks/{task_id}/events?token={token}", {"Last-Event-ID": "1"}
-        )
-        assert status == 200
-        ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
-        assert ids == [2, 3]
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        poll = asyncio.create_task(
-            sse_get(
-                gw.port,
-                f"/v1/tasks/{task_id}/events",
-                {"Last-Event-ID": "3", "Authorization": f"Bearer {token}"},
-            )
-        )
-        await asyncio.sleep(0.3)
-        await writer.step(4)
-        status, body = await poll
-        assert status == 200 and "id: 4\n" in body
+        url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events"
+        headers = {"Last-Event-ID": "1", "Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+            assert sse_ids(await read_until_seq(resp, 3)) == [2, 3]
+            assert gw._deps is not None
+            reads: list[UUID] = []
+            task_row = gw._deps.repository.task_row
+
+            async def counted(task: UUID, tenant_id: UUID) -> Any:
+                reads.append(task)
+                return await task_row(task, tenant_id)
+
+            monkeypatch.setattr(gw._deps.repository, "task_row", counted)
+            await asyncio.sleep(1.5)  # past the handshake timeout
+            await writer.step(4)
+            assert sse_ids(await read_until_seq(resp, 4)) == [4]
+            await writer.step(5, TaskState.SUCCEEDED)
+            async with asyncio.timeout(timeout(10)):
+                rest = (await resp.content.read()).decode()  # to the end of the stream
+        assert sse_ids(rest) == [5] and '"state":"succeeded"' in rest, rest
+        assert reads == []  # live events that follow on go out without a read
         status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={token}", {})
         assert status == 401  # single use
+        await eventually(until(lambda: gw.registry.connection_count == 0))
+
+
+async def test_sse_heartbeats_an_idle_stream_and_lets_go_of_a_client_that_left(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """Nothing to send: a comment every heartbeat period keeps the response alive. A
+    client that closes its connection frees its place at once, not at the next write
+    (here an hour away)."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    for heartbeat_s in (0.2, 3600):
+        async with gateway(deployment, sse_heartbeat_s=heartbeat_s) as gw:
+            token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+            url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+            async with aiohttp.ClientSession() as http, http.get(url) as resp:
+                assert sse_ids(await read_until_seq(resp, 1)) == [1]
+                if heartbeat_s < 1:
+                    async with asyncio.timeout(timeout(10)):
+                        beats = [await resp.content.readuntil(b"\n\n") for _ in range(3)]
+                    assert beats == [b": keepalive\n\n"] * 3
+                assert gw.registry.connection_count == 1
+            await eventually(until(lambda: gw.registry.connection_count == 0))
+
+
+async def test_sse_stream_gets_an_event_whose_publish_was_lost_from_the_sweep(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """An event that reached the stream and the row but never pub/sub: the sweep finds
+    the stream behind the row and wakes it, as it does a WebSocket session."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    async with gateway(deployment, subscription_check_s=0.2) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert sse_ids(await read_until_seq(resp, 1)) == [1]
+            lost = await writer.step(2, emit=False)
+            assert await sink.emit([], backfill=[lost])  # to the stream only
+            body = await read_until_seq(resp, 2)
+    assert sse_ids(body) == [2] and '"snapshot"' not in body, body
+
+
+async def test_stopping_the_gateway_ends_sse_streams_cleanly(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A stream open when the gateway stops ends with its last chunk (the client sees an
+    end, not a cut, and reconnects elsewhere with Last-Event-ID); the stop does not wait
+    for the task to end."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    gw = Gateway(gateway_settings(deployment, sse_heartbeat_s=3600))
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout(20)):
+        async with gw.start():
+            token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+            url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+            resp = await http.get(url)
+            assert sse_ids(await read_until_seq(resp, 1)) == [1]
+        # Out of start(): the gateway has stopped, so the stream had ended by then.
+        async with asyncio.timeout(timeout(5)):
+            assert await resp.content.read() == b""  # raises on a cut stream
+        resp.release()
+
+
+async def test_an_sse_client_that_does_not_read_is_dropped(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A stream whose client reads nothing is closed once what it has not read passes
+    the bound, never buffered without end."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
+        client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
+        await client.drain()
+        await eventually(until(lambda: gw.registry.connection_count == 1))
+        blob = "x" * 60_000
+        seq = 1
+        while gw.registry.connection_count and seq < 2000:
+            seq += 1
+            await writer.step(seq, data={"blob": blob})
+        assert seq < 2000, "the gateway never found the client slow"
+        assert gw.metrics.drops._value.get() >= 1
+        client.close()

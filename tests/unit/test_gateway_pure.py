@@ -28,7 +28,6 @@ from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.repository import Head, TaskRepository
 from services.ws_gateway.session import Behind, Catcher, DependencyDown, Deps
 from services.ws_gateway.settings import LOCAL_ORIGINS
-from services.ws_gateway.sse import Waiter
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import SETTLED_EVERY, Lag, Sweeper
 from shared.schemas import ProgressEvent, TaskState, encode_event
@@ -162,7 +161,7 @@ def test_event_frame_has_the_contract_fields() -> None:
     }
     snap = json.loads(frames.event_frame(event.model_copy(update={"snapshot": True})))
     assert snap["snapshot"] is True
-    assert frames.sse_message(event).startswith("id: 3\ndata: {")
+    assert sse.message(event, frames.event_frame(event)).startswith("id: 3\ndata: {")
 
 
 # ---------------------------------------------------------------- origins
@@ -528,26 +527,65 @@ async def test_a_closed_database_connection_is_a_dependency_down_not_a_crash() -
         await Catcher(deps, A).row(T1)
 
 
-def test_an_sse_poll_wakes_for_new_events_and_resyncs_only() -> None:
+def _stream(after_seq: int) -> sse.Stream:
+    deps = cast(Deps, None)  # offer() and behind() touch no dependency
+    return sse.Stream(deps, A, T1, after_seq, heartbeat_s=15)
+
+
+def test_an_sse_stream_wakes_for_news_only() -> None:
     def event(seq: int, state: TaskState) -> ProgressEvent:
         return ProgressEvent(
             task_id=T1, seq=seq, state=state, progress=1.0, ts=datetime(2026, 1, 2, tzinfo=UTC)
         )
 
-    waiter = Waiter(after_seq=3)
-    waiter.offer(event(3, TaskState.SUCCEEDED))  # published again by a redelivery
-    assert not waiter.woken.is_set()
-    waiter.offer(event(4, TaskState.QUEUED))  # a retry
-    assert waiter.woken.is_set()
-    resynced = Waiter(after_seq=3)
-    resynced.offer(Resync())
-    assert resynced.woken.is_set()
+    stream = _stream(after_seq=3)
+    stream.offer(event(3, TaskState.SUCCEEDED))  # published again by a redelivery
+    assert not stream.woken.is_set()
+    stream.offer(event(4, TaskState.QUEUED))  # a retry
+    assert stream.woken.is_set()
+    for news in (Resync(), Behind(((T1, 4),))):
+        stream = _stream(after_seq=3)
+        stream.offer(news)
+        assert stream.woken.is_set()
+    stream = _stream(after_seq=3)
+    stream.stop()
+    assert stream.woken.is_set()
 
 
-def test_an_sse_poll_waits_only_as_long_as_the_handshake_timeout_leaves_room() -> None:
-    assert sse.poll_wait(8, 10, 0.2) == 8
-    assert sse.poll_wait(8, 10, 2) == 5  # two reads may each wait the grace
-    assert sse.poll_wait(8, 3, 2) == 0
+def test_live_events_that_follow_on_from_the_cursor_go_out_as_they_are() -> None:
+    def ev(seq: int) -> ProgressEvent:
+        return ProgressEvent(
+            task_id=T1, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=datetime.now(UTC)
+        )
+
+    def seqs(run: list[ProgressEvent] | None) -> list[int] | None:
+        return None if run is None else [e.seq for e in run]
+
+    assert seqs(sse.live_run([ev(4), ev(5)], 3)) == [4, 5]
+    assert seqs(sse.live_run([ev(5), ev(4), ev(4), ev(2)], 3)) == [4, 5]  # order, dupes, old
+    assert sse.live_run([ev(5)], 3) is None  # a hole: the reads fill it
+    assert sse.live_run([ev(4), ev(6)], 3) is None
+    assert sse.live_run([], 3) is None  # woken with nothing live: read
+
+
+def test_an_sse_stream_is_behind_the_row_of_its_own_task_only() -> None:
+    stream = _stream(after_seq=3)
+    assert stream.behind(T1, 4)
+    assert not stream.behind(T1, 3)
+    assert not stream.behind(T2, 9)
+
+
+def test_an_sse_response_is_chunked_and_says_so() -> None:
+    head = sse.head({"Access-Control-Allow-Origin": "http://localhost:5173"})
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert "Transfer-Encoding: chunked" in lines
+    assert "Content-Type: text/event-stream; charset=utf-8" in lines
+    assert "Access-Control-Allow-Origin: http://localhost:5173" in lines
+    assert not any(line.lower().startswith("content-length") for line in lines)
+    assert sse.chunk(b"id: 1\n\n") == b"7\r\nid: 1\n\n\r\n"
+    assert sse.chunk(b"x" * 300).startswith(b"12c\r\n")
+    assert sse.LAST_CHUNK == b"0\r\n\r\n"
 
 
 @pytest.mark.parametrize(

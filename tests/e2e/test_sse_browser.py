@@ -1,0 +1,76 @@
+"""The SSE fallback as browsers use it: a standard EventSource in a real headless
+Chromium, on the API's page, following a task run by a real worker through a real
+gateway. One connection from the first event to the terminal one: an EventSource that
+had to reconnect would come back with its spent token, get 401 and stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser
+
+from tests.conftest import Tenant
+from tests.e2e.test_browser import browser  # noqa: F401 - the fixture
+from tests.support import System, timeout
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+# Resolves with what the EventSource saw once a terminal event arrives, or with what it
+# had when the connection was given up (readyState CLOSED) or the time ran out.
+FOLLOW = """
+([url, ms]) => new Promise((resolve) => {
+  const got = [];
+  let opens = 0;
+  const source = new EventSource(url);
+  const end = (why) => { source.close(); resolve({ got, opens, why }); };
+  source.onopen = () => { opens += 1; };
+  source.onmessage = (m) => {
+    const frame = JSON.parse(m.data);
+    got.push({ id: m.lastEventId, seq: frame.seq, state: frame.state,
+               progress: frame.progress, snapshot: frame.snapshot === true });
+    if (["succeeded", "failed", "cancelled"].includes(frame.state)) end("terminal");
+  };
+  source.onerror = () => { if (source.readyState === EventSource.CLOSED) end("closed"); };
+  setTimeout(() => end("timeout"), ms);
+})
+"""
+
+
+async def test_an_event_source_follows_a_task_live_to_its_end(
+    system: System,
+    tenant: Tenant,
+    http: aiohttp.ClientSession,
+    browser: Browser,  # noqa: F811
+) -> None:
+    await system.start_api()
+    await system.start_worker()
+    await system.start_gateway()
+    async with http.post(
+        f"{system.api_url}/v1/tasks",
+        json={"type": "demo.sleep", "args": {"seconds": 2, "steps": 8}},
+        headers=tenant.headers,
+    ) as r:
+        assert r.status == 202, await r.text()
+        task_id = (await r.json())["id"]
+    async with http.post(f"{system.api_url}/v1/ws-tokens", headers=tenant.headers) as r:
+        assert r.status == 201
+        token = (await r.json())["token"]
+
+    page = await browser.new_page()
+    try:
+        await page.goto(f"{system.api_url}/healthz")  # a page of the API's own origin
+        url = f"http://127.0.0.1:{system.gateway_port}/v1/tasks/{task_id}/events?token={token}"
+        seen: dict[str, Any] = await page.evaluate(FOLLOW, [url, timeout(60) * 1000])
+    finally:
+        await page.close()
+
+    got = seen["got"]
+    assert seen["why"] == "terminal" and seen["opens"] == 1, seen
+    assert [e["seq"] for e in got] == list(range(1, len(got) + 1)), got
+    assert [e["id"] for e in got] == [str(e["seq"]) for e in got]
+    assert not any(e["snapshot"] for e in got), got
+    assert got[-1]["state"] == "succeeded" and got[-1]["progress"] == 1.0
+    running = [e["progress"] for e in got if e["state"] == "running"]
+    assert len(running) >= 8 and running == sorted(running), got
