@@ -106,11 +106,39 @@ def trace_id(traceparent: str | None) -> str | None:
     return trace
 
 
-def request_hash(task: TaskRequest) -> bytes:
-    """Fingerprint of a request's meaning (defaults filled, keys sorted)."""
+# An Idempotency-Key's fingerprint starts with the version of its computation. Those
+# stored before had none: a bare sha256 (32 bytes) of the request as sent.
+_FINGERPRINT_V1 = b"\x01"
+_LEGACY_FINGERPRINT_LEN = hashlib.sha256().digest_size
+
+
+def _sha256(task: TaskRequest) -> bytes:
     return hashlib.sha256(
         orjson.dumps(task.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
     ).digest()
+
+
+def request_hash(typed: TaskRequest) -> bytes:
+    """Fingerprint of a request's meaning as its task will run, keys sorted. ``typed``
+    is the request with its type's defaults where it set none (``_check_types``), the
+    very object inserted: hashed as sent, ``{"type": T}`` and ``{"type": T,
+    "max_attempts": 5}`` matched though T's own default gave the first 3 attempts. (So
+    a type whose defaults change between two requests makes them two requests.)"""
+    return _FINGERPRINT_V1 + _sha256(typed)
+
+
+def legacy_request_hash(sent: TaskRequest) -> bytes:
+    """The fingerprint stored before ``request_hash``'s: the request as sent (the
+    contract's defaults filled, not its type's), no version byte."""
+    return _sha256(sent)
+
+
+def same_request(stored: bytes, sent: TaskRequest, typed: TaskRequest) -> bool:
+    """Whether a request repeats the one whose fingerprint is ``stored``, computed as
+    ``stored`` was: a client retrying across the upgrade still gets its replay."""
+    if len(stored) == _LEGACY_FINGERPRINT_LEN:
+        return stored == legacy_request_hash(sent)
+    return stored == request_hash(typed)
 
 
 def path_id(request: web.Request, what: str = "task") -> UUID:

@@ -148,11 +148,12 @@ async def submit(request: web.Request) -> web.Response:
     key = rq.idempotency_key(request)
     task = rq.validate(TaskRequest, await rq.read_json(request))
     [typed] = await _check_types(svc, [task], [["body"]])
-    fingerprint = rq.request_hash(task) if key else None  # of what the client sent
+    # Of what will run (the type's defaults in), not of what the client sent.
+    fingerprint = rq.request_hash(typed) if key else None
     if key is not None:
         earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
         if earlier is not None:
-            return _replay(svc, earlier, fingerprint)
+            return _replay(svc, earlier, task, typed)
     new = NewTask(id=uuid7(), request=typed, trace_id=_trace_id(request))
     with _admit(svc):
         rows = await svc.repo.insert(principal.tenant_id, [new], key, fingerprint)
@@ -161,15 +162,15 @@ async def submit(request: web.Request) -> web.Response:
         earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
         if earlier is None:
             raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
-        return _replay(svc, earlier, fingerprint)
+        return _replay(svc, earlier, task, typed)
     _submitted(svc, rows)
     view = task_document(rows[0], svc.settings.public_ws_url)
     log.debug("task accepted", extra={"task_id": view["id"], "type": view["type"]})
     return _document(view, 202, {"Location": view["links"]["self"]})
 
 
-def _replay(svc: Services, earlier: Row, fingerprint: bytes | None) -> web.Response:
-    if bytes(earlier["request_hash"] or b"") != fingerprint:
+def _replay(svc: Services, earlier: Row, sent: TaskRequest, typed: TaskRequest) -> web.Response:
+    if not rq.same_request(bytes(earlier["request_hash"] or b""), sent, typed):
         raise ProblemException(
             422,
             "Idempotency-Key reused",

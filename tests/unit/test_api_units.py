@@ -5,6 +5,7 @@ single lookup per key and the task types' single read (with fake repositories)."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -292,6 +293,41 @@ def test_request_hash_ignores_key_order_and_spelled_defaults() -> None:
     c = TaskRequest.model_validate({"type": "t", "args": {"x": 1, "y": 3}})
     assert rq.request_hash(a) == rq.request_hash(b)
     assert rq.request_hash(a) != rq.request_hash(c)
+
+
+def _sent_and_typed(body: dict[str, Any]) -> tuple[TaskRequest, TaskRequest]:
+    """A request as sent, and as it will run for a type whose own max_attempts is 3."""
+    info = TaskTypeInfo("x.t", {"type": "object"}, Draft202012Validator({}), max_attempts=3)
+    sent = TaskRequest.model_validate(body)
+    return sent, info.defaults_for(sent)
+
+
+def test_the_fingerprint_is_of_the_request_with_its_types_defaults() -> None:
+    """With T's own default of 3 attempts, {"type": T} is the request that sets 3, and
+    not the one that sets the contract's 5 (which matched it, hashed as sent)."""
+    bare, bare_typed = _sent_and_typed({"type": "x.t"})
+    three, three_typed = _sent_and_typed({"type": "x.t", "max_attempts": 3})
+    five, five_typed = _sent_and_typed({"type": "x.t", "max_attempts": 5})
+    stored = rq.request_hash(bare_typed)
+    assert len(stored) == 33 and stored[:1] == b"\x01"  # a version byte, then sha256
+    assert rq.same_request(stored, bare, bare_typed)
+    assert rq.same_request(stored, three, three_typed)
+    assert not rq.same_request(stored, five, five_typed)
+    assert not rq.same_request(rq.request_hash(five_typed), bare, bare_typed)
+
+
+def test_a_fingerprint_stored_before_the_version_byte_compares_as_it_was_made() -> None:
+    """A row written before the upgrade holds a bare sha256 of the request as sent: the
+    client retrying that request still matches it, and another body does not."""
+    bare, bare_typed = _sent_and_typed({"type": "x.t"})
+    old = hashlib.sha256(
+        orjson.dumps(bare.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    ).digest()
+    assert rq.legacy_request_hash(bare) == old
+    assert rq.same_request(old, bare, bare_typed)
+    other, other_typed = _sent_and_typed({"type": "x.t", "priority": 1})
+    assert not rq.same_request(old, other, other_typed)
+    assert not rq.same_request(b"", bare, bare_typed)  # a row with no fingerprint
 
 
 # ---------------------------------------------------------------- problems
