@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
-from tests.conftest import Deployment, Tenant, create_tenant
+from shared.schemas import TaskRequest
+from tests.conftest import Deployment, Isolated, Tenant, create_tenant
 from tests.support import System, eventually, outbox_emptied
 
 JSON = {"Content-Type": "application/json"}
@@ -314,6 +318,46 @@ async def test_concurrent_identical_idempotent_requests_create_one_task(
         )
         == 1
     )
+
+
+async def test_an_idempotency_key_compares_requests_as_their_tasks_will_run(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """For a type with its own max_attempts (3), {"type": T} repeats as the request
+    setting 3 (200) and not as the one setting the contract's 5 (422; its hash as sent
+    matched). A fingerprint stored before the upgrade (a bare sha256 of the request as
+    sent) still replays. Its own database: the type and tasks reach no other test."""
+    db, tenant = isolated.db, isolated.tenant
+    await db.execute(
+        "INSERT INTO task_types (name, args_schema, max_attempts, seen_at)"
+        " VALUES ('idem.three', '{}', 3, now())"
+    )
+    system = System(isolated.deployment.env())
+    try:
+        await system.start_api()
+        url = f"{system.api_url}/v1/tasks"
+        key = {"Idempotency-Key": "typed-1"}
+        s1, t1, _ = await _post(http, url, tenant, {"type": "idem.three"}, key)
+        assert (s1, t1["max_attempts"]) == (202, 3), t1
+        s2, t2, h2 = await _post(http, url, tenant, {"type": "idem.three", "max_attempts": 3}, key)
+        assert s2 == 200 and t2["id"] == t1["id"] and h2["Idempotent-Replayed"] == "true"
+        s3, p3, _ = await _post(http, url, tenant, {"type": "idem.three", "max_attempts": 5}, key)
+        assert s3 == 422, p3
+        assert p3["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+
+        # A row as the API before the upgrade stored it, then the client's retry.
+        old_key = {"Idempotency-Key": "stored-before-upgrade"}
+        s4, t4, _ = await _post(http, url, tenant, {"type": "idem.three"}, old_key)
+        assert s4 == 202, t4
+        sent = TaskRequest.model_validate({"type": "idem.three"}).model_dump(mode="json")
+        old = hashlib.sha256(orjson.dumps(sent, option=orjson.OPT_SORT_KEYS)).digest()
+        await db.execute("UPDATE tasks SET request_hash = $1 WHERE id = $2", old, UUID(t4["id"]))
+        s5, t5, h5 = await _post(http, url, tenant, {"type": "idem.three"}, old_key)
+        assert s5 == 200 and t5["id"] == t4["id"] and h5["Idempotent-Replayed"] == "true"
+        s6, _, _ = await _post(http, url, tenant, {"type": "idem.three", "priority": 1}, old_key)
+        assert s6 == 422
+    finally:
+        system.stop()
 
 
 async def test_tenants_see_only_their_own_tasks(
