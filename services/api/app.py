@@ -26,7 +26,7 @@ from services.api.backpressure import QueueMonitor
 from services.api.context import SERVICES, Services
 from services.api.problems import Handler, ProblemException, problem_middleware
 from services.api.ratelimit import RateLimiter
-from services.api.repository import ApiRepository
+from services.api.repository import ApiRepository, OutcomeUnknown
 from services.api.routes import routes
 from services.api.settings import ApiSettings
 from services.api.tasktypes import TaskTypes
@@ -76,6 +76,17 @@ async def dependency_middleware(request: web.Request, handler: Handler) -> web.S
             # Every validation failure lists its errors (the contract); PostgreSQL does
             # not say which field, so the body.
             errors=[ProblemError(loc=["body"], msg=detail)],
+        ) from None
+    except OutcomeUnknown:
+        # Not "not accepted": the tasks may be stored, and will then run.
+        raise ProblemException(
+            503,
+            "Service Unavailable",
+            "the database connection was lost while storing the task, and whether it was"
+            " stored could not be checked: it may run. A request with an Idempotency-Key is"
+            " safe to retry with the same key; one without may run twice if retried",
+            slug="database-unavailable",
+            headers={"Retry-After": "5"},
         ) from None
     except TRANSIENT_ERRORS:
         raise ProblemException(

@@ -3,8 +3,11 @@ there is no moment where a task is accepted but has nothing to publish it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -12,11 +15,13 @@ from uuid import UUID
 import asyncpg
 
 from shared import deadletters, outbox
-from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
+from shared.db import ANY_PG_ERROR, NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.groupcommit import GroupCommit
 from shared.relay import Handed
 from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import Row
+
+log = logging.getLogger(__name__)
 
 TASK_COLUMNS = (
     "id, tenant_id, type, args, state, progress, message, result, error, attempts, "
@@ -60,6 +65,48 @@ WITH u AS (
 )
 SELECT t.*, o.id AS outbox_id FROM t JOIN o ON o.task_id = t.id
 """
+
+
+# An insert whose reply was lost: end its backend, so that it cannot commit later
+# (asyncpg's own timeout leaves it running), if it is still there. A backend of the API's
+# own role may be ended by that role (no superuser needed). The database and role are
+# matched too, lest a pid reused meanwhile be someone else's.
+_END_BACKEND = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE pid = $1 AND datname = current_database() AND usename = current_user
+"""
+_BACKEND_ALIVE = "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND datname = current_database()"
+
+
+class OutcomeUnknown(Exception):
+    """The connection broke while tasks were being inserted, and whether they were
+    stored could not be found out (PostgreSQL away): they may run, or not."""
+
+
+# Errors PostgreSQL reports itself, the statement over and its transaction rolled back
+# (slow, or refused before it started): the insert surely did not commit.
+_SURELY_NOT_COMMITTED = (
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def reply_lost(exc: BaseException) -> bool:
+    """Whether an insert that raised ``exc`` may have committed: the connection broke
+    or our own timeout fired after the statement may have reached the server. A
+    statement error (a constraint, bad data, statement_timeout) is the server's answer:
+    nothing was committed. Pure."""
+    return isinstance(exc, TRANSIENT_ERRORS) and not isinstance(exc, _SURELY_NOT_COMMITTED)
+
+
+def committed(ids: Sequence[UUID], found: Collection[UUID]) -> bool:
+    """Whether an insert of tasks ``ids`` committed, from the ids found stored after its
+    backend ended. One statement: all or none; anything else is a bug. Pure."""
+    present = [i for i in ids if i in found]
+    if present and len(present) != len(ids):
+        raise RuntimeError(f"an insert committed {len(present)} of its {len(ids)} tasks")
+    return bool(present)
 
 
 @dataclass(frozen=True)
@@ -161,7 +208,6 @@ class ApiRepository:
         idempotency_key: str | None = None,
         request_hash: bytes | None = None,
     ) -> list[Row]:
-        reqs = [t.request for t in tasks]
         bodies = [
             encode_task_message(
                 TaskMessage(
@@ -175,10 +221,57 @@ class ApiRepository:
             for tenant_id, t in zip(tenant_ids, tasks, strict=True)
         ]
         async with self._pool.acquire(timeout=self._timeout) as conn:
+            pid = conn.get_server_pid()
             # Just before the statement, whose now() the claims start from: a claim
             # lapses no earlier than this.
             claimed_until = time.monotonic() + (self._claim_s or 0.0)
-            rows = await conn.fetch(
+            lost: Exception | None = None
+            try:
+                rows = await self._execute(
+                    conn, tenant_ids, tasks, bodies, idempotency_key, request_hash
+                )
+            except Exception as exc:
+                if not reply_lost(exc):
+                    raise
+                # Not back to the pool, which may have let go of it already (closed).
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
+                lost = exc
+            else:
+                if rows and self._hand_over is None:
+                    await self._notify(conn)
+        if lost is not None:
+            # Not handed over (nor announced): their outbox rows are claimed for
+            # claim_s, after which any relay's poll publishes them (shared/relay.py,
+            # _CLAIM: claimed_until <= now()); without a relay here they are not
+            # claimed and the next poll does.
+            return await self._after_lost_reply(pid, [t.id for t in tasks], lost)
+        if rows and self._hand_over is not None:
+            # Their queued event (seq 1) is not written to Redis: nobody can watch them
+            # yet, and the gateway sends it from the row until the worker's claim
+            # backfills it into the stream. Nothing stands between commit and publish.
+            body_of = {t.id: body for t, body in zip(tasks, bodies, strict=True)}
+            self._hand_over(
+                [
+                    Handed(r["outbox_id"], r["id"], body_of[r["id"]], claimed_until, r["priority"])
+                    for r in rows
+                    if r["next_attempt_at"] is None
+                ]
+            )
+        return rows
+
+    async def _execute(
+        self,
+        conn: outbox.Connection,
+        tenant_ids: Sequence[UUID],
+        tasks: Sequence[NewTask],
+        bodies: Sequence[bytes],
+        idempotency_key: str | None,
+        request_hash: bytes | None,
+    ) -> list[Row]:
+        reqs = [t.request for t in tasks]
+        return list(
+            await conn.fetch(
                 _INSERT,
                 list(tenant_ids),
                 [t.id for t in tasks],
@@ -192,25 +285,49 @@ class ApiRepository:
                 request_hash,
                 [t.trace_id for t in tasks],
                 [r.backoff.model_dump() if r.backoff else None for r in reqs],
-                bodies,
+                list(bodies),
                 self._claim_s,
                 self._owner() if self._owner is not None else None,
             )
-            if rows and self._hand_over is None:
-                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-        if rows and self._hand_over is not None:
-            # Their queued event (seq 1) is not written to Redis: nobody can watch them
-            # yet, and the gateway sends it from the row until the worker's claim
-            # backfills it into the stream. Nothing stands between commit and publish.
-            body_of = {t.id: body for t, body in zip(tasks, bodies, strict=True)}
-            self._hand_over(
-                [
-                    Handed(r["outbox_id"], r["id"], body_of[r["id"]], claimed_until, r["priority"])
-                    for r in rows
-                    if r["next_attempt_at"] is None
-                ]
-            )
-        return list(rows)
+        )
+
+    async def _notify(self, conn: outbox.Connection) -> None:
+        """Wake the other processes' relays. The tasks are committed: a failure here
+        costs a wake-up (the relays poll anyway), not the request."""
+        try:
+            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        except ANY_PG_ERROR as exc:
+            log.warning("relays not notified of new tasks", extra={"error": str(exc)[:300]})
+
+    async def _after_lost_reply(self, pid: int, ids: list[UUID], lost: Exception) -> list[Row]:
+        """The insert of tasks ``ids`` on backend ``pid`` lost its reply: its rows if it
+        committed, else ``lost`` raised again (it surely did not), or OutcomeUnknown.
+
+        The backend is ended first and waited for: one that is gone has committed or
+        rolled back, and the tasks' rows then say which. For a group commit this is
+        one check for every request of the group."""
+        log.warning("the reply to a task insert was lost; checking", extra={"error": repr(lost)})
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                await conn.execute(_END_BACKEND, pid)
+                deadline = time.monotonic() + self._timeout
+                pause = 0.005
+                while await conn.fetchval(_BACKEND_ALIVE, pid) is not None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"backend {pid} still there after {self._timeout}s")
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.1)
+                rows: list[Row] = list(
+                    await conn.fetch(
+                        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])", ids
+                    )
+                )
+        except ANY_PG_ERROR as exc:
+            raise OutcomeUnknown(f"{lost!r}, then checking: {exc!r}") from lost
+        if not committed(ids, {r["id"] for r in rows}):
+            raise lost
+        log.warning("a task insert whose reply was lost had committed", extra={"count": len(ids)})
+        return rows
 
     async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:
         return await self._fetchrow(

@@ -28,7 +28,7 @@ from services.api.auth import Authenticator
 from services.api.backpressure import AdmissionLedger, DrainEstimator
 from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
-from services.api.repository import Principal
+from services.api.repository import OutcomeUnknown, Principal, committed, reply_lost
 from services.api.routes import _trace_id, routes
 from services.api.tasktypes import TaskTypeInfo, TaskTypes
 from services.api.views import task_document
@@ -766,3 +766,54 @@ def test_every_route_declares_the_503_a_database_outage_gives() -> None:
         for method, op in methods.items():
             answer = op["responses"].get("503")
             assert answer is not None and "Retry-After" in answer["headers"], (path, method)
+
+
+# ---------------------------------------------------------------- lost insert replies
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionResetError("reset by peer"),
+        TimeoutError(),
+        asyncpg.ConnectionDoesNotExistError("closed in the middle of operation"),
+        asyncpg.InterfaceError("connection is closed"),
+        asyncpg.AdminShutdownError("terminating connection"),
+    ],
+)
+def test_a_broken_connection_leaves_an_insert_unknown(exc: BaseException) -> None:
+    assert reply_lost(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.UniqueViolationError("duplicate key"),
+        asyncpg.DataError("value out of range"),
+        asyncpg.QueryCanceledError("statement timeout"),
+        asyncpg.LockNotAvailableError("lock"),
+        ValueError("a bug"),
+    ],
+)
+def test_an_error_the_server_answered_means_not_committed(exc: BaseException) -> None:
+    assert not reply_lost(exc)
+
+
+def test_a_lost_insert_committed_when_all_its_tasks_are_stored() -> None:
+    a, b = uuid7(), uuid7()
+    assert committed([a, b], {a, b, uuid7()})
+    assert not committed([a, b], set())
+    with pytest.raises(RuntimeError):
+        committed([a, b], {b})
+
+
+async def test_an_unknown_insert_outcome_is_a_503_that_says_so() -> None:
+    async def unknown(request: web.Request) -> web.StreamResponse:
+        raise OutcomeUnknown("lost, then PostgreSQL away")
+
+    with pytest.raises(ProblemException) as info:
+        await dependency_middleware(make_mocked_request("POST", "/v1/tasks"), unknown)
+    problem = info.value.problem
+    assert problem.status == 503 and info.value.headers.get("Retry-After") == "5"
+    assert "could not be checked" in (problem.detail or "")
+    assert "Idempotency-Key" in (problem.detail or "")
