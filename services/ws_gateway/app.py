@@ -172,9 +172,12 @@ class Gateway:
             async with asyncio.timeout(self.settings.close_timeout_s + 1):
                 await server.wait_closed()
         except TimeoutError:
-            # A client that does not read never lets a close frame drain: drop it.
+            # A client that does not read never lets a close frame drain: drop it. SSE
+            # streams are not among the server's connections (still in their handshake).
             for connection in list(server.connections):
                 connection.transport.abort()
+            for stream in self._streams:
+                stream.abort()
             await server.wait_closed()
         log.info("gateway closed")
 
@@ -264,6 +267,11 @@ class Gateway:
         origin: str | None,
     ) -> Response:
         assert self._deps is not None
+        # Plain HTTP from here on, never a WebSocket: websockets stops reading the client
+        # (an EOF or stray bytes would end its output), and the handshake deadline is
+        # over (the request is in; what follows is bounded by our own I/O timeouts).
+        assert isinstance(connection, DeadlineConnection)
+        connection.plain_http = True
         if not origin_allowed(
             origin, self.origins, allow_missing=self.settings.allow_missing_origin
         ):
@@ -312,8 +320,6 @@ class Gateway:
                 return problem(503, "database unavailable", {**cors, "Retry-After": "1"})
             except Refused as exc:  # lost a race for the last place since the check
                 return problem(503, exc.message, {**cors, "Retry-After": "5"})
-            assert isinstance(connection, DeadlineConnection)
-            connection.streaming = True
             try:
                 await stream.serve(connection, cors)
             except DependencyDown as exc:

@@ -5,8 +5,14 @@ websockets applies ``open_timeout`` to the whole opening handshake, ``process_re
 included, and an SSE stream is served from inside ``process_request`` for as long as
 its task runs (sse.py). So the server runs without ``open_timeout``, and each
 connection aborts itself when its request has not been answered in time: a client that
-sends its request slowly, or never, is dropped as before. A stream that has begun is
-exempt (``streaming``)."""
+sends its request slowly, or never, is dropped as before. A request for plain HTTP
+(the SSE stream, ``plain_http``) is exempt once it is in: what it waits for then is
+bounded by the gateway's own I/O timeouts, and the stream by nothing.
+
+Such a connection also stops feeding what its client sends to websockets, which would
+read it as WebSocket frames after the request and answer (a pong, an error, the end of
+its output) in the middle of the response. An HTTP client has nothing more to say on
+it; reading goes on, so that a client that leaves is still seen at once."""
 
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ class DeadlineConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.streaming = False
+        self.plain_http = False
         self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -36,9 +42,19 @@ class DeadlineConnection(ServerConnection):
             self._deadline = None
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if not self.plain_http:
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        # Returning None closes the transport: for a stream, the client is done and the
+        # stream ends; websockets' own handling returns None too.
+        if not self.plain_http:
+            super().eof_received()
+
     def _overdue(self) -> None:
         self._deadline = None
-        if self.protocol.state is State.CONNECTING and not self.streaming:
+        if self.protocol.state is State.CONNECTING and not self.plain_http:
             self.transport.abort()
 
 

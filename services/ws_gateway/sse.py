@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 RETRY_MS = 1000
 # The end of a chunked body: the client can tell a finished stream from a cut one.
 LAST_CHUNK = b"0\r\n\r\n"
-# Bytes the client has not read (the kernel's buffers full) before it counts as slow.
-# A task's events are few and small: a client this far behind is not reading at all.
-_UNREAD_BYTES = 256 * 1024
+# A catch-up goes out in pieces of about this size, each once the client has taken the
+# one before (the connection's write limit): a long one is never buffered whole.
+_PIECE_CHARS = 64 * 1024
 
 
 class NotFound(Exception):
@@ -116,6 +116,7 @@ class Stream:
         # without reading the row and the stream for each.
         self._live: list[ProgressEvent] = []
         self._read_needed = False
+        self._connection: ServerConnection | None = None
 
     __hash__ = object.__hash__
 
@@ -127,7 +128,12 @@ class Stream:
             # attempt) is no news.
             if item.seq <= self.delivered:
                 return
-            self._live.append(item)
+            if len(self._live) >= self._deps.queue_size:
+                # Piling up while the client is slow to read: the reads will catch up.
+                self._live.clear()
+                self._read_needed = True
+            else:
+                self._live.append(item)
         else:
             self._read_needed = True  # a resync or the sweep: Redis may have lost some
         self.woken.set()
@@ -140,6 +146,11 @@ class Stream:
         """The gateway is stopping: end the response cleanly (the client reconnects)."""
         self._stopping = True
         self.woken.set()
+
+    def abort(self) -> None:
+        """The gateway's stop is overdue: drop the connection."""
+        if self._connection is not None:
+            self._connection.transport.abort()
 
     # ---- the request
 
@@ -163,12 +174,13 @@ class Stream:
 
     async def serve(self, connection: ServerConnection, extra: Mapping[str, str]) -> None:
         """Write the response until it ends, then close the connection."""
+        self._connection = connection
         transport = connection.transport
         closed = asyncio.create_task(connection.wait_closed(), name="sse-closed")
         closed.add_done_callback(lambda _: self.woken.set())
         try:
             transport.write(head(extra) + chunk(opening()))
-            if await self._pump(transport, closed):
+            if await self._pump(connection, closed):
                 transport.write(LAST_CHUNK)
                 transport.close()  # once what is buffered has gone
                 try:
@@ -182,12 +194,12 @@ class Stream:
             transport.abort()
             await closed
 
-    async def _pump(self, transport: asyncio.WriteTransport, closed: asyncio.Task[None]) -> bool:
+    async def _pump(self, connection: ServerConnection, closed: asyncio.Task[None]) -> bool:
         """Send what is new until there is nothing more to wait for. True when the stream
         ends as it should (the terminal event sent, the task gone, the gateway stopping);
         False when the client left or fell behind."""
         row = self._row
-        while True:
+        while not closed.done():
             # Cleared before the reads: a wake-up after this point is not lost, and one
             # before it is covered by them (the worker writes the event, then publishes).
             self.woken.clear()
@@ -205,11 +217,14 @@ class Stream:
                     return True  # the task is gone (its tenant deleted): nothing will come
                 caught = await self._catcher.events(self._task_id, self.delivered, row, Tail.WAIT)
                 events, source = caught.events, "replay"
-            if events and not self._write(transport, events, source):
-                return False
-            if events and TaskState(events[-1].state).terminal:
-                return True
-            if row is not None and _ended(row, self.delivered):
+            if events:
+                if not await self._write(connection, events, source):
+                    return False
+                # The last event sent, not the row read before the stream: a retry may
+                # have followed the terminal state the row showed.
+                if TaskState(events[-1].state).terminal:
+                    return True
+            elif row is not None and _ended(row, self.delivered):
                 return True
             row = None
             while not self.woken.is_set() and not self._stopping:
@@ -218,25 +233,46 @@ class Stream:
                         await self.woken.wait()
                 except TimeoutError:
                     # Keeps proxies from closing an idle response; finds a client gone.
-                    transport.write(chunk(HEARTBEAT))
-            if closed.done() or transport.is_closing():
-                return False
+                    if not await self._send(connection, HEARTBEAT):
+                        return False
             if self._stopping:
-                return True
+                return not closed.done()
+        return False
 
-    def _write(
-        self, transport: asyncio.WriteTransport, events: list[ProgressEvent], source: str
+    async def _write(
+        self, connection: ServerConnection, events: list[ProgressEvent], source: str
     ) -> bool:
-        if transport.get_write_buffer_size() >= _UNREAD_BYTES:
+        cache = self._deps.frame_cache
+        piece: list[str] = []
+        size = 0
+        for i, event in enumerate(events):
+            text = message(event, cache.frame(event))
+            piece.append(text)
+            size += len(text)
+            if size >= _PIECE_CHARS or i == len(events) - 1:
+                if not await self._send(connection, "".join(piece).encode()):
+                    return False
+                self.delivered = event.seq
+                piece, size = [], 0
+        for event in events:
+            self._deps.metrics.relayed["snapshot" if event.snapshot else source].inc()
+        return True
+
+    async def _send(self, connection: ServerConnection, data: bytes) -> bool:
+        """Write a chunk once the client has taken what was before it (the connection's
+        write limit); False for a client that left or does not read (slow)."""
+        try:
+            async with asyncio.timeout(self._deps.close_timeout_s):
+                await connection.drain()
+        except TimeoutError:
             self._deps.metrics.drops.inc()
             log.info("closing a slow SSE stream", extra={"task_id": str(self._task_id)})
             return False
-        cache = self._deps.frame_cache
-        text = "".join(message(e, cache.frame(e)) for e in events)
-        transport.write(chunk(text.encode()))
-        self.delivered = events[-1].seq
-        for event in events:
-            self._deps.metrics.relayed["snapshot" if event.snapshot else source].inc()
+        except OSError:
+            return False  # the client left meanwhile
+        if connection.transport.is_closing():
+            return False
+        connection.transport.write(chunk(data))
         return True
 
 

@@ -963,7 +963,7 @@ async def test_an_sse_client_that_does_not_read_is_dropped(
     task_id = await insert_task(db, tenant)
     writer = Writer(db, sink, task_id)
     await writer.step(1)
-    async with gateway(deployment) as gw:
+    async with gateway(deployment, close_timeout_s=1) as gw:
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
         _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
         client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
@@ -977,3 +977,88 @@ async def test_an_sse_client_that_does_not_read_is_dropped(
         assert seq < 2000, "the gateway never found the client slow"
         assert gw.metrics.drops._value.get() >= 1
         client.close()
+
+
+async def test_a_long_sse_catch_up_goes_out_as_the_client_takes_it(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """Six MB of retained events for a client that reads nothing: they go out in pieces
+    as the socket takes them, never buffered whole in the gateway, and the client is
+    dropped as slow."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in range(1, 101):
+        await writer.step(seq, data={"blob": "x" * 60_000})
+    async with gateway(deployment, close_timeout_s=1) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
+        client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
+        await client.drain()
+        await eventually(until(lambda: gw.registry.connection_count == 1))
+        buffered = [0]
+
+        async def gone() -> bool:
+            for stream in gw._streams:
+                if stream._connection is not None:
+                    size = stream._connection.transport.get_write_buffer_size()
+                    buffered.append(size)
+            return gw.registry.connection_count == 0
+
+        await eventually(gone, interval=0.01, what="the slow SSE client dropped")
+        client.close()
+    assert gw.metrics.drops._value.get() >= 1
+    assert max(buffered) < 512 * 1024, max(buffered)
+
+
+async def test_bytes_a_client_sends_after_its_sse_request_change_nothing(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """An HTTP client may pipeline another request or send a stray line: the stream
+    goes on (websockets would read them as WebSocket frames and end its output)."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
+        client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
+        async with asyncio.timeout(timeout(10)):
+            got = await reader.readuntil(b"id: 1\n")
+            assert got.startswith(b"HTTP/1.1 200"), got
+            client.write(b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\x89\x80abcd")
+            await client.drain()
+            await asyncio.sleep(0.2)  # let the gateway take them in before the next event
+            await writer.step(2, TaskState.SUCCEEDED)
+            rest = await reader.read()  # to the end: the stream ends after seq 2
+        client.close()
+    assert b"id: 2\n" in rest and rest.endswith(b"0\r\n\r\n"), rest
+
+
+async def test_a_retry_read_with_the_terminal_row_does_not_end_the_sse_stream(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """The row read says failed at seq 3; the stream read just after already holds the
+    retry's queued event 4. The stream must go on to the retry's events, not end
+    after a state that is not terminal."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in (1, 2):
+        await writer.step(seq)
+    await writer.step(3, TaskState.FAILED)
+    retried = ProgressEvent(
+        task_id=task_id,
+        seq=4,
+        state=TaskState.QUEUED,
+        progress=0.0,
+        attempt=2,
+        ts=datetime.now(UTC),
+    )
+    assert await sink.emit([retried])  # in Redis, the row not yet updated
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+        headers = {"Last-Event-ID": "1"}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+            assert sse_ids(await read_until_seq(resp, 4)) == [2, 3, 4]
+            await writer.step(5)
+            assert sse_ids(await read_until_seq(resp, 5)) == [5]

@@ -527,9 +527,31 @@ async def test_a_closed_database_connection_is_a_dependency_down_not_a_crash() -
         await Catcher(deps, A).row(T1)
 
 
-def _stream(after_seq: int) -> sse.Stream:
-    deps = cast(Deps, None)  # offer() and behind() touch no dependency
+def _stream(after_seq: int, queue_size: int = 16) -> sse.Stream:
+    deps = Deps(  # offer() and behind() touch no I/O
+        registry=Registry(max_connections=1, max_per_tenant=1, max_subscriptions=1),
+        repository=cast(TaskRepository, None),
+        streams=cast(StreamReader, None),
+        metrics=GatewayMetrics(connections=lambda: 0.0, subscriptions=lambda: 0.0),
+        queue_size=queue_size,
+        snapshot_grace_s=0,
+        close_timeout_s=1,
+        frame_cache=frames.FrameCache(),
+    )
     return sse.Stream(deps, A, T1, after_seq, heartbeat_s=15)
+
+
+def test_live_events_piling_up_at_an_sse_stream_give_way_to_a_read() -> None:
+    """A stream waiting for its client keeps at most the queue size of live events;
+    past that it drops them and reads instead (the row and the stream hold them)."""
+    stream = _stream(after_seq=0, queue_size=2)
+    for seq in (1, 2, 3):
+        stream.offer(
+            ProgressEvent(
+                task_id=T1, seq=seq, state=TaskState.RUNNING, progress=0.1, ts=datetime.now(UTC)
+            )
+        )
+    assert stream._live == [] and stream._read_needed
 
 
 def test_an_sse_stream_wakes_for_news_only() -> None:
