@@ -78,6 +78,12 @@ WHERE pid = $1 AND datname = current_database() AND usename = current_user
 _BACKEND_ALIVE = "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND datname = current_database()"
 
 
+_RELEASE_CLAIMS = """
+UPDATE outbox SET claimed_until = NULL, claimed_by = NULL
+WHERE task_id = ANY($1::uuid[]) AND claimed_until IS NOT NULL
+"""
+
+
 class OutcomeUnknown(Exception):
     """The connection broke while tasks were being inserted, and whether they were
     stored could not be found out (PostgreSQL away): they may run, or not."""
@@ -241,10 +247,8 @@ class ApiRepository:
                 if rows and self._hand_over is None:
                     await self._notify(conn)
         if lost is not None:
-            # Not handed over (nor announced): their outbox rows are claimed for
-            # claim_s, after which any relay's poll publishes them (shared/relay.py,
-            # _CLAIM: claimed_until <= now()); without a relay here they are not
-            # claimed and the next poll does.
+            # Not handed over (nor announced): the check releases their outbox rows'
+            # claims, and any relay's next poll publishes them (shared/relay.py, _CLAIM).
             return await self._after_lost_reply(pid, [t.id for t in tasks], lost)
         if rows and self._hand_over is not None:
             # Their queued event (seq 1) is not written to Redis: nobody can watch them
@@ -327,6 +331,15 @@ class ApiRepository:
         if not committed(ids, {r["id"] for r in rows}):
             raise lost
         log.warning("a task insert whose reply was lost had committed", extra={"count": len(ids)})
+        try:
+            # Their claim is ours and held (our relay's lock), so neither it nor the
+            # orphan release would let them go before it lapses: for the next poll now.
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                await conn.execute(_RELEASE_CLAIMS, ids)
+        except ANY_PG_ERROR as exc:
+            log.warning(
+                "claims not released: published once they lapse", extra={"error": repr(exc)}
+            )
         return rows
 
     async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:

@@ -155,7 +155,8 @@ async def test_a_committed_insert_whose_reply_is_lost_is_reported_accepted(
     proxy_pool: tuple[Proxy, asyncpg.Pool], db: asyncpg.Pool, tenant: Tenant
 ) -> None:
     """Two requests sharing one group commit: both get their rows, each task is stored
-    once with its outbox row, and neither is handed to the relay (its claim lapses)."""
+    once with its outbox row, and neither is handed to the relay: their claims are
+    released for any relay's next poll."""
     proxy, pool = proxy_pool
     handed: list[Handed] = []
     repo = ApiRepository(pool, timeout=5, hand_over=handed.extend, claim_s=30)
@@ -173,6 +174,9 @@ async def test_a_committed_insert_whose_reply_is_lost_is_reported_accepted(
     ids = sorted([a.id, b.id])
     assert await _stored(db, ids) == (ids, ids)
     assert handed == []
+    # Released for the next poll of any relay, not left claimed for claim_s.
+    claims = await db.fetch("SELECT claimed_until FROM outbox WHERE task_id = ANY($1::uuid[])", ids)
+    assert [c["claimed_until"] for c in claims] == [None, None]
     await repo.aclose()
 
 
