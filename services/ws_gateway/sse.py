@@ -8,8 +8,10 @@ events as they happen, chunked, until the terminal event has gone out, the clien
 leaves or the gateway stops. The handshake waits for it; the gateway's own connection
 class keeps the handshake deadline off such a connection (see handshake.py).
 
-Same order, no-gap and snapshot rules as the WebSocket: each wake-up reads the row and
-catches up from the client's last seq, as a subscribe does. A reconnect resumes with
+Same order, no-gap and snapshot rules as the WebSocket: live events that follow on from
+the client's last seq go out as they come; anything else (the first pass, a hole, a
+resync, the sweep's finding) reads the row and catches up, as a subscribe does. A
+reconnect resumes with
 ``Last-Event-ID``; with a single-use token in the URL it needs a new token, as a new
 WebSocket does."""
 
