@@ -108,7 +108,7 @@ class Deps:
 
 
 class Catcher:
-    """Catch-up of one task from ``delivered``: shared by WebSocket sessions and SSE polls."""
+    """Catch-up of one task from ``delivered``: shared by WebSocket sessions and SSE streams."""
 
     def __init__(self, deps: Deps, tenant_id: UUID) -> None:
         self._deps = deps

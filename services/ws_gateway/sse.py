@@ -167,7 +167,7 @@ class Stream:
         if row is None:
             raise NotFound(str(self._task_id))
         # Equal, not beyond: a client ahead of the database gets a snapshot (events()).
-        if _ended(row, self.delivered) and self.delivered == row["last_seq"]:
+        if TaskState(row["state"]).terminal and self.delivered == row["last_seq"]:
             raise Ended(str(self._task_id))
         self._row = row
 

@@ -150,7 +150,7 @@ async def test_another_tenant_reaches_nothing_of_a_through_any_route(
         )
         assert orjson.loads(raw)["state"] == state
 
-    # The gateway: B's subscriptions to A's tasks get not_found, its SSE polls 404.
+    # The gateway: B's subscriptions to A's tasks get not_found, its SSE requests 404.
     async def b_token() -> str:
         _, raw, _ = await request(http, "POST", f"{system.api_url}/v1/ws-tokens", headers=b.headers)
         return str(orjson.loads(raw)["token"])

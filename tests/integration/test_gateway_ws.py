@@ -310,8 +310,7 @@ async def test_a_lost_tail_keeps_the_retained_events_before_its_snapshot(
         await writer.step(seq, emit=False)
     async with gateway(deployment, snapshot_grace_s=0, subscription_check_s=60) as gw:
         if transport == "sse":
-            token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-            path = f"/v1/tasks/{task_id}/events?token={token}"
+            path = await sse_path(gw, redis, tenant, task_id)
             status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"}, until_seq=5)
             assert status == 200, body
             got = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
@@ -608,8 +607,7 @@ async def test_sse_at_the_process_cap_is_503_and_keeps_the_token(
     task_id = await insert_task(db, tenant)
     await Writer(db, sink, task_id).step(1)
     async with gateway(deployment, max_connections=1) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        path = f"/v1/tasks/{task_id}/events?token={token}"
+        path = await sse_path(gw, redis, tenant, task_id)
         async with await ws_connect(gw, redis, tenant):
             await eventually(until(lambda: gw.registry.connection_count == 1))
             status, body = await sse_get(gw.port, path, {})
@@ -627,11 +625,12 @@ async def test_sse_refuses_a_bad_last_event_id_or_task_id_before_spending_the_to
     task_id = await insert_task(db, tenant)
     await Writer(db, sink, task_id).step(1)
     async with gateway(deployment) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        path = f"/v1/tasks/{task_id}/events?token={token}"
+        path = await sse_path(gw, redis, tenant, task_id)
         status, _ = await sse_get(gw.port, path, {"Last-Event-ID": "1_0"})
         assert status == 400
-        status, _ = await sse_get(gw.port, f"/v1/tasks/not-a-task/events?token={token}", {})
+        # The same token, on a path whose id is not a task's.
+        bad_id = path.replace(f"/{task_id}/", "/not-a-task/")
+        status, _ = await sse_get(gw.port, bad_id, {})
         assert status == 404
         status, body = await sse_get(gw.port, path, {}, until_seq=1)
     assert status == 200 and "id: 1\n" in body
@@ -793,6 +792,12 @@ async def test_a_connection_that_does_not_answer_pings_is_closed(
 # ---------------------------------------------------------------- SSE fallback
 
 
+async def sse_path(gw: Gateway, redis: Redis, tenant: Tenant, task_id: UUID | str) -> str:
+    """A task's SSE path with a fresh token for ``tenant``."""
+    token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+    return f"/v1/tasks/{task_id}/events?token={token}"
+
+
 async def sse_get(
     port: int, path: str, headers: dict[str, str], until_seq: int | None = None
 ) -> tuple[int, str]:
@@ -903,8 +908,7 @@ async def test_sse_heartbeats_an_idle_stream_and_lets_go_of_a_client_that_left(
     await Writer(db, sink, task_id).step(1)
     for heartbeat_s in (0.2, 3600):
         async with gateway(deployment, sse_heartbeat_s=heartbeat_s) as gw:
-            token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-            url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+            url = f"http://127.0.0.1:{gw.port}{await sse_path(gw, redis, tenant, task_id)}"
             async with aiohttp.ClientSession() as http, http.get(url) as resp:
                 assert sse_ids(await read_until_seq(resp, 1)) == [1]
                 if heartbeat_s < 1:
@@ -924,8 +928,7 @@ async def test_sse_stream_gets_an_event_whose_publish_was_lost_from_the_sweep(
     writer = Writer(db, sink, task_id)
     await writer.step(1)
     async with gateway(deployment, subscription_check_s=0.2) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+        url = f"http://127.0.0.1:{gw.port}{await sse_path(gw, redis, tenant, task_id)}"
         async with aiohttp.ClientSession() as http, http.get(url) as resp:
             assert sse_ids(await read_until_seq(resp, 1)) == [1]
             lost = await writer.step(2, emit=False)
@@ -945,8 +948,7 @@ async def test_stopping_the_gateway_ends_sse_streams_cleanly(
     gw = Gateway(gateway_settings(deployment, sse_heartbeat_s=3600))
     async with aiohttp.ClientSession() as http, asyncio.timeout(timeout(20)):
         async with gw.start():
-            token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-            url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+            url = f"http://127.0.0.1:{gw.port}{await sse_path(gw, redis, tenant, task_id)}"
             resp = await http.get(url)
             assert sse_ids(await read_until_seq(resp, 1)) == [1]
         # Out of start(): the gateway has stopped, so the stream had ended by then.
@@ -964,9 +966,9 @@ async def test_an_sse_client_that_does_not_read_is_dropped(
     writer = Writer(db, sink, task_id)
     await writer.step(1)
     async with gateway(deployment, close_timeout_s=1) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = await sse_path(gw, redis, tenant, task_id)
         _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
-        client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
+        client.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
         await client.drain()
         await eventually(until(lambda: gw.registry.connection_count == 1))
         blob = "x" * 60_000
@@ -990,9 +992,9 @@ async def test_a_long_sse_catch_up_goes_out_as_the_client_takes_it(
     for seq in range(1, 101):
         await writer.step(seq, data={"blob": "x" * 60_000})
     async with gateway(deployment, close_timeout_s=1) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = await sse_path(gw, redis, tenant, task_id)
         _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
-        client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
+        client.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
         await client.drain()
         await eventually(until(lambda: gw.registry.connection_count == 1))
         buffered = [0]
@@ -1019,9 +1021,9 @@ async def test_bytes_a_client_sends_after_its_sse_request_change_nothing(
     writer = Writer(db, sink, task_id)
     await writer.step(1)
     async with gateway(deployment) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = await sse_path(gw, redis, tenant, task_id)
         reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
-        client.write(f"GET /v1/tasks/{task_id}/events?token={token} HTTP/1.1\r\n\r\n".encode())
+        client.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
         async with asyncio.timeout(timeout(10)):
             got = await reader.readuntil(b"id: 1\n")
             assert got.startswith(b"HTTP/1.1 200"), got
@@ -1055,8 +1057,7 @@ async def test_a_retry_read_with_the_terminal_row_does_not_end_the_sse_stream(
     )
     assert await sink.emit([retried])  # in Redis, the row not yet updated
     async with gateway(deployment) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+        url = f"http://127.0.0.1:{gw.port}{await sse_path(gw, redis, tenant, task_id)}"
         headers = {"Last-Event-ID": "1"}
         async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
             assert sse_ids(await read_until_seq(resp, 4)) == [2, 3, 4]
