@@ -109,6 +109,21 @@ _TASK_ID = {
 }
 
 
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    # Printable ASCII (as requests.idempotency_key checks), spaces only inside: HTTP
+    # strips them from the ends.
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": "^[!-~]([ -~]*[!-~])?$",
+    },
+}
+
+
 def _body_errors() -> dict[str, Any]:
     return {
         "400": _problem("body is not JSON"),
@@ -127,21 +142,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
             "post": {
                 "operationId": "submitTask",
                 "summary": "Submit a task",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        # Printable ASCII (as requests.idempotency_key checks), spaces
-                        # only inside: HTTP strips them from the ends.
-                        "schema": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 255,
-                            "pattern": "^[!-~]([ -~]*[!-~])?$",
-                        },
-                    }
-                ],
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, **_content(TaskRequest)},
                 "responses": {
                     "202": {
@@ -202,9 +203,21 @@ def build_openapi(server_url: str) -> dict[str, Any]:
             "post": {
                 "operationId": "submitTasks",
                 "summary": "Submit 1..1000 tasks, all or none",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, **_content(BatchRequest)},
                 "responses": {
                     "202": {"description": "accepted", **_content(TaskBatch)},
+                    "200": {
+                        "description": "idempotent replay: the tasks of the earlier batch",
+                        **_content(TaskBatch),
+                        "headers": {
+                            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+                        },
+                    },
+                    "409": _problem(
+                        "a concurrent request with this Idempotency-Key won and its tasks could"
+                        " not be read, or some of them were deleted (task retention)"
+                    ),
                     **_COMMON,
                     **_body_errors(),
                 },

@@ -32,14 +32,16 @@ TASK_COLUMNS = (
 
 # Tasks and their first outbox rows (see ApiRepository.insert), built once. A row due
 # now is claimed for $14 seconds (NULL: not claimed) by this process, which hands it to
-# its relay to publish at once.
+# its relay to publish at once. $9 is each task's idempotency key (NULL: none, the
+# array padded). A key taken fails the whole statement, not just its row (no ON
+# CONFLICT): a batch whose keys meet an earlier one's stores none of its tasks.
 _INSERT = f"""
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[],
                          $5::int[], $6::int[], $7::float8[], $8::float8[],
-                         $11::text[], $12::jsonb[], $13::bytea[])
+                         $11::text[], $12::jsonb[], $13::bytea[], $9::text[])
         AS u(tenant_id, id, type, args, max_attempts, priority, timeout_s,
-             delay_s, trace_id, backoff, body)
+             delay_s, trace_id, backoff, body, idempotency_key)
 ), t AS (
     INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,
                        priority, timeout_s, next_attempt_at, last_seq,
@@ -48,10 +50,8 @@ WITH u AS (
            u.timeout_s,
            CASE WHEN u.delay_s > 0
                 THEN now() + make_interval(secs => u.delay_s) END,
-           1, $9, $10, u.trace_id, u.backoff
+           1, u.idempotency_key, $10, u.trace_id, u.backoff
     FROM u
-    ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-    DO NOTHING
     RETURNING {TASK_COLUMNS}
 ), o AS (
     INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until, claimed_by,
@@ -77,6 +77,9 @@ WHERE pid = $1 AND datname = current_database() AND usename = current_user
 """
 _BACKEND_ALIVE = "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND datname = current_database()"
 
+
+# The unique index a taken idempotency key violates (shared/migrations/0001_init.sql).
+_IDEMPOTENCY_INDEX = "tasks_idempotency"
 
 _RELEASE_CLAIMS = """
 UPDATE outbox SET claimed_until = NULL, claimed_by = NULL
@@ -188,19 +191,19 @@ class ApiRepository:
         self,
         tenant_id: UUID,
         tasks: Sequence[NewTask],
-        idempotency_key: str | None = None,
+        idempotency_keys: Sequence[str] | None = None,
         request_hash: bytes | None = None,
     ) -> list[Row]:
         """Insert tasks (state queued, seq 1) and their first outbox rows, atomically.
 
         One statement, so one round trip and its own transaction: the hot path of the
         API. Single tasks without an idempotency key share the statement with those of
-        concurrent requests (group commit). With an idempotency key (one task only), a
-        conflicting earlier task of this tenant wins and nothing is inserted: the
-        caller gets an empty list."""
-        if idempotency_key is None and len(tasks) == 1:
+        concurrent requests (group commit). With idempotency keys (one per task), if an
+        earlier task of this tenant holds any of them, it wins and nothing is inserted:
+        the caller gets an empty list."""
+        if idempotency_keys is None and len(tasks) == 1:
             return [await self._grouped.submit((tenant_id, tasks[0]))]
-        return await self._insert([tenant_id] * len(tasks), tasks, idempotency_key, request_hash)
+        return await self._insert([tenant_id] * len(tasks), tasks, idempotency_keys, request_hash)
 
     async def _insert_group(self, items: list[tuple[UUID, NewTask]]) -> list[Row]:
         rows = await self._insert([t for t, _ in items], [n for _, n in items])
@@ -211,7 +214,7 @@ class ApiRepository:
         self,
         tenant_ids: Sequence[UUID],
         tasks: Sequence[NewTask],
-        idempotency_key: str | None = None,
+        idempotency_keys: Sequence[str] | None = None,
         request_hash: bytes | None = None,
     ) -> list[Row]:
         bodies = [
@@ -234,8 +237,12 @@ class ApiRepository:
             lost: Exception | None = None
             try:
                 rows = await self._execute(
-                    conn, tenant_ids, tasks, bodies, idempotency_key, request_hash
+                    conn, tenant_ids, tasks, bodies, idempotency_keys, request_hash
                 )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != _IDEMPOTENCY_INDEX:
+                    raise
+                return []
             except Exception as exc:
                 if not reply_lost(exc):
                     raise
@@ -270,7 +277,7 @@ class ApiRepository:
         tenant_ids: Sequence[UUID],
         tasks: Sequence[NewTask],
         bodies: Sequence[bytes],
-        idempotency_key: str | None,
+        idempotency_keys: Sequence[str] | None,
         request_hash: bytes | None,
     ) -> list[Row]:
         reqs = [t.request for t in tasks]
@@ -285,7 +292,7 @@ class ApiRepository:
                 [r.priority for r in reqs],
                 [r.timeout_s for r in reqs],
                 [r.delay_s for r in reqs],
-                idempotency_key,
+                None if idempotency_keys is None else list(idempotency_keys),
                 request_hash,
                 [t.trace_id for t in tasks],
                 [r.backoff.model_dump() if r.backoff else None for r in reqs],
@@ -342,12 +349,17 @@ class ApiRepository:
             )
         return rows
 
-    async def by_idempotency_key(self, tenant_id: UUID, key: str) -> Row | None:
-        return await self._fetchrow(
-            f"SELECT {TASK_COLUMNS} FROM tasks WHERE tenant_id = $1 AND idempotency_key = $2",
-            tenant_id,
-            key,
-        )
+    async def by_idempotency_keys(self, tenant_id: UUID, keys: Sequence[str]) -> list[Row]:
+        """The tenant's tasks stored under any of ``keys``, each with its key."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return list(
+                await conn.fetch(
+                    f"SELECT {TASK_COLUMNS}, idempotency_key FROM tasks"
+                    " WHERE tenant_id = $1 AND idempotency_key = ANY($2::text[])",
+                    tenant_id,
+                    list(keys),
+                )
+            )
 
     async def get(self, tenant_id: UUID, task_id: UUID) -> Row | None:
         return await self._fetchrow(

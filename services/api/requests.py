@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -17,6 +18,7 @@ from services.api.problems import ProblemException, validation_problem
 from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
 from shared.schemas import TASK_TYPE_PATTERN, ProblemError, TaskRequest, TaskState
+from shared.taskrows import Row
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -109,13 +111,12 @@ def trace_id(traceparent: str | None) -> str | None:
 # An Idempotency-Key's fingerprint starts with the version of its computation. Those
 # stored before had none: a bare sha256 (32 bytes) of the request as sent.
 _FINGERPRINT_V1 = b"\x01"
+_FINGERPRINT_BATCH_V1 = b"\x02"
 _LEGACY_FINGERPRINT_LEN = hashlib.sha256().digest_size
 
 
-def _sha256(task: TaskRequest) -> bytes:
-    return hashlib.sha256(
-        orjson.dumps(task.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    ).digest()
+def _sha256(meaning: Any) -> bytes:
+    return hashlib.sha256(orjson.dumps(meaning, option=orjson.OPT_SORT_KEYS)).digest()
 
 
 def request_hash(typed: TaskRequest) -> bytes:
@@ -124,13 +125,56 @@ def request_hash(typed: TaskRequest) -> bytes:
     very object inserted: hashed as sent, ``{"type": T}`` and ``{"type": T,
     "max_attempts": 5}`` matched though T's own default gave the first 3 attempts. (So
     a type whose defaults change between two requests makes them two requests.)"""
-    return _FINGERPRINT_V1 + _sha256(typed)
+    return _FINGERPRINT_V1 + _sha256(typed.model_dump(mode="json"))
 
 
 def legacy_request_hash(sent: TaskRequest) -> bytes:
     """The fingerprint stored before ``request_hash``'s: the request as sent (the
     contract's defaults filled, not its type's), no version byte."""
-    return _sha256(sent)
+    return _sha256(sent.model_dump(mode="json"))
+
+
+def batch_hash(typed: Sequence[TaskRequest]) -> bytes:
+    """Fingerprint of a batch's meaning: each item's as ``request_hash`` computes it, in
+    order, under a version of its own, which no single request's fingerprint can equal."""
+    return _FINGERPRINT_BATCH_V1 + _sha256([t.model_dump(mode="json") for t in typed])
+
+
+def batch_keys(key: str, count: int) -> list[str]:
+    """The keys a batch sent with ``key`` stores its tasks under, in order. The first is
+    the key itself, so a batch and a single request under one key meet in the unique
+    index (the later one waits for the earlier, then finds it); the others add a line
+    feed and the index, which no client's key can hold (printable only)."""
+    return [key] + [f"{key}\n{i}" for i in range(1, count)]
+
+
+def key_reused() -> ProblemException:
+    return ProblemException(
+        422,
+        "Idempotency-Key reused",
+        "this Idempotency-Key was used with another body",
+        slug="idempotency-key-reused",
+        errors=[ProblemError(loc=["header", "Idempotency-Key"], msg="reused with another body")],
+    )
+
+
+def batch_replayed(found: Sequence[Row], keys: Sequence[str], fingerprint: bytes) -> list[Row]:
+    """The earlier batch's tasks in request order, from the rows ``found`` under
+    ``keys`` (``batch_keys``): a 422 if any was stored by another request, a 409 if the
+    batch is the same but some of its tasks are gone (deleted after the retention), so
+    it can be neither replayed whole nor submitted again under this key. Pure."""
+    if any(bytes(r["request_hash"] or b"") != fingerprint for r in found):
+        raise key_reused()
+    by_key = {r["idempotency_key"]: r for r in found}
+    if len(by_key) != len(keys):
+        raise ProblemException(
+            409,
+            "Conflict",
+            f"{len(keys) - len(by_key)} of the {len(keys)} tasks stored under this"
+            " Idempotency-Key have been deleted (task retention): send the batch with a new key",
+            slug="conflict",
+        )
+    return [by_key[k] for k in keys]
 
 
 def same_request(stored: bytes, sent: TaskRequest, typed: TaskRequest) -> bool:

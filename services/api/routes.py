@@ -150,36 +150,36 @@ async def submit(request: web.Request) -> web.Response:
     [typed] = await _check_types(svc, [task], [["body"]])
     # Of what will run (the type's defaults in), not of what the client sent.
     fingerprint = rq.request_hash(typed) if key else None
-    if key is not None:
-        earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
-        if earlier is not None:
-            return _replay(svc, earlier, task, typed)
+    keys = None if key is None else [key]
+    if keys is not None:
+        earlier = await svc.repo.by_idempotency_keys(principal.tenant_id, keys)
+        if earlier:
+            return _replay(svc, earlier[0], task, typed)
     new = NewTask(id=uuid7(), request=typed, trace_id=_trace_id(request))
     with _admit(svc):
-        rows = await svc.repo.insert(principal.tenant_id, [new], key, fingerprint)
-    if not rows:  # lost a race with an identical request: answer as its replay
-        assert key is not None
-        earlier = await svc.repo.by_idempotency_key(principal.tenant_id, key)
-        if earlier is None:
-            raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
-        return _replay(svc, earlier, task, typed)
+        rows = await svc.repo.insert(principal.tenant_id, [new], keys, fingerprint)
+    if not rows:  # lost a race with an earlier request under the key: answer as its replay
+        assert keys is not None
+        [winner, *_] = await _race_winners(svc, principal.tenant_id, keys)
+        return _replay(svc, winner, task, typed)
     _submitted(svc, rows)
     view = task_document(rows[0], svc.settings.public_ws_url)
     log.debug("task accepted", extra={"task_id": view["id"], "type": view["type"]})
     return _document(view, 202, {"Location": view["links"]["self"]})
 
 
+async def _race_winners(svc: Services, tenant_id: uuid.UUID, keys: list[str]) -> list[Row]:
+    """The rows stored under ``keys`` by the request that took them while we tried to;
+    a 409 if there are none by now (deleted already)."""
+    found = await svc.repo.by_idempotency_keys(tenant_id, keys)
+    if not found:
+        raise ProblemException(409, "Conflict", "retry the request", slug="conflict")
+    return found
+
+
 def _replay(svc: Services, earlier: Row, sent: TaskRequest, typed: TaskRequest) -> web.Response:
     if not rq.same_request(bytes(earlier["request_hash"] or b""), sent, typed):
-        raise ProblemException(
-            422,
-            "Idempotency-Key reused",
-            "this Idempotency-Key was used with another body",
-            slug="idempotency-key-reused",
-            errors=[
-                ProblemError(loc=["header", "Idempotency-Key"], msg="reused with another body")
-            ],
-        )
+        raise rq.key_reused()
     view = task_document(earlier, svc.settings.public_ws_url)
     return _document(view, 200, {"Location": view["links"]["self"], "Idempotent-Replayed": "true"})
 
@@ -189,16 +189,7 @@ async def submit_batch(request: web.Request) -> web.Response:
     # A batch costs one token per task: one now (a body refused as bad costs that
     # one, else 400s and 422s of 1,000 items each were free), the rest once it is read.
     svc, principal = await _principal(request, cost=1)
-    if request.headers.get("Idempotency-Key") is not None:
-        raise ProblemException(
-            422,
-            "Invalid request",
-            "Idempotency-Key is supported on POST /v1/tasks only",
-            slug="validation",
-            errors=[
-                ProblemError(loc=["header", "Idempotency-Key"], msg="not supported on batches")
-            ],
-        )
+    key = rq.idempotency_key(request)
     data = await rq.read_json(request)
     try:
         batch = BatchRequest.model_validate(data)
@@ -223,14 +214,30 @@ async def submit_batch(request: web.Request) -> web.Response:
     tasks = await _check_types(
         svc, batch.tasks, [["body", "tasks", i] for i in range(len(batch.tasks))]
     )
+    keys = None if key is None else rq.batch_keys(key, len(tasks))
+    fingerprint = rq.batch_hash(tasks) if key else None
+    if keys is not None:
+        assert fingerprint is not None
+        earlier = await svc.repo.by_idempotency_keys(principal.tenant_id, keys)
+        if earlier:
+            return _batch_replay(svc, rq.batch_replayed(earlier, keys, fingerprint))
     trace = _trace_id(request)
     new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in tasks]
     with _admit(svc, len(new)):
-        rows = await svc.repo.insert(principal.tenant_id, new)
+        rows = await svc.repo.insert(principal.tenant_id, new, keys, fingerprint)
+    if not rows:  # lost a race with an earlier request under the key: answer as its replay
+        assert keys is not None and fingerprint is not None
+        earlier = await _race_winners(svc, principal.tenant_id, keys)
+        return _batch_replay(svc, rq.batch_replayed(earlier, keys, fingerprint))
     _submitted(svc, rows)
     by_id = {r["id"]: r for r in rows}
     views = [task_document(by_id[t.id], svc.settings.public_ws_url) for t in new]
     return _document({"tasks": views}, 202)
+
+
+def _batch_replay(svc: Services, earlier: Sequence[Row]) -> web.Response:
+    views = [task_document(r, svc.settings.public_ws_url) for r in earlier]
+    return _document({"tasks": views}, 200, {"Idempotent-Replayed": "true"})
 
 
 @routes.get("/v1/tasks/{id}")

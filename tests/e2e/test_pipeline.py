@@ -296,6 +296,79 @@ async def _count(deployment: Deployment) -> int:
         await conn.close()
 
 
+async def _stored_under(db: asyncpg.Pool, tenant: Tenant, key: str) -> int:
+    """How many of the tenant's tasks a request under ``key`` stored (a batch's tasks
+    after the first are under the key, a line feed and their index)."""
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM tasks WHERE tenant_id = $1"
+            " AND (idempotency_key = $2 OR idempotency_key LIKE $2 || E'\\n%')",
+            tenant.id,
+            key,
+        )
+    )
+
+
+async def test_a_batch_under_an_idempotency_key_is_stored_once_and_whole(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    """A repeated batch answers 200 with the same tasks in order; another batch or a
+    single request under its key is a 422 that stores nothing; racing batches under
+    one key, two different ones among them, store exactly one of them, whole; a batch
+    whose tasks were partly deleted is a 409."""
+    await system.start_api()
+    url = f"{system.api_url}/v1/tasks"
+    batch = {
+        "tasks": [
+            {"type": "demo.noop"},
+            {"type": "demo.sleep", "args": {"seconds": 0}, "priority": 3},
+            {"type": "demo.noop", "delay_s": 3600},
+        ]
+    }
+    key = {"Idempotency-Key": "batch-1"}
+    s1, b1, _ = await _post(http, f"{url}:batch", tenant, batch, key)
+    s2, b2, h2 = await _post(http, f"{url}:batch", tenant, batch, key)
+    assert (s1, s2) == (202, 200), (b1, b2)
+    assert [t["id"] for t in b2["tasks"]] == [t["id"] for t in b1["tasks"]]
+    assert [t["priority"] for t in b2["tasks"]] == [0, 3, 0]
+    assert h2["Idempotent-Replayed"] == "true"
+
+    other = {"tasks": batch["tasks"][:2]}
+    s3, p3, _ = await _post(http, f"{url}:batch", tenant, other, key)
+    s4, p4, _ = await _post(http, url, tenant, {"type": "demo.noop"}, key)
+    assert (s3, s4) == (422, 422), (p3, p4)
+    assert p3["errors"][0]["loc"] == p4["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    s5, _, _ = await _post(http, url, tenant, {"type": "demo.noop"}, {"Idempotency-Key": "one"})
+    s6, _, _ = await _post(http, f"{url}:batch", tenant, batch, {"Idempotency-Key": "one"})
+    assert (s5, s6) == (202, 422)
+    assert await _stored_under(db, tenant, "batch-1") == 3
+    assert await _stored_under(db, tenant, "one") == 1
+
+    # Ten of each of two batches race under one key: the first to commit is stored,
+    # whole, and every other request is its replay or a 422.
+    five = {"tasks": [{"type": "demo.noop", "priority": i} for i in range(5)]}
+    four = {"tasks": five["tasks"][:4]}
+    race = {"Idempotency-Key": "batch-race"}
+    results = await asyncio.gather(
+        *(_post(http, f"{url}:batch", tenant, b, race) for _ in range(10) for b in (five, four))
+    )
+    [(_, won, _)] = [r for r in results if r[0] == 202]
+    winner = [t["id"] for t in won["tasks"]]
+    assert await _stored_under(db, tenant, "batch-race") == len(winner)
+    for status, body, _ in results:
+        if status == 200:
+            assert [t["id"] for t in body["tasks"]] == winner
+        else:
+            assert status in (202, 422), (status, body)
+    replays = sum(1 for r in results if r[0] == 200)
+    assert replays == 9, [r[0] for r in results]  # the winner's nine twins
+
+    # Task retention deleted one of the first batch's tasks: it cannot be replayed whole.
+    await db.execute("DELETE FROM tasks WHERE id = $1", UUID(b1["tasks"][1]["id"]))
+    s7, p7, _ = await _post(http, f"{url}:batch", tenant, batch, key)
+    assert s7 == 409 and "1 of the 3" in p7["detail"], p7
+
+
 async def test_concurrent_identical_idempotent_requests_create_one_task(
     system: System, http: aiohttp.ClientSession, tenant: Tenant, db: asyncpg.Pool
 ) -> None:

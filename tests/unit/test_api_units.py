@@ -330,6 +330,54 @@ def test_a_fingerprint_stored_before_the_version_byte_compares_as_it_was_made() 
     assert not rq.same_request(b"", bare, bare_typed)  # a row with no fingerprint
 
 
+def test_a_batch_stores_its_tasks_under_the_key_then_keys_no_client_can_send() -> None:
+    keys = rq.batch_keys("order-7", 3)
+    assert keys == ["order-7", "order-7\n1", "order-7\n2"]
+    assert rq.batch_keys("k", 1) == ["k"]
+    for derived in keys[1:]:
+        with pytest.raises(ProblemException):
+            rq.idempotency_key(_request({"Idempotency-Key": derived}))
+
+
+def test_a_batchs_fingerprint_is_of_its_items_in_order_and_never_a_single_requests() -> None:
+    a = TaskRequest.model_validate({"type": "t", "args": {"x": 1}})
+    a_spelled = TaskRequest.model_validate({"args": {"x": 1}, "type": "t", "priority": 0})
+    b = TaskRequest.model_validate({"type": "t", "args": {"x": 2}})
+    assert rq.batch_hash([a, b]) == rq.batch_hash([a_spelled, b])
+    assert rq.batch_hash([a, b]) != rq.batch_hash([b, a])
+    assert rq.batch_hash([a, b]) != rq.batch_hash([a, b, b])
+    one = rq.batch_hash([a])
+    assert one[:1] == b"\x02" and len(one) == 33
+    assert not rq.same_request(one, a, a)  # a single request meeting a batch's key
+
+
+def _stored(key: str, fingerprint: bytes, n: int) -> dict[str, Any]:
+    return {"idempotency_key": key, "request_hash": fingerprint, "n": n}
+
+
+def test_a_batch_is_replayed_in_request_order_only_whole_and_only_if_the_same() -> None:
+    keys = rq.batch_keys("k", 3)
+    same, other = b"\x02" + b"s" * 32, b"\x02" + b"o" * 32
+    found = [_stored(keys[2], same, 2), _stored(keys[0], same, 0), _stored(keys[1], same, 1)]
+    assert [r["n"] for r in rq.batch_replayed(found, keys, same)] == [0, 1, 2]
+
+    with pytest.raises(ProblemException) as info:
+        rq.batch_replayed(found, keys, other)  # another batch under the key
+    assert info.value.problem.status == 422
+    assert info.value.problem.errors is not None
+    assert info.value.problem.errors[0].loc == ["header", "Idempotency-Key"]
+
+    single = b"\x01" + b"s" * 32  # a single request took the key first
+    with pytest.raises(ProblemException) as info:
+        rq.batch_replayed([_stored("k", single, 0)], keys, same)
+    assert info.value.problem.status == 422
+
+    with pytest.raises(ProblemException) as info:  # one task deleted after retention
+        rq.batch_replayed(found[:2], keys, same)
+    assert info.value.problem.status == 409
+    assert "1 of the 3" in (info.value.problem.detail or "")
+
+
 # ---------------------------------------------------------------- problems
 
 
