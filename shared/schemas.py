@@ -125,6 +125,13 @@ class BatchRequest(_Strict):
     tasks: list[TaskRequest] = Field(min_length=1, max_length=1000)
 
 
+class WsTokenRequest(_Strict):
+    """Optional body of ``POST /v1/ws-tokens``: with ``task_id``, a task token (the SSE
+    stream of that task only, reusable until it expires) instead of a single-use one."""
+
+    task_id: UUID | None = None
+
+
 # ---------------------------------------------------------------- REST responses
 
 

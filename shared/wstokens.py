@@ -1,14 +1,21 @@
 """Short-lived, single-use tokens that let a browser open one WebSocket (or SSE) stream for
-its tenant: browsers cannot set an ``Authorization`` header on a WebSocket.
+its tenant: browsers cannot set an ``Authorization`` header on a WebSocket. And task
+tokens, which open the SSE stream of one task, as often as asked until they expire: an
+``EventSource`` reconnects by itself with the URL it was given, so the token in that
+URL must outlive one use.
 
-Redis holds ``sha256(token) -> tenant_id`` with a TTL, never the token itself, so a dump
-of Redis opens nothing. ``consume`` is one ``GETDEL``: atomic, so a token opens at most
-one connection even when two gateways race for it."""
+Redis holds ``sha256(token) -> tenant_id`` (a task token: ``tenant_id task_id``) with a
+TTL, never the token itself, so a dump of Redis opens nothing. ``redeem`` of a
+single-use token is one ``GETDEL``: atomic, so it opens at most one connection even
+when two gateways race for it. A task token is marked by a prefix, so the gateway knows
+which command to send before it asks: a single-use token can never be read without
+being spent."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -21,38 +28,67 @@ _TOKEN_BYTES = 32
 # token_urlsafe(32) is 43 characters; anything far from that is not one of ours and
 # is refused before it costs a Redis round trip.
 _MAX_TOKEN_LEN = 128
+# Outside token_urlsafe's alphabet: no single-use token starts with it.
+_TASK_PREFIX = "t."
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a token opens: a stream of the tenant's, or with ``task_id`` that task's only."""
+
+    tenant_id: UUID
+    task_id: UUID | None = None
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def issue(redis: Redis, wire: Wire, tenant_id: UUID, ttl_s: float) -> tuple[str, datetime]:
-    """Create a token for ``tenant_id`` valid for ``ttl_s``; return it and its expiry."""
+async def issue(
+    redis: Redis, wire: Wire, tenant_id: UUID, ttl_s: float, task_id: UUID | None = None
+) -> tuple[str, datetime]:
+    """Create a token for ``tenant_id`` valid for ``ttl_s`` (with ``task_id``: a task
+    token); return it and its expiry."""
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
     token = secrets.token_urlsafe(_TOKEN_BYTES)
+    value = str(tenant_id)
+    if task_id is not None:
+        token = _TASK_PREFIX + token
+        value = f"{tenant_id} {task_id}"
     ttl_ms = max(1, int(ttl_s * 1000))
     expires_at = datetime.now(UTC) + timedelta(milliseconds=ttl_ms)
     # NX: a collision of 256-bit tokens does not happen, but if it did we would rather
     # fail loudly than hand one tenant's stream to another.
-    created = await redis.set(wire.ws_token(token_hash(token)), str(tenant_id), px=ttl_ms, nx=True)
+    created = await redis.set(wire.ws_token(token_hash(token)), value, px=ttl_ms, nx=True)
     if not created:
         raise RuntimeError("ws token collision")
     return token, expires_at
 
 
-async def consume(redis: Redis, wire: Wire, token: str) -> UUID | None:
-    """The tenant a token was issued to, or None when it is unknown, expired or used.
+async def redeem(redis: Redis, wire: Wire, token: str) -> Grant | None:
+    """What a token opens, or None when it is unknown, expired or used.
 
-    The token is deleted by the same command that reads it: a second use fails."""
+    A single-use token is deleted by the same command that reads it: a second use
+    fails. A task token is only read."""
     if not token or len(token) > _MAX_TOKEN_LEN:
         return None
-    raw = await redis.getdel(wire.ws_token(token_hash(token)))
+    key = wire.ws_token(token_hash(token))
+    task_token = token.startswith(_TASK_PREFIX)
+    raw = await (redis.get(key) if task_token else redis.getdel(key))
     if raw is None:
         return None
-    value = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return parse_grant(raw.decode() if isinstance(raw, bytes) else str(raw), task_token)
+
+
+def parse_grant(value: str, task_token: bool) -> Grant | None:
+    """The grant stored as ``value`` for a token of that kind; None if it is not one
+    (a value that does not fit the token's kind opens nothing). Pure."""
+    parts = value.split(" ")
+    if len(parts) != (2 if task_token else 1):
+        return None
     try:
-        return UUID(value)
+        ids = [UUID(p) for p in parts]
     except ValueError:
         return None
+    return Grant(ids[0], ids[1] if task_token else None)

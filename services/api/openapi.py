@@ -17,12 +17,14 @@ from shared.schemas import (
     TaskPage,
     TaskRequest,
     TaskState,
+    WsTokenRequest,
 )
 
 
 class WsToken(BaseModel):
     token: str
     expires_at: str
+    task_id: str | None = None  # a task token's task
 
 
 class DeadLetter(BaseModel):
@@ -62,6 +64,7 @@ _MODELS: list[type[BaseModel]] = [
     TaskBatch,
     Problem,
     WsToken,
+    WsTokenRequest,
     TaskTypeList,
     DeadLetterPage,
     Redriven,
@@ -311,10 +314,17 @@ def build_openapi(server_url: str) -> dict[str, Any]:
         "/v1/ws-tokens": {
             "post": {
                 "operationId": "createWsToken",
-                "summary": "A short-lived, single-use token to open one WebSocket",
+                "summary": (
+                    "A short-lived, single-use token to open one WebSocket or SSE stream;"
+                    " with a task_id, a task token: that task's SSE stream, reusable until"
+                    " it expires"
+                ),
+                "requestBody": {"required": False, **_content(WsTokenRequest)},
                 "responses": {
                     "201": {"description": "the token", **_content(WsToken)},
+                    "404": _problem("no such task (task_id)"),
                     **_COMMON,
+                    **_body_errors(),
                     "503": {
                         **_problem("Redis or PostgreSQL unreachable"),
                         "headers": _retry_after(),

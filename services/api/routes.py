@@ -21,7 +21,7 @@ from services.api.views import task_document
 from shared import deadletters, wstokens
 from shared.ids import uuid7
 from shared.logging import trace_id_var
-from shared.schemas import BatchRequest, ProblemError, TaskRequest, format_ts
+from shared.schemas import BatchRequest, ProblemError, TaskRequest, WsTokenRequest, format_ts
 from shared.states import RERUNNABLE
 from shared.taskrows import Row, event_from_row
 
@@ -333,6 +333,11 @@ async def task_types(request: web.Request) -> web.Response:
 @routes.post("/v1/ws-tokens")
 async def ws_token(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
+    scope = None
+    if request.can_read_body:  # no body: a single-use token, as before bodies were read
+        scope = rq.validate(WsTokenRequest, await rq.read_json(request)).task_id
+    if scope is not None and await svc.repo.task_state(principal.tenant_id, scope) is None:
+        raise ProblemException(404, "Not Found", "no such task", slug="not-found")
     unavailable = ProblemException(
         503,
         "Service Unavailable",
@@ -344,15 +349,17 @@ async def ws_token(request: web.Request) -> web.Response:
     if not breaker.allow():
         raise unavailable
     try:
-        token, expires = await wstokens.issue(
-            svc.redis, svc.wire, principal.tenant_id, svc.settings.ws_token_ttl_s
-        )
+        ttl = svc.settings.ws_token_ttl_s if scope is None else svc.settings.task_token_ttl_s
+        token, expires = await wstokens.issue(svc.redis, svc.wire, principal.tenant_id, ttl, scope)
     except (RedisError, OSError, TimeoutError):
         breaker.failed()
         raise unavailable from None
     breaker.succeeded()
+    answer: dict[str, Any] = {"token": token, "expires_at": format_ts(expires)}
+    if scope is not None:
+        answer["task_id"] = str(scope)
     return web.Response(
-        body=orjson.dumps({"token": token, "expires_at": format_ts(expires)}),
+        body=orjson.dumps(answer),
         status=201,
         content_type="application/json",
     )

@@ -19,6 +19,10 @@ class ApiSettings(CommonSettings):
     rate_limit_per_s: float = Field(default=200.0, ge=0)
     rate_limit_burst: int = Field(default=400, ge=1)
     ws_token_ttl_s: float = Field(default=60.0, gt=0, le=3600)
+    # A task token opens its task's SSE stream again and again (an EventSource's own
+    # reconnects): it should outlast the task's connection losses, and bounds how long
+    # a leaked URL shows that task's progress.
+    task_token_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     # How long an API key lookup (or a miss) is cached; bounds how long a revoked key
     # keeps working.
     auth_cache_s: float = Field(default=5.0, ge=0)

@@ -50,6 +50,7 @@ _SSE_PATH = re.compile(r"^/v1/tasks/([^/]+)/events$")
 
 
 _REFUSED_401 = "missing, invalid, expired or already used token"
+_WS_REFUSES_TASK_TOKENS = "a task token opens that task's SSE stream only, not a WebSocket"
 _STORE_DOWN_503 = "the token store is unavailable; try again"
 
 
@@ -211,13 +212,14 @@ class Gateway:
             self.metrics.refused.labels(reason="capacity").inc()
             return problem(503, exc.message, {"Retry-After": "5"})
         try:
-            tenant_id = await self._consume_token(query.get("token", [""])[0])
+            grant = await self._redeem_token(query.get("token", [""])[0])
         except DependencyDown:
             self.metrics.refused.labels(reason="dependency").inc()
             return problem(503, _STORE_DOWN_503, {"Retry-After": "1"})
-        if tenant_id is None:
+        if grant is None or grant.task_id is not None:
             self.metrics.refused.labels(reason="token").inc()
-            return problem(401, _REFUSED_401)
+            return problem(401, _REFUSED_401 if grant is None else _WS_REFUSES_TASK_TOKENS)
+        tenant_id = grant.tenant_id
         try:
             self.registry.check_room(tenant_id)
         except Refused as exc:
@@ -226,13 +228,13 @@ class Gateway:
         self._tenants[connection] = tenant_id
         return None
 
-    async def _consume_token(self, token: str) -> UUID | None:
-        """The token's tenant, or None for a bad, expired or used token. Raises
+    async def _redeem_token(self, token: str) -> wstokens.Grant | None:
+        """What the token opens, or None for a bad, expired or used token. Raises
         DependencyDown when Redis cannot tell: a client must not take an outage for a
         refusal of its token."""
         assert self._redis is not None
         try:
-            return await wstokens.consume(self._redis, self.wire, token)
+            return await wstokens.redeem(self._redis, self.wire, token)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("token check failed: Redis unavailable", extra={"error": repr(exc)})
             raise DependencyDown(f"Redis: {exc!r}") from exc
@@ -295,11 +297,14 @@ class Gateway:
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
         try:
-            tenant_id = await self._consume_token(token)
+            grant = await self._redeem_token(token)
         except DependencyDown:
             return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
-        if tenant_id is None:
+        if grant is None:
             return problem(401, _REFUSED_401, cors)
+        if grant.task_id not in (None, task_id):
+            return problem(401, "this token opens another task's events", cors)
+        tenant_id = grant.tenant_id
         try:
             self.registry.check_room(tenant_id)
         except Refused as exc:

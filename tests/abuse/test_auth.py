@@ -108,9 +108,15 @@ async def test_secrets_are_compared_in_constant_time(monkeypatch: pytest.MonkeyP
     assert all(stored == new.secret_hash and len(given) == len(stored) for given, stored in calls)
 
 
-async def _ws_token(http: aiohttp.ClientSession, system: System, tenant: Tenant) -> dict[str, Any]:
+async def _ws_token(
+    http: aiohttp.ClientSession, system: System, tenant: Tenant, task_id: str | None = None
+) -> dict[str, Any]:
     status, body, _ = await request(
-        http, "POST", f"{system.api_url}/v1/ws-tokens", headers=tenant.headers
+        http,
+        "POST",
+        f"{system.api_url}/v1/ws-tokens",
+        headers=tenant.headers,
+        json=None if task_id is None else {"task_id": task_id},
     )
     assert status == 201, body
     result: dict[str, Any] = orjson.loads(body)
@@ -152,6 +158,66 @@ async def test_ws_tokens_are_single_use_and_expire(
     late = (await _ws_token(http, system, tenant))["token"]
     await asyncio.sleep(TOKEN_TTL_S + 0.5)  # past the TTL: the only way to test an expiry
     assert await _ws_status(system, late) == 401
+
+
+async def _sse_status(http: aiohttp.ClientSession, system: System, task_id: str, token: str) -> int:
+    """The status a task's SSE stream answers; an open stream is left at once."""
+    url = f"http://127.0.0.1:{system.gateway_port}/v1/tasks/{task_id}/events?token={token}"
+    async with http.get(url) as r:
+        return r.status
+
+
+async def test_task_tokens_open_their_tasks_stream_until_they_expire(
+    deployment: Deployment,
+    systems: MakeSystem,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+) -> None:
+    """POST /v1/ws-tokens with a task_id gives a task token: that task's SSE stream, as
+    often as asked, for LONGHAUL_TASK_TOKEN_TTL_S; no other task's stream, no WebSocket.
+    Only for a task of the tenant's own; a bad body is refused as any other."""
+    system = systems(deployment)
+    await system.start_api(task_token_ttl_s=str(TOKEN_TTL_S), rate_limit_per_s="0")
+    await system.start_gateway()
+    url = f"{system.api_url}/v1/tasks"
+    ids = []
+    for _ in range(2):
+        status, body, _ = await request(
+            http, "POST", url, json={"type": "demo.noop", "delay_s": 3600}, headers=tenant.headers
+        )
+        assert status == 202, body
+        ids.append(orjson.loads(body)["id"])
+    mine, other_task = ids
+    issued = await _ws_token(http, system, tenant, mine)
+    assert issued["task_id"] == mine and issued["token"].startswith("t."), issued
+    expires = datetime.fromisoformat(issued["expires_at"].replace("Z", "+00:00"))
+    assert 0 < (expires - datetime.now(UTC)).total_seconds() <= TOKEN_TTL_S + 0.5
+    token = issued["token"]
+    assert [await _sse_status(http, system, mine, token) for _ in range(3)] == [200] * 3
+    assert await _sse_status(http, system, other_task, token) == 401
+    assert await _ws_status(system, token) == 401
+
+    stranger = await create_tenant(db)
+    tokens_url = f"{system.api_url}/v1/ws-tokens"
+    for body_, status_ in [
+        ({"task_id": mine}, 404),  # another tenant's task: not found, as everywhere
+        ({"task_id": str(UUID(int=7))}, 404),
+        ({"task_id": "seven"}, 422),
+        ({"task": mine}, 422),
+    ]:
+        status, body, _ = await request(
+            http, "POST", tokens_url, json=body_, headers=stranger.headers
+        )
+        assert status == status_, (body_, status, body)
+        assert orjson.loads(body)["status"] == status_
+    status, _, _ = await request(
+        http, "POST", tokens_url, data=b"task_id=1", headers=tenant.headers
+    )
+    assert status == 415
+
+    await asyncio.sleep(TOKEN_TTL_S + 0.5)  # past the TTL: the only way to test an expiry
+    assert await _sse_status(http, system, mine, token) == 401
 
 
 async def test_no_key_secret_or_token_is_ever_logged(
@@ -212,6 +278,11 @@ async def test_no_key_secret_or_token_is_ever_logged(
     assert status == 401
     assert await _ws_status(system, tokens[3] + "x") == 401
     secrets_.append(tokens[3] + "x")
+    task_token = (await _ws_token(http, system, tenant, task_id))["token"]
+    secrets_.append(task_token)
+    for _ in range(2):
+        status, _, _ = await request(http, "GET", f"{sse}?token={task_token}")
+        assert status == 200
 
     for proc in (api, worker, gateway):
         proc.terminate()

@@ -853,6 +853,47 @@ async def test_sse_ends_with_204_once_the_client_has_the_terminal_event(
     assert b"content-length" not in head.lower() and rest == b""
 
 
+async def test_a_task_token_reopens_its_tasks_stream_and_nothing_else(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """An EventSource reconnects with the URL it was given: a task token opens its
+    task's stream as often as asked (from Last-Event-ID each time) until it expires,
+    but not another task's, and not a WebSocket. A single-use token stays single-use."""
+    task_id, other = await insert_task(db, tenant), await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    for seq in range(1, 4):
+        await writer.step(seq)
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, task_id)
+        path = f"/v1/tasks/{task_id}/events?token={token}"
+        status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"}, until_seq=3)
+        assert status == 200 and sse_ids(body) == [2, 3], body
+        status, body = await sse_get(gw.port, path, {"Last-Event-ID": "2"}, until_seq=3)
+        assert status == 200 and sse_ids(body) == [3], body
+        status, body = await sse_get(gw.port, f"/v1/tasks/{other}/events?token={token}", {})
+        assert status == 401 and "another task" in body, body
+        await expect_status(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}", 401)
+        status, body = await sse_get(gw.port, path, {"Last-Event-ID": "0"}, until_seq=3)
+        assert status == 200 and sse_ids(body) == [1, 2, 3], body  # those spent nothing
+
+        short, _ = await wstokens.issue(redis, gw.wire, tenant.id, 0.05, task_id)
+        await asyncio.sleep(0.2)
+        status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={short}", {})
+        assert status == 401  # expired
+        # A task token's prefix on a single-use token's secret finds nothing: the
+        # prefix is part of what is hashed, so it cannot turn a spent read into a GET.
+        single, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token=t.{single}", {})
+        assert status == 401
+        status, _ = await sse_get(
+            gw.port, f"/v1/tasks/{task_id}/events?token={single}", {"Last-Event-ID": "1"}, 2
+        )
+        assert status == 200
+        status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={single}", {})
+        assert status == 401  # spent
+        await eventually(until(lambda: gw.registry.connection_count == 0))
+
+
 async def test_sse_streams_live_events_after_last_event_id_until_the_terminal_one(
     deployment: Deployment,
     db: asyncpg.Pool,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared import keys
+from shared import keys, wstokens
 from shared.backoff import Backoff
 from shared.breaker import Breaker
 from shared.failpoints import PAUSE_S, Failpoints
@@ -330,3 +330,15 @@ def test_handed_rows_are_published_only_while_their_claim_outlasts_a_publish() -
     fresh, edge, late = row(now + 15), row(enough), row(enough - 0.01)
     assert in_time_for([fresh, late, edge], now, timeout) == ([fresh, edge], [late])
     assert in_time_for([], now, timeout) == ([], [])
+
+
+def test_a_token_opens_only_what_its_kind_was_stored_with() -> None:
+    """A single-use token's value is a tenant; a task token's, a tenant and a task. A
+    value that does not fit the token's kind (or is not ids) opens nothing."""
+    tenant, task = uuid7(), uuid7()
+    assert wstokens.parse_grant(str(tenant), task_token=False) == wstokens.Grant(tenant)
+    assert wstokens.parse_grant(f"{tenant} {task}", task_token=True) == wstokens.Grant(tenant, task)
+    assert wstokens.parse_grant(str(tenant), task_token=True) is None
+    assert wstokens.parse_grant(f"{tenant} {task}", task_token=False) is None
+    assert wstokens.parse_grant("tenant", task_token=False) is None
+    assert wstokens.parse_grant(f"{tenant} nope", task_token=True) is None
