@@ -52,21 +52,11 @@ async def test_an_event_source_follows_a_task_live_to_its_end(
     # Grace for the worker's event behind its commit (2 busy cores): a snapshot in its
     # place would be right, but this test wants every event.
     await system.start_gateway(snapshot_grace_s="2")
-    async with http.post(
-        f"{system.api_url}/v1/tasks",
-        json={"type": "demo.sleep", "args": {"seconds": 2, "steps": 8}},
-        headers=tenant.headers,
-    ) as r:
-        assert r.status == 202, await r.text()
-        task_id = (await r.json())["id"]
-    async with http.post(f"{system.api_url}/v1/ws-tokens", headers=tenant.headers) as r:
-        assert r.status == 201
-        token = (await r.json())["token"]
+    url = await _events_url(system, http, tenant, seconds=2, steps=8, task_token=False)
 
     page = await browser.new_page()
     try:
         await page.goto(f"{system.api_url}/healthz")  # a page of the API's own origin
-        url = f"http://127.0.0.1:{system.gateway_port}/v1/tasks/{task_id}/events?token={token}"
         seen: dict[str, Any] = await page.evaluate(FOLLOW, [url, timeout(60) * 1000])
     finally:
         await page.close()
@@ -93,23 +83,11 @@ async def test_an_event_source_with_a_task_token_reconnects_by_itself(
     await system.start_api()
     await system.start_worker()
     gateway = await system.start_gateway(snapshot_grace_s="2")
-    async with http.post(
-        f"{system.api_url}/v1/tasks",
-        json={"type": "demo.sleep", "args": {"seconds": 8, "steps": 16}},
-        headers=tenant.headers,
-    ) as r:
-        assert r.status == 202, await r.text()
-        task_id = (await r.json())["id"]
-    async with http.post(
-        f"{system.api_url}/v1/ws-tokens", json={"task_id": task_id}, headers=tenant.headers
-    ) as r:
-        assert r.status == 201
-        token = (await r.json())["token"]
+    url = await _events_url(system, http, tenant, seconds=8, steps=16, task_token=True)
 
     page = await browser.new_page()
     try:
         await page.goto(f"{system.api_url}/healthz")
-        url = f"http://127.0.0.1:{system.gateway_port}/v1/tasks/{task_id}/events?token={token}"
         await page.evaluate(
             f"([url, ms]) => {{ window.done = ({FOLLOW})([url, ms]); }}",
             [url, timeout(90) * 1000],
@@ -130,3 +108,27 @@ async def test_an_event_source_with_a_task_token_reconnects_by_itself(
 
 async def _seen_at_least(page: Page, count: int) -> bool:
     return bool(await page.evaluate(f"(window.seen?.got.length ?? 0) >= {count}"))
+
+
+async def _events_url(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    *,
+    seconds: float,
+    steps: int,
+    task_token: bool,
+) -> str:
+    """Submit a demo.sleep task; its SSE URL with a token (single-use, or its task's)."""
+    async with http.post(
+        f"{system.api_url}/v1/tasks",
+        json={"type": "demo.sleep", "args": {"seconds": seconds, "steps": steps}},
+        headers=tenant.headers,
+    ) as r:
+        assert r.status == 202, await r.text()
+        task_id = (await r.json())["id"]
+    scope = {"json": {"task_id": task_id}} if task_token else {}
+    async with http.post(f"{system.api_url}/v1/ws-tokens", headers=tenant.headers, **scope) as r:
+        assert r.status == 201
+        token = (await r.json())["token"]
+    return f"http://127.0.0.1:{system.gateway_port}/v1/tasks/{task_id}/events?token={token}"
