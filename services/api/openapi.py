@@ -133,7 +133,15 @@ def _body_errors() -> dict[str, Any]:
         "413": _problem("body over the limit"),
         "415": _problem("not application/json"),
         "422": _problem("validation failed"),
-        "503": {**_problem("back pressure or a dependency down"), "headers": _retry_after()},
+        "503": {
+            **_problem(
+                "back pressure or a dependency down: not accepted. Except, rarely, when the"
+                " database connection broke while storing and the outcome could not be"
+                " checked (the detail says so): then it may run, and a retry is safe only"
+                " with the same Idempotency-Key"
+            ),
+            "headers": _retry_after(),
+        },
     }
 
 
