@@ -334,7 +334,8 @@ async def task_types(request: web.Request) -> web.Response:
 async def ws_token(request: web.Request) -> web.Response:
     svc, principal = await _principal(request)
     scope = None
-    if request.can_read_body:  # no body: a single-use token, as before bodies were read
+    # No body (or an empty one, chunked or not): a single-use token, as before.
+    if request.can_read_body and await request.read():
         scope = rq.validate(WsTokenRequest, await rq.read_json(request)).task_id
     if scope is not None and await svc.repo.task_state(principal.tenant_id, scope) is None:
         raise ProblemException(404, "Not Found", "no such task", slug="not-found")

@@ -22,7 +22,7 @@ class ApiSettings(CommonSettings):
     # A task token opens its task's SSE stream again and again (an EventSource's own
     # reconnects): it should outlast the task's connection losses, and bounds how long
     # a leaked URL shows that task's progress.
-    task_token_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
+    task_token_ttl_s: float = Field(default=3600.0, gt=0, le=24 * 3600)
     # How long an API key lookup (or a miss) is cached; bounds how long a revoked key
     # keeps working.
     auth_cache_s: float = Field(default=5.0, ge=0)

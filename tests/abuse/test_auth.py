@@ -9,6 +9,7 @@ import hmac
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import aiohttp
@@ -16,13 +17,14 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from services.api.auth import Authenticator
 from services.api.problems import ProblemException
 from services.api.repository import Principal
-from shared import keys
+from shared import keys, wstokens
 from tests.abuse.conftest import TASKS_MODULE, MakeSystem, request
 from tests.conftest import ROOT_ENV, Deployment, Tenant, create_tenant
 from tests.support import ARTIFACTS, System, eventually, run_cli, timeout
@@ -173,12 +175,16 @@ async def test_task_tokens_open_their_tasks_stream_until_they_expire(
     http: aiohttp.ClientSession,
     tenant: Tenant,
     db: asyncpg.Pool,
+    redis: Redis,
 ) -> None:
     """POST /v1/ws-tokens with a task_id gives a task token: that task's SSE stream, as
-    often as asked, for LONGHAUL_TASK_TOKEN_TTL_S; no other task's stream, no WebSocket.
-    Only for a task of the tenant's own; a bad body is refused as any other."""
+    often as asked, for LONGHAUL_TASK_TOKEN_TTL_S (its Redis key's TTL: the gateway's
+    tests show an expired one refused); no other task's stream, no WebSocket. Only for
+    a task of the tenant's own; a bad body is refused as any other, and a body without
+    a task_id (or none at all, or an empty one) gives a single-use token as before."""
     system = systems(deployment)
-    await system.start_api(task_token_ttl_s=str(TOKEN_TTL_S), rate_limit_per_s="0")
+    ttl_s = 900
+    await system.start_api(task_token_ttl_s=str(ttl_s), rate_limit_per_s="0")
     await system.start_gateway()
     url = f"{system.api_url}/v1/tasks"
     ids = []
@@ -192,8 +198,10 @@ async def test_task_tokens_open_their_tasks_stream_until_they_expire(
     issued = await _ws_token(http, system, tenant, mine)
     assert issued["task_id"] == mine and issued["token"].startswith("t."), issued
     expires = datetime.fromisoformat(issued["expires_at"].replace("Z", "+00:00"))
-    assert 0 < (expires - datetime.now(UTC)).total_seconds() <= TOKEN_TTL_S + 0.5
+    assert ttl_s - 60 < (expires - datetime.now(UTC)).total_seconds() <= ttl_s
     token = issued["token"]
+    key = deployment.wire.ws_token(wstokens.token_hash(token))
+    assert ttl_s * 1000 - 60_000 < await redis.pttl(key) <= ttl_s * 1000
     assert [await _sse_status(http, system, mine, token) for _ in range(3)] == [200] * 3
     assert await _sse_status(http, system, other_task, token) == 401
     assert await _ws_status(system, token) == 401
@@ -215,9 +223,24 @@ async def test_task_tokens_open_their_tasks_stream_until_they_expire(
         http, "POST", tokens_url, data=b"task_id=1", headers=tenant.headers
     )
     assert status == 415
-
-    await asyncio.sleep(TOKEN_TTL_S + 0.5)  # past the TTL: the only way to test an expiry
-    assert await _sse_status(http, system, mine, token) == 401
+    for kw in ({"json": {}}, {"json": {"task_id": None}}, {"data": b""}):
+        status, body, _ = await request(http, "POST", tokens_url, headers=tenant.headers, **kw)
+        assert status == 201, (kw, body)
+        single = orjson.loads(body)
+        assert "task_id" not in single and not single["token"].startswith("t."), single
+        assert await _sse_status(http, system, mine, single["token"]) == 200
+        assert await _sse_status(http, system, mine, single["token"]) == 401
+    # An empty body sent chunked, as JSON: no body either.
+    host, port = urlsplit(system.api_url).netloc.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/ws-tokens HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {tenant.key}\r\n".encode()
+        + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    answer = await asyncio.wait_for(reader.read(), timeout(10))
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
 
 
 async def test_no_key_secret_or_token_is_ever_logged(
