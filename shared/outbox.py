@@ -61,6 +61,20 @@ async def due_count(conn: Connection, cap: int) -> int:
     return count
 
 
+async def delayed_count(conn: Connection, cap: int) -> int:
+    """How many rows are not yet due (delayed tasks, retries in their backoff), counted
+    up to ``cap``: the store of scheduled work the API's back pressure bounds. The index
+    ``outbox_due`` (available_at, id) serves it while few rows are delayed; when most
+    are, PostgreSQL reads the table instead. Either way it stops at ``cap`` rows, so a
+    count costs at most that many, however large the outbox grows."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE available_at > now() LIMIT $1)"
+        " AS delayed",
+        cap,
+    )
+    return count
+
+
 # What next_attempt() reads of a task row.
 MESSAGE_COLUMNS = "id, tenant_id, type, attempts, trace_id"
 

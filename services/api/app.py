@@ -158,6 +158,7 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
             deps.pool,
             wire,
             limit=settings.max_queue_depth,
+            delayed_limit=settings.max_delayed_tasks,
             interval_s=settings.queue_depth_refresh_s,
             timeout=timeout,
         ),

@@ -1,7 +1,8 @@
 """Back pressure: the backlog (the ready messages of both task queues, the normal and
 the high lane, and the outbox rows due to join them), sampled a few times a second
 (never per request), and the drain rate measured from it, so a refusal can say when to
-come back."""
+come back; and the store of delayed work (the outbox rows not yet due), sampled less
+often."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ QUEUE_DEPTH = Gauge(
 )
 OUTBOX_DUE = Gauge("longhaul_api_outbox_due", "Outbox rows due, not yet published (sampled)")
 DRAIN_RATE = Gauge("longhaul_api_drain_rate", "Measured messages/s leaving the backlog")
+OUTBOX_DELAYED = Gauge(
+    "longhaul_api_outbox_delayed",
+    "Outbox rows not yet due: delayed tasks and retries in their backoff (sampled, capped)",
+)
+
+# How often the outbox rows not yet due are counted. That count reads up to the limit of
+# index entries (some 15 ms for 100,000) where the due count reads the few the relay has
+# yet to publish, so not at every depth sample. A stale count costs little: this
+# process's own admissions are in the ledger until a count sees them, and rows come due
+# (leave the count) over minutes or days, not between two counts.
+DELAYED_INTERVAL_S = 1.0
 
 
 class DrainEstimator:
@@ -83,7 +95,7 @@ class AdmissionLedger:
     def end(self, count: int, committed_at: float | None) -> None:
         """The admission's transaction ended: committed at ``committed_at``, or not (None)."""
         self._pending -= count
-        if committed_at is not None:
+        if committed_at is not None and count:
             self._committed.append((committed_at, count))
             self._committed_total += count
 
@@ -96,7 +108,8 @@ class AdmissionLedger:
 class QueueMonitor:
     """Samples the backlog: the outbox rows due (one count) and then the task queues'
     depth, both lanes' (passive declares on the monitor's own channel). In that order a
-    row the relay moves between the two is counted twice, never missed."""
+    row the relay moves between the two is counted twice, never missed. Every
+    ``delayed_interval_s`` it also counts the outbox rows not yet due."""
 
     def __init__(
         self,
@@ -105,12 +118,17 @@ class QueueMonitor:
         wire: Wire,
         *,
         limit: int,
+        delayed_limit: int,
         interval_s: float,
         timeout: float,
+        delayed_interval_s: float = DELAYED_INTERVAL_S,
     ) -> None:
         self._connection = connection
         self._pool = pool
         self._limit = limit
+        self._delayed_limit = delayed_limit
+        self._delayed_interval = max(interval_s, delayed_interval_s)
+        self._delayed_next = 0.0
         self._wire = wire
         self._interval = interval_s
         self._timeout = timeout
@@ -120,30 +138,42 @@ class QueueMonitor:
         self.outbox_due = 0
         # When the last sample succeeded: a stale sample means the broker is unreachable.
         self.sampled_at = 0.0
+        self.delayed = 0
         self.estimator = DrainEstimator()
         self.ledger = AdmissionLedger()
+        # The delayed tasks admitted here that the last count of rows not yet due may
+        # miss (the ledger above counts them too, as part of the admission).
+        self.delayed_ledger = AdmissionLedger()
 
     def fresh(self, max_age_s: float) -> bool:
         return time.monotonic() - self.sampled_at <= max_age_s
 
     @contextlib.contextmanager
-    def admitting(self, count: int = 1) -> Iterator[None]:
-        """Count ``count`` tasks admitted around the transaction that stores them: until a
-        sample sees them, a burst between two samples would otherwise overshoot the
-        limit by all it sends in one interval."""
+    def admitting(self, count: int = 1, delayed: int = 0) -> Iterator[None]:
+        """Count ``count`` tasks admitted, ``delayed`` of them with a delay, around the
+        transaction that stores them: until a sample sees them, a burst between two
+        samples would otherwise overshoot the limit by all it sends in one interval."""
         self.ledger.begin(count)
+        self.delayed_ledger.begin(delayed)
         committed_at: float | None = None
         try:
             yield
             committed_at = time.monotonic()
         finally:
             self.ledger.end(count, committed_at)
+            self.delayed_ledger.end(delayed, committed_at)
 
     @property
     def estimated_depth(self) -> int:
         """What to compare with the limit: the sampled backlog plus the tasks admitted
         here that the sample may not have counted yet."""
         return self.depth + self.outbox_due + self.ledger.unseen
+
+    @property
+    def estimated_delayed(self) -> int:
+        """What to compare with the delayed limit: the outbox rows not yet due at the
+        last count plus the delayed tasks admitted here that it may not have counted."""
+        return self.delayed + self.delayed_ledger.unseen
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -152,6 +182,9 @@ class QueueMonitor:
             except (AMQPError, OSError, TimeoutError, RuntimeError) as exc:
                 log.debug("queue depth sample failed", extra={"error": repr(exc)})
                 await self._drop_channel()
+            # Apart from the depth's sample: a slow count must not make it stale.
+            if time.monotonic() >= self._delayed_next:
+                await self._sample_delayed()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)
 
@@ -197,6 +230,23 @@ class QueueMonitor:
         except ANY_PG_ERROR as exc:
             log.debug("outbox count failed", extra={"error": repr(exc)})
             return None
+
+    async def _sample_delayed(self) -> None:
+        """Count the outbox rows not yet due (up to what refuses anyway); on a failure
+        keep the last count, and the admissions since in the ledger, until the next."""
+        started = time.monotonic()
+        self._delayed_next = started + self._delayed_interval
+        try:
+            # Bounded like the due count: a PostgreSQL that hangs delays the next depth
+            # sample by no more than that.
+            async with asyncio.timeout(self._timeout / 2), self._pool.acquire() as conn:
+                delayed = await outbox.delayed_count(conn, cap=self._delayed_limit + 1)
+        except ANY_PG_ERROR as exc:
+            log.debug("delayed outbox count failed", extra={"error": repr(exc)})
+            return
+        self.delayed = delayed
+        self.delayed_ledger.seen_by(started)
+        OUTBOX_DELAYED.set(delayed)
 
     async def _drop_channel(self) -> None:
         """After a failed sample: close the channel (a new one next time), not leak it."""

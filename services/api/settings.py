@@ -13,6 +13,11 @@ class ApiSettings(CommonSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Back pressure: above this many ready messages, submissions get 503.
     max_queue_depth: int = Field(default=100_000, ge=1)
+    # Back pressure on the store of scheduled work: above this many outbox rows not yet
+    # due (delayed tasks, and retries waiting out their backoff), submissions carrying a
+    # delay get 503. Each is a task row and an outbox row in PostgreSQL, a few KB at most,
+    # so 100,000 is some hundreds of MB; counting up to it takes ~15 ms, once a second.
+    max_delayed_tasks: int = Field(default=100_000, ge=1)
     # How often the queue depth is sampled (not asked per request).
     queue_depth_refresh_s: float = Field(default=0.25, gt=0)
     # Per-tenant token bucket shared by all API processes (Redis); 0 disables it.

@@ -210,7 +210,7 @@ async def test_back_pressure_counts_both_lanes(isolated: Isolated) -> None:
             for _ in range(count):
                 await topology.exchange.publish(aio_pika.Message(b"{}"), routing_key=routing_key)
         monitor = QueueMonitor(
-            connection, isolated.db, wire, limit=100, interval_s=0.05, timeout=10
+            connection, isolated.db, wire, limit=100, delayed_limit=100, interval_s=0.05, timeout=10
         )
 
         async def sampled() -> int:

@@ -1,5 +1,5 @@
-"""The API's pure parts: the drain estimator behind Retry-After, cursors, the
-Idempotency-Key rule, validation problems, the OpenAPI document, and the key cache's
+"""The API's pure parts: the drain estimator behind Retry-After, the admission ledgers
+and the refusals they feed, cursors, the Idempotency-Key rule, validation problems, the OpenAPI document, and the key cache's
 single lookup per key and the task types' single read (with fake repositories)."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import asyncio
 import hashlib
 import math
 import re
+import time
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import asyncpg
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from services.api import requests as rq
 from services.api.app import _LazyPublisher, dependency_middleware
 from services.api.auth import Authenticator
-from services.api.backpressure import AdmissionLedger, DrainEstimator
+from services.api.backpressure import AdmissionLedger, DrainEstimator, QueueMonitor
 from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import OutcomeUnknown, Principal, committed, reply_lost
@@ -130,6 +131,51 @@ def test_a_sample_forgets_only_the_commits_before_it() -> None:
         ledger.end(10, committed_at=at)
     ledger.seen_by(2.5)
     assert ledger.unseen == 10
+
+
+def test_an_admission_of_nothing_leaves_no_entry() -> None:
+    """The delayed ledger sees every submission, most of them with no delayed task:
+    those add nothing for a sample to forget."""
+    ledger = AdmissionLedger()
+    ledger.begin(0)
+    ledger.end(0, committed_at=1.0)
+    assert ledger.unseen == 0 and not ledger._committed
+
+
+def _monitor(delayed_limit: int = 3, depth_limit: int = 100) -> QueueMonitor:
+    """A monitor that never samples (no broker, no pool), its sample just taken."""
+    monitor = QueueMonitor(
+        cast(Any, None),
+        cast(Any, None),
+        Wire("unit"),
+        limit=depth_limit,
+        delayed_limit=delayed_limit,
+        interval_s=0.25,
+        timeout=1.0,
+    )
+    monitor.sampled_at = time.monotonic()
+    return monitor
+
+
+def test_delayed_admissions_count_in_both_ledgers_until_their_samples() -> None:
+    """A delayed task counts against the queue's limit until a depth sample, and against
+    the delayed limit until a count of the rows not yet due, each begun after the commit."""
+    monitor = _monitor()
+    with monitor.admitting(3, delayed=2):
+        assert (monitor.estimated_depth, monitor.estimated_delayed) == (3, 2)
+    committed = time.monotonic()
+    monitor.ledger.seen_by(committed + 1)
+    assert (monitor.estimated_depth, monitor.estimated_delayed) == (0, 2)
+    monitor.delayed = 2  # the count that saw them
+    monitor.delayed_ledger.seen_by(committed + 1)
+    assert monitor.estimated_delayed == 2
+
+
+def test_a_failed_delayed_admission_stops_counting_at_once() -> None:
+    monitor = _monitor()
+    with pytest.raises(RuntimeError), monitor.admitting(1, delayed=1):
+        raise RuntimeError("the insert failed")
+    assert (monitor.estimated_depth, monitor.estimated_delayed) == (0, 0)
 
 
 # ---------------------------------------------------------------- cursors
