@@ -135,7 +135,9 @@ def _body_errors() -> dict[str, Any]:
         "422": _problem("validation failed"),
         "503": {
             **_problem(
-                "back pressure or a dependency down: not accepted. Except, rarely, when the"
+                "back pressure (problem type `queue-full`; `delayed-full` when tasks with a"
+                " delay would take the store of delayed tasks past its limit) or a dependency"
+                " down (`broker-unavailable`, ...): not accepted. Except, rarely, when the"
                 " database connection broke while storing and the outcome could not be"
                 " checked (the detail says so): then it may run, and a retry is safe only"
                 " with the same Idempotency-Key"

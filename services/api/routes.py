@@ -30,6 +30,11 @@ routes = web.RouteTableDef()
 
 # How stale a queue-depth sample may be before we assume the broker is unreachable.
 _MAX_SAMPLE_AGE_S = 3.0
+# Retry-After of a refusal for the store of delayed tasks being full. Its rows leave it
+# as they come due, at times the count does not tell (a minute or a month away), so no
+# honest estimate exists: a fixed minute, the longest Retry-After of a full queue, paces
+# the retries of work that is not urgent by nature.
+_DELAYED_FULL_RETRY_S = 60
 
 
 def _document(
@@ -67,10 +72,12 @@ async def _rate_limit(svc: Services, principal: Principal, cost: int) -> None:
 
 
 @contextlib.contextmanager
-def _admit(svc: Services, count: int = 1) -> Iterator[None]:
-    """Refuse (503) before writing anything when the backlog is over its limit or the
-    broker is unreachable or refusing: we only answer 202 for work we can keep. Wraps
-    the transaction that stores the tasks, which the monitor counts until it sees them."""
+def _admit(svc: Services, count: int = 1, delayed: int = 0) -> Iterator[None]:
+    """Refuse (503) before writing anything when the backlog is over its limit, when
+    ``delayed`` (of the ``count`` tasks, those with a delay) would take the store of
+    delayed tasks past its own, or when the broker is unreachable or refusing: we only
+    answer 202 for work we can keep. Wraps the transaction that stores the tasks, which
+    the monitor counts until it sees them."""
     monitor = svc.monitor
     if not monitor.fresh(_MAX_SAMPLE_AGE_S) or (svc.relay is not None and svc.relay.refusing):
         raise ProblemException(
@@ -91,7 +98,19 @@ def _admit(svc: Services, count: int = 1) -> Iterator[None]:
             slug="queue-full",
             headers={"Retry-After": str(retry)},
         )
-    with monitor.admitting(count):
+    if delayed:  # tasks without a delay never wait for this limit
+        delayed_limit = svc.settings.max_delayed_tasks
+        stored = monitor.estimated_delayed
+        if stored + delayed > delayed_limit:  # a batch counts whole here too
+            raise ProblemException(
+                503,
+                "Service Unavailable",
+                f"the store of delayed tasks is at its limit ({stored} stored, {delayed} more,"
+                f" limit {delayed_limit}); tasks without a delay are still accepted",
+                slug="delayed-full",
+                headers={"Retry-After": str(_DELAYED_FULL_RETRY_S)},
+            )
+    with monitor.admitting(count, delayed):
         yield
 
 
@@ -156,7 +175,7 @@ async def submit(request: web.Request) -> web.Response:
         if earlier:
             return _replay(svc, earlier[0], task, typed)
     new = NewTask(id=uuid7(), request=typed, trace_id=_trace_id(request))
-    with _admit(svc):
+    with _admit(svc, delayed=int(typed.delay_s > 0)):
         rows = await svc.repo.insert(principal.tenant_id, [new], keys, fingerprint)
     if not rows:  # lost a race with an earlier request under the key: answer as its replay
         assert keys is not None
@@ -223,7 +242,7 @@ async def submit_batch(request: web.Request) -> web.Response:
             return _batch_replay(svc, rq.batch_replayed(earlier, keys, fingerprint))
     trace = _trace_id(request)
     new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in tasks]
-    with _admit(svc, len(new)):
+    with _admit(svc, len(new), delayed=sum(t.delay_s > 0 for t in tasks)):
         rows = await svc.repo.insert(principal.tenant_id, new, keys, fingerprint)
     if not rows:  # lost a race with an earlier request under the key: answer as its replay
         assert keys is not None and fingerprint is not None

@@ -10,6 +10,7 @@ import math
 import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any, cast
 from uuid import UUID
 
@@ -30,7 +31,7 @@ from services.api.backpressure import AdmissionLedger, DrainEstimator, QueueMoni
 from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import OutcomeUnknown, Principal, committed, reply_lost
-from services.api.routes import _trace_id, routes
+from services.api.routes import _admit, _trace_id, routes
 from services.api.tasktypes import TaskTypeInfo, TaskTypes
 from services.api.views import task_document
 from shared import keys
@@ -157,6 +158,13 @@ def _monitor(delayed_limit: int = 3, depth_limit: int = 100) -> QueueMonitor:
     return monitor
 
 
+def _services(monitor: QueueMonitor) -> Any:
+    settings = SimpleNamespace(
+        max_queue_depth=monitor._limit, max_delayed_tasks=monitor._delayed_limit
+    )
+    return SimpleNamespace(monitor=monitor, settings=settings, relay=None)
+
+
 def test_delayed_admissions_count_in_both_ledgers_until_their_samples() -> None:
     """A delayed task counts against the queue's limit until a depth sample, and against
     the delayed limit until a count of the rows not yet due, each begun after the commit."""
@@ -176,6 +184,45 @@ def test_a_failed_delayed_admission_stops_counting_at_once() -> None:
     with pytest.raises(RuntimeError), monitor.admitting(1, delayed=1):
         raise RuntimeError("the insert failed")
     assert (monitor.estimated_depth, monitor.estimated_delayed) == (0, 0)
+
+
+def _refusal(svc: Any, count: int, delayed: int) -> ProblemException | None:
+    try:
+        with _admit(svc, count, delayed):
+            pass
+    except ProblemException as exc:
+        return exc
+    return None
+
+
+def test_delayed_tasks_are_refused_past_their_limit_and_others_are_not() -> None:
+    """With 3 allowed: the stored ones and those admitted since the last count fill it,
+    the next delayed task gets a 503 delayed-full with Retry-After, a task without a
+    delay is still admitted, and a batch that would cross the limit is refused whole."""
+    monitor = _monitor(delayed_limit=3)
+    svc = _services(monitor)
+    monitor.delayed = 1
+    assert _refusal(svc, 1, 1) is None  # 2 of 3, the second not counted by a sample yet
+    assert _refusal(svc, 3, 2) is not None  # whole: 2 + 2 > 3
+    assert monitor.estimated_delayed == 2
+    assert _refusal(svc, 2, 1) is None  # 3 of 3
+    refused = _refusal(svc, 1, 1)
+    assert refused is not None
+    problem = refused.problem
+    assert problem.status == 503 and problem.type.endswith("/delayed-full"), problem
+    assert refused.headers["Retry-After"].isdigit() and int(refused.headers["Retry-After"]) > 0
+    assert _refusal(svc, 1, 0) is None
+    assert _refusal(svc, 5, 0) is None
+    # Refusals admitted nothing; the tasks without a delay count only against the queue.
+    assert (monitor.estimated_depth, monitor.estimated_delayed) == (3 + 6, 3)
+
+
+def test_the_queue_limit_still_holds_for_delayed_tasks() -> None:
+    """The delayed limit adds to the queue's: a full queue refuses delayed tasks too."""
+    monitor = _monitor(delayed_limit=100, depth_limit=2)
+    monitor.depth = 2
+    refused = _refusal(_services(monitor), 1, 1)
+    assert refused is not None and refused.problem.type.endswith("/queue-full")
 
 
 # ---------------------------------------------------------------- cursors
