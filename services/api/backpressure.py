@@ -35,11 +35,13 @@ OUTBOX_DELAYED = Gauge(
     "Outbox rows not yet due: delayed tasks and retries in their backoff (sampled, capped)",
 )
 
-# How often the outbox rows not yet due are counted. That count reads up to the limit of
-# index entries (some 15 ms for 100,000) where the due count reads the few the relay has
-# yet to publish, so not at every depth sample. A stale count costs little: this
-# process's own admissions are in the ledger until a count sees them, and rows come due
-# (leave the count) over minutes or days, not between two counts.
+# How often the outbox rows not yet due are counted. That count reads as many rows as
+# are delayed, up to the limit (some 15-25 ms for 100,000), where the due count reads
+# the few the relay has yet to publish: not at every depth sample. A count a second old
+# costs little: this process's own admissions are in the ledger until a count sees
+# them; what it misses is the rows come due since (it refuses a little longer) and
+# other API processes' admissions of the last second (the limit bounds storage, not
+# latency: a small overshoot harms nothing).
 DELAYED_INTERVAL_S = 1.0
 
 
