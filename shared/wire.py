@@ -82,5 +82,9 @@ class Wire:
     def ws_token(self, token_hash: str) -> str:
         return f"{self.namespace}:wstoken:{token_hash}"
 
+    def tenant_connections(self, tenant_id: UUID | str) -> str:
+        """The tenant's open gateway connections (services/ws_gateway/leases.py)."""
+        return f"{self.namespace}:conns:{tenant_id}"
+
     def rate_bucket(self, tenant_id: UUID | str) -> str:
         return f"{self.namespace}:rate:{tenant_id}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import weakref
@@ -26,6 +27,7 @@ from services.ws_gateway import sse
 from services.ws_gateway.frames import FrameCache
 from services.ws_gateway.handshake import DeadlineConnection, connection_class
 from services.ws_gateway.hub import Hub
+from services.ws_gateway.leases import Leases
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
@@ -74,6 +76,7 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._redis: Redis | None = None
+        self._leases: Leases | None = None
         self._deps: Deps | None = None
         self._server: Server | None = None
         self._streams: set[sse.Stream] = set()
@@ -127,6 +130,16 @@ class Gateway:
             sweeper = Sweeper(self.registry, repository, self.metrics, s.subscription_check_s)
             sweep_task = asyncio.create_task(sweeper.run(), name="gateway-sweep")
             stack.push_async_callback(_cancel_and_wait, sweep_task)
+            self._leases = Leases(
+                redis,
+                self.wire,
+                cap=s.max_connections_per_tenant,
+                lease_s=s.connection_lease_s,
+            )
+            # Closed after the server (its connections' leases dropped), before Redis.
+            stack.push_async_callback(self._leases.aclose)
+            lease_task = asyncio.create_task(self._leases.run(), name="gateway-leases")
+            stack.push_async_callback(_cancel_and_wait, lease_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
                     await self.hub.connected.wait()
@@ -221,10 +234,13 @@ class Gateway:
             return problem(401, _REFUSED_401 if grant is None else _WS_REFUSES_TASK_TOKENS)
         tenant_id = grant.tenant_id
         try:
-            self.registry.check_room(tenant_id)
+            await self._lease(connection, tenant_id)
         except Refused as exc:
             self.metrics.refused.labels(reason="tenant_capacity").inc()
             return problem(429, exc.message, {"Retry-After": "5"})
+        except DependencyDown:
+            self.metrics.refused.labels(reason="dependency").inc()
+            return problem(503, _STORE_DOWN_503, {"Retry-After": "1"})
         self._tenants[connection] = tenant_id
         return None
 
@@ -238,6 +254,25 @@ class Gateway:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("token check failed: Redis unavailable", extra={"error": repr(exc)})
             raise DependencyDown(f"Redis: {exc!r}") from exc
+
+    async def _lease(self, connection: ServerConnection, tenant_id: UUID) -> None:
+        """A place for the connection under the tenant's cap, in this process and across
+        gateways, given back when the connection goes. Raises Refused at a cap, and
+        DependencyDown when Redis cannot tell."""
+        assert self._leases is not None and isinstance(connection, DeadlineConnection)
+        self.registry.check_room(tenant_id)  # this process alone: no Redis needed
+        try:
+            lease = await self._leases.take(tenant_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("connection lease failed: Redis unavailable", extra={"error": repr(exc)})
+            raise DependencyDown(f"Redis: {exc!r}") from exc
+        if lease is None:
+            raise Refused("too_many_connections", "this tenant is at its connection limit")
+        drop = functools.partial(self._leases.drop, lease)
+        if connection.lost:  # the client left while we asked
+            drop()
+        else:
+            connection.on_lost = drop
 
     async def _readyz(self) -> Response:
         """The same body as the other services' (shared.health), and the hub's own
@@ -306,9 +341,11 @@ class Gateway:
             return problem(401, "this token opens another task's events", cors)
         tenant_id = grant.tenant_id
         try:
-            self.registry.check_room(tenant_id)
+            await self._lease(connection, tenant_id)
         except Refused as exc:
             return problem(429, exc.message, {**cors, "Retry-After": "5"})
+        except DependencyDown:
+            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
         stream = sse.Stream(self._deps, tenant_id, task_id, after, self.settings.sse_heartbeat_s)
         self._streams.add(stream)
         if self._closing:

@@ -17,6 +17,7 @@ it; reading goes on, so that a client that leaves is still seen at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -30,6 +31,10 @@ class DeadlineConnection(ServerConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.plain_http = False
+        # Called once the connection is gone, however it went (a lease to give back);
+        # set after it went, the setter calls it itself (``lost``).
+        self.on_lost: Callable[[], None] | None = None
+        self.lost = False
         self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -40,6 +45,10 @@ class DeadlineConnection(ServerConnection):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self.lost = True
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

@@ -30,7 +30,10 @@ class GatewaySettings(CommonSettings):
     # socket is full too; 16 times as many when it is not: see session.py).
     client_queue_size: int = Field(default=256, ge=1)
     max_subscriptions_per_connection: int = Field(default=1000, ge=1)
+    # Across every gateway process (leases in Redis), and within each.
     max_connections_per_tenant: int = Field(default=1000, ge=1)
+    # How long a connection's place counts after its gateway died without giving it back.
+    connection_lease_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=20_000, ge=1)
     handshake_timeout_s: float = Field(default=10.0, gt=0)
     # How long closing a connection (the close handshake) may take before it is aborted.

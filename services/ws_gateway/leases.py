@@ -1,0 +1,168 @@
+"""The per-tenant connection cap across every gateway process: each open connection (a
+WebSocket or an SSE stream) holds a lease in Redis, a member of its tenant's sorted set
+scored by when the lease lapses. Taking one is one script (drop the lapsed, count, add):
+atomic, so two gateways cannot both take the last place. The process renews its leases
+while their connections are open and drops each when its connection goes; a process
+that dies stops renewing, and its leases lapse within ``lease_s``.
+
+Redis' clock scores them, so gateways need not agree on the time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from uuid import UUID
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.wire import Wire
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the tenant's set. ARGV: the lease's member, its length (ms), the cap.
+_TAKE = """
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: the sets of the tenants; ARGV[1]: the lease length (ms); ARGV[2..]: for each key
+# in order, how many members follow, then them. Only leases still there are renewed
+# (XX): one dropped meanwhile (its connection gone) stays dropped.
+_RENEW = """
+local now = redis.call('TIME')
+local until_ms = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[1])
+local i = 2
+for k = 1, #KEYS do
+    local n = tonumber(ARGV[i])
+    for j = 1, n do
+        redis.call('ZADD', KEYS[k], 'XX', until_ms, ARGV[i + j])
+    end
+    redis.call('PEXPIRE', KEYS[k], ARGV[1])
+    i = i + n + 1
+end
+return 0
+"""
+
+
+class Leases:
+    def __init__(self, redis: Redis, wire: Wire, *, cap: int, lease_s: float) -> None:
+        self._redis = redis
+        self._wire = wire
+        self._cap = cap
+        self._lease_ms = max(1, int(lease_s * 1000))
+        self._take = redis.register_script(_TAKE)
+        self._renew = redis.register_script(_RENEW)
+        # The leases this process holds, by member: their tenant.
+        self._held: dict[str, UUID] = {}
+        # Leases whose connection went, to be removed from Redis (they lapse anyway).
+        self._dropped: list[tuple[UUID, str]] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def take(self, tenant_id: UUID) -> str | None:
+        """A lease for one more connection of the tenant, or None at its cap. Raises
+        RedisError or OSError when Redis cannot tell."""
+        member = uuid.uuid4().hex
+        taken = await self._take(
+            keys=[self._wire.tenant_connections(tenant_id)],
+            args=[member, self._lease_ms, self._cap],
+        )
+        if not taken:
+            return None
+        self._held[member] = tenant_id
+        return member
+
+    def drop(self, member: str) -> None:
+        """The connection holding ``member`` went: no longer renewed, and removed from
+        Redis soon (one write for the drops of the moment)."""
+        tenant_id = self._held.pop(member, None)
+        if tenant_id is None:
+            return
+        self._dropped.append((tenant_id, member))
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_task(
+                self._remove_dropped(), name="gateway-lease-drops"
+            )
+
+    async def run(self) -> None:
+        """Renew the held leases every third of their length, until cancelled."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            await self.renew()
+
+    async def renew(self) -> None:
+        by_tenant: dict[UUID, list[str]] = {}
+        for member, tenant_id in self._held.items():
+            by_tenant.setdefault(tenant_id, []).append(member)
+        try:
+            for keys, args in _renewals(
+                {self._wire.tenant_connections(t): m for t, m in by_tenant.items()},
+                self._lease_ms,
+            ):
+                await self._renew(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Leases that lapse meanwhile undercount the tenant for a moment: let in,
+            # never shut out.
+            log.warning("connection leases not renewed", extra={"error": repr(exc)})
+
+    async def _remove_dropped(self) -> None:
+        await asyncio.sleep(0)  # the drops of this turn in one write
+        while self._dropped:
+            batch, self._dropped = self._dropped, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for tenant_id, member in batch:
+                        pipe.zrem(self._wire.tenant_connections(tenant_id), member)
+                    await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.info("dropped leases left to lapse", extra={"error": repr(exc)})
+
+    async def aclose(self) -> None:
+        """Give back every lease still held and wait for the removals (shutdown, once
+        the server closed): a connection whose loss is seen after this is counted no
+        longer, rather than until its lease lapses."""
+        for member in list(self._held):
+            self.drop(member)
+        if self._flush is not None:
+            await self._flush
+
+
+# Members renewed per script call: each call blocks Redis while it runs.
+_RENEW_CHUNK = 1000
+
+
+def _renewals(
+    members_of: dict[str, list[str]], lease_ms: int
+) -> list[tuple[list[str], list[int | str]]]:
+    """The renew script's calls (keys, args) for these sets' members, at most
+    ``_RENEW_CHUNK`` members a call. Pure."""
+    calls: list[tuple[list[str], list[int | str]]] = []
+    keys: list[str] = []
+    args: list[int | str] = [lease_ms]
+    room = _RENEW_CHUNK
+    for key, members in members_of.items():
+        start = 0
+        while start < len(members):
+            if room == 0:
+                calls.append((keys, args))
+                keys, args, room = [], [lease_ms], _RENEW_CHUNK
+            part = members[start : start + room]
+            keys.append(key)
+            args += [len(part), *part]
+            room -= len(part)
+            start += len(part)
+    if keys:
+        calls.append((keys, args))
+    return calls
