@@ -46,10 +46,12 @@ class DeadlineConnection(ServerConnection):
             self._deadline.cancel()
             self._deadline = None
         self.lost = True
-        if self.on_lost is not None:
-            on_lost, self.on_lost = self.on_lost, None
-            on_lost()
-        super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        try:
+            if on_lost is not None:
+                on_lost()
+        finally:
+            super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self.plain_http:

@@ -2,14 +2,16 @@
 WebSocket or an SSE stream) holds a lease in Redis, a member of its tenant's sorted set
 scored by when the lease lapses. Taking one is one script (drop the lapsed, count, add):
 atomic, so two gateways cannot both take the last place. The process renews its leases
-while their connections are open and drops each when its connection goes; a process
-that dies stops renewing, and its leases lapse within ``lease_s``.
+while their connections are open (adding back any Redis lost meanwhile: a restart, a
+renewal that failed past their length) and drops each when its connection goes; a
+process that dies stops renewing, and its leases lapse within ``lease_s``.
 
 Redis' clock scores them, so gateways need not agree on the time."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from uuid import UUID
@@ -21,36 +23,51 @@ from shared.wire import Wire
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the tenant's set. ARGV: the lease's member, its length (ms), the cap.
-_TAKE = """
+# A set lives as long as its longest lease: a gateway whose leases are shorter (its
+# setting differs) never cuts the others' short.
+_KEEP = """
+local function keep(key, ms)
+    if redis.call('PTTL', key) < ms then
+        redis.call('PEXPIRE', key, ms)
+    end
+end
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+"""
+
+# KEYS[1]: the tenant's set. ARGV: the lease's member, its length (ms), the cap.
+_TAKE = (
+    _KEEP
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
     return 0
 end
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+keep(KEYS[1], tonumber(ARGV[2]))
 return 1
 """
+)
 
 # KEYS: the sets of the tenants; ARGV[1]: the lease length (ms); ARGV[2..]: for each key
-# in order, how many members follow, then them. Only leases still there are renewed
-# (XX): one dropped meanwhile (its connection gone) stays dropped.
-_RENEW = """
-local now = redis.call('TIME')
-local until_ms = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[1])
+# in order, how many members follow, then them. A lease that is gone from Redis (it
+# lapsed while renewals failed, or Redis restarted empty) is added back: its connection
+# is open and counts, even if that puts its tenant over the cap for a while.
+_RENEW = (
+    _KEEP
+    + """
 local i = 2
 for k = 1, #KEYS do
     local n = tonumber(ARGV[i])
     for j = 1, n do
-        redis.call('ZADD', KEYS[k], 'XX', until_ms, ARGV[i + j])
+        redis.call('ZADD', KEYS[k], now_ms + tonumber(ARGV[1]), ARGV[i + j])
     end
-    redis.call('PEXPIRE', KEYS[k], ARGV[1])
+    keep(KEYS[k], tonumber(ARGV[1]))
     i = i + n + 1
 end
 return 0
 """
+)
 
 
 class Leases:
@@ -66,6 +83,9 @@ class Leases:
         # Leases whose connection went, to be removed from Redis (they lapse anyway).
         self._dropped: list[tuple[UUID, str]] = []
         self._flush: asyncio.Task[None] | None = None
+        # Renewals add leases back: a removal waits for the renewal in flight, which may
+        # have read the lease before it was dropped, or it would come back until it lapses.
+        self._writing = asyncio.Lock()
 
     @property
     def held(self) -> int:
@@ -75,10 +95,15 @@ class Leases:
         """A lease for one more connection of the tenant, or None at its cap. Raises
         RedisError or OSError when Redis cannot tell."""
         member = uuid.uuid4().hex
-        taken = await self._take(
-            keys=[self._wire.tenant_connections(tenant_id)],
-            args=[member, self._lease_ms, self._cap],
-        )
+        key = self._wire.tenant_connections(tenant_id)
+        try:
+            taken = await self._take(keys=[key], args=[member, self._lease_ms, self._cap])
+        except (RedisError, OSError, TimeoutError):
+            # It may have been taken before the reply was lost: give it back if we can,
+            # else it lapses (never renewed).
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await self._redis.zrem(key, member)
+            raise
         if not taken:
             return None
         self._held[member] = tenant_id
@@ -103,31 +128,33 @@ class Leases:
             await self.renew()
 
     async def renew(self) -> None:
-        by_tenant: dict[UUID, list[str]] = {}
-        for member, tenant_id in self._held.items():
-            by_tenant.setdefault(tenant_id, []).append(member)
-        try:
-            for keys, args in _renewals(
-                {self._wire.tenant_connections(t): m for t, m in by_tenant.items()},
-                self._lease_ms,
-            ):
-                await self._renew(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            # Leases that lapse meanwhile undercount the tenant for a moment: let in,
-            # never shut out.
-            log.warning("connection leases not renewed", extra={"error": repr(exc)})
+        async with self._writing:
+            by_tenant: dict[UUID, list[str]] = {}
+            for member, tenant_id in self._held.items():
+                by_tenant.setdefault(tenant_id, []).append(member)
+            try:
+                for keys, args in _renewals(
+                    {self._wire.tenant_connections(t): m for t, m in by_tenant.items()},
+                    self._lease_ms,
+                ):
+                    await self._renew(keys=keys, args=args)
+            except (RedisError, OSError, TimeoutError) as exc:
+                # Leases that lapse meanwhile undercount the tenant until the next
+                # renewal adds them back: let in, never shut out.
+                log.warning("connection leases not renewed", extra={"error": repr(exc)})
 
     async def _remove_dropped(self) -> None:
         await asyncio.sleep(0)  # the drops of this turn in one write
-        while self._dropped:
-            batch, self._dropped = self._dropped, []
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for tenant_id, member in batch:
-                        pipe.zrem(self._wire.tenant_connections(tenant_id), member)
-                    await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.info("dropped leases left to lapse", extra={"error": repr(exc)})
+        async with self._writing:
+            while self._dropped:
+                batch, self._dropped = self._dropped, []
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for tenant_id, member in batch:
+                            pipe.zrem(self._wire.tenant_connections(tenant_id), member)
+                        await pipe.execute()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.info("dropped leases left to lapse", extra={"error": repr(exc)})
 
     async def aclose(self) -> None:
         """Give back every lease still held and wait for the removals (shutdown, once

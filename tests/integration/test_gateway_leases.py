@@ -16,7 +16,7 @@ from services.ws_gateway.app import Gateway
 from services.ws_gateway.leases import Leases, _renewals
 from shared import wstokens
 from tests.conftest import Deployment, create_tenant
-from tests.integration.test_gateway_ws import gateway, insert_task, sse_path, until
+from tests.integration.test_gateway_ws import gateway, insert_task, sse_path
 from tests.support import eventually, timeout
 
 
@@ -42,11 +42,14 @@ async def test_leases_hold_a_cap_across_holders_until_dropped_or_lapsed(
     deployment: Deployment, redis: Redis
 ) -> None:
     """Two holders (two gateways) share a tenant's cap of 2. A dropped lease frees its
-    place; so does one whose holder stops renewing it, once it lapses, and not before
-    while it is renewed."""
+    place; renewed, leases outlive their length, and come back if Redis lost them; a
+    holder that stops renewing loses them once they lapse; one that closes gives back
+    what it holds."""
     tenant = uuid.uuid4()
-    one = Leases(redis, deployment.wire, cap=2, lease_s=0.6)
-    two = Leases(redis, deployment.wire, cap=2, lease_s=0.6)
+    key = deployment.wire.tenant_connections(tenant)
+    lease_s = timeout(2)
+    one = Leases(redis, deployment.wire, cap=2, lease_s=lease_s)
+    two = Leases(redis, deployment.wire, cap=2, lease_s=lease_s)
     first = await one.take(tenant)
     assert first is not None and await two.take(tenant) is not None
     assert await one.take(tenant) is None and await two.take(tenant) is None
@@ -59,14 +62,39 @@ async def test_leases_hold_a_cap_across_holders_until_dropped_or_lapsed(
     # ``two`` holds both places now; renewed, they outlive their length...
     renewing = asyncio.create_task(two.run(), name="test-renew")
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(lease_s * 1.5)
         assert await one.take(tenant) is None
+        # ...and Redis losing them (a restart with no persistence) loses them only
+        # until the next renewal.
+        await redis.delete(key)
+        await two.renew()
+        assert await redis.zcard(key) == 2 and await one.take(tenant) is None
     finally:
         renewing.cancel()
         await asyncio.gather(renewing, return_exceptions=True)
-    # ...and, their holder gone (no renewal, no drop), they lapse.
-    await eventually(lambda: one.take(tenant), within=5, what="a lapsed lease's place")
-    await redis.delete(deployment.wire.tenant_connections(tenant))
+    # Their holder gone silent (no renewal, no drop), they lapse.
+    taken = await eventually(lambda: one.take(tenant), within=10, what="a lapsed place")
+    assert await redis.zcard(key) == 1  # the lapsed ones dropped by the take
+    await one.aclose()  # gives back what it still holds
+    assert await redis.zcard(key) == 0, taken
+
+
+async def test_a_shorter_lease_elsewhere_cuts_no_lease_short(
+    deployment: Deployment, redis: Redis
+) -> None:
+    """A gateway whose leases are shorter (its setting differs) does not shorten the
+    life of the tenant's set, which holds the others' longer leases."""
+    tenant = uuid.uuid4()
+    long = Leases(redis, deployment.wire, cap=5, lease_s=30)
+    short = Leases(redis, deployment.wire, cap=5, lease_s=0.2)
+    assert await long.take(tenant) is not None
+    lease = await short.take(tenant)
+    assert lease is not None
+    short.drop(lease)
+    await short.aclose()
+    await asyncio.sleep(0.5)
+    assert await redis.zcard(deployment.wire.tenant_connections(tenant)) == 1
+    await long.aclose()
 
 
 async def test_two_gateways_share_a_tenants_connection_cap(
@@ -88,6 +116,9 @@ async def test_two_gateways_share_a_tenants_connection_cap(
             token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
             return f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}"
 
+        async def leases(count: int) -> bool:
+            return bool(await redis.zcard(deployment.wire.tenant_connections(tenant.id)) == count)
+
         async def status(gw: Gateway) -> int:
             try:
                 async with connect(await ws_url(gw)):
@@ -102,11 +133,9 @@ async def test_two_gateways_share_a_tenants_connection_cap(
             assert await status(a) == 429 and await status(b) == 429
             assert a.registry.connection_count == 1 and b.registry.connection_count == 1
             await ws.close()
-            await eventually(
-                until(lambda: a.registry.connection_count == 0), what="the WebSocket gone"
-            )
+            await eventually(lambda: leases(1), what="the WebSocket's lease given back")
             assert await status(b) == 101
-        await eventually(until(lambda: b.registry.connection_count == 0), what="stream gone")
+        await eventually(lambda: leases(0), what="the stream's lease given back")
         async with asyncio.timeout(timeout(10)):
             assert [await status(a), await status(b)] == [101, 101]
         held = await connect(await ws_url(a))
