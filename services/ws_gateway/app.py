@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 import weakref
@@ -77,6 +76,8 @@ class Gateway:
         )
         self._redis: Redis | None = None
         self._leases: Leases | None = None
+        # The lease of each connection that holds one, given back when it goes.
+        self._lease_of: dict[DeadlineConnection, str] = {}
         self._deps: Deps | None = None
         self._server: Server | None = None
         self._streams: set[sse.Stream] = set()
@@ -163,7 +164,9 @@ class Gateway:
                     # The handshake deadline is the connection class's: open_timeout
                     # would also cut an SSE stream, served from process_request.
                     open_timeout=None,
-                    create_connection=connection_class(s.handshake_timeout_s),
+                    create_connection=connection_class(
+                        s.handshake_timeout_s, self._connection_lost
+                    ),
                     close_timeout=s.close_timeout_s,
                     # Clients send tiny frames and we send small JSON: compression would cost
                     # memory per connection (zlib contexts) for nothing.
@@ -268,11 +271,15 @@ class Gateway:
             raise DependencyDown(f"Redis: {exc!r}") from exc
         if lease is None:
             raise Refused("too_many_connections", "this tenant is at its connection limit")
-        drop = functools.partial(self._leases.drop, lease)
-        if connection.lost:  # the client left while we asked
-            drop()
+        if connection.transport.is_closing():  # the client left while we asked
+            self._leases.drop(lease)
         else:
-            connection.on_lost = drop
+            self._lease_of[connection] = lease
+
+    def _connection_lost(self, connection: DeadlineConnection) -> None:
+        lease = self._lease_of.pop(connection, None)
+        if lease is not None and self._leases is not None:
+            self._leases.drop(lease)
 
     async def _readyz(self) -> Response:
         """The same body as the other services' (shared.health), and the hub's own
