@@ -111,7 +111,7 @@ class QueueMonitor:
     """Samples the backlog: the outbox rows due (one count) and then the task queues'
     depth, both lanes' (passive declares on the monitor's own channel). In that order a
     row the relay moves between the two is counted twice, never missed. Every
-    ``delayed_interval_s`` it also counts the outbox rows not yet due."""
+    ``DELAYED_INTERVAL_S`` it also counts the outbox rows not yet due."""
 
     def __init__(
         self,
@@ -123,13 +123,12 @@ class QueueMonitor:
         delayed_limit: int,
         interval_s: float,
         timeout: float,
-        delayed_interval_s: float = DELAYED_INTERVAL_S,
     ) -> None:
         self._connection = connection
         self._pool = pool
         self._limit = limit
         self._delayed_limit = delayed_limit
-        self._delayed_interval = max(interval_s, delayed_interval_s)
+        self._delayed_interval = max(interval_s, DELAYED_INTERVAL_S)
         self._delayed_next = 0.0
         self._wire = wire
         self._interval = interval_s

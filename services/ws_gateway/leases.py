@@ -87,10 +87,6 @@ class Leases:
         # have read the lease before it was dropped, or it would come back until it lapses.
         self._writing = asyncio.Lock()
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     async def take(self, tenant_id: UUID) -> str | None:
         """A lease for one more connection of the tenant, or None at its cap. Raises
         RedisError or OSError when Redis cannot tell."""

@@ -654,9 +654,7 @@ async def test_health_ready_and_metrics(
     async with gateway(deployment) as gw:
         bodies = {}
         for path in ("/healthz", "/readyz", "/metrics"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            await writer.drain()
+            reader, writer = await raw_get(gw, path)
             raw = await reader.read()
             writer.close()
             head, _, body = raw.partition(b"\r\n\r\n")
@@ -822,6 +820,17 @@ async def read_until_seq(resp: aiohttp.ClientResponse, seq: int) -> str:
     return body
 
 
+async def raw_get(
+    gw: Gateway, path: str, headers: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A GET of ``path`` sent over a bare TCP connection (``headers``: more header lines,
+    each ending in CRLF), for what an HTTP client library would hide or refuse."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
 def sse_ids(body: str) -> list[int]:
     return [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
 
@@ -841,11 +850,7 @@ async def test_sse_ends_with_204_once_the_client_has_the_terminal_event(
         status, body = await sse_get(gw.port, path + token, {"Last-Event-ID": "1"})
         assert status == 200 and sse_ids(body) == [2], body
         token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
-        reader, writer_ = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer_.write(
-            f"GET {path + token} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 2\r\n\r\n".encode()
-        )
-        await writer_.drain()
+        reader, writer_ = await raw_get(gw, path + token, "Last-Event-ID: 2\r\n")
         raw = await asyncio.wait_for(reader.read(), timeout(5))
         writer_.close()
     head, _, rest = raw.partition(b"\r\n\r\n")
@@ -1008,9 +1013,7 @@ async def test_an_sse_client_that_does_not_read_is_dropped(
     await writer.step(1)
     async with gateway(deployment, close_timeout_s=1) as gw:
         path = await sse_path(gw, redis, tenant, task_id)
-        _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
-        client.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
-        await client.drain()
+        _reader, client = await raw_get(gw, path)
         await eventually(until(lambda: gw.registry.connection_count == 1))
         blob = "x" * 60_000
         seq = 1
@@ -1034,9 +1037,7 @@ async def test_a_long_sse_catch_up_goes_out_as_the_client_takes_it(
         await writer.step(seq, data={"blob": "x" * 60_000})
     async with gateway(deployment, close_timeout_s=1) as gw:
         path = await sse_path(gw, redis, tenant, task_id)
-        _reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
-        client.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
-        await client.drain()
+        _reader, client = await raw_get(gw, path)
         await eventually(until(lambda: gw.registry.connection_count == 1))
         buffered = [0]
 
@@ -1063,8 +1064,7 @@ async def test_bytes_a_client_sends_after_its_sse_request_change_nothing(
     await writer.step(1)
     async with gateway(deployment) as gw:
         path = await sse_path(gw, redis, tenant, task_id)
-        reader, client = await asyncio.open_connection("127.0.0.1", gw.port)
-        client.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+        reader, client = await raw_get(gw, path)
         async with asyncio.timeout(timeout(10)):
             got = await reader.readuntil(b"id: 1\n")
             assert got.startswith(b"HTTP/1.1 200"), got
