@@ -190,6 +190,12 @@ class Tenant:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
 
+    @property
+    def key_id(self) -> str:
+        parsed = keys.parse(self.key)
+        assert parsed is not None
+        return parsed.key_id
+
 
 async def create_tenant(pool: asyncpg.Pool, name: str | None = None) -> Tenant:
     name = name or f"tenant-{uuid7().hex[-8:]}"

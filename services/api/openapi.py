@@ -327,7 +327,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 "summary": (
                     "A short-lived, single-use token to open one WebSocket or SSE stream;"
                     " with a task_id, a task token: that task's SSE stream, reusable until"
-                    " it expires"
+                    " it expires or the API key asking for it is revoked"
                 ),
                 "requestBody": {"required": False, **_content(WsTokenRequest)},
                 "responses": {

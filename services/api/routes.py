@@ -370,7 +370,8 @@ async def ws_token(request: web.Request) -> web.Response:
         raise unavailable
     try:
         ttl = svc.settings.ws_token_ttl_s if scope is None else svc.settings.task_token_ttl_s
-        token, expires = await wstokens.issue(svc.redis, svc.wire, principal.tenant_id, ttl, scope)
+        task = None if scope is None else (scope, principal.key_id)
+        token, expires = await wstokens.issue(svc.redis, svc.wire, principal.tenant_id, ttl, task)
     except (RedisError, OSError, TimeoutError):
         breaker.failed()
         raise unavailable from None

@@ -37,7 +37,7 @@ from services.ws_gateway.settings import GatewaySettings
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import Sweeper
 from shared import wstokens
-from shared.db import create_pool, require_schema
+from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
 from shared.health import readiness
 from shared.lifecycle import listening, wait_for_dependency
@@ -53,6 +53,7 @@ _SSE_PATH = re.compile(r"^/v1/tasks/([^/]+)/events$")
 _REFUSED_401 = "missing, invalid, expired or already used token"
 _WS_REFUSES_TASK_TOKENS = "a task token opens that task's SSE stream only, not a WebSocket"
 _STORE_DOWN_503 = "the token store is unavailable; try again"
+_DB_DOWN_503 = "database unavailable"
 
 
 class Gateway:
@@ -338,14 +339,9 @@ class Gateway:
             return problem(400, "Last-Event-ID must be a seq (an integer >= 0)", cors)
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
-        try:
-            grant = await self._redeem_token(token)
-        except DependencyDown:
-            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
-        if grant is None:
-            return problem(401, _REFUSED_401, cors)
-        if grant.task_id not in (None, task_id):
-            return problem(401, "this token opens another task's events", cors)
+        grant = await self._sse_grant(token, task_id, cors)
+        if isinstance(grant, Response):
+            return grant
         tenant_id = grant.tenant_id
         try:
             await self._lease(connection, tenant_id)
@@ -366,7 +362,7 @@ class Gateway:
                 # 204 tells an EventSource to stop reconnecting: the stream is over.
                 return respond(204, b"", "", cors)
             except DependencyDown:
-                return problem(503, "database unavailable", {**cors, "Retry-After": "1"})
+                return problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"})
             except Refused as exc:  # lost a race for the last place since the check
                 return problem(503, exc.message, {**cors, "Retry-After": "5"})
             try:
@@ -379,6 +375,30 @@ class Gateway:
         # The connection is closed: websockets sends nothing more (it answers only a
         # connection still in its handshake), and this response goes nowhere.
         return respond(200, b"", "text/event-stream")
+
+    async def _sse_grant(
+        self, token: str, task_id: UUID, cors: dict[str, str]
+    ) -> wstokens.Grant | Response:
+        """What the token opens for this task's stream, or the refusal to answer."""
+        assert self._deps is not None
+        try:
+            grant = await self._redeem_token(token)
+        except DependencyDown:
+            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
+        if grant is None:
+            return problem(401, _REFUSED_401, cors)
+        if grant.task_id not in (None, task_id):
+            return problem(401, "this token opens another task's events", cors)
+        if grant.key_id is not None:
+            # A task token outlives the minute a single-use one has: it is read again at
+            # every reconnect, and ends with the key that asked for it.
+            try:
+                active = await self._deps.repository.key_active(grant.key_id)
+            except ANY_PG_ERROR:
+                return problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"})
+            if not active:
+                return problem(401, "the API key that asked for this token was revoked", cors)
+        return grant
 
     # ------------------------------------------------------------------ connections
 

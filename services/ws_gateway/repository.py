@@ -1,5 +1,6 @@
 """The gateway's only SQL: the task row a subscription is checked and snapshotted from,
-and the rows' latest seqs (and whether they ended) the sweep compares its subscribers with."""
+the rows' latest seqs (and whether they ended) the sweep compares its subscribers with,
+and whether the API key behind a task token is still active."""
 
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ class TaskRepository:
             )
             out.update((r["id"], Head(r["last_seq"], TaskState(r["state"]).terminal)) for r in rows)
         return out
+
+    async def key_active(self, key_id: str) -> bool:
+        """Whether the API key ``key_id`` exists and is not revoked."""
+        found = await self._pool.fetchval(
+            "SELECT true FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
+            key_id,
+            timeout=self._timeout,
+        )
+        return found is not None
 
     async def aclose(self) -> None:
         """Wait for the reads in flight (shutdown)."""

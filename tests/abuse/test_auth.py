@@ -202,6 +202,10 @@ async def test_task_tokens_open_their_tasks_stream_until_they_expire(
     token = issued["token"]
     key = deployment.wire.ws_token(wstokens.token_hash(token))
     assert ttl_s * 1000 - 60_000 < await redis.pttl(key) <= ttl_s * 1000
+    # It names the key that asked for it: revoking that key ends it (the gateway's tests).
+    assert wstokens.parse_grant((await redis.get(key)).decode(), task_token=True) == (
+        wstokens.Grant(tenant.id, UUID(mine), tenant.key_id)
+    )
     assert [await _sse_status(http, system, mine, token) for _ in range(3)] == [200] * 3
     assert await _sse_status(http, system, other_task, token) == 401
     assert await _ws_status(system, token) == 401

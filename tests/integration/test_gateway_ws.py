@@ -21,11 +21,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.ws_gateway.app import Gateway
 from services.ws_gateway.settings import GatewaySettings
-from shared import wstokens
+from shared import keys, wstokens
 from shared.events import EventSink
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskState, format_ts
-from tests.conftest import Deployment, Tenant
+from tests.conftest import Deployment, Tenant, create_tenant
 from tests.support import eventually, timeout
 
 # ---------------------------------------------------------------- helpers
@@ -869,7 +869,7 @@ async def test_a_task_token_reopens_its_tasks_stream_and_nothing_else(
     for seq in range(1, 4):
         await writer.step(seq)
     async with gateway(deployment) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, task_id)
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, (task_id, tenant.key_id))
         path = f"/v1/tasks/{task_id}/events?token={token}"
         status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"}, until_seq=3)
         assert status == 200 and sse_ids(body) == [2, 3], body
@@ -881,7 +881,7 @@ async def test_a_task_token_reopens_its_tasks_stream_and_nothing_else(
         status, body = await sse_get(gw.port, path, {"Last-Event-ID": "0"}, until_seq=3)
         assert status == 200 and sse_ids(body) == [1, 2, 3], body  # those spent nothing
 
-        short, _ = await wstokens.issue(redis, gw.wire, tenant.id, 0.05, task_id)
+        short, _ = await wstokens.issue(redis, gw.wire, tenant.id, 0.05, (task_id, tenant.key_id))
         await asyncio.sleep(0.2)
         status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={short}", {})
         assert status == 401  # expired
@@ -896,6 +896,43 @@ async def test_a_task_token_reopens_its_tasks_stream_and_nothing_else(
         assert status == 200
         status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={single}", {})
         assert status == 401  # spent
+        await eventually(until(lambda: gw.registry.connection_count == 0))
+
+
+async def test_revoking_the_api_key_ends_its_task_tokens(
+    deployment: Deployment, db: asyncpg.Pool, redis: Redis, sink: EventSink
+) -> None:
+    """A task token lives up to a day: revoking the key that asked for it ends it at
+    the next (re)connect, and only its own tokens. A token issued before tokens named
+    their key (an older API's) still opens its stream until it expires."""
+    tenant = await create_tenant(db)
+    other_key = keys.generate("test")
+    await db.execute(
+        "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
+        other_key.key_id,
+        tenant.id,
+        other_key.label,
+        other_key.secret_hash,
+    )
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    async with gateway(deployment) as gw:
+        mine, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, (task_id, tenant.key_id))
+        theirs, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, (task_id, other_key.key_id))
+        legacy = "t.legacy-" + uuid7().hex
+        await redis.set(gw.wire.ws_token(wstokens.token_hash(legacy)), f"{tenant.id} {task_id}")
+        for token in (mine, theirs, legacy):
+            path = f"/v1/tasks/{task_id}/events?token={token}"
+            status, body = await sse_get(gw.port, path, {}, until_seq=1)
+            assert status == 200 and sse_ids(body) == [1], body
+        await db.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", tenant.key_id)
+        path = f"/v1/tasks/{task_id}/events?token={mine}"
+        status, body = await sse_get(gw.port, path, {}, until_seq=1)
+        assert status == 401 and "revoked" in body, body
+        for token in (theirs, legacy):
+            path = f"/v1/tasks/{task_id}/events?token={token}"
+            status, body = await sse_get(gw.port, path, {}, until_seq=1)
+            assert status == 200 and sse_ids(body) == [1], body
         await eventually(until(lambda: gw.registry.connection_count == 0))
 
 

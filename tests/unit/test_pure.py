@@ -338,6 +338,12 @@ def test_a_token_opens_only_what_its_kind_was_stored_with() -> None:
     tenant, task = uuid7(), uuid7()
     assert wstokens.parse_grant(str(tenant), task_token=False) == wstokens.Grant(tenant)
     assert wstokens.parse_grant(f"{tenant} {task}", task_token=True) == wstokens.Grant(tenant, task)
+    assert wstokens.parse_grant(f"{tenant} {task} k3y1d", task_token=True) == wstokens.Grant(
+        tenant, task, "k3y1d"
+    )
+    assert wstokens.parse_grant(f"{tenant} {task} Bad-Id", task_token=True) is None
+    assert wstokens.parse_grant(f"{tenant} {task} k3y1d x", task_token=True) is None
+    assert wstokens.parse_grant(f"{tenant} k3y1d", task_token=False) is None
     assert wstokens.parse_grant(str(tenant), task_token=True) is None
     assert wstokens.parse_grant(f"{tenant} {task}", task_token=False) is None
     assert wstokens.parse_grant("tenant", task_token=False) is None
