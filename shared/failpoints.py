@@ -2,8 +2,9 @@
 
 ``"relay.after_confirm=crash,worker.after_commit=crash"``: at ``relay.after_confirm`` the
 process dies as if by ``kill -9``; ``hang`` waits forever, ``pause`` half a second (to
-let another process win a race). Production leaves the setting empty, and then
-``hit()`` is a dict lookup."""
+let another process win a race), ``raise`` raises InjectedFault (a bug: an exception
+nothing expects). Production leaves the setting empty, and then ``hit()`` is a dict
+lookup."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import asyncio
 import os
 import sys
 
-ACTIONS = frozenset({"crash", "hang", "pause"})
+ACTIONS = frozenset({"crash", "hang", "pause", "raise"})
 PAUSE_S = 0.5
+
+
+class InjectedFault(Exception):
+    """Raised by a ``raise`` failpoint."""
 
 
 class Failpoints:
@@ -34,3 +39,5 @@ class Failpoints:
             await asyncio.Event().wait()
         if action == "pause":
             await asyncio.sleep(PAUSE_S)
+        if action == "raise":
+            raise InjectedFault(f"failpoint {name}")

@@ -3,12 +3,15 @@
 ``run(service, main)`` builds nothing itself; ``main(stop)`` receives an event set on
 SIGTERM/SIGINT and must return once it has drained. A configuration error or a
 dependency that stays unreachable for the start timeout ends the process with one line
-on stderr and a non-zero exit code."""
+on stderr and a non-zero exit code. So does a background loop the process cannot do
+without (``essential``) that ends on its own: the process drains and exits for its
+supervisor to restart it, rather than run on without its relay or its lease renewal."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -16,8 +19,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from shared.errors import ConfigError, DependencyError, StartTimeout
 
@@ -26,14 +29,59 @@ T = TypeVar("T")
 
 EXIT_CONFIG = 2
 EXIT_DEPENDENCY = 3
+EXIT_FAILED = 4
 
 
-def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+class Stop(asyncio.Event):
+    """A process's stop signal: set on SIGTERM/SIGINT, or by ``fail`` when something the
+    process cannot run without has ended. Either way the process drains and stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: str | None = None
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:  # the first cause is the one worth telling
+            self.failure = why
+        self.set()
+
+
+def essential(coro: Coroutine[Any, Any, None], name: str, stop: Stop | None) -> asyncio.Task[None]:
+    """Start a background loop the process cannot do without. Should it end before
+    ``stop`` is set, or raise at any time, ``stop`` fails: the process drains and exits
+    non-zero. Cancelling it (a shutdown's way to end it) is no failure. Without a
+    ``stop`` (an app built in a test) it is a plain task."""
+    task = asyncio.create_task(coro, name=name)
+    if stop is not None:
+        task.add_done_callback(functools.partial(_ended, stop))
+    return task
+
+
+def _ended(stop: Stop, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None and stop.is_set():
+        return  # drained, as asked
+    name = task.get_name()
+    why = f"{name} failed: {_cause(exc)}" if exc is not None else f"{name} ended on its own"
+    log.critical("essential background task ended: stopping", extra={"task": name}, exc_info=exc)
+    stop.fail(why)
+
+
+def _cause(exc: BaseException) -> str:
+    # A TaskGroup wraps what its tasks raised: tell those.
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(_cause(e) for e in exc.exceptions)
+    return repr(exc)
+
+
+def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
     """Run ``main`` under uvloop (where available) with signal handling; return the exit code."""
+    stop = Stop()
 
     async def supervised() -> None:
         _tune_gc()
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only sets the event: the draining happens in main.
@@ -53,6 +101,9 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     except DependencyError as exc:
         sys.stderr.write(f"{service}: {exc}\n")
         return EXIT_DEPENDENCY
+    if stop.failure is not None:
+        sys.stderr.write(f"{service}: stopped after a failure: {stop.failure}\n")
+        return EXIT_FAILED
     return 0
 
 

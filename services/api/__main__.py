@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.api.app import serve
 from services.api.settings import ApiSettings
 from shared.errors import ConfigError
-from shared.lifecycle import EXIT_CONFIG, run
+from shared.lifecycle import EXIT_CONFIG, Stop, run
 from shared.logging import setup_logging
 from shared.settings import load
 
@@ -21,7 +20,7 @@ def main() -> int:
         return EXIT_CONFIG
     setup_logging("api", settings.log_level, settings.log_format)
 
-    async def main_(stop: asyncio.Event) -> None:
+    async def main_(stop: Stop) -> None:
         await serve(settings, stop)
 
     return run("api", main_)

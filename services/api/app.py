@@ -7,6 +7,7 @@ app shuts down. The caller closes the connections afterwards, in reverse order."
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -36,7 +37,7 @@ from shared.breaker import Breaker
 from shared.db import TRANSIENT_ERRORS, create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
-from shared.lifecycle import listening, wait_for_dependency
+from shared.lifecycle import Stop, essential, listening, wait_for_dependency
 from shared.redis import create_client
 from shared.relay import OutboxRelay
 from shared.schemas import ProblemError
@@ -57,6 +58,8 @@ class Deps:
     pool: asyncpg.Pool
     redis: Redis
     amqp: AbstractRobustConnection
+    # The process's stop signal: the relay or the queue monitor ending fails it.
+    stop: Stop | None = None
 
 
 @web.middleware
@@ -175,24 +178,26 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     app[SERVICES] = svc
     app.add_routes(routes)
     ops.add_routes(app)
-    app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(functools.partial(_background, stop=deps.stop))
     return app
 
 
-async def _background(app: web.Application) -> AsyncIterator[None]:
-    """Start the relay and the queue monitor with the app; stop and await them after."""
+async def _background(app: web.Application, stop: Stop | None) -> AsyncIterator[None]:
+    """Start the relay and the queue monitor with the app; stop and await them after.
+    Either ending before that fails the process's ``stop``: without its relay the API
+    would accept tasks nobody publishes, without its monitor refuse them all."""
     svc = app[SERVICES]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(svc.monitor.run(stop), name="queue-monitor")]
+    jobs_stop = asyncio.Event()
+    tasks = [essential(svc.monitor.run(jobs_stop), "queue-monitor", stop)]
     if svc.relay is not None:
-        tasks.append(asyncio.create_task(svc.relay.run(stop), name="outbox-relay"))
+        tasks.append(essential(svc.relay.run(jobs_stop), "outbox-relay", stop))
     yield
     try:
         # The last inserts first: their tasks are handed to the relay, which publishes
         # them before it stops.
         await svc.repo.aclose()
     finally:
-        stop.set()
+        jobs_stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await svc.events.aclose()
 
@@ -233,7 +238,7 @@ class _LazyPublisher(Publisher):
         self._ready = amqp.task_publisher(self._confirming, self._wire, self._timeout)
 
 
-async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
+async def serve(settings: ApiSettings, stop: Stop) -> None:
     """Connect, declare the topology, serve until ``stop``, then drain and close."""
     timeout = settings.io_timeout_s
     async with AsyncExitStack() as stack:
@@ -261,7 +266,7 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
         await amqp.declare(channel, settings, Wire(settings.namespace))
         await channel.close()
 
-        app = create_app(settings, Deps(pool, redis, connection))
+        app = create_app(settings, Deps(pool, redis, connection, stop))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

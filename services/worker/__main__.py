@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from services.worker.app import run_worker
 from services.worker.registry import Registry
 from services.worker.settings import WorkerSettings
 from shared.errors import ConfigError
-from shared.lifecycle import EXIT_CONFIG, run
+from shared.lifecycle import EXIT_CONFIG, Stop, run
 from shared.logging import setup_logging
 from shared.settings import load
 
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"worker: {exc}\n")
         return EXIT_CONFIG
 
-    async def main_(stop: asyncio.Event) -> None:
+    async def main_(stop: Stop) -> None:
         await run_worker(settings, registry, stop)
 
     return run("worker", main_)

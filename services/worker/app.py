@@ -34,7 +34,7 @@ from shared.db import create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
-from shared.lifecycle import listening, wait_for_dependency
+from shared.lifecycle import Stop, essential, listening, wait_for_dependency
 from shared.redis import create_client
 from shared.relay import OutboxRelay
 from shared.wire import Wire
@@ -42,7 +42,7 @@ from shared.wire import Wire
 log = logging.getLogger(__name__)
 
 
-async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio.Event) -> None:
+async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -> None:
     wire = Wire(settings.namespace)
     failpoints = Failpoints(settings.failpoints)
     # The random part: containers with the host's name and PID 1 would share an id, and
@@ -109,27 +109,28 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: asyncio
         health = await _serve_health(settings, pool, redis, connection, consumer)
         stack.push_async_callback(health.cleanup)
 
+        # Each runs until jobs_stop, set once the consumers have drained; one that ends
+        # before that stops the worker (shared.lifecycle.essential).
         background: list[asyncio.Task[None]] = []
         jobs_stop = asyncio.Event()
         if settings.relay_enabled:
             relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id)
-            background.append(asyncio.create_task(relay.run(jobs_stop), name="outbox-relay"))
+            background.append(essential(relay.run(jobs_stop), "outbox-relay", stop))
         background += [
-            asyncio.create_task(
+            essential(
                 heartbeat(
                     repo, runner, worker_id, settings.lease_s, jobs_stop, types=registry.names()
                 ),
-                name="lease-heartbeat",
+                "lease-heartbeat",
+                stop,
             ),
-            asyncio.create_task(reaper(repo, events, settings.lease_s, jobs_stop), name="reaper"),
-            asyncio.create_task(listen(redis, wire, runner, jobs_stop), name="control-listener"),
-            asyncio.create_task(consumer.watch(jobs_stop), name="consumer-watchdog"),
+            essential(reaper(repo, events, settings.lease_s, jobs_stop), "reaper", stop),
+            essential(listen(redis, wire, runner, jobs_stop), "control-listener", stop),
+            essential(consumer.watch(jobs_stop), "consumer-watchdog", stop),
         ]
         if settings.task_retention_s > 0:
             background.append(
-                asyncio.create_task(
-                    purge(repo, settings.task_retention_s, jobs_stop), name="task-purge"
-                )
+                essential(purge(repo, settings.task_retention_s, jobs_stop), "task-purge", stop)
             )
 
         await consumer.start()

@@ -40,7 +40,7 @@ from shared import wstokens
 from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
 from shared.health import readiness
-from shared.lifecycle import listening, wait_for_dependency
+from shared.lifecycle import Stop, essential, listening, wait_for_dependency
 from shared.redis import create_client
 from shared.wire import Wire
 
@@ -89,7 +89,7 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
 
     @contextlib.asynccontextmanager
-    async def start(self, stop: asyncio.Event | None = None) -> AsyncIterator[Gateway]:
+    async def start(self, stop: Stop | None = None) -> AsyncIterator[Gateway]:
         s = self.settings
         async with contextlib.AsyncExitStack() as stack:
             pool: asyncpg.Pool = await wait_for_dependency(
@@ -127,10 +127,12 @@ class Gateway:
             self.hub = Hub(
                 s.redis_url, self.wire, self.registry, self.metrics, io_timeout=s.io_timeout_s
             )
-            hub_task = asyncio.create_task(self.hub.run(), name="gateway-hub")
+            # The hub, the sweep and the renewal of leases run until cancelled: one that
+            # ends before that stops the gateway (shared.lifecycle.essential).
+            hub_task = essential(self.hub.run(), "gateway-hub", stop)
             stack.push_async_callback(_cancel_and_wait, hub_task)
             sweeper = Sweeper(self.registry, repository, self.metrics, s.subscription_check_s)
-            sweep_task = asyncio.create_task(sweeper.run(), name="gateway-sweep")
+            sweep_task = essential(sweeper.run(), "gateway-sweep", stop)
             stack.push_async_callback(_cancel_and_wait, sweep_task)
             self._leases = Leases(
                 redis,
@@ -140,7 +142,7 @@ class Gateway:
             )
             # Closed after the server (its connections' leases dropped), before Redis.
             stack.push_async_callback(self._leases.aclose)
-            lease_task = asyncio.create_task(self._leases.run(), name="gateway-leases")
+            lease_task = essential(self._leases.run(), "gateway-leases", stop)
             stack.push_async_callback(_cancel_and_wait, lease_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
@@ -423,5 +425,5 @@ class Gateway:
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # What it raised, if it failed before, was told by essential() and failed the stop.
+    await asyncio.gather(task, return_exceptions=True)

@@ -213,6 +213,33 @@ async def test_relay_crash_after_confirm(make_run: MakeRun) -> None:
     assert result.executions == len(ids), "a republished message ran a task again"
 
 
+async def test_api_stops_when_its_relay_fails(make_run: MakeRun) -> None:
+    """A bug in the relay (an exception nothing expects) must not leave an API that
+    accepts tasks nobody publishes: the API drains, exits 4 with one line naming the
+    relay, and the next API's relay publishes what it had accepted."""
+    run = make_run()
+    await run.start_worker(relay_enabled="false")
+    api = await run.start_api(failpoints="relay.before_publish=raise")
+    ids = await run.submit(N, sleep_s=0.1)
+    code = await asyncio.to_thread(api.proc.wait, 30)
+    assert code == 4, api.output()[-3000:]
+    assert "api: stopped after a failure: outbox-relay failed: InjectedFault(" in api.output()
+    unpublished = await run.pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE task_id = ANY($1::uuid[])", ids
+    )
+    await run.start_api()
+    settle_s = await run.settle(ids)
+    result = await run.judge(
+        "relay raised (a bug)",
+        ids,
+        recover_s=None,
+        unpublished=int(unpublished),
+        settle_s=round(settle_s, 2),
+    )
+    assert unpublished > 0, "the failing relay published something"
+    assert result.executions == len(ids)
+
+
 async def test_api_kill9_between_commit_and_publish(make_run: MakeRun) -> None:
     """The API answers 202 (task and outbox row committed) and dies before publishing;
     a new API's relay publishes the rows and every task completes. Their claims hold for

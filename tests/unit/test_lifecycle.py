@@ -1,0 +1,102 @@
+"""shared.lifecycle: a process stops, drains and exits non-zero when a background loop it
+cannot do without ends on its own; a shutdown's own cancel or a drained loop is no
+failure."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from shared.lifecycle import EXIT_FAILED, Stop, essential, run
+
+
+@pytest.fixture(autouse=True)
+def _gc_as_it_was() -> Iterator[None]:
+    # run() tunes the collector for a service process; the test session keeps its own.
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+async def _boom() -> None:
+    await asyncio.sleep(0.01)
+    raise LookupError("nobody expects this")
+
+
+async def _returns_early() -> None:
+    await asyncio.sleep(0.01)
+
+
+def test_a_failed_loop_stops_the_process_after_its_drain(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    drained: list[str] = []
+
+    async def main(stop: Stop) -> None:
+        task = essential(_boom(), "the-loop", stop)
+        await stop.wait()
+        drained.append("drained")  # main still runs its shutdown to the end
+        await asyncio.gather(task, return_exceptions=True)
+
+    assert run("svc", main) == EXIT_FAILED
+    assert drained == ["drained"]
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "svc: stopped after a failure: the-loop failed: LookupError('nobody expects this')\n"
+    ), err
+
+
+def test_a_loop_that_returns_before_the_stop_is_a_failure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def main(stop: Stop) -> None:
+        essential(_returns_early(), "quitter", stop)
+        await stop.wait()
+
+    assert run("svc", main) == EXIT_FAILED
+    assert "svc: stopped after a failure: quitter ended on its own" in capsys.readouterr().err
+
+
+def test_the_first_failure_is_the_one_told(capsys: pytest.CaptureFixture[str]) -> None:
+    async def main(stop: Stop) -> None:
+        first = essential(_boom(), "first", stop)
+        await stop.wait()
+        essential(_boom(), "second", stop)
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, return_exceptions=True)
+
+    assert run("svc", main) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "first failed" in err and "second" not in err.splitlines()[-1], err
+
+
+def test_a_drained_or_cancelled_loop_is_no_failure() -> None:
+    async def main(stop: Stop) -> None:
+        jobs_stop = asyncio.Event()
+
+        async def until(event: asyncio.Event) -> None:
+            await event.wait()
+
+        drained = essential(until(jobs_stop), "drains-at-stop", stop)
+        forever = essential(until(asyncio.Event()), "runs-until-cancelled", stop)
+        stop.set()  # as SIGTERM does
+        jobs_stop.set()
+        forever.cancel()
+        await asyncio.gather(drained, forever, return_exceptions=True)
+        await asyncio.sleep(0)  # the done callbacks have run
+        assert stop.failure is None
+
+    assert run("svc", main) == 0
+
+
+def test_without_a_stop_it_is_a_plain_task() -> None:
+    async def main(_: Stop) -> None:
+        task = essential(_boom(), "unsupervised", None)
+        with pytest.raises(LookupError):
+            await task
+
+    assert run("svc", main) == 0
