@@ -247,13 +247,23 @@ class WorkerRepository:
     async def retry_later(
         self, message: TaskMessage, error: dict[str, Any], delay_s: float
     ) -> Row | None:
-        """Mark the attempt ``retrying`` and schedule the next one in the outbox, at once."""
+        """Mark the attempt ``retrying`` and schedule the next one in the outbox, at once;
+        or ``cancelled`` when a cancel was asked for that this worker had not yet seen
+        (its control message missed, or in flight while the attempt failed): no retry
+        of a task its client has cancelled, after a backoff of up to a day."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""
-                UPDATE tasks SET state = 'retrying', error = $3, worker_id = NULL,
-                    lease_expires_at = NULL, last_seq = last_seq + 1, updated_at = now(),
-                    next_attempt_at = now() + make_interval(secs => $4)
+                UPDATE tasks SET
+                    state = CASE WHEN cancel_requested_at IS NULL THEN 'retrying'
+                                 ELSE 'cancelled' END,
+                    error = CASE WHEN cancel_requested_at IS NULL THEN $3::jsonb END,
+                    finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now()
+                                       ELSE finished_at END,
+                    next_attempt_at = CASE WHEN cancel_requested_at IS NULL
+                                           THEN now() + make_interval(secs => $4) END,
+                    worker_id = NULL, lease_expires_at = NULL,
+                    last_seq = last_seq + 1, updated_at = now()
                 WHERE id = $1 AND state = 'running' AND attempts = $2
                 RETURNING {EVENT_COLUMNS}, next_attempt_at
                 """,
@@ -262,7 +272,7 @@ class WorkerRepository:
                 error,
                 delay_s,
             )
-            if row is not None:
+            if row is not None and row["state"] == "retrying":
                 await outbox.enqueue(
                     conn,
                     [

@@ -612,6 +612,34 @@ async def test_a_lost_attempt_whose_cancel_was_asked_ends_cancelled(
         assert await isolated.db.fetchval(count, task_id) == 0, table
 
 
+async def test_a_retryable_failure_after_a_cancel_was_asked_ends_cancelled(
+    isolated: Isolated,
+) -> None:
+    """The user asked to cancel; the worker had not seen it (its control message
+    missed) when the handler failed with a retryable error. The task ends cancelled
+    at once: no retry after the backoff, nothing in the outbox."""
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 1, 3600)
+    await isolated.db.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task_id)
+    message = TaskMessage(
+        task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
+    )
+    error = {"type": "flaky", "message": "try again", "retryable": True}
+    repo = WorkerRepository(isolated.db, timeout=10)
+    row = await repo.retry_later(message, error, delay_s=600)
+    assert row is not None and row["state"] == "cancelled"
+    task = await isolated.db.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+    assert task["state"] == "cancelled" and task["error"] is None
+    assert task["finished_at"] is not None and task["next_attempt_at"] is None
+    assert (
+        await isolated.db.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", task_id) == 0
+    )
+    # Without a cancel asked, the same failure schedules the next attempt.
+    again = await _insert_running(isolated.db, isolated.tenant.id, 1, 3600)
+    row = await repo.retry_later(message.model_copy(update={"task_id": again}), error, 600)
+    assert row is not None and row["state"] == "retrying"
+    assert await isolated.db.fetchval("SELECT count(*) FROM outbox WHERE task_id = $1", again) == 1
+
+
 async def test_a_cancel_waiting_for_a_workers_commit_cancels_the_task(
     system: System, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
