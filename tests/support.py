@@ -71,6 +71,15 @@ def new_run_id() -> str:
     return secrets.token_hex(4)
 
 
+def until(condition: Callable[[], object]) -> Callable[[], Awaitable[bool]]:
+    """An ``eventually`` check from a plain predicate."""
+
+    async def check() -> bool:
+        return bool(condition())
+
+    return check
+
+
 async def eventually(
     check: Callable[[], Awaitable[T | None]],
     *,

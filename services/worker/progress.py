@@ -137,11 +137,14 @@ class ProgressReporter:
             self._flusher = None
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(self._gate.wait(time.monotonic()))
-        try:
-            await self._send()
-        except Exception:  # a lost report must not cost the outcome
-            log.warning("held-back progress report not written", exc_info=True)
+        # Until nothing is held back: a report made while this task was writing found it
+        # running and left the sending to it (report()).
+        while self._pending is not None and not self.fenced_out:
+            await asyncio.sleep(self._gate.wait(time.monotonic()))
+            try:
+                await self._send()
+            except Exception:  # a lost report must not cost the outcome
+                log.warning("held-back progress report not written", exc_info=True)
 
     async def _send(self) -> None:
         async with self._lock:

@@ -26,9 +26,8 @@ from tests.integration.test_gateway_ws import (
     insert_task,
     recv_json,
     recv_until_seq,
-    until,
 )
-from tests.support import eventually, free_port, running, timeout
+from tests.support import eventually, free_port, running, timeout, until
 
 
 async def http_get(port: int, path: str) -> tuple[int, bytes]:

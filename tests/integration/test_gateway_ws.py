@@ -26,7 +26,7 @@ from shared.events import EventSink
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskState, format_ts
 from tests.conftest import Deployment, Tenant, create_tenant
-from tests.support import eventually, timeout
+from tests.support import eventually, timeout, until
 
 # ---------------------------------------------------------------- helpers
 
@@ -136,15 +136,6 @@ async def recv_until_seq(
             got.append(frame)
             if frame["type"] == "event" and frame["seq"] >= seq:
                 return got
-
-
-def until(condition: Any) -> Any:
-    """An ``eventually`` check from a plain predicate."""
-
-    async def check() -> bool:
-        return bool(condition())
-
-    return check
 
 
 def assert_no_gap(frames: list[dict[str, Any]], after: int) -> None:

@@ -43,7 +43,7 @@ from shared.errors import ConfigError
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage, TaskState
-from tests.support import eventually
+from tests.support import eventually, until
 
 # ---------------------------------------------------------------- handler start
 
@@ -158,6 +158,32 @@ async def test_the_last_report_is_delivered_on_close() -> None:
     assert write.calls == [(0.1, "first"), (0.2, "second")]
     assert sink.events[-1].data == {"k": 1}
     assert sink.events[-1].message == "second"
+
+
+async def test_a_report_made_during_a_held_back_write_is_not_held_until_close() -> None:
+    """The held-back report's write is slow; the handler reports again meanwhile and
+    then works on without reporting. That newer report goes out once the rate allows,
+    not only when the attempt ends."""
+    reporter, write, sink = _reporter(max_rate=20)  # one per 50 ms
+    writing, release = asyncio.Event(), asyncio.Event()
+    fast = write.__call__
+
+    async def slow_second(progress: float, message: str | None) -> ProgressEvent | None:
+        if len(write.calls) == 1:  # the held-back one
+            writing.set()
+            await release.wait()
+        return await fast(progress, message)
+
+    reporter._write = slow_second
+    await reporter.report(0.1, "first", None)  # written at once
+    await reporter.report(0.2, "second", None)  # held back, then written by the flusher
+    await asyncio.wait_for(writing.wait(), 5)
+    await reporter.report(0.3, "third", None)  # while the second is being written
+    release.set()
+    await eventually(until(lambda: len(sink.events) == 3), within=5, what="the third report")
+    assert [m for _, m in write.calls] == ["first", "second", "third"]
+    await reporter.close()
+    assert len(write.calls) == 3
 
 
 async def test_close_without_pending_report_writes_nothing() -> None:
