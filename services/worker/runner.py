@@ -266,6 +266,16 @@ class Runner:
         timed_out: bool,
         timeout_s: float,
     ) -> Outcome:
+        if (
+            reason in (StopReason.SHUTDOWN, StopReason.CANCELLED)
+            and handler.done()
+            and not handler.cancelled()
+            and handler.cancelling() == 0  # never told to stop: it ended first
+            and handler.exception() is None
+        ):
+            # It succeeded in the same turn as the stop came: its effects are done, and
+            # running it again (a shutdown's hand-back) or calling it cancelled would lie.
+            reason = None
         if reason is not None and handler.done() and not handler.cancelled():
             handler.exception()  # retrieved: the stop decides, the handler's error is moot
         if reason is StopReason.CANCELLED:

@@ -659,6 +659,41 @@ def _attempt(
     return runner, Running(Claimed(row, message)), spec  # type: ignore[arg-type]
 
 
+def _returns_anyway(release: asyncio.Event) -> Any:
+    async def handler(ctx: TaskContext, args: EmptyArgs) -> str:
+        with contextlib.suppress(asyncio.CancelledError):
+            await release.wait()
+        return "done"
+
+    return handler
+
+
+@pytest.mark.parametrize("told", [False, True])
+@pytest.mark.parametrize("reason", [StopReason.SHUTDOWN, StopReason.CANCELLED])
+async def test_a_success_in_the_same_turn_as_a_stop_stands(reason: StopReason, told: bool) -> None:
+    """The handler returned, and before the run saw it the drain's grace ran out (or a
+    cancel came): it was never told to stop, so its success stands, and a shutdown does
+    not hand it back to run again. One that was told to stop and returned anyway is
+    stopped."""
+    release = asyncio.Event()
+    runner, running, spec = _attempt(_returns_anyway(release), cancel_grace_s=1)
+    run = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    handler = running.handler
+    assert handler is not None
+    if told:
+        running.stop(reason)
+    else:
+        # In the turn the handler ends, before the run resumes to look at it.
+        handler.add_done_callback(lambda _: running.stop(reason))
+        release.set()
+    outcome = await run
+    if told:
+        assert outcome.state == ("cancelled" if reason is StopReason.CANCELLED else "interrupted")
+    else:
+        assert (outcome.state, outcome.result) == ("succeeded", "done")
+
+
 async def test_a_handler_ignoring_its_cancellation_is_counted_until_it_ends() -> None:
     """Given up on after the grace period it runs on in the process: the gauge counts it
     until it ends."""
