@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Sequence
 
 from prometheus_client import Counter
@@ -38,31 +39,59 @@ async def heartbeat(
     types: Sequence[str] = (),
 ) -> None:
     """Renew every running attempt's lease each third of the lease, in one statement,
-    and say this worker still runs ``types`` (workers lacking one pass its tasks on)."""
+    and say this worker still runs ``types`` (workers lacking one pass its tasks on).
+    An attempt asked to cancel is stopped; so is one found no longer ours (reaped
+    while the database was away): its handler must not run on beside the next attempt."""
     while not await _wait(stop, lease_s / 3):
-        ids = list(runner.running)
+        attempts = dict(runner.running)
         try:
-            cancel = await repo.renew_leases(ids, worker_id, lease_s)
+            renewal = await repo.renew_leases(
+                {t: r.claimed.message.attempt for t, r in attempts.items()}, worker_id, lease_s
+            )
             await repo.touch_types(types)
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("lease renewal", exc)
             continue
-        for task_id in cancel:
-            if (running := runner.running.get(task_id)) is not None:
-                running.stop(StopReason.CANCELLED)
+        for task_ids, reason in (
+            (renewal.cancel, StopReason.CANCELLED),
+            (renewal.lost, StopReason.FENCED),
+        ):
+            for task_id in task_ids:
+                # The same attempt only: the task may have moved on meanwhile.
+                if runner.running.get(task_id) is attempts[task_id]:
+                    attempts[task_id].stop(reason)
+        if renewal.lost:
+            log.warning(
+                "attempts found no longer ours: stopped", extra={"count": len(renewal.lost)}
+            )
 
 
 async def reaper(
     repo: WorkerRepository, events: EventSink, lease_s: float, stop: asyncio.Event
 ) -> None:
     """Requeue attempts whose lease expired. Every worker runs one; SKIP LOCKED lets
-    them share the work, and jitter keeps them from waking together."""
+    them share the work, and jitter keeps them from waking together.
+
+    After a round that failed (the database away, most likely), the reaper waits a whole
+    lease from when the database answers again before it reaps: an outage longer than a
+    lease let the leases of live workers run out, and those workers renew them within a
+    third of a lease of its end. Reaping at once would requeue, or fail on its last
+    attempt, a task whose worker was about to finish it."""
     interval = max(0.5, lease_s / 3)
+    failed = False
+    quiet_until = 0.0
     while not await _wait(stop, interval * random.uniform(0.5, 1.0)):  # noqa: S311
         try:
+            if failed:
+                await repo.ping()
+                failed = False
+                quiet_until = time.monotonic() + lease_s
+            if time.monotonic() < quiet_until:
+                continue
             rows = await repo.reap()
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("reaper", exc)
+            failed = True
             continue
         if rows:
             REAPED.inc(len(rows))

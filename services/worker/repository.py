@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -62,6 +62,13 @@ FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(id, attempt, result)
 WHERE t.id = u.id AND t.state = 'running' AND t.attempts = u.attempt
 RETURNING {qualified("t")}
 """
+
+
+class Renewal(NamedTuple):
+    """What a lease renewal found: attempts asked to cancel, and attempts no longer ours."""
+
+    cancel: list[UUID]
+    lost: list[UUID]
 
 
 @dataclass(frozen=True)
@@ -298,29 +305,49 @@ class WorkerRepository:
             return rows[0] if rows else None
 
     async def renew_leases(
-        self, task_ids: Sequence[UUID], worker_id: str, lease_s: float
-    ) -> list[UUID]:
-        """Extend this worker's leases; return the tasks whose cancellation was requested.
+        self, attempts: Mapping[UUID, int], worker_id: str, lease_s: float
+    ) -> Renewal:
+        """Extend the leases of this worker's running ``attempts`` (task id: attempt); say
+        which of them were asked to cancel, and which are no longer this worker's.
 
         Rows another statement holds are skipped, not waited for: the claim and success
         writers lock many rows in an order of their plan's choosing, and a renewal
         waiting among them deadlocked (PostgreSQL then failed one of the two). A row
-        skipped is being written (most likely finished) and is renewed next time."""
-        if not task_ids:
-            return []
+        skipped is being written (most likely finished) and is renewed next time. Lost
+        is read from the statement's snapshot, without a lock: a row being written
+        still reads as ours, one reaped (its lease ran out while the database was away)
+        does not."""
+        if not attempts:
+            return Renewal([], [])
         rows = await self._fetch(
             """
-            UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3)
-            WHERE id IN (SELECT id FROM tasks
-                         WHERE id = ANY($1::uuid[]) AND state = 'running' AND worker_id = $2
-                         FOR UPDATE SKIP LOCKED)
-            RETURNING id, cancel_requested_at
+            WITH mine AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS m(id, attempt)),
+            renewed AS (
+                UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $4)
+                WHERE id IN (SELECT t.id FROM tasks t JOIN mine m ON m.id = t.id
+                             WHERE t.attempts = m.attempt AND t.state = 'running'
+                               AND t.worker_id = $3
+                             FOR UPDATE OF t SKIP LOCKED)
+                RETURNING id, cancel_requested_at
+            )
+            SELECT m.id, r.cancel_requested_at IS NOT NULL AS cancel,
+                   NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = m.id
+                               AND t.attempts = m.attempt AND t.state = 'running'
+                               AND t.worker_id = $3) AS lost
+            FROM mine m LEFT JOIN renewed r ON r.id = m.id
             """,
-            list(task_ids),
+            list(attempts),
+            list(attempts.values()),
             worker_id,
             lease_s,
         )
-        return [r["id"] for r in rows if r["cancel_requested_at"] is not None]
+        return Renewal(
+            cancel=[r["id"] for r in rows if r["cancel"]],
+            lost=[r["id"] for r in rows if r["lost"]],
+        )
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
 
     async def reap(self, limit: int = 100) -> list[Row]:
         """Requeue (or fail, when out of attempts) running tasks whose lease ran out: their

@@ -684,12 +684,44 @@ async def test_the_success_writer_and_the_lease_renewal_never_deadlock(
         )
         results = await asyncio.gather(
             repo._succeed_rows([(i, 1, {"ok": True}) for i in reversed(ids)]),
-            repo.renew_leases(ids, "w", 30),
+            repo.renew_leases(dict.fromkeys(ids, 1), "w", 30),
             return_exceptions=True,
         )
         deadlocks += sum(isinstance(r, asyncpg.DeadlockDetectedError) for r in results)
         assert not [r for r in results if isinstance(r, BaseException)], results
     assert deadlocks == 0
+
+
+async def test_a_renewal_tells_the_attempts_no_longer_ours_from_those_being_written(
+    isolated: Isolated,
+) -> None:
+    """After an outage longer than a lease, another worker's reaper may have requeued
+    an attempt that still runs here: the renewal says it is lost, so the heartbeat
+    stops it. A row another statement is writing (locked) is not renewed this time,
+    and not lost either; a cancel asked for is told."""
+    db, repo = isolated.db, WorkerRepository(isolated.db, timeout=10)
+    kept, reaped, busy, cancelled = [
+        await _insert_running(db, isolated.tenant.id, 1, 30) for _ in range(4)
+    ]
+    await db.execute(
+        "UPDATE tasks SET worker_id = 'w' WHERE id = ANY($1::uuid[])",
+        [kept, reaped, busy, cancelled],
+    )
+    await db.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", cancelled)
+    await db.execute(
+        "UPDATE tasks SET lease_expires_at = now() - interval '1 s' WHERE id = $1", reaped
+    )
+    assert [r["id"] for r in await repo.reap()] == [reaped]
+    before = await db.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", busy)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", busy)
+        renewal = await repo.renew_leases(
+            dict.fromkeys([kept, reaped, busy, cancelled], 1), "w", 60
+        )
+    assert renewal.lost == [reaped] and renewal.cancel == [cancelled]
+    assert await db.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", busy) == before
+    # Another attempt of ours is not this one: lost too.
+    assert (await repo.renew_leases({kept: 2}, "w", 60)).lost == [kept]
 
 
 async def test_a_broker_dead_letter_fails_only_its_own_tenants_task(isolated: Isolated) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from services.worker.maintenance import heartbeat, reaper
 from services.worker.progress import MAX_DATA_BYTES, MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
-from services.worker.repository import Claimed
+from services.worker.repository import Claimed, Renewal
 from services.worker.runner import Runner, Running, StopReason, start_handler
 from services.worker.sdk import (
     EmptyArgs,
@@ -512,11 +513,14 @@ class _FlakyLeases:
         self.renewals = 0
         self.reaps = 0
 
-    async def renew_leases(self, ids: Sequence[Any], worker_id: str, lease_s: float) -> list[Any]:
+    async def renew_leases(self, attempts: Any, worker_id: str, lease_s: float) -> Renewal:
         self.renewals += 1
         if self.renewals == 1:
             raise asyncpg.DeadlockDetectedError("deadlock detected")
-        return []
+        return Renewal([], [])
+
+    async def ping(self) -> None:
+        return None
 
     async def touch_types(self, names: Sequence[str]) -> None:
         return None
@@ -548,6 +552,66 @@ async def test_the_heartbeat_and_the_reaper_go_on_after_any_error() -> None:
     stop.set()
     await asyncio.gather(*jobs)
     assert repo.renewals >= 3 and repo.reaps >= 3
+
+
+class _ReaperAfterAnOutage:
+    """The first reap fails (the database away); the calls are timed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float]] = []
+
+    async def ping(self) -> None:
+        self.calls.append(("ping", time.monotonic()))
+
+    async def reap(self) -> list[Any]:
+        self.calls.append(("reap", time.monotonic()))
+        if len(self.calls) == 1:
+            raise ConnectionRefusedError(111, "refused")
+        return []
+
+
+async def test_the_reaper_waits_a_lease_once_the_database_is_back() -> None:
+    """Live workers' leases ran out while the database was away: they get a whole lease
+    from its return to renew them before the reaper reaps again."""
+    repo, stop = _ReaperAfterAnOutage(), asyncio.Event()
+    lease_s = 1.2  # rounds every 0.2-0.4 s (lease / 3 with jitter, at least 0.5 s / 2)
+    job = asyncio.create_task(reaper(repo, SimpleNamespace(), lease_s, stop))  # type: ignore[arg-type]
+    await eventually(until(lambda: len(repo.calls) >= 3), within=10, what="a reap after the ping")
+    stop.set()
+    await job
+    (first, _), (second, back_at), (third, reaped_at) = repo.calls[:3]
+    assert (first, second, third) == ("reap", "ping", "reap")
+    assert reaped_at - back_at >= lease_s
+
+
+class _LostAttempt:
+    """A renewal that finds one attempt reaped by another worker."""
+
+    def __init__(self, lost: Any) -> None:
+        self.lost = lost
+
+    async def renew_leases(self, attempts: Any, worker_id: str, lease_s: float) -> Renewal:
+        return Renewal([], [self.lost])
+
+    async def touch_types(self, names: Sequence[str]) -> None:
+        return None
+
+
+async def test_the_heartbeat_stops_an_attempt_no_longer_ours() -> None:
+    release = asyncio.Event()
+    runner, running, spec = _attempt(_returns_anyway(release), cancel_grace_s=1)
+    task_id = running.claimed.message.task_id
+    runner.running[task_id] = running
+    stop = asyncio.Event()
+    run = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
+    beat = asyncio.create_task(heartbeat(_LostAttempt(task_id), runner, "w", 0.03, stop))  # type: ignore[arg-type]
+    try:
+        outcome = await asyncio.wait_for(run, 5)
+    finally:
+        stop.set()
+        release.set()
+        await beat
+    assert running.stop_reason is StopReason.FENCED and outcome.state == "interrupted"
 
 
 async def test_a_fenced_report_stops_the_attempt_and_bad_data_is_refused_at_once() -> None:
