@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Sequence
 from uuid import UUID
@@ -88,8 +89,7 @@ def _given_key(key: str, label: str | None) -> keys.NewKey:
 
 
 async def _keys_revoke(settings: CommonSettings, key_id: str) -> None:
-    parsed = keys.parse(key_id)
-    wanted = parsed.key_id if parsed else key_id
+    wanted = keys.key_id_of(key_id)
     conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
     try:
         status = await conn.execute(
@@ -127,12 +127,23 @@ async def _dlq_list(settings: CommonSettings, limit: int) -> None:
         await conn.close()
     for r in rows:
         state = "redriven" if r["redriven_at"] else "waiting"
+        # The detail quotes a handler's error, a tenant's text: no control character of
+        # it reaches the operator's terminal (a line of its own, an escape sequence).
+        detail = terminal_safe((r["detail"] or "")[:120])
         print(
-            f"{r['id']}\t{r['created_at']:%Y-%m-%d %H:%M:%S}\t{r['reason']}\t"
-            f"task={r['task_id'] or '-'}\t{state}\t{(r['detail'] or '')[:120]}"
+            f"{r['id']}\t{r['created_at']:%Y-%m-%d %H:%M:%S}\t{terminal_safe(r['reason'])}\t"
+            f"task={r['task_id'] or '-'}\t{state}\t{detail}"
         )
     if not rows:
         print("no dead letters", file=sys.stderr)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with its control characters (C0, DEL, C1) written as escapes. Pure."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 async def _dlq_redrive(settings: CommonSettings, dead_letter_id: str) -> None:

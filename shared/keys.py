@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 _KEY_RE = re.compile(r"^lh_([a-z0-9]{1,16})_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+# A key with its secret cut off, as listed: enough to name its key id.
+_SHOWN_RE = re.compile(r"^lh_[a-z0-9]{1,16}_([a-z0-9]{12})_")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,13 @@ def parse(key: str) -> ParsedKey | None:
     if match is None:
         return None
     return ParsedKey(label=match[1], key_id=match[2], secret=match[3])
+
+
+def key_id_of(text: str) -> str:
+    """The key id ``text`` names: a whole key, a key as ``keys list`` shows it
+    (``lh_<label>_<key id>_…``), or else the text itself, taken for a key id."""
+    match = _SHOWN_RE.match(text)
+    return match[1] if match else text
 
 
 def verify(parsed: ParsedKey, secret_hash: bytes) -> bool:
