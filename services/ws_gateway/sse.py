@@ -202,18 +202,16 @@ class Stream:
         False when the client left or fell behind."""
         row = self._row
         while not closed.done():
-            # Cleared before the reads: a wake-up after this point is not lost, and one
-            # before it is covered by them (the worker writes the event, then publishes).
-            self.woken.clear()
-            live, self._live = self._live, []
-            # Live events that follow on from the cursor go out as they are; anything
-            # else (the first pass, a hole, a resync, the sweep) reads the row and the
-            # stream, as a subscribe does.
-            run = None if row is not None or self._read_needed else live_run(live, self.delivered)
+            # The first pass catches up from open()'s row and leaves the wake-ups that
+            # came during that read for the next pass: when the row alone is the next
+            # event, the stream is not read, and those events would be lost until the
+            # sweep. Later passes send live events that follow on from the cursor as
+            # they are; anything else (a hole, a resync, the sweep) reads the row and
+            # the stream, as a subscribe does.
+            run = None if row is not None else self._take_wakeups()
             if run is not None:
                 events, source = run, "live"
             else:
-                self._read_needed = False
                 row = row or await self._catcher.row(self._task_id)
                 if row is None:
                     return True  # the task is gone (its tenant deleted): nothing will come
@@ -240,6 +238,17 @@ class Stream:
             if self._stopping:
                 return not closed.done()
         return False
+
+    def _take_wakeups(self) -> list[ProgressEvent] | None:
+        """The live events to send as they are, or None when the reads must decide.
+        Cleared before the reads: a wake-up after this point is not lost, and one before
+        it is covered by them (the worker writes the event, then publishes)."""
+        self.woken.clear()
+        live, self._live = self._live, []
+        if self._read_needed:
+            self._read_needed = False
+            return None
+        return live_run(live, self.delivered)
 
     async def _write(
         self, connection: ServerConnection, events: list[ProgressEvent], source: str

@@ -1132,3 +1132,37 @@ async def test_a_retry_read_with_the_terminal_row_does_not_end_the_sse_stream(
             assert sse_ids(await read_until_seq(resp, 4)) == [2, 3, 4]
             await writer.step(5)
             assert sse_ids(await read_until_seq(resp, 5)) == [5]
+
+
+async def test_sse_events_that_land_while_the_stream_opens_go_out_at_once(
+    deployment: Deployment,
+    db: asyncpg.Pool,
+    tenant: Tenant,
+    redis: Redis,
+    sink: EventSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Opened right after the submit, the row (queued, seq 1) is the next event and the
+    stream is not read; the running and terminal events published during that row read
+    still follow at once, not at the next sweep (here an hour away)."""
+    task_id = await insert_task(db, tenant, last_seq=1)
+    writer = Writer(db, sink, task_id)
+    async with gateway(deployment, subscription_check_s=3600) as gw:
+        assert gw._deps is not None
+        repository = gw._deps.repository
+        task_row = repository.task_row
+
+        async def racing(task: UUID, tenant_id: UUID) -> Any:
+            row = await task_row(task, tenant_id)
+            monkeypatch.setattr(repository, "task_row", task_row)  # only the first read
+            await writer.step(2)
+            await writer.step(3, TaskState.SUCCEEDED)
+            [stream] = gw._streams
+            await eventually(until(lambda: len(stream._live) == 2), what="both live events")
+            return row
+
+        monkeypatch.setattr(repository, "task_row", racing)
+        path = await sse_path(gw, redis, tenant, task_id)
+        status, body = await sse_get(gw.port, path, {"Last-Event-ID": "0"}, until_seq=3)
+    assert status == 200 and sse_ids(body) == [1, 2, 3], body
+    assert '"state":"succeeded"' in body and '"snapshot"' not in body, body
