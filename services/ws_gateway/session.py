@@ -3,7 +3,8 @@
 Everything that reaches the client goes through one worker task in queue order (client
 commands, live events, resyncs, rechecks), so per task the frames leave in seq order
 and the cursor needs no lock. The hub only ``offer``s: too many events waiting marks
-the connection slow and it is closed, never waited for. Client commands are bounded
+the connection slow and it is closed, never waited for; so does a socket that takes
+nothing for close_timeout_s while the worker waits for it. Client commands are bounded
 apart (the reader waits for room), so a burst of subscribes is not mistaken for a
 client that does not read.
 
@@ -14,9 +15,10 @@ back to the task after a grace period, while the rest of the connection moves on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -93,6 +95,10 @@ class CatchUp:
 
 class DependencyDown(Exception):
     """PostgreSQL did not answer: the client should reconnect and resume later."""
+
+
+class _Stalled(Exception):
+    """The client took nothing we wrote for close_timeout_s: it is closed as slow."""
 
 
 @dataclass(frozen=True)
@@ -223,9 +229,12 @@ class Session:
         delivered = self._cursors.get(event.task_id)
         if delivered is None or check_live(delivered, event.seq) is not LiveCheck.SEND:
             return False
-        if not self._writable():
+        frame = self._deps.frame_cache.frame(event)
+        # Only while the frame fits below the mark: past it the socket is waited for,
+        # and only the worker waits (bounded, after its items).
+        if not self._writable(len(frame)):
             return False
-        self._writes.write(self._deps.frame_cache.frame(event))
+        self._writes.write(frame)
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.relayed["live"].inc()
         return True
@@ -287,7 +296,7 @@ class Session:
                 log.warning("closing a connection: dependency down", extra={"error": str(result)})
                 await self._close(CloseCode.TRY_AGAIN_LATER, "dependency unavailable")
             elif isinstance(result, BaseException) and not isinstance(
-                result, asyncio.CancelledError | ConnectionClosed
+                result, asyncio.CancelledError | ConnectionClosed | _Stalled
             ):
                 log.error("connection failed", exc_info=result)
                 await self._close(CloseCode.INTERNAL_ERROR, "internal error")
@@ -323,6 +332,10 @@ class Session:
                 self._ops_room.release()
             try:
                 await self._process(item)
+                if items.empty() and not self._writable():
+                    # Idle with frames the client has not taken: websockets' keepalive
+                    # ping would wait behind them, and its timeout would never start.
+                    await self._socket_took_it()
             finally:
                 self._pending -= 1
 
@@ -350,7 +363,7 @@ class Session:
             if (pending := self._rechecks.pop(item.task_id, None)) is not None:
                 pending[0].cancel()
         else:
-            await self.ws.send(frames.error_frame(item.code, item.message, item.task_id))
+            await self._send_frame(frames.error_frame(item.code, item.message, item.task_id))
 
     async def _subscribe(self, op: frames.Subscribe) -> None:
         try:
@@ -358,13 +371,13 @@ class Session:
             # whatever the stream read below misses arrives through the queue.
             self._deps.registry.subscribe(self, op.task_id)
         except Refused as exc:
-            await self.ws.send(frames.error_frame(exc.code, exc.message, op.task_id))
+            await self._send_frame(frames.error_frame(exc.code, exc.message, op.task_id))
             return
         row = await self._catcher.row(op.task_id)
         if row is None:
             self._deps.registry.unsubscribe(self, op.task_id)
             self._cursors.pop(op.task_id, None)
-            await self.ws.send(frames.error_frame("not_found", "no such task", op.task_id))
+            await self._send_frame(frames.error_frame("not_found", "no such task", op.task_id))
             return
         # A repeated subscribe restarts from the seq it names: the client asked for it.
         self._cursors[op.task_id] = op.after_seq
@@ -417,13 +430,34 @@ class Session:
             # for a socket that is filling up, where waiting is the back pressure we want.
             self._writes.write(frame)
         else:
-            await self.ws.send(frame)  # after the frames queued by _writes: order holds
+            await self._send_frame(frame)  # after the frames queued by _writes: order holds
         self._cursors[event.task_id] = event.seq
         self._deps.metrics.relayed[source].inc()
 
-    def _writable(self) -> bool:
+    async def _send_frame(self, frame: str) -> None:
+        await self._bounded(self.ws.send(frame))
+
+    async def _socket_took_it(self) -> None:
+        """Wait until the client has taken most of what we wrote."""
+        self._writes.flush()  # else the transport does not know yet it is full
+        with contextlib.suppress(OSError):  # the client left: the reader sees it closed
+            await self._bounded(self.ws.drain())
+
+    async def _bounded(self, waiting: Awaitable[None]) -> None:
+        """Wait for the client's socket, for close_timeout_s at most: a client that takes
+        nothing for that long does not read, and websockets' keepalive ping, queued
+        behind our frames, would never tell. Raises _Stalled: closed as slow (run())."""
+        try:
+            async with asyncio.timeout(self._deps.close_timeout_s):
+                await waiting
+        except TimeoutError:
+            self._slow = True
+            self._deps.metrics.drops.inc()
+            raise _Stalled from None
+
+    def _writable(self, more: int = 0) -> bool:
         """Open, and the kernel takes what we write (nothing much buffered by us, this
-        turn's queued frames included)."""
+        turn's queued frames included, and ``more`` bytes still to write)."""
         ws = self.ws
-        buffered = ws.transport.get_write_buffer_size() + self._writes.pending
+        buffered = ws.transport.get_write_buffer_size() + self._writes.pending + more
         return ws.protocol.state is State.OPEN and buffered < _UNREAD_BYTES

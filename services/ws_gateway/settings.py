@@ -36,7 +36,9 @@ class GatewaySettings(CommonSettings):
     connection_lease_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=20_000, ge=1)
     handshake_timeout_s: float = Field(default=10.0, gt=0)
-    # How long closing a connection (the close handshake) may take before it is aborted.
+    # How long closing a connection (the close handshake) may take before it is aborted;
+    # also how long a client's socket may take nothing we wrote before it is dropped as
+    # slow (its keepalive ping waits behind what it does not read).
     close_timeout_s: float = Field(default=5.0, gt=0)
     # When the database is ahead of the stream, the worker may simply not have written
     # the event yet (it commits first): wait this long before settling for a snapshot.

@@ -35,6 +35,12 @@ class CoalescedWrites:
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Hand the queued frames to the transport now, not at the end of the turn."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flush()
+
     def _flush(self) -> None:
         self._flushing = None
         self.pending = 0

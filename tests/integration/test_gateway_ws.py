@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -725,6 +726,45 @@ async def test_non_reading_client_is_dropped_others_keep_receiving(
         assert drops >= 1
         await healthy.close()
         stalled.transport.abort()
+
+
+async def test_a_client_that_stops_reading_during_a_catch_up_is_dropped(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A replay fills the socket of a client that stopped reading, and no live event
+    follows to count it slow: its socket, taking nothing for close_timeout_s, drops it
+    and gives back its place (the keepalive ping, queued behind, never would)."""
+    task_id = await insert_task(db, tenant, state="succeeded", last_seq=200)
+    at = datetime.now(UTC)
+    history = [
+        ProgressEvent(
+            task_id=task_id, seq=seq, state=TaskState.RUNNING, progress=0.5, ts=at,
+            data={"b": "x" * 4096},
+        )
+        for seq in range(1, 201)
+    ]  # fmt: skip
+    assert await sink.emit(history)
+    async with gateway(deployment, close_timeout_s=0.5) as gw:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the window
+        sock.connect(("127.0.0.1", gw.port))
+        ws = await ws_connect(gw, redis, tenant, sock=sock)
+        try:
+            await eventually(until(lambda: gw.registry.connection_count == 1))
+            [session] = gw.registry.connections()
+            server_sock = session.ws.transport.get_extra_info("socket")
+            server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            ws.transport.pause_reading()  # and never reads again
+            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+            await eventually(
+                until(lambda: gw.registry.connection_count == 0),
+                within=10,
+                what="the stalled connection dropped",
+            )
+            assert gw.metrics.drops._value.get() >= 1
+            assert session._cursors[task_id] < 200  # dropped mid-replay
+        finally:
+            ws.transport.abort()
 
 
 async def test_a_slow_client_is_told_1013_when_it_reads_again(
