@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -728,12 +729,8 @@ async def test_non_reading_client_is_dropped_others_keep_receiving(
         stalled.transport.abort()
 
 
-async def test_a_client_that_stops_reading_during_a_catch_up_is_dropped(
-    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
-) -> None:
-    """A replay fills the socket of a client that stopped reading, and no live event
-    follows to count it slow: its socket, taking nothing for close_timeout_s, drops it
-    and gives back its place (the keepalive ping, queued behind, never would)."""
+async def long_history(db: asyncpg.Pool, tenant: Tenant, sink: EventSink) -> UUID:
+    """A finished task whose 200 retained events of 4 KiB each fill any small socket."""
     task_id = await insert_task(db, tenant, state="succeeded", last_seq=200)
     at = datetime.now(UTC)
     history = [
@@ -744,18 +741,37 @@ async def test_a_client_that_stops_reading_during_a_catch_up_is_dropped(
         for seq in range(1, 201)
     ]  # fmt: skip
     assert await sink.emit(history)
+    return task_id
+
+
+async def stop_reading_mid_replay(
+    gw: Gateway, redis: Redis, tenant: Tenant, task_id: UUID
+) -> tuple[ClientConnection, Any]:
+    """A client, and its session, that subscribes from seq 0 and then reads nothing (TCP
+    still acks): small socket buffers on both ends, so the replay fills them at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the window
+    sock.connect(("127.0.0.1", gw.port))
+    ws = await ws_connect(gw, redis, tenant, sock=sock)
+    await eventually(until(lambda: gw.registry.connection_count == 1))
+    [session] = gw.registry.connections()
+    server_sock = session.ws.transport.get_extra_info("socket")
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ws.transport.pause_reading()
+    await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
+    return ws, session
+
+
+async def test_a_client_that_stops_reading_during_a_catch_up_is_dropped(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """A replay fills the socket of a client that stopped reading, and no live event
+    follows to count it slow: its socket, taking nothing for close_timeout_s, drops it
+    and gives back its place (the keepalive ping, queued behind, never would)."""
+    task_id = await long_history(db, tenant, sink)
     async with gateway(deployment, close_timeout_s=0.5) as gw:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the window
-        sock.connect(("127.0.0.1", gw.port))
-        ws = await ws_connect(gw, redis, tenant, sock=sock)
+        ws, session = await stop_reading_mid_replay(gw, redis, tenant, task_id)
         try:
-            await eventually(until(lambda: gw.registry.connection_count == 1))
-            [session] = gw.registry.connections()
-            server_sock = session.ws.transport.get_extra_info("socket")
-            server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            ws.transport.pause_reading()  # and never reads again
-            await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id)}))
             await eventually(
                 until(lambda: gw.registry.connection_count == 0),
                 within=10,
@@ -764,6 +780,29 @@ async def test_a_client_that_stops_reading_during_a_catch_up_is_dropped(
             assert gw.metrics.drops._value.get() >= 1
             assert session._cursors[task_id] < 200  # dropped mid-replay
         finally:
+            ws.transport.abort()
+
+
+async def test_stopping_the_gateway_drops_a_client_whose_close_cannot_drain(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """The stop's 1001 to a client that reads nothing waits to drain, without end, and
+    the connection is then CLOSING: the stop drops it after its bound all the same,
+    whatever its handler waits for (here the session's own bound, made an hour)."""
+    task_id = await long_history(db, tenant, sink)
+    gw = Gateway(gateway_settings(deployment, close_timeout_s=0.5))
+    ws: ClientConnection | None = None
+    try:
+        async with asyncio.timeout(timeout(20)), gw.start():
+            assert gw._deps is not None
+            gw._deps = dataclasses.replace(gw._deps, close_timeout_s=3600)
+            ws, session = await stop_reading_mid_replay(gw, redis, tenant, task_id)
+            transport = session.ws.transport
+            await eventually(until(lambda: transport.get_write_buffer_size() > 32 * 1024))
+        # Out of start(): the gateway has stopped, its handlers returned.
+        assert transport.is_closing() and gw.registry.connection_count == 0
+    finally:
+        if ws is not None:
             ws.transport.abort()
 
 
