@@ -26,7 +26,7 @@ CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 UP_ARGS ?=
 
-.PHONY: help install services migrate up test lint lock bench bench-quick chromium clean distclean
+.PHONY: help install services migrate up test test-servers lint lock bench bench-quick chromium clean distclean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -35,11 +35,15 @@ install: $(STAMP)
 
 # With the interpreter scripts/find-python.sh picks (3.12 where there is one; 3.11 or
 # newer otherwise; LONGHAUL_PYTHON overrides).
+# A venv without pip (made where ensurepip was missing) is made again, not kept broken.
 $(STAMP): pyproject.toml constraints.txt
-	@if [ ! -x $(PY) ]; then \
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
+	  rm -rf $(VENV); \
 	  py=$$(bash scripts/find-python.sh); \
 	  echo "creating $(VENV) with $$py"; \
-	  "$$py" -m venv $(VENV); \
+	  "$$py" -m venv $(VENV) || { rm -rf $(VENV); \
+	    echo "make install: $$py cannot make a virtual environment (Debian: apt-get install python3-venv)" >&2; \
+	    exit 1; }; \
 	fi
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	@touch $@
@@ -71,8 +75,14 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The servers the tests use (LONGHAUL_TEST_*), and what the tests' private ones need.
+test-servers: install
+	@bash scripts/ensure-services.sh --test
+	@$(PY) -c 'import sys; from tests.faults.private import missing_for_private_servers as m; \
+	  sys.exit(f"make test: {w}" if (w := m()) else 0)'
+
 # pytest exits 5 when it collected nothing: a suite that tests nothing must not pass.
-test: install services chromium lint
+test: install chromium lint test-servers
 	@mkdir -p $(ARTIFACTS)
 	@rc=0; $(VENV)/bin/pytest -p no:cacheprovider -ra \
 	  --junitxml=$(ARTIFACTS)/junit.xml $(PYTEST_ARGS) || rc=$$?; \

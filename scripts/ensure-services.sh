@@ -5,7 +5,9 @@
 # -> apt-get install it, then start it. Addresses come from LONGHAUL_AMQP_URL,
 # LONGHAUL_REDIS_URL and LONGHAUL_DATABASE_URL (contract defaults otherwise); with
 # --bench, from the benchmark's LONGHAUL_BENCH_AMQP_URL, LONGHAUL_BENCH_REDIS_URL and
-# LONGHAUL_BENCH_PG_URL (bench/infra.py, same defaults). Only a server on this machine
+# LONGHAUL_BENCH_PG_URL (bench/infra.py, same defaults); with --test, from the tests'
+# LONGHAUL_TEST_AMQP_URL, LONGHAUL_TEST_REDIS_URL and LONGHAUL_TEST_PG_URL
+# (tests/conftest.py, same defaults). Only a server on this machine
 # (127.0.0.1, localhost, ::1) is started or installed, a remote one is only checked. A
 # URL that names a Unix socket (unix://, PostgreSQL's host=/dir) is checked on the socket;
 # a PostgreSQL URL with no host where asyncpg would look (PGHOST, its socket directories,
@@ -24,13 +26,18 @@ if [[ ${1:-} == --bench ]]; then
   REDIS_URL="${LONGHAUL_BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}"
   DATABASE_URL="${LONGHAUL_BENCH_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
   DATABASE_VAR=LONGHAUL_BENCH_PG_URL
+elif [[ ${1:-} == --test ]]; then
+  AMQP_URL="${LONGHAUL_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
+  REDIS_URL="${LONGHAUL_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
+  DATABASE_URL="${LONGHAUL_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
+  DATABASE_VAR=LONGHAUL_TEST_PG_URL
 elif [[ $# -eq 0 ]]; then
   AMQP_URL="${LONGHAUL_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
   REDIS_URL="${LONGHAUL_REDIS_URL:-redis://127.0.0.1:6379/0}"
   DATABASE_URL="${LONGHAUL_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/longhaul}"
   DATABASE_VAR=LONGHAUL_DATABASE_URL
 else
-  echo "usage: $0 [--bench]" >&2
+  echo "usage: $0 [--bench | --test]" >&2
   exit 2
 fi
 

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 import yaml
 
+from services.worker.settings import WorkerSettings
 from shared import keys
 from shared.settings import CommonSettings
 from tests.support import ARTIFACTS, ROOT, eventually, running, timeout
@@ -206,6 +207,27 @@ def test_compose_publishes_api_and_gateway(services: dict[str, dict[str, Any]]) 
     assert "ports" not in services["postgres"]
 
 
+def test_compose_rabbitmq_keeps_its_node_name(services: dict[str, dict[str, Any]]) -> None:
+    """The node's data directory is named after rabbit@<hostname>: with compose's random
+    hostname a new container would start an empty node beside the old queues."""
+    rabbit = services["rabbitmq"]
+    assert rabbit.get("hostname") or rabbit.get("environment", {}).get("RABBITMQ_NODENAME")
+    assert "/var/lib/rabbitmq" in " ".join(rabbit["volumes"])
+
+
+def test_compose_gives_the_worker_its_whole_drain(services: dict[str, dict[str, Any]]) -> None:
+    """SIGKILL only after the worst case of the drain: the grace for running tasks, the
+    hand-back of those still running, and closing the consumers and channels."""
+    worker = services["worker"]
+    env = worker["environment"]
+    settings = WorkerSettings()
+    grace = float(env.get("LONGHAUL_SHUTDOWN_GRACE_S", settings.shutdown_grace_s))
+    handback = settings.cancel_grace_s + 2 * settings.io_timeout_s
+    closing = 3 * settings.io_timeout_s
+    assert worker["stop_grace_period"].endswith("s")
+    assert float(worker["stop_grace_period"][:-1]) >= grace + handback + closing
+
+
 # --- the Dockerfiles -------------------------------------------------------------------
 
 
@@ -310,11 +332,12 @@ def test_make_test_runs_services_lint_and_pytest() -> None:
         check=True,
     ).stdout
     steps = [
-        "ensure-services.sh",
         "chromium",
         "ruff check",
         "ruff format --check",
         "mypy",
+        "ensure-services.sh --test",
+        "missing_for_private_servers",
         "pytest -p no:cacheprovider",
     ]
     positions = [out.find(step) for step in steps]
@@ -340,7 +363,7 @@ def test_make_test_fails_when_pytest_collects_nothing(
             "-o",
             "install",
             "-o",
-            "services",
+            "test-servers",
             "-o",
             "chromium",
             "-o",
@@ -402,16 +425,19 @@ def test_make_bench_checks_the_benchmarks_own_services(target: str) -> None:
     assert -1 < check < out.find("-m bench"), out
 
 
-async def test_ensure_services_for_the_bench_checks_the_bench_urls(deployment: Any) -> None:
-    """The services' URLs all answer; the benchmark's Redis does not (127.0.0.2 counts
-    as another machine: it is only checked, and refuses at once)."""
+@pytest.mark.parametrize(("flag", "prefix"), [("--bench", "BENCH"), ("--test", "TEST")])
+async def test_ensure_services_for_the_bench_and_the_tests_checks_their_urls(
+    deployment: Any, flag: str, prefix: str
+) -> None:
+    """The services' URLs all answer; the benchmark's (or the tests') Redis does not
+    (127.0.0.2 counts as another machine: it is only checked, and refuses at once)."""
     env = {
         **deployment.env(),
-        "LONGHAUL_BENCH_AMQP_URL": deployment.amqp_url,
-        "LONGHAUL_BENCH_REDIS_URL": "redis://127.0.0.2:1/0",
-        "LONGHAUL_BENCH_PG_URL": deployment.database_url,
+        f"LONGHAUL_{prefix}_AMQP_URL": deployment.amqp_url,
+        f"LONGHAUL_{prefix}_REDIS_URL": "redis://127.0.0.2:1/0",
+        f"LONGHAUL_{prefix}_PG_URL": deployment.database_url,
     }
-    returncode, stderr = await _ensure_services(env, "--bench")
+    returncode, stderr = await _ensure_services(env, flag)
     assert returncode == 1, stderr
     assert "missing: Redis (127.0.0.2:1 is not reachable" in stderr
 

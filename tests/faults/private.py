@@ -234,3 +234,26 @@ class PrivateRabbit:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def missing_for_private_servers() -> str | None:
+    """What this machine lacks to run the tests' private servers (their own Redis,
+    PostgreSQL and RabbitMQ on other ports), or None. They run the servers' own binaries
+    and PostgreSQL as its user, so the tests need those packages and root."""
+    missing = [
+        name
+        for name, present in (
+            ("redis-server", shutil.which("redis-server") is not None),
+            ("/usr/lib/postgresql/*/bin", bool(glob.glob("/usr/lib/postgresql/*/bin"))),
+            (PrivateRabbit.BIN, os.path.isdir(PrivateRabbit.BIN)),
+            ("root (runuser -u postgres)", os.geteuid() == 0),
+        )
+        if not present
+    ]
+    if not missing:
+        return None
+    return (
+        "the fault tests run private Redis, PostgreSQL and RabbitMQ servers; this machine"
+        f" lacks: {', '.join(missing)} (Debian: apt-get install redis-server postgresql"
+        " rabbitmq-server, and run make test as root)"
+    )
