@@ -206,3 +206,80 @@ async def test_an_id_in_any_form_the_gateway_reads_gets_its_events(
     assert result["got"] == [1] and result["lastSeq"] == 1
     assert result["errors"] == ["not_found"]
     assert [m["task_id"] for m in result["sent"]] == [TASK, "Not-A-Task"]
+
+
+async def test_a_subscribe_again_gets_its_replay_not_the_live_event_ahead_of_it(
+    page: Page,
+) -> None:
+    """A subscribe again restarts the task's stream, but a live event the gateway sent
+    before it read that subscribe arrives first: a handler added behind the others, or
+    one that follows the task anew after an unsubscribe, still gets every seq from its
+    own, in order (before, it took that live event and dropped the replay as old)."""
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
+        await tick();
+        const ws = sockets[0];
+        ws.open();
+        const ev = (seq) => ({{ type: "event", task_id: "{TASK}", seq, state: "running" }});
+        const first = [], second = [], anew = [];
+        const sub = client.subscribe("{TASK}", {{ onEvent: (e) => first.push(e.seq) }});
+        for (let s = 1; s <= 5; s++) ws.feed(ev(s));
+        client.subscribe("{TASK}", {{ onEvent: (e) => second.push(e.seq), afterSeq: 0 }});
+        ws.feed(ev(6));                              // live, sent before the subscribe was read
+        for (let s = 1; s <= 7; s++) ws.feed(ev(s)); // then the replay from 0, and 7 live
+        // The console's way to show a task's whole story: unsubscribe, subscribe from 0.
+        sub.unsubscribe();
+        client.close();
+        const other = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
+        await tick();
+        const ws2 = sockets[1];
+        ws2.open();
+        const only = other.subscribe("{TASK}", {{}});
+        for (let s = 1; s <= 4; s++) ws2.feed(ev(s));
+        only.unsubscribe();
+        other.subscribe("{TASK}", {{ onEvent: (e) => anew.push(e.seq), afterSeq: 0 }});
+        ws2.feed(ev(5));                             // the old subscription's last live event
+        for (let s = 1; s <= 6; s++) ws2.feed(ev(s));
+        other.close();
+        return {{ first, second, anew, lastSeq: other.lastSeq("{TASK}") }};
+        """,
+    )
+    assert result["first"] == [1, 2, 3, 4, 5, 6, 7]
+    assert result["second"] == [1, 2, 3, 4, 5, 6, 7]
+    assert result["anew"] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_handlers_at_different_seqs_resume_from_the_lowest_after_a_reconnect(
+    page: Page,
+) -> None:
+    """After a dropped connection the task is resubscribed from its lowest handler's seq;
+    each handler goes on from its own, and a snapshot (events no longer retained) reaches
+    every handler it is news to."""
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",
+                                             baseDelayMs: 1 }});
+        await tick();
+        sockets[0].open();
+        const ev = (seq, extra = {{}}) => ({{ type: "event", task_id: "{TASK}", seq, state: "running", ...extra }});
+        const a = [], b = [];
+        client.subscribe("{TASK}", {{ onEvent: (e) => a.push(e.seq), afterSeq: 4 }});
+        client.subscribe("{TASK}", {{ onEvent: (e) => b.push(e.seq), afterSeq: 6 }});
+        for (let s = 5; s <= 8; s++) sockets[0].feed(ev(s));
+        sockets[0].drop();
+        await tick(); await tick(); await tick();
+        sockets[1].open();
+        const resumed = sockets[1].sent;
+        for (let s = 9; s <= 10; s++) sockets[1].feed(ev(s));
+        sockets[1].feed(ev(12, {{ snapshot: true }}));
+        sockets[1].feed(ev(13));
+        client.close();
+        return {{ a, b, resumed }};
+        """,
+    )
+    assert result["resumed"] == [{"op": "subscribe", "task_id": TASK, "after_seq": 8}]
+    assert result["a"] == [5, 6, 7, 8, 9, 10, 12, 13]
+    assert result["b"] == [7, 8, 9, 10, 12, 13]

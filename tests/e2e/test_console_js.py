@@ -176,3 +176,39 @@ async def test_a_mangled_key_link_shows_the_sign_in_form(browser: Browser) -> No
     await page.locator("#sign-in").wait_for(state="visible", timeout=10_000)
     await page.close()
     assert errors == []
+
+
+async def test_the_event_log_shows_a_tasks_whole_story_whatever_arrives_first(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """ "Events" asks for the task's story from seq 0; a live event the gateway sent
+    before it read that subscribe arrives ahead of the replay, and the log still shows
+    every seq from 1, in order (before, it began at that live event)."""
+    api, open_console = console
+    task = _task(1, "running", last_seq=5)
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [task], "next_cursor": None}, {}))
+    page = await open_console()
+    await eventually(lambda: page.evaluate("sockets.length === 1"), what="a socket")
+    await page.evaluate("sockets[0].open()")
+    row = page.locator(f'tr[data-task-id="{task["id"]}"]')
+    await row.wait_for(timeout=10_000)
+    await row.locator('button[data-action="events"]').click()
+
+    def event(seq: int) -> dict[str, Any]:
+        return {
+            "type": "event",
+            "task_id": task["id"],
+            "seq": seq,
+            "state": "running",
+            "progress": seq / 10,
+            "message": None,
+            "ts": "t",
+        }
+
+    frames = [event(6), *(event(s) for s in range(1, 8))]
+    await page.evaluate("(frames) => frames.forEach((f) => sockets[0].feed(f))", frames)
+    entries = await page.locator("#event-log li").all_inner_texts()
+    assert [int(e.split()[0].lstrip("#")) for e in entries] == list(range(1, 8)), entries
+    # Still followed on the gateway: no unsubscribe between the two subscribes.
+    assert [f["op"] for f in await _sent(page)] == ["subscribe", "subscribe"]

@@ -289,12 +289,16 @@ function unwatch(taskId) {
 }
 
 function watch(taskId, afterSeq) {
-  state.subs.get(taskId)?.unsubscribe();
+  // The new handler first, then the old one away: the task stays followed on the
+  // gateway (an unsubscribe and a subscribe again would drop it in between), and a
+  // handler behind the old one makes the client ask for the replay it lacks.
+  const previous = state.subs.get(taskId);
   state.subs.set(taskId, state.client.subscribe(taskId, {
     afterSeq,
     onEvent: (ev) => onEvent(taskId, ev),
     onError: (err) => notify(`Task ${shortId(taskId)}: ${err.message}`),
   }));
+  previous?.unsubscribe();
 }
 
 function onEvent(taskId, ev) {

@@ -100,7 +100,7 @@ export class LonghaulClient {
       const behind = afterSeq < lowestSeq(sub);
       sub.handlers.add(handler);
       // It lacks events the others have had: subscribing again restarts the task's
-      // stream from its seq (the others skip what they have).
+      // stream from its seq (the others skip what they have, see #receive).
       if (behind) this.#send({ op: "subscribe", task_id: taskId, after_seq: afterSeq });
     }
     return {
@@ -228,16 +228,21 @@ export class LonghaulClient {
     const sub = this.subscriptions.get(frame.task_id);
     if (!sub) return;
     if (frame.type === "event") {
-      // Each handler takes what follows its own seq: a subscribe again for a handler
-      // that came later replays events the others already have. A snapshot below a
-      // handler's seq resets it (it was ahead of the database).
+      // Each handler takes only the seq that follows its own. The gateway sends a
+      // subscription's events with no gap, but a subscribe again (for a handler that
+      // came later, or the same task followed anew) restarts the stream: live events
+      // sent before the gateway read it arrive first, and then the replay. Taking one
+      // of those early ones because it is "newer" would skip the replay before it as
+      // old. A snapshot stands for events no longer retained and carries the current
+      // state: taken by any handler not at its seq already (one below a handler's seq
+      // resets it: it was ahead of the database).
       for (const h of [...sub.handlers]) {
-        if (frame.seq > h.lastSeq || (frame.snapshot && frame.seq < h.lastSeq)) {
+        if (frame.seq === h.lastSeq + 1 || (frame.snapshot && frame.seq !== h.lastSeq)) {
           h.lastSeq = frame.seq;
           safeCall(h.onEvent, frame);
         }
       }
-      sub.lastSeq = Math.max(...[...sub.handlers].map((h) => h.lastSeq), frame.seq);
+      if (sub.handlers.size > 0) sub.lastSeq = Math.max(...[...sub.handlers].map((h) => h.lastSeq));
     } else if (frame.type === "error") {
       // Not followed on the gateway (no such task, too many subscriptions, a bad
       // frame): forgotten here too, not resubscribed at the next reconnect.
