@@ -34,10 +34,16 @@ class FakeWebSocket {
   close() { this.readyState = 3; }
   open() { this.readyState = 1; this.onopen?.(); }
   feed(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
-  drop() { this.readyState = 3; this.onclose?.({}); }
+  // 1006 is what a browser reports for a connection lost, or a handshake refused.
+  drop(code = 1006, reason = "") { this.readyState = 3; this.onclose?.({ code, reason }); }
 }
 window.WebSocket = FakeWebSocket;
 window.tick = () => new Promise((resolve) => setTimeout(resolve, 10));
+// Waits for a condition, generously: a slow machine is no failure.
+window.until = async (check) => {
+  for (let i = 0; i < 2000 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
+  if (!check()) throw new Error(`never: ${check}`);
+};
 """
 
 
@@ -283,3 +289,70 @@ async def test_handlers_at_different_seqs_resume_from_the_lowest_after_a_reconne
     assert result["resumed"] == [{"op": "subscribe", "task_id": TASK, "after_seq": 8}]
     assert result["a"] == [5, 6, 7, 8, 9, 10, 12, 13]
     assert result["b"] == [7, 8, 9, 10, 12, 13]
+
+
+async def test_a_gateway_that_accepts_then_closes_is_backed_off_from(page: Page) -> None:
+    """Opening proves nothing: a gateway that accepts and closes at once (1013: no room,
+    a dependency down) is asked again later and later, never at once; the backoff starts
+    over only after a connection that lasted (before, every open reset it, and the
+    client reconnected, each time with a new token, within 500 ms forever)."""
+    result = await run(
+        page,
+        """
+        const reported = [];
+        const client = new LonghaulClient({
+          gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t", baseDelayMs: 4,
+          stableAfterMs: 20, refusedAfter: 100,
+          onStatus: (status, detail) => { if (detail?.delayMs !== undefined) reported.push(detail); },
+        });
+        for (let i = 0; i < 6; i++) {
+          await until(() => sockets.length === i + 1);
+          sockets[i].open();
+          sockets[i].drop(1013, "no room");
+        }
+        await until(() => sockets.length === 7);
+        sockets[6].open();
+        await new Promise((r) => setTimeout(r, 300));  // lasts well past stableAfterMs
+        sockets[6].drop(1006);
+        client.close();
+        return reported;
+        """,
+    )
+    assert [d["attempt"] for d in result] == [1, 2, 3, 4, 5, 6, 1], result
+    for d in result[:6]:
+        assert d["code"] == 1013 and d["reason"] == "no room"
+        ceiling = 4 * 2 ** (d["attempt"] - 1)
+        assert ceiling / 2 <= d["delayMs"] <= ceiling, d  # "try later": never at once
+    assert result[6]["code"] == 1006
+
+
+async def test_connections_that_never_open_are_reported_refused(page: Page) -> None:
+    """A handshake refused (403: an Origin not allowed) reaches the page as a 1006 before
+    any open: after refusedAfter of them in a row the status is "refused" (not
+    "reconnecting" again and again), the client goes on trying at its backoff, and a
+    connection that opens ends it."""
+    result = await run(
+        page,
+        """
+        const statuses = [];
+        const client = new LonghaulClient({
+          gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t", baseDelayMs: 1,
+          refusedAfter: 3, onStatus: (status, detail) => statuses.push([status, detail]),
+        });
+        for (let i = 0; i < 5; i++) {
+          await until(() => sockets.length === i + 1);
+          sockets[i].drop();
+        }
+        await until(() => sockets.length === 6);
+        sockets[5].open();
+        client.close();
+        return statuses;
+        """,
+    )
+    names = [s for s, _ in result]
+    # Two failures, each told and then its connect; from the third, "refused" until
+    # a connection opens.
+    assert names == ["connecting", *["reconnecting"] * 4, *["refused"] * 3, "open", "closed"]
+    refused = [d for s, d in result if s == "refused"]
+    assert [d["failures"] for d in refused] == [3, 4, 5]
+    assert all(d["code"] == 1006 for d in refused)

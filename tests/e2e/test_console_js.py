@@ -212,3 +212,31 @@ async def test_the_event_log_shows_a_tasks_whole_story_whatever_arrives_first(
     assert [int(e.split()[0].lstrip("#")) for e in entries] == list(range(1, 8)), entries
     # Still followed on the gateway: no unsubscribe between the two subscribes.
     assert [f["op"] for f in await _sent(page)] == ["subscribe", "subscribe"]
+
+
+async def test_a_gateway_that_never_accepts_is_shown_not_retried_quietly(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """Connections refused before they open (as a 403 for an Origin not allowed is)
+    turn the indicator to "Cannot connect" with a notice saying what to check; the
+    first connection that opens clears both."""
+    api, open_console = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console()
+
+    async def refused() -> bool:
+        # Each connection is refused as soon as it is made (the client's backoff paces them).
+        await page.evaluate("sockets.filter((s) => s.readyState === 0).forEach((s) => s.drop())")
+        return await page.locator("#connection.conn-refused").count() == 1
+
+    await eventually(refused, within=60, what="the refused state")
+    assert "Cannot connect" in (await page.locator("#connection-text").text_content() or "")
+    notice = await page.locator("#notice").text_content() or ""
+    assert "LONGHAUL_ALLOWED_ORIGINS" in notice, notice
+    await eventually(
+        lambda: page.evaluate("sockets.at(-1).readyState === 0"), within=60, what="a retry"
+    )
+    await page.evaluate("sockets.at(-1).open()")
+    await page.locator("#connection.conn-open").wait_for(timeout=10_000)
+    assert await page.locator("#notice").is_hidden()

@@ -168,9 +168,12 @@ function setConnection(status, text) {
 }
 
 let wasOpen = false;
+let connectionNotice = null; // what the notice says about the connection, while it does
 function onConnectionStatus(status, detail) {
   if (status === "open") {
     setConnection("open", "Live");
+    if (connectionNotice !== null && $("notice").textContent === connectionNotice) notify("");
+    connectionNotice = null;
     // After an outage, tasks created elsewhere meanwhile are not in our table yet.
     if (wasOpen) refreshList();
     wasOpen = true;
@@ -179,6 +182,21 @@ function onConnectionStatus(status, detail) {
   } else if (status === "reconnecting") {
     const secs = detail?.delayMs ? ` in ${Math.ceil(detail.delayMs / 1000)} s` : "";
     setConnection("reconnecting", `Reconnecting${secs}…`);
+  } else if (status === "refused") {
+    const secs = detail?.delayMs ? ` in ${Math.ceil(detail.delayMs / 1000)} s` : "";
+    setConnection("refused", `Cannot connect; retrying${secs}…`);
+    // A refused handshake (403: this page's origin is not allowed) reaches the page
+    // as 1006 with no reason, like a gateway that is not there.
+    const why = detail?.reason
+      ? `${detail.reason}${detail.code ? ` (close code ${detail.code})` : ""}`
+      : "the gateway refused the connection or did not answer: is it running, and does " +
+        "LONGHAUL_ALLOWED_ORIGINS allow this page's origin?";
+    const text = `Live updates: connections to the gateway keep failing (${why}). Still trying.`;
+    // Told again only when it says something new: the notice is an alert.
+    if (text !== connectionNotice) {
+      connectionNotice = text;
+      notify(text);
+    }
   } else if (status === "unauthorized") {
     setConnection("unauthorized", "Live updates refused");
     notify("The gateway refused this API key.");

@@ -27,12 +27,24 @@
  * gateway replays what was missed. When the gateway can no longer replay (events expired),
  * the first event has `snapshot: true` and carries the task's current state.
  *
+ * The backoff starts over only once a connection has stayed open `stableAfterMs`; a
+ * gateway that closes with 1008, 1011 or 1013 (slow consumer, internal error, try again
+ * later) is asked again after at least half the backoff ceiling, never at once.
+ *
  * Status values passed to `onStatus`: "connecting", "open", "reconnecting" (with
- * `{ delayMs, attempt }`), "unauthorized" (the token fetch was refused: a bad API key;
- * no retry), "closed" (after `close()`).
+ * `{ delayMs, attempt, code, reason }`: the close code and reason of the connection that
+ * ended, when there was one, or the token fetch's error as `reason`), "refused" (the
+ * same detail plus `failures`: `refusedAfter` connections in a row ended before lasting,
+ * or never opened, as a handshake refused with 403 for an Origin not allowed does, seen
+ * by the page as code 1006; it goes on retrying at the backoff, and says "refused" until
+ * a connection opens), "unauthorized" (the token fetch was refused: a bad API key; no
+ * retry), "closed" (after `close()`).
  */
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// Close codes of a gateway that asks to be left alone a while: policy violation (a
+// slow consumer), internal error, try again later (no room, a dependency down).
+const TRY_LATER = new Set([1008, 1011, 1013]);
 
 export function isTerminal(state) {
   return TERMINAL.has(state);
@@ -51,6 +63,11 @@ export class LonghaulClient {
    * @param {(status: string, detail?: object) => void} [options.onStatus]
    * @param {number} [options.baseDelayMs=500]  first reconnect backoff ceiling
    * @param {number} [options.maxDelayMs=15000] backoff cap
+   * @param {number} [options.stableAfterMs=10000] how long a connection stays open
+   *   before the backoff starts over (a gateway that accepts and then closes at once
+   *   is backed off from like one that does not answer)
+   * @param {number} [options.refusedAfter=5] connections in a row that fail before the
+   *   status is "refused" instead of "reconnecting"
    */
   constructor(options) {
     if (!options || !options.gatewayUrl) throw new TypeError("gatewayUrl is required");
@@ -62,13 +79,18 @@ export class LonghaulClient {
     this.onStatus = options.onStatus ?? (() => {});
     this.baseDelayMs = options.baseDelayMs ?? 500;
     this.maxDelayMs = options.maxDelayMs ?? 15000;
+    this.stableAfterMs = options.stableAfterMs ?? 10000;
+    this.refusedAfter = options.refusedAfter ?? 5;
     /** task id (lower case) -> { lastSeq, handlers: Set<{onEvent, onError, lastSeq}> } */
     this.subscriptions = new Map();
     this.status = "idle";
     this.socket = null;
     this.attempt = 0;
+    // Connections in a row that ended (or never opened) before lasting stableAfterMs.
+    this.failures = 0;
     this.closed = false;
     this.timer = null;
+    this.stableTimer = null;
     // Each connect() takes a number; one that a newer one (or close()) overtook while
     // it waited for its token gives up, so there is never more than one socket.
     this.generation = 0;
@@ -125,6 +147,7 @@ export class LonghaulClient {
     this.generation += 1;
     clearTimeout(this.timer);
     this.timer = null;
+    this.#stopStableTimer();
     globalThis.removeEventListener?.("online", this.#onOnline);
     if (this.socket) this.socket.close(1000, "client closed");
     this.socket = null;
@@ -155,7 +178,10 @@ export class LonghaulClient {
   async #connect() {
     if (this.closed) return;
     const generation = ++this.generation;
-    this.#setStatus(this.attempt === 0 ? "connecting" : "reconnecting", { attempt: this.attempt });
+    // "refused" stays up while it retries: the page keeps telling what is wrong.
+    if (this.status !== "refused") {
+      this.#setStatus(this.attempt === 0 ? "connecting" : "reconnecting", { attempt: this.attempt });
+    }
     let token;
     try {
       token = await this.getToken();
@@ -165,7 +191,7 @@ export class LonghaulClient {
         this.#setStatus("unauthorized", { message: err.message });
         return;
       }
-      this.#scheduleReconnect();
+      this.#scheduleReconnect({ reason: err.message });
       return;
     }
     if (this.closed || generation !== this.generation) return;
@@ -176,7 +202,13 @@ export class LonghaulClient {
     this.socket = socket;
     socket.onopen = () => {
       if (this.socket !== socket) return;
-      this.attempt = 0;
+      // Opening proves little (a gateway with no room accepts, then closes 1013): the
+      // backoff starts over once the connection has lasted.
+      this.stableTimer = setTimeout(() => {
+        this.stableTimer = null;
+        this.attempt = 0;
+        this.failures = 0;
+      }, this.stableAfterMs);
       this.#setStatus("open");
       // Resume every task from the lowest seq a handler has: the gateway replays the rest.
       for (const [taskId, sub] of this.subscriptions) {
@@ -186,20 +218,38 @@ export class LonghaulClient {
     socket.onmessage = (message) => {
       if (this.socket === socket) this.#receive(message.data);
     };
-    socket.onclose = () => {
+    socket.onclose = (event) => {
       // Only the current socket's end reconnects: a replaced one's is expected.
       if (this.socket !== socket) return;
       this.socket = null;
-      if (!this.closed) this.#scheduleReconnect();
+      this.#stopStableTimer();
+      // A browser says only 1006 for a handshake refused (an Origin not allowed: 403)
+      // or a gateway not there; a gateway that accepted says why it closed.
+      if (!this.closed) this.#scheduleReconnect({ code: event.code, reason: event.reason });
     };
   }
 
-  #scheduleReconnect() {
+  #stopStableTimer() {
+    clearTimeout(this.stableTimer);
+    this.stableTimer = null;
+  }
+
+  #scheduleReconnect({ code, reason } = {}) {
     this.attempt += 1;
-    // Full jitter: spread the reconnects of many browsers after a gateway restart.
+    this.failures += 1;
     const ceiling = Math.min(this.maxDelayMs, this.baseDelayMs * 2 ** (this.attempt - 1));
-    const delayMs = Math.round(Math.random() * ceiling);
-    this.#setStatus("reconnecting", { delayMs, attempt: this.attempt });
+    // Full jitter spreads the reconnects of many browsers after a gateway restart; a
+    // gateway that said "try later" (overloaded, a dependency down, this client too
+    // slow to read) is not asked again at once.
+    const floor = TRY_LATER.has(code) ? ceiling / 2 : 0;
+    const delayMs = Math.round(floor + Math.random() * (ceiling - floor));
+    const detail = { delayMs, attempt: this.attempt, code, reason: reason || undefined };
+    // Still retrying (a gateway being restarted comes back), but no longer quietly.
+    if (this.failures >= this.refusedAfter) {
+      this.#setStatus("refused", { ...detail, failures: this.failures });
+    } else {
+      this.#setStatus("reconnecting", detail);
+    }
     this.#connectSoon(delayMs);
   }
 
