@@ -356,3 +356,60 @@ async def test_connections_that_never_open_are_reported_refused(page: Page) -> N
     refused = [d for s, d in result if s == "refused"]
     assert [d["failures"] for d in refused] == [3, 4, 5]
     assert all(d["code"] == 1006 for d in refused)
+
+
+async def test_a_socket_that_cannot_be_made_is_an_error_not_connecting_forever(
+    browser: Browser,  # noqa: F811 - the fixture
+) -> None:
+    """Chromium's own WebSocket, from an https page, refuses a ws:// gateway URL (mixed
+    content: the constructor throws a SecurityError; loopback hosts are exempt, hence
+    a name), and a malformed URL throws too:
+    the status is "error" with the reason, once, with no retry and nothing unhandled
+    (before, the rejection vanished and the status stayed "connecting")."""
+    page = await browser.new_page()
+    origin = "https://client.test"
+
+    async def serve(route: Route) -> None:
+        if route.request.url.endswith("/longhaul-client.js"):
+            await route.fulfill(body=CLIENT.read_text(), content_type="text/javascript")
+        else:
+            await route.fulfill(
+                body="<!doctype html><title>https</title>", content_type="text/html"
+            )
+
+    await page.route(f"{origin}/**", serve)
+    unhandled: list[str] = []
+    page.on("pageerror", lambda exc: unhandled.append(str(exc)))
+    try:
+        await page.goto(f"{origin}/")
+        result = await run(
+            page,
+            """
+            const until = async (check) => {
+              for (let i = 0; i < 2000 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
+            };
+            const outcomes = [];
+            for (const gatewayUrl of ["ws://gateway.test/v1/ws", "not a url"]) {
+              const statuses = [];
+              let tokens = 0;
+              const client = new LonghaulClient({
+                gatewayUrl, baseDelayMs: 1,
+                getToken: async () => { tokens += 1; return "t"; },
+                onStatus: (status, detail) => statuses.push([status, detail]),
+              });
+              await until(() => client.status === "error");
+              await new Promise((r) => setTimeout(r, 100));  // room for a retry, if any
+              outcomes.push({ statuses, tokens });
+            }
+            return outcomes;
+            """,
+        )
+    finally:
+        await page.close()
+    mixed, malformed = result
+    assert [s for s, _ in mixed["statuses"]] == ["connecting", "error"], mixed
+    assert "SecurityError" in mixed["statuses"][-1][1]["message"]
+    assert [s for s, _ in malformed["statuses"]] == ["connecting", "error"], malformed
+    assert "TypeError" in malformed["statuses"][-1][1]["message"]
+    assert mixed["tokens"] == malformed["tokens"] == 1
+    assert unhandled == []

@@ -240,3 +240,20 @@ async def test_a_gateway_that_never_accepts_is_shown_not_retried_quietly(
     await page.evaluate("sockets.at(-1).open()")
     await page.locator("#connection.conn-open").wait_for(timeout=10_000)
     assert await page.locator("#notice").is_hidden()
+
+
+async def test_a_gateway_url_that_cannot_be_used_is_shown(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """A gateway URL no socket can be made from is told in the header and the notice,
+    with the browser's reason (before: "Connecting…" forever, the error swallowed)."""
+    api, open_console = console
+    api.on("/console/config.json", (200, {"gateway_url": "ws//no-scheme/v1/ws"}, {}))
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console()
+    await page.locator("#connection.conn-error").wait_for(timeout=10_000)
+    text = await page.locator("#connection-text").text_content() or ""
+    assert text == "Live updates unavailable"
+    notice = await page.locator("#notice").text_content() or ""
+    assert "Live updates cannot start: TypeError" in notice, notice

@@ -200,6 +200,12 @@ function onConnectionStatus(status, detail) {
   } else if (status === "unauthorized") {
     setConnection("unauthorized", "Live updates refused");
     notify("The gateway refused this API key.");
+  } else if (status === "error") {
+    setConnection("error", "Live updates unavailable");
+    notify(`Live updates cannot start: ${detail?.message ?? "unknown error"}` +
+      (location.protocol === "https:" && state.gatewayUrl?.startsWith("ws:")
+        ? " (this page is https, the gateway's URL is ws://: set LONGHAUL_PUBLIC_WS_URL to a wss:// one)"
+        : ""));
   } else {
     setConnection("idle", "Not connected");
   }

@@ -38,7 +38,9 @@
  * or never opened, as a handshake refused with 403 for an Origin not allowed does, seen
  * by the page as code 1006; it goes on retrying at the backoff, and says "refused" until
  * a connection opens), "unauthorized" (the token fetch was refused: a bad API key; no
- * retry), "closed" (after `close()`).
+ * retry), "error" (with `{ message }`: the socket cannot be made at all, e.g. a
+ * malformed `gatewayUrl`, or a `ws://` one from an `https` page, which the browser
+ * refuses as mixed content; no retry), "closed" (after `close()`).
  */
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -100,7 +102,7 @@ export class LonghaulClient {
       if (this.timer !== null) this.#connectSoon(0);
     };
     globalThis.addEventListener?.("online", this.#onOnline);
-    this.#connect();
+    this.#connectNow();
   }
 
   #onOnline;
@@ -195,9 +197,17 @@ export class LonghaulClient {
       return;
     }
     if (this.closed || generation !== this.generation) return;
-    const url = new URL(this.gatewayUrl);
-    url.searchParams.set("token", token);
-    const socket = new WebSocket(url);
+    let socket;
+    try {
+      const url = new URL(this.gatewayUrl);
+      url.searchParams.set("token", token);
+      socket = new WebSocket(url);
+    } catch (err) {
+      // A malformed gatewayUrl, or a ws:// one from an https page (mixed content, a
+      // SecurityError): no retry can fix it.
+      this.#fail(err);
+      return;
+    }
     if (this.socket) this.socket.close(1000, "replaced");
     this.socket = socket;
     socket.onopen = () => {
@@ -229,6 +239,24 @@ export class LonghaulClient {
     };
   }
 
+  /** Stop for good on an error no retry can fix; the page is told why. */
+  #fail(err) {
+    this.closed = true;
+    this.generation += 1;
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.#stopStableTimer();
+    globalThis.removeEventListener?.("online", this.#onOnline);
+    if (this.socket) this.socket.close(1000, "client failed");
+    this.socket = null;
+    this.#setStatus("error", { message: `${err?.name ?? "Error"}: ${err?.message ?? err}` });
+  }
+
+  /** #connect is not awaited (constructor, timers): what it throws must not vanish. */
+  #connectNow() {
+    this.#connect().catch((err) => this.#fail(err));
+  }
+
   #stopStableTimer() {
     clearTimeout(this.stableTimer);
     this.stableTimer = null;
@@ -257,7 +285,7 @@ export class LonghaulClient {
     clearTimeout(this.timer);
     this.timer = setTimeout(() => {
       this.timer = null;
-      this.#connect();
+      this.#connectNow();
     }, delayMs);
   }
 
