@@ -257,3 +257,53 @@ async def test_a_gateway_url_that_cannot_be_used_is_shown(
     assert text == "Live updates unavailable"
     notice = await page.locator("#notice").text_content() or ""
     assert "Live updates cannot start: TypeError" in notice, notice
+
+
+OURS = "lh_ops_ourkeyid0001_" + "S" * 43
+THEIRS = "lh_live_theirkeyid01_" + "T" * 43
+
+
+@pytest.mark.parametrize("answer", ["dismiss", "accept"])
+async def test_a_key_link_asks_before_replacing_the_key_signed_in(
+    console: tuple[FakeApi, Callable[[], Any]], answer: str
+) -> None:
+    """A #key= link with another key than the one signed in here asks first, naming both
+    by their public part (never a secret); refused, the console stays signed in with its
+    own key and says the link's was ignored. The header shows which key is signed in."""
+    api, _ = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page: Page = await _signed_in_as(console, OURS)
+    asked: list[str] = []
+
+    async def on_dialog(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await (dialog.dismiss() if answer == "dismiss" else dialog.accept())
+
+    page.on("dialog", on_dialog)
+    await page.goto("about:blank")
+    await page.goto(f"{ORIGIN}/console/#key={THEIRS}")
+    await page.locator("#app").wait_for(state="visible", timeout=10_000)
+    assert len(asked) == 1, asked
+    assert "lh_live_theirkeyid01_…" in asked[0] and "lh_ops_ourkeyid0001_…" in asked[0]
+    assert "SSSS" not in asked[0] and "TTTT" not in asked[0]
+    kept = OURS if answer == "dismiss" else THEIRS
+    assert await page.evaluate("localStorage.getItem('longhaul.apiKey')") == kept
+    shown = await page.locator("#signed-in-key").text_content()
+    assert shown == ("lh_ops_ourkeyid0001_…" if answer == "dismiss" else "lh_live_theirkeyid01_…")
+    if answer == "dismiss":
+        notice = await page.locator("#notice").text_content() or ""
+        assert "ignored" in notice and "lh_live_theirkeyid01_…" in notice, notice
+    # The same key again asks nothing.
+    await page.goto("about:blank")
+    await page.goto(f"{ORIGIN}/console/#key={kept}")
+    await page.locator("#app").wait_for(state="visible", timeout=10_000)
+    assert len(asked) == 1
+
+
+async def _signed_in_as(console: tuple[FakeApi, Callable[[], Any]], key: str) -> Page:
+    _, open_console = console
+    page: Page = await open_console()  # signs in with a link: nothing stored yet, no question
+    await page.locator("#app").wait_for(state="visible", timeout=10_000)
+    await page.evaluate("(key) => localStorage.setItem('longhaul.apiKey', key)", key)
+    return page

@@ -88,12 +88,36 @@ function keyFromFragment() {
   }
 }
 
-async function signIn(key) {
+// The public part of a key (lh_<label>_<key id>_…), never its secret: what the header
+// shows, and what a choice between two keys names.
+function publicPart(key) {
+  const match = /^lh_([a-z0-9]{1,16})_([a-z0-9]{12})_/.exec(key);
+  return match ? `lh_${match[1]}_${match[2]}_…` : "lh_…";
+}
+
+// A #key= link signs in, but it must not silently replace the key signed in here: a
+// link from someone else would put this console under their tenant without a sign.
+function chooseKey(linked, stored) {
+  if (!linked || linked === stored) return { key: linked || stored };
+  if (!stored) return { key: linked };
+  const replace = confirm(
+    `This link signs in with the API key ${publicPart(linked)}, but this browser is signed ` +
+    `in with ${publicPart(stored)}. Sign in with the link's key instead?`,
+  );
+  if (replace) return { key: linked };
+  return {
+    key: stored,
+    notice: `The link's API key (${publicPart(linked)}) was ignored: still signed in with ` +
+      `${publicPart(stored)}.`,
+  };
+}
+
+async function signIn(key, notice = "") {
   state.apiKey = key;
   try {
     const types = await api("/v1/task-types");
     localStorage.setItem(KEY_STORAGE, key);
-    notify("");
+    notify(notice, "info");
     await start(types.items);
   } catch (err) {
     state.apiKey = null;
@@ -105,13 +129,14 @@ async function signIn(key) {
     const seconds = err instanceof ApiError && err.retryAfter ? err.retryAfter : 5;
     $("sign-in").hidden = true;
     notify(`Cannot reach the API: ${describe(err)} Trying again in ${seconds} s.`);
-    setTimeout(() => signIn(key), seconds * 1000);
+    setTimeout(() => signIn(key, notice), seconds * 1000);
   }
 }
 
 function showSignIn(message) {
   $("app").hidden = true;
   $("sign-out").hidden = true;
+  $("signed-in").hidden = true;
   $("sign-in").hidden = false;
   if (message) notify(message);
   $("api-key").focus();
@@ -148,6 +173,8 @@ async function start(types) {
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
+  $("signed-in-key").textContent = publicPart(state.apiKey);
+  $("signed-in").hidden = false;
   renderTypes(types);
   state.gatewayUrl ||= await loadConfig();
   state.client = new LonghaulClient({
@@ -487,8 +514,8 @@ function main() {
     if (button.dataset.action === "events") select(taskId);
     else act(taskId, button.dataset.action);
   });
-  const key = keyFromFragment() || localStorage.getItem(KEY_STORAGE);
-  if (key) signIn(key);
+  const { key, notice } = chooseKey(keyFromFragment(), localStorage.getItem(KEY_STORAGE));
+  if (key) signIn(key, notice);
   else showSignIn("");
 }
 
