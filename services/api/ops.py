@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -13,6 +16,9 @@ from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 OPENAPI = web.AppKey("openapi", bytes)
+CONSOLE_HEADERS = web.AppKey("console_headers", Mapping[str, str])
+# A host[:port] fit to stand in a header: no userinfo, no spaces or semicolons.
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -54,10 +60,47 @@ async def console_config(request: web.Request) -> web.Response:
     )
 
 
-def add_routes(app: web.Application) -> None:
+def console_headers(public_ws_url: str) -> dict[str, str]:
+    """The headers of the console's files. ``no-cache``: a browser revalidates them (a
+    304 by ETag when unchanged) instead of keeping them for days after an upgrade,
+    mixing versions. The policy: the console keeps an API key in localStorage, so only
+    its own scripts run, it talks only to its API and the gateway, and no other site
+    frames it."""
+    connect = ["'self'"]
+    parts = urlsplit(public_ws_url)
+    if parts.scheme in ("ws", "wss") and _HOST_PORT.fullmatch(parts.netloc):
+        connect.append(f"{parts.scheme}://{parts.netloc}")
+    policy = [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self'",
+        f"connect-src {' '.join(connect)}",
+        "base-uri 'none'",
+        # Its forms are JavaScript's: without it, none sends a key anywhere.
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+    return {
+        "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "; ".join(policy),
+    }
+
+
+async def _console_response(request: web.Request, response: web.StreamResponse) -> None:
+    # A signal, not the handlers: add_static's answers (304s included) get them too.
+    if request.path == "/" or request.path.startswith("/console/"):
+        response.headers.update(request.app[CONSOLE_HEADERS])
+
+
+def add_routes(app: web.Application, public_ws_url: str) -> None:
+    """``public_ws_url``: where browsers reach the gateway (the console connects there)."""
     # Relative: the API's bind address (0.0.0.0 in a container) is not where clients
     # reach it, and a proxy in front changes the host again.
     app[OPENAPI] = orjson.dumps(build_openapi("/"))
+    app[CONSOLE_HEADERS] = console_headers(public_ws_url)
+    app.on_response_prepare.append(_console_response)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

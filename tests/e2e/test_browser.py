@@ -81,7 +81,15 @@ async def test_console_follows_a_task_through_a_gateway_restart(
             page = await browser.new_page()
             console_errors: list[str] = []
             page.on("pageerror", lambda exc: console_errors.append(str(exc)))
-            await page.goto(f"http://127.0.0.1:{ports['api_port']}/#key={tenant.key}")
+            # The console runs under its Content-Security-Policy: anything it blocks is
+            # a part of the console that does not work.
+            await page.add_init_script(
+                "window.blocked = []; document.addEventListener('securitypolicyviolation',"
+                " (e) => window.blocked.push(`${e.violatedDirective} ${e.blockedURI}`));"
+            )
+            response = await page.goto(f"http://127.0.0.1:{ports['api_port']}/#key={tenant.key}")
+            assert response is not None
+            assert "connect-src" in response.headers["content-security-policy"]
             await page.locator("#connection.conn-open").wait_for(timeout=timeout(20) * 1000)
             assert "key=" not in page.url, "the key must leave the address bar"
 
@@ -140,6 +148,7 @@ async def test_console_follows_a_task_through_a_gateway_restart(
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
             assert not console_errors, console_errors
+            assert await page.evaluate("window.blocked") == []
         finally:
             gateway.terminate()
         assert api.alive()
