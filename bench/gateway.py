@@ -231,6 +231,15 @@ async def fanout_once(system: LonghaulSystem, clients: int, duration: float) -> 
     server.send("STOP")
     srv = await server.result(60)
     raw["broadcasts"] = srv["broadcasts"]
+    raw["server_drain_wait_s"] = srv["drain_wait_s"]
+    raw["server_longest_drain_wait_s"] = srv["longest_drain_wait_s"]
+    raw["server_stalls"] = srv["stalls"]
+    if srv["stalls"]:
+        # A client held the broadcast over a second: the ceiling measured that client,
+        # and a low ceiling flatters the ratio. The round is left out of the target.
+        raw["invalid"] = (
+            f"the raw server waited over 1 s for a client to drain {srv['stalls']} times"
+        )
     out["raw_broadcast"] = raw
     _log(f"raw broadcast phase: {time.monotonic() - t0:.1f}s")
 

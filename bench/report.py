@@ -169,9 +169,23 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         name: str, path: tuple[str, str, str], ref: tuple[str, str, str], factor: float
     ) -> None:
         # Run i of each side is round i: a scenario that fails is not run again, so a
-        # shorter list lacks only the last rounds, which zip leaves unpaired.
-        pairs = zip(_runs(doc, *path), _runs(doc, *ref), strict=False)
-        ratios = [v / r for v, r in pairs if v is not None and r]
+        # shorter list lacks only the last rounds, which zip leaves unpaired. A round
+        # where either run says it is invalid (``invalid``: why) is left out.
+        rounds = list(
+            zip(
+                _runs(doc, *path),
+                _runs(doc, *ref),
+                _runs(doc, *path[:2], "invalid"),
+                _runs(doc, *ref[:2], "invalid"),
+                strict=False,
+            )
+        )
+        invalid = sum(1 for _, _, bad, bad_ref in rounds if bad or bad_ref)
+        ratios = [
+            v / r
+            for v, r, bad, bad_ref in rounds
+            if v is not None and r and not bad and not bad_ref
+        ]
         spread = over_runs(ratios)
         ratio = spread["median"]
         out.append(
@@ -185,6 +199,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": None if ratio is None else ratio >= factor,
                 "met_runs": sum(1 for x in ratios if x >= factor),
                 "runs": len(ratios),
+                "invalid_runs": invalid,
                 "needs": f"ratio ≥ {factor:g}",
             }
         )
@@ -269,9 +284,12 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
         ratio = "n/a" if t["ratio"] is None else str(t["ratio"])
         if t.get("ratio_min") is not None and t["runs"] > 1:
             ratio += f" ({t['ratio_min']}-{t['ratio_max']})"
+        runs = f"{t['met_runs']} of {t['runs']}"
+        if t.get("invalid_runs"):
+            runs += f" ({t['invalid_runs']} invalid, left out)"
         lines.append(
             f"| {t['target']} | {_fmt(t['value'])} | {_fmt(t['reference'])} | "
-            f"{ratio} ({t['needs']}) | {met} | {t['met_runs']} of {t['runs']} |"
+            f"{ratio} ({t['needs']}) | {met} | {runs} |"
         )
     return "\n".join(lines)
 

@@ -167,7 +167,12 @@ async def publish_clock(a: dict[str, Any]) -> dict[str, Any]:
 async def raw_broadcast_server(a: dict[str, Any]) -> dict[str, Any]:
     """A plain ``websockets`` server that broadcasts event-shaped frames to every client,
     as fast as the clients drain them (paused while a client's write buffer is over
-    ``high_water`` bytes), between ``WINDOW`` bounds the parent sends."""
+    ``high_water`` bytes), between ``WINDOW`` bounds the parent sends.
+
+    The pause waits on the transports' flow control (``Connection.drain``), not on a
+    polling sleep: on uvloop a sleep under 1 ms is no sleep, and the poll took a core
+    from the clients. It never ends the window early; a wait longer than ``stall_s``
+    is counted (``stalls``), and the parent holds such a run invalid."""
     conns: set[ServerConnection] = set()
 
     async def handler(ws: ServerConnection) -> None:
@@ -178,15 +183,23 @@ async def raw_broadcast_server(a: dict[str, Any]) -> dict[str, Any]:
             conns.discard(ws)
 
     high = a.get("high_water", 64 * 1024)
+    stall_s = a.get("stall_s", 1.0)
     sent = 0
-    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=2**16) as server:
+    seq = 0
+    stalls = 0
+    longest = 0.0
+    waited = 0.0
+    # write_limit (high, high): a connection is paused above `high` bytes buffered and
+    # resumed at `high` or below, the bound the loop below waits for.
+    async with serve(
+        handler, "127.0.0.1", 0, compression=None, max_size=2**16, write_limit=(high, high)
+    ) as server:
         port = server.sockets[0].getsockname()[1]
         say(f"PORT {port}")
         line = await asyncio.wait_for(stdin_line(), a.get("hold_s", 600))
         _, start, end = line.split()
         t_start, t_end = float(start), float(end)
         await sleep_until(t_start - 0.5)
-        seq = 0
         task_id = "00000000-0000-7000-8000-000000000000"
         while time.time() < t_end:
             seq += 1
@@ -207,15 +220,36 @@ async def raw_broadcast_server(a: dict[str, Any]) -> dict[str, Any]:
             targets = list(conns)
             broadcast(targets, frame)
             sent += len(targets)
-            # Back pressure: websockets.broadcast never waits, so we do.
-            for _ in range(2000):
-                if max((c.transport.get_write_buffer_size() for c in targets), default=0) <= high:
-                    break
-                await asyncio.sleep(0.0005)
-            else:
-                break
+            # Back pressure: websockets.broadcast never waits, so we do, until every
+            # paused client has drained, at most to the end of the window.
+            paused = [c for c in targets if c.paused]
+            if paused:
+                t = time.monotonic()
+                await _drained(paused, max(0.0, t_end - time.time()))
+                took = time.monotonic() - t
+                waited += took
+                longest = max(longest, took)
+                if took > stall_s:
+                    stalls += 1
             await asyncio.sleep(0)
         say("DONE")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stdin_line(), 30)
-    return {"frames_sent": sent, "broadcasts": seq}
+    return {
+        "frames_sent": sent,
+        "broadcasts": seq,
+        "drain_wait_s": round(waited, 3),
+        "longest_drain_wait_s": round(longest, 3),
+        "stalls": stalls,
+    }
+
+
+async def _drained(conns: list[ServerConnection], timeout: float) -> None:
+    """Until every connection's write buffer is back under its limit (a connection that
+    closes meanwhile counts as drained), or ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(c.drain()) for c in conns]
+    _, pending = await asyncio.wait(waits, timeout=timeout)
+    for w in pending:
+        w.cancel()
+    # Retrieve the errors of connections lost while paused: nothing to do with them.
+    await asyncio.gather(*waits, return_exceptions=True)

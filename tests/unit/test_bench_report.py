@@ -50,3 +50,25 @@ def test_a_target_not_measured_is_neither_met_nor_missed() -> None:
     got = _target(_doc(single=[1000], celery=[], post_p99=[]), "single-submit e2e ≥ Dramatiq")
     assert got["ratio"] is None and got["met"] is None and got["runs"] == 0
     assert "| 0 of 0 |" in report.targets_table(report.targets(_doc([1], [], [])))
+
+
+def _fanout(gateway: list[float], raw: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "gateway": {
+            "fanout_gateway_saturation": series("", [{"delivered_per_s": v} for v in gateway]),
+            "fanout_raw_broadcast": series("", raw),
+        }
+    }
+
+
+def test_a_round_whose_ceiling_run_is_invalid_is_left_out_of_the_ratio() -> None:
+    # Round 2's raw server waited on a stuck client: its low ceiling would have met 50 %.
+    raw: list[dict[str, Any]] = [
+        {"delivered_per_s": 40_000},
+        {"delivered_per_s": 10_000, "invalid": "stalled"},
+        {"delivered_per_s": 40_000},
+    ]
+    got = _target(_fanout([16_000, 16_000, 18_000], raw), "fan-out ≥ 50%")
+    assert (got["ratio"], got["met"], got["met_runs"], got["runs"]) == (0.42, False, 0, 2)
+    assert got["invalid_runs"] == 1
+    assert "0 of 2 (1 invalid, left out)" in report.targets_table([got])
