@@ -7,7 +7,8 @@ limit (off) and the gateway's per-tenant connection cap (raised for scenario 4).
 The load generator is this process: an aiohttp client and a pool of WebSocket
 connections to the gateway. Per task it records:
 
-* submit→202: the client's clock around the HTTP request;
+* submit→202: the client's clock around the HTTP request; in the open loop, from when
+  the request was due by the schedule, so the generator's own lateness counts;
 * submit→running: ``tasks.started_at`` (PostgreSQL ``now()`` of the worker's claim,
   the same instant the ``running`` event carries), read once after the run;
 * submit→terminal: when the terminal event frame arrived on the WebSocket client. The
@@ -21,6 +22,7 @@ import contextlib
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,8 +275,9 @@ async def _one_run(
         late = 0
         meter = system.meter()
 
-        async def submit() -> None:
-            t = time.time()
+        async def submit(t: float) -> None:
+            # t: when the request was due, the closed loop's now or the open loop's
+            # schedule; what the generator was late by counts in every latency.
             try:
                 async with http.post(url, data=body, headers=headers) as r:
                     data = await r.read()
@@ -296,26 +299,11 @@ async def _one_run(
 
             async def lane() -> None:
                 for _ in counter:
-                    await submit()
+                    await submit(time.time())
 
             await asyncio.gather(*(lane() for _ in range(concurrency)))
         else:
-            inflight: set[asyncio.Task[None]] = set()
-            interval = batch / rate
-            cap = 2000
-            for i in range(requests):
-                delay = t0 + i * interval - time.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -0.05:
-                    late += 1
-                while len(inflight) >= cap:  # bounded: the generator never runs away
-                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                task = asyncio.create_task(submit())
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-            if inflight:
-                await asyncio.wait(inflight)
+            late = await open_loop(submit, requests=requests, interval=batch / rate, t0=t0)
         t_sub_end = time.time()
         accepted = len(tracker.recs)
         tracker.expected = accepted
@@ -373,6 +361,40 @@ async def _one_run(
         ),
         **cpu,
     }
+
+
+async def open_loop(
+    submit: Callable[[float], Coroutine[Any, Any, None]],
+    *,
+    requests: int,
+    interval: float,
+    t0: float,
+    cap: int = 2000,
+) -> int:
+    """Start request i at ``t0 + i * interval`` as ``submit(t0 + i * interval)``, not
+    waiting for earlier ones (at most ``cap`` in flight), and wait for all of them.
+
+    The submit time a request is timed from is when it was due, not when the generator
+    got to it: on a busy machine the generator falls behind, and timing from the late
+    start would leave that delay out of the latencies (coordinated omission). Returns
+    how many requests started over 50 ms late."""
+    inflight: set[asyncio.Task[None]] = set()
+    late = 0
+    for i in range(requests):
+        due = t0 + i * interval
+        delay = due - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.05:
+            late += 1
+        while len(inflight) >= cap:  # bounded: the generator never runs away
+            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(submit(due))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+    if inflight:
+        await asyncio.wait(inflight)
+    return late
 
 
 def saturation_configs(*, n: int, batch: int) -> dict[str, str]:
