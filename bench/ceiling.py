@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from bench.child import Child, sleep_until
 from bench.infra import BenchEnv
+from bench.longhaul import warm_up_size
 from bench.stats import cpu_share
 
 QUEUE_ARGS = {"x-queue-type": "quorum"}
@@ -39,12 +40,12 @@ async def amqp_publish(a: dict[str, Any]) -> dict[str, Any]:
         body = orjson.dumps({"v": 1, "type": "demo.noop", "task_id": str(uuid.uuid4())})
         failed = 0
 
-        async def one(i: int) -> None:
+        async def one(i: str) -> None:
             nonlocal failed
             try:
                 await exchange.publish(
                     aio_pika.Message(
-                        body, message_id=str(i), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                        body, message_id=i, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
                     ),
                     a["queue"],
                     timeout=30,
@@ -54,13 +55,20 @@ async def amqp_publish(a: dict[str, Any]) -> dict[str, Any]:
             finally:
                 window.release()
 
+        async def pipelined(ids: list[str]) -> None:
+            tasks = []
+            for i in ids:
+                await window.acquire()
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+
+        # Warm-up, unmeasured and not counted by the consumer: the channel, the queue
+        # and both clients' first messages are then as in the measured run.
+        await pipelined([f"warm-{i}" for i in range(a.get("warm", 0))])
+        failed = 0
         await sleep_until(a["go_at"])
         t0 = time.time()
-        tasks = []
-        for i in range(a["n"]):
-            await window.acquire()
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+        await pipelined([str(i) for i in range(a["n"])])
         return {"t0": t0, "t1": time.time(), "n": a["n"], "failed": failed}
     finally:
         await conn.close()
@@ -79,6 +87,8 @@ async def amqp_consume(a: dict[str, Any]) -> dict[str, Any]:
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal got, first, last
             await message.ack()
+            if (message.message_id or "").startswith("warm-"):
+                return
             got += 1
             if got == 1:
                 first = time.time()
@@ -103,7 +113,7 @@ async def pg_lifecycle(a: dict[str, Any]) -> dict[str, Any]:
     n_each = a["n"] // a["concurrency"]
     try:
 
-        async def lane() -> None:
+        async def lane(n_each: int) -> None:
             async with pool.acquire() as conn:
                 for _ in range(n_each):
                     tid = uuid.uuid4()
@@ -127,9 +137,12 @@ async def pg_lifecycle(a: dict[str, Any]) -> dict[str, Any]:
                         tid,
                     )
 
+        # Warm-up, unmeasured: every connection has prepared its statements.
+        warm_each = max(1, a.get("warm", 0) // a["concurrency"])
+        await asyncio.gather(*(lane(warm_each) for _ in range(a["concurrency"])))
         await sleep_until(a["go_at"])
         t0 = time.time()
-        await asyncio.gather(*(lane() for _ in range(a["concurrency"])))
+        await asyncio.gather(*(lane(n_each) for _ in range(a["concurrency"])))
         return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"]}
     finally:
         await pool.close()
@@ -141,7 +154,7 @@ async def redis_events(a: dict[str, Any]) -> dict[str, Any]:
     body = orjson.dumps({"task_id": str(uuid.uuid4()), "seq": 1, "state": "running"})
     try:
 
-        async def lane(k: int) -> None:
+        async def lane(k: int, n_each: int) -> None:
             for i in range(n_each):
                 pipe = redis.pipeline(transaction=False)
                 stream = f"{a['prefix']}stream:{k}:{i % 64}"
@@ -149,9 +162,12 @@ async def redis_events(a: dict[str, Any]) -> dict[str, Any]:
                 pipe.publish(f"{a['prefix']}events:{k}", body)
                 await pipe.execute()
 
+        # Warm-up, unmeasured: every lane has its connection.
+        warm_each = max(1, a.get("warm", 0) // a["concurrency"])
+        await asyncio.gather(*(lane(k, warm_each) for k in range(a["concurrency"])))
         await sleep_until(a["go_at"])
         t0 = time.time()
-        await asyncio.gather(*(lane(k) for k in range(a["concurrency"])))
+        await asyncio.gather(*(lane(k, n_each) for k in range(a["concurrency"])))
         return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"]}
     finally:
         await redis.aclose()
@@ -169,7 +185,7 @@ async def _one_amqp(env: BenchEnv, n: int, run: int) -> dict[str, Any]:
         await ch.declare_queue(queue, durable=True, arguments=QUEUE_ARGS)
     finally:
         await conn.close()
-    go_at = time.time() + 2.0
+    go_at = time.time() + 3.0  # after the children started and warmed up
     cons = Child.start(
         env,
         "amqp_consume",
@@ -178,7 +194,14 @@ async def _one_amqp(env: BenchEnv, n: int, run: int) -> dict[str, Any]:
     pub = Child.start(
         env,
         "amqp_publish",
-        {"url": env.amqp_url, "queue": queue, "n": n, "window": 512, "go_at": go_at},
+        {
+            "url": env.amqp_url,
+            "queue": queue,
+            "n": n,
+            "window": 512,
+            "go_at": go_at,
+            "warm": warm_up_size(n),
+        },
     )
     p = await pub.result(180)
     c = await cons.result(180)
@@ -187,14 +210,23 @@ async def _one_amqp(env: BenchEnv, n: int, run: int) -> dict[str, Any]:
         "msgs_per_s": round(c["n"] / wall, 1) if wall > 0 else None,
         "publish_per_s": round(p["n"] / (p["t1"] - p["t0"]), 1),
         "delivered": c["n"],
-        "generator_cpu_pct": cpu_share(p["cpu_s"] + c["cpu_s"], wall + 2.0),
+        "generator_cpu_pct": cpu_share(p["cpu_s"] + c["cpu_s"], wall + 3.0),
     }
 
 
 async def _spread(env: BenchEnv, role: str, args: dict[str, Any], procs: int) -> dict[str, Any]:
-    go_at = time.time() + 2.0
+    go_at = time.time() + 3.0  # after the children started and warmed up
     children = [
-        Child.start(env, role, {**args, "n": args["n"] // procs, "go_at": go_at})
+        Child.start(
+            env,
+            role,
+            {
+                **args,
+                "n": args["n"] // procs,
+                "go_at": go_at,
+                "warm": warm_up_size(args["n"]) // procs,
+            },
+        )
         for _ in range(procs)
     ]
     results = [await ch.result(300) for ch in children]

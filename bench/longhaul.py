@@ -443,7 +443,9 @@ async def half_rates(
     timeout_s: float,
 ) -> dict[str, Any]:
     """The open-loop runs at half the saturation rates (``saturation``: the series of
-    the saturation runs, by name)."""
+    the saturation runs, by name), on a system that first runs the warm-up the
+    saturation runs get: it was just started too."""
+    await warm_up(system, n=n, timeout_s=timeout_s)
     rate = max(10.0, round(_sustainable(saturation["single_saturation"]["summary"]) / 2, 1))
     n_rate = min(n, max(100, int(rate * max_rate_run_s)))
     brate = max(batch * 1.0, round(_sustainable(saturation["batch_saturation"]["summary"]) / 2, 1))
