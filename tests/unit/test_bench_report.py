@@ -72,3 +72,26 @@ def test_a_round_whose_ceiling_run_is_invalid_is_left_out_of_the_ratio() -> None
     assert (got["ratio"], got["met"], got["met_runs"], got["runs"]) == (0.42, False, 0, 2)
     assert got["invalid_runs"] == 1
     assert "0 of 2 (1 invalid, left out)" in report.targets_table([got])
+
+
+def test_a_latency_target_is_not_met_in_a_run_that_shed_requests() -> None:
+    # Run 2 answered fast because it refused 40 requests with 503: its p99 is no pass.
+    doc = _doc(single=[1000], celery=[400], post_p99=[20, 10, 24])
+    doc["longhaul"]["single_half_rate"] = series(
+        "",
+        [
+            {"submit_to_202_ms": {"p99": 20}, "failed_requests": 0},
+            {"submit_to_202_ms": {"p99": 10}, "failed_requests": 40},
+            {"submit_to_202_ms": {"p99": 24}, "failed_requests": 0},
+        ],
+    )
+    got = _target(doc, "POST /v1/tasks p99")
+    assert (got["value"], got["met"], got["met_runs"], got["runs"]) == (20, False, 2, 3)
+    assert got["failed_requests"] == 40
+    assert "every request 202 (40 not)" in report.targets_table([got])
+    # The table shows the failures, and only where there were some.
+    assert "failed requests (not 202) | 0.00 | 0.00-40.0" in report.table(doc)
+    doc["longhaul"]["single_half_rate"]["runs"][1]["failed_requests"] = 0
+    doc["longhaul"]["single_half_rate"] = series("", doc["longhaul"]["single_half_rate"]["runs"])
+    assert "failed requests" not in report.table(doc)
+    assert _target(doc, "POST /v1/tasks p99")["met"] is True
