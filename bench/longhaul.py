@@ -37,6 +37,9 @@ from bench.stats import latency_summary, series
 from tests.support import free_port
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# Requests in flight in the single-submit saturation run (the peers' client has as many
+# publishes in flight).
+SATURATION_INFLIGHT = 64
 JSON = {"Content-Type": "application/json"}
 
 
@@ -403,8 +406,8 @@ async def open_loop(
 def saturation_configs(*, n: int, batch: int) -> dict[str, str]:
     """The saturation runs' descriptions, by name."""
     return {
-        "single_saturation": f"POST /v1/tasks, 1 task per request, closed loop with 64 "
-        f"requests in flight; N={n}",
+        "single_saturation": f"POST /v1/tasks, 1 task per request, closed loop with "
+        f"{SATURATION_INFLIGHT} requests in flight; N={n}",
         "batch_saturation": f"POST /v1/tasks:batch of {batch}, closed loop with 4 batches in "
         f"flight; N={n}",
     }
@@ -427,7 +430,7 @@ async def saturation_round(
     are compared with, so they are measured in the same round as those."""
     return {
         "single_saturation": await _one_run(
-            system, n=n, mode="single", concurrency=64, timeout_s=timeout_s
+            system, n=n, mode="single", concurrency=SATURATION_INFLIGHT, timeout_s=timeout_s
         ),
         "batch_saturation": await _one_run(
             system, n=n, mode="batch", batch=batch, concurrency=4, timeout_s=timeout_s

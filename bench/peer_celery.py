@@ -26,6 +26,9 @@ app.conf.update(
     result_backend_transport_options={"global_keyprefix": PREFIX},
     result_expires=600,
     worker_prefetch_multiplier=16 if SAFE else 128,
+    # The client holds one producer (connection) per thread, 64 of them (the default
+    # pool of 10 would make the others wait for one).
+    broker_pool_limit=128,
     worker_enable_remote_control=False,
     worker_send_task_events=False,
     control_exchange=f"{QUEUE}.pidbox",

@@ -3,7 +3,8 @@ each, running the same no-op, in the same run as Longhaul.
 
 Celery: 2 worker processes with ``--pool=solo`` (one task at a time each; no prefork
 IPC). Dramatiq: ``--processes 2 --threads 8``. Both use classic durable queues, their
-default. The client is one process with 8 submitting threads."""
+default. The client is one process with 64 submitting threads, each on its own
+connection: 64 publishes in flight, as Longhaul's generator has 64 requests."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import aio_pika
 import orjson
 
 from bench.infra import BenchEnv, CpuMeter, Proc, python
-from bench.longhaul import warm_up_size
+from bench.longhaul import SATURATION_INFLIGHT, warm_up_size
 from bench.stats import cpu_share
 
 CONFIGS = {
@@ -37,16 +38,18 @@ CONFIGS = {
     "dramatiq_safe": (
         "dramatiq",
         "safe",
-        "Dramatiq: publisher confirms (confirm_delivery), ack after the actor, completion "
-        "via a 20 ms-batched Redis counter",
+        "Dramatiq: publisher confirms (confirm_delivery), ack after the actor, prefetch "
+        "16/process, completion via a 20 ms-batched Redis counter",
     ),
     "dramatiq_unsafe": (
         "dramatiq",
         "unsafe",
-        "Dramatiq fastest unsafe: no confirms, prefetch 64/thread, completion via the counter",
+        "Dramatiq fastest unsafe: no confirms, prefetch 64/process, completion via the counter",
     ),
 }
-CLIENT_THREADS = 8
+# As many publishes in flight as Longhaul's generator has requests in flight at
+# saturation: with confirms each thread has one outstanding.
+CLIENT_THREADS = SATURATION_INFLIGHT
 
 
 async def _consumers(url: str, queue: str) -> int:
@@ -136,6 +139,7 @@ def _penv(env: BenchEnv, name: str, mode: str) -> dict[str, str]:
         "BENCH_AMQP_URL": env.amqp_url,
         "BENCH_REDIS_URL": env.redis_url,
         "BENCH_PEER_PREFIX": f"{env.namespace}:peer:{name}:",
+        # Dramatiq's prefetch is per consumer, one per queue per worker process.
         "dramatiq_queue_prefetch": "16" if mode == "safe" else "64",
     }
 
