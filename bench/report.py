@@ -33,7 +33,9 @@ def _fmt(v: float | None) -> str:
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-FAILED = "failed requests (not 202)"  # a row shown only where some run had any
+# Rows shown only where some run had any.
+FAILED = "failed requests (not 202)"
+NEGATIVE = "publish→client samples < 0 (the clock process woke late)"
 ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
     (
         "1",
@@ -113,14 +115,15 @@ def _gateway_rows(doc: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...], 
             ("4", label, ("gateway", key, "latency_ms.p99"), "publish→client p99 ms"),
         ]
         if key != "fanout_raw_broadcast":
-            rows.append(
+            rows += [
                 (
                     "4",
                     label,
                     ("gateway", key, "from_db_update_ms.p99"),
                     "DB update→client p99 ms (adds the commit)",
-                )
-            )
+                ),
+                ("4", label, ("gateway", key, "negative_samples"), NEGATIVE),
+            ]
     return rows
 
 
@@ -138,7 +141,7 @@ def table(doc: dict[str, Any]) -> str:
     rows += _gateway_rows(doc) + [r for r in ROWS if r[0] == "5"]
     for num, label, path, figure in rows:
         s = _s(doc, *path)
-        if s is None or (figure == FAILED and not s["max"]):
+        if s is None or (figure in (FAILED, NEGATIVE) and not s["max"]):
             continue
         lines.append(
             f"| {num} | {label} | {figure} | {_fmt(s['median'])} | "

@@ -109,3 +109,14 @@ def test_the_idle_memory_target_takes_the_worst_connection_count() -> None:
     got = _target(doc, "gateway ≤ 20 KiB per idle connection")
     assert "idle_1000, idle_10000" in got["target"]
     assert (got["value"], got["met"], got["met_runs"], got["runs"]) == (21.0, False, 1, 3)
+
+
+def test_negative_publish_to_client_samples_are_shown_only_when_there_are_some() -> None:
+    def doc(negative: int) -> dict[str, Any]:
+        run = {"delivered_per_s": 1000, "negative_samples": negative}
+        return {"gateway": {"fanout_gateway_1k_per_s": series("", [run])}}
+
+    assert "samples < 0" not in report.table(doc(0))
+    assert "publish→client samples < 0 (the clock process woke late) | 12.0 |" in report.table(
+        doc(12)
+    )
