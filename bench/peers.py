@@ -48,8 +48,10 @@ CONFIGS = {
     ),
 }
 # As many publishes in flight as Longhaul's generator has requests in flight at
-# saturation: with confirms each thread has one outstanding.
+# saturation: with confirms each thread has one outstanding. (The quick mode, which only
+# keeps the code working, starts fewer: each thread opens its own connection.)
 CLIENT_THREADS = SATURATION_INFLIGHT
+QUICK_CLIENT_THREADS = 8
 
 
 async def _consumers(url: str, queue: str) -> int:
@@ -117,9 +119,11 @@ async def _start_workers(env: BenchEnv, which: str, penv: dict[str, str], queue:
     raise RuntimeError(f"{which} workers did not start consuming {queue}")
 
 
-async def _client(env: BenchEnv, which: str, penv: dict[str, str], n: int) -> dict[str, Any]:
+async def _client(
+    env: BenchEnv, which: str, penv: dict[str, str], n: int, threads: int
+) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        *python("-m", "bench.peer_client", which, str(n), str(CLIENT_THREADS), "300"),
+        *python("-m", "bench.peer_client", which, str(n), str(threads), "300"),
         env={**os.environ, **penv},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -144,15 +148,17 @@ def _penv(env: BenchEnv, name: str, mode: str) -> dict[str, str]:
     }
 
 
-def configs(n: int) -> dict[str, str]:
+def configs(n: int, threads: int = CLIENT_THREADS) -> dict[str, str]:
     """Each configuration's description, by name."""
     return {
-        name: f"{config}; 2 worker processes; client {CLIENT_THREADS} threads; N={n}"
+        name: f"{config}; 2 worker processes; client {threads} threads; N={n}"
         for name, (_, _, config) in CONFIGS.items()
     }
 
 
-async def one_round(env: BenchEnv, *, n: int) -> dict[str, dict[str, Any]]:
+async def one_round(
+    env: BenchEnv, *, n: int, threads: int = CLIENT_THREADS
+) -> dict[str, dict[str, Any]]:
     """One run of every configuration, each on workers started for it and stopped after
     it: the machine runs nothing else of the benchmark meanwhile."""
     out: dict[str, dict[str, Any]] = {}
@@ -166,14 +172,14 @@ async def one_round(env: BenchEnv, *, n: int) -> dict[str, dict[str, Any]]:
         workers = await _start_workers(env, which, penv, queue)
         print(f"   {name}: workers up in {time.monotonic() - t_start:.1f}s", file=sys.stderr)
         try:
-            await _client(env, which, penv, warm_up_size(n))  # unmeasured
+            await _client(env, which, penv, warm_up_size(n), threads)  # unmeasured
             meter = CpuMeter(
                 {"workers": workers[0]}
                 if len(workers) == 1
                 else {f"worker{i}": w for i, w in enumerate(workers)}
             )
             meter.start()
-            r = await _client(env, which, penv, n)
+            r = await _client(env, which, penv, n, threads)
             cpu = meter.stop()
         finally:
             _stop_workers(name, which, workers)

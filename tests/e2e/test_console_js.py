@@ -79,7 +79,9 @@ async def console(browser: Browser) -> AsyncIterator[tuple[FakeApi, Callable[[],
     await page.route(f"{ORIGIN}/**", api.serve)
     await page.add_init_script(FAKE_WEBSOCKET)
 
-    async def open_console() -> Page:
+    async def open_console(fake_clock: bool = False) -> Page:
+        if fake_clock:  # timers then run only as the test moves the clock on
+            await page.clock.install()
         await page.goto(f"{ORIGIN}/console/#key=lh_test_key")
         return page
 
@@ -223,20 +225,25 @@ async def test_a_gateway_that_never_accepts_is_shown_not_retried_quietly(
     api, open_console = console
     api.on("/v1/task-types", (200, TYPES, {}))
     api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
-    page = await open_console()
+    page = await open_console(fake_clock=True)
 
     async def refused() -> bool:
-        # Each connection is refused as soon as it is made (the client's backoff paces them).
+        # Each connection is refused as soon as it is made; the client's backoff paces
+        # them, on a clock the test moves on.
         await page.evaluate("sockets.filter((s) => s.readyState === 0).forEach((s) => s.drop())")
+        await page.clock.run_for(2000)
         return await page.locator("#connection.conn-refused").count() == 1
 
     await eventually(refused, within=60, what="the refused state")
     assert "Cannot connect" in (await page.locator("#connection-text").text_content() or "")
     notice = await page.locator("#notice").text_content() or ""
     assert "LONGHAUL_ALLOWED_ORIGINS" in notice, notice
-    await eventually(
-        lambda: page.evaluate("sockets.at(-1).readyState === 0"), within=60, what="a retry"
-    )
+
+    async def retried() -> bool:
+        await page.clock.run_for(2000)
+        return bool(await page.evaluate("sockets.at(-1).readyState === 0"))
+
+    await eventually(retried, within=60, what="a retry")
     await page.evaluate("sockets.at(-1).open()")
     await page.locator("#connection.conn-open").wait_for(timeout=10_000)
     assert await page.locator("#notice").is_hidden()

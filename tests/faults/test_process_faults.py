@@ -219,7 +219,11 @@ async def test_api_stops_when_its_relay_fails(make_run: MakeRun) -> None:
     relay, and the next API's relay publishes what it had accepted."""
     run = make_run()
     await run.start_worker(relay_enabled="false")
-    api = await run.start_api(failpoints="relay.before_publish=raise")
+    # Tasks accepted once its relay is gone are claimed for no one: they wait for the
+    # claim to lapse (as short as the I/O timeout allows, to keep the test short).
+    api = await run.start_api(
+        failpoints="relay.before_publish=raise", io_timeout_s="2", handoff_claim_s="6"
+    )
     ids = await run.submit(N, sleep_s=0.1)
     code = await asyncio.to_thread(api.proc.wait, 30)
     assert code == 4, api.output()[-3000:]
