@@ -48,8 +48,6 @@ class Profile:
     timeout_s: float
     # Finished tasks in the database before the run (see BenchEnv._seed_history).
     history: int
-    # The peers' client threads (publishes in flight).
-    peer_threads: int
 
 
 FULL = Profile(
@@ -66,7 +64,6 @@ FULL = Profile(
     fanout_s=8.0,
     timeout_s=240.0,
     history=50_000,
-    peer_threads=peers.CLIENT_THREADS,
 )
 QUICK = Profile(
     "quick",
@@ -82,7 +79,6 @@ QUICK = Profile(
     fanout_s=1.5,
     timeout_s=60.0,
     history=5_000,
-    peer_threads=peers.QUICK_CLIENT_THREADS,
 )
 
 
@@ -236,7 +232,7 @@ async def _rounds(env: BenchEnv, profile: Profile, only: list[str], doc: dict[st
             system.stop()
 
     async def peers_round(i: int) -> dict[str, dict[str, Any]]:
-        return await peers.one_round(env, n=profile.n_tasks, threads=profile.peer_threads)
+        return await peers.one_round(env, n=profile.n_tasks)
 
     run_step = {"ceiling": ceiling_round, "longhaul": longhaul_round, "peers": peers_round}
     for i in range(profile.runs):
@@ -253,7 +249,7 @@ async def _rounds(env: BenchEnv, profile: Profile, only: list[str], doc: dict[st
             n_amqp=profile.n_amqp, n_pg=profile.n_pg, n_redis=profile.n_redis
         ),
         "longhaul": longhaul.saturation_configs(n=profile.n_tasks, batch=profile.batch),
-        "peers": peers.configs(profile.n_tasks, profile.peer_threads),
+        "peers": peers.configs(profile.n_tasks),
     }
     for name, by_key in found.items():
         if by_key:  # the rounds before a failure count (the error is in doc["errors"])

@@ -3,8 +3,8 @@ each, running the same no-op, in the same run as Longhaul.
 
 Celery: 2 worker processes with ``--pool=solo`` (one task at a time each; no prefork
 IPC). Dramatiq: ``--processes 2 --threads 8``. Both use classic durable queues, their
-default. The client is one process with 64 submitting threads, each on its own
-connection: 64 publishes in flight, as Longhaul's generator has 64 requests."""
+default. The client is one process with 8 submitting threads, each on its own
+connection (see CLIENT_THREADS)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import aio_pika
 import orjson
 
 from bench.infra import BenchEnv, CpuMeter, Proc, python
-from bench.longhaul import SATURATION_INFLIGHT, warm_up_size
+from bench.longhaul import warm_up_size
 from bench.stats import cpu_share
 
 CONFIGS = {
@@ -47,11 +47,12 @@ CONFIGS = {
         "Dramatiq fastest unsafe: no confirms, prefetch 64/process, completion via the counter",
     ),
 }
-# As many publishes in flight as Longhaul's generator has requests in flight at
-# saturation: with confirms each thread has one outstanding. (The quick mode, which only
-# keeps the code working, starts fewer: each thread opens its own connection.)
-CLIENT_THREADS = SATURATION_INFLIGHT
-QUICK_CLIENT_THREADS = 8
+# The client's publishing threads, each on its own connection and channel (with
+# confirms, one publish outstanding each). Not Longhaul's 64 requests in flight: on two
+# cores more threads made every peer slower (a 64-thread client took the CPU and the GIL
+# its workers needed; bench/README.md, twenty-third session), so the peers get the
+# count that served them best.
+CLIENT_THREADS = 8
 
 
 async def _consumers(url: str, queue: str) -> int:
@@ -119,11 +120,9 @@ async def _start_workers(env: BenchEnv, which: str, penv: dict[str, str], queue:
     raise RuntimeError(f"{which} workers did not start consuming {queue}")
 
 
-async def _client(
-    env: BenchEnv, which: str, penv: dict[str, str], n: int, threads: int
-) -> dict[str, Any]:
+async def _client(env: BenchEnv, which: str, penv: dict[str, str], n: int) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        *python("-m", "bench.peer_client", which, str(n), str(threads), "300"),
+        *python("-m", "bench.peer_client", which, str(n), str(CLIENT_THREADS), "300"),
         env={**os.environ, **penv},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -148,17 +147,15 @@ def _penv(env: BenchEnv, name: str, mode: str) -> dict[str, str]:
     }
 
 
-def configs(n: int, threads: int = CLIENT_THREADS) -> dict[str, str]:
+def configs(n: int) -> dict[str, str]:
     """Each configuration's description, by name."""
     return {
-        name: f"{config}; 2 worker processes; client {threads} threads; N={n}"
+        name: f"{config}; 2 worker processes; client {CLIENT_THREADS} threads; N={n}"
         for name, (_, _, config) in CONFIGS.items()
     }
 
 
-async def one_round(
-    env: BenchEnv, *, n: int, threads: int = CLIENT_THREADS
-) -> dict[str, dict[str, Any]]:
+async def one_round(env: BenchEnv, *, n: int) -> dict[str, dict[str, Any]]:
     """One run of every configuration, each on workers started for it and stopped after
     it: the machine runs nothing else of the benchmark meanwhile."""
     out: dict[str, dict[str, Any]] = {}
@@ -172,14 +169,14 @@ async def one_round(
         workers = await _start_workers(env, which, penv, queue)
         print(f"   {name}: workers up in {time.monotonic() - t_start:.1f}s", file=sys.stderr)
         try:
-            await _client(env, which, penv, warm_up_size(n), threads)  # unmeasured
+            await _client(env, which, penv, warm_up_size(n))  # unmeasured
             meter = CpuMeter(
                 {"workers": workers[0]}
                 if len(workers) == 1
                 else {f"worker{i}": w for i, w in enumerate(workers)}
             )
             meter.start()
-            r = await _client(env, which, penv, n, threads)
+            r = await _client(env, which, penv, n)
             cpu = meter.stop()
         finally:
             _stop_workers(name, which, workers)
