@@ -7,7 +7,7 @@ The client against the real gateway, through a restart, is test_browser.py's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +47,24 @@ window.until = async (check) => {
 """
 
 
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:  # noqa: F811 - the fixture
-    page = await browser.new_page()
+def _serve_client(title: str) -> Callable[[Route], Awaitable[None]]:
+    """A route handler serving the client module, and an empty page for the rest."""
 
     async def serve(route: Route) -> None:
         if route.request.url.endswith("/longhaul-client.js"):
             await route.fulfill(body=CLIENT.read_text(), content_type="text/javascript")
         else:
             await route.fulfill(
-                body="<!doctype html><title>client</title>", content_type="text/html"
+                body=f"<!doctype html><title>{title}</title>", content_type="text/html"
             )
 
-    await page.route(f"{ORIGIN}/**", serve)
+    return serve
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:  # noqa: F811 - the fixture
+    page = await browser.new_page()
+    await page.route(f"{ORIGIN}/**", _serve_client("client"))
     await page.add_init_script(FAKE_WEBSOCKET)
     await page.goto(f"{ORIGIN}/")
     try:
@@ -368,16 +373,7 @@ async def test_a_socket_that_cannot_be_made_is_an_error_not_connecting_forever(
     (before, the rejection vanished and the status stayed "connecting")."""
     page = await browser.new_page()
     origin = "https://client.test"
-
-    async def serve(route: Route) -> None:
-        if route.request.url.endswith("/longhaul-client.js"):
-            await route.fulfill(body=CLIENT.read_text(), content_type="text/javascript")
-        else:
-            await route.fulfill(
-                body="<!doctype html><title>https</title>", content_type="text/html"
-            )
-
-    await page.route(f"{origin}/**", serve)
+    await page.route(f"{origin}/**", _serve_client("https"))
     unhandled: list[str] = []
     page.on("pageerror", lambda exc: unhandled.append(str(exc)))
     try:

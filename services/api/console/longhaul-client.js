@@ -145,15 +145,20 @@ export class LonghaulClient {
 
   /** Stop for good: close the socket and cancel any pending reconnect. */
   close() {
+    this.#stop("client closed");
+    this.#setStatus("closed");
+  }
+
+  /** What close() and #fail() share: no socket, no timer, no reconnect from now on. */
+  #stop(why) {
     this.closed = true;
     this.generation += 1;
     clearTimeout(this.timer);
     this.timer = null;
     this.#stopStableTimer();
     globalThis.removeEventListener?.("online", this.#onOnline);
-    if (this.socket) this.socket.close(1000, "client closed");
+    if (this.socket) this.socket.close(1000, why);
     this.socket = null;
-    this.#setStatus("closed");
   }
 
   async #fetchToken() {
@@ -241,14 +246,7 @@ export class LonghaulClient {
 
   /** Stop for good on an error no retry can fix; the page is told why. */
   #fail(err) {
-    this.closed = true;
-    this.generation += 1;
-    clearTimeout(this.timer);
-    this.timer = null;
-    this.#stopStableTimer();
-    globalThis.removeEventListener?.("online", this.#onOnline);
-    if (this.socket) this.socket.close(1000, "client failed");
-    this.socket = null;
+    this.#stop("client failed");
     this.#setStatus("error", { message: `${err?.name ?? "Error"}: ${err?.message ?? err}` });
   }
 
