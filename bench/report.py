@@ -143,8 +143,18 @@ def table(doc: dict[str, Any]) -> str:
         s = _s(doc, *path)
         if s is None or (figure in (FAILED, NEGATIVE) and not s["max"]):
             continue
+        node = doc.get(path[0], {}).get(path[1], {})
+        # The summary left invalid runs out, unless there was nothing else (stats.series).
+        bad = node.get("invalid_runs", 0)
+        shown = label
+        if bad:
+            shown += (
+                " (every run invalid)"
+                if bad == len(node["runs"])
+                else f" ({bad} invalid run{'s' * (bad > 1)} left out)"
+            )
         lines.append(
-            f"| {num} | {label} | {figure} | {_fmt(s['median'])} | "
+            f"| {num} | {shown} | {figure} | {_fmt(s['median'])} | "
             f"{_fmt(s['min'])}-{_fmt(s['max'])} | {_cpu(doc, path, 'generator')} | "
             f"{_cpu(doc, path, 'machine')} |"
         )

@@ -65,8 +65,16 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def series(config: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """A scenario's figure set as the results document holds it: its configuration, its
-    runs and their summary."""
-    return {"config": config, "runs": list(runs), "summary": aggregate(runs)}
+    runs and their summary.
+
+    A run that says it is invalid (``invalid``: why) stays in ``runs`` but not in the
+    summary, so the table's median is not taken over what the targets leave out; where
+    every run is invalid the summary is of them all, and ``invalid_runs`` says so."""
+    valid = [r for r in runs if not r.get("invalid")]
+    out = {"config": config, "runs": list(runs), "summary": aggregate(valid or runs)}
+    if len(valid) < len(runs):
+        out["invalid_runs"] = len(runs) - len(valid)
+    return out
 
 
 def leaf(run: dict[str, Any], figure: str) -> Any:

@@ -74,6 +74,22 @@ def test_a_round_whose_ceiling_run_is_invalid_is_left_out_of_the_ratio() -> None
     assert "0 of 2 (1 invalid, left out)" in report.targets_table([got])
 
 
+def test_the_tables_median_leaves_out_an_invalid_run() -> None:
+    raw: list[dict[str, Any]] = [
+        {"delivered_per_s": 40_000},
+        {"delivered_per_s": 10_000, "invalid": "stalled"},
+        {"delivered_per_s": 30_000},
+    ]
+    doc = _fanout([16_000], raw)
+    summary = doc["gateway"]["fanout_raw_broadcast"]["summary"]["delivered_per_s"]
+    assert (summary["median"], summary["min"], summary["runs"]) == (35_000, 30_000, 2)
+    row = next(r for r in report.table(doc).splitlines() if "raw websockets" in r)
+    assert "(1 invalid run left out)" in row and "| 35,000 | 30,000-40,000 |" in row
+    # Where every run is invalid there is still a figure, marked.
+    doc = _fanout([16_000], [{"delivered_per_s": 9_000, "invalid": "stalled"}])
+    assert "(every run invalid) | events delivered/s | 9,000" in report.table(doc)
+
+
 def test_a_latency_target_is_not_met_in_a_run_that_shed_requests() -> None:
     # Run 2 answered fast because it refused 40 requests with 503: its p99 is no pass.
     doc = _doc(single=[1000], celery=[400], post_p99=[20, 10, 24])
