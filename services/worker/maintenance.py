@@ -10,11 +10,12 @@ import random
 import time
 from collections.abc import Sequence
 
+import asyncpg
 from prometheus_client import Counter
 
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner, StopReason
-from shared.db import ANY_PG_ERROR
+from shared.db import ANY_PG_ERROR, TRANSIENT_ERRORS
 from shared.events import EventSink
 from shared.taskrows import event_from_row
 
@@ -24,6 +25,10 @@ REAPED = Counter(
     "longhaul_worker_reaped_total", "Attempts requeued or failed after their lease ran out"
 )
 PURGED = Counter("longhaul_worker_purged_total", "Finished tasks deleted after their retention")
+
+# What a reaper's failed round says about the leases: the database did not answer (in
+# time), so the heartbeats of live workers may have failed too.
+_DATABASE_AWAY: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.QueryCanceledError)
 
 # A purge round deletes at most this many batches, then sleeps: a backlog (the first
 # purge of a large table, a retention just shortened) goes at a bounded pace.
@@ -72,11 +77,13 @@ async def reaper(
     """Requeue attempts whose lease expired. Every worker runs one; SKIP LOCKED lets
     them share the work, and jitter keeps them from waking together.
 
-    After a round that failed (the database away, most likely), the reaper waits a whole
-    lease from when the database answers again before it reaps: an outage longer than a
-    lease let the leases of live workers run out, and those workers renew them within a
-    third of a lease of its end. Reaping at once would requeue, or fail on its last
-    attempt, a task whose worker was about to finish it."""
+    After a round that failed for want of the database (unreachable, or too slow to
+    answer in time), the reaper waits a whole lease from when the database answers
+    again before it reaps: an outage longer than a lease let the leases of live workers
+    run out, and those workers renew them within a third of a lease of its end. Reaping
+    at once would requeue, or fail on its last attempt, a task whose worker was about to
+    finish it. Any other failure (a bug of ours, a statement refused) says nothing of
+    the leases: the next round reaps as usual, so a dead worker's tasks wait no longer."""
     interval = max(0.5, lease_s / 3)
     failed = False
     quiet_until = 0.0
@@ -91,7 +98,7 @@ async def reaper(
             rows = await repo.reap()
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("reaper", exc)
-            failed = True
+            failed = isinstance(exc, _DATABASE_AWAY)
             continue
         if rows:
             REAPED.inc(len(rows))

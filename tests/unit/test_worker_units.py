@@ -584,6 +584,33 @@ async def test_the_reaper_waits_a_lease_once_the_database_is_back() -> None:
     assert reaped_at - back_at >= lease_s
 
 
+class _ReaperWithABug:
+    """The first reap raises an error of ours, not the database's."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def ping(self) -> None:
+        self.calls.append("ping")
+
+    async def reap(self) -> list[Any]:
+        self.calls.append("reap")
+        if len(self.calls) == 1:
+            raise KeyError("a bug of ours")
+        return []
+
+
+async def test_a_reaper_that_failed_on_a_bug_reaps_at_its_next_round() -> None:
+    """A bug says nothing of the leases: a dead worker's tasks must not wait a lease
+    more for it (no ping, no quiet lease: the next round reaps)."""
+    repo, stop = _ReaperWithABug(), asyncio.Event()
+    job = asyncio.create_task(reaper(repo, SimpleNamespace(), 1.2, stop))  # type: ignore[arg-type]
+    await eventually(until(lambda: len(repo.calls) >= 2), within=10, what="a second round")
+    stop.set()
+    await job
+    assert repo.calls[:2] == ["reap", "reap"]
+
+
 class _LostAttempt:
     """A renewal that finds one attempt reaped by another worker."""
 
