@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
-from bench.child import Child, sleep_until
+from bench.child import Child, cpu_self, sleep_until
 from bench.infra import BenchEnv
 from bench.longhaul import warm_up_size
 from bench.stats import cpu_share
@@ -67,9 +67,9 @@ async def amqp_publish(a: dict[str, Any]) -> dict[str, Any]:
         await pipelined([f"warm-{i}" for i in range(a.get("warm", 0))])
         failed = 0
         await sleep_until(a["go_at"])
-        t0 = time.time()
+        t0, cpu0 = time.time(), cpu_self()
         await pipelined([str(i) for i in range(a["n"])])
-        return {"t0": t0, "t1": time.time(), "n": a["n"], "failed": failed}
+        return {"t0": t0, "t1": time.time(), "n": a["n"], "failed": failed, **_window_cpu(cpu0)}
     finally:
         await conn.close()
 
@@ -83,25 +83,26 @@ async def amqp_consume(a: dict[str, Any]) -> dict[str, Any]:
         done = asyncio.Event()
         got = 0
         first = last = 0.0
+        cpu0 = cpu1 = 0.0
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal got, first, last
+            nonlocal got, first, last, cpu0, cpu1
             await message.ack()
             if (message.message_id or "").startswith("warm-"):
                 return
             got += 1
             if got == 1:
-                first = time.time()
+                first, cpu0 = time.time(), cpu_self()
             if got >= a["n"]:
-                last = time.time()
+                last, cpu1 = time.time(), cpu_self()
                 done.set()
 
         await queue.consume(on_message)
         try:
             await asyncio.wait_for(done.wait(), a["timeout"])
         except TimeoutError:
-            last = time.time()
-        return {"t_first": first, "t1": last, "n": got}
+            last, cpu1 = time.time(), cpu_self()
+        return {"t_first": first, "t1": last, "n": got, "window_cpu_s": round(cpu1 - cpu0, 3)}
     finally:
         await conn.close()
 
@@ -141,9 +142,9 @@ async def pg_lifecycle(a: dict[str, Any]) -> dict[str, Any]:
         warm_each = max(1, a.get("warm", 0) // a["concurrency"])
         await asyncio.gather(*(lane(warm_each) for _ in range(a["concurrency"])))
         await sleep_until(a["go_at"])
-        t0 = time.time()
+        t0, cpu0 = time.time(), cpu_self()
         await asyncio.gather(*(lane(n_each) for _ in range(a["concurrency"])))
-        return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"]}
+        return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"], **_window_cpu(cpu0)}
     finally:
         await pool.close()
 
@@ -166,11 +167,16 @@ async def redis_events(a: dict[str, Any]) -> dict[str, Any]:
         warm_each = max(1, a.get("warm", 0) // a["concurrency"])
         await asyncio.gather(*(lane(k, warm_each) for k in range(a["concurrency"])))
         await sleep_until(a["go_at"])
-        t0 = time.time()
+        t0, cpu0 = time.time(), cpu_self()
         await asyncio.gather(*(lane(k, n_each) for k in range(a["concurrency"])))
-        return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"]}
+        return {"t0": t0, "t1": time.time(), "n": n_each * a["concurrency"], **_window_cpu(cpu0)}
     finally:
         await redis.aclose()
+
+
+def _window_cpu(cpu0: float) -> dict[str, float]:
+    """This process's CPU since ``cpu0``: a client's share of the measured window."""
+    return {"window_cpu_s": round(cpu_self() - cpu0, 3)}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -210,7 +216,8 @@ async def _one_amqp(env: BenchEnv, n: int, run: int) -> dict[str, Any]:
         "msgs_per_s": round(c["n"] / wall, 1) if wall > 0 else None,
         "publish_per_s": round(p["n"] / (p["t1"] - p["t0"]), 1),
         "delivered": c["n"],
-        "generator_cpu_pct": cpu_share(p["cpu_s"] + c["cpu_s"], wall + 3.0),
+        # The clients' CPU while they were measured: not the start, connects and warm-up.
+        "generator_cpu_pct": cpu_share(p["window_cpu_s"] + c["window_cpu_s"], wall),
     }
 
 
@@ -236,7 +243,7 @@ async def _spread(env: BenchEnv, role: str, args: dict[str, Any], procs: int) ->
     return {
         "per_s": round(n / (t1 - t0), 1),
         "n": n,
-        "generator_cpu_pct": cpu_share(sum(r["cpu_s"] for r in results), t1 - t0 + 1.0),
+        "generator_cpu_pct": cpu_share(sum(r["window_cpu_s"] for r in results), t1 - t0),
     }
 
 
