@@ -4,9 +4,10 @@ tokens, which open the SSE stream of one task, as often as asked until they expi
 ``EventSource`` reconnects by itself with the URL it was given, so the token in that
 URL must outlive one use.
 
-Redis holds ``sha256(token) -> tenant_id`` (a task token: ``tenant_id task_id key_id``,
-the API key that asked for it, so that revoking the key ends it) with a TTL, never the
-token itself, so a dump of Redis opens nothing. ``redeem`` of a
+Redis holds ``sha256(token) -> tenant_id key_id`` (a task token: ``tenant_id task_id
+key_id``), with the API key that asked for it so that revoking the key ends what the
+token opened, with a TTL; never the token itself, so a dump of Redis opens nothing.
+``redeem`` of a
 single-use token is one ``GETDEL``: atomic, so it opens at most one connection even
 when two gateways race for it. A task token is marked by a prefix, so the gateway knows
 which command to send before it asks: a single-use token can never be read without
@@ -39,8 +40,9 @@ _KEY_ID = re.compile(r"[a-z0-9]{1,64}")
 @dataclass(frozen=True)
 class Grant:
     """What a token opens: a stream of the tenant's, or with ``task_id`` that task's only,
-    for as long as the API key ``key_id`` is not revoked (None: a task token issued before
-    tokens named their key, or a single-use token, which lives a minute)."""
+    for as long as the API key ``key_id`` is not revoked (None: a token issued before
+    tokens named their key, by an API of an earlier release, or one issued without a
+    key, as the benchmark does)."""
 
     tenant_id: UUID
     task_id: UUID | None = None
@@ -56,20 +58,27 @@ async def issue(
     wire: Wire,
     tenant_id: UUID,
     ttl_s: float,
-    task: tuple[UUID, str] | None = None,
+    *,
+    key_id: str | None = None,
+    task_id: UUID | None = None,
 ) -> tuple[str, datetime]:
-    """Create a token for ``tenant_id`` valid for ``ttl_s`` (with ``task``, a task id and
-    the id of the API key asking: a task token); return it and its expiry."""
+    """Create a token for ``tenant_id`` valid for ``ttl_s``, asked for by the API key
+    ``key_id`` (with ``task_id``, a task token, which must name its key); return it and
+    its expiry."""
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
+    if key_id is not None and not _KEY_ID.fullmatch(key_id):
+        raise ValueError(f"not a key id: {key_id!r}")
     token = secrets.token_urlsafe(_TOKEN_BYTES)
-    value = str(tenant_id)
-    if task is not None:
-        task_id, key_id = task
-        if not _KEY_ID.fullmatch(key_id):
-            raise ValueError(f"not a key id: {key_id!r}")
+    parts = [str(tenant_id)]
+    if task_id is not None:
+        if key_id is None:
+            raise ValueError("a task token names the API key asking for it")
         token = _TASK_PREFIX + token
-        value = f"{tenant_id} {task_id} {key_id}"
+        parts.append(str(task_id))
+    if key_id is not None:
+        parts.append(key_id)
+    value = " ".join(parts)
     ttl_ms = max(1, int(ttl_s * 1000))
     expires_at = datetime.now(UTC) + timedelta(milliseconds=ttl_ms)
     # NX: a collision of 256-bit tokens does not happen, but if it did we would rather
@@ -99,10 +108,11 @@ def parse_grant(value: str, task_token: bool) -> Grant | None:
     """The grant stored as ``value`` for a token of that kind; None if it is not one
     (a value that does not fit the token's kind opens nothing). Pure."""
     parts = value.split(" ")
-    # A task token without a key id was issued by an API of the previous release.
-    if len(parts) not in ((2, 3) if task_token else (1,)):
+    named = 2 if task_token else 1  # the ids before the key id
+    # Without a key id: issued by an API of an earlier release (or the benchmark's).
+    if len(parts) not in (named, named + 1):
         return None
-    key_id = parts.pop() if len(parts) == 3 else None
+    key_id = parts.pop() if len(parts) > named else None
     if key_id is not None and not _KEY_ID.fullmatch(key_id):
         return None
     try:

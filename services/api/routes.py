@@ -370,8 +370,9 @@ async def ws_token(request: web.Request) -> web.Response:
         raise unavailable
     try:
         ttl = svc.settings.ws_token_ttl_s if scope is None else svc.settings.task_token_ttl_s
-        task = None if scope is None else (scope, principal.key_id)
-        token, expires = await wstokens.issue(svc.redis, svc.wire, principal.tenant_id, ttl, task)
+        token, expires = await wstokens.issue(
+            svc.redis, svc.wire, principal.tenant_id, ttl, key_id=principal.key_id, task_id=scope
+        )
     except (RedisError, OSError, TimeoutError):
         breaker.failed()
         raise unavailable from None

@@ -404,7 +404,7 @@ class Gateway:
             return problem(401, _REFUSED_401, cors)
         if grant.task_id not in (None, task_id):
             return problem(401, "this token opens another task's events", cors)
-        if grant.key_id is not None:
+        if grant.task_id is not None and grant.key_id is not None:
             # A task token outlives the minute a single-use one has: it is read again at
             # every reconnect, and ends with the key that asked for it.
             try:

@@ -134,7 +134,11 @@ async def _ws_status(system: System, token: str) -> int:
 
 
 async def test_ws_tokens_are_single_use_and_expire(
-    deployment: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, tenant: Tenant
+    deployment: Deployment,
+    systems: MakeSystem,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    redis: Redis,
 ) -> None:
     """A token from POST /v1/ws-tokens opens one stream (WebSocket or SSE), once, and
     none after its TTL."""
@@ -142,6 +146,12 @@ async def test_ws_tokens_are_single_use_and_expire(
     await system.start_api(ws_token_ttl_s=str(TOKEN_TTL_S), rate_limit_per_s="0")
     await system.start_gateway()
     issued = await _ws_token(http, system, tenant)
+    # It names the key that asked for it: revoking that key ends its stream (the
+    # gateway's tests).
+    key = deployment.wire.ws_token(wstokens.token_hash(issued["token"]))
+    assert wstokens.parse_grant((await redis.get(key)).decode(), task_token=False) == (
+        wstokens.Grant(tenant.id, None, tenant.key_id)
+    )
     expires = datetime.fromisoformat(issued["expires_at"].replace("Z", "+00:00"))
     left = (expires - datetime.now(UTC)).total_seconds()
     assert 0 < left <= TOKEN_TTL_S + 0.5, left

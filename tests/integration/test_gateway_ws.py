@@ -939,7 +939,9 @@ async def test_a_task_token_reopens_its_tasks_stream_and_nothing_else(
     for seq in range(1, 4):
         await writer.step(seq)
     async with gateway(deployment) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, (task_id, tenant.key_id))
+        token, _ = await wstokens.issue(
+            redis, gw.wire, tenant.id, 60, key_id=tenant.key_id, task_id=task_id
+        )
         path = f"/v1/tasks/{task_id}/events?token={token}"
         status, body = await sse_get(gw.port, path, {"Last-Event-ID": "1"}, until_seq=3)
         assert status == 200 and sse_ids(body) == [2, 3], body
@@ -951,7 +953,9 @@ async def test_a_task_token_reopens_its_tasks_stream_and_nothing_else(
         status, body = await sse_get(gw.port, path, {"Last-Event-ID": "0"}, until_seq=3)
         assert status == 200 and sse_ids(body) == [1, 2, 3], body  # those spent nothing
 
-        short, _ = await wstokens.issue(redis, gw.wire, tenant.id, 0.05, (task_id, tenant.key_id))
+        short, _ = await wstokens.issue(
+            redis, gw.wire, tenant.id, 0.05, key_id=tenant.key_id, task_id=task_id
+        )
         await asyncio.sleep(0.2)
         status, _ = await sse_get(gw.port, f"/v1/tasks/{task_id}/events?token={short}", {})
         assert status == 401  # expired
@@ -987,8 +991,12 @@ async def test_revoking_the_api_key_ends_its_task_tokens(
     task_id = await insert_task(db, tenant)
     await Writer(db, sink, task_id).step(1)
     async with gateway(deployment) as gw:
-        mine, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, (task_id, tenant.key_id))
-        theirs, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, (task_id, other_key.key_id))
+        mine, _ = await wstokens.issue(
+            redis, gw.wire, tenant.id, 60, key_id=tenant.key_id, task_id=task_id
+        )
+        theirs, _ = await wstokens.issue(
+            redis, gw.wire, tenant.id, 60, key_id=other_key.key_id, task_id=task_id
+        )
         legacy = "t.legacy-" + uuid7().hex
         await redis.set(gw.wire.ws_token(wstokens.token_hash(legacy)), f"{tenant.id} {task_id}")
         for token in (mine, theirs, legacy):

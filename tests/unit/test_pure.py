@@ -333,17 +333,21 @@ def test_handed_rows_are_published_only_while_their_claim_outlasts_a_publish() -
 
 
 def test_a_token_opens_only_what_its_kind_was_stored_with() -> None:
-    """A single-use token's value is a tenant; a task token's, a tenant and a task. A
-    value that does not fit the token's kind (or is not ids) opens nothing."""
+    """A single-use token's value is a tenant; a task token's, a tenant and a task; each
+    with the key that asked for it, or without (an earlier release's). A value that does
+    not fit the token's kind (or is not ids) opens nothing."""
     tenant, task = uuid7(), uuid7()
     assert wstokens.parse_grant(str(tenant), task_token=False) == wstokens.Grant(tenant)
+    assert wstokens.parse_grant(f"{tenant} k3y1d", task_token=False) == wstokens.Grant(
+        tenant, None, "k3y1d"
+    )
+    assert wstokens.parse_grant(f"{tenant} k3y1d x", task_token=False) is None
     assert wstokens.parse_grant(f"{tenant} {task}", task_token=True) == wstokens.Grant(tenant, task)
     assert wstokens.parse_grant(f"{tenant} {task} k3y1d", task_token=True) == wstokens.Grant(
         tenant, task, "k3y1d"
     )
     assert wstokens.parse_grant(f"{tenant} {task} Bad-Id", task_token=True) is None
     assert wstokens.parse_grant(f"{tenant} {task} k3y1d x", task_token=True) is None
-    assert wstokens.parse_grant(f"{tenant} k3y1d", task_token=False) is None
     assert wstokens.parse_grant(str(tenant), task_token=True) is None
     assert wstokens.parse_grant(f"{tenant} {task}", task_token=False) is None
     assert wstokens.parse_grant("tenant", task_token=False) is None
