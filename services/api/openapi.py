@@ -327,7 +327,9 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 "summary": (
                     "A short-lived, single-use token to open one WebSocket or SSE stream;"
                     " with a task_id, a task token: that task's SSE stream, reusable until"
-                    " it expires or the API key asking for it is revoked"
+                    " it expires or the API key asking for it is revoked. Revoking the key"
+                    " also ends the streams its tokens opened, within the gateway's"
+                    " LONGHAUL_REVOCATION_CHECK_S (a WebSocket closes with 1008)"
                 ),
                 "requestBody": {"required": False, **_content(WsTokenRequest)},
                 "responses": {

@@ -20,6 +20,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from services.ws_gateway import sse
@@ -32,6 +33,7 @@ from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
 from services.ws_gateway.registry import Refused, Registry
 from services.ws_gateway.repository import TaskRepository
 from services.ws_gateway.responses import json_response, problem, respond
+from services.ws_gateway.revocation import Holders, Revoker
 from services.ws_gateway.session import DependencyDown, Deps, Session
 from services.ws_gateway.settings import GatewaySettings
 from services.ws_gateway.streams import StreamReader
@@ -54,6 +56,7 @@ _REFUSED_401 = "missing, invalid, expired or already used token"
 _WS_REFUSES_TASK_TOKENS = "a task token opens that task's SSE stream only, not a WebSocket"
 _STORE_DOWN_503 = "the token store is unavailable; try again"
 _DB_DOWN_503 = "database unavailable"
+_REVOKED = "the API key that asked for this token was revoked"
 
 
 class Gateway:
@@ -70,11 +73,13 @@ class Gateway:
             connections=lambda: float(self.registry.connection_count),
             subscriptions=lambda: float(self.registry.subscription_count),
         )
-        # Tenant of each handshake that passed auth, for the handler to pick up; weak so
-        # that a handshake failing after process_request leaves nothing behind.
-        self._tenants: weakref.WeakKeyDictionary[ServerConnection, UUID] = (
+        # Tenant and API key of each handshake that passed auth, for the handler to pick
+        # up; weak so that a handshake failing after process_request leaves nothing behind.
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, tuple[UUID, str | None]] = (
             weakref.WeakKeyDictionary()
         )
+        # The open WebSocket sessions and SSE streams of each API key, for its revocation.
+        self._holders: Holders[Session | sse.Stream] = Holders()
         self._redis: Redis | None = None
         self._leases: Leases | None = None
         # The lease of each connection that holds one, given back when it goes.
@@ -127,13 +132,17 @@ class Gateway:
             self.hub = Hub(
                 s.redis_url, self.wire, self.registry, self.metrics, io_timeout=s.io_timeout_s
             )
-            # The hub, the sweep and the renewal of leases run until cancelled: one that
-            # ends before that stops the gateway (shared.lifecycle.essential).
+            # The hub, the sweep, the revocation check and the renewal of leases run until
+            # cancelled: one that ends before that stops the gateway
+            # (shared.lifecycle.essential).
             hub_task = essential(self.hub.run(), "gateway-hub", stop)
             stack.push_async_callback(_cancel_and_wait, hub_task)
             sweeper = Sweeper(self.registry, repository, self.metrics, s.subscription_check_s)
             sweep_task = essential(sweeper.run(), "gateway-sweep", stop)
             stack.push_async_callback(_cancel_and_wait, sweep_task)
+            revoker = Revoker(self._holders, repository, self.metrics, s.revocation_check_s)
+            revoke_task = essential(revoker.run(), "gateway-revocation", stop)
+            stack.push_async_callback(_cancel_and_wait, revoke_task)
             self._leases = Leases(
                 redis,
                 self.wire,
@@ -260,7 +269,7 @@ class Gateway:
         except DependencyDown:
             self.metrics.refused.labels(reason="dependency").inc()
             return problem(503, _STORE_DOWN_503, {"Retry-After": "1"})
-        self._tenants[connection] = tenant_id
+        self._admitted[connection] = (tenant_id, grant.key_id)
         return None
 
     async def _redeem_token(self, token: str) -> wstokens.Grant | None:
@@ -366,6 +375,8 @@ class Gateway:
             return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
         stream = sse.Stream(self._deps, tenant_id, task_id, after, self.settings.sse_heartbeat_s)
         self._streams.add(stream)
+        if grant.key_id is not None:
+            self._holders.add(grant.key_id, stream)
         if self._closing:
             stream.stop()  # still served what it asked for, then ended
         try:
@@ -387,6 +398,8 @@ class Gateway:
         finally:
             stream.close()
             self._streams.discard(stream)
+            if grant.key_id is not None:
+                self._holders.discard(grant.key_id, stream)
         # The connection is closed: websockets sends nothing more (it answers only a
         # connection still in its handshake), and this response goes nowhere.
         return respond(200, b"", "text/event-stream")
@@ -412,14 +425,15 @@ class Gateway:
             except ANY_PG_ERROR:
                 return problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"})
             if not active:
-                return problem(401, "the API key that asked for this token was revoked", cors)
+                return problem(401, _REVOKED, cors)
         return grant
 
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._deps is not None
-        tenant_id = self._tenants.pop(ws, None)
+        # Unpacked at once: the handler keeps the two values, not the tuple.
+        tenant_id, key_id = self._admitted.pop(ws, (None, None))
         if tenant_id is None:  # cannot happen: process_request admitted it
             await ws.close(1011, "no tenant")
             return
@@ -430,10 +444,19 @@ class Gateway:
             # Lost a race for the last slot since the handshake check.
             await ws.close(1013, exc.message)
             return
+        # No await until run() has started: a stop() before it would go unseen.
+        if key_id is not None:
+            key_id = self._holders.add(key_id, session)
         try:
             await session.run()
         finally:
             self.registry.close(session)
+            # No longer held, yet not given back: the key's revocation stopped it.
+            revoked = key_id is not None and not self._holders.discard(key_id, session)
+        if revoked:
+            # 1008 as for a client too slow to read: a client that reconnects after a
+            # while has its new token refused by the API (the key is revoked there too).
+            await session.close(CloseCode.POLICY_VIOLATION, _REVOKED)
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:

@@ -41,6 +41,11 @@ class GatewayMetrics:
         self.drops = Counter(
             "longhaul_gateway_drops_total", "Connections closed for being too slow", registry=r
         )
+        self.revoked = Counter(
+            "longhaul_gateway_revoked_total",
+            "Connections ended because the API key that opened them was revoked",
+            registry=r,
+        )
         self.refused = Counter(
             "longhaul_gateway_handshakes_refused_total",
             "Handshakes refused",

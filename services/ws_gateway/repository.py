@@ -1,6 +1,6 @@
 """The gateway's only SQL: the task row a subscription is checked and snapshotted from,
 the rows' latest seqs (and whether they ended) the sweep compares its subscribers with,
-and whether the API key behind a task token is still active."""
+and whether the API keys behind tokens and open streams are still active."""
 
 from __future__ import annotations
 
@@ -74,6 +74,15 @@ class TaskRepository:
             timeout=self._timeout,
         )
         return found is not None
+
+    async def active_keys(self, key_ids: Sequence[str]) -> set[str]:
+        """Those of the API keys ``key_ids`` that exist and are not revoked."""
+        rows = await self._pool.fetch(
+            "SELECT key_id FROM api_keys WHERE key_id = ANY($1::text[]) AND revoked_at IS NULL",
+            key_ids,
+            timeout=self._timeout,
+        )
+        return {r["key_id"] for r in rows}
 
     async def aclose(self) -> None:
         """Wait for the reads in flight (shutdown)."""

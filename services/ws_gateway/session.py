@@ -260,6 +260,11 @@ class Session:
             self._worker = asyncio.create_task(self._work(), name=f"ws-{self.ws.id.hex[:8]}-work")
             self._worker.add_done_callback(lambda _: self._end())
 
+    def stop(self) -> None:
+        """Stop serving (the API key that opened it was revoked): run() returns, and its
+        caller closes the connection."""
+        self._end()
+
     def _end(self) -> None:
         """The worker ended or the client fell behind: stop reading (see run())."""
         if self._ended:
@@ -294,17 +299,18 @@ class Session:
         for result in results:
             if isinstance(result, DependencyDown):
                 log.warning("closing a connection: dependency down", extra={"error": str(result)})
-                await self._close(CloseCode.TRY_AGAIN_LATER, "dependency unavailable")
+                await self.close(CloseCode.TRY_AGAIN_LATER, "dependency unavailable")
             elif isinstance(result, BaseException) and not isinstance(
                 result, asyncio.CancelledError | ConnectionClosed | _Stalled
             ):
                 log.error("connection failed", exc_info=result)
-                await self._close(CloseCode.INTERNAL_ERROR, "internal error")
+                await self.close(CloseCode.INTERNAL_ERROR, "internal error")
         if self._slow:
             log.info("closing a slow connection", extra={"tenant_id": str(self.tenant_id)})
-            await self._close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+            await self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str) -> None:
+        """Close the connection with ``code``; a no-op once it is closed."""
         # close() waits for the write buffer to drain, which a client that does not
         # read never lets happen: bound it, then drop the TCP connection.
         try:

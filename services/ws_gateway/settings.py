@@ -46,6 +46,9 @@ class GatewaySettings(CommonSettings):
     # How often the rows of the watched tasks are compared with what their subscribers
     # got (sweep.py): the longest a client waits for an event that Redis never had.
     subscription_check_s: float = Field(default=5.0, gt=0)
+    # How often the API keys of the open streams are checked (one query): the longest a
+    # stream runs on after its key is revoked (revocation.py).
+    revocation_check_s: float = Field(default=5.0, gt=0)
     # An SSE stream with nothing to send writes a comment this often: proxies close idle
     # responses, and a write is how a client that vanished is found.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)

@@ -145,7 +145,8 @@ class Stream:
         return task_id == self._task_id and self.delivered < seq
 
     def stop(self) -> None:
-        """The gateway is stopping: end the response cleanly (the client reconnects)."""
+        """The gateway is stopping, or the API key that opened the stream was revoked: end
+        the response cleanly (the client reconnects, elsewhere or to be refused)."""
         self._stopping = True
         self.woken.set()
 

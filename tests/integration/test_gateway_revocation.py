@@ -1,0 +1,139 @@
+"""Revoking an API key ends the streams its tokens opened, WebSocket and SSE, within the
+gateway's check period, against the real Redis and PostgreSQL; other keys' streams run
+on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from uuid import UUID
+
+import aiohttp
+import asyncpg
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import CloseCode
+
+from services.ws_gateway.app import Gateway
+from shared import keys, wstokens
+from shared.events import EventSink
+from tests.conftest import Deployment, Tenant, create_tenant
+from tests.integration.test_gateway_ws import (
+    Writer,
+    gateway,
+    insert_task,
+    read_until_seq,
+    recv_until_seq,
+    sse_get,
+)
+from tests.support import eventually, timeout, until
+
+CHECK_S = 1.0
+
+
+async def _second_key(db: asyncpg.Pool, tenant: Tenant) -> str:
+    """Another key of the same tenant; its id."""
+    new = keys.generate("test")
+    await db.execute(
+        "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
+        new.key_id,
+        tenant.id,
+        new.label,
+        new.secret_hash,
+    )
+    return new.key_id
+
+
+async def _ws(gw: Gateway, redis: Redis, tenant: Tenant, key_id: str) -> ClientConnection:
+    """A WebSocket opened with a single-use token of ``key_id``."""
+    token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, key_id=key_id)
+    return await connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}")
+
+
+async def _subscribed(ws: ClientConnection, task_id: UUID, seq: int) -> None:
+    await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": 0}))
+    await recv_until_seq(ws, task_id, seq)
+
+
+async def _closed(ws: ClientConnection, since: float) -> float:
+    """How long after ``since`` the gateway closed the WebSocket; fails on a timeout."""
+    async with asyncio.timeout(timeout(CHECK_S + 10)):
+        await ws.wait_closed()
+    return time.monotonic() - since
+
+
+async def test_revoking_a_key_ends_its_open_streams_within_the_check_period(
+    deployment: Deployment, db: asyncpg.Pool, redis: Redis
+) -> None:
+    """A WebSocket and an SSE stream of a key, open when the key is revoked, end within
+    LONGHAUL_REVOCATION_CHECK_S: the WebSocket with 1008, the SSE stream with its last
+    chunk, and the task token's reconnect gets 401. A WebSocket and an SSE stream of
+    another key of the same tenant run on and get the next event."""
+    tenant = await create_tenant(db)
+    other_key = await _second_key(db, tenant)
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, EventSink(redis, deployment.wire, retention_s=600, maxlen=100), task_id)
+    await writer.step(1)
+    async with (
+        gateway(deployment, revocation_check_s=CHECK_S) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        paths = []
+        for key_id in (tenant.key_id, other_key):
+            token, _ = await wstokens.issue(
+                redis, gw.wire, tenant.id, 60, key_id=key_id, task_id=task_id
+            )
+            paths.append(f"/v1/tasks/{task_id}/events?token={token}")
+        mine_sse, theirs_sse = [
+            await http.get(f"http://127.0.0.1:{gw.port}{path}") for path in paths
+        ]
+        mine_ws = await _ws(gw, redis, tenant, tenant.key_id)
+        theirs_ws = await _ws(gw, redis, tenant, other_key)
+        for ws in (mine_ws, theirs_ws):
+            await _subscribed(ws, task_id, 1)
+        for resp in (mine_sse, theirs_sse):
+            assert (await read_until_seq(resp, 1)).count("id: 1\n") == 1
+        assert gw.registry.connection_count == 4
+
+        await db.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", tenant.key_id)
+        revoked_at = time.monotonic()
+        took = await _closed(mine_ws, revoked_at)
+        assert mine_ws.close_code == CloseCode.POLICY_VIOLATION, mine_ws.close_code
+        assert mine_ws.close_reason is not None and "revoked" in mine_ws.close_reason
+        async with asyncio.timeout(timeout(10)):
+            assert await mine_sse.content.read() == b""  # its end: raises on a cut stream
+        took = max(took, time.monotonic() - revoked_at)
+        # Within a period, and what a busy machine adds to it.
+        assert took < CHECK_S + timeout(1), took
+        status, body = await sse_get(gw.port, paths[0], {})
+        assert status == 401 and "revoked" in body, body
+
+        # Another period and more: the other key's streams are still served.
+        await asyncio.sleep(2 * CHECK_S)
+        await writer.step(2)
+        await recv_until_seq(theirs_ws, task_id, 2)
+        assert "id: 2\n" in await read_until_seq(theirs_sse, 2)
+        assert gw.registry.connection_count == 2
+        assert b"longhaul_gateway_revoked_total 2.0" in gw.metrics.render()
+        await theirs_ws.close()
+        theirs_sse.close()
+        await eventually(until(lambda: gw.registry.connection_count == 0))
+
+
+async def test_a_token_issued_before_the_revocation_opens_a_websocket_for_a_period_at_most(
+    deployment: Deployment, db: asyncpg.Pool, redis: Redis
+) -> None:
+    """A single-use token lives a minute: one the API issued just before the key was
+    revoked still opens a WebSocket, which the next check closes with 1008."""
+    tenant = await create_tenant(db)
+    async with gateway(deployment, revocation_check_s=CHECK_S) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, key_id=tenant.key_id)
+        await db.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", tenant.key_id)
+        ws = await connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}")
+        took = await _closed(ws, time.monotonic())
+        assert ws.close_code == CloseCode.POLICY_VIOLATION and took < CHECK_S + timeout(1), (
+            ws.close_code,
+            took,
+        )
+        await eventually(until(lambda: gw.registry.connection_count == 0))
