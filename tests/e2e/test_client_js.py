@@ -36,6 +36,17 @@ class FakeWebSocket {
   feed(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
   // 1006 is what a browser reports for a connection lost, or a handshake refused.
   drop(code = 1006, reason = "") { this.readyState = 3; this.onclose?.({ code, reason }); }
+  // The gateway's answer to the client's syncs not answered yet (subscribes for an id
+  // that is no task: a not_found error, in its turn).
+  answerSyncs() {
+    this.answered ??= new Set();
+    for (const f of this.sent) {
+      if (f.op !== "subscribe" || !f.task_id.startsWith("longhaul-client:sync:")) continue;
+      if (this.answered.has(f.task_id)) continue;
+      this.answered.add(f.task_id);
+      this.feed({ type: "error", code: "not_found", message: "no such task", task_id: f.task_id });
+    }
+  }
 }
 window.WebSocket = FakeWebSocket;
 window.tick = () => new Promise((resolve) => setTimeout(resolve, 10));
@@ -102,6 +113,7 @@ async def test_a_handler_added_after_the_end_gets_the_events_from_its_own_seq(
         ];
         events.forEach((e) => ws.feed(e));
         client.subscribe("{TASK}", {{ onEvent: (e) => second.push(e.seq), afterSeq: 0 }});
+        ws.answerSyncs();
         events.forEach((e) => ws.feed(e));  // the gateway replays from the new after_seq
         client.close();
         return {{ first, second, sent: ws.sent }};
@@ -111,6 +123,9 @@ async def test_a_handler_added_after_the_end_gets_the_events_from_its_own_seq(
     assert result["second"] == [1, 2]
     assert result["sent"] == [
         {"op": "subscribe", "task_id": TASK, "after_seq": 0},
+        # Followed anew from the new handler's seq, with a sync in between (see below).
+        {"op": "unsubscribe", "task_id": TASK},
+        {"op": "subscribe", "task_id": "longhaul-client:sync:1", "after_seq": 0},
         {"op": "subscribe", "task_id": TASK, "after_seq": 0},
     ]
 
@@ -239,6 +254,7 @@ async def test_a_subscribe_again_gets_its_replay_not_the_live_event_ahead_of_it(
         for (let s = 1; s <= 5; s++) ws.feed(ev(s));
         client.subscribe("{TASK}", {{ onEvent: (e) => second.push(e.seq), afterSeq: 0 }});
         ws.feed(ev(6));                              // live, sent before the subscribe was read
+        ws.answerSyncs();
         for (let s = 1; s <= 7; s++) ws.feed(ev(s)); // then the replay from 0, and 7 live
         // The console's way to show a task's whole story: unsubscribe, subscribe from 0.
         sub.unsubscribe();
@@ -252,6 +268,7 @@ async def test_a_subscribe_again_gets_its_replay_not_the_live_event_ahead_of_it(
         only.unsubscribe();
         other.subscribe("{TASK}", {{ onEvent: (e) => anew.push(e.seq), afterSeq: 0 }});
         ws2.feed(ev(5));                             // the old subscription's last live event
+        ws2.answerSyncs();
         for (let s = 1; s <= 6; s++) ws2.feed(ev(s));
         other.close();
         return {{ first, second, anew, lastSeq: other.lastSeq("{TASK}") }};
@@ -260,6 +277,85 @@ async def test_a_subscribe_again_gets_its_replay_not_the_live_event_ahead_of_it(
     assert result["first"] == [1, 2, 3, 4, 5, 6, 7]
     assert result["second"] == [1, 2, 3, 4, 5, 6, 7]
     assert result["anew"] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_snapshot_meant_for_the_old_subscription_does_not_skip_a_replay(
+    page: Page,
+) -> None:
+    """A snapshot the gateway sent on the task's subscription just before it read a
+    subscribe again (a recheck: the database had 6..8, the stream not yet) is the old
+    subscription's: the handler that subscribe is for waits for the sync the client sent
+    after its unsubscribe, then gets the replay from its own seq (before, it took the
+    snapshot as news and dropped the replay 1..7 as old). The same for a task followed
+    again after an unsubscribe."""
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
+        await tick();
+        const ws = sockets[0];
+        ws.open();
+        const ev = (seq, extra = {{}}) => ({{ type: "event", task_id: "{TASK}", seq, state: "running", ...extra }});
+        const first = [], behind = [], anew = [];
+        const sub = client.subscribe("{TASK}", {{ onEvent: (e) => first.push(e.seq) }});
+        for (let s = 1; s <= 5; s++) ws.feed(ev(s));
+        const late = client.subscribe("{TASK}", {{ onEvent: (e) => behind.push(e.seq), afterSeq: 0 }});
+        ws.feed(ev(8, {{ snapshot: true }}));          // sent before the gateway read the restart
+        ws.answerSyncs();
+        for (let s = 1; s <= 9; s++) ws.feed(ev(s));  // the new subscription: from 0, all retained
+        sub.unsubscribe();
+        late.unsubscribe();
+        client.subscribe("{TASK}", {{ onEvent: (e) => anew.push(e.seq), afterSeq: 0 }});
+        ws.feed(ev(10, {{ snapshot: true }}));         // before the gateway read the unsubscribe
+        ws.answerSyncs();
+        for (let s = 1; s <= 10; s++) ws.feed(ev(s));
+        client.close();
+        return {{ first, behind, anew, sent: ws.sent }};
+        """,
+    )
+    assert result["first"] == [1, 2, 3, 4, 5, 8, 9]  # the snapshot was news to it
+    assert result["behind"] == list(range(1, 10)), result
+    assert result["anew"] == list(range(1, 11)), result
+    restart = [
+        {"op": "unsubscribe", "task_id": TASK},
+        {"op": "subscribe", "task_id": "longhaul-client:sync:1", "after_seq": 0},
+        {"op": "subscribe", "task_id": TASK, "after_seq": 0},
+    ]
+    left = [
+        {"op": "unsubscribe", "task_id": TASK},
+        {"op": "subscribe", "task_id": "longhaul-client:sync:2", "after_seq": 0},
+    ]
+    assert result["sent"][1:] == [
+        *restart,
+        *left,
+        {"op": "subscribe", "task_id": TASK, "after_seq": 0},
+    ]
+
+
+async def test_a_handler_waiting_for_its_sync_resumes_on_the_next_connection(page: Page) -> None:
+    """A connection lost before the sync was answered: the next one subscribes the task
+    from the lowest seq at once, with nothing of an old subscription on it to wait for."""
+    result = await run(
+        page,
+        f"""
+        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",
+                                             baseDelayMs: 1 }});
+        await tick();
+        sockets[0].open();
+        const ev = (seq) => ({{ type: "event", task_id: "{TASK}", seq, state: "running" }});
+        const behind = [];
+        client.subscribe("{TASK}", {{ afterSeq: 3 }});
+        client.subscribe("{TASK}", {{ onEvent: (e) => behind.push(e.seq), afterSeq: 1 }});
+        sockets[0].drop();
+        await until(() => sockets.length === 2);
+        sockets[1].open();
+        for (let s = 2; s <= 4; s++) sockets[1].feed(ev(s));
+        client.close();
+        return {{ behind, resumed: sockets[1].sent }};
+        """,
+    )
+    assert result["resumed"] == [{"op": "subscribe", "task_id": TASK, "after_seq": 1}]
+    assert result["behind"] == [2, 3, 4]
 
 
 async def test_handlers_at_different_seqs_resume_from_the_lowest_after_a_reconnect(

@@ -183,9 +183,10 @@ async def test_a_mangled_key_link_shows_the_sign_in_form(browser: Browser) -> No
 async def test_the_event_log_shows_a_tasks_whole_story_whatever_arrives_first(
     console: tuple[FakeApi, Callable[[], Any]],
 ) -> None:
-    """ "Events" asks for the task's story from seq 0; a live event the gateway sent
-    before it read that subscribe arrives ahead of the replay, and the log still shows
-    every seq from 1, in order (before, it began at that live event)."""
+    """ "Events" asks for the task's story from seq 0; a live event and a snapshot the
+    gateway sent before it read that subscribe arrive ahead of the replay, and the log
+    still shows every seq from 1, in order (before, it began at that live event, and
+    then at that snapshot)."""
     api, open_console = console
     task = _task(1, "running", last_seq=5)
     api.on("/v1/task-types", (200, TYPES, {}))
@@ -208,12 +209,22 @@ async def test_the_event_log_shows_a_tasks_whole_story_whatever_arrives_first(
             "ts": "t",
         }
 
-    frames = [event(6), *(event(s) for s in range(1, 8))]
-    await page.evaluate("(frames) => frames.forEach((f) => sockets[0].feed(f))", frames)
+    # The old subscription's last frames (a recheck's snapshot among them), then the
+    # answer to the client's sync, then the new subscription's replay.
+    early = [event(6), {**event(8), "snapshot": True}]
+    await page.evaluate("(frames) => frames.forEach((f) => sockets[0].feed(f))", early)
+    await page.evaluate("sockets[0].answerSyncs()")
+    replay = [event(s) for s in range(1, 9)]
+    await page.evaluate("(frames) => frames.forEach((f) => sockets[0].feed(f))", replay)
     entries = await page.locator("#event-log li").all_inner_texts()
-    assert [int(e.split()[0].lstrip("#")) for e in entries] == list(range(1, 8)), entries
-    # Still followed on the gateway: no unsubscribe between the two subscribes.
-    assert [f["op"] for f in await _sent(page)] == ["subscribe", "subscribe"]
+    assert [int(e.split()[0].lstrip("#")) for e in entries] == list(range(1, 9)), entries
+    assert not any("snapshot" in e for e in entries), entries
+    # Followed anew from seq 0: unsubscribed, synced, subscribed (nothing is lost in
+    # between: the new subscription replays from 0).
+    sent = [
+        (f["op"], f["after_seq"] if f["op"] == "subscribe" else None) for f in await _sent(page)
+    ]
+    assert sent == [("subscribe", 5), ("unsubscribe", None), ("subscribe", 0), ("subscribe", 0)]
 
 
 async def test_a_gateway_that_never_accepts_is_shown_not_retried_quietly(

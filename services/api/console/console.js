@@ -340,9 +340,9 @@ function unwatch(taskId) {
 }
 
 function watch(taskId, afterSeq) {
-  // The new handler first, then the old one away: the task stays followed on the
-  // gateway (an unsubscribe and a subscribe again would drop it in between), and a
-  // handler behind the old one makes the client ask for the replay it lacks.
+  // The new handler first, then the old one away: a handler behind the old one makes
+  // the client follow the task anew from its seq, in one step, with the replay it lacks
+  // (the old one going first would make it leave the task, then follow it again).
   const previous = state.subs.get(taskId);
   state.subs.set(taskId, state.client.subscribe(taskId, {
     afterSeq,

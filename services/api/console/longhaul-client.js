@@ -27,6 +27,13 @@
  * gateway replays what was missed. When the gateway can no longer replay (events expired),
  * the first event has `snapshot: true` and carries the task's current state.
  *
+ * A handler behind the others (or a task followed again after an unsubscribe) makes the
+ * client follow the task anew on the same connection: an unsubscribe, then a subscribe
+ * from that handler's seq. In between it sends a subscribe for an id that is no task
+ * ("longhaul-client:sync:<n>"), which the gateway answers with a `not_found` error after
+ * whatever it sent before: the handler takes nothing until that answer, so it never takes
+ * a frame meant for the old subscription (a snapshot among them would skip its replay).
+ *
  * The backoff starts over only once a connection has stayed open `stableAfterMs`; a
  * gateway that closes with 1008, 1011 or 1013 (slow consumer, internal error, try again
  * later) is asked again after at least half the backoff ceiling, never at once.
@@ -44,6 +51,9 @@
  */
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+// Not a UUID, so never a task: the gateway answers a subscribe for it with an error frame
+// naming it, in its turn (it handles one connection's frames in order).
+const SYNC_PREFIX = "longhaul-client:sync:";
 // Close codes of a gateway that asks to be left alone a while: policy violation (a
 // slow consumer), internal error, try again later (no room, a dependency down).
 const TRY_LATER = new Set([1008, 1011, 1013]);
@@ -83,8 +93,15 @@ export class LonghaulClient {
     this.maxDelayMs = options.maxDelayMs ?? 15000;
     this.stableAfterMs = options.stableAfterMs ?? 10000;
     this.refusedAfter = options.refusedAfter ?? 5;
-    /** task id (lower case) -> { lastSeq, handlers: Set<{onEvent, onError, lastSeq}> } */
+    /** task id (lower case) -> { lastSeq, handlers: Set<{onEvent, onError, lastSeq, after}> }:
+     * a handler's `after` is the sync id it waits for (null: none), see #settle. */
     this.subscriptions = new Map();
+    // On the current socket: sync id -> task id, for the syncs not answered yet; and per
+    // task, the latest of them: until its answer, the task's frames may still be those of
+    // a subscription the client has left.
+    this.syncs = new Map();
+    this.unsettled = new Map();
+    this.syncCount = 0;
     this.status = "idle";
     this.socket = null;
     this.attempt = 0;
@@ -114,7 +131,10 @@ export class LonghaulClient {
   subscribe(taskId, { onEvent = () => {}, onError = () => {}, afterSeq = 0 } = {}) {
     // The gateway answers with the canonical form of the id.
     taskId = canonicalId(taskId);
-    const handler = { onEvent, onError, lastSeq: afterSeq };
+    // Whatever the task's frames still carry from a subscription left (or being left,
+    // below) is not this handler's: it waits for the sync that ends them, if any.
+    const after = this.unsettled.get(taskId) ?? null;
+    const handler = { onEvent, onError, lastSeq: afterSeq, after };
     let sub = this.subscriptions.get(taskId);
     if (!sub) {
       sub = { lastSeq: afterSeq, handlers: new Set([handler]) };
@@ -123,16 +143,19 @@ export class LonghaulClient {
     } else {
       const behind = afterSeq < lowestSeq(sub);
       sub.handlers.add(handler);
-      // It lacks events the others have had: subscribing again restarts the task's
-      // stream from its seq (the others skip what they have, see #receive).
-      if (behind) this.#send({ op: "subscribe", task_id: taskId, after_seq: afterSeq });
+      // It lacks events the others have had: following the task anew restarts its
+      // stream from this seq (the others skip what they have, see #receive).
+      if (behind && this.#open()) {
+        handler.after = this.#settle(taskId);
+        this.#send({ op: "subscribe", task_id: taskId, after_seq: afterSeq });
+      }
     }
     return {
       unsubscribe: () => {
         sub.handlers.delete(handler);
         if (sub.handlers.size === 0 && this.subscriptions.get(taskId) === sub) {
           this.subscriptions.delete(taskId);
-          this.#send({ op: "unsubscribe", task_id: taskId });
+          if (this.#open()) this.#settle(taskId);
         }
       },
     };
@@ -225,8 +248,12 @@ export class LonghaulClient {
         this.failures = 0;
       }, this.stableAfterMs);
       this.#setStatus("open");
+      // A new connection has no earlier subscription: nothing to wait for.
+      this.syncs.clear();
+      this.unsettled.clear();
       // Resume every task from the lowest seq a handler has: the gateway replays the rest.
       for (const [taskId, sub] of this.subscriptions) {
+        for (const h of sub.handlers) h.after = null;
         this.#send({ op: "subscribe", task_id: taskId, after_seq: lowestSeq(sub) });
       }
     };
@@ -287,10 +314,41 @@ export class LonghaulClient {
     }, delayMs);
   }
 
+  #open() {
+    return this.socket !== null && this.socket.readyState === WebSocket.OPEN;
+  }
+
   #send(frame) {
     // Not open yet: onopen subscribes everything in this.subscriptions anyway.
-    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
-      this.socket.send(JSON.stringify(frame));
+    if (this.#open()) this.socket.send(JSON.stringify(frame));
+  }
+
+  /**
+   * Leave the task's subscription on this connection, and learn when the last of its
+   * frames has arrived. A subscribe again is answered by a new stream from its seq, but
+   * the frames do not say which subscribe they answer, and those the gateway sent before
+   * it read the subscribe come first: one of them taken by the handler the subscribe is
+   * for (a snapshot: it is news to any handler) would skip the replay that follows. So:
+   * an unsubscribe, after which the gateway sends the task nothing, then a sync (a
+   * subscribe for an id that is no task), answered in its turn with an error naming it.
+   * The task's frames before that answer are the old subscription's, those after it the
+   * next subscribe's. Returns the sync's id.
+   */
+  #settle(taskId) {
+    const id = `${SYNC_PREFIX}${++this.syncCount}`;
+    this.#send({ op: "unsubscribe", task_id: taskId });
+    this.#send({ op: "subscribe", task_id: id, after_seq: 0 });
+    this.syncs.set(id, taskId);
+    this.unsettled.set(taskId, id);
+    return id;
+  }
+
+  #settled(id) {
+    const taskId = this.syncs.get(id);
+    this.syncs.delete(id);
+    if (this.unsettled.get(taskId) === id) this.unsettled.delete(taskId);
+    for (const h of this.subscriptions.get(taskId)?.handlers ?? []) {
+      if (h.after === id) h.after = null;
     }
   }
 
@@ -299,6 +357,10 @@ export class LonghaulClient {
     try {
       frame = JSON.parse(data);
     } catch {
+      return;
+    }
+    if (frame.type === "error" && this.syncs.has(frame.task_id)) {
+      this.#settled(frame.task_id);
       return;
     }
     const sub = this.subscriptions.get(frame.task_id);
@@ -311,8 +373,10 @@ export class LonghaulClient {
       // of those early ones because it is "newer" would skip the replay before it as
       // old. A snapshot stands for events no longer retained and carries the current
       // state: taken by any handler not at its seq already (one below a handler's seq
-      // resets it: it was ahead of the database).
+      // resets it: it was ahead of the database). A handler whose subscribe is not
+      // answered yet takes nothing: the frame may be the old subscription's (#settle).
       for (const h of [...sub.handlers]) {
+        if (h.after !== null) continue;
         if (frame.seq === h.lastSeq + 1 || (frame.snapshot && frame.seq !== h.lastSeq)) {
           h.lastSeq = frame.seq;
           safeCall(h.onEvent, frame);
