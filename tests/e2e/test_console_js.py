@@ -325,3 +325,58 @@ async def _signed_in_as(console: tuple[FakeApi, Callable[[], Any]], key: str) ->
     await page.locator("#app").wait_for(state="visible", timeout=10_000)
     await page.evaluate("(key) => localStorage.setItem('longhaul.apiKey', key)", key)
     return page
+
+
+UNAUTHORIZED = (401, {"title": "Unauthorized", "status": 401, "detail": "bad API key"}, {})
+
+
+async def test_a_stored_key_the_api_refuses_is_forgotten(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """A key kept in this browser that the API refuses (revoked) is forgotten, and the
+    sign-in form says why: the next load asks for a key instead of sending the refused
+    one again (before, it stayed in localStorage and was tried at every load)."""
+    api, _ = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page: Page = await _signed_in_as(console, OURS)
+    api.on("/v1/task-types", UNAUTHORIZED)
+    await page.goto("about:blank")
+    await page.goto(f"{ORIGIN}/console/")
+    await page.locator("#sign-in").wait_for(state="visible", timeout=10_000)
+    assert await page.evaluate("localStorage.getItem('longhaul.apiKey')") is None
+    notice = await page.locator("#notice").text_content() or ""
+    assert "refused the API key lh_ops_ourkeyid0001_…" in notice, notice
+    assert "no longer keeps it" in notice, notice
+    tried = api.calls.count("GET /v1/task-types")
+    await page.reload()
+    await page.locator("#sign-in").wait_for(state="visible", timeout=10_000)
+    assert api.calls.count("GET /v1/task-types") == tried
+
+
+@pytest.mark.parametrize("seen_by", ["ws-token", "submit"])
+async def test_a_key_refused_while_signed_in_signs_out_and_is_forgotten(
+    console: tuple[FakeApi, Callable[[], Any]], seen_by: str
+) -> None:
+    """A key revoked while the console is open: the first 401 for it, from a token fetch
+    for a reconnect or from any API call, signs out with a message and forgets the key
+    (before, a refused token left "Live updates refused" and the key kept, and a refused
+    submit only said it was not submitted)."""
+    api, _ = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page: Page = await _signed_in_as(console, OURS)
+    await eventually(lambda: page.evaluate("sockets.length === 1"), what="a socket")
+    await page.evaluate("sockets[0].open()")
+    await page.locator("#connection.conn-open").wait_for(timeout=10_000)
+    if seen_by == "ws-token":
+        api.on("/v1/ws-tokens", UNAUTHORIZED)
+        await page.evaluate("sockets[0].drop()")  # the reconnect asks for a token
+    else:
+        api.on("/v1/tasks", UNAUTHORIZED)
+        await page.locator("#submit-button").click()
+    await page.locator("#sign-in").wait_for(state="visible", timeout=10_000)
+    assert await page.locator("#app").is_hidden()
+    notice = await page.locator("#notice").text_content() or ""
+    assert "refused the API key" in notice and "no longer keeps it" in notice, notice
+    assert await page.evaluate("localStorage.getItem('longhaul.apiKey')") is None

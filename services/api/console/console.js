@@ -13,6 +13,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   apiKey: null,
+  signedIn: false, // the app is shown for state.apiKey
   gatewayUrl: null,
   client: null,
   tasks: new Map(), // id -> Task (REST shape, kept current by events)
@@ -53,7 +54,14 @@ async function api(path, { method = "GET", body } = {}) {
   }
   if (!response.ok) {
     const retryAfter = Number(response.headers.get("Retry-After")) || null;
-    throw new ApiError(response.status, payload, retryAfter);
+    const err = new ApiError(response.status, payload, retryAfter);
+    const current = state.signedIn && headers.Authorization === `Bearer ${state.apiKey}`;
+    if (response.status === 401 && current) {
+      // The key was revoked while the console was open: signed out, the caller says no more.
+      signOut(refusedKeyMessage(state.apiKey, true));
+      err.signedOut = true;
+    }
+    throw err;
   }
   return payload;
 }
@@ -122,7 +130,10 @@ async function signIn(key, notice = "") {
   } catch (err) {
     state.apiKey = null;
     if (err instanceof ApiError && err.status === 401) {
-      showSignIn("That API key was refused.");
+      // Kept, a refused key would be tried again at every page load.
+      const stored = localStorage.getItem(KEY_STORAGE) === key;
+      if (stored) localStorage.removeItem(KEY_STORAGE);
+      showSignIn(refusedKeyMessage(key, stored));
       return;
     }
     // Busy or away (429, 503, the network): the key is fine; try again.
@@ -131,6 +142,11 @@ async function signIn(key, notice = "") {
     notify(`Cannot reach the API: ${describe(err)} Trying again in ${seconds} s.`);
     setTimeout(() => signIn(key, notice), seconds * 1000);
   }
+}
+
+function refusedKeyMessage(key, forgotten) {
+  return `The API refused the API key ${publicPart(key)}: revoked, or mistyped?` +
+    `${forgotten ? " This browser no longer keeps it." : ""} Sign in with a valid key.`;
 }
 
 function showSignIn(message) {
@@ -142,8 +158,10 @@ function showSignIn(message) {
   $("api-key").focus();
 }
 
-function signOut() {
+function signOut(message = "") {
   localStorage.removeItem(KEY_STORAGE);
+  state.apiKey = null;
+  state.signedIn = false;
   state.client?.close();
   state.client = null;
   clearInterval(state.refreshTimer);
@@ -154,7 +172,7 @@ function signOut() {
   state.selected = null;
   renderTable();
   setConnection("idle");
-  showSignIn("");
+  showSignIn(message);
 }
 
 // ------------------------------------------------------------------ start
@@ -170,6 +188,7 @@ async function loadConfig() {
 }
 
 async function start(types) {
+  state.signedIn = true;
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
@@ -184,7 +203,8 @@ async function start(types) {
     onStatus: onConnectionStatus,
   });
   await refreshList();
-  state.refreshTimer = setInterval(refreshList, REFRESH_MS);
+  // Not after a sign-out meanwhile (the key refused): its timer would outlive it.
+  if (state.signedIn) state.refreshTimer = setInterval(refreshList, REFRESH_MS);
 }
 
 // ------------------------------------------------------------------ connection indicator
@@ -225,8 +245,13 @@ function onConnectionStatus(status, detail) {
       notify(text);
     }
   } else if (status === "unauthorized") {
+    if (detail?.status === 401 && state.signedIn) {
+      // The API no longer takes the key (revoked): as any other 401 of it.
+      signOut(refusedKeyMessage(state.apiKey, true));
+      return;
+    }
     setConnection("unauthorized", "Live updates refused");
-    notify("The gateway refused this API key.");
+    notify(`Live updates refused: ${detail?.message ?? "the token was refused"}.`);
   } else if (status === "error") {
     setConnection("error", "Live updates unavailable");
     notify(`Live updates cannot start: ${detail?.message ?? "unknown error"}` +
@@ -286,6 +311,7 @@ async function submitTask(event) {
     trimTable();
     renderTable();
   } catch (err) {
+    if (err.signedOut) return;
     notify(`Not submitted: ${describe(err)}`);
   } finally {
     button.disabled = false;
@@ -309,7 +335,7 @@ async function refreshList() {
     trimTable();
     renderTable();
   } catch (err) {
-    if (err instanceof ApiError && err.status === 401) return signOut();
+    if (err.signedOut) return;
     notify(`Cannot list tasks: ${describe(err)}`);
   }
 }
@@ -401,6 +427,7 @@ async function act(taskId, action) {
     if (!isTerminal(task.state) && !state.subs.has(taskId)) watch(taskId, seen);
     renderRow(taskId);
   } catch (err) {
+    if (err.signedOut) return;
     notify(`Cannot ${action}: ${describe(err)}`);
   }
 }
@@ -504,7 +531,7 @@ function main() {
     $("api-key").value = "";
     if (key) signIn(key);
   });
-  $("sign-out").addEventListener("click", signOut);
+  $("sign-out").addEventListener("click", () => signOut());
   $("task-type").addEventListener("change", fillArgs);
   $("submit-form").addEventListener("submit", submitTask);
   $("task-rows").addEventListener("click", (event) => {

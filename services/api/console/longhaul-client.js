@@ -44,10 +44,12 @@
  * same detail plus `failures`: `refusedAfter` connections in a row ended before lasting,
  * or never opened, as a handshake refused with 403 for an Origin not allowed does, seen
  * by the page as code 1006; it goes on retrying at the backoff, and says "refused" until
- * a connection opens), "unauthorized" (the token fetch was refused: a bad API key; no
- * retry), "error" (with `{ message }`: the socket cannot be made at all, e.g. a
- * malformed `gatewayUrl`, or a `ws://` one from an `https` page, which the browser
- * refuses as mixed content; no retry), "closed" (after `close()`).
+ * a connection opens), "unauthorized" (with `{ message, status }`: the token fetch was
+ * refused, with its HTTP status, 401 (an API key the API does not take) or 403, or the
+ * second argument of an `AuthError` thrown by your own `getToken`; no retry), "error"
+ * (with `{ message }`: the socket cannot be made at all, e.g. a malformed `gatewayUrl`,
+ * or a `ws://` one from an `https` page, which the browser refuses as mixed content; no
+ * retry), "closed" (after `close()`).
  */
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -63,7 +65,13 @@ export function isTerminal(state) {
 }
 
 /** Thrown by token fetchers for answers that retrying cannot fix (401/403). */
-export class AuthError extends Error {}
+export class AuthError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.name = "AuthError";
+    this.status = status;
+  }
+}
 
 export class LonghaulClient {
   /**
@@ -190,7 +198,7 @@ export class LonghaulClient {
       headers: { Authorization: `Bearer ${this.apiKey}` },
     });
     if (response.status === 401 || response.status === 403) {
-      throw new AuthError(`token refused (${response.status})`);
+      throw new AuthError(`token refused (${response.status})`, response.status);
     }
     if (!response.ok) throw new Error(`token request failed (${response.status})`);
     return (await response.json()).token;
@@ -218,7 +226,7 @@ export class LonghaulClient {
     } catch (err) {
       if (generation !== this.generation) return;
       if (err instanceof AuthError) {
-        this.#setStatus("unauthorized", { message: err.message });
+        this.#setStatus("unauthorized", { message: err.message, status: err.status });
         return;
       }
       this.#scheduleReconnect({ reason: err.message });
