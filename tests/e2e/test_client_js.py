@@ -58,15 +58,20 @@ window.until = async (check) => {
 """
 
 
-def _serve_client(title: str) -> Callable[[Route], Awaitable[None]]:
-    """A route handler serving the client module, and an empty page for the rest."""
+def _serve_client(
+    title: str, headers: dict[str, str] | None = None
+) -> Callable[[Route], Awaitable[None]]:
+    """A route handler serving the client module, and an empty page for the rest (with
+    ``headers``)."""
 
     async def serve(route: Route) -> None:
         if route.request.url.endswith("/longhaul-client.js"):
             await route.fulfill(body=CLIENT.read_text(), content_type="text/javascript")
         else:
             await route.fulfill(
-                body=f"<!doctype html><title>{title}</title>", content_type="text/html"
+                body=f"<!doctype html><title>{title}</title>",
+                content_type="text/html",
+                headers=headers,
             )
 
     return serve
@@ -505,3 +510,42 @@ async def test_a_socket_that_cannot_be_made_is_an_error_not_connecting_forever(
     assert "TypeError" in malformed["statuses"][-1][1]["message"]
     assert mixed["tokens"] == malformed["tokens"] == 1
     assert unhandled == []
+
+
+async def test_a_socket_the_pages_policy_blocks_is_an_error_not_connecting_forever(
+    browser: Browser,  # noqa: F811 - the fixture
+) -> None:
+    """Chromium's WebSocket to a gateway the page's Content-Security-Policy leaves out of
+    connect-src fires "error" and never "close": the status stayed "connecting" for ever.
+    It is "error", naming the policy and the origin it blocked, once, with no retry."""
+    page = await browser.new_page()
+    policy = "default-src 'none'; script-src 'self'; connect-src 'self' ws://gateway.test:8001"
+    await page.route(f"{ORIGIN}/**", _serve_client("policy", {"Content-Security-Policy": policy}))
+    try:
+        await page.goto(f"{ORIGIN}/")
+        result = await run(
+            page,
+            """
+            const statuses = [];
+            let tokens = 0;
+            const client = new LonghaulClient({
+              gatewayUrl: "ws://elsewhere.test:8001/v1/ws", baseDelayMs: 1,
+              getToken: async () => { tokens += 1; return "t"; },
+              onStatus: (status, detail) => statuses.push([status, detail]),
+            });
+            for (let i = 0; i < 600 && client.status !== "error"; i++) {
+              await new Promise((r) => setTimeout(r, 5));
+            }
+            await new Promise((r) => setTimeout(r, 100));  // room for a retry, if any
+            return { statuses, tokens };
+            """,
+        )
+    finally:
+        await page.close()
+    assert [s for s, _ in result["statuses"]] == ["connecting", "error"], result
+    message = result["statuses"][-1][1]["message"]
+    assert message == (
+        "SecurityError: this page's Content-Security-Policy (connect-src) does not allow"
+        " ws://elsewhere.test:8001"
+    ), message
+    assert result["tokens"] == 1

@@ -48,8 +48,9 @@
  * refused, with its HTTP status, 401 (an API key the API does not take) or 403, or the
  * second argument of an `AuthError` thrown by your own `getToken`; no retry), "error"
  * (with `{ message }`: the socket cannot be made at all, e.g. a malformed `gatewayUrl`,
- * or a `ws://` one from an `https` page, which the browser refuses as mixed content; no
- * retry), "closed" (after `close()`).
+ * a `ws://` one from an `https` page, which the browser refuses as mixed content, or one
+ * the page's Content-Security-Policy does not allow; no retry), "closed" (after
+ * `close()`).
  */
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -127,10 +128,23 @@ export class LonghaulClient {
       if (this.timer !== null) this.#connectSoon(0);
     };
     globalThis.addEventListener?.("online", this.#onOnline);
+    this.#onViolation = (event) => {
+      // A socket this page's Content-Security-Policy does not allow: Chromium fires its
+      // "error" but never its "close", so the status would stay "connecting" for ever.
+      // No retry can fix it on this page.
+      const blocked = originOf(event.blockedURI);
+      if (this.socket && blocked !== null && blocked === originOf(this.socket.url)) {
+        const why = `this page's Content-Security-Policy (${event.effectiveDirective}) ` +
+          `does not allow ${blocked}`;
+        this.#fail(new DOMException(why, "SecurityError"));
+      }
+    };
+    globalThis.document?.addEventListener?.("securitypolicyviolation", this.#onViolation);
     this.#connectNow();
   }
 
   #onOnline;
+  #onViolation;
 
   /**
    * Follow a task. `afterSeq` is the last seq you already have (0: everything retained).
@@ -188,6 +202,7 @@ export class LonghaulClient {
     this.timer = null;
     this.#stopStableTimer();
     globalThis.removeEventListener?.("online", this.#onOnline);
+    globalThis.document?.removeEventListener?.("securitypolicyviolation", this.#onViolation);
     if (this.socket) this.socket.close(1000, why);
     this.socket = null;
   }
@@ -411,6 +426,14 @@ function canonicalId(taskId) {
   if (!/^[0-9a-f]{32}$/.test(hex)) return text;
   return [hex.slice(0, 8), hex.slice(8, 12), hex.slice(12, 16), hex.slice(16, 20),
           hex.slice(20)].join("-");
+}
+
+function originOf(url) {
+  try {
+    return new URL(url).origin;
+  } catch {
+    return null; // "inline", "eval", or nothing
+  }
 }
 
 function lowestSeq(sub) {
