@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, Route
 
+from services.api.ops import console_headers
 from tests.e2e.test_browser import browser  # noqa: F401 - the fixture
 from tests.e2e.test_client_js import FAKE_WEBSOCKET
 from tests.support import eventually
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 CONSOLE = Path(__file__).parents[2] / "services" / "api" / "console"
 ORIGIN = "http://console.test"
+GATEWAY = "ws://gw/v1/ws"
 TYPES = {"items": [{"name": "demo.sleep", "args_schema": {"type": "object"}}]}
 
 
@@ -60,7 +62,13 @@ class FakeApi:
             name = path.removeprefix("/console/") or "index.html"
             kinds = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
             kind = kinds[Path(name).suffix]
-            await route.fulfill(body=(CONSOLE / name).read_text(), content_type=kind)
+            # Under the API's own policy for them, which lets the console connect to
+            # the configured gateway (and to its API) only.
+            await route.fulfill(
+                body=(CONSOLE / name).read_text(),
+                content_type=kind,
+                headers=console_headers(GATEWAY),
+            )
             return
         self.calls.append(f"{route.request.method} {path}")
         key = next((p for p in self.answers if path.startswith(p)), None)
@@ -73,7 +81,7 @@ class FakeApi:
 @pytest.fixture
 async def console(browser: Browser) -> AsyncIterator[tuple[FakeApi, Callable[[], Any]]]:  # noqa: F811
     api = FakeApi()
-    api.on("/console/config.json", (200, {"gateway_url": "ws://gw/v1/ws"}, {}))
+    api.on("/console/config.json", (200, {"gateway_url": GATEWAY}, {}))
     api.on("/v1/ws-tokens", (200, {"token": "t", "expires_in": 60}, {}))
     page = await browser.new_page()
     await page.route(f"{ORIGIN}/**", api.serve)
@@ -380,3 +388,41 @@ async def test_a_key_refused_while_signed_in_signs_out_and_is_forgotten(
     notice = await page.locator("#notice").text_content() or ""
     assert "refused the API key" in notice and "no longer keeps it" in notice, notice
     assert await page.evaluate("localStorage.getItem('longhaul.apiKey')") is None
+
+
+async def test_a_configuration_that_cannot_be_loaded_is_told_and_loaded_again(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """If /console/config.json fails, the console says so and loads it again a few
+    seconds later; it guesses no gateway URL (before, it made a socket to
+    ws://<this host>:8001, outside the page's policy: the browser blocked it, and the
+    header said "Connecting…" for ever). The task list works meanwhile, and its tasks
+    are followed once the gateway is known."""
+    api, open_console = console
+    task = _task(1, "running")
+    bad_gateway = (502, "<html><body>Bad Gateway</body></html>", {})
+    api.on("/console/config.json", bad_gateway, (200, {"gateway_url": GATEWAY}, {}))
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [task], "next_cursor": None}, {}))
+    page = await open_console(fake_clock=True)
+    await page.locator(f'tr[data-task-id="{task["id"]}"]').wait_for(timeout=10_000)
+
+    async def settled() -> bool:
+        shown = "sockets.length > 0 || document.querySelector('#connection.conn-error') !== null"
+        return bool(await page.evaluate(shown))
+
+    await eventually(settled, what="a socket, or the error")
+    assert await page.evaluate("sockets.map((s) => s.url)") == []
+    assert await page.locator("#connection-text").text_content() == "Live updates unavailable"
+    notice = await page.locator("#notice").text_content() or ""
+    assert "configuration (/console/config.json) could not be loaded (HTTP 502)" in notice, notice
+    assert "Trying again in 5 s" in notice, notice
+
+    await page.clock.run_for(5000)
+    await eventually(lambda: page.evaluate("sockets.length === 1"), what="a socket")
+    assert (await page.evaluate("sockets[0].url")).startswith(f"{GATEWAY}?token=")
+    await page.evaluate("sockets[0].open()")
+    await page.locator("#connection.conn-open").wait_for(timeout=10_000)
+    assert await page.locator("#notice").is_hidden()
+    subscribe = {"op": "subscribe", "task_id": task["id"], "after_seq": task["last_seq"]}
+    assert await _sent(page) == [subscribe]

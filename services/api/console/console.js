@@ -8,6 +8,7 @@ const LIST_LIMIT = 50;
 const TABLE_CAP = 200; // rows kept; older ones leave the table (and their subscription)
 const LOG_CAP = 500;
 const REFRESH_MS = 15000;
+const CONFIG_RETRY_S = 5;
 
 const $ = (id) => document.getElementById(id);
 
@@ -22,6 +23,7 @@ const state = {
   logs: new Map(), // id -> events
   selected: null,
   refreshTimer: null,
+  configTimer: null, // the next try at loading the configuration, while it fails
   pendingRefresh: new Set(),
 };
 
@@ -165,6 +167,7 @@ function signOut(message = "") {
   state.client?.close();
   state.client = null;
   clearInterval(state.refreshTimer);
+  clearTimeout(state.configTimer);
   state.tasks.clear();
   state.order = [];
   state.subs.clear();
@@ -177,14 +180,62 @@ function signOut(message = "") {
 
 // ------------------------------------------------------------------ start
 
+// Where the gateway is: { url }, or { problem, retryAfter } when the API does not say.
+// No guess stands in for it: this page's Content-Security-Policy lets it connect to the
+// configured gateway alone, so a guessed URL (this host, port 8001) would be blocked
+// unless it is the configured one, and a blocked socket tells the user nothing.
 async function loadConfig() {
+  let response;
   try {
-    const response = await fetch("/console/config.json");
-    if (response.ok) return (await response.json()).gateway_url;
-  } catch {
-    // fall through to the default
+    response = await fetch("/console/config.json");
+  } catch (err) {
+    return { problem: describe(err) };
   }
-  return `ws://${location.hostname}:8001/v1/ws`;
+  if (!response.ok) {
+    const retryAfter = Number(response.headers.get("Retry-After")) || null;
+    return { problem: `HTTP ${response.status}`, retryAfter };
+  }
+  try {
+    const url = (await response.json()).gateway_url;
+    if (typeof url === "string" && url) return { url };
+  } catch {
+    // not JSON: said below
+  }
+  return { problem: "the answer names no gateway_url" };
+}
+
+// Live updates, once the configuration is known: until then (tried again every few
+// seconds) the rest of the console works, and the header and the notice say why not.
+async function startLive() {
+  state.configTimer = null;
+  if (!state.gatewayUrl) {
+    const config = await loadConfig();
+    if (!state.signedIn || state.client) return; // signed out, or started, meanwhile
+    if (!config.url) {
+      const seconds = config.retryAfter || CONFIG_RETRY_S;
+      setConnection("error", "Live updates unavailable");
+      const text = "Live updates cannot start: the console's configuration (/console/config.json) " +
+        `could not be loaded (${config.problem}). Trying again in ${seconds} s.`;
+      if (text !== connectionNotice) {
+        connectionNotice = text;
+        notify(text);
+      }
+      state.configTimer = setTimeout(startLive, seconds * 1000);
+      return;
+    }
+    state.gatewayUrl = config.url;
+  }
+  state.client = new LonghaulClient({
+    gatewayUrl: state.gatewayUrl,
+    apiBase: location.origin,
+    apiKey: state.apiKey,
+    onStatus: onConnectionStatus,
+  });
+  // What was listed or chosen before there was a client is followed now.
+  for (const id of state.order) {
+    if (id === state.selected) watch(id, state.logs.get(id)?.at(-1)?.seq ?? 0);
+    else if (!isTerminal(state.tasks.get(id)?.state)) watch(id, state.tasks.get(id).last_seq);
+  }
 }
 
 async function start(types) {
@@ -195,13 +246,7 @@ async function start(types) {
   $("signed-in-key").textContent = publicPart(state.apiKey);
   $("signed-in").hidden = false;
   renderTypes(types);
-  state.gatewayUrl ||= await loadConfig();
-  state.client = new LonghaulClient({
-    gatewayUrl: state.gatewayUrl,
-    apiBase: location.origin,
-    apiKey: state.apiKey,
-    onStatus: onConnectionStatus,
-  });
+  startLive(); // not awaited: the task list does not wait for the configuration
   await refreshList();
   // Not after a sign-out meanwhile (the key refused): its timer would outlive it.
   if (state.signedIn) state.refreshTimer = setInterval(refreshList, REFRESH_MS);
@@ -366,6 +411,7 @@ function unwatch(taskId) {
 }
 
 function watch(taskId, afterSeq) {
+  if (!state.client) return; // startLive follows it once there is one
   // The new handler first, then the old one away: a handler behind the old one makes
   // the client follow the task anew from its seq, in one step, with the replay it lacks
   // (the old one going first would make it leave the task, then follow it again).
