@@ -272,7 +272,9 @@ async def test_a_gateway_url_that_cannot_be_used_is_shown(
     console: tuple[FakeApi, Callable[[], Any]],
 ) -> None:
     """A gateway URL no socket can be made from is told in the header and the notice,
-    with the browser's reason (before: "Connecting…" forever, the error swallowed)."""
+    with the browser's reason (before: "Connecting…" forever, the error swallowed), and
+    Retry, which reloads the console, starts live updates once the configuration is
+    fixed (before, nothing offered a way out: the client does not retry an "error")."""
     api, open_console = console
     api.on("/console/config.json", (200, {"gateway_url": "ws//no-scheme/v1/ws"}, {}))
     api.on("/v1/task-types", (200, TYPES, {}))
@@ -283,6 +285,18 @@ async def test_a_gateway_url_that_cannot_be_used_is_shown(
     assert text == "Live updates unavailable"
     notice = await page.locator("#notice").text_content() or ""
     assert "Live updates cannot start: TypeError" in notice, notice
+    retry = page.get_by_role("button", name="Retry")
+    assert await retry.is_visible()
+
+    api.on("/console/config.json", (200, {"gateway_url": GATEWAY}, {}))
+    async with page.expect_navigation():
+        await retry.click()
+    await eventually(lambda: page.evaluate("sockets.length === 1"), what="a socket")
+    assert (await page.evaluate("sockets[0].url")).startswith(f"{GATEWAY}?token=")
+    await page.evaluate("sockets[0].open()")
+    await page.locator("#connection.conn-open").wait_for(timeout=10_000)
+    assert await retry.is_hidden()
+    assert await page.locator("#app").is_visible()  # signed in again with the key kept
 
 
 OURS = "lh_ops_ourkeyid0001_" + "S" * 43

@@ -257,6 +257,16 @@ async function start(types) {
 function setConnection(status, text) {
   $("connection").className = `conn conn-${status}`;
   $("connection-text").textContent = text || "Not connected";
+  // Live updates that cannot start (the client does not retry an "error"): the way out.
+  $("retry-live").hidden = status !== "error";
+}
+
+// What stops live updates from starting (the gateway URL, this page's protocol, its
+// Content-Security-Policy) belongs to the page as it was loaded: a socket tried again
+// from it fails the same way. A reload takes the server's current configuration and
+// policy, and signs in again with the key kept here.
+function retryLive() {
+  location.reload();
 }
 
 let wasOpen = false;
@@ -578,6 +588,7 @@ function main() {
     if (key) signIn(key);
   });
   $("sign-out").addEventListener("click", () => signOut());
+  $("retry-live").addEventListener("click", retryLive);
   $("task-type").addEventListener("change", fillArgs);
   $("submit-form").addEventListener("submit", submitTask);
   $("task-rows").addEventListener("click", (event) => {
