@@ -214,8 +214,9 @@ async function startLive() {
     if (!config.url) {
       const seconds = config.retryAfter || CONFIG_RETRY_S;
       setConnection("error", "Live updates unavailable");
-      const text = "Live updates cannot start: the console's configuration (/console/config.json) " +
-        `could not be loaded (${config.problem}). Trying again in ${seconds} s.`;
+      const text = "Live updates cannot start: the console's configuration " +
+        `(/console/config.json) could not be loaded (${config.problem}). ` +
+        `Trying again in ${seconds} s.`;
       if (text !== connectionNotice) {
         connectionNotice = text;
         notify(text);

@@ -27,12 +27,13 @@
  * gateway replays what was missed. When the gateway can no longer replay (events expired),
  * the first event has `snapshot: true` and carries the task's current state.
  *
- * A handler behind the others (or a task followed again after an unsubscribe) makes the
- * client follow the task anew on the same connection: an unsubscribe, then a subscribe
- * from that handler's seq. In between it sends a subscribe for an id that is no task
+ * A handler behind the others makes the client follow the task anew on the same
+ * connection, from that handler's seq: an unsubscribe, then the subscribe. Each
+ * unsubscribe it sends is followed by a subscribe for an id that is no task
  * ("longhaul-client:sync:<n>"), which the gateway answers with a `not_found` error after
- * whatever it sent before: the handler takes nothing until that answer, so it never takes
- * a frame meant for the old subscription (a snapshot among them would skip its replay).
+ * whatever it sent before; a handler added meanwhile (behind, or to a task followed again
+ * after its last handler left) takes nothing until that answer, so it never takes a frame
+ * of the subscription left (a snapshot among them would skip the replay that follows).
  *
  * The backoff starts over only once a connection has stayed open `stableAfterMs`; a
  * gateway that closes with 1008, 1011 or 1013 (slow consumer, internal error, try again
@@ -430,7 +431,8 @@ function canonicalId(taskId) {
 
 function originOf(url) {
   try {
-    return new URL(url).origin;
+    const { origin } = new URL(url);
+    return origin === "null" ? null : origin; // opaque: matches nothing
   } catch {
     return null; // "inline", "eval", or nothing
   }
