@@ -36,8 +36,10 @@
  * of the subscription left (a snapshot among them would skip the replay that follows).
  *
  * The backoff starts over only once a connection has stayed open `stableAfterMs`; a
- * gateway that closes with 1008, 1011 or 1013 (slow consumer, internal error, try again
- * later) is asked again after at least half the backoff ceiling, never at once.
+ * gateway that closes with 1008, 1011 or 1013 (slow consumer or a revoked API key,
+ * internal error, try again later) is asked again after at least half the backoff
+ * ceiling, never at once. After a revocation that next token fetch is refused (401), and
+ * the status is "unauthorized".
  *
  * Status values passed to `onStatus`: "connecting", "open", "reconnecting" (with
  * `{ delayMs, attempt, code, reason }`: the close code and reason of the connection that
@@ -59,7 +61,8 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 // naming it, in its turn (it handles one connection's frames in order).
 const SYNC_PREFIX = "longhaul-client:sync:";
 // Close codes of a gateway that asks to be left alone a while: policy violation (a
-// slow consumer), internal error, try again later (no room, a dependency down).
+// slow consumer, or the API key that asked for the token revoked), internal error, try
+// again later (no room, a dependency down).
 const TRY_LATER = new Set([1008, 1011, 1013]);
 
 export function isTerminal(state) {
