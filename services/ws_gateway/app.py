@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import weakref
@@ -23,7 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from services.ws_gateway import sse
+from services.ws_gateway import refusals, sse
 from services.ws_gateway.frames import FrameCache
 from services.ws_gateway.handshake import DeadlineConnection, connection_class
 from services.ws_gateway.hub import Hub
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/v1/ws"
 _SSE_PATH = re.compile(r"^/v1/tasks/([^/]+)/events$")
+_OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 _REFUSED_401 = "missing, invalid, expired or already used token"
@@ -228,22 +230,36 @@ class Gateway:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        response = await self._route(connection, request)
+        if response is not None and request.method == "HEAD":
+            # The head a GET would get (Content-Length included), or its refusal's: a
+            # response to HEAD has no content (RFC 9110, 9.3.2).
+            response = dataclasses.replace(response, body=b"")
+        return response
+
+    async def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         path = url.path
-        if path == "/healthz":
-            return json_response(200, {"status": "ok"})
-        if path == "/readyz":
-            return await self._readyz()
-        if path == "/metrics":
-            return respond(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        if path in _OPS_PATHS:
+            if (refusal := refusals.wrong_method(request.method, refusals.GET_HEAD)) is not None:
+                return refusal
+            return await self._ops(path)
         query = parse_qs(url.query)
-        origin = request.headers.get("Origin")
         if (match := _SSE_PATH.match(path)) is not None:
+            if (refusal := refusals.wrong_method(request.method, refusals.GET)) is not None:
+                return refusal
+            origin = request.headers.get("Origin")
             return await self._sse(connection, request, match.group(1), query, origin)
         if path != WS_PATH:
             return problem(404, f"no route {path}; the WebSocket endpoint is {WS_PATH}")
+        # What needs no token first: reading the token spends it.
+        if (refusal := refusals.wrong_method(request.method, refusals.GET)) is not None:
+            self.metrics.refused.labels(reason="handshake").inc()
+            return refusal
         if not origin_allowed(
-            origin, self.origins, allow_missing=self.settings.allow_missing_origin
+            request.headers.get("Origin"),
+            self.origins,
+            allow_missing=self.settings.allow_missing_origin,
         ):
             self.metrics.refused.labels(reason="origin").inc()
             return problem(403, "origin not allowed")
@@ -305,6 +321,13 @@ class Gateway:
         lease = self._lease_of.pop(connection, None)
         if lease is not None and self._leases is not None:
             self._leases.drop(lease)
+
+    async def _ops(self, path: str) -> Response:
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            return await self._readyz()
+        return respond(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def _readyz(self) -> Response:
         """The same body as the other services' (shared.health), and the hub's own

@@ -629,6 +629,92 @@ async def test_sse_refuses_a_bad_last_event_id_or_task_id_before_spending_the_to
     assert status == 200 and "id: 1\n" in body
 
 
+async def exchange(
+    gw: Gateway, method: str, path: str, headers: str = "", version: str = "HTTP/1.1"
+) -> tuple[int, dict[str, str], bytes]:
+    """One request over a bare TCP connection (``headers``: more header lines, each
+    ending in CRLF) and the whole response: status, header fields (lower-cased names)
+    and body. For an answer that ends the connection: a refusal, not a stream."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(f"{method} {path} {version}\r\nHost: x\r\n{headers}\r\n".encode())
+        async with asyncio.timeout(timeout(10)):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), {k.lower(): v for k, v in fields.items()}, body
+
+
+def assert_problem(status: int, fields: dict[str, str], body: bytes, expected: int) -> str:
+    """The problem's detail, once the response is shown to be an RFC 9457 ``expected``."""
+    assert status == expected, (status, body)
+    assert fields["content-type"] == "application/problem+json", fields
+    payload = json.loads(body)
+    assert payload["status"] == expected and payload["type"] == "about:blank", payload
+    detail: str = payload["detail"]
+    return detail
+
+
+WS_HANDSHAKE = (
+    "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+async def test_the_sse_stream_answers_get_only_and_a_refused_method_keeps_the_token(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """Any other method on a task's events is a 405 naming GET, before the token is
+    read: the same single-use token then opens the stream."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    async with gateway(deployment) as gw:
+        path = await sse_path(gw, redis, tenant, task_id)
+        origin = "Origin: http://localhost:5173\r\n"
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            status, fields, body = await exchange(gw, method, path, origin)
+            assert method in assert_problem(status, fields, body, 405)
+            assert fields["allow"] == "GET"
+        status, fields, body = await exchange(gw, "HEAD", path, origin)
+        assert (status, fields["allow"], body) == (405, "GET", b"")
+        status, body = await sse_get(gw.port, path, {}, until_seq=1)
+    assert status == 200 and "id: 1\n" in body
+
+
+async def test_the_websocket_endpoint_refuses_other_methods_before_spending_the_token(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
+    """A handshake with another method than GET is a 405 naming GET, and its token
+    still opens a connection."""
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = f"/v1/ws?token={token}"
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            status, fields, body = await exchange(gw, method, path, WS_HANDSHAKE)
+            assert method in assert_problem(status, fields, body, 405)
+            assert fields["allow"] == "GET"
+        status, fields, body = await exchange(gw, "HEAD", path, WS_HANDSHAKE)
+        assert (status, fields["allow"], body) == (405, "GET", b"")
+        async with connect(f"ws://127.0.0.1:{gw.port}{path}") as ws:
+            assert ws.protocol.state.name == "OPEN"
+
+
+async def test_health_ready_and_metrics_answer_get_and_head_only(
+    deployment: Deployment,
+) -> None:
+    """HEAD gets GET's head without the body, as on the API; other methods a 405."""
+    async with gateway(deployment) as gw:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            status, fields, body = await exchange(gw, "HEAD", path)
+            assert status == 200 and int(fields["content-length"]) > 0 and body == b"", path
+            status, fields, body = await exchange(gw, "POST", path)
+            assert_problem(status, fields, body, 405)
+            assert fields["allow"] == "GET, HEAD"
+
+
 async def test_oversized_frame_closes_1009(
     deployment: Deployment, tenant: Tenant, redis: Redis
 ) -> None:

@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
-from services.ws_gateway import frames, sse
+from services.ws_gateway import frames, refusals, sse
 from services.ws_gateway.catchup import (
     LiveCheck,
     Plan,
@@ -218,6 +218,17 @@ def test_malformed_origin_entry_is_refused() -> None:
     with pytest.raises(ValueError, match="not an origin"):
         parse_allowed_origins("localhost:8000")
     assert parse_allowed_origins(" , ,") == ()  # no browser at all (see test_settings)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_a_method_refusal_names_the_allowed_ones() -> None:
+    assert refusals.wrong_method("GET", refusals.GET) is None
+    assert refusals.wrong_method("HEAD", refusals.GET_HEAD) is None
+    response = refusals.wrong_method("DELETE", refusals.GET_HEAD)
+    assert response is not None and response.status_code == 405
+    assert response.headers["Allow"] == "GET, HEAD"
 
 
 # ---------------------------------------------------------------- registry
