@@ -168,8 +168,8 @@ class Gateway:
                     self._handle,
                     s.gateway_host,
                     s.gateway_port,
-                    # Origins are checked in _process_request, before the token is spent;
-                    # passing them here too keeps websockets' own check as a second guard.
+                    # websockets' own checks, the origin's included, run in
+                    # _process_request too, before the token is spent (refusals.py).
                     origins=[*self.origins, None] if s.allow_missing_origin else list(self.origins),
                     process_request=self._process_request,
                     max_size=s.max_frame_bytes,
@@ -262,7 +262,10 @@ class Gateway:
             allow_missing=self.settings.allow_missing_origin,
         ):
             self.metrics.refused.labels(reason="origin").inc()
-            return problem(403, "origin not allowed")
+            return problem(403, refusals.ORIGIN_403)
+        if (refusal := refusals.not_a_handshake(connection.protocol, request)) is not None:
+            self.metrics.refused.labels(reason="handshake").inc()
+            return refusal
         try:
             self.registry.check_room()
         except Refused as exc:
@@ -367,7 +370,7 @@ class Gateway:
         if not origin_allowed(
             origin, self.origins, allow_missing=self.settings.allow_missing_origin
         ):
-            return problem(403, "origin not allowed")
+            return problem(403, refusals.ORIGIN_403)
         cors = {"Access-Control-Allow-Origin": origin} if origin else {}
         try:
             # As for a WebSocket: the process's cap before the token is spent.

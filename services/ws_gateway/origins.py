@@ -28,7 +28,7 @@ def parse_allowed_origins(value: str) -> tuple[re.Pattern[str], ...]:
             _WILD if part == "*" else re.escape(part) for part in re.split(r"(\*)", entry.lower())
         )
         # Case-insensitive (scheme and host are): websockets' own check of the raw
-        # header uses these patterns too, after ours has let the token be spent.
+        # header uses these patterns too, and must take what ours takes.
         patterns.append(re.compile(f"^{regex}$", re.IGNORECASE))
     return tuple(patterns)
 

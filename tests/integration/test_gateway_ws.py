@@ -715,6 +715,31 @@ async def test_health_ready_and_metrics_answer_get_and_head_only(
             assert fields["allow"] == "GET, HEAD"
 
 
+async def test_a_request_that_is_no_websocket_handshake_keeps_the_token(
+    deployment: Deployment, tenant: Tenant, redis: Redis
+) -> None:
+    """What websockets refuses in a handshake (a plain GET, a missing key, another
+    version, HTTP/1.0) is refused before the token is read, as a problem: the token
+    then opens a connection."""
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        path = f"/v1/ws?token={token}"
+        status, fields, body = await exchange(gw, "GET", path)  # as curl or a browser tab
+        assert "Connection" in assert_problem(status, fields, body, 426)
+        assert fields["upgrade"] == "websocket"
+        no_key = WS_HANDSHAKE.replace("Sec-WebSocket-Key", "X-Key")
+        status, fields, body = await exchange(gw, "GET", path, no_key)
+        assert "Sec-WebSocket-Key" in assert_problem(status, fields, body, 400)
+        version_8 = WS_HANDSHAKE.replace("Version: 13", "Version: 8")
+        status, fields, body = await exchange(gw, "GET", path, version_8)
+        assert_problem(status, fields, body, 400)
+        assert fields["sec-websocket-version"] == "13"  # RFC 6455, 4.4
+        status, fields, body = await exchange(gw, "GET", path, WS_HANDSHAKE, "HTTP/1.0")
+        assert_problem(status, fields, body, 505)
+        async with connect(f"ws://127.0.0.1:{gw.port}{path}") as ws:
+            assert ws.protocol.state.name == "OPEN"
+
+
 async def test_oversized_frame_closes_1009(
     deployment: Deployment, tenant: Tenant, redis: Redis
 ) -> None:

@@ -4,6 +4,7 @@ and how a session's catch-up names a lost database connection."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
@@ -11,6 +12,9 @@ from uuid import UUID
 
 import asyncpg
 import pytest
+from websockets.datastructures import Headers
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 from services.ws_gateway import frames, refusals, sse
 from services.ws_gateway.catchup import (
@@ -197,8 +201,8 @@ def test_missing_origin_follows_the_setting() -> None:
 
 
 def test_allowed_patterns_match_any_case_as_websockets_applies_them() -> None:
-    """websockets checks the raw Origin header against the same patterns after ours
-    has let the token be spent: they must agree on case (scheme and host have none)."""
+    """websockets checks the raw Origin header against the same patterns: they must
+    agree with ours on case (scheme and host have none)."""
     allowed = parse_allowed_origins("https://App.Example.com,http://localhost:*")
     for origin in ("https://app.example.com", "HTTPS://APP.EXAMPLE.COM", "http://LocalHost:3000"):
         assert any(p.fullmatch(origin) for p in allowed), origin
@@ -221,6 +225,54 @@ def test_malformed_origin_entry_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- refusals
+
+HANDSHAKE = {
+    "Host": "x",
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
+def handshake(method: str = "GET", protocol: str = "HTTP/1.1", **changes: str | None) -> Request:
+    fields = {**HANDSHAKE, **{name.replace("_", "-"): v for name, v in changes.items()}}
+    headers = Headers([(name, value) for name, value in fields.items() if value is not None])
+    return Request("/v1/ws?token=t", headers, method, protocol)
+
+
+def test_a_handshake_websockets_would_take_is_not_refused() -> None:
+    protocol = ServerProtocol(origins=[re.compile("http://localhost:5173"), None])
+    assert refusals.not_a_handshake(protocol, handshake()) is None
+    assert refusals.not_a_handshake(protocol, handshake(Origin="http://localhost:5173")) is None
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "headers"),
+    [
+        (handshake(Connection=None, Upgrade=None), 426, {"Upgrade": "websocket"}),
+        (handshake(Upgrade="h2c"), 426, {"Upgrade": "websocket"}),
+        (handshake(method="POST"), 405, {"Allow": "GET"}),
+        (handshake(protocol="HTTP/1.0"), 505, {}),
+        (handshake(Sec_WebSocket_Key=None), 400, {}),
+        (handshake(Sec_WebSocket_Key="c2hvcnQ="), 400, {}),
+        (handshake(Sec_WebSocket_Version="8"), 400, {"Sec-WebSocket-Version": "13"}),
+        (handshake(Origin="https://evil.example"), 403, {}),
+    ],
+)
+def test_what_websockets_would_refuse_is_a_problem_before_the_token(
+    request_: Request, status: int, headers: dict[str, str]
+) -> None:
+    """The status websockets' accept() answers, as problem JSON, with the headers the
+    status calls for."""
+    protocol = ServerProtocol(origins=[re.compile("http://localhost:5173")])
+    response = refusals.not_a_handshake(protocol, request_)
+    assert response is not None and response.status_code == status
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert json.loads(response.body)["status"] == status
+    for name, value in headers.items():
+        assert response.headers[name] == value
+    assert protocol.accept(request_).status_code == status  # websockets' own answer
 
 
 def test_a_method_refusal_names_the_allowed_ones() -> None:
