@@ -271,8 +271,13 @@ class Gateway:
         except Refused as exc:
             self.metrics.refused.labels(reason="capacity").inc()
             return problem(503, exc.message, {"Retry-After": "5"})
+        token = query.get("token", [""])[0]
+        # Also a key sent as to the REST API: this endpoint reads no header, so say why.
+        if refusals.is_api_key(token or _bearer(request)):
+            self.metrics.refused.labels(reason="token").inc()
+            return problem(401, refusals.API_KEY_401)
         try:
-            grant = await self._redeem_token(query.get("token", [""])[0])
+            grant = await self._redeem_token(token)
         except DependencyDown:
             self.metrics.refused.labels(reason="dependency").inc()
             return problem(503, _STORE_DOWN_503, {"Retry-After": "1"})
@@ -387,8 +392,7 @@ class Gateway:
             return problem(404, "no such task", cors)
         if after is None:
             return problem(400, "Last-Event-ID must be a seq (an integer >= 0)", cors)
-        auth = request.headers.get("Authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else query.get("token", [""])[0]
+        token = _bearer(request) or query.get("token", [""])[0]
         grant = await self._sse_grant(token, task_id, cors)
         if isinstance(grant, Response):
             return grant
@@ -435,6 +439,8 @@ class Gateway:
     ) -> wstokens.Grant | Response:
         """What the token opens for this task's stream, or the refusal to answer."""
         assert self._deps is not None
+        if refusals.is_api_key(token):
+            return problem(401, refusals.API_KEY_401, cors)
         try:
             grant = await self._redeem_token(token)
         except DependencyDown:
@@ -483,6 +489,12 @@ class Gateway:
             # 1008 as for a client too slow to read: a client that reconnects after a
             # while has its new token refused by the API (the key is revoked there too).
             await session.close(CloseCode.POLICY_VIOLATION, _REVOKED)
+
+
+def _bearer(request: Request) -> str:
+    """The credentials of an ``Authorization: Bearer`` header, or ""."""
+    auth = request.headers.get("Authorization", "")
+    return auth[7:] if auth.lower().startswith("bearer ") else ""
 
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:

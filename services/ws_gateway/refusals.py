@@ -17,6 +17,7 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from services.ws_gateway.responses import problem
+from shared import keys
 
 GET = ("GET",)
 # As aiohttp answers the API's and the worker's GET routes. Not for the streams: a HEAD
@@ -24,6 +25,7 @@ GET = ("GET",)
 GET_HEAD = ("GET", "HEAD")
 
 ORIGIN_403 = "origin not allowed"
+API_KEY_401 = "this is an API key; ask POST /v1/ws-tokens for a token"
 _WS_VERSION = "13"
 
 
@@ -33,6 +35,12 @@ def wrong_method(method: str, allowed: tuple[str, ...]) -> Response | None:
         return None
     allow = ", ".join(allowed)
     return problem(405, f"{method} is not allowed here; use {allow}", {"Allow": allow})
+
+
+def is_api_key(token: str) -> bool:
+    """Whether ``token`` has an API key's shape: no token has it (a token is 43 or 45
+    characters, a key at least 61), so no look-up can tell more."""
+    return keys.parse(token) is not None
 
 
 def not_a_handshake(protocol: ServerProtocol, request: Request) -> Response | None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -738,6 +739,49 @@ async def test_a_request_that_is_no_websocket_handshake_keeps_the_token(
         assert_problem(status, fields, body, 505)
         async with connect(f"ws://127.0.0.1:{gw.port}{path}") as ws:
             assert ws.protocol.state.name == "OPEN"
+
+
+async def test_an_api_key_in_place_of_a_token_is_named_without_a_look_up(
+    deployment: Deployment,
+    tenant: Tenant,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An API key sent where a token goes is told apart by its shape: the 401 says to
+    ask for a token, no token store or key table is asked, and no log holds the key."""
+    redeemed: list[str] = []
+    redeem = wstokens.redeem
+
+    async def spy(redis: Redis, wire: Any, token: str) -> wstokens.Grant | None:
+        redeemed.append(token)
+        return await redeem(redis, wire, token)
+
+    monkeypatch.setattr(wstokens, "redeem", spy)
+    # websockets' DEBUG lines show every request as sent (shared.logging keeps it at
+    # WARNING at least); the gateway's own at any level must not show the key.
+    caplog.set_level(logging.INFO)
+    for name in ("services", "shared"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    async with gateway(deployment) as gw:
+        sse = f"/v1/tasks/{uuid7()}/events"
+        bearer = f"Authorization: Bearer {tenant.key}\r\n"
+        for path, method, headers in (
+            (f"{sse}?token={tenant.key}", "GET", ""),
+            (sse, "GET", bearer),
+            (f"/v1/ws?token={tenant.key}", "GET", WS_HANDSHAKE),
+            ("/v1/ws", "GET", WS_HANDSHAKE + bearer),
+        ):
+            status, fields, body = await exchange(gw, method, path, headers)
+            detail = assert_problem(status, fields, body, 401)
+            assert detail == "this is an API key; ask POST /v1/ws-tokens for a token", path
+        assert redeemed == []
+        # A token is still looked up, and its refusal unchanged.
+        status, fields, body = await exchange(gw, "GET", "/v1/ws?token=forged", WS_HANDSHAKE)
+        assert "already used" in assert_problem(status, fields, body, 401)
+        assert redeemed == ["forged"]
+    assert tenant.key not in caplog.text
+    assert tenant.key_id not in caplog.text
 
 
 async def test_oversized_frame_closes_1009(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import cast
@@ -34,6 +35,7 @@ from services.ws_gateway.session import Behind, Catcher, DependencyDown, Deps
 from services.ws_gateway.settings import LOCAL_ORIGINS
 from services.ws_gateway.streams import StreamReader
 from services.ws_gateway.sweep import SETTLED_EVERY, Lag, Sweeper
+from shared import keys
 from shared.schemas import ProgressEvent, TaskState, encode_event
 from shared.wire import Wire
 
@@ -281,6 +283,13 @@ def test_a_method_refusal_names_the_allowed_ones() -> None:
     response = refusals.wrong_method("DELETE", refusals.GET_HEAD)
     assert response is not None and response.status_code == 405
     assert response.headers["Allow"] == "GET, HEAD"
+
+
+def test_an_api_key_has_a_shape_no_token_has() -> None:
+    """Told apart with no look-up, even from a token that starts as a key does."""
+    assert refusals.is_api_key(keys.generate("dev").key)
+    for token in ("", "forged", "lh_" + "x" * 40, "t." + secrets.token_urlsafe(32)):
+        assert not refusals.is_api_key(token), token
 
 
 # ---------------------------------------------------------------- registry
