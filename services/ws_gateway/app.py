@@ -21,6 +21,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import MultipleValuesError
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
@@ -230,7 +231,14 @@ class Gateway:
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        response = await self._route(connection, request)
+        try:
+            response = await self._route(connection, request)
+        except MultipleValuesError as exc:
+            # A header given twice where one is meant (Origin, Authorization,
+            # Last-Event-ID): read before any token is, and the client's mistake, not a
+            # 500 and a traceback in the log.
+            name = exc.args[0] if exc.args else "a"
+            response = problem(400, f"more than one {name} header")
         if response is not None and request.method == "HEAD":
             # The head a GET would get (Content-Length included), or its refusal's: a
             # response to HEAD has no content (RFC 9110, 9.3.2).

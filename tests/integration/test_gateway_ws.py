@@ -741,6 +741,31 @@ async def test_a_request_that_is_no_websocket_handshake_keeps_the_token(
             assert ws.protocol.state.name == "OPEN"
 
 
+async def test_a_header_given_twice_is_a_400_and_keeps_the_token(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """Two Origin, Authorization or Last-Event-ID headers are the client's mistake: a
+    400 problem naming the header (not a 500), and the token still opens the stream."""
+    task_id = await insert_task(db, tenant)
+    await Writer(db, sink, task_id).step(1)
+    async with gateway(deployment) as gw:
+        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60)
+        ws, sse = f"/v1/ws?token={token}", f"/v1/tasks/{task_id}/events?token={token}"
+        for path, header in (
+            (ws, "Origin: http://localhost:5173"),
+            (sse, "Origin: http://localhost:5173"),
+            (sse, f"Authorization: Bearer {token}"),
+            (sse, "Last-Event-ID: 0"),
+        ):
+            twice = f"{header}\r\n{header}\r\n"
+            extra = WS_HANDSHAKE if path == ws else ""
+            status, fields, body = await exchange(gw, "GET", path, extra + twice)
+            name = header.split(":")[0]
+            assert assert_problem(status, fields, body, 400) == f"more than one {name} header"
+        status, body = await sse_get(gw.port, sse, {}, until_seq=1)
+    assert status == 200 and "id: 1\n" in body
+
+
 async def test_an_api_key_in_place_of_a_token_is_named_without_a_look_up(
     deployment: Deployment,
     tenant: Tenant,
