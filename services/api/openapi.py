@@ -116,6 +116,10 @@ _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
+    "description": "A repeat of the request under the same key answers 200 with the same"
+    " task(s); another request, 422. Requests that would run the same are the same: key"
+    " order, spelled-out defaults (the args schema's too) and the spelling of a number"
+    " (1.0 is 1) do not count.",
     # Printable ASCII (as requests.idempotency_key checks), spaces only inside: HTTP
     # strips them from the ends.
     "schema": {

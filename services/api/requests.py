@@ -6,7 +6,8 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -14,6 +15,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from services.api import meaning
 from services.api.problems import ProblemException, validation_problem
 from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
@@ -109,35 +111,85 @@ def trace_id(traceparent: str | None) -> str | None:
 
 
 # An Idempotency-Key's fingerprint starts with the version of its computation. Those
-# stored before had none: a bare sha256 (32 bytes) of the request as sent.
+# stored before had none: a bare sha256 (32 bytes) of the request as sent. Version 1
+# hashed the args as sent; version 2 as the handler gets them (``meaning``). A stored
+# fingerprint is compared as it was made, so a client retrying across an upgrade still
+# gets its replay.
 _FINGERPRINT_V1 = b"\x01"
 _FINGERPRINT_BATCH_V1 = b"\x02"
+_FINGERPRINT_V2 = b"\x03"
+_FINGERPRINT_BATCH_V2 = b"\x04"
 _LEGACY_FINGERPRINT_LEN = hashlib.sha256().digest_size
 
 
-def _sha256(meaning: Any) -> bytes:
-    return hashlib.sha256(orjson.dumps(meaning, option=orjson.OPT_SORT_KEYS)).digest()
+@dataclass(frozen=True)
+class Typed:
+    """A request as its task will run: ``request`` with its type's own defaults where it
+    set none (what is stored), and the type's args schema, whose defaults its handler
+    gets for the args it leaves out."""
+
+    request: TaskRequest
+    args_schema: Mapping[str, Any]
 
 
-def request_hash(typed: TaskRequest) -> bytes:
-    """Fingerprint of a request's meaning as its task will run, keys sorted. ``typed``
-    is the request with its type's defaults where it set none (``_check_types``), the
-    very object inserted: hashed as sent, ``{"type": T}`` and ``{"type": T,
-    "max_attempts": 5}`` matched though T's own default gave the first 3 attempts. (So
-    a type whose defaults change between two requests makes them two requests.)"""
+def _sha256(value: Any) -> bytes:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def _meaning(typed: Typed) -> Any:
+    """The request as its handler will run it: the type's defaults in, the args
+    schema's defaults in, numbers by value. Key order never counts (sorted keys)."""
+    doc = typed.request.model_dump(mode="json")
+    doc["args"] = meaning.with_defaults(typed.args_schema, doc["args"])
+    return meaning.by_value(doc)
+
+
+def request_hash(typed: Typed) -> bytes:
+    """Fingerprint of a request's meaning as its task will run (``_meaning``): two
+    requests whose handlers would get the same task have the same one. (So a type whose
+    defaults change between two requests makes them two requests.)"""
+    return _FINGERPRINT_V2 + _sha256(_meaning(typed))
+
+
+def request_hash_v1(typed: TaskRequest) -> bytes:
+    """Version 1: the request with its type's defaults, its args as sent."""
     return _FINGERPRINT_V1 + _sha256(typed.model_dump(mode="json"))
 
 
 def legacy_request_hash(sent: TaskRequest) -> bytes:
-    """The fingerprint stored before ``request_hash``'s: the request as sent (the
+    """The fingerprint stored before the version byte: the request as sent (the
     contract's defaults filled, not its type's), no version byte."""
     return _sha256(sent.model_dump(mode="json"))
 
 
-def batch_hash(typed: Sequence[TaskRequest]) -> bytes:
-    """Fingerprint of a batch's meaning: each item's as ``request_hash`` computes it, in
+def batch_hash(typed: Sequence[Typed]) -> bytes:
+    """Fingerprint of a batch's meaning: each item's as ``request_hash`` takes it, in
     order, under a version of its own, which no single request's fingerprint can equal."""
+    return _FINGERPRINT_BATCH_V2 + _sha256([_meaning(t) for t in typed])
+
+
+def batch_hash_v1(typed: Sequence[TaskRequest]) -> bytes:
+    """Version 1 of ``batch_hash``: the items as ``request_hash_v1`` takes them."""
     return _FINGERPRINT_BATCH_V1 + _sha256([t.model_dump(mode="json") for t in typed])
+
+
+def same_request(stored: bytes, sent: TaskRequest, typed: Typed) -> bool:
+    """Whether a request repeats the one whose fingerprint is ``stored``, computed as
+    ``stored`` was. A batch's fingerprint (another version) never matches."""
+    if len(stored) == _LEGACY_FINGERPRINT_LEN:
+        return stored == legacy_request_hash(sent)
+    version = stored[:1]
+    if version == _FINGERPRINT_V1:
+        return stored == request_hash_v1(typed.request)
+    return version == _FINGERPRINT_V2 and stored == request_hash(typed)
+
+
+def same_batch(stored: bytes, typed: Sequence[Typed]) -> bool:
+    """``same_request`` for a batch: a single request's fingerprint never matches."""
+    version = stored[:1]
+    if version == _FINGERPRINT_BATCH_V1:
+        return stored == batch_hash_v1([t.request for t in typed])
+    return version == _FINGERPRINT_BATCH_V2 and stored == batch_hash(typed)
 
 
 def batch_keys(key: str, count: int) -> list[str]:
@@ -158,12 +210,16 @@ def key_reused() -> ProblemException:
     )
 
 
-def batch_replayed(found: Sequence[Row], keys: Sequence[str], fingerprint: bytes) -> list[Row]:
+def batch_replayed(
+    found: Sequence[Row], keys: Sequence[str], same: Callable[[bytes], bool]
+) -> list[Row]:
     """The earlier batch's tasks in request order, from the rows ``found`` under
-    ``keys`` (``batch_keys``): a 422 if any was stored by another request, a 409 if the
-    batch is the same but some of its tasks are gone (deleted after the retention), so
-    it can be neither replayed whole nor submitted again under this key. Pure."""
-    if any(bytes(r["request_hash"] or b"") != fingerprint for r in found):
+    ``keys`` (``batch_keys``): a 422 if any was stored by another request (``same`` of
+    its fingerprint false), a 409 if the batch is the same but some of its tasks are
+    gone (deleted after the retention), so it can be neither replayed whole nor
+    submitted again under this key. Pure."""
+    # A batch's rows share one fingerprint: each distinct one is compared once.
+    if not all(same(stored) for stored in {bytes(r["request_hash"] or b"") for r in found}):
         raise key_reused()
     by_key = {r["idempotency_key"]: r for r in found}
     if len(by_key) != len(keys):
@@ -175,14 +231,6 @@ def batch_replayed(found: Sequence[Row], keys: Sequence[str], fingerprint: bytes
             slug="conflict",
         )
     return [by_key[k] for k in keys]
-
-
-def same_request(stored: bytes, sent: TaskRequest, typed: TaskRequest) -> bool:
-    """Whether a request repeats the one whose fingerprint is ``stored``, computed as
-    ``stored`` was: a client retrying across the upgrade still gets its replay."""
-    if len(stored) == _LEGACY_FINGERPRINT_LEN:
-        return stored == legacy_request_hash(sent)
-    return stored == request_hash(typed)
 
 
 def path_id(request: web.Request, what: str = "task") -> UUID:

@@ -116,18 +116,18 @@ def _admit(svc: Services, count: int = 1, delayed: int = 0) -> Iterator[None]:
 
 async def _check_types(
     svc: Services, tasks: Sequence[TaskRequest], prefix: Sequence[list[str | int]]
-) -> list[TaskRequest]:
+) -> list[rq.Typed]:
     """Refuse unknown types and bad args; return the tasks with their type's defaults
-    where they set none."""
+    where they set none, and their args schemas."""
     errors: list[ProblemError] = []
-    typed: list[TaskRequest] = []
+    typed: list[rq.Typed] = []
     for task, loc in zip(tasks, prefix, strict=True):
         info = await svc.types.get(task.type)
         if info is None:
             errors.append(ProblemError(loc=[*loc, "type"], msg=f"unknown task type {task.type!r}"))
         else:
             errors += info.errors(task.args, [*loc, "args"])
-            typed.append(info.defaults_for(task))
+            typed.append(rq.Typed(info.defaults_for(task), info.args_schema))
     if errors:
         raise ProblemException(
             422,
@@ -167,15 +167,16 @@ async def submit(request: web.Request) -> web.Response:
     key = rq.idempotency_key(request)
     task = rq.validate(TaskRequest, await rq.read_json(request))
     [typed] = await _check_types(svc, [task], [["body"]])
-    # Of what will run (the type's defaults in), not of what the client sent.
+    # Of what will run (the type's and the args schema's defaults in, numbers by
+    # value), not of what the client sent.
     fingerprint = rq.request_hash(typed) if key else None
     keys = None if key is None else [key]
     if keys is not None:
         earlier = await svc.repo.by_idempotency_keys(principal.tenant_id, keys)
         if earlier:
             return _replay(svc, earlier[0], task, typed)
-    new = NewTask(id=uuid7(), request=typed, trace_id=_trace_id(request))
-    with _admit(svc, delayed=int(typed.delay_s > 0)):
+    new = NewTask(id=uuid7(), request=typed.request, trace_id=_trace_id(request))
+    with _admit(svc, delayed=int(typed.request.delay_s > 0)):
         rows = await svc.repo.insert(principal.tenant_id, [new], keys, fingerprint)
     if not rows:  # lost a race with an earlier request under the key: answer as its replay
         assert keys is not None
@@ -196,7 +197,7 @@ async def _race_winners(svc: Services, tenant_id: uuid.UUID, keys: list[str]) ->
     return found
 
 
-def _replay(svc: Services, earlier: Row, sent: TaskRequest, typed: TaskRequest) -> web.Response:
+def _replay(svc: Services, earlier: Row, sent: TaskRequest, typed: rq.Typed) -> web.Response:
     if not rq.same_request(bytes(earlier["request_hash"] or b""), sent, typed):
         raise rq.key_reused()
     view = task_document(earlier, svc.settings.public_ws_url)
@@ -235,19 +236,22 @@ async def submit_batch(request: web.Request) -> web.Response:
     )
     keys = None if key is None else rq.batch_keys(key, len(tasks))
     fingerprint = rq.batch_hash(tasks) if key else None
+
+    def same(stored: bytes) -> bool:
+        return rq.same_batch(stored, tasks)
+
     if keys is not None:
-        assert fingerprint is not None
         earlier = await svc.repo.by_idempotency_keys(principal.tenant_id, keys)
         if earlier:
-            return _batch_replay(svc, rq.batch_replayed(earlier, keys, fingerprint))
+            return _batch_replay(svc, rq.batch_replayed(earlier, keys, same))
     trace = _trace_id(request)
-    new = [NewTask(id=uuid7(), request=t, trace_id=trace) for t in tasks]
-    with _admit(svc, len(new), delayed=sum(t.delay_s > 0 for t in tasks)):
+    new = [NewTask(id=uuid7(), request=t.request, trace_id=trace) for t in tasks]
+    with _admit(svc, len(new), delayed=sum(t.request.delay_s > 0 for t in tasks)):
         rows = await svc.repo.insert(principal.tenant_id, new, keys, fingerprint)
     if not rows:  # lost a race with an earlier request under the key: answer as its replay
-        assert keys is not None and fingerprint is not None
+        assert keys is not None
         earlier = await _race_winners(svc, principal.tenant_id, keys)
-        return _batch_replay(svc, rq.batch_replayed(earlier, keys, fingerprint))
+        return _batch_replay(svc, rq.batch_replayed(earlier, keys, same))
     _submitted(svc, rows)
     by_id = {r["id"]: r for r in rows}
     views = [task_document(by_id[t.id], svc.settings.public_ws_url) for t in new]

@@ -17,6 +17,15 @@ from tests.conftest import Deployment, Isolated, Tenant, create_tenant
 from tests.support import System, eventually, outbox_emptied
 
 JSON = {"Content-Type": "application/json"}
+# demo.sleep's args schema as its worker registers it (defaults 5.0 seconds, 10 steps).
+SLEEP_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "seconds": {"type": "number", "minimum": 0, "maximum": 86400, "default": 5.0},
+        "steps": {"type": "integer", "minimum": 1, "maximum": 100000, "default": 10},
+    },
+}
 
 
 async def _post(
@@ -398,12 +407,18 @@ async def test_an_idempotency_key_compares_requests_as_their_tasks_will_run(
 ) -> None:
     """For a type with its own max_attempts (3), {"type": T} repeats as the request
     setting 3 (200) and not as the one setting the contract's 5 (422; its hash as sent
-    matched). A fingerprint stored before the upgrade (a bare sha256 of the request as
-    sent) still replays. Its own database: the type and tasks reach no other test."""
+    matched). Args compare as the handler gets them: their schema's defaults filled in,
+    1.0 the same as 1. Fingerprints stored before the upgrade (a bare sha256 of the
+    request as sent; version 1, args as sent) still replay. Its own database: the types
+    and tasks reach no other test."""
     db, tenant = isolated.db, isolated.tenant
     await db.execute(
         "INSERT INTO task_types (name, args_schema, max_attempts, seen_at)"
         " VALUES ('idem.three', '{}', 3, now())"
+    )
+    await db.execute(
+        "INSERT INTO task_types (name, args_schema, seen_at) VALUES ('idem.sleep', $1, now())",
+        SLEEP_SCHEMA,
     )
     system = System(isolated.deployment.env())
     try:
@@ -429,6 +444,47 @@ async def test_an_idempotency_key_compares_requests_as_their_tasks_will_run(
         assert s5 == 200 and t5["id"] == t4["id"] and h5["Idempotent-Replayed"] == "true"
         s6, _, _ = await _post(http, url, tenant, {"type": "idem.three", "priority": 1}, old_key)
         assert s6 == 422
+
+        async def repeat(key: str, first: Any, *then: tuple[Any, int]) -> None:
+            s, t, _ = await _post(http, url, tenant, first, {"Idempotency-Key": key})
+            assert s == 202, t
+            for body, status in then:
+                s, again, _ = await _post(http, url, tenant, body, {"Idempotency-Key": key})
+                assert s == status, (body, again)
+                assert status != 200 or again["id"] == t["id"]
+
+        sleep: Any = {"type": "idem.sleep"}
+        await repeat(
+            "args-1",
+            {**sleep, "args": {"seconds": 1.0, "steps": 1}},
+            ({**sleep, "args": {"seconds": 1, "steps": 1}}, 200),
+            ({**sleep, "args": {"seconds": 1, "steps": 1.0}}, 200),
+            ({**sleep, "args": {"seconds": 1.5, "steps": 1}}, 422),
+        )
+        await repeat(
+            "args-2",
+            {**sleep, "args": {}},
+            ({**sleep, "args": {"seconds": 5, "steps": 10}}, 200),
+            ({**sleep, "args": {"seconds": 5.0}}, 200),
+            (sleep, 200),
+            ({**sleep, "args": {"seconds": 1}}, 422),
+        )
+        # A row stored by the previous version: its args hashed as sent.
+        v1_body = {**sleep, "args": {"seconds": 1.0}}
+        s7, t7, _ = await _post(http, url, tenant, v1_body, {"Idempotency-Key": "v1"})
+        assert s7 == 202, t7
+        v1 = (
+            b"\x01"
+            + hashlib.sha256(
+                orjson.dumps(
+                    TaskRequest.model_validate(v1_body).model_dump(mode="json"),
+                    option=orjson.OPT_SORT_KEYS,
+                )
+            ).digest()
+        )
+        await db.execute("UPDATE tasks SET request_hash = $1 WHERE id = $2", v1, UUID(t7["id"]))
+        s8, t8, _ = await _post(http, url, tenant, v1_body, {"Idempotency-Key": "v1"})
+        assert s8 == 200 and t8["id"] == t7["id"], t8
     finally:
         system.stop()
 

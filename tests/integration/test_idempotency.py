@@ -36,10 +36,11 @@ async def test_racing_inserts_under_one_key_store_exactly_one_request_whole(
             inserts = []
             for requests in shapes:
                 tasks = [NewTask(id=uuid7(), request=r) for r in requests]
+                typed = [rq.Typed(r, {}) for r in requests]
                 if len(requests) == 1:
-                    keys, fingerprint = [key], rq.request_hash(requests[0])
+                    keys, fingerprint = [key], rq.request_hash(typed[0])
                 else:
-                    keys, fingerprint = rq.batch_keys(key, len(requests)), rq.batch_hash(requests)
+                    keys, fingerprint = rq.batch_keys(key, len(requests)), rq.batch_hash(typed)
                 inserts.append(repo.insert(tenant.id, tasks, keys, fingerprint))
             results = await asyncio.gather(*inserts)
             [winner] = [rows for rows in results if rows]

@@ -22,8 +22,9 @@ from aiohttp.test_utils import make_mocked_request
 from aiormq.exceptions import AMQPConnectionError, DeliveryError
 from jsonschema import Draft202012Validator
 from pamqp.commands import Basic
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from services.api import meaning
 from services.api import requests as rq
 from services.api.app import _LazyPublisher, dependency_middleware
 from services.api.auth import Authenticator
@@ -379,20 +380,24 @@ def test_invalid_idempotency_keys(key: str) -> None:
     assert problem.errors[0].loc == ["header", "Idempotency-Key"]
 
 
+def _typed(body: dict[str, Any], schema: dict[str, Any] | None = None) -> rq.Typed:
+    return rq.Typed(TaskRequest.model_validate(body), schema or {})
+
+
 def test_request_hash_ignores_key_order_and_spelled_defaults() -> None:
     """Two bodies with the same meaning have the same fingerprint; others differ."""
-    a = TaskRequest.model_validate({"type": "t", "args": {"x": 1, "y": 2}})
-    b = TaskRequest.model_validate({"args": {"y": 2, "x": 1}, "type": "t", "priority": 0})
-    c = TaskRequest.model_validate({"type": "t", "args": {"x": 1, "y": 3}})
+    a = _typed({"type": "t", "args": {"x": 1, "y": 2}})
+    b = _typed({"args": {"y": 2, "x": 1}, "type": "t", "priority": 0})
+    c = _typed({"type": "t", "args": {"x": 1, "y": 3}})
     assert rq.request_hash(a) == rq.request_hash(b)
     assert rq.request_hash(a) != rq.request_hash(c)
 
 
-def _sent_and_typed(body: dict[str, Any]) -> tuple[TaskRequest, TaskRequest]:
+def _sent_and_typed(body: dict[str, Any]) -> tuple[TaskRequest, rq.Typed]:
     """A request as sent, and as it will run for a type whose own max_attempts is 3."""
     info = TaskTypeInfo("x.t", {"type": "object"}, Draft202012Validator({}), max_attempts=3)
     sent = TaskRequest.model_validate(body)
-    return sent, info.defaults_for(sent)
+    return sent, rq.Typed(info.defaults_for(sent), info.args_schema)
 
 
 def test_the_fingerprint_is_of_the_request_with_its_types_defaults() -> None:
@@ -402,7 +407,7 @@ def test_the_fingerprint_is_of_the_request_with_its_types_defaults() -> None:
     three, three_typed = _sent_and_typed({"type": "x.t", "max_attempts": 3})
     five, five_typed = _sent_and_typed({"type": "x.t", "max_attempts": 5})
     stored = rq.request_hash(bare_typed)
-    assert len(stored) == 33 and stored[:1] == b"\x01"  # a version byte, then sha256
+    assert len(stored) == 33 and stored[:1] == b"\x03"  # a version byte, then sha256
     assert rq.same_request(stored, bare, bare_typed)
     assert rq.same_request(stored, three, three_typed)
     assert not rq.same_request(stored, five, five_typed)
@@ -423,6 +428,142 @@ def test_a_fingerprint_stored_before_the_version_byte_compares_as_it_was_made() 
     assert not rq.same_request(b"", bare, bare_typed)  # a row with no fingerprint
 
 
+# demo.sleep's args schema, as its worker registers it.
+_SLEEP_SCHEMA: dict[str, Any] = {
+    "additionalProperties": False,
+    "properties": {
+        "seconds": {"default": 5.0, "maximum": 86400, "minimum": 0, "type": "number"},
+        "steps": {"default": 10, "maximum": 100000, "minimum": 1, "type": "integer"},
+    },
+    "type": "object",
+}
+
+
+def _sleep(args: dict[str, Any]) -> rq.Typed:
+    return _typed({"type": "demo.sleep", "args": args}, _SLEEP_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({"seconds": 1.0, "steps": 1}, {"seconds": 1, "steps": 1}),
+        ({"seconds": 1, "steps": 1.0}, {"seconds": 1.0, "steps": 1}),
+        ({"seconds": 2.5}, {"seconds": 2.50, "steps": 10}),
+        ({}, {"seconds": 5, "steps": 10}),
+        ({}, {"seconds": 5.0}),
+        ({"steps": 10}, {"seconds": 5}),
+    ],
+)
+def test_args_that_run_the_same_repeat_under_an_idempotency_key(
+    first: dict[str, Any], again: dict[str, Any]
+) -> None:
+    """Numbers compare by value (1.0 is 1) and an arg left out is its schema's default:
+    the handler gets the same args either way."""
+    stored = rq.request_hash(_sleep(first))
+    sent = _sleep(again)
+    assert rq.same_request(stored, sent.request, sent)
+    batch = rq.batch_hash([_sleep(first), _sleep({})])
+    assert rq.same_batch(batch, [sent, _sleep({"steps": 10})])
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({}, {"seconds": 1}),
+        ({"seconds": 1.5}, {"seconds": 1}),
+        ({"steps": 1}, {"steps": 2}),
+    ],
+)
+def test_args_that_run_otherwise_are_another_request(
+    first: dict[str, Any], again: dict[str, Any]
+) -> None:
+    stored = rq.request_hash(_sleep(first))
+    sent = _sleep(again)
+    assert not rq.same_request(stored, sent.request, sent)
+    assert not rq.same_batch(rq.batch_hash([_sleep(first)]), [sent])
+
+
+def test_fingerprints_of_version_1_compare_args_as_they_were_sent() -> None:
+    """A row stored by the previous version (args hashed as sent) still matches the
+    very request it stored, single or batch, and the spelled-out default does not."""
+    sent = _sleep({"seconds": 1.0})
+    spelled = _sleep({"seconds": 1.0, "steps": 10})
+    single_v1 = rq.request_hash_v1(sent.request)
+    assert single_v1[:1] == b"\x01"
+    assert rq.same_request(single_v1, sent.request, sent)
+    assert not rq.same_request(single_v1, spelled.request, spelled)
+    batch_v1 = rq.batch_hash_v1([sent.request])
+    assert batch_v1[:1] == b"\x02"
+    assert rq.same_batch(batch_v1, [sent])
+    assert not rq.same_batch(batch_v1, [spelled])
+    # A single request never matches a batch's fingerprint, of either version.
+    assert not rq.same_request(batch_v1, sent.request, sent)
+    assert not rq.same_request(rq.batch_hash([sent]), sent.request, sent)
+    assert not rq.same_batch(single_v1, [sent])
+    assert not rq.same_batch(rq.request_hash(sent), [sent])
+
+
+class _Window(BaseModel):
+    months: int = 12
+    label: str | None = None
+
+
+class _ReportArgs(BaseModel):
+    customer_id: int
+    window: _Window = _Window()
+    extra: _Window | None = None
+    windows: list[_Window] = []
+    named: dict[str, _Window] = {}
+    either: _Window | _ReportArgs | None = None
+
+
+def test_args_get_the_defaults_of_nested_models_as_their_handler_would() -> None:
+    """A pydantic model's schema ($defs, $ref, Model | None, lists and dicts of models):
+    the defaults its validation would give are filled in, at any depth; where a value
+    could follow either of two models, it is left as sent."""
+    schema = _ReportArgs.model_json_schema()
+    args = {
+        "customer_id": 7,
+        "extra": {"label": "x"},
+        "windows": [{}, {"months": 3}],
+        "named": {"q": {}},
+        "either": {},
+    }
+    assert meaning.with_defaults(schema, args) == {
+        "customer_id": 7,
+        "window": {"months": 12, "label": None},
+        "extra": {"months": 12, "label": "x"},
+        "windows": [{"months": 12, "label": None}, {"months": 3, "label": None}],
+        "named": {"q": {"months": 12, "label": None}},
+        "either": {},
+    }
+    assert args["windows"] == [{}, {"months": 3}]  # not changed in place
+    handler_args = _ReportArgs.model_validate(args).model_dump(mode="json")
+    filled = meaning.with_defaults(schema, args)
+    assert handler_args == {**filled, "either": handler_args["either"]}
+
+
+def test_a_schema_that_says_nothing_usable_leaves_args_as_sent() -> None:
+    looping = {"$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}}
+    for schema in ({}, {"type": "object"}, {"$ref": "#/$defs/A", **looping}, {"$ref": "x#/y"}):
+        assert meaning.with_defaults(schema, {"a": 1}) == {"a": 1}
+    # A default that holds its own model is taken as is, not walked.
+    holds_itself = {"properties": {"a": {"$ref": "#", "default": {}}}}
+    assert meaning.with_defaults(holds_itself, {}) == {"a": {}}
+
+
+def test_numbers_compare_by_value() -> None:
+    assert meaning.by_value({"a": [1.0, -0.0, 2.5, True, None, "1.0"]}) == {
+        "a": [1, 0, 2.5, True, None, "1.0"]
+    }
+    assert isinstance(meaning.by_value(1.0), int)
+    assert meaning.by_value(True) is True
+    # Past what orjson reads as an int, a float stays a float (as the client's int would).
+    assert meaning.by_value(2.0**64) == 2.0**64 and isinstance(meaning.by_value(2.0**64), float)
+    assert meaning.by_value(1e300) == 1e300
+    assert orjson.loads(b"18446744073709551616") == meaning.by_value(2.0**64)
+
+
 def test_a_batch_stores_its_tasks_under_the_key_then_keys_no_client_can_send() -> None:
     keys = rq.batch_keys("order-7", 3)
     assert keys == ["order-7", "order-7\n1", "order-7\n2"]
@@ -433,15 +574,15 @@ def test_a_batch_stores_its_tasks_under_the_key_then_keys_no_client_can_send() -
 
 
 def test_a_batchs_fingerprint_is_of_its_items_in_order_and_never_a_single_requests() -> None:
-    a = TaskRequest.model_validate({"type": "t", "args": {"x": 1}})
-    a_spelled = TaskRequest.model_validate({"args": {"x": 1}, "type": "t", "priority": 0})
-    b = TaskRequest.model_validate({"type": "t", "args": {"x": 2}})
+    a = _typed({"type": "t", "args": {"x": 1}})
+    a_spelled = _typed({"args": {"x": 1}, "type": "t", "priority": 0})
+    b = _typed({"type": "t", "args": {"x": 2}})
     assert rq.batch_hash([a, b]) == rq.batch_hash([a_spelled, b])
     assert rq.batch_hash([a, b]) != rq.batch_hash([b, a])
     assert rq.batch_hash([a, b]) != rq.batch_hash([a, b, b])
     one = rq.batch_hash([a])
-    assert one[:1] == b"\x02" and len(one) == 33
-    assert not rq.same_request(one, a, a)  # a single request meeting a batch's key
+    assert one[:1] == b"\x04" and len(one) == 33
+    assert not rq.same_request(one, a.request, a)  # a single request meeting a batch's key
 
 
 def _stored(key: str, fingerprint: bytes, n: int) -> dict[str, Any]:
@@ -450,23 +591,23 @@ def _stored(key: str, fingerprint: bytes, n: int) -> dict[str, Any]:
 
 def test_a_batch_is_replayed_in_request_order_only_whole_and_only_if_the_same() -> None:
     keys = rq.batch_keys("k", 3)
-    same, other = b"\x02" + b"s" * 32, b"\x02" + b"o" * 32
+    same, other = b"\x04" + b"s" * 32, b"\x04" + b"o" * 32
     found = [_stored(keys[2], same, 2), _stored(keys[0], same, 0), _stored(keys[1], same, 1)]
-    assert [r["n"] for r in rq.batch_replayed(found, keys, same)] == [0, 1, 2]
+    assert [r["n"] for r in rq.batch_replayed(found, keys, same.__eq__)] == [0, 1, 2]
 
     with pytest.raises(ProblemException) as info:
-        rq.batch_replayed(found, keys, other)  # another batch under the key
+        rq.batch_replayed(found, keys, other.__eq__)  # another batch under the key
     assert info.value.problem.status == 422
     assert info.value.problem.errors is not None
     assert info.value.problem.errors[0].loc == ["header", "Idempotency-Key"]
 
-    single = b"\x01" + b"s" * 32  # a single request took the key first
+    single = b"\x03" + b"s" * 32  # a single request took the key first
     with pytest.raises(ProblemException) as info:
-        rq.batch_replayed([_stored("k", single, 0)], keys, same)
+        rq.batch_replayed([_stored("k", single, 0)], keys, same.__eq__)
     assert info.value.problem.status == 422
 
     with pytest.raises(ProblemException) as info:  # one task deleted after retention
-        rq.batch_replayed(found[:2], keys, same)
+        rq.batch_replayed(found[:2], keys, same.__eq__)
     assert info.value.problem.status == 409
     assert "1 of the 3" in (info.value.problem.detail or "")
 
