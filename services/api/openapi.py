@@ -237,6 +237,12 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     ),
                     **_COMMON,
                     **_body_errors(),
+                    "422": _problem(
+                        "validation failed (`errors` names the items by index), the"
+                        " Idempotency-Key was used with another body, or the batch can never"
+                        " fit (`batch-too-large`: more tasks than LONGHAUL_MAX_QUEUE_DEPTH, or"
+                        " more with a delay_s than LONGHAUL_MAX_DELAYED_TASKS): split it"
+                    ),
                 },
             },
         },

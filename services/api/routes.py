@@ -76,8 +76,10 @@ def _admit(svc: Services, count: int = 1, delayed: int = 0) -> Iterator[None]:
     """Refuse (503) before writing anything when the backlog is over its limit, when
     ``delayed`` (of the ``count`` tasks, those with a delay) would take the store of
     delayed tasks past its own, or when the broker is unreachable or refusing: we only
-    answer 202 for work we can keep. Wraps the transaction that stores the tasks, which
-    the monitor counts until it sees them."""
+    answer 202 for work we can keep. A batch larger than a limit itself is a 422: no
+    retry could ever admit it. Wraps the transaction that stores the tasks, which the
+    monitor counts until it sees them."""
+    _fits_at_all(svc, count, delayed)
     monitor = svc.monitor
     if not monitor.fresh(_MAX_SAMPLE_AGE_S) or (svc.relay is not None and svc.relay.refusing):
         raise ProblemException(
@@ -112,6 +114,32 @@ def _admit(svc: Services, count: int = 1, delayed: int = 0) -> Iterator[None]:
             )
     with monitor.admitting(count, delayed):
         yield
+
+
+def _fits_at_all(svc: Services, count: int, delayed: int) -> None:
+    """A 422 for a batch that no retry could admit whole, however empty the queue."""
+    settings = svc.settings
+    if count > settings.max_queue_depth:
+        raise _too_large(count, "tasks", settings.max_queue_depth, "the task queue", "QUEUE_DEPTH")
+    if delayed > settings.max_delayed_tasks:
+        raise _too_large(
+            delayed,
+            "tasks with a delay_s",
+            settings.max_delayed_tasks,
+            "the store of delayed tasks",
+            "DELAYED_TASKS",
+        )
+
+
+def _too_large(many: int, what: str, limit: int, where: str, setting: str) -> ProblemException:
+    msg = f"{many} {what}, more than the limit of {where} ({limit}, LONGHAUL_MAX_{setting})"
+    return ProblemException(
+        422,
+        "Batch too large",
+        f"{msg}: no retry can accept this batch whole; send at most {limit} {what} a batch",
+        slug="batch-too-large",
+        errors=[ProblemError(loc=["body", "tasks"], msg=msg)],
+    )
 
 
 async def _check_types(

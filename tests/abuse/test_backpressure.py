@@ -122,7 +122,8 @@ async def test_a_batch_is_admitted_only_whole_under_the_limit(
     fresh_namespace: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
     """A batch counts with all its tasks: one that would take the backlog past the limit
-    is refused whole (nothing stored), a smaller one that fits is accepted."""
+    is refused whole (nothing stored), a smaller one that fits is accepted. One larger
+    than the limit itself, which no retry could get in, is a 422 naming the limit."""
     system = systems(fresh_namespace, max_queue_depth=str(DEPTH_LIMIT))
     await system.start_api(rate_limit_per_s="0")
     tenant = await create_tenant(db)
@@ -131,6 +132,9 @@ async def test_a_batch_is_admitted_only_whole_under_the_limit(
     async def batch(n: int) -> tuple[int, dict[str, Any], dict[str, str], float]:
         return await _submit(http, url, tenant, {"tasks": [{"type": "demo.noop"}] * n})
 
+    status, payload, headers, _ = await batch(DEPTH_LIMIT + 1)
+    assert status == 422 and payload["type"].endswith("/batch-too-large"), payload
+    assert "LONGHAUL_MAX_QUEUE_DEPTH" in payload["detail"] and "Retry-After" not in headers
     assert (await batch(40))[0] == 202
     status, payload, headers, _ = await batch(DEPTH_LIMIT - 40 + 1)
     assert status == 503, payload

@@ -46,16 +46,20 @@ def _assert_delayed_full(status: int, payload: dict[str, Any], headers: dict[str
 async def test_delayed_tasks_past_the_limit_are_refused_and_not_stored(
     isolated: Isolated, http: aiohttp.ClientSession
 ) -> None:
-    """With a limit of 3: two delayed tasks are accepted, a batch of two more is refused
-    whole, a batch of one delayed and one not fills the store, the next delayed task is
-    refused while one without a delay is accepted; another API process, which admitted
-    none of them, counts them from the outbox and refuses too."""
+    """With a limit of 3: a batch of four delayed tasks is a 422 (it could never fit),
+    two delayed tasks are accepted, a batch of two more is refused whole, a batch of one
+    delayed and one not fills the store, the next delayed task is refused while one
+    without a delay is accepted; another API process, which admitted none of them,
+    counts them from the outbox and refuses too."""
     env = isolated.deployment.env(max_delayed_tasks=str(LIMIT), rate_limit_per_s="0")
     await register_task_types(env)
     system, other = System(env), System(env)
     try:
         await system.start_api()
         single, batch = f"{system.api_url}/v1/tasks", f"{system.api_url}/v1/tasks:batch"
+        status, payload, headers = await _post(http, isolated, batch, {"tasks": [LATER] * 4})
+        assert status == 422 and payload["type"].endswith("/batch-too-large"), payload
+        assert "LONGHAUL_MAX_DELAYED_TASKS" in payload["detail"] and "Retry-After" not in headers
         for _ in range(2):
             status, payload, _ = await _post(http, isolated, single, LATER)
             assert status == 202, payload

@@ -226,6 +226,39 @@ def test_the_queue_limit_still_holds_for_delayed_tasks() -> None:
     assert refused is not None and refused.problem.type.endswith("/queue-full")
 
 
+@pytest.mark.parametrize(
+    ("count", "delayed", "setting"),
+    [(60, 0, "LONGHAUL_MAX_QUEUE_DEPTH"), (4, 4, "LONGHAUL_MAX_DELAYED_TASKS")],
+)
+def test_a_batch_larger_than_a_limit_is_a_422_not_a_503_to_retry(
+    count: int, delayed: int, setting: str
+) -> None:
+    """Over the limit however empty the queue: no Retry-After could ever be true, so a
+    422 at the batch's tasks naming the limit (and it wins over a broker outage)."""
+    monitor = _monitor(delayed_limit=3, depth_limit=10)
+    svc = _services(monitor)
+    for fresh in (True, False):
+        monitor.sampled_at = time.monotonic() if fresh else -1e9
+        refused = _refusal(svc, count, delayed)
+        assert refused is not None
+        problem = refused.problem
+        assert problem.status == 422 and problem.type.endswith("/batch-too-large"), problem
+        assert "Retry-After" not in refused.headers
+        assert problem.errors is not None and problem.errors[0].loc == ["body", "tasks"]
+        assert setting in problem.errors[0].msg and setting in (problem.detail or "")
+    assert (monitor.estimated_depth, monitor.estimated_delayed) == (0, 0)
+
+
+def test_a_batch_that_fits_the_limit_but_not_the_room_left_stays_a_503() -> None:
+    monitor = _monitor(delayed_limit=3, depth_limit=10)
+    svc = _services(monitor)
+    assert _refusal(svc, 10, 3) is None  # exactly the limits, on an empty queue
+    for count, delayed, slug in ((1, 0, "queue-full"), (0, 1, "delayed-full")):
+        refused = _refusal(svc, count, delayed)
+        assert refused is not None and refused.problem.status == 503
+        assert refused.problem.type.endswith(slug) and "Retry-After" in refused.headers
+
+
 # ---------------------------------------------------------------- cursors
 
 
