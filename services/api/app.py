@@ -81,14 +81,16 @@ async def dependency_middleware(request: web.Request, handler: Handler) -> web.S
             errors=[ProblemError(loc=["body"], msg=detail)],
         ) from None
     except OutcomeUnknown:
-        # Not "not accepted": the tasks may be stored, and will then run.
+        # Not a 503, which promises "not accepted": the tasks may be stored, and will
+        # then run. A 504 (the upstream, PostgreSQL, did not answer) promises nothing.
         raise ProblemException(
-            503,
-            "Service Unavailable",
-            "the database connection was lost while storing the task, and whether it was"
-            " stored could not be checked: it may run. A request with an Idempotency-Key is"
-            " safe to retry with the same key; one without may run twice if retried",
-            slug="database-unavailable",
+            504,
+            "Outcome unknown",
+            "the database connection broke while the task was being stored, and the"
+            " database could not be asked since whether it was: it may have been accepted,"
+            " and may run. A retry with the same Idempotency-Key is safe (it answers the"
+            " stored task, or stores it once); a retry without one may run it twice",
+            slug="outcome-unknown",
             headers={"Retry-After": "5"},
         ) from None
     except TRANSIENT_ERRORS:

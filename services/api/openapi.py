@@ -141,14 +141,25 @@ def _body_errors() -> dict[str, Any]:
             **_problem(
                 "back pressure (problem type `queue-full`; `delayed-full` when tasks with a"
                 " delay would take the store of delayed tasks past its limit) or a dependency"
-                " down (`broker-unavailable`, ...): not accepted. Except, rarely, when the"
-                " database connection broke while storing and the outcome could not be"
-                " checked (the detail says so): then it may run, and a retry is safe only"
-                " with the same Idempotency-Key"
+                " down (`broker-unavailable`, ...): not accepted"
             ),
             "headers": _retry_after(),
         },
     }
+
+
+# Only the routes that store new tasks: their insert's answer can be lost.
+_OUTCOME_UNKNOWN = {
+    "504": {
+        **_problem(
+            "outcome unknown (`outcome-unknown`): the database connection broke while"
+            " storing and the database could not be asked whether the tasks were stored."
+            " They may have been accepted, and may run; a retry with the same"
+            " Idempotency-Key is safe, one without may run them twice"
+        ),
+        "headers": _retry_after(),
+    },
+}
 
 
 def build_openapi(server_url: str) -> dict[str, Any]:
@@ -182,6 +193,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     ),
                     **_COMMON,
                     **_body_errors(),
+                    **_OUTCOME_UNKNOWN,
                 },
             },
             "get": {
@@ -237,6 +249,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     ),
                     **_COMMON,
                     **_body_errors(),
+                    **_OUTCOME_UNKNOWN,
                     "422": _problem(
                         "validation failed (`errors` names the items by index), the"
                         " Idempotency-Key was used with another body, or the batch can never"

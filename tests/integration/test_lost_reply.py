@@ -206,7 +206,8 @@ async def test_a_lost_reply_that_cannot_be_checked_is_an_unknown_outcome(
     proxy_pool: tuple[Proxy, asyncpg.Pool], db: asyncpg.Pool, tenant: Tenant
 ) -> None:
     """PostgreSQL unreachable after the reply was lost: neither accepted nor refused,
-    OutcomeUnknown (a 503 that says so). The task was stored all the same."""
+    OutcomeUnknown (a 504 outcome-unknown, never the 503 that means "not accepted"). The
+    task was stored all the same."""
     proxy, pool = proxy_pool
     repo = ApiRepository(pool, timeout=5)
     await repo.insert(tenant.id, [_task()])

@@ -1122,13 +1122,25 @@ def test_a_lost_insert_committed_when_all_its_tasks_are_stored() -> None:
         committed([a, b], {b})
 
 
-async def test_an_unknown_insert_outcome_is_a_503_that_says_so() -> None:
+async def test_an_unknown_insert_outcome_is_a_504_that_promises_nothing() -> None:
+    """Not a 503, which the contract makes a promise that nothing was accepted: the task
+    may be stored and run. A 504 outcome-unknown, saying a keyed retry is safe."""
+
     async def unknown(request: web.Request) -> web.StreamResponse:
         raise OutcomeUnknown("lost, then PostgreSQL away")
 
     with pytest.raises(ProblemException) as info:
         await dependency_middleware(make_mocked_request("POST", "/v1/tasks"), unknown)
     problem = info.value.problem
-    assert problem.status == 503 and info.value.headers.get("Retry-After") == "5"
-    assert "could not be checked" in (problem.detail or "")
-    assert "Idempotency-Key" in (problem.detail or "")
+    assert problem.status == 504 and info.value.headers.get("Retry-After") == "5"
+    assert problem.type.endswith("/outcome-unknown"), problem
+    assert "may have been accepted" in (problem.detail or "")
+    assert "retry with the same Idempotency-Key is safe" in (problem.detail or "")
+
+
+def test_the_submit_routes_declare_the_504_of_an_unknown_outcome() -> None:
+    spec = build_openapi("http://127.0.0.1:8000")
+    for path in ("/v1/tasks", "/v1/tasks:batch"):
+        answer = spec["paths"][path]["post"]["responses"]["504"]
+        assert "Retry-After" in answer["headers"] and "Idempotency-Key" in answer["description"]
+        assert "rarely" not in spec["paths"][path]["post"]["responses"]["503"]["description"]
