@@ -133,7 +133,7 @@ _IDEMPOTENCY_KEY = {
 
 def _body_errors() -> dict[str, Any]:
     return {
-        "400": _problem("body is not JSON"),
+        "400": _problem("body is not JSON (or not UTF-8, which JSON must be)"),
         "413": _problem("body over the limit"),
         "415": _problem("not application/json"),
         "422": _problem("validation failed"),

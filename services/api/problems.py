@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from shared.schemas import Problem, ProblemError
 
@@ -53,11 +54,27 @@ def problem_response(problem: Problem, headers: Mapping[str, str] | None = None)
     )
 
 
+# pydantic says a value of the wrong JSON kind should be "a valid dictionary or instance
+# of TaskRequest": a class of ours. The client sent JSON, so say which JSON.
+_KINDS = {"model_type": "a JSON object", "dict_type": "a JSON object", "list_type": "a JSON array"}
+
+
+def _message(error: ErrorDetails) -> str:
+    kind = _KINDS.get(error["type"])
+    if kind is None:
+        return error["msg"]
+    return f"must be {kind}" if error["loc"] else f"the body must be {kind}"
+
+
 def validation_problem(
     exc: ValidationError, prefix: Sequence[str | int] = ("body",), title: str = "Invalid request"
 ) -> ProblemException:
-    errors = [ProblemError(loc=[*prefix, *e["loc"]], msg=e["msg"]) for e in exc.errors()]
-    detail = "; ".join(f"{'.'.join(map(str, err.loc))}: {err.msg}" for err in errors[:3])
+    errors = [ProblemError(loc=[*prefix, *e["loc"]], msg=_message(e)) for e in exc.errors()]
+    detail = "; ".join(
+        # The body itself: its message says so ("the body must be a JSON object").
+        err.msg if len(err.loc) == len(prefix) else f"{'.'.join(map(str, err.loc))}: {err.msg}"
+        for err in errors[:3]
+    )
     if len(errors) > 3:
         detail += f" (and {len(errors) - 3} more)"
     return ProblemException(422, title, detail, slug="validation", errors=errors)

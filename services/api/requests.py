@@ -48,7 +48,7 @@ async def read_json(request: web.Request) -> Any:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ProblemException(
-            400, "Bad Request", f"the body is not valid JSON: {exc}", slug="invalid-json"
+            400, "Bad Request", _not_json(raw, exc), slug="invalid-json"
         ) from None
     # Counting brackets is cheap and bounds the depth: most bodies skip the walk.
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and deeper_than(data, MAX_DEPTH):
@@ -69,6 +69,16 @@ async def read_json(request: web.Request) -> Any:
             errors=[ProblemError(loc=where, msg="contains \\u0000")],
         )
     return data
+
+
+def _not_json(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why ``raw`` is not JSON, in the client's terms: orjson calls any byte that is not
+    UTF-8 "surrogates not allowed", surrogates sent or not."""
+    try:
+        raw.decode()
+    except UnicodeDecodeError as bad:
+        return f"the body is not valid UTF-8 (at byte {bad.start}); JSON must be UTF-8"
+    return f"the body is not valid JSON: {exc}"
 
 
 def validate(model: type[M], data: Any) -> M:

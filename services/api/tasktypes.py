@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
+from jsonschema.exceptions import SchemaError, ValidationError
 
 from services.api.repository import ApiRepository
 from shared.schemas import ProblemError, TaskRequest
@@ -40,9 +40,26 @@ class TaskTypeInfo:
 
     def errors(self, args: dict[str, Any], prefix: list[str | int]) -> list[ProblemError]:
         return [
-            ProblemError(loc=[*prefix, *err.absolute_path], msg=err.message)
+            _problem_error(err, prefix)
             for err in sorted(self.validator.iter_errors(args), key=lambda e: list(e.absolute_path))
         ]
+
+
+def _problem_error(err: ValidationError, prefix: list[str | int]) -> ProblemError:
+    """``err`` located at its value; a missing property at the property (as pydantic
+    locates a missing field), not at the object that lacks it."""
+    loc = [*prefix, *err.absolute_path]
+    required = err.validator_value
+    if (
+        err.validator == "required"
+        and isinstance(err.instance, dict)
+        and isinstance(required, list)
+    ):
+        # jsonschema names the property only in its message, one error per property.
+        for name in required:
+            if name not in err.instance and err.message == f"{name!r} is a required property":
+                return ProblemError(loc=[*loc, name], msg="Field required")
+    return ProblemError(loc=loc, msg=err.message)
 
 
 class TaskTypes:

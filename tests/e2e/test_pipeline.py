@@ -270,6 +270,15 @@ async def test_bad_input_gets_the_contract_status(
         status, body = await status_of(method, path, **kw)
         assert status == expected, (method, path, status, body)
 
+    # What is wrong, in the client's terms: no class of ours, no surrogates not sent.
+    for raw in (b"[]", b"null"):
+        status, body = await status_of("POST", "/v1/tasks", data=raw, headers={**auth, **JSON})
+        assert (status, body["detail"]) == (422, "the body must be a JSON object"), body
+        assert body["errors"] == [{"loc": ["body"], "msg": "the body must be a JSON object"}]
+    raw = b'{"type": "demo.noop", "args": {"x": "\xff"}}'
+    status, body = await status_of("POST", "/v1/tasks", data=raw, headers={**auth, **JSON})
+    assert status == 400 and "not valid UTF-8" in body["detail"], body
+
     # A batch names its bad items by index, and accepts none of them.
     before = await _count(deployment)
     status, body = await status_of(

@@ -12,12 +12,14 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any, cast
+from unittest import mock
 from uuid import UUID
 
 import asyncpg
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.test_utils import make_mocked_request
 from aiormq.exceptions import AMQPConnectionError, DeliveryError
 from jsonschema import Draft202012Validator
@@ -40,7 +42,7 @@ from shared.amqp import Outgoing, settled
 from shared.digits import decimal_int
 from shared.ids import uuid7
 from shared.jsonsafe import deeper_than, nul_path
-from shared.schemas import Task, TaskError, TaskLinks, TaskRequest
+from shared.schemas import BatchRequest, Task, TaskError, TaskLinks, TaskRequest
 from shared.wire import Wire
 
 # ---------------------------------------------------------------- DrainEstimator
@@ -681,6 +683,76 @@ def test_validation_problem_prefix_and_more() -> None:
     assert problem.errors is not None and len(problem.errors) == 5
     assert all(e.loc[:3] == ["body", "tasks", 3] for e in problem.errors)
     assert problem.detail is not None and problem.detail.endswith("(and 2 more)")
+
+
+async def _body_request(body: bytes) -> web.Request:
+    payload = StreamReader(mock.Mock(), 2**16, loop=asyncio.get_running_loop())
+    payload.feed_data(body)
+    payload.feed_eof()
+    headers = {"Content-Type": "application/json"}
+    return make_mocked_request("POST", "/v1/tasks", headers=headers, payload=payload)
+
+
+@pytest.mark.parametrize("body", [b'{"type": "demo.fail", "args": {"message": "\xff"}}', b"\xc3("])
+async def test_a_body_that_is_not_utf8_is_told_so(body: bytes) -> None:
+    """Not orjson's "surrogates not allowed": the client sent no surrogate."""
+    with pytest.raises(ProblemException) as info:
+        await rq.read_json(await _body_request(body))
+    problem = info.value.problem
+    assert problem.status == 400 and problem.type.endswith("/invalid-json")
+    assert problem.detail is not None and "not valid UTF-8" in problem.detail, problem
+    assert "surrogate" not in problem.detail
+
+
+async def test_a_body_that_is_not_json_still_says_why() -> None:
+    with pytest.raises(ProblemException) as info:
+        await rq.read_json(await _body_request(b"{not json"))
+    assert (info.value.problem.detail or "").startswith("the body is not valid JSON: ")
+
+
+@pytest.mark.parametrize("body", [[], None, "demo.noop", 3])
+def test_a_body_that_is_not_an_object_is_told_so_without_our_class_names(body: Any) -> None:
+    for model in (TaskRequest, BatchRequest):
+        with pytest.raises(ProblemException) as info:
+            rq.validate(model, body)
+        problem = info.value.problem
+        assert problem.status == 422
+        assert [(e.loc, e.msg) for e in problem.errors or []] == [
+            (["body"], "the body must be a JSON object")
+        ]
+        assert problem.detail == "the body must be a JSON object"
+
+
+def test_items_and_fields_of_the_wrong_kind_name_the_json_kind() -> None:
+    with pytest.raises(ProblemException) as info:
+        rq.validate(BatchRequest, {"tasks": [None, {"type": "a", "backoff": [], "args": []}]})
+    found = [(e.loc, e.msg) for e in info.value.problem.errors or []]
+    assert found == [
+        (["body", "tasks", 0], "must be a JSON object"),
+        (["body", "tasks", 1, "args"], "must be a JSON object"),
+        (["body", "tasks", 1, "backoff"], "must be a JSON object"),
+    ]
+    with pytest.raises(ProblemException) as info:
+        rq.validate(BatchRequest, {"tasks": {}})
+    assert [e.msg for e in info.value.problem.errors or []] == ["must be a JSON array"]
+    assert "Request" not in orjson.dumps(info.value.problem.model_dump()).decode()
+
+
+def test_a_missing_required_arg_is_located_at_the_arg() -> None:
+    schema = {
+        "type": "object",
+        "required": ["a", "b"],
+        "properties": {"inner": {"type": "object", "required": ["c"]}},
+    }
+    info = TaskTypeInfo("x.t", schema, Draft202012Validator(schema))
+    errors = info.errors({"b": 1, "inner": {}}, ["body", "args"])
+    assert [(e.loc, e.msg) for e in errors] == [
+        (["body", "args", "a"], "Field required"),
+        (["body", "args", "inner", "c"], "Field required"),
+    ]
+    # Other errors stay where jsonschema puts them.
+    [bad] = info.errors({"a": 1, "b": 1, "inner": 3}, ["body", "args"])
+    assert bad.loc == ["body", "args", "inner"] and "object" in bad.msg
 
 
 # ---------------------------------------------------------------- OpenAPI
