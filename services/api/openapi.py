@@ -223,7 +223,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {"description": "a page", **_content(TaskPage)},
-                    "422": _problem("invalid parameter"),
+                    "422": _problem("invalid parameter, or one given more than once"),
                     **_COMMON,
                 },
             },
@@ -315,7 +315,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": {"description": "a page", **_content(DeadLetterPage)},
-                    "422": _problem("invalid parameter"),
+                    "422": _problem("invalid parameter, or one given more than once"),
                     **_COMMON,
                 },
             },

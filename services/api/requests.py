@@ -259,14 +259,22 @@ class ListQuery(BaseModel):
 
 
 def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
-    """``limit`` and ``cursor``, and with ``filters`` also ``state`` and ``type``."""
-    q = request.query
+    """``limit`` and ``cursor``, and with ``filters`` also ``state`` and ``type``, each
+    given at most once: the contract gives each one value, and a repeat silently read
+    as its first (``state=failed&state=cancelled``: only failed) answers another query
+    than the one asked."""
     errors: list[ProblemError] = []
     known = {"state", "type", "limit", "cursor"} if filters else {"limit", "cursor"}
-    unknown = set(q) - known
+    unknown = set(request.query) - known
     errors += [
         ProblemError(loc=["query", name], msg="unknown parameter") for name in sorted(unknown)
     ]
+    repeated = sorted(name for name in known if len(request.query.getall(name, ())) > 1)
+    errors += [
+        ProblemError(loc=["query", name], msg="given more than once; it takes one value")
+        for name in repeated
+    ]
+    q = {name: request.query[name] for name in known - set(repeated) if name in request.query}
     state = None
     if "state" in q:
         try:
@@ -294,9 +302,9 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
         if before is None:
             errors.append(ProblemError(loc=["query", "cursor"], msg="not a cursor we issued"))
     if errors:
-        raise ProblemException(
-            422, "Invalid request", errors[0].msg, slug="validation", errors=errors
-        )
+        # As a body's validation problem says it: "query.state: given more than once".
+        detail = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3])
+        raise ProblemException(422, "Invalid request", detail, slug="validation", errors=errors)
     return ListQuery(state=state, type=type_, limit=limit, before=before)
 
 

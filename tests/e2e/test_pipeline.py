@@ -262,6 +262,9 @@ async def test_bad_input_gets_the_contract_status(
         (422, "GET", "/v1/tasks?type=demo.noop%0A", {"headers": auth}),
         (422, "GET", "/v1/tasks?state=sleeping", {"headers": auth}),
         (422, "GET", "/v1/tasks?cursor=%%%", {"headers": auth}),
+        # Each takes one value: a second is refused, not dropped.
+        (422, "GET", "/v1/tasks?state=failed&state=cancelled", {"headers": auth}),
+        (422, "GET", "/v1/dead-letters?limit=1&limit=2", {"headers": auth}),
         (404, "GET", "/v1/tasks/not-a-uuid", {"headers": auth}),
         (404, "GET", "/v1/tasks/01a20972-cad6-7410-8006-6a92312e6992", {"headers": auth}),
         (405, "DELETE", "/v1/tasks", {"headers": auth}),

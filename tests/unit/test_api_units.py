@@ -42,7 +42,7 @@ from shared.amqp import Outgoing, settled
 from shared.digits import decimal_int
 from shared.ids import uuid7
 from shared.jsonsafe import deeper_than, nul_path
-from shared.schemas import BatchRequest, Task, TaskError, TaskLinks, TaskRequest
+from shared.schemas import BatchRequest, Task, TaskError, TaskLinks, TaskRequest, TaskState
 from shared.wire import Wire
 
 # ---------------------------------------------------------------- DrainEstimator
@@ -259,6 +259,36 @@ def test_a_batch_that_fits_the_limit_but_not_the_room_left_stays_a_503() -> None
         refused = _refusal(svc, count, delayed)
         assert refused is not None and refused.problem.status == 503
         assert refused.problem.type.endswith(slug) and "Retry-After" in refused.headers
+
+
+@pytest.mark.parametrize(
+    ("query", "filters"),
+    [
+        ("state=failed&state=cancelled", True),
+        ("state=failed&state=failed", True),
+        ("type=a.b&type=c.d", True),
+        ("limit=5&limit=500", True),
+        ("limit=5&limit=5&cursor=", False),
+        ("cursor=&cursor=AAAAAAAAAAAAAAAAAAAAAA", False),
+    ],
+)
+def test_a_repeated_list_parameter_is_a_422_not_its_first_value(query: str, filters: bool) -> None:
+    """Each parameter takes one value: a second is refused, never silently dropped."""
+    name = query.split("=", 1)[0]
+    with pytest.raises(ProblemException) as info:
+        rq.list_query(make_mocked_request("GET", f"/v1/tasks?{query}"), filters=filters)
+    problem = info.value.problem
+    assert problem.status == 422
+    assert [(e.loc, e.msg) for e in problem.errors or []] == [
+        (["query", name], "given more than once; it takes one value")
+    ]
+    assert problem.detail == f"query.{name}: given more than once; it takes one value"
+
+
+def test_list_parameters_given_once_are_read() -> None:
+    request = make_mocked_request("GET", "/v1/tasks?state=failed&type=a.b&limit=7")
+    q = rq.list_query(request)
+    assert (q.state, q.type, q.limit, q.before) == (TaskState.FAILED, "a.b", 7, None)
 
 
 # ---------------------------------------------------------------- cursors
