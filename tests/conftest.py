@@ -199,9 +199,14 @@ class Tenant:
 
 async def create_tenant(pool: asyncpg.Pool, name: str | None = None) -> Tenant:
     name = name or f"tenant-{uuid7().hex[-8:]}"
-    new = keys.generate("test")
     tenant_id = uuid7()
     await pool.execute("INSERT INTO tenants (id, name) VALUES ($1, $2)", tenant_id, name)
+    return Tenant(tenant_id, name, await add_key(pool, tenant_id))
+
+
+async def add_key(pool: asyncpg.Pool, tenant_id: UUID) -> str:
+    """A new API key of the tenant; the key itself."""
+    new = keys.generate("test")
     await pool.execute(
         "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
         new.key_id,
@@ -209,7 +214,7 @@ async def create_tenant(pool: asyncpg.Pool, name: str | None = None) -> Tenant:
         new.label,
         new.secret_hash,
     )
-    return Tenant(tenant_id, name, new.key)
+    return new.key
 
 
 @pytest.fixture(scope="session")

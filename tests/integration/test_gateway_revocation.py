@@ -17,7 +17,7 @@ from websockets.frames import CloseCode
 from services.ws_gateway.app import Gateway
 from shared import keys, wstokens
 from shared.events import EventSink
-from tests.conftest import Deployment, Tenant, create_tenant
+from tests.conftest import Deployment, Tenant, add_key, create_tenant
 from tests.integration.test_gateway_ws import (
     Writer,
     gateway,
@@ -33,15 +33,9 @@ CHECK_S = 1.0
 
 async def _second_key(db: asyncpg.Pool, tenant: Tenant) -> str:
     """Another key of the same tenant; its id."""
-    new = keys.generate("test")
-    await db.execute(
-        "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
-        new.key_id,
-        tenant.id,
-        new.label,
-        new.secret_hash,
-    )
-    return new.key_id
+    parsed = keys.parse(await add_key(db, tenant.id))
+    assert parsed is not None
+    return parsed.key_id
 
 
 async def _ws(gw: Gateway, redis: Redis, tenant: Tenant, key_id: str) -> ClientConnection:

@@ -28,7 +28,7 @@ from shared import keys, wstokens
 from shared.events import EventSink
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskState, format_ts
-from tests.conftest import Deployment, Tenant, create_tenant
+from tests.conftest import Deployment, Tenant, add_key, create_tenant
 from tests.support import eventually, timeout, until
 
 # ---------------------------------------------------------------- helpers
@@ -1160,14 +1160,8 @@ async def test_revoking_the_api_key_ends_its_task_tokens(
     the next (re)connect, and only its own tokens. A token issued before tokens named
     their key (an older API's) still opens its stream until it expires."""
     tenant = await create_tenant(db)
-    other_key = keys.generate("test")
-    await db.execute(
-        "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash) VALUES ($1, $2, $3, $4)",
-        other_key.key_id,
-        tenant.id,
-        other_key.label,
-        other_key.secret_hash,
-    )
+    other_key = keys.parse(await add_key(db, tenant.id))
+    assert other_key is not None
     task_id = await insert_task(db, tenant)
     await Writer(db, sink, task_id).step(1)
     async with gateway(deployment) as gw:
