@@ -76,6 +76,13 @@ class CommonSettings(BaseSettings):
         # every service points browsers there without also setting the URL. From their
         # validated values (declared above this field): " 9000 " is port 9000.
         if value:
+            # Browsers connect to it and the console's Content-Security-Policy names its
+            # origin: anything but a plain ws(s) URL would fail there, far from its cause.
+            parts = urlsplit(value)
+            if parts.scheme not in ("ws", "wss") or not parts.hostname:
+                raise ValueError("must be a ws:// or wss:// URL with a host")
+            if parts.username is not None or parts.fragment:
+                raise ValueError("must not hold credentials or a #fragment")
             return value
         return (
             url_of("ws", info.data.get("gateway_host"), info.data.get("gateway_port"), 8001)

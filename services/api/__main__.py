@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from services.api.app import serve
@@ -19,6 +20,8 @@ def main() -> int:
         sys.stderr.write(f"api: {exc}\n")
         return EXIT_CONFIG
     setup_logging("api", settings.log_level, settings.log_format)
+    for warning in settings.warnings():
+        logging.getLogger("services.api").warning(warning)
 
     async def main_(stop: Stop) -> None:
         await serve(settings, stop)

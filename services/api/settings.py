@@ -53,3 +53,17 @@ class ApiSettings(CommonSettings):
                 "a deletion take up to that each, and the claim must outlast both"
             )
         return value
+
+    def warnings(self) -> list[str]:
+        """What this configuration allows but an operator most likely did not mean,
+        logged at start. Not refused: a test (or a drill) may want the case."""
+        out = []
+        if self.max_queue_depth >= self.queue_max_length:
+            # The broker's x-max-length then refuses publishes of tasks the API has
+            # already answered 202 for (the relay retries them) before the API pushes back.
+            out.append(
+                f"LONGHAUL_MAX_QUEUE_DEPTH ({self.max_queue_depth}) is not below"
+                f" LONGHAUL_QUEUE_MAX_LENGTH ({self.queue_max_length}): the broker's last guard"
+                " will refuse publishes before the API pushes back with 503"
+            )
+        return out

@@ -166,3 +166,36 @@ def test_no_origin_is_a_gateway_for_servers_alone_or_an_error(
         load(GatewaySettings)
     assert str(info.value).startswith("invalid configuration: LONGHAUL_ALLOWED_ORIGINS: ")
     assert "no client could connect" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://events.example.com/v1/ws",  # a browser's WebSocket takes ws(s) only
+        "events.example.com:8001/v1/ws",
+        "ws:///v1/ws",
+        "wss://user:secret@events.example.com/v1/ws",
+        "wss://events.example.com/v1/ws#x",
+    ],
+)
+def test_a_public_gateway_url_browsers_cannot_use_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Served to the console and put in its Content-Security-Policy: a URL that is no
+    plain ws(s) URL would fail there, in the browser, far from its cause."""
+    monkeypatch.setenv("LONGHAUL_PUBLIC_WS_URL", url)
+    with pytest.raises(ConfigError, match="LONGHAUL_PUBLIC_WS_URL"):
+        load(ApiSettings)
+
+
+def test_back_pressure_below_the_brokers_guard_is_what_is_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At or above x-max-length, the broker refuses publishes of tasks already answered
+    202 before the API refuses new ones: allowed (a drill), but said at start."""
+    monkeypatch.setenv("LONGHAUL_QUEUE_MAX_LENGTH", "1000")
+    monkeypatch.setenv("LONGHAUL_MAX_QUEUE_DEPTH", "999")
+    assert load(ApiSettings).warnings() == []
+    monkeypatch.setenv("LONGHAUL_MAX_QUEUE_DEPTH", "1000")
+    (warning,) = load(ApiSettings).warnings()
+    assert "LONGHAUL_MAX_QUEUE_DEPTH (1000)" in warning and "LONGHAUL_QUEUE_MAX_LENGTH" in warning
