@@ -9,10 +9,8 @@ import sys
 from collections.abc import Sequence
 from uuid import UUID
 
-import asyncpg
-
 from shared import deadletters, keys
-from shared.db import ANY_PG_ERROR, ensure_database, migrate, redacted
+from shared.db import ANY_PG_ERROR, connect, ensure_database, migrate, redacted
 from shared.errors import ConfigError, DependencyError
 from shared.events import EventSink
 from shared.ids import uuid7
@@ -43,7 +41,7 @@ async def _keys_create(
         # "-": from stdin, where no other user of the machine can read it (an argument
         # shows in every process listing).
         new = _given_key(sys.stdin.readline().strip() if given == "-" else given, label)
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
         async with conn.transaction():
             tenant_id = await conn.fetchval(
@@ -90,7 +88,7 @@ def _given_key(key: str, label: str | None) -> keys.NewKey:
 
 async def _keys_revoke(settings: CommonSettings, key_id: str) -> None:
     wanted = keys.key_id_of(key_id)
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
         status = await conn.execute(
             "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
@@ -104,7 +102,7 @@ async def _keys_revoke(settings: CommonSettings, key_id: str) -> None:
 
 
 async def _keys_list(settings: CommonSettings, tenant: str | None) -> None:
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
         rows = await conn.fetch(
             "SELECT k.key_id, k.label, t.name, k.created_at, k.revoked_at FROM api_keys k "
@@ -120,7 +118,7 @@ async def _keys_list(settings: CommonSettings, tenant: str | None) -> None:
 
 
 async def _dlq_list(settings: CommonSettings, limit: int) -> None:
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
         rows = await deadletters.list_page(conn, None, None, limit)
     finally:
@@ -151,7 +149,7 @@ async def _dlq_redrive(settings: CommonSettings, dead_letter_id: str) -> None:
         wanted = UUID(dead_letter_id)
     except ValueError:
         raise ConfigError(f"not a dead letter id: {dead_letter_id}") from None
-    conn = await asyncpg.connect(settings.database_url, timeout=settings.start_timeout_s)
+    conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
         async with conn.transaction():
             result = await deadletters.redrive(conn, wanted, None, EVENT_COLUMNS)

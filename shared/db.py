@@ -71,10 +71,36 @@ async def create_pool(
             command_timeout=timeout + 1.0,
             server_settings=settings,
         )
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise missing_database(exc) from None
     except ANY_PG_ERROR as exc:
         raise DependencyError(f"PostgreSQL: {exc}") from exc
     assert pool is not None
     return pool
+
+
+async def connect(dsn: str, timeout: float) -> asyncpg.Connection:
+    """One connection to a database this code may use (the CLI's): a database that is
+    missing or not migrated is a ConfigError naming the fix."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise missing_database(exc) from None
+    try:
+        await require_schema(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+def missing_database(exc: asyncpg.InvalidCatalogNameError) -> ConfigError:
+    """A database that does not exist is no outage to wait out: the same fix as a schema
+    that is behind (``longhaul migrate`` creates the database), told at once. No grace
+    for one an orchestrator creates just after: fresh, it is unmigrated for a moment
+    more, which stops a service at once too. Start services after the migration (the
+    compose file does) and under a supervisor that restarts one that came too early."""
+    return ConfigError(f"{exc}: run `longhaul migrate` first")
 
 
 # First line of a migration that runs outside a transaction, one statement at a time:
@@ -115,7 +141,7 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def require_schema(pool: asyncpg.Pool) -> None:
+async def require_schema(pool: asyncpg.Pool | asyncpg.Connection) -> None:
     """Refuse to serve a database whose schema is behind this code's migrations: one
     line that names the fix, not a traceback at the first query of a missing table."""
     latest = migrations()[-1].version

@@ -125,12 +125,16 @@ async def wait_for_dependency(
 ) -> T:
     """Call ``connect`` until it succeeds, backing off, for at most ``timeout`` seconds.
 
-    Raises StartTimeout with one line naming the dependency and the last error."""
+    Raises StartTimeout with one line naming the dependency and the last error. A
+    ConfigError from ``connect`` (a database that does not exist) is raised at once:
+    waiting does not mend a setting."""
     deadline = time.monotonic() + timeout
     delay = 0.1
     while True:
         try:
             return await asyncio.wait_for(connect(), max(0.1, deadline - time.monotonic()))
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001
             # Any failure to connect is "not reachable yet"; the error names the last one.
             last = f"{type(exc).__name__}: {exc}".strip()

@@ -128,6 +128,55 @@ async def test_an_unmigrated_database_is_one_line_and_exit_code_2(
     ), lines
 
 
+@pytest.fixture
+async def missing_database(deployment: Deployment) -> AsyncIterator[str]:
+    """The URL of a database of this run that does not exist (dropped afterwards, should
+    the code under test create it)."""
+    async with scratch_database(f"{deployment.namespace}_missing", create=False) as url:
+        yield url
+
+
+@pytest.mark.parametrize("service", ["api", "worker", "ws_gateway"])
+async def test_a_missing_database_is_one_line_and_exit_code_2(
+    fresh_namespace: Deployment, missing_database: str, ports: dict[str, str], service: str
+) -> None:
+    """Not an outage to wait out for the start timeout (it said "PostgreSQL unreachable"
+    after it, exit 3): the same fix as an unmigrated database, told at once."""
+    env = fresh_namespace.env(**ports, database_url=missing_database)
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    name = missing_database.rsplit("/", 1)[1]
+    assert (code, lines) == (
+        2,
+        [f'{service}: database "{name}" does not exist: run `longhaul migrate` first'],
+    )
+
+
+async def test_the_cli_names_migrate_for_a_missing_or_unmigrated_database(
+    deployment: Deployment, missing_database: str, bare_database: str
+) -> None:
+    """The commands that need the schema say what to run, exit 2 (it was PostgreSQL's
+    error, exit 3, kept for an unreachable database); `longhaul migrate` still creates
+    the missing database."""
+    name = missing_database.rsplit("/", 1)[1]
+    latest = migrations()[-1].version
+    for url, says in (
+        (missing_database, f'database "{name}" does not exist'),
+        (
+            bare_database,
+            f"the database is not migrated (schema version 0, this code needs {latest})",
+        ),
+    ):
+        env = {**ROOT_ENV, **deployment.env(database_url=url)}
+        for command in (("keys", "list"), ("dlq", "list"), ("keys", "create", "--tenant", "t")):
+            returncode, _, err = await run_cli(env, *command)
+            assert (returncode, err) == (2, f"longhaul: {says}: run `longhaul migrate` first\n")
+    env = {**ROOT_ENV, **deployment.env(database_url=missing_database)}
+    returncode, out, err = await run_cli(env, "migrate")
+    assert returncode == 0 and out.startswith("migrations applied: "), err
+    returncode, _, err = await run_cli(env, "keys", "list")
+    assert returncode == 0, err
+
+
 @pytest.mark.parametrize(
     ("dsn", "code", "says"),
     [

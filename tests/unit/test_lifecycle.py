@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.lifecycle import EXIT_FAILED, Stop, essential, run
+from shared.errors import ConfigError
+from shared.lifecycle import EXIT_FAILED, Stop, essential, run, wait_for_dependency
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +101,17 @@ def test_without_a_stop_it_is_a_plain_task() -> None:
             await task
 
     assert run("svc", main) == 0
+
+
+async def test_waiting_for_a_dependency_ends_at_a_configuration_error() -> None:
+    """A ConfigError (a database that does not exist) is no outage to wait out: raised at
+    the first try, not retried for the start timeout."""
+    tries: list[int] = []
+
+    async def connect() -> None:
+        tries.append(1)
+        raise ConfigError('database "x" does not exist: run `longhaul migrate` first')
+
+    with pytest.raises(ConfigError, match="run `longhaul migrate` first"):
+        await wait_for_dependency("PostgreSQL", connect, timeout=5)
+    assert len(tries) == 1
