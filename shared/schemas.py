@@ -4,6 +4,7 @@ event on Redis. Publishers and consumers encode and parse through the same funct
 from __future__ import annotations
 
 import enum
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -33,10 +34,26 @@ def format_ts(value: datetime) -> str:
 
 
 Timestamp = Annotated[datetime, PlainSerializer(format_ts, return_type=str, when_used="json")]
+# A task type's name, the one rule for the API (TaskType, the OpenAPI document) and
+# the worker SDK (is_task_type): a worker must not register a type no request can name.
 TASK_TYPE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$"
+TASK_TYPE_MAX_LENGTH = 128
+TASK_TYPE_RULE = "1 to 128 characters of A-Z a-z 0-9 _ . : -, the first not . : or -"
 TaskType = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=TASK_TYPE_PATTERN)
+    str,
+    StringConstraints(min_length=1, max_length=TASK_TYPE_MAX_LENGTH, pattern=TASK_TYPE_PATTERN),
 ]
+_TASK_TYPE_RE = re.compile(TASK_TYPE_PATTERN)
+
+
+def is_task_type(name: object) -> bool:
+    """Whether ``name`` is a task type name TaskType accepts. ``fullmatch``: ``$`` alone
+    would let a trailing newline through, which pydantic's pattern does not."""
+    return (
+        isinstance(name, str)
+        and len(name) <= TASK_TYPE_MAX_LENGTH
+        and _TASK_TYPE_RE.fullmatch(name) is not None
+    )
 
 
 class TaskState(enum.StrEnum):

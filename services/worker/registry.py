@@ -7,8 +7,9 @@ from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
-from services.worker.sdk import TaskSpec, spec_of
+from services.worker.sdk import TaskSpec, spec_of, where
 from shared.errors import ConfigError
+from shared.schemas import TASK_TYPE_RULE, is_task_type
 
 BUILTIN_MODULE = "services.worker.builtin"
 
@@ -17,9 +18,17 @@ class Registry:
     def __init__(self, specs: Iterable[TaskSpec]) -> None:
         self._specs: dict[str, TaskSpec] = {}
         for spec in specs:
-            if spec.name in self._specs and self._specs[spec.name] is not spec:
-                raise ConfigError(f"task type {spec.name!r} is defined twice")
-            self._specs[spec.name] = spec
+            if not is_task_type(spec.name):  # a spec made without @task
+                raise ConfigError(
+                    f"task type {spec.name!r} of {where(spec.handler)}: not a task type name"
+                    f" ({TASK_TYPE_RULE})"
+                )
+            first = self._specs.setdefault(spec.name, spec)
+            if first is not spec:
+                raise ConfigError(
+                    f"task type {spec.name!r} is defined twice: by {where(first.handler)}"
+                    f" and by {where(spec.handler)}"
+                )
 
     @classmethod
     def load(cls, modules: Iterable[str]) -> Registry:

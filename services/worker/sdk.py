@@ -28,6 +28,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from shared.backoff import Backoff
+from shared.schemas import TASK_TYPE_RULE, is_task_type
 
 SPEC_ATTRIBUTE = "__longhaul_task__"
 
@@ -120,25 +121,37 @@ def task(
     def decorate(
         fn: Callable[[TaskContext, ArgsT], Awaitable[Any]],
     ) -> Callable[[TaskContext, ArgsT], Awaitable[Any]]:
+        def refused(why: str) -> TypeError:
+            # Raised when the module is imported: the worker stops with this one line.
+            return TypeError(f"@task({name!r}) on {where(fn)}: {why}")
+
+        # The API's rule: a type it would refuse to create tasks of must not register.
+        if not is_task_type(name):
+            raise refused(f"not a task type name ({TASK_TYPE_RULE})")
         if not inspect.iscoroutinefunction(fn):
-            raise TypeError(f"task {name!r}: {fn.__qualname__} must be an async def")
+            raise refused("must be an async def")
         params = list(inspect.signature(fn).parameters)
         if len(params) != 2:
-            raise TypeError(f"task {name!r}: {fn.__qualname__} must take (ctx, args)")
+            raise refused("must take (ctx, args)")
         hints = get_type_hints(fn)
         model = hints.get(params[1], EmptyArgs)
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise TypeError(f"task {name!r}: annotate args with a pydantic model, not {model!r}")
+            raise refused(f"annotate args with a pydantic model, not {model!r}")
         # The ranges a request may set: the API gives these to requests that set none.
         if max_attempts is not None and not 1 <= max_attempts <= 100:
-            raise TypeError(f"task {name!r}: max_attempts must be 1..100, not {max_attempts}")
+            raise refused(f"max_attempts must be 1..100, not {max_attempts}")
         if timeout_s is not None and not 0 < timeout_s <= 7 * 24 * 3600:
-            raise TypeError(f"task {name!r}: timeout_s must be > 0 and <= 7 days")
+            raise refused("timeout_s must be > 0 and <= 7 days")
         spec = TaskSpec(name, fn, model, max_attempts, timeout_s, backoff)
         setattr(fn, SPEC_ATTRIBUTE, spec)
         return fn
 
     return decorate
+
+
+def where(fn: Callable[..., Any]) -> str:
+    """A handler as an error names it: ``module.qualname``."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def spec_of(obj: object) -> TaskSpec | None:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -105,6 +107,28 @@ async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_co
         " LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with (PRECONDITION_FAILED"
     ), lines
     assert "inequivalent arg 'x-delivery-limit'" in lines[0], lines
+
+
+async def test_a_task_type_name_the_api_refuses_stops_the_worker_with_one_line(
+    deployment: Deployment, ports: dict[str, str], tmp_path: Path
+) -> None:
+    """It started, registered and listed the type, whose tasks the API then refused."""
+    (tmp_path / "lh_bad_type_name.py").write_text(
+        "from services.worker.sdk import task\n\n"
+        "@task('Bad Name!')\nasync def bad(ctx, args):\n    return None\n"
+    )
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = {**deployment.env(**ports), "PYTHONPATH": path}
+    proc = ServiceProcess("services.worker", env, ["--tasks", "lh_bad_type_name"])
+    code, lines = await asyncio.to_thread(_exit, proc)
+    assert (code, lines) == (
+        2,
+        [
+            "worker: --tasks lh_bad_type_name: cannot import: TypeError: @task('Bad Name!') on"
+            " lh_bad_type_name.bad: not a task type name (1 to 128 characters of A-Z a-z 0-9"
+            " _ . : -, the first not . : or -)"
+        ],
+    )
 
 
 @pytest.fixture

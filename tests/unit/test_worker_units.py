@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from services.worker import deadletters
 from services.worker.app import _leave_abandoned
@@ -43,7 +43,7 @@ from shared.backoff import Backoff
 from shared.errors import ConfigError
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
-from shared.schemas import ProgressEvent, TaskMessage, TaskState
+from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, TaskState
 from tests.support import eventually, until
 
 # ---------------------------------------------------------------- handler start
@@ -367,6 +367,39 @@ def test_task_refuses_defaults_no_request_could_set(kwargs: dict[str, Any], says
         task("x.bounds", **kwargs)(_two_params)
 
 
+_NAMES_THE_API_REFUSES = ["Bad Name!", "", ".x", "-x", ":x", "a" * 129, "a\n", "ü", "a/b"]
+
+
+@pytest.mark.parametrize("name", _NAMES_THE_API_REFUSES)
+def test_task_refuses_a_name_the_api_refuses(name: str) -> None:
+    """A type no request can name (the API answers 422) is refused when it is declared,
+    naming the function and its module: it registered and listed, never to run."""
+    with pytest.raises(TypeError) as info:
+        task(name)(_two_params)
+    assert str(info.value) == (
+        f"@task({name!r}) on {__name__}._two_params: not a task type name"
+        " (1 to 128 characters of A-Z a-z 0-9 _ . : -, the first not . : or -)"
+    )
+
+
+@pytest.mark.parametrize("name", [*_NAMES_THE_API_REFUSES, "a" * 128, "_x", "Media.resize:v2-b"])
+def test_the_sdk_and_the_api_agree_on_type_names(name: str) -> None:
+    """One rule: what @task accepts is what a request's ``type`` may be."""
+    try:
+        TaskRequest.model_validate({"type": name})
+    except ValidationError:
+        accepted = False
+    else:
+        accepted = True
+    try:
+        task(name)(_two_params)
+    except TypeError:
+        declared = False
+    else:
+        declared = True
+    assert declared == accepted
+
+
 @pytest.mark.parametrize("handler", [_no_params, _one_param, _three_params])
 def test_task_refuses_wrong_arity(handler: Any) -> None:
     """A handler must take exactly (ctx, args)."""
@@ -483,8 +516,12 @@ def test_registry_refuses_duplicate_names(task_module: Any) -> None:
             return None
         """,
     )
-    with pytest.raises(ConfigError, match=r"'demo\.noop' is defined twice"):
+    with pytest.raises(ConfigError) as info:
         Registry.load([name])
+    assert str(info.value) == (
+        "task type 'demo.noop' is defined twice: by services.worker.builtin.noop"
+        " and by lh_user_tasks_dup.my_noop"
+    )
 
 
 def test_registry_same_spec_twice_is_fine() -> None:
@@ -504,6 +541,16 @@ def test_registry_constructor_refuses_duplicates() -> None:
 
     with pytest.raises(ConfigError, match="defined twice"):
         Registry([TaskSpec("same", a, EmptyArgs), TaskSpec("same", b, EmptyArgs)])
+
+
+def test_registry_constructor_refuses_a_name_the_api_refuses() -> None:
+    """A spec made without @task is held to the same rule."""
+
+    async def a(ctx: TaskContext, args: EmptyArgs) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match=r"task type 'Bad Name!' of .*\.a: not a task type"):
+        Registry([TaskSpec("Bad Name!", a, EmptyArgs)])
 
 
 class _FlakyLeases:
