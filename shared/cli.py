@@ -1,4 +1,4 @@
-"""The ``longhaul`` operator command: ``migrate``, ``keys`` and ``dlq``."""
+"""The longhaul operator command: migrate, keys and dlq."""
 
 from __future__ import annotations
 
@@ -32,9 +32,29 @@ async def _migrate(settings: CommonSettings) -> None:
     print(f"migrations applied: {applied}" if applied else "schema up to date")
 
 
+# The tenants table's CHECK, and what it does not say: a name an operator could not
+# tell from another on screen (blank, padded) or that breaks the listings' lines.
+TENANT_NAME_MAX = 200
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a tenant, or None. Pure."""
+    if not name.strip():
+        return "must not be empty or blank"
+    if len(name) > TENANT_NAME_MAX:
+        return f"must be at most {TENANT_NAME_MAX} characters, not {len(name)}"
+    if name != name.strip():
+        return "must not start or end with white space"
+    if _CONTROL.search(name):
+        return "must not hold control characters"
+    return None
+
+
 async def _keys_create(
     settings: CommonSettings, tenant: str, label: str | None, given: str | None
 ) -> None:
+    if (problem := tenant_name_problem(tenant)) is not None:
+        raise ConfigError(f"--tenant {problem}")
     if given is None:
         new = keys.generate("live" if label is None else label)
     else:
@@ -90,15 +110,17 @@ async def _keys_revoke(settings: CommonSettings, key_id: str) -> None:
     wanted = keys.key_id_of(key_id)
     conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
-        status = await conn.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
+        # Idempotent: a revoked key keeps the time of its first revocation.
+        row = await conn.fetchrow(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1"
+            " RETURNING revoked_at = now() AS now",
             wanted,
         )
     finally:
         await conn.close()
-    if status.endswith(" 0"):
-        raise ConfigError(f"no active key with id {wanted}")
-    print(f"revoked {wanted}")
+    if row is None:
+        raise ConfigError(f"no key with id {wanted}")
+    print(f"revoked {wanted}" if row["now"] else f"{wanted} was already revoked")
 
 
 async def _keys_list(settings: CommonSettings, tenant: str | None) -> None:
@@ -121,6 +143,13 @@ async def _dlq_list(settings: CommonSettings, limit: int) -> None:
     conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
         rows = await deadletters.list_page(conn, None, None, limit)
+        tenants = {
+            r["id"]: r["name"]
+            for r in await conn.fetch(
+                "SELECT id, name FROM tenants WHERE id = ANY($1::uuid[])",
+                list({r["tenant_id"] for r in rows if r["tenant_id"] is not None}),
+            )
+        }
     finally:
         await conn.close()
     for r in rows:
@@ -128,9 +157,12 @@ async def _dlq_list(settings: CommonSettings, limit: int) -> None:
         # The detail quotes a handler's error, a tenant's text: no control character of
         # it reaches the operator's terminal (a line of its own, an escape sequence).
         detail = terminal_safe((r["detail"] or "")[:120])
+        # By name, as `keys` shows tenants; "-": a message that named none (malformed).
+        tenant = "-" if r["tenant_id"] is None else tenants.get(r["tenant_id"], r["tenant_id"])
         print(
             f"{r['id']}\t{r['created_at']:%Y-%m-%d %H:%M:%S}\t{terminal_safe(r['reason'])}\t"
-            f"task={r['task_id'] or '-'}\t{state}\t{detail}"
+            f"tenant={terminal_safe(str(tenant))}\ttask={r['task_id'] or '-'}\t{state}\t"
+            f"{detail}"
         )
     if not rows:
         print("no dead letters", file=sys.stderr)
@@ -218,6 +250,10 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--limit", type=_positive, default=50)
     dlq_redrive = dlq_sub.add_parser("redrive", help="run a dead letter's task again")
     dlq_redrive.add_argument("id")
+    for subparsers in (sub, keys_sub, dlq_sub):
+        # A missing command is told by its choices ("required: {migrate,keys,dlq}"),
+        # as the usage shows them, not by the dest that dispatches on it.
+        subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
@@ -120,9 +121,68 @@ async def test_keys_are_listed_by_id_and_shown_revoked(isolated: Isolated) -> No
     assert code == 0 and out.strip() == f"revoked {parsed.key_id}", (out, err)
     [line] = await listed()
     assert line.endswith("\trevoked"), line
+    # Again (a retried script, a second operator): nothing changes, and it says so.
     for again in (parsed.key_id, key):
-        code, _, err = await _cli(env, "keys", "revoke", again)
-        assert code != 0 and f"no active key with id {parsed.key_id}" in err, err
+        code, out, err = await _cli(env, "keys", "revoke", again)
+        assert (code, out) == (0, f"{parsed.key_id} was already revoked\n"), err
+    [line] = await listed()
+    assert line.endswith("\trevoked"), line
+    code, _, err = await _cli(env, "keys", "revoke", "nosuchkeyid1")
+    assert (code, err) == (2, "longhaul: no key with id nosuchkeyid1\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("", "must not be empty or blank"),
+        ("   ", "must not be empty or blank"),
+        ("a" * 201, "must be at most 200 characters, not 201"),
+        (" acme", "must not start or end with white space"),
+        ("ac\tme", "must not hold control characters"),
+    ],
+)
+async def test_a_tenant_name_the_database_would_refuse_or_blank_is_one_line_and_exit_2(
+    isolated: Isolated, name: str, says: str
+) -> None:
+    """It was PostgreSQL's check-constraint error with its DETAIL line and exit 3 (a
+    dependency unreachable), or a tenant with a blank name."""
+    code, out, err = await _cli(isolated.deployment.env(), "keys", "create", "--tenant", name)
+    assert (code, out, err) == (2, "", f"longhaul: --tenant {says}\n")
+    names = await isolated.db.fetchval("SELECT array_agg(name) FROM tenants")
+    assert names == [isolated.tenant.name]
+
+
+async def test_a_tenant_name_of_200_characters_is_taken(isolated: Isolated) -> None:
+    name = "a" * 199 + "é"  # characters, as the CHECK counts them, not bytes
+    code, _, err = await _cli(isolated.deployment.env(), "keys", "create", "--tenant", name)
+    assert code == 0, err
+    assert await isolated.db.fetchval("SELECT count(*) FROM tenants WHERE name = $1", name) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "choices"),
+    [
+        ((), "usage: longhaul [-h] {migrate,keys,dlq} ...", "{migrate,keys,dlq}"),
+        (("keys",), "usage: longhaul keys [-h] {create,revoke,list} ...", "{create,revoke,list}"),
+        (("dlq",), "usage: longhaul dlq [-h] {list,redrive} ...", "{list,redrive}"),
+    ],
+)
+async def test_a_missing_command_is_told_by_its_choices(
+    args: tuple[str, ...], usage: str, choices: str
+) -> None:
+    """Not by argparse's internal names ("required: command", "keys_command")."""
+    code, _, err = await run_cli(ROOT_ENV, *args)
+    prog = " ".join(("longhaul", *args))
+    assert (code, err.splitlines()) == (
+        2,
+        [usage, f"{prog}: error: the following arguments are required: {choices}"],
+    )
+
+
+async def test_the_help_is_plain_text() -> None:
+    code, out, _ = await run_cli(ROOT_ENV, "--help")
+    assert code == 0 and "The longhaul operator command: migrate, keys and dlq." in out, out
+    assert "``" not in out
 
 
 async def test_dlq_list_shows_a_tenants_text_without_its_control_characters(
@@ -142,6 +202,22 @@ async def test_dlq_list_shows_a_tenants_text_without_its_control_characters(
     [line] = [line for line in out.splitlines() if line.startswith(str(letter_id))]
     assert line.endswith("boom\\x0a00000000-fake-line\\x09delivery_limit\\x1b[2J\\x9b"), line
     assert "\x1b" not in out and "fake-line" not in out.replace(line, "")
+
+
+async def test_dlq_list_names_each_dead_letters_tenant(isolated: Isolated) -> None:
+    """It lists every tenant's: each line says whose (``-``: a message that named none)."""
+    task_id, letter_id = await _dead_lettered(isolated)
+    orphan = uuid7()
+    await isolated.db.execute(
+        "INSERT INTO dead_letters (id, reason, body, attempts)"
+        " VALUES ($1, 'malformed', '\\x00'::bytea, 0)",
+        orphan,
+    )
+    code, out, err = await _cli(isolated.deployment.env(), "dlq", "list")
+    assert code == 0, err
+    lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
+    assert lines[str(letter_id)][3:5] == [f"tenant={isolated.tenant.name}", f"task={task_id}"]
+    assert lines[str(orphan)][3:5] == ["tenant=-", "task=-"]
 
 
 async def test_a_key_made_elsewhere_is_registered_once(isolated: Isolated) -> None:
