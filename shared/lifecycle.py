@@ -46,22 +46,32 @@ class Stop(asyncio.Event):
         self.set()
 
 
-def essential(coro: Coroutine[Any, Any, None], name: str, stop: Stop | None) -> asyncio.Task[None]:
+def essential(
+    coro: Coroutine[Any, Any, None],
+    name: str,
+    stop: Stop | None,
+    *,
+    until: asyncio.Event | None = None,
+) -> asyncio.Task[None]:
     """Start a background loop the process cannot do without. Should it end before
-    ``stop`` is set, or raise at any time, ``stop`` fails: the process drains and exits
-    non-zero. Cancelling it (a shutdown's way to end it) is no failure. Without a
-    ``stop`` (an app built in a test) it is a plain task."""
+    ``stop`` (or ``until``, the event the loop itself returns at) is set, or raise at any
+    time, ``stop`` fails: the process drains and exits non-zero. Cancelling it (a
+    shutdown's way to end it) is no failure. Without a ``stop`` (an app built in a test)
+    it is a plain task.
+
+    ``until``: a start that fails after the loop began (a port in use) ends it with
+    ``stop`` unset; it returned as asked, and the start's own error is the one to tell."""
     task = asyncio.create_task(coro, name=name)
     if stop is not None:
-        task.add_done_callback(functools.partial(_ended, stop))
+        task.add_done_callback(functools.partial(_ended, stop, until))
     return task
 
 
-def _ended(stop: Stop, task: asyncio.Task[None]) -> None:
+def _ended(stop: Stop, until: asyncio.Event | None, task: asyncio.Task[None]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
-    if exc is None and stop.is_set():
+    if exc is None and (stop.is_set() or (until is not None and until.is_set())):
         return  # drained, as asked
     name = task.get_name()
     why = f"{name} failed: {_cause(exc)}" if exc is not None else f"{name} ended on its own"

@@ -190,9 +190,9 @@ async def _background(app: web.Application, stop: Stop | None) -> AsyncIterator[
     would accept tasks nobody publishes, without its monitor refuse them all."""
     svc = app[SERVICES]
     jobs_stop = asyncio.Event()
-    tasks = [essential(svc.monitor.run(jobs_stop), "queue-monitor", stop)]
+    tasks = [essential(svc.monitor.run(jobs_stop), "queue-monitor", stop, until=jobs_stop)]
     if svc.relay is not None:
-        tasks.append(essential(svc.relay.run(jobs_stop), "outbox-relay", stop))
+        tasks.append(essential(svc.relay.run(jobs_stop), "outbox-relay", stop, until=jobs_stop))
     yield
     try:
         # The last inserts first: their tasks are handed to the relay, which publishes

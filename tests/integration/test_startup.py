@@ -8,8 +8,10 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
+import orjson
 import pytest
 
 from shared import amqp
@@ -26,6 +28,12 @@ def _exit(proc: ServiceProcess) -> tuple[int, list[str]]:
     finally:
         proc.terminate()
     return code, [line for line in proc.output().splitlines() if not line.startswith("{")]
+
+
+def _errors_logged(proc: ServiceProcess) -> list[dict[str, Any]]:
+    """The JSON log lines at error level or above (the process has ended)."""
+    logged = [orjson.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
+    return [r for r in logged if r["level"] in ("error", "critical")]
 
 
 @pytest.mark.parametrize(
@@ -49,6 +57,9 @@ async def test_a_port_in_use_is_one_line_and_exit_code_2(
         2,
         [f"{service}: cannot listen on 127.0.0.1:{port} ({names}): Address already in use"],
     )
+    # The API's queue monitor, started before the port is bound and stopped by the
+    # failed start, was logged as an essential task that ended (critical) before this.
+    assert _errors_logged(proc) == []
 
 
 async def test_an_allow_list_no_client_could_pass_is_one_line_and_exit_code_2(

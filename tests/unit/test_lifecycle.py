@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Iterator
 
 import pytest
 
 from shared.errors import ConfigError
-from shared.lifecycle import EXIT_FAILED, Stop, essential, run, wait_for_dependency
+from shared.lifecycle import EXIT_CONFIG, EXIT_FAILED, Stop, essential, run, wait_for_dependency
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +116,30 @@ async def test_waiting_for_a_dependency_ends_at_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="run `longhaul migrate` first"):
         await wait_for_dependency("PostgreSQL", connect, timeout=5)
     assert len(tries) == 1
+
+
+def test_a_loop_a_failed_start_stops_is_no_failure(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start that fails after a loop began (the API's port in use) stops the loop by
+    its own event, ``stop`` unset: the start's error is told, alone, and no critical."""
+
+    async def main(stop: Stop) -> None:
+        jobs_stop = asyncio.Event()
+
+        async def until(event: asyncio.Event) -> None:
+            await event.wait()
+
+        loop = essential(until(jobs_stop), "monitor", stop, until=jobs_stop)
+        try:
+            raise ConfigError("cannot listen on 127.0.0.1:1 (PORT): Address already in use")
+        finally:  # the cleanup of what started
+            jobs_stop.set()
+            await asyncio.gather(loop, return_exceptions=True)
+            await asyncio.sleep(0)  # the done callbacks have run
+
+    assert run("svc", main) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        "svc: cannot listen on 127.0.0.1:1 (PORT): Address already in use\n"
+    )
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
