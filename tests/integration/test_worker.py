@@ -889,3 +889,77 @@ async def test_a_passed_on_message_is_due_by_the_databases_clock(
     due = await isolated.db.fetchval("SELECT available_at FROM outbox WHERE task_id = $1", task_id)
     # Not before the delay by the database's clock, and not an hour after it.
     assert PASS_ON_DELAY_S <= (due - before).total_seconds() < PASS_ON_DELAY_S + 60
+
+
+async def _queued_noop(isolated: Isolated) -> TaskMessage:
+    """A queued task of type demo.noop waiting for its first attempt, as its message."""
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 0, 30)
+    await isolated.db.execute("UPDATE tasks SET state = 'queued' WHERE id = $1", task_id)
+    return TaskMessage(task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1)
+
+
+async def test_a_worker_stopping_withdraws_its_types_unless_another_runs_them(
+    isolated: Isolated,
+) -> None:
+    """Two workers run demo.noop: one withdrawing (a clean stop) leaves the type the
+    other's, its tasks passed on to it; the last one withdrawing leaves it nobody's at
+    once (it was for a lease: 20-odd pass-ons a second apart before unknown_type)."""
+    repo = WorkerRepository(isolated.db, timeout=10)
+    await repo.register_types(Registry.load([]).specs())
+    for worker_id in ("w1", "w2"):
+        await repo.touch_types(worker_id, ["demo.noop"], lease_s=30)
+    await repo.withdraw_types("w1", ["demo.noop"], lease_s=30)
+    assert await repo.pass_on(await _queued_noop(isolated), seen_within_s=30, delay_s=1)
+    await repo.withdraw_types("w2", ["demo.noop"], lease_s=30)
+    assert not await repo.pass_on(await _queued_noop(isolated), seen_within_s=30, delay_s=1)
+    # A worker touching again (one that started meanwhile) makes it someone's again.
+    await repo.touch_types("w3", ["demo.noop"], lease_s=30)
+    assert await repo.pass_on(await _queued_noop(isolated), seen_within_s=30, delay_s=1)
+
+
+async def test_a_workers_own_claim_survives_another_ones_withdrawal(isolated: Isolated) -> None:
+    """A withdrawal may clear the type's seen_at after a touch it did not see (committed
+    meanwhile): the other worker's own row still counts, so its tasks are passed on to it,
+    never failed while it runs the type."""
+    repo = WorkerRepository(isolated.db, timeout=10)
+    await repo.register_types(Registry.load([]).specs())
+    await repo.touch_types("w1", ["demo.noop"], lease_s=30)
+    await repo.touch_types("w2", ["demo.noop"], lease_s=30)
+    await isolated.db.execute("UPDATE task_types SET seen_at = NULL WHERE name = 'demo.noop'")
+    assert await repo.pass_on(await _queued_noop(isolated), seen_within_s=30, delay_s=1)
+
+
+async def test_what_a_dead_worker_said_is_pruned_after_a_lease(isolated: Isolated) -> None:
+    repo = WorkerRepository(isolated.db, timeout=10)
+    await repo.register_types(Registry.load([]).specs())
+    await repo.touch_types("dead", ["demo.noop"], lease_s=30)
+    await isolated.db.execute(
+        "UPDATE task_type_workers SET seen_at = now() - interval '31 seconds'"
+        " WHERE worker_id = 'dead'"
+    )
+    await repo.touch_types("live", ["demo.noop"], lease_s=30)
+    rows = await isolated.db.fetch("SELECT worker_id FROM task_type_workers")
+    assert [r["worker_id"] for r in rows] == ["live"]
+
+
+async def test_a_type_whose_only_worker_stopped_cleanly_fails_at_once(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """A worker with user.reverse stops (SIGTERM, drained); the remaining worker lacks
+    the type. With a lease of 10 minutes, the type's task fails as unknown_type now,
+    not after the lease, and is kept to redrive."""
+    system = System(isolated.deployment.env(lease_s="600"))
+    try:
+        # The API started last reads the type at once.
+        with_type = await system.start_worker("--tasks", "tests.e2e.user_tasks")
+        await system.start_worker()  # built-in types only
+        await system.start_api()
+        assert with_type.terminate() == 0
+        body = {"type": "user.reverse", "args": {"text": "nobody"}}
+        task_id = await submit(http, system, isolated.tenant, body)
+        row = await terminal_row(isolated.db, task_id, within=60)
+        assert (row["state"], as_json(row["error"])["type"]) == ("failed", "unknown_type")
+        letters = "SELECT reason FROM dead_letters WHERE task_id = $1"
+        assert [r["reason"] for r in await isolated.db.fetch(letters, task_id)] == ["unknown_type"]
+    finally:
+        system.stop()
