@@ -19,7 +19,7 @@ from services.api import meaning
 from services.api.problems import ProblemException, validation_problem
 from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
-from shared.schemas import TASK_TYPE_PATTERN, ProblemError, TaskRequest, TaskState
+from shared.schemas import ProblemError, TaskRequest, TaskState, is_task_type
 from shared.taskrows import Row
 
 M = TypeVar("M", bound=BaseModel)
@@ -28,8 +28,6 @@ _IDEMPOTENCY_MAX = 255
 # W3C Trace Context: version-traceid-parentid-flags in lowercase hex; a later version
 # may append fields after a dash, version 00 may not.
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?")
-# The same rule as TaskRequest.type: anything else names no task type.
-_TYPE_RE = re.compile(TASK_TYPE_PATTERN)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -287,7 +285,7 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
                 )
             )
     type_ = q.get("type")
-    if type_ is not None and not (len(type_) <= 128 and _TYPE_RE.fullmatch(type_)):
+    if type_ is not None and not is_task_type(type_):
         errors.append(ProblemError(loc=["query", "type"], msg="not a task type name"))
     limit = 50
     if "limit" in q:

@@ -30,6 +30,19 @@ from pydantic import BaseModel, ConfigDict
 from shared.backoff import Backoff
 from shared.schemas import TASK_TYPE_RULE, is_task_type
 
+# What a handler module imports from here; Backoff too, so that `mypy --strict` on the
+# user's module finds it exported (it lives in shared.backoff).
+__all__ = [
+    "Backoff",
+    "EmptyArgs",
+    "PermanentError",
+    "RetryableError",
+    "TaskContext",
+    "TaskFailure",
+    "TaskSpec",
+    "task",
+]
+
 SPEC_ATTRIBUTE = "__longhaul_task__"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mypy.api
 from pydantic_settings import BaseSettings
 
 from services.api.settings import ApiSettings
@@ -25,3 +26,24 @@ def test_readme_gives_the_two_commands_first() -> None:
     """`make up` and `make test` come before anything else the README explains."""
     first_section = README.split("\n## ")[1]
     assert "make up" in first_section and "make test" in first_section
+
+
+def test_the_readmes_handler_type_checks_as_users_check_theirs(tmp_path: Path) -> None:
+    """The handler example, with a per-type Backoff as the README says to import it,
+    passes `mypy --strict`: every name a handler module imports from the SDK is exported
+    (mypy refuses one the SDK merely imported, Backoff was)."""
+    example = README.split("```python\n# my_tasks.py\n", 1)[1].split("```", 1)[0]
+    example = example.replace(
+        "from services.worker.sdk import PermanentError, TaskContext, task",
+        "from services.worker.sdk import Backoff, PermanentError, TaskContext, task",
+    ).replace(
+        '@task("reports.build", max_attempts=3, timeout_s=900)',
+        '@task("reports.build", max_attempts=3, timeout_s=900, backoff=Backoff(cap_s=60))',
+    )
+    assert "Backoff(" in example, "the README's handler example changed: update this test"
+    module = tmp_path / "my_tasks.py"
+    module.write_text(example)
+    out, err, status = mypy.api.run(
+        ["--strict", "--cache-dir", str(tmp_path / "cache"), str(module)]
+    )
+    assert status == 0, out + err
