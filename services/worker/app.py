@@ -79,7 +79,6 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         # high lane's), and a threshold they cannot reach made each statement linger.
         repo = WorkerRepository(pool, timeout=timeout, concurrency=settings.worker_concurrency)
         await repo.register_types(registry.specs())
-        await repo.touch_types(worker_id, registry.names(), settings.lease_s)
         events = EventSink(
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
         )

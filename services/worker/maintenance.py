@@ -46,18 +46,14 @@ async def heartbeat(
     """Renew every running attempt's lease each third of the lease, in one statement,
     and say this worker still runs ``types`` (workers lacking one pass its tasks on).
     An attempt asked to cancel is stopped; so is one found no longer ours (reaped
-    while the database was away): its handler must not run on beside the next attempt.
-
-    At ``stop`` (set once the consumers drained) it takes back what it said of
-    ``types``: a type no other worker runs then fails its tasks as unknown_type at
-    once, not after a lease of passing them on."""
+    while the database was away): its handler must not run on beside the next attempt."""
     while not await _wait(stop, lease_s / 3):
         attempts = dict(runner.running)
         try:
             renewal = await repo.renew_leases(
                 {t: r.claimed.message.attempt for t, r in attempts.items()}, worker_id, lease_s
             )
-            await repo.touch_types(worker_id, types, lease_s)
+            await repo.touch_types(types)
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("lease renewal", exc)
             continue
@@ -73,11 +69,6 @@ async def heartbeat(
             log.warning(
                 "attempts found no longer ours: stopped", extra={"count": len(renewal.lost)}
             )
-    if types:
-        try:
-            await repo.withdraw_types(worker_id, types, lease_s)
-        except Exception as exc:  # noqa: BLE001 - they lapse after a lease, as on a crash
-            _survive("withdrawal of task types", exc)
 
 
 async def reaper(

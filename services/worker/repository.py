@@ -45,34 +45,6 @@ RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
           {PREVIOUS_COLUMNS}
 """
 
-# Each worker's own rows, and task_types.seen_at for workers not yet upgraded (they
-# read only that). Dead workers' rows go: not this one's, which its upsert rewrites.
-_TOUCH_TYPES = """
-WITH pruned AS (
-    DELETE FROM task_type_workers
-    WHERE seen_at < now() - make_interval(secs => $3) AND worker_id <> $2
-), mine AS (
-    INSERT INTO task_type_workers (type, worker_id, seen_at)
-    SELECT unnest($1::text[]), $2, now()
-    ON CONFLICT (type, worker_id) DO UPDATE SET seen_at = EXCLUDED.seen_at
-)
-UPDATE task_types SET seen_at = now() WHERE name = ANY($1::text[])
-"""
-
-# seen_at is cleared only where no other worker's row is fresh. pass_on reads those rows
-# too, so a worker whose touch this statement did not see (committed meanwhile) still
-# counts; the guard is for the workers not yet upgraded, which read seen_at alone.
-_WITHDRAW_TYPES = """
-WITH gone AS (
-    DELETE FROM task_type_workers WHERE worker_id = $2
-)
-UPDATE task_types tt SET seen_at = NULL
-WHERE tt.name = ANY($1::text[])
-  AND NOT EXISTS (SELECT 1 FROM task_type_workers w
-                  WHERE w.type = tt.name AND w.worker_id <> $2
-                    AND w.seen_at > now() - make_interval(secs => $3))
-"""
-
 _PROGRESS = f"""
 UPDATE tasks SET progress = greatest(progress, $3), message = $4,
     last_seq = last_seq + 1, updated_at = now()
@@ -172,15 +144,11 @@ class WorkerRepository:
                 [(s.name, s.args_schema(), s.max_attempts, s.timeout_s) for s in specs],
             )
 
-    async def touch_types(self, worker_id: str, names: Sequence[str], lease_s: float) -> None:
-        """Say this worker still runs these types (see pass_on), and prune what dead
-        workers said more than a lease ago (it counts for nothing)."""
-        await self._execute(_TOUCH_TYPES, list(names), worker_id, lease_s)
-
-    async def withdraw_types(self, worker_id: str, names: Sequence[str], lease_s: float) -> None:
-        """Say this worker, stopping, runs these types no more: a type no other worker
-        said it runs within a lease is nobody's at once (see pass_on)."""
-        await self._execute(_WITHDRAW_TYPES, list(names), worker_id, lease_s)
+    async def touch_types(self, names: Sequence[str]) -> None:
+        """Say this worker still runs these types (see pass_on)."""
+        await self._execute(
+            "UPDATE task_types SET seen_at = now() WHERE name = ANY($1::text[])", list(names)
+        )
 
     async def pass_on(self, message: TaskMessage, seen_within_s: float, delay_s: float) -> bool:
         """For a message of a type this worker lacks: when another worker said it runs
@@ -196,9 +164,7 @@ class WorkerRepository:
                 FROM tasks t JOIN task_types tt ON tt.name = t.type
                 WHERE t.id = $1 AND t.tenant_id = $2 AND t.type = $3
                   AND t.state IN ('queued', 'retrying') AND t.attempts = $4 - 1
-                  AND (tt.seen_at > now() - make_interval(secs => $5)
-                       OR EXISTS (SELECT 1 FROM task_type_workers w WHERE w.type = t.type
-                                  AND w.seen_at > now() - make_interval(secs => $5)))
+                  AND tt.seen_at > now() - make_interval(secs => $5)
                 FOR UPDATE OF t
                 """,
                 message.task_id,

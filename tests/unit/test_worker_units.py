@@ -569,7 +569,7 @@ class _FlakyLeases:
     async def ping(self) -> None:
         return None
 
-    async def touch_types(self, worker_id: str, names: Sequence[str], lease_s: float) -> None:
+    async def touch_types(self, names: Sequence[str]) -> None:
         return None
 
     async def reap(self) -> list[Any]:
@@ -667,7 +667,7 @@ class _LostAttempt:
     async def renew_leases(self, attempts: Any, worker_id: str, lease_s: float) -> Renewal:
         return Renewal([], [self.lost])
 
-    async def touch_types(self, worker_id: str, names: Sequence[str], lease_s: float) -> None:
+    async def touch_types(self, names: Sequence[str]) -> None:
         return None
 
 
@@ -686,43 +686,6 @@ async def test_the_heartbeat_stops_an_attempt_no_longer_ours() -> None:
         release.set()
         await beat
     assert running.stop_reason is StopReason.FENCED and outcome.state == "interrupted"
-
-
-class _Types:
-    """Records what the heartbeat says of its types; the withdrawal may fail."""
-
-    def __init__(self, withdrawal: BaseException | None = None) -> None:
-        self.calls: list[tuple[str, str, list[str]]] = []
-        self.withdrawal = withdrawal
-
-    async def renew_leases(self, attempts: Any, worker_id: str, lease_s: float) -> Renewal:
-        return Renewal([], [])
-
-    async def touch_types(self, worker_id: str, names: Sequence[str], lease_s: float) -> None:
-        self.calls.append(("touch", worker_id, list(names)))
-
-    async def withdraw_types(self, worker_id: str, names: Sequence[str], lease_s: float) -> None:
-        self.calls.append(("withdraw", worker_id, list(names)))
-        if self.withdrawal is not None:
-            raise self.withdrawal
-
-
-@pytest.mark.parametrize("withdrawal", [None, asyncpg.QueryCanceledError("timeout")])
-async def test_the_heartbeat_withdraws_its_types_when_it_stops(
-    withdrawal: BaseException | None,
-) -> None:
-    """Last, once (the consumers drained before its stop): a type no other worker runs
-    is nobody's at once. A failed withdrawal (they lapse after a lease) ends no worker."""
-    repo, stop = _Types(withdrawal), asyncio.Event()
-    beat = asyncio.create_task(
-        heartbeat(repo, SimpleNamespace(running={}), "w", 0.03, stop, types=["a", "b"])  # type: ignore[arg-type]
-    )
-    await eventually(until(lambda: repo.calls), what="a touch")
-    stop.set()
-    await beat
-    assert repo.calls[0] == ("touch", "w", ["a", "b"])
-    assert repo.calls[-1] == ("withdraw", "w", ["a", "b"])
-    assert [c[0] for c in repo.calls].count("withdraw") == 1
 
 
 async def test_a_fenced_report_stops_the_attempt_and_bad_data_is_refused_at_once() -> None:
