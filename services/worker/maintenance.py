@@ -27,8 +27,13 @@ REAPED = Counter(
 PURGED = Counter("longhaul_worker_purged_total", "Finished tasks deleted after their retention")
 
 # What a reaper's failed round says about the leases: the database did not answer (in
-# time), so the heartbeats of live workers may have failed too.
-_DATABASE_AWAY: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, asyncpg.QueryCanceledError)
+# time, or at all for want of resources), so the heartbeats of live workers may have
+# failed too.
+_DATABASE_AWAY: tuple[type[BaseException], ...] = (
+    *TRANSIENT_ERRORS,
+    asyncpg.QueryCanceledError,  # a statement timeout: too slow to answer
+    asyncpg.InsufficientResourcesError,  # out of connections, memory or disk
+)
 
 # A purge round deletes at most this many batches, then sleeps: a backlog (the first
 # purge of a large table, a retention just shortened) goes at a bounded pace.
@@ -98,7 +103,9 @@ async def reaper(
             rows = await repo.reap()
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("reaper", exc)
-            failed = isinstance(exc, _DATABASE_AWAY)
+            # Still failed after an outage if the ping failed for any reason (a reconnect
+            # storm's "too many connections" among them): the quiet lease must follow.
+            failed = failed or isinstance(exc, _DATABASE_AWAY)
             continue
         if rows:
             REAPED.inc(len(rows))

@@ -631,6 +631,43 @@ async def test_the_reaper_waits_a_lease_once_the_database_is_back() -> None:
     assert reaped_at - back_at >= lease_s
 
 
+class _PingFailsOnce:
+    """The first reap fails (the database away), then the first ping (not with a
+    connection error: the database is back, but refuses the ping)."""
+
+    def __init__(self, ping_error: Exception) -> None:
+        self.calls: list[str] = []
+        self._ping_error = ping_error
+
+    async def ping(self) -> None:
+        self.calls.append("ping")
+        if self.calls.count("ping") == 1:
+            raise self._ping_error
+
+    async def reap(self) -> list[Any]:
+        self.calls.append("reap")
+        if len(self.calls) == 1:
+            raise ConnectionRefusedError(111, "refused")
+        return []
+
+
+@pytest.mark.parametrize(
+    "ping_error",
+    [asyncpg.TooManyConnectionsError("sorry, too many clients already"), KeyError("a bug")],
+)
+async def test_a_failed_ping_after_an_outage_does_not_skip_the_quiet_lease(
+    ping_error: Exception,
+) -> None:
+    """A restart's reconnect storm can refuse the ping: the reaper must not take that
+    for the database's return without the quiet lease, and reap live workers' tasks."""
+    repo, stop = _PingFailsOnce(ping_error), asyncio.Event()
+    job = asyncio.create_task(reaper(repo, SimpleNamespace(), 1.2, stop))  # type: ignore[arg-type]
+    await eventually(until(lambda: len(repo.calls) >= 3), within=10, what="a third round")
+    stop.set()
+    await job
+    assert repo.calls[:3] == ["reap", "ping", "ping"]
+
+
 class _ReaperWithABug:
     """The first reap raises an error of ours, not the database's."""
 
