@@ -549,3 +549,39 @@ async def test_a_socket_the_pages_policy_blocks_is_an_error_not_connecting_forev
         " ws://elsewhere.test:8001"
     ), message
     assert result["tokens"] == 1
+
+
+async def test_a_report_only_policy_is_no_reason_to_give_up(
+    browser: Browser,  # noqa: F811 - the fixture
+) -> None:
+    """A page trialling a Content-Security-Policy-Report-Only that leaves the gateway out
+    gets a violation report, but its socket is not blocked: the client goes on as for
+    any socket that closes (here: no such host), and never says "error"."""
+    page = await browser.new_page()
+    policy = "default-src 'none'; script-src 'self'; connect-src 'self'"
+    headers = {"Content-Security-Policy-Report-Only": policy}
+    await page.route(f"{ORIGIN}/**", _serve_client("report-only", headers))
+    try:
+        await page.goto(f"{ORIGIN}/")
+        result = await run(
+            page,
+            """
+            const statuses = [];
+            let reports = 0;
+            document.addEventListener("securitypolicyviolation", () => { reports += 1; });
+            const client = new LonghaulClient({
+              gatewayUrl: "ws://elsewhere.test:8001/v1/ws", baseDelayMs: 1,
+              getToken: async () => "t",
+              onStatus: (status) => statuses.push(status),
+            });
+            for (let i = 0; i < 600 && !statuses.includes("reconnecting"); i++) {
+              await new Promise((r) => setTimeout(r, 5));
+            }
+            client.close();
+            return { statuses, reports };
+            """,
+        )
+    finally:
+        await page.close()
+    assert result["reports"] >= 1, result  # the policy did see the socket
+    assert "reconnecting" in result["statuses"] and "error" not in result["statuses"], result

@@ -135,7 +135,8 @@ export class LonghaulClient {
     this.#onViolation = (event) => {
       // A socket this page's Content-Security-Policy does not allow: Chromium fires its
       // "error" but never its "close", so the status would stay "connecting" for ever.
-      // No retry can fix it on this page.
+      // No retry can fix it on this page. A report-only policy blocks nothing.
+      if (event.disposition !== "enforce") return;
       const blocked = originOf(event.blockedURI);
       if (this.socket && blocked !== null && blocked === originOf(this.socket.url)) {
         const why = `this page's Content-Security-Policy (${event.effectiveDirective}) ` +
