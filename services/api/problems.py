@@ -70,14 +70,17 @@ def validation_problem(
     exc: ValidationError, prefix: Sequence[str | int] = ("body",), title: str = "Invalid request"
 ) -> ProblemException:
     errors = [ProblemError(loc=[*prefix, *e["loc"]], msg=_message(e)) for e in exc.errors()]
+    return ProblemException(422, title, summary(errors, prefix), slug="validation", errors=errors)
+
+
+def summary(errors: Sequence[ProblemError], whole: Sequence[str | int] = ()) -> str:
+    """A problem's detail from its first errors: "body.args.n: must be ..." each. An
+    error at ``whole`` itself (the body) is its message alone, which names it."""
     detail = "; ".join(
-        # The body itself: its message says so ("the body must be a JSON object").
-        err.msg if len(err.loc) == len(prefix) else f"{'.'.join(map(str, err.loc))}: {err.msg}"
+        err.msg if len(err.loc) == len(whole) else f"{'.'.join(map(str, err.loc))}: {err.msg}"
         for err in errors[:3]
     )
-    if len(errors) > 3:
-        detail += f" (and {len(errors) - 3} more)"
-    return ProblemException(422, title, detail, slug="validation", errors=errors)
+    return detail + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
 
 
 @web.middleware

@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from services.api import meaning
-from services.api.problems import ProblemException, validation_problem
+from services.api.problems import ProblemException, summary, validation_problem
 from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
 from shared.schemas import ProblemError, TaskRequest, TaskState, is_task_type
@@ -301,8 +301,9 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
             errors.append(ProblemError(loc=["query", "cursor"], msg="not a cursor we issued"))
     if errors:
         # As a body's validation problem says it: "query.state: given more than once".
-        detail = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3])
-        raise ProblemException(422, "Invalid request", detail, slug="validation", errors=errors)
+        raise ProblemException(
+            422, "Invalid request", summary(errors), slug="validation", errors=errors
+        )
     return ListQuery(state=state, type=type_, limit=limit, before=before)
 
 

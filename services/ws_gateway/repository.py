@@ -68,12 +68,7 @@ class TaskRepository:
 
     async def key_active(self, key_id: str) -> bool:
         """Whether the API key ``key_id`` exists and is not revoked."""
-        found = await self._pool.fetchval(
-            "SELECT true FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL",
-            key_id,
-            timeout=self._timeout,
-        )
-        return found is not None
+        return key_id in await self.active_keys([key_id])
 
     async def active_keys(self, key_ids: Sequence[str]) -> set[str]:
         """Those of the API keys ``key_ids`` that exist and are not revoked."""

@@ -89,6 +89,13 @@ async def page(browser: Browser) -> AsyncIterator[Page]:  # noqa: F811 - the fix
         await page.close()
 
 
+# A client on the fake socket, that socket open: ``client`` and ``ws`` in scope.
+OPEN_CLIENT = (
+    'const client = new LonghaulClient({ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" });'
+    " await tick(); const ws = sockets[0]; ws.open();"
+)
+
+
 async def run(page: Page, body: str) -> Any:
     """``body``: an async function's statements, with LonghaulClient in scope."""
     return await page.evaluate(
@@ -106,10 +113,7 @@ async def test_a_handler_added_after_the_end_gets_the_events_from_its_own_seq(
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
-        await tick();
-        const ws = sockets[0];
-        ws.open();
+        {OPEN_CLIENT}
         const first = [], second = [];
         client.subscribe("{TASK}", {{ onEvent: (e) => first.push(e.seq) }});
         const events = [
@@ -220,9 +224,7 @@ async def test_an_id_in_any_form_the_gateway_reads_gets_its_events(
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
-        await tick();
-        sockets[0].open();
+        {OPEN_CLIENT}
         const got = [], errors = [];
         client.subscribe("{written}", {{ onEvent: (e) => got.push(e.seq) }});
         sockets[0].feed({{ type: "event", task_id: "{TASK}", seq: 1, state: "queued" }});
@@ -249,10 +251,7 @@ async def test_a_subscribe_again_gets_its_replay_not_the_live_event_ahead_of_it(
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
-        await tick();
-        const ws = sockets[0];
-        ws.open();
+        {OPEN_CLIENT}
         const ev = (seq) => ({{ type: "event", task_id: "{TASK}", seq, state: "running" }});
         const first = [], second = [], anew = [];
         const sub = client.subscribe("{TASK}", {{ onEvent: (e) => first.push(e.seq) }});
@@ -296,10 +295,7 @@ async def test_a_snapshot_meant_for_the_old_subscription_does_not_skip_a_replay(
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" }});
-        await tick();
-        const ws = sockets[0];
-        ws.open();
+        {OPEN_CLIENT}
         const ev = (seq, extra = {{}}) => ({{ type: "event", task_id: "{TASK}", seq, state: "running", ...extra }});
         const first = [], behind = [], anew = [];
         const sub = client.subscribe("{TASK}", {{ onEvent: (e) => first.push(e.seq) }});
