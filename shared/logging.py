@@ -1,5 +1,5 @@
 """Structured logs to stderr: one JSON object a line, carrying task_id and trace_id
-from the context of the task being handled."""
+from the context of the task being handled, and request_id from the API request's."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import orjson
 
 task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
 trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
 
 # Attributes every LogRecord has; anything else came through ``extra=`` and is logged.
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -36,6 +39,8 @@ class JsonFormatter(logging.Formatter):
             out["task_id"] = task_id
         if (trace_id := trace_id_var.get()) is not None:
             out["trace_id"] = trace_id
+        if (request_id := request_id_var.get()) is not None:
+            out["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value

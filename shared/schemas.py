@@ -208,6 +208,8 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[ProblemError] | None = None
+    # An extension member: the X-Request-ID of the response, to find its logs.
+    request_id: str | None = None
 
 
 # ---------------------------------------------------------------- RabbitMQ

@@ -28,6 +28,7 @@ from services.api.context import SERVICES, Services
 from services.api.problems import Handler, ProblemException, problem_middleware
 from services.api.ratelimit import RateLimiter
 from services.api.repository import ApiRepository, OutcomeUnknown
+from services.api.requestids import request_id_middleware
 from services.api.routes import routes
 from services.api.settings import ApiSettings
 from services.api.tasktypes import TaskTypes
@@ -173,9 +174,15 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        # Order: metrics sees the final status; problems renders every error,
-        # including the 503 the dependency middleware raises.
-        middlewares=[metrics_middleware, problem_middleware, dependency_middleware],
+        # Order: metrics sees the final status; every response, a problem or not, gets
+        # its request id; problems renders every error, including the 503 the
+        # dependency middleware raises.
+        middlewares=[
+            metrics_middleware,
+            request_id_middleware,
+            problem_middleware,
+            dependency_middleware,
+        ],
     )
     app[SERVICES] = svc
     app.add_routes(routes)

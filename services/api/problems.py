@@ -11,6 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from shared.logging import request_id_var
 from shared.schemas import Problem, ProblemError
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,12 @@ class ProblemException(Exception):
 
 
 def problem_response(problem: Problem, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = problem.model_dump(exclude_none=True)
+    if (rid := request_id_var.get()) is not None:
+        body["request_id"] = rid
     return web.Response(
         status=problem.status,
-        body=orjson.dumps(problem.model_dump(exclude_none=True)),
+        body=orjson.dumps(body),
         content_type=PROBLEM_TYPE,
         headers=headers,
     )
@@ -103,7 +107,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             Problem(
                 title="Internal Server Error",
                 status=500,
-                detail="an unexpected error; it has been logged",
+                detail="an unexpected error; it has been logged under this request_id",
             )
         )
 

@@ -1,6 +1,6 @@
-"""The API's operational endpoints against real dependencies: /metrics, and /readyz
+"""The API's operational endpoints against real dependencies: /metrics, /readyz
 naming the dependency that is down (Redis here, a private instance: stopping the shared
-one would disturb other runs)."""
+one would disturb other runs), and the request id every answer carries."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ async def test_readyz_names_the_dependency_down_and_metrics_are_served(
             async with http.get(f"{system.api_url}/readyz") as r:
                 assert r.status == 200
                 assert set((await r.json())["dependencies"].values()) == {"ok"}
+            await _answers_carry_request_ids(http, system.api_url)
             redis_server.stop()
 
             async def unready() -> dict[str, str] | None:
@@ -42,3 +43,18 @@ async def test_readyz_names_the_dependency_down_and_metrics_are_served(
             assert deps["postgresql"] == "ok" and deps["rabbitmq"] == "ok", deps
         finally:
             system.stop()
+
+
+async def _answers_carry_request_ids(http: aiohttp.ClientSession, api_url: str) -> None:
+    """Every answer names its request: the caller's X-Request-ID when it is a plain
+    token, else a new one; a problem carries it in its body too."""
+    async with http.get(f"{api_url}/v1/tasks", headers={"X-Request-ID": "lb-7f3a:1"}) as r:
+        assert r.status == 401
+        assert r.headers["X-Request-ID"] == "lb-7f3a:1"
+        assert (await r.json())["request_id"] == "lb-7f3a:1"
+    async with http.get(f"{api_url}/healthz", headers={"X-Request-ID": "two words"}) as r:
+        assert r.status == 200
+        new = r.headers["X-Request-ID"]
+    assert new != "two words" and len(new) == 32 and int(new, 16) >= 0
+    async with http.get(f"{api_url}/healthz") as r:
+        assert r.headers["X-Request-ID"] not in {new, ""}
