@@ -17,6 +17,7 @@ from shared.schemas import (
     TaskPage,
     TaskRequest,
     TaskState,
+    Timestamp,
     WsTokenRequest,
 )
 
@@ -50,6 +51,8 @@ class Redriven(DeadLetter):
 class TaskTypeItem(BaseModel):
     name: str
     args_schema: dict[str, Any]
+    # When a worker running the type last said so; null: none has.
+    last_seen_at: Timestamp | None
 
 
 class TaskTypeList(BaseModel):

@@ -182,7 +182,7 @@ class ApiRepository:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return list(
                 await conn.fetch(
-                    "SELECT name, args_schema, max_attempts, timeout_s FROM task_types"
+                    "SELECT name, args_schema, max_attempts, timeout_s, seen_at FROM task_types"
                     " ORDER BY name"
                 )
             )

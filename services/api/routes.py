@@ -377,7 +377,14 @@ def _not_retryable(state: str) -> ProblemException:
 @routes.get("/v1/task-types")
 async def task_types(request: web.Request) -> web.Response:
     svc, _ = await _principal(request)
-    items = [{"name": t.name, "args_schema": t.args_schema} for t in await svc.types.all()]
+    items = [
+        {
+            "name": t.name,
+            "args_schema": t.args_schema,
+            "last_seen_at": None if t.last_seen_at is None else format_ts(t.last_seen_at),
+        }
+        for t in await svc.types.all()
+    ]
     return web.Response(body=orjson.dumps({"items": items}), content_type="application/json")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -28,6 +29,9 @@ class TaskTypeInfo:
     # The type's own defaults (``@task(max_attempts=..., timeout_s=...)``), if it set them.
     max_attempts: int | None = None
     timeout_s: float | None = None
+    # When a worker running the type last said so (its lease heartbeat); None if none
+    # has since the column was added. As fresh as the cache.
+    last_seen_at: datetime | None = None
 
     def defaults_for(self, task: TaskRequest) -> TaskRequest:
         """``task`` with the type's defaults where the request set no value of its own."""
@@ -104,7 +108,12 @@ class TaskTypes:
                 continue
             validator = Draft202012Validator(schema)
             types[row["name"]] = TaskTypeInfo(
-                row["name"], schema, validator, row["max_attempts"], row["timeout_s"]
+                row["name"],
+                schema,
+                validator,
+                row["max_attempts"],
+                row["timeout_s"],
+                row["seen_at"],
             )
         self._types = types
         self._loaded_at = time.monotonic()

@@ -617,3 +617,27 @@ async def test_running_task_is_cancelled_within_seconds(
     else:  # what the API's cancel writes, without its message to the workers
         await db.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task["id"])
     await eventually(lambda: state_is("cancelled"), within=8, what="the task to be cancelled")
+
+
+async def test_task_types_say_when_a_worker_last_ran_them(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """`GET /v1/task-types` says when a worker running each type last said so: a type
+    whose worker's heartbeat wrote it has a timestamp, one no worker has run has null.
+    Its own database: these types reach no other test."""
+    db, tenant = isolated.db, isolated.tenant
+    await db.execute(
+        "INSERT INTO task_types (name, args_schema, seen_at) VALUES"
+        " ('seen.recently', '{}', '2026-01-02T03:04:05.678Z'), ('seen.never', '{}', NULL)"
+    )
+    system = System(isolated.deployment.env())
+    try:
+        await system.start_api()
+        async with http.get(f"{system.api_url}/v1/task-types", headers=tenant.headers) as r:
+            assert r.status == 200
+            items = {t["name"]: t for t in (await r.json())["items"]}
+    finally:
+        system.stop()
+    assert items["seen.recently"]["last_seen_at"] == "2026-01-02T03:04:05.678Z"
+    assert items["seen.never"]["last_seen_at"] is None
+    assert set(items["seen.never"]) == {"name", "args_schema", "last_seen_at"}
