@@ -177,12 +177,17 @@ class Task(BaseModel):
     attempts: int
     max_attempts: int
     priority: int
+    # Seconds per attempt, as the task runs them (the request's, else its type's, else
+    # the default): a client that set none can see what applies.
+    timeout_s: float
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
     updated_at: Timestamp
     next_attempt_at: Timestamp | None = None
     last_seq: int
+    # The W3C trace id its logs and events carry (the request's traceparent's, else new).
+    trace_id: str | None = None
     links: TaskLinks
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 TASK_COLUMNS = (
     "id, tenant_id, type, args, state, progress, message, result, error, attempts, "
-    "max_attempts, priority, created_at, started_at, finished_at, updated_at, "
+    "max_attempts, priority, timeout_s, created_at, started_at, finished_at, updated_at, "
     "next_attempt_at, last_seq, request_hash, trace_id"
 )
 

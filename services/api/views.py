@@ -30,12 +30,14 @@ def task_document(row: Row, events_url: str) -> dict[str, Any]:
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
         "priority": row["priority"],
+        "timeout_s": row["timeout_s"],
         "created_at": format_ts(row["created_at"]),
         "started_at": _ts(row["started_at"]),
         "finished_at": _ts(row["finished_at"]),
         "updated_at": format_ts(row["updated_at"]),
         "next_attempt_at": _ts(row["next_attempt_at"]),
         "last_seq": row["last_seq"],
+        "trace_id": row["trace_id"],
         "links": {"self": f"/v1/tasks/{task_id}", "events": events_url},
     }
 

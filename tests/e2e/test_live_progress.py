@@ -124,16 +124,19 @@ async def test_every_frame_carries_the_trace_of_the_submitting_request(
     deployment: Deployment,
 ) -> None:
     """One trace from the HTTP request to the WebSocket frame: the ``traceparent`` of
-    the POST reaches every event of the task, live, replayed and as a snapshot."""
+    the POST reaches the Task object and every event of the task, live, replayed and as
+    a snapshot."""
     await system.start_api()
     await system.start_worker()
     await system.start_gateway()
     trace = "5e" * 16
     headers = {**tenant.headers, "traceparent": f"00-{trace}-{'0a' * 8}-01"}
-    body = {"type": "demo.sleep", "args": {"seconds": 0.3, "steps": 3}}
+    body = {"type": "demo.sleep", "args": {"seconds": 0.3, "steps": 3}, "timeout_s": 30}
     async with http.post(f"{system.api_url}/v1/tasks", json=body, headers=headers) as r:
         assert r.status == 202, await r.text()
-        task_id = (await r.json())["id"]
+        accepted = await r.json()
+    task_id = accepted["id"]
+    assert (accepted["trace_id"], accepted["timeout_s"]) == (trace, 30.0), accepted
     async with await _ws(http, system, tenant) as ws:
         await ws.send(json.dumps({"op": "subscribe", "task_id": task_id}))
         live = (await _collect(ws, {task_id}))[task_id]

@@ -974,6 +974,7 @@ class _SlowTypes:
                 "args_schema": {"type": "object"},
                 "max_attempts": None,
                 "timeout_s": None,
+                "seen_at": None,
             }
         ]
 
@@ -1003,7 +1004,13 @@ async def test_a_type_with_an_invalid_args_schema_is_refused_not_admitted_unchec
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def row(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-        return {"name": name, "args_schema": schema, "max_attempts": None, "timeout_s": None}
+        return {
+            "name": name,
+            "args_schema": schema,
+            "max_attempts": None,
+            "timeout_s": None,
+            "seen_at": None,
+        }
 
     rows = [row("ok.type", {"type": "object"}), row("bad.type", {"type": 12})]
     types = TaskTypes(_Types(rows), refresh_s=60)  # type: ignore[arg-type]
@@ -1078,12 +1085,14 @@ def _row(**changes: Any) -> dict[str, Any]:
         "attempts": 0,
         "max_attempts": 3,
         "priority": 0,
+        "timeout_s": 600.0,
         "created_at": created,
         "started_at": None,
         "finished_at": None,
         "updated_at": created,
         "next_attempt_at": None,
         "last_seq": 1,
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
     }
     return {**row, **changes}
 
