@@ -1,4 +1,4 @@
-"""The longhaul operator command: migrate, keys and dlq."""
+"""The longhaul operator command: migrate, keys, tenants and dlq."""
 
 from __future__ import annotations
 
@@ -139,6 +139,60 @@ async def _keys_list(settings: CommonSettings, tenant: str | None) -> None:
         print(f"lh_{r['label']}_{r['key_id']}_…\t{r['name']}\t{r['created_at']:%Y-%m-%d}\t{state}")
 
 
+async def _tenants_list(settings: CommonSettings) -> None:
+    conn = await connect(settings.database_url, settings.start_timeout_s)
+    try:
+        rows = await conn.fetch(
+            "SELECT t.id, t.name, t.rate_limit_per_s, t.rate_burst,"
+            " count(k.key_id) FILTER (WHERE k.revoked_at IS NULL) AS active_keys"
+            " FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id"
+            " GROUP BY t.id ORDER BY t.name"
+        )
+    finally:
+        await conn.close()
+    for r in rows:
+        print(
+            f"{terminal_safe(r['name'])}\t{r['id']}\t{_limits(r['rate_limit_per_s'], r['rate_burst'])}"
+            f"\tactive keys={r['active_keys']}"
+        )
+    if not rows:
+        print("no tenants", file=sys.stderr)
+
+
+def _limits(rate: float | None, burst: int | None) -> str:
+    """A tenant's rate limit as the API applies it: its own values, or the API's
+    LONGHAUL_RATE_LIMIT_PER_S / _BURST where it has none. Pure."""
+    shown_rate = "default" if rate is None else f"{rate:g}/s"
+    shown_burst = "default" if burst is None else str(burst)
+    return f"rate={shown_rate}\tburst={shown_burst}"
+
+
+async def _tenants_limit(
+    settings: CommonSettings, tenant: str, rate: float | None, burst: int | None, clear: bool
+) -> None:
+    if clear == (rate is not None or burst is not None):
+        raise ConfigError("give --rate and/or --burst, or --default alone")
+    conn = await connect(settings.database_url, settings.start_timeout_s)
+    try:
+        # --default clears both; otherwise a value not given is kept.
+        row = await conn.fetchrow(
+            "UPDATE tenants SET"
+            " rate_limit_per_s = CASE WHEN $2 THEN NULL ELSE coalesce($3, rate_limit_per_s) END,"
+            " rate_burst = CASE WHEN $2 THEN NULL ELSE coalesce($4, rate_burst) END"
+            " WHERE name = $1 RETURNING rate_limit_per_s, rate_burst",
+            tenant,
+            clear,
+            rate,
+            burst,
+        )
+    finally:
+        await conn.close()
+    if row is None:
+        raise ConfigError(f"no tenant named {terminal_safe(tenant)!r}")
+    limits = _limits(row["rate_limit_per_s"], row["rate_burst"]).replace("\t", ", ")
+    print(f"tenant {terminal_safe(tenant)}: {limits} (every API within LONGHAUL_AUTH_CACHE_S)")
+
+
 async def _dlq_list(settings: CommonSettings, limit: int) -> None:
     conn = await connect(settings.database_url, settings.start_timeout_s)
     try:
@@ -227,6 +281,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    """argparse's type for requests per second: a positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longhaul", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,13 +309,29 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--tenant")
+    tenants = sub.add_parser("tenants", help="list tenants; set a tenant's own rate limit")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    tenants_sub.add_parser("list", help="tenants, their rate limits and active key counts")
+    limit = tenants_sub.add_parser(
+        "limit",
+        help="set a tenant's own rate limit (requests/s and burst) or go back to the default",
+    )
+    limit.add_argument("tenant", help="the tenant's name")
+    limit.add_argument("--rate", type=_rate, help="requests per second (a value above 0)")
+    limit.add_argument("--burst", type=_positive, help="the bucket's size (at least 1)")
+    limit.add_argument(
+        "--default",
+        action="store_true",
+        dest="clear",
+        help="use the API's LONGHAUL_RATE_LIMIT_PER_S / _BURST again",
+    )
     dlq = sub.add_parser("dlq", help="dead letters: messages that could not be processed")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", help="newest first, every tenant's")
     dlq_list.add_argument("--limit", type=_positive, default=50)
     dlq_redrive = dlq_sub.add_parser("redrive", help="run a dead letter's task again")
     dlq_redrive.add_argument("id")
-    for subparsers in (sub, keys_sub, dlq_sub):
+    for subparsers in (sub, keys_sub, tenants_sub, dlq_sub):
         # A missing command is told by its choices ("required: {migrate,keys,dlq}"),
         # as the usage shows them, not by the dest that dispatches on it.
         subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
@@ -263,6 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load(CommonSettings)
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command == "tenants":
+            if args.tenants_command == "list":
+                asyncio.run(_tenants_list(settings))
+            else:
+                asyncio.run(
+                    _tenants_limit(settings, args.tenant, args.rate, args.burst, args.clear)
+                )
         elif args.command == "dlq":
             if args.dlq_command == "list":
                 asyncio.run(_dlq_list(settings, args.limit))

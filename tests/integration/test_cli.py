@@ -3,12 +3,14 @@
 ``dlq redrive``: the dead letter's task is queued again, once, and whoever watches it
 sees it queued at once, not when a worker takes it. No worker runs here, so nothing
 else writes the event. ``keys``: a key is listed by its id, never its secret, and
-shown revoked once revoked."""
+shown revoked once revoked. ``tenants``: a tenant's own rate limit is what the API
+applies."""
 
 from __future__ import annotations
 
 from uuid import UUID
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -18,7 +20,7 @@ from shared import keys
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskRequest, TaskState, parse_event
 from tests.conftest import ROOT_ENV, Isolated
-from tests.support import run_cli
+from tests.support import System, run_cli
 
 
 async def _dead_lettered(isolated: Isolated) -> tuple[UUID, UUID]:
@@ -255,3 +257,61 @@ async def test_a_key_made_elsewhere_is_registered_once(isolated: Isolated) -> No
 async def test_a_bad_limit_is_refused_before_the_database(isolated: Isolated) -> None:
     code, _, err = await _cli(isolated.deployment.env(), "dlq", "list", "--limit", "-1")
     assert code == 2 and "--limit: must be a whole number of at least 1, not '-1'" in err, err
+
+
+def _fields(line: str) -> list[str]:
+    """A `tenants list` line's fields after the name."""
+    return line.split("\t")[1:]
+
+
+async def test_a_tenants_own_rate_limit_is_set_listed_applied_and_cleared(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """`tenants limit` sets what the API applies to that tenant (here 2 requests, then
+    429), `tenants list` shows it, and `--default` gives the tenant the API's own back."""
+    env, tenant = isolated.deployment.env(), isolated.tenant
+
+    async def listed() -> str:
+        code, out, err = await _cli(env, "tenants", "list")
+        assert code == 0, err
+        [line] = [line for line in out.splitlines() if line.startswith(f"{tenant.name}\t")]
+        return line
+
+    assert _fields(await listed()) == [str(tenant.id), "rate=default", "burst=default",
+                                            "active keys=1"]  # fmt: skip
+    code, out, err = await _cli(
+        env, "tenants", "limit", tenant.name, "--rate", "0.01", "--burst", "2"
+    )
+    assert code == 0 and "rate=0.01/s, burst=2" in out, err
+    assert _fields(await listed())[1:3] == ["rate=0.01/s", "burst=2"]
+    system = System(env)
+    try:
+        await system.start_api()
+        statuses = []
+        for _ in range(3):
+            async with http.get(f"{system.api_url}/v1/tasks", headers=tenant.headers) as r:
+                statuses.append(r.status)
+    finally:
+        system.stop()
+    assert statuses == [200, 200, 429]
+    code, out, err = await _cli(env, "tenants", "limit", tenant.name, "--default")
+    assert code == 0 and "rate=default, burst=default" in out, err
+    assert _fields(await listed())[1:3] == ["rate=default", "burst=default"]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["limit", "nobody-by-this-name", "--rate", "5"], "no tenant named 'nobody-by-this-name'"),
+        (["limit", "x"], "give --rate and/or --burst, or --default alone"),
+        (["limit", "x", "--rate", "5", "--default"], "give --rate and/or --burst, or --default"),
+        (["limit", "x", "--rate", "0"], "--rate: must be a number above 0, not '0'"),
+        (["limit", "x", "--rate", "nan"], "--rate: must be a number above 0, not 'nan'"),
+        (["limit", "x", "--burst", "0"], "--burst: must be a whole number of at least 1"),
+    ],
+)
+async def test_a_bad_tenant_limit_is_refused_with_exit_2_saying_why(
+    isolated: Isolated, args: list[str], error: str
+) -> None:
+    code, _, err = await _cli(isolated.deployment.env(), "tenants", *args)
+    assert code == 2 and error in err and err.count("\n") <= 3, err
