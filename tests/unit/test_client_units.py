@@ -1,0 +1,232 @@
+"""The Python client's own logic: its SSE reading, what it retries and what it never
+does, against small HTTP servers of ours that answer as the API and the gateway do."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from longhaul import Client, LonghaulError, RetryPolicy
+from longhaul.client import retry_delay, stream_base
+from longhaul.sse import Message, Parser
+from shared.backoff import Backoff
+from shared.ids import uuid7
+
+TASK_ID = uuid7()
+NO_WAIT = RetryPolicy(attempts=4, backoff=Backoff(base_s=0.0, cap_s=0.0))
+
+
+def _task(state: str = "queued", last_seq: int = 1, events: str = "ws://gw/v1/ws") -> Any:
+    return {
+        "id": str(TASK_ID),
+        "type": "demo.sleep",
+        "args": {},
+        "state": state,
+        "progress": 0.0,
+        "message": None,
+        "result": None,
+        "error": None,
+        "attempts": 0,
+        "max_attempts": 5,
+        "priority": 0,
+        "timeout_s": 600.0,
+        "created_at": "2026-12-07T10:00:00.000Z",
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": "2026-12-07T10:00:00.000Z",
+        "last_seq": last_seq,
+        "links": {"self": f"/v1/tasks/{TASK_ID}", "events": events},
+    }
+
+
+def _event(seq: int, state: str) -> bytes:
+    frame = {
+        "type": "event",
+        "task_id": str(TASK_ID),
+        "seq": seq,
+        "state": state,
+        "progress": 1.0 if state == "succeeded" else 0.0,
+        "message": None,
+        "data": None,
+        "ts": "2026-12-07T10:00:00.000Z",
+    }
+    return b"id: %d\ndata: %s\n\n" % (seq, orjson.dumps(frame))
+
+
+def _problem(status: int, **extra: Any) -> web.Response:
+    body = {"type": "about:blank", "title": "x", "status": status, "detail": "d", **extra}
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/problem+json"
+    )
+
+
+Route = Callable[[web.Request], Any]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[dict[tuple[str, str], Route]], Any]]:
+    servers: list[TestServer] = []
+
+    async def start(routes: dict[tuple[str, str], Route]) -> str:
+        app = web.Application()
+        for (method, path), handler in routes.items():
+            app.router.add_route(method, path, handler)
+        server = TestServer(app)
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_the_sse_parser_reads_as_eventsource_does() -> None:
+    parser = Parser("0")
+    lines = [": keepalive", "retry: 1500", "id: 4", 'data: {"a":', "data: 1}", "bogus: x", ""]
+    got = [parser.feed(line) for line in lines]
+    assert got[:-1] == [None] * 6
+    assert got[-1] == Message('{"a":\n1}', "4")
+    assert parser.retry_ms == 1500
+    # An id alone is no message, but carries on; an id holding NUL is ignored.
+    assert [parser.feed(x) for x in ("id: 5", "")] == [None, None]
+    assert parser.feed("id: 6\0") is None and parser.last_event_id == "5"
+    assert [parser.feed(x) for x in ("data:x", "")] == [None, Message("x", "5")]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "safe", "expected"),
+    [
+        (429, "3", False, 3.0),  # refused, nothing done: any request, when told
+        (503, "120", False, 60.0),  # a long Retry-After is capped
+        (504, None, True, 0.0),  # outcome unknown: a keyed submission or a read
+        (504, None, False, None),  # ... but not an unkeyed write
+        (None, None, True, 0.0),  # no answer at all: the same
+        (None, None, False, None),
+        (502, "1", False, None),
+        (422, None, True, None),  # the client's to fix
+        (409, None, True, None),
+    ],
+)
+def test_what_is_retried(
+    status: int | None, retry_after: str | None, safe: bool, expected: float | None
+) -> None:
+    policy = RetryPolicy(attempts=3, backoff=Backoff(base_s=0.0), max_retry_after_s=60)
+    assert retry_delay(policy, 1, status, retry_after, safe_if_lost=safe) == expected
+    # Out of tries: nothing is retried.
+    assert retry_delay(policy, 3, status, retry_after, safe_if_lost=safe) is None
+
+
+def test_the_stream_is_on_the_gateway_the_task_names() -> None:
+    assert stream_base("wss://live.example.com:8443/v1/ws") == "https://live.example.com:8443"
+    assert stream_base("ws://127.0.0.1:8001/v1/ws") == "http://127.0.0.1:8001"
+
+
+# ---------------------------------------------------------------- against fake servers
+
+
+async def test_a_submission_is_retried_with_its_key_until_stored(serve: Any) -> None:
+    """503 (not accepted) and 504 (outcome unknown) are tried again with the same
+    Idempotency-Key, so the API stores the task once; the Task comes back."""
+    answers = [_problem(503, request_id="r1"), _problem(504), None]
+    keys: list[str | None] = []
+
+    async def submit(request: web.Request) -> web.Response:
+        keys.append(request.headers.get("Idempotency-Key"))
+        assert await request.json() == {"type": "demo.sleep", "args": {"seconds": 1}}
+        answer = answers.pop(0)
+        return answer or web.json_response(_task(), status=202)
+
+    api = await serve({("POST", "/v1/tasks"): submit})
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        task = await client.submit("demo.sleep", {"seconds": 1})
+    assert task.id == TASK_ID and task.state == "queued"
+    assert len(keys) == 3 and len(set(keys)) == 1 and keys[0] is not None
+
+
+async def test_an_unkeyed_write_whose_answer_was_lost_is_not_sent_again(serve: Any) -> None:
+    calls = 0
+
+    async def retry(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return _problem(504, request_id="req-9")
+
+    api = await serve({("POST", "/v1/tasks/{id}/retry"): retry})
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        with pytest.raises(LonghaulError) as raised:
+            await client.retry(TASK_ID)
+    assert calls == 1
+    assert (raised.value.status, raised.value.request_id) == (504, "req-9")
+
+
+async def test_a_problem_is_raised_with_its_errors(serve: Any) -> None:
+    async def submit(request: web.Request) -> web.Response:
+        return _problem(422, errors=[{"loc": ["body", "type"], "msg": "unknown task type"}])
+
+    api = await serve({("POST", "/v1/tasks"): submit})
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        with pytest.raises(LonghaulError) as raised:
+            await client.submit("nope")
+    assert raised.value.status == 422
+    assert raised.value.errors == [{"loc": ["body", "type"], "msg": "unknown task type"}]
+
+
+async def test_a_dropped_stream_resumes_after_the_last_event_and_ends_at_the_terminal(
+    serve: Any,
+) -> None:
+    """The stream breaks after seq 2 (no terminal event): the client reconnects with
+    Last-Event-ID 2 and gets 3. A task token that expired (401) is replaced."""
+    seen_ids: list[str | None] = []
+    tokens: list[str] = []
+    issued = 0
+
+    async def token(request: web.Request) -> web.Response:
+        nonlocal issued
+        issued += 1
+        assert await request.json() == {"task_id": str(TASK_ID)}
+        return web.json_response({"token": f"t{issued}", "expires_at": "x"}, status=201)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        seen_ids.append(request.headers.get("Last-Event-ID"))
+        tokens.append(request.headers["Authorization"])
+        if len(seen_ids) == 2:
+            return web.Response(status=401)  # the first token has expired
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"retry: 10\n: longhaul\n\n")
+        if len(seen_ids) == 1:
+            await response.write(_event(1, "running") + _event(2, "running"))
+            assert request.transport is not None
+            request.transport.close()  # cut, no terminal event
+            return response
+        await response.write(_event(3, "succeeded"))
+        await response.write_eof()
+        return response
+
+    api = await serve({("POST", "/v1/ws-tokens"): token})
+    gateway = await serve({("GET", f"/v1/tasks/{TASK_ID}/events"): stream})
+    async with Client(api, "lh_k", gateway_url=gateway, retry=NO_WAIT) as client:
+        events = [e async for e in client.events(TASK_ID)]
+    assert [(e.seq, e.state) for e in events] == [(1, "running"), (2, "running"), (3, "succeeded")]
+    assert seen_ids == ["0", "2", "2"]
+    assert tokens == ["Bearer t1", "Bearer t1", "Bearer t2"]
+
+
+async def test_wait_on_an_ended_task_reads_no_stream(serve: Any) -> None:
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(_task(state="succeeded", last_seq=3))
+
+    api = await serve({("GET", f"/v1/tasks/{TASK_ID}"): get})
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        task = await asyncio.wait_for(client.wait(TASK_ID), 10)
+    assert task.state == "succeeded"
