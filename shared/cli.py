@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from uuid import UUID
+
+import asyncpg
 
 from shared import deadletters, keys
 from shared.db import ANY_PG_ERROR, connect, ensure_database, migrate, redacted
@@ -19,6 +22,16 @@ from shared.redis import create_client
 from shared.settings import CommonSettings, load
 from shared.taskrows import EVENT_COLUMNS, Row, event_from_row
 from shared.wire import Wire
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: CommonSettings) -> AsyncIterator[asyncpg.Connection]:
+    """One connection for one command, closed however the command ends."""
+    conn = await connect(settings.database_url, settings.start_timeout_s)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def _migrate(settings: CommonSettings) -> None:
@@ -61,31 +74,27 @@ async def _keys_create(
         # "-": from stdin, where no other user of the machine can read it (an argument
         # shows in every process listing).
         new = _given_key(sys.stdin.readline().strip() if given == "-" else given, label)
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
-        async with conn.transaction():
-            tenant_id = await conn.fetchval(
-                "INSERT INTO tenants (id, name) VALUES ($1, $2) "
-                "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-                uuid7(),
-                tenant,
+    async with _database(settings) as conn, conn.transaction():
+        tenant_id = await conn.fetchval(
+            "INSERT INTO tenants (id, name) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+            uuid7(),
+            tenant,
+        )
+        inserted = await conn.fetchval(
+            "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
+            new.key_id,
+            tenant_id,
+            new.label,
+            new.secret_hash,
+        )
+        if inserted is None:  # only a given key can meet its id (12 random characters)
+            revoked = await conn.fetchval(
+                "SELECT revoked_at IS NOT NULL FROM api_keys WHERE key_id = $1", new.key_id
             )
-            inserted = await conn.fetchval(
-                "INSERT INTO api_keys (key_id, tenant_id, label, secret_hash)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
-                new.key_id,
-                tenant_id,
-                new.label,
-                new.secret_hash,
-            )
-            if inserted is None:  # only a given key can meet its id (12 random characters)
-                revoked = await conn.fetchval(
-                    "SELECT revoked_at IS NOT NULL FROM api_keys WHERE key_id = $1", new.key_id
-                )
-                why = "it was revoked" if revoked else "a key is registered once"
-                raise ValueError(f"key id {new.key_id} is taken: {why}")
-    finally:
-        await conn.close()
+            why = "it was revoked" if revoked else "a key is registered once"
+            raise ValueError(f"key id {new.key_id} is taken: {why}")
     print(f"tenant {tenant} ({tenant_id}), key id {new.key_id}", file=sys.stderr)
     print(new.key)
 
@@ -108,48 +117,39 @@ def _given_key(key: str, label: str | None) -> keys.NewKey:
 
 async def _keys_revoke(settings: CommonSettings, key_id: str) -> None:
     wanted = keys.key_id_of(key_id)
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
+    async with _database(settings) as conn:
         # Idempotent: a revoked key keeps the time of its first revocation.
         row = await conn.fetchrow(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1"
             " RETURNING revoked_at = now() AS now",
             wanted,
         )
-    finally:
-        await conn.close()
     if row is None:
         raise ConfigError(f"no key with id {wanted}")
     print(f"revoked {wanted}" if row["now"] else f"{wanted} was already revoked")
 
 
 async def _keys_list(settings: CommonSettings, tenant: str | None) -> None:
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
+    async with _database(settings) as conn:
         rows = await conn.fetch(
             "SELECT k.key_id, k.label, t.name, k.created_at, k.revoked_at FROM api_keys k "
             "JOIN tenants t ON t.id = k.tenant_id WHERE $1::text IS NULL OR t.name = $1 "
             "ORDER BY k.created_at",
             tenant,
         )
-    finally:
-        await conn.close()
     for r in rows:
         state = "revoked" if r["revoked_at"] else "active"
         print(f"lh_{r['label']}_{r['key_id']}_…\t{r['name']}\t{r['created_at']:%Y-%m-%d}\t{state}")
 
 
 async def _tenants_list(settings: CommonSettings) -> None:
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
+    async with _database(settings) as conn:
         rows = await conn.fetch(
             "SELECT t.id, t.name, t.rate_limit_per_s, t.rate_burst,"
             " count(k.key_id) FILTER (WHERE k.revoked_at IS NULL) AS active_keys"
             " FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id"
             " GROUP BY t.id ORDER BY t.name"
         )
-    finally:
-        await conn.close()
     for r in rows:
         print(
             f"{terminal_safe(r['name'])}\t{r['id']}\t{_limits(r['rate_limit_per_s'], r['rate_burst'])}"
@@ -172,8 +172,7 @@ async def _tenants_limit(
 ) -> None:
     if clear == (rate is not None or burst is not None):
         raise ConfigError("give --rate and/or --burst, or --default alone")
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
+    async with _database(settings) as conn:
         # --default clears both; otherwise a value not given is kept.
         row = await conn.fetchrow(
             "UPDATE tenants SET"
@@ -185,8 +184,6 @@ async def _tenants_limit(
             rate,
             burst,
         )
-    finally:
-        await conn.close()
     if row is None:
         raise ConfigError(f"no tenant named {terminal_safe(tenant)!r}")
     limits = _limits(row["rate_limit_per_s"], row["rate_burst"]).replace("\t", ", ")
@@ -194,8 +191,7 @@ async def _tenants_limit(
 
 
 async def _dlq_list(settings: CommonSettings, limit: int) -> None:
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
+    async with _database(settings) as conn:
         rows = await deadletters.list_page(conn, None, None, limit)
         tenants = {
             r["id"]: r["name"]
@@ -204,8 +200,6 @@ async def _dlq_list(settings: CommonSettings, limit: int) -> None:
                 list({r["tenant_id"] for r in rows if r["tenant_id"] is not None}),
             )
         }
-    finally:
-        await conn.close()
     for r in rows:
         state = "redriven" if r["redriven_at"] else "waiting"
         # The detail quotes a handler's error, a tenant's text: no control character of
@@ -235,12 +229,8 @@ async def _dlq_redrive(settings: CommonSettings, dead_letter_id: str) -> None:
         wanted = UUID(dead_letter_id)
     except ValueError:
         raise ConfigError(f"not a dead letter id: {dead_letter_id}") from None
-    conn = await connect(settings.database_url, settings.start_timeout_s)
-    try:
-        async with conn.transaction():
-            result = await deadletters.redrive(conn, wanted, None, EVENT_COLUMNS)
-    finally:
-        await conn.close()
+    async with _database(settings) as conn, conn.transaction():
+        result = await deadletters.redrive(conn, wanted, None, EVENT_COLUMNS)
     if result.outcome is not deadletters.Redrive.DONE or result.task is None:
         raise ConfigError(f"cannot redrive {wanted}: {result.outcome.value}")
     if not await _announce(settings, result.task):
