@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from services.worker.progress import MAX_MESSAGE
 from services.worker.sdk import TaskSpec
 from shared import deadletters, outbox
 from shared.groupcommit import GroupCommit
@@ -19,6 +20,14 @@ from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
 from shared.taskrows import EVENT_COLUMNS, PREVIOUS_COLUMNS, Row, qualified
+
+
+def _reason(error: str) -> str:
+    """SQL: the message of the jsonb ``error``, as its event's (and the row's) message,
+    bounded as a handler's: a client learns why from the event, and a snapshot or a
+    claim's backfill, rebuilt from the row, says the same."""
+    return f"left(({error})::jsonb->>'message', {MAX_MESSAGE})"
+
 
 # The per-task statements, built once: asyncpg finds its prepared statement by the text.
 _CLAIM = f"""
@@ -265,6 +274,8 @@ class WorkerRepository:
                     state = CASE WHEN cancel_requested_at IS NULL THEN 'retrying'
                                  ELSE 'cancelled' END,
                     error = CASE WHEN cancel_requested_at IS NULL THEN $3::jsonb END,
+                    message = CASE WHEN cancel_requested_at IS NULL THEN {_reason("$3")}
+                                   ELSE message END,
                     finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now()
                                        ELSE finished_at END,
                     next_attempt_at = CASE WHEN cancel_requested_at IS NULL
@@ -404,7 +415,8 @@ class WorkerRepository:
             await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id))
             row: Row | None = await conn.fetchrow(
                 f"""
-                UPDATE tasks SET state = 'failed', error = $3, finished_at = now(),
+                UPDATE tasks SET state = 'failed', error = $3, message = {_reason("$3")},
+                    finished_at = now(),
                     next_attempt_at = NULL, last_seq = last_seq + 1, updated_at = now()
                 WHERE id = $1 AND state IN ('queued', 'retrying') AND attempts = $2 - 1
                   AND tenant_id = $4  -- a forged message must not fail another's task
@@ -479,8 +491,10 @@ class Letter:
         )
 
 
+# A cancel has no error, and keeps the message.
 _FINISH = f"""
-UPDATE tasks SET state = $3, error = $4, finished_at = now(), worker_id = NULL,
+UPDATE tasks SET state = $3, error = $4, message = coalesce({_reason("$4")}, message),
+    finished_at = now(), worker_id = NULL,
     lease_expires_at = NULL, last_seq = last_seq + 1, updated_at = now()
 WHERE id = $1 AND state = 'running' AND attempts = $2
 RETURNING {EVENT_COLUMNS}
@@ -507,6 +521,8 @@ async def _requeue_or_fail(
             finished_at = CASE WHEN cancel_requested_at IS NOT NULL
                                  OR attempts >= max_attempts THEN now() END,
             error = CASE WHEN cancel_requested_at IS NULL THEN ${n + 1}::jsonb END,
+            message = CASE WHEN cancel_requested_at IS NULL THEN {_reason(f"${n + 1}")}
+                           ELSE message END,
             worker_id = NULL, lease_expires_at = NULL,
             last_seq = last_seq + 1, updated_at = now()
         WHERE {where}

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from services.api.repository import ApiRepository, NewTask
 from services.worker.deadletters import DeadLetterSink
+from services.worker.progress import MAX_MESSAGE
 from services.worker.registry import Registry
 from services.worker.repository import Letter, WorkerRepository
 from services.worker.runner import PASS_ON_DELAY_S, Runner
@@ -46,6 +47,7 @@ from tests.support import (
     eventually,
     outbox_emptied,
     run_cli,
+    timeout,
     worker_metric,
 )
 
@@ -272,6 +274,79 @@ async def test_events_stay_gapless_when_the_relay_promotes_a_retry_first(
     assert [e.state for e in found][:4] == ["queued", "running", "retrying", "queued"]
 
 
+async def test_a_failure_tells_its_subscribers_why(
+    system: System,
+    http: aiohttp.ClientSession,
+    tenant: Tenant,
+    db: asyncpg.Pool,
+    redis: Redis,
+    deployment: Deployment,
+) -> None:
+    """A live subscriber learns why from the event itself: a handler raising (the
+    message bounded as a progress message's), a retry, a timeout; and a replay of the
+    stream afterwards, or the row a snapshot is made of, says the same."""
+    pubsub = redis.pubsub()
+    await pubsub.psubscribe(deployment.wire.event_channel("") + "*")
+    assert await pubsub.get_message(timeout=timeout(5)) is not None  # the subscribe reply
+    long = "why: " + "x" * 2995
+    failing = await submit(http, system, tenant, {"type": "demo.fail", "args": {"message": long}})
+    flaky = await submit(http, system, tenant, {"type": "demo.flaky", "args": {"fail_times": 1}})
+    slow = await submit(
+        http,
+        system,
+        tenant,
+        {"type": "demo.sleep", "args": {"seconds": 60}, "timeout_s": 0.2, "max_attempts": 1},
+    )
+    live: dict[UUID, list[ProgressEvent]] = {failing: [], flaky: [], slow: []}
+
+    async def all_ended() -> bool:
+        while msg := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1):
+            event = parse_event(msg["data"])
+            live.get(event.task_id, []).append(event)
+        return all(found and found[-1].state.terminal for found in live.values())
+
+    try:
+        await eventually(all_ended, within=30, what="the three tasks' terminal events")
+    finally:
+        await pubsub.aclose()
+    why = {
+        failing: long[:MAX_MESSAGE],
+        flaky: "attempt 1 of 1 planned failures",
+        slow: "the attempt ran past its timeout of 0.2s",
+    }
+    assert live[failing][-1].state == "failed" and live[failing][-1].message == why[failing]
+    assert live[slow][-1].state == "failed" and live[slow][-1].message == why[slow]
+    [retrying] = [e for e in live[flaky] if e.state == "retrying"]
+    assert retrying.message == why[flaky]
+    assert live[flaky][-1].state == "succeeded"
+    for task_id in (failing, slow):
+        replayed = await gapless_events(redis, deployment, db, task_id)
+        assert replayed[-1] == live[task_id][-1]
+        row = await db.fetchrow("SELECT message, error FROM tasks WHERE id = $1", task_id)
+        assert row["message"] == why[task_id]
+        assert as_json(row["error"])["message"].startswith(why[task_id])
+    replayed = await gapless_events(redis, deployment, db, flaky)
+    assert [e.message for e in replayed if e.state == "retrying"] == [why[flaky]]
+
+
+async def test_a_claim_backfills_a_retry_with_its_reason(isolated: Isolated) -> None:
+    """The retrying event a claim rebuilds from the row's old values (for a stream that
+    missed it) carries the retry's reason, as the event first written did."""
+    repo = WorkerRepository(isolated.db, timeout=10)
+    task_id = await _insert_running(isolated.db, isolated.tenant.id, 1, 30)
+    message = TaskMessage(
+        task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
+    )
+    error = {"type": "flaky", "message": "try again", "retryable": True}
+    retried = await repo.retry_later(message, error, 0)
+    assert retried is not None and retried["message"] == "try again"
+    claimed = await repo.claim(message.model_copy(update={"attempt": 2}), "w-test", 30)
+    await repo.aclose()
+    assert claimed is not None and claimed.row["message"] is None
+    [previous] = previous_events([claimed.row])
+    assert (previous.state, previous.message) == ("retrying", "try again")
+
+
 async def test_flaky_task_out_of_attempts_fails(
     system: System,
     http: aiohttp.ClientSession,
@@ -420,6 +495,7 @@ async def test_poison_messages_are_dead_lettered_with_their_reason(
     assert as_json(task["error"])["type"] == "unknown_type"
     found = await gapless_events(redis, deployment, db, unknown_id)
     assert [e.state for e in found] == ["queued", "running", "failed"]
+    assert found[-1].message == unknown["detail"]
     assert as_json(task["error"])["retryable"] is False
     await eventually(
         lambda: queue_settled(system, http, amqp_channel, deployment.wire.tasks_queue),
@@ -552,6 +628,8 @@ async def test_a_lost_last_attempt_fails_the_task_and_keeps_a_dead_letter(
     )
     [row] = await repo.reap()
     assert (row["id"], row["state"]) == (task_id, "failed")
+    lost = "the worker running this attempt stopped renewing its lease"
+    assert row["message"] == lost
     [letter] = await isolated.db.fetch("SELECT * FROM dead_letters WHERE task_id = $1", task_id)
     assert (letter["reason"], letter["tenant_id"], letter["attempts"]) == (
         "attempts_exhausted",
@@ -572,7 +650,7 @@ async def test_a_lost_last_attempt_fails_the_task_and_keeps_a_dead_letter(
         isolated.tenant.id,
     )
     [row] = await repo.reap()
-    assert (row["id"], row["state"]) == (again, "queued")
+    assert (row["id"], row["state"], row["message"]) == (again, "queued", lost)
     assert (
         await isolated.db.fetchval("SELECT count(*) FROM dead_letters WHERE task_id = $1", again)
         == 0
@@ -739,7 +817,7 @@ async def test_a_broker_dead_letter_fails_only_its_own_tenants_task(isolated: Is
     own = forged.model_copy(update={"tenant_id": isolated.tenant.id})
     own_letter = Letter("delivery_limit", "crash loop", encode_task_message(own), {})
     row = await repo.dead_letter_task(own, error, own_letter)
-    assert row is not None and row["state"] == "failed"
+    assert row is not None and (row["state"], row["message"]) == ("failed", "crash loop")
 
 
 async def test_a_message_dead_lettered_twice_is_kept_once(isolated: Isolated) -> None:
