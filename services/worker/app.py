@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -31,6 +32,7 @@ from services.worker.runner import Runner
 from services.worker.settings import WorkerSettings
 from shared import amqp
 from shared.db import create_pool, require_schema
+from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
@@ -109,57 +111,103 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         health = await _serve_health(settings, pool, redis, connection, consumer)
         stack.push_async_callback(health.cleanup)
 
-        # Each runs until jobs_stop, set once the consumers have drained; one that ends
-        # before that stops the worker (shared.lifecycle.essential).
-        background: list[asyncio.Task[None]] = []
-        jobs_stop = asyncio.Event()
+        jobs = _Jobs(stop)
         if settings.relay_enabled:
             relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id)
-            background.append(essential(relay.run(jobs_stop), "outbox-relay", stop))
-        background += [
-            essential(
-                heartbeat(
-                    repo, runner, worker_id, settings.lease_s, jobs_stop, types=registry.names()
-                ),
-                "lease-heartbeat",
-                stop,
+            jobs.start(relay.run(jobs.until), "outbox-relay")
+        jobs.start(
+            heartbeat(
+                repo, runner, worker_id, settings.lease_s, jobs.until, types=registry.names()
             ),
-            essential(reaper(repo, events, settings.lease_s, jobs_stop), "reaper", stop),
-            essential(listen(redis, wire, runner, jobs_stop), "control-listener", stop),
-            essential(consumer.watch(jobs_stop), "consumer-watchdog", stop),
-        ]
+            "lease-heartbeat",
+        )
+        jobs.start(reaper(repo, events, settings.lease_s, jobs.until), "reaper")
+        jobs.start(listen(redis, wire, runner, jobs.until), "control-listener")
+        jobs.start(consumer.watch(jobs.until), "consumer-watchdog")
         if settings.task_retention_s > 0:
-            background.append(
-                essential(purge(repo, settings.task_retention_s, jobs_stop), "task-purge", stop)
+            jobs.start(purge(repo, settings.task_retention_s, jobs.until), "task-purge")
+
+        try:
+            await _start_consuming(consumer, sink, failpoints, timeout)
+            log.info(
+                "worker ready",
+                extra={
+                    "worker_id": worker_id,
+                    "types": registry.names(),
+                    "concurrency": settings.worker_concurrency,
+                    "high_reserved": settings.worker_high_reserved,
+                },
             )
-
-        await consumer.start()
-        await sink.start()
-        log.info(
-            "worker ready",
-            extra={
-                "worker_id": worker_id,
-                "types": registry.names(),
-                "concurrency": settings.worker_concurrency,
-                "high_reserved": settings.worker_high_reserved,
-            },
-        )
-        await stop.wait()
-
-        log.info("stopping: draining")
-        await consumer.drain(
-            settings.shutdown_grace_s, handback_s=settings.cancel_grace_s + 2 * timeout
-        )
-        await sink.stop(timeout)
-        jobs_stop.set()
-        await asyncio.gather(*background, return_exceptions=True)
-        await repo.aclose()
-        await events.aclose()
-        for consumed in (high_channel, channel):
-            with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
-                await asyncio.wait_for(consumed.close(), timeout)
+            await stop.wait()
+            log.info("stopping: draining")
+        finally:
+            # After a failed start too: what it started (a lane's consumer, the loops)
+            # is stopped and awaited before the connections close under it.
+            await _drain(settings, consumer, sink, jobs, repo, events, (high_channel, channel))
         log.info("worker stopped")
         await _leave_abandoned(stack, runner.abandoned, settings.cancel_grace_s)
+
+
+class _Jobs:
+    """The worker's background loops. Each runs until ``until``, set once the consumers
+    have drained (or the start failed); one that ends before that stops the worker
+    (shared.lifecycle.essential)."""
+
+    def __init__(self, stop: Stop) -> None:
+        self.until = asyncio.Event()
+        self._stop = stop
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, loop: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(essential(loop, name, self._stop, until=self.until))
+
+    async def aclose(self) -> None:
+        self.until.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _drain(
+    settings: WorkerSettings,
+    consumer: Consumer,
+    sink: DeadLetterSink,
+    jobs: _Jobs,
+    repo: WorkerRepository,
+    events: EventSink,
+    channels: tuple[AbstractChannel, ...],
+) -> None:
+    """Stop taking work and let what runs finish or hand it back, stop the loops, wait
+    for what is being written, then close the consuming channels."""
+    timeout = settings.io_timeout_s
+    await consumer.drain(
+        settings.shutdown_grace_s, handback_s=settings.cancel_grace_s + 2 * timeout
+    )
+    await sink.stop(timeout)
+    await jobs.aclose()
+    await repo.aclose()
+    await events.aclose()
+    for consumed in channels:
+        with contextlib.suppress(AMQPError, RuntimeError, TimeoutError):
+            await asyncio.wait_for(consumed.close(), timeout)
+
+
+async def _start_consuming(
+    consumer: Consumer, sink: DeadLetterSink, failpoints: Failpoints, timeout: float
+) -> None:
+    """Consume both lanes and the dead letters. A broker that refuses or does not
+    answer stops the start, told in one line."""
+    try:
+        async with asyncio.timeout(timeout):
+            await consumer.start()
+            await failpoints.hit("worker.before_dead_letter_consumer")
+            await sink.start()
+    except TimeoutError:  # an OSError too: first
+        raise DependencyError(
+            f"RabbitMQ: consumers not started within {timeout:g}s (LONGHAUL_IO_TIMEOUT_S)"
+        ) from None
+    except (AMQPError, OSError, RuntimeError) as exc:
+        raise DependencyError(
+            f"RabbitMQ: consumers not started: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 async def _consuming_channel(

@@ -14,10 +14,13 @@ import aio_pika
 import orjson
 import pytest
 
+from services.api.repository import ApiRepository, NewTask
 from shared import amqp
 from shared.db import migrations
+from shared.ids import uuid7
+from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
-from tests.conftest import ROOT_ENV, Deployment, scratch_database
+from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
 from tests.support import ServiceProcess, run_cli, timeout
 
 
@@ -255,3 +258,33 @@ async def test_migrate_waits_for_postgresql_then_says_it_is_unreachable(
     last = err.splitlines()[-1]
     assert returncode == 3 and "Traceback" not in err, err
     assert last.startswith("longhaul: PostgreSQL unreachable for 1s (LONGHAUL_START_TIMEOUT_S)")
+
+
+async def test_a_worker_whose_start_fails_drains_what_it_started(isolated: Isolated) -> None:
+    """The dead-letter consumer's start does not answer (a failpoint hangs it) after the
+    task lanes and the background loops started, and a task the relay published is
+    running: the worker stops taking work, hands the task back (no grace) and stops its
+    loops before the connections close, then exits with one line, code 3. Before, the
+    connections closed under the running handler, and the task was left running."""
+    task_id = uuid7()
+    await ApiRepository(isolated.db, timeout=10).insert(
+        isolated.tenant.id,
+        [NewTask(id=task_id, request=TaskRequest(type="demo.sleep", args={"seconds": 600}))],
+    )
+    env = isolated.deployment.env(
+        worker_metrics_port="0",
+        io_timeout_s="5",
+        shutdown_grace_s="0",
+        failpoints="worker.before_dead_letter_consumer=hang",
+    )
+    proc = ServiceProcess("services.worker", env)
+    code, lines = await asyncio.to_thread(_exit, proc)
+    says = "worker: RabbitMQ: consumers not started within 5s (LONGHAUL_IO_TIMEOUT_S)"
+    assert (code, lines) == (3, [says])
+    row = await isolated.db.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id)
+    assert (row["state"], row["attempts"], row["message"]) == (
+        "queued",
+        1,
+        "attempt interrupted (shutdown)",
+    )
+    assert _errors_logged(proc) == []
