@@ -297,10 +297,12 @@ class Gateway:
             await self._lease(connection, tenant_id)
         except Refused as exc:
             self.metrics.refused.labels(reason="tenant_capacity").inc()
-            return problem(429, exc.message, {"Retry-After": "5"})
+            return await self._refuse(problem(429, exc.message, {"Retry-After": "5"}), token, grant)
         except DependencyDown:
             self.metrics.refused.labels(reason="dependency").inc()
-            return problem(503, _STORE_DOWN_503, {"Retry-After": "1"})
+            return await self._refuse(
+                problem(503, _STORE_DOWN_503, {"Retry-After": "1"}), token, grant
+            )
         self._admitted[connection] = (tenant_id, grant.key_id)
         return None
 
@@ -314,6 +316,17 @@ class Gateway:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("token check failed: Redis unavailable", extra={"error": repr(exc)})
             raise DependencyDown(f"Redis: {exc!r}") from exc
+
+    async def _refuse(self, response: Response, token: str, grant: wstokens.Grant) -> Response:
+        """``response``, a refusal after the token was spent, with the token given back:
+        the client's retry of what it can wait out (a cap, an outage) needs no new
+        token. An outage may keep it: then it was spent, as before."""
+        assert self._redis is not None
+        try:
+            await wstokens.give_back(self._redis, self.wire, token, grant)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("token not given back: Redis unavailable", extra={"error": repr(exc)})
+        return response
 
     async def _lease(self, connection: ServerConnection, tenant_id: UUID) -> None:
         """A place for the connection under the tenant's cap, in this process and across
@@ -408,9 +421,13 @@ class Gateway:
         try:
             await self._lease(connection, tenant_id)
         except Refused as exc:
-            return problem(429, exc.message, {**cors, "Retry-After": "5"})
+            return await self._refuse(
+                problem(429, exc.message, {**cors, "Retry-After": "5"}), token, grant
+            )
         except DependencyDown:
-            return problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"})
+            return await self._refuse(
+                problem(503, _STORE_DOWN_503, {**cors, "Retry-After": "1"}), token, grant
+            )
         stream = sse.Stream(self._deps, tenant_id, task_id, after, self.settings.sse_heartbeat_s)
         self._streams.add(stream)
         if grant.key_id is not None:
@@ -421,14 +438,19 @@ class Gateway:
             try:
                 await stream.open()
             except sse.NotFound:
+                # Spent: one token probes one task id.
                 return problem(404, "no such task", cors)
             except sse.Ended:
                 # 204 tells an EventSource to stop reconnecting: the stream is over.
                 return respond(204, b"", "", cors)
             except DependencyDown:
-                return problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"})
+                return await self._refuse(
+                    problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"}), token, grant
+                )
             except Refused as exc:  # lost a race for the last place since the check
-                return problem(503, exc.message, {**cors, "Retry-After": "5"})
+                return await self._refuse(
+                    problem(503, exc.message, {**cors, "Retry-After": "5"}), token, grant
+                )
             try:
                 await stream.serve(connection, cors)
             except DependencyDown as exc:

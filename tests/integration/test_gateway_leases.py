@@ -15,8 +15,10 @@ from websockets.exceptions import InvalidStatus
 from services.ws_gateway.app import Gateway
 from services.ws_gateway.leases import Leases, _renewals
 from shared import wstokens
+from shared.redis import create_client
 from tests.conftest import Deployment, create_tenant
-from tests.integration.test_gateway_ws import gateway, insert_task, sse_path
+from tests.faults.private import PrivateRedis
+from tests.integration.test_gateway_ws import gateway, insert_task, sse_get, sse_path
 from tests.support import eventually, timeout
 
 
@@ -120,11 +122,7 @@ async def test_two_gateways_share_a_tenants_connection_cap(
             return bool(await redis.zcard(deployment.wire.tenant_connections(tenant.id)) == count)
 
         async def status(gw: Gateway) -> int:
-            try:
-                async with connect(await ws_url(gw)):
-                    return 101
-            except InvalidStatus as exc:
-                return exc.response.status_code
+            return await _ws_status(await ws_url(gw))
 
         ws = await connect(await ws_url(a))
         sse_url = f"http://127.0.0.1:{b.port}{await sse_path(b, redis, tenant, task_id)}"
@@ -141,3 +139,71 @@ async def test_two_gateways_share_a_tenants_connection_cap(
         held = await connect(await ws_url(a))
     assert await redis.zcard(deployment.wire.tenant_connections(tenant.id)) == 0
     await held.close()
+
+
+async def _ws_status(url: str) -> int:
+    """101 for a WebSocket that opened (closed at once), else the refusal's status."""
+    try:
+        async with connect(url):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def test_a_refusal_at_the_tenant_cap_leaves_the_token_usable_once(
+    deployment: Deployment, db: asyncpg.Pool, redis: Redis
+) -> None:
+    """At the tenant's cap a single-use token gets 429 and stays good: once a place is
+    free, the same token opens a WebSocket (and an SSE stream), and then no more. Two
+    opens at once with one token: one opens, the other gets 401."""
+    tenant = await create_tenant(db)
+    task_id = await insert_task(db, tenant)
+    leases = deployment.wire.tenant_connections(tenant.id)
+    async with gateway(deployment, max_connections_per_tenant=1) as gw:
+
+        async def ws_token() -> str:
+            token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
+            return f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}"
+
+        held = await connect(await ws_token())
+        url = await ws_token()
+        path = await sse_path(gw, redis, tenant, task_id)
+        assert await _ws_status(url) == 429
+        assert (await sse_get(gw.port, path, {}))[0] == 429
+        await held.close()
+        await eventually(lambda: _count(redis, leases, 0), what="the place given back")
+        assert await _ws_status(url) == 101
+        await eventually(lambda: _count(redis, leases, 0), what="the place given back")
+        assert await _ws_status(url) == 401
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{gw.port}{path}") as stream,
+        ):
+            assert stream.status == 200
+        assert (await sse_get(gw.port, path, {}))[0] == 401
+
+        await eventually(lambda: _count(redis, leases, 0), what="the place given back")
+        url = await ws_token()
+        assert sorted(await asyncio.gather(_ws_status(url), _ws_status(url))) == [101, 401]
+
+
+async def _count(redis: Redis, key: str, count: int) -> bool:
+    return bool(await redis.zcard(key) == count)
+
+
+async def test_a_refusal_for_an_outage_after_the_token_was_read_gives_it_back(
+    deployment: Deployment, db: asyncpg.Pool
+) -> None:
+    """The token store answers but taking a lease fails (a private Redis without
+    EVALSHA): 503, and the token is still there for the retry."""
+    tenant = await create_tenant(db)
+    with PrivateRedis("--rename-command", "EVALSHA", '""') as server:
+        client = create_client(server.url, 2)
+        try:
+            async with gateway(deployment, redis_url=server.url) as gw:
+                token, _ = await wstokens.issue(client, gw.wire, tenant.id, 60)
+                url = f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}"
+                assert await _ws_status(url) == 503
+                assert await client.exists(gw.wire.ws_token(wstokens.token_hash(token))) == 1
+        finally:
+            await client.aclose()
