@@ -29,6 +29,7 @@ from services.ws_gateway import refusals, sse
 from services.ws_gateway.frames import FrameCache
 from services.ws_gateway.handshake import DeadlineConnection, connection_class
 from services.ws_gateway.hub import Hub
+from services.ws_gateway.keystates import KeyStates
 from services.ws_gateway.leases import Leases
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.origins import origin_allowed, parse_allowed_origins
@@ -88,6 +89,7 @@ class Gateway:
         # The lease of each connection that holds one, given back when it goes.
         self._lease_of: dict[DeadlineConnection, str] = {}
         self._deps: Deps | None = None
+        self._key_states: KeyStates | None = None
         self._server: Server | None = None
         self._streams: set[sse.Stream] = set()
         self._closing = False
@@ -143,7 +145,9 @@ class Gateway:
             sweeper = Sweeper(self.registry, repository, self.metrics, s.subscription_check_s)
             sweep_task = essential(sweeper.run(), "gateway-sweep", stop)
             stack.push_async_callback(_cancel_and_wait, sweep_task)
-            revoker = Revoker(self._holders, repository, self.metrics, s.revocation_check_s)
+            # The check's answers are what opens are refused by, for as long as a period.
+            self._key_states = KeyStates(repository, s.revocation_check_s)
+            revoker = Revoker(self._holders, self._key_states, self.metrics, s.revocation_check_s)
             revoke_task = essential(revoker.run(), "gateway-revocation", stop)
             stack.push_async_callback(_cancel_and_wait, revoke_task)
             self._leases = Leases(
@@ -292,6 +296,10 @@ class Gateway:
         if grant is None or grant.task_id is not None:
             self.metrics.refused.labels(reason="token").inc()
             return problem(401, _REFUSED_401 if grant is None else _WS_REFUSES_TASK_TOKENS)
+        if (refusal := await self._key_refusal(token, grant, {})) is not None:
+            reason = "token" if refusal.status_code == 401 else "dependency"
+            self.metrics.refused.labels(reason=reason).inc()
+            return refusal
         tenant_id = grant.tenant_id
         try:
             await self._lease(connection, tenant_id)
@@ -468,7 +476,6 @@ class Gateway:
         self, token: str, task_id: UUID, cors: dict[str, str]
     ) -> wstokens.Grant | Response:
         """What the token opens for this task's stream, or the refusal to answer."""
-        assert self._deps is not None
         if refusals.is_api_key(token):
             return problem(401, refusals.API_KEY_401, cors)
         try:
@@ -479,16 +486,25 @@ class Gateway:
             return problem(401, _REFUSED_401, cors)
         if grant.task_id not in (None, task_id):
             return problem(401, "this token opens another task's events", cors)
-        if grant.task_id is not None and grant.key_id is not None:
-            # A task token outlives the minute a single-use one has: it is read again at
-            # every reconnect, and ends with the key that asked for it.
-            try:
-                active = await self._deps.repository.key_active(grant.key_id)
-            except ANY_PG_ERROR:
-                return problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"})
-            if not active:
-                return problem(401, _REVOKED, cors)
-        return grant
+        return await self._key_refusal(token, grant, cors) or grant
+
+    async def _key_refusal(
+        self, token: str, grant: wstokens.Grant, cors: dict[str, str]
+    ) -> Response | None:
+        """The refusal of a token whose API key is revoked (401) or cannot be read now
+        (503, the token given back), or None. A token issued before the revocation is
+        refused once the gateway knows of it (keystates.py); a task token's every
+        reconnect asks, mostly of what is known already."""
+        assert self._key_states is not None
+        if grant.key_id is None:
+            return None
+        try:
+            active = await self._key_states.key_active(grant.key_id)
+        except ANY_PG_ERROR:
+            return await self._refuse(
+                problem(503, _DB_DOWN_503, {**cors, "Retry-After": "1"}), token, grant
+            )
+        return None if active else problem(401, _REVOKED, cors)
 
     # ------------------------------------------------------------------ connections
 

@@ -66,10 +66,6 @@ class TaskRepository:
             out.update((r["id"], Head(r["last_seq"], TaskState(r["state"]).terminal)) for r in rows)
         return out
 
-    async def key_active(self, key_id: str) -> bool:
-        """Whether the API key ``key_id`` exists and is not revoked."""
-        return key_id in await self.active_keys([key_id])
-
     async def active_keys(self, key_ids: Sequence[str]) -> set[str]:
         """Those of the API keys ``key_ids`` that exist and are not revoked."""
         rows = await self._pool.fetch(

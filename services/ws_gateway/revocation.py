@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
+from services.ws_gateway.keystates import Keys
 from services.ws_gateway.metrics import GatewayMetrics
 from shared.db import ANY_PG_ERROR
 
@@ -71,11 +72,6 @@ class Holders(Generic[S]):
             taken.extend(self._of.pop(key_id, ()))
             self._ids.pop(key_id, None)
         return taken
-
-
-class Keys(Protocol):
-    async def active_keys(self, key_ids: Sequence[str]) -> set[str]:
-        """Those of these API keys that exist and are not revoked."""
 
 
 class Revoker(Generic[S]):

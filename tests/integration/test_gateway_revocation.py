@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from uuid import UUID
 
 import aiohttp
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 from websockets.frames import CloseCode
 
+from services.ws_gateway import app
 from services.ws_gateway.app import Gateway
+from services.ws_gateway.repository import TaskRepository
 from shared import keys, wstokens
 from shared.events import EventSink
 from tests.conftest import Deployment, Tenant, add_key, create_tenant
@@ -110,16 +115,65 @@ async def test_revoking_a_key_ends_its_open_streams_within_the_check_period(
         await eventually(until(lambda: gw.registry.connection_count == 0))
 
 
-async def test_a_token_issued_before_the_revocation_opens_a_websocket_for_a_period_at_most(
+async def test_a_token_issued_before_the_revocation_is_refused_once_the_gateway_knows(
     deployment: Deployment, db: asyncpg.Pool, redis: Redis
 ) -> None:
-    """A single-use token lives a minute: one the API issued just before the key was
-    revoked still opens a WebSocket, which the next check closes with 1008."""
+    """A single-use token lives a minute: one the API issued just before its key was
+    revoked is refused (401) at open once the gateway knows, from its check of an open
+    stream of that key or, for a key it has not seen, by asking at the open."""
     tenant = await create_tenant(db)
+    other_key = await _second_key(db, tenant)
     async with gateway(deployment, revocation_check_s=CHECK_S) as gw:
-        token, _ = await wstokens.issue(redis, gw.wire, tenant.id, 60, key_id=tenant.key_id)
-        await db.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", tenant.key_id)
-        ws = await connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}")
-        await _closed(ws)
-        assert ws.close_code == CloseCode.POLICY_VIOLATION, ws.close_code
-        await eventually(until(lambda: gw.registry.connection_count == 0))
+        ws = await _ws(gw, redis, tenant, tenant.key_id)
+        late = [
+            (await wstokens.issue(redis, gw.wire, tenant.id, 60, key_id=key_id))[0]
+            for key_id in (tenant.key_id, other_key)
+        ]
+        await db.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = ANY($1::text[])",
+            [tenant.key_id, other_key],
+        )
+        await _closed(ws)  # the check ran and saw the key revoked
+        for token in late:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"ws://127.0.0.1:{gw.port}/v1/ws?token={token}")
+            assert refused.value.response.status_code == 401
+            assert b"revoked" in refused.value.response.body
+        assert gw.registry.connection_count == 0
+
+
+class _CountingRepository(TaskRepository):
+    """The gateway's repository, counting its reads of API keys."""
+
+    key_reads = 0
+
+    async def active_keys(self, key_ids: Sequence[str]) -> set[str]:
+        type(self).key_reads += 1
+        return await super().active_keys(key_ids)
+
+
+async def test_reconnects_with_a_task_token_read_its_key_once_a_period(
+    deployment: Deployment, db: asyncpg.Pool, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty (re)connects of a task token, ten at once and ten in turn, within one
+    check period (an hour here): its key is read once, not at each."""
+    monkeypatch.setattr(app, "TaskRepository", _CountingRepository)
+    monkeypatch.setattr(_CountingRepository, "key_reads", 0)
+    tenant = await create_tenant(db)
+    task_id = await insert_task(db, tenant)
+    async with (
+        gateway(deployment, revocation_check_s=3600) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        token, _ = await wstokens.issue(
+            redis, gw.wire, tenant.id, 60, key_id=tenant.key_id, task_id=task_id
+        )
+        url = f"http://127.0.0.1:{gw.port}/v1/tasks/{task_id}/events?token={token}"
+
+        async def reconnect() -> int:
+            async with http.get(url) as stream:
+                return stream.status
+
+        assert await asyncio.gather(*(reconnect() for _ in range(10))) == [200] * 10
+        assert [await reconnect() for _ in range(10)] == [200] * 10
+    assert _CountingRepository.key_reads == 1

@@ -1157,14 +1157,15 @@ async def test_revoking_the_api_key_ends_its_task_tokens(
     deployment: Deployment, db: asyncpg.Pool, redis: Redis, sink: EventSink
 ) -> None:
     """A task token lives up to a day: revoking the key that asked for it ends it at
-    the next (re)connect, and only its own tokens. A token issued before tokens named
-    their key (an older API's) still opens its stream until it expires."""
+    the (re)connects once the gateway's answer for the key is a check period old, and
+    only its own tokens. A token issued before tokens named their key (an older API's)
+    still opens its stream until it expires."""
     tenant = await create_tenant(db)
     other_key = keys.parse(await add_key(db, tenant.id))
     assert other_key is not None
     task_id = await insert_task(db, tenant)
     await Writer(db, sink, task_id).step(1)
-    async with gateway(deployment) as gw:
+    async with gateway(deployment, revocation_check_s=1.0) as gw:
         mine, _ = await wstokens.issue(
             redis, gw.wire, tenant.id, 60, key_id=tenant.key_id, task_id=task_id
         )
@@ -1179,8 +1180,12 @@ async def test_revoking_the_api_key_ends_its_task_tokens(
             assert status == 200 and sse_ids(body) == [1], body
         await db.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", tenant.key_id)
         path = f"/v1/tasks/{task_id}/events?token={mine}"
-        status, body = await sse_get(gw.port, path, {}, until_seq=1)
-        assert status == 401 and "revoked" in body, body
+
+        async def refused() -> str | None:
+            status, body = await sse_get(gw.port, path, {}, until_seq=1)
+            return body if status == 401 else None
+
+        assert "revoked" in await eventually(refused, what="the revoked key's token refused")
         for token in (theirs, legacy):
             path = f"/v1/tasks/{task_id}/events?token={token}"
             status, body = await sse_get(gw.port, path, {}, until_seq=1)

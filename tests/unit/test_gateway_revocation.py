@@ -7,7 +7,9 @@ import asyncio
 from collections.abc import Sequence
 
 import asyncpg
+import pytest
 
+from services.ws_gateway.keystates import KeyStates
 from services.ws_gateway.metrics import GatewayMetrics
 from services.ws_gateway.revocation import Holders, Revoker
 from tests.support import eventually, until
@@ -79,3 +81,31 @@ async def test_a_failed_check_is_tried_again_at_the_next_period() -> None:
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_key_states_answer_from_the_checks_for_a_while_and_keep_a_bounded_few() -> None:
+    """An answer the check read is given without a query until it is ttl_s old; a key
+    not seen is read once for the opens that ask at the same moment; a failed read is
+    not kept; past max_keys the oldest answer goes, and its key is read again."""
+    now = [0.0]
+    keys = _Keys(active={"a", "b", "c"})
+    states = KeyStates(keys, ttl_s=5, max_keys=2, clock=lambda: now[0])
+    assert await states.active_keys(["a", "gone"]) == {"a"}  # the revocation check's
+    now[0] = 4.9
+    assert await states.key_active("a") and not await states.key_active("gone")
+    assert keys.asked == [["a", "gone"]]
+    now[0] = 5.0
+    keys.active.discard("a")  # revoked meanwhile
+    assert not await states.key_active("a")
+    assert keys.asked[-1] == ["a"]
+    keys.failures = 1
+    with pytest.raises(asyncpg.PostgresConnectionError):
+        await states.key_active("b")
+    assert await asyncio.gather(*(states.key_active("b") for _ in range(5))) == [True] * 5
+    assert keys.asked[-2:] == [["b"], ["b"]]
+    asked = len(keys.asked)
+    assert await states.key_active("b") and len(keys.asked) == asked  # kept
+    # At most two kept: "c" read drops "a", the oldest, though its answer is fresh.
+    assert await states.key_active("c")
+    assert not await states.key_active("a")
+    assert keys.asked[-2:] == [["c"], ["a"]]
