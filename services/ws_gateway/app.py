@@ -460,7 +460,7 @@ class Gateway:
                     problem(503, exc.message, {**cors, "Retry-After": "5"}), token, grant
                 )
             try:
-                await stream.serve(connection, cors)
+                await stream.serve(connection, cors, chunked=request.protocol != "HTTP/1.0")
             except DependencyDown as exc:
                 log.warning("SSE stream cut: dependency down", extra={"error": str(exc)})
         finally:

@@ -58,14 +58,15 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
     return decimal_int(raw, 0, frames.MAX_SEQ)
 
 
-def head(extra: Mapping[str, str]) -> bytes:
+def head(extra: Mapping[str, str], chunked: bool = True) -> bytes:
     """The response head of a stream. Chunked, so that a proxy passes each event on as
-    it comes and the client sees a clean end; nothing may cache or buffer it."""
+    it comes and the client sees a clean end; nothing may cache or buffer it. An
+    HTTP/1.0 client knows no chunks: its response ends where the connection does."""
     headers = Headers(
         [
             ("Content-Type", "text/event-stream; charset=utf-8"),
             ("Cache-Control", "no-store"),
-            ("Transfer-Encoding", "chunked"),
+            *([("Transfer-Encoding", "chunked")] if chunked else []),
             ("Connection", "close"),
             ("X-Accel-Buffering", "no"),  # nginx: do not hold the response back
         ]
@@ -119,6 +120,8 @@ class Stream:
         self._live: list[ProgressEvent] = []
         self._read_needed = False
         self._connection: ServerConnection | None = None
+        # Chunks are for HTTP/1.1 clients (serve()).
+        self._chunked = True
 
     __hash__ = object.__hash__
 
@@ -175,16 +178,21 @@ class Stream:
     def close(self) -> None:
         self._deps.registry.close(self)
 
-    async def serve(self, connection: ServerConnection, extra: Mapping[str, str]) -> None:
-        """Write the response until it ends, then close the connection."""
+    async def serve(
+        self, connection: ServerConnection, extra: Mapping[str, str], chunked: bool = True
+    ) -> None:
+        """Write the response until it ends, then close the connection. Not ``chunked``
+        (an HTTP/1.0 client): the body as it is, ended by the close."""
         self._connection = connection
+        self._chunked = chunked
         transport = connection.transport
         closed = asyncio.create_task(connection.wait_closed(), name="sse-closed")
         closed.add_done_callback(lambda _: self.woken.set())
         try:
-            transport.write(head(extra) + chunk(opening()))
+            transport.write(head(extra, chunked) + self._framed(opening()))
             if await self._pump(connection, closed):
-                transport.write(LAST_CHUNK)
+                if chunked:
+                    transport.write(LAST_CHUNK)
                 transport.close()  # once what is buffered has gone
                 try:
                     async with asyncio.timeout(self._deps.close_timeout_s):
@@ -284,8 +292,11 @@ class Stream:
             return False  # the client left meanwhile
         if connection.transport.is_closing():
             return False
-        connection.transport.write(chunk(data))
+        connection.transport.write(self._framed(data))
         return True
+
+    def _framed(self, data: bytes) -> bytes:
+        return chunk(data) if self._chunked else data
 
 
 def _ended(row: Mapping[str, Any], delivered: int) -> bool:

@@ -1071,18 +1071,42 @@ async def read_until_seq(resp: aiohttp.ClientResponse, seq: int) -> str:
 
 
 async def raw_get(
-    gw: Gateway, path: str, headers: str = ""
+    gw: Gateway, path: str, headers: str = "", version: str = "HTTP/1.1"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A GET of ``path`` sent over a bare TCP connection (``headers``: more header lines,
     each ending in CRLF), for what an HTTP client library would hide or refuse."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    writer.write(f"GET {path} {version}\r\nHost: x\r\n{headers}\r\n".encode())
     await writer.drain()
     return reader, writer
 
 
 def sse_ids(body: str) -> list[int]:
     return [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+
+
+async def test_sse_to_an_http_1_0_client_is_close_delimited(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis, sink: EventSink
+) -> None:
+    """HTTP/1.0 has no chunks: the stream's head says no Transfer-Encoding and
+    ``Connection: close``, and its body is the bare events, ended by the close."""
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    await writer.step(1)
+    await writer.step(2, TaskState.SUCCEEDED)
+    async with gateway(deployment) as gw:
+        reader, writer_ = await raw_get(
+            gw, await sse_path(gw, redis, tenant, task_id), "", "HTTP/1.0"
+        )
+        async with asyncio.timeout(timeout(10)):
+            raw = await reader.read()  # to the close
+        writer_.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    lines = head.lower().split("\r\n")
+    assert lines[0].split(" ")[1] == "200" and "connection: close" in lines, head
+    assert not any(line.startswith("transfer-encoding") for line in lines), head
+    assert body.startswith("retry: 1000\n") and sse_ids(body) == [1, 2], body
+    assert body.endswith("\n\n"), body  # no last chunk after the last event
 
 
 async def test_sse_ends_with_204_once_the_client_has_the_terminal_event(
