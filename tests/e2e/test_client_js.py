@@ -36,6 +36,8 @@ class FakeWebSocket {
   feed(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
   // 1006 is what a browser reports for a connection lost, or a handshake refused.
   drop(code = 1006, reason = "") { this.readyState = 3; this.onclose?.({ code, reason }); }
+  // An error, with no close after it (unless drop() follows).
+  fail() { this.onerror?.({}); }
   // The gateway's answer to the client's syncs not answered yet (subscribes for an id
   // that is no task: a not_found error, in its turn).
   answerSyncs() {
@@ -331,6 +333,41 @@ async def test_a_snapshot_meant_for_the_old_subscription_does_not_skip_a_replay(
         *left,
         {"op": "subscribe", "task_id": TASK, "after_seq": 0},
     ]
+
+
+async def test_a_socket_that_fails_and_never_closes_is_a_failed_connection(page: Page) -> None:
+    """A socket that reports an error and then no close (other than one the page's
+    policy blocks) is given up after closeWaitMs and reconnected at the backoff, like
+    one that closed (before, the status stayed "connecting" for ever); one that
+    closes after its error, as is usual, is reconnected once."""
+    result = await run(
+        page,
+        """
+        const reported = [];
+        const client = new LonghaulClient({
+          gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t", baseDelayMs: 1,
+          closeWaitMs: 20,
+          onStatus: (status, detail) => { if (detail?.delayMs !== undefined) reported.push(detail); },
+        });
+        await until(() => sockets.length === 1);
+        sockets[0].fail();
+        await until(() => sockets.length === 2);
+        sockets[1].open();
+        sockets[1].fail();
+        sockets[1].drop();
+        await until(() => sockets.length === 3);
+        await new Promise((r) => setTimeout(r, 100));  // room for a second reconnect, if any
+        const made = sockets.length;
+        client.close();
+        return { reported, made, states: sockets.map((s) => s.readyState) };
+        """,
+    )
+    first, second = result["reported"]
+    assert first["reason"] == "the socket failed and did not close", first
+    assert first["attempt"] == 1 and second["attempt"] == 2
+    assert second["code"] == 1006
+    assert result["made"] == 3
+    assert result["states"] == [3, 3, 3]  # the one that never closed is closed by the client
 
 
 async def test_a_handler_waiting_for_its_sync_resumes_on_the_next_connection(page: Page) -> None:

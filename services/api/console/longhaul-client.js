@@ -43,7 +43,8 @@
  *
  * Status values passed to `onStatus`: "connecting", "open", "reconnecting" (with
  * `{ delayMs, attempt, code, reason }`: the close code and reason of the connection that
- * ended, when there was one, or the token fetch's error as `reason`), "refused" (the
+ * ended, when there was one, or the token fetch's error as `reason`, or a socket that
+ * reported an error and did not close within `closeWaitMs`), "refused" (the
  * same detail plus `failures`: `refusedAfter` connections in a row ended before lasting,
  * or never opened, as a handshake refused with 403 for an Origin not allowed does, seen
  * by the page as code 1006; it goes on retrying at the backoff, and says "refused" until
@@ -93,6 +94,8 @@ export class LonghaulClient {
    *   is backed off from like one that does not answer)
    * @param {number} [options.refusedAfter=5] connections in a row that fail before the
    *   status is "refused" instead of "reconnecting"
+   * @param {number} [options.closeWaitMs=3000] how long a socket that reported an error
+   *   may take to close before it is given up as a failed connection
    */
   constructor(options) {
     if (!options || !options.gatewayUrl) throw new TypeError("gatewayUrl is required");
@@ -106,6 +109,7 @@ export class LonghaulClient {
     this.maxDelayMs = options.maxDelayMs ?? 15000;
     this.stableAfterMs = options.stableAfterMs ?? 10000;
     this.refusedAfter = options.refusedAfter ?? 5;
+    this.closeWaitMs = options.closeWaitMs ?? 3000;
     /** task id (lower case) -> { lastSeq, handlers: Set<{onEvent, onError, lastSeq, after}> }:
      * a handler's `after` is the sync id it waits for (null: none), see #settle. */
     this.subscriptions = new Map();
@@ -288,15 +292,32 @@ export class LonghaulClient {
     socket.onmessage = (message) => {
       if (this.socket === socket) this.#receive(message.data);
     };
+    let closeWait = null;
+    socket.onerror = () => {
+      // A browser follows an error with a close, but not always (a socket the page's
+      // policy blocks, see #onViolation, and who knows what else): one that never
+      // closes would leave the status "connecting" for ever. Waited for a while, it
+      // counts as a failed connection.
+      if (this.socket !== socket || closeWait !== null) return;
+      closeWait = setTimeout(() => {
+        socket.close();
+        this.#ended(socket, { reason: "the socket failed and did not close" });
+      }, this.closeWaitMs);
+    };
     socket.onclose = (event) => {
-      // Only the current socket's end reconnects: a replaced one's is expected.
-      if (this.socket !== socket) return;
-      this.socket = null;
-      this.#stopStableTimer();
+      clearTimeout(closeWait);
       // A browser says only 1006 for a handshake refused (an Origin not allowed: 403)
       // or a gateway not there; a gateway that accepted says why it closed.
-      if (!this.closed) this.#scheduleReconnect({ code: event.code, reason: event.reason });
+      this.#ended(socket, { code: event.code, reason: event.reason });
     };
+  }
+
+  /** The socket is done with: the current one's end reconnects, a replaced one's is expected. */
+  #ended(socket, detail) {
+    if (this.socket !== socket) return;
+    this.socket = null;
+    this.#stopStableTimer();
+    if (!this.closed) this.#scheduleReconnect(detail);
   }
 
   /** Stop for good on an error no retry can fix; the page is told why. */
