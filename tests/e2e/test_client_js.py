@@ -91,10 +91,11 @@ async def page(browser: Browser) -> AsyncIterator[Page]:  # noqa: F811 - the fix
         await page.close()
 
 
-# A client on the fake socket, that socket open: ``client`` and ``ws`` in scope.
+# A client on the fake socket, that socket open (a reconnect comes at once): ``client``
+# and ``ws`` in scope.
 OPEN_CLIENT = (
-    'const client = new LonghaulClient({ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t" });'
-    " await tick(); const ws = sockets[0]; ws.open();"
+    'const client = new LonghaulClient({ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",'
+    " baseDelayMs: 1 }); await tick(); const ws = sockets[0]; ws.open();"
 )
 
 
@@ -107,6 +108,7 @@ async def run(page: Page, body: str) -> Any:
 
 
 TASK = "0192f5c8-0000-7000-8000-00000000000a"
+OTHER = "0192f5c8-0000-7000-8000-00000000000b"
 
 
 async def test_a_handler_added_after_the_end_gets_the_events_from_its_own_seq(
@@ -181,10 +183,7 @@ async def test_ids_in_any_case_and_refused_subscriptions(page: Page) -> None:
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",
-                                             baseDelayMs: 1 }});
-        await tick();
-        sockets[0].open();
+        {OPEN_CLIENT}
         const got = [], errors = [];
         client.subscribe("{upper}", {{ onEvent: (e) => got.push(e.seq) }});
         // The gateway names tasks in lower case.
@@ -335,6 +334,48 @@ async def test_a_snapshot_meant_for_the_old_subscription_does_not_skip_a_replay(
     ]
 
 
+async def test_a_refusal_of_a_subscribe_the_client_has_since_repeated_drops_nothing(
+    page: Page,
+) -> None:
+    """A too_many_subscriptions answering a subscribe sent before the task was followed
+    anew (a handler behind the others) says nothing of the subscribe after it: the
+    gateway may well take that one, and the client goes on following the task (before,
+    it forgot the task and told its handlers, while the gateway kept sending its
+    events). A refusal of that later subscribe does make it forget the task."""
+    result = await run(
+        page,
+        f"""
+        {OPEN_CLIENT}
+        const ev = (seq) => ({{ type: "event", task_id: "{TASK}", seq, state: "running" }});
+        const refusal = (id) => ({{ type: "error", task_id: id, code: "too_many_subscriptions",
+                                    message: "cap" }});
+        const a = [], b = [], errors = [], otherErrors = [];
+        const onError = (e) => errors.push(e.code);
+        client.subscribe("{TASK}", {{ onEvent: (e) => a.push(e.seq), onError, afterSeq: 3 }});
+        client.subscribe("{TASK}", {{ onEvent: (e) => b.push(e.seq), onError, afterSeq: 1 }});
+        ws.feed(refusal("{TASK}"));                  // the gateway was full at the first
+        ws.answerSyncs();
+        for (let s = 2; s <= 4; s++) ws.feed(ev(s)); // and had room at the second
+        const other = "{OTHER}";
+        const onOther = (e) => otherErrors.push(e.code);
+        client.subscribe(other, {{ onError: onOther, afterSeq: 3 }});
+        client.subscribe(other, {{ onError: onOther, afterSeq: 1 }});
+        ws.feed(refusal(other));
+        ws.answerSyncs();
+        ws.feed(refusal(other));                     // the later subscribe refused too
+        ws.drop();
+        await until(() => sockets.length === 2);
+        sockets[1].open();
+        client.close();
+        return {{ a, b, errors, otherErrors, resumed: sockets[1].sent }};
+        """,
+    )
+    assert result["a"] == [4] and result["b"] == [2, 3, 4], result
+    assert result["errors"] == []
+    assert result["otherErrors"] == ["too_many_subscriptions"] * 2  # each handler, once
+    assert result["resumed"] == [{"op": "subscribe", "task_id": TASK, "after_seq": 4}]
+
+
 async def test_a_socket_that_fails_and_never_closes_is_a_failed_connection(page: Page) -> None:
     """A socket that reports an error and then no close (other than one the page's
     policy blocks) is given up after closeWaitMs and reconnected at the backoff, like
@@ -376,10 +417,7 @@ async def test_a_handler_waiting_for_its_sync_resumes_on_the_next_connection(pag
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",
-                                             baseDelayMs: 1 }});
-        await tick();
-        sockets[0].open();
+        {OPEN_CLIENT}
         const ev = (seq) => ({{ type: "event", task_id: "{TASK}", seq, state: "running" }});
         const behind = [];
         client.subscribe("{TASK}", {{ afterSeq: 3 }});
@@ -405,10 +443,7 @@ async def test_handlers_at_different_seqs_resume_from_the_lowest_after_a_reconne
     result = await run(
         page,
         f"""
-        const client = new LonghaulClient({{ gatewayUrl: "ws://gw/v1/ws", getToken: async () => "t",
-                                             baseDelayMs: 1 }});
-        await tick();
-        sockets[0].open();
+        {OPEN_CLIENT}
         const ev = (seq, extra = {{}}) => ({{ type: "event", task_id: "{TASK}", seq, state: "running", ...extra }});
         const a = [], b = [];
         client.subscribe("{TASK}", {{ onEvent: (e) => a.push(e.seq), afterSeq: 4 }});

@@ -433,6 +433,10 @@ export class LonghaulClient {
       }
       if (sub.handlers.size > 0) sub.lastSeq = Math.max(...[...sub.handlers].map((h) => h.lastSeq));
     } else if (frame.type === "error") {
+      // Before the task's sync is answered, an error answers a subscribe sent before
+      // the client left the task: the gateway keeps (or refuses) the task as the
+      // subscribe sent after that says, whose answer is still to come.
+      if (this.unsettled.has(frame.task_id)) return;
       // Not followed on the gateway (no such task, too many subscriptions, a bad
       // frame): forgotten here too, not resubscribed at the next reconnect.
       this.subscriptions.delete(frame.task_id);
