@@ -43,6 +43,8 @@ def _task(n: int, state: str, last_seq: int = 3) -> dict[str, Any]:
 
 
 Answer = tuple[int, Any, dict[str, str]]
+# No answer at all: the request fails as a lost connection does.
+NETWORK_DOWN: Answer = (0, None, {})
 
 
 class FakeApi:
@@ -74,6 +76,9 @@ class FakeApi:
         key = next((p for p in self.answers if path.startswith(p)), None)
         queue = self.answers.get(key or "", [(404, {"title": "Not Found"}, {})])
         status, body, headers = queue.pop(0) if len(queue) > 1 else queue[0]
+        if status == NETWORK_DOWN[0]:
+            await route.abort()
+            return
         text = body if isinstance(body, str) else json.dumps(body)
         await route.fulfill(status=status, body=text, headers=headers)
 
@@ -440,3 +445,27 @@ async def test_a_configuration_that_cannot_be_loaded_is_told_and_loaded_again(
     assert await page.locator("#notice").is_hidden()
     subscribe = {"op": "subscribe", "task_id": task["id"], "after_seq": task["last_seq"]}
     assert await _sent(page) == [subscribe]
+
+
+async def test_sign_in_tells_an_api_out_of_reach_from_a_failure_of_its_own(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """At sign-in, a request that gets no answer is told as such and tried again; the
+    console's own start failing (here on an answer it cannot use) is told as what it is,
+    once (before, both said "Cannot reach the API", and the retries started the console
+    again and again)."""
+    api, open_console = console
+    api.on("/v1/task-types", NETWORK_DOWN, (200, {"items": None}, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console(fake_clock=True)
+    notice = page.locator("#notice")
+
+    async def told(words: str) -> bool:
+        return words in (await notice.text_content() or "")
+
+    await eventually(lambda: told("Trying again in 5 s"), what="the retry")
+    assert (await notice.text_content() or "").startswith("Cannot reach the API ("), notice
+    await page.clock.run_for(5000)
+    await eventually(lambda: told("The console failed to start: TypeError"), what="the failure")
+    await page.clock.run_for(60_000)
+    assert api.calls.count("GET /v1/task-types") == 2

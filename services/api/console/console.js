@@ -38,15 +38,23 @@ class ApiError extends Error {
   }
 }
 
+// No answer at all: fetch itself failed (the network, the API down, a connection reset).
+class NetworkError extends Error {}
+
 async function api(path, { method = "GET", body } = {}) {
   const headers = { Authorization: `Bearer ${state.apiKey}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, {
-    method,
-    headers,
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await response.text();
+  let response, text;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    text = await response.text();
+  } catch (err) {
+    throw new NetworkError(err.message);
+  }
   let payload = null;
   try {
     payload = text ? JSON.parse(text) : null;
@@ -124,11 +132,9 @@ function chooseKey(linked, stored) {
 
 async function signIn(key, notice = "") {
   state.apiKey = key;
+  let types;
   try {
-    const types = await api("/v1/task-types");
-    localStorage.setItem(KEY_STORAGE, key);
-    notify(notice, "info");
-    await start(types.items);
+    types = await api("/v1/task-types");
   } catch (err) {
     state.apiKey = null;
     if (err instanceof ApiError && err.status === 401) {
@@ -138,11 +144,25 @@ async function signIn(key, notice = "") {
       showSignIn(refusedKeyMessage(key, stored));
       return;
     }
-    // Busy or away (429, 503, the network): the key is fine; try again.
+    // Away or busy (the network, 429, 503): the key is fine; try again.
     const seconds = err instanceof ApiError && err.retryAfter ? err.retryAfter : 5;
+    let why = `The API's answer cannot be used (${describe(err)}).`;
+    if (err instanceof NetworkError) why = `Cannot reach the API (${err.message}).`;
+    else if (err instanceof ApiError) why = `The API answered ${err.status} (${describe(err)}).`;
     $("sign-in").hidden = true;
-    notify(`Cannot reach the API: ${describe(err)} Trying again in ${seconds} s.`);
+    notify(`${why} Trying again in ${seconds} s.`);
     setTimeout(() => signIn(key, notice), seconds * 1000);
+    return;
+  }
+  localStorage.setItem(KEY_STORAGE, key);
+  notify(notice, "info");
+  try {
+    await start(types?.items);
+  } catch (err) {
+    // The console's own failure, not the API's: said as it is, and not retried (a
+    // retry would start a second time over what this start left).
+    console.error("longhaul console: start failed", err);
+    notify(`The console failed to start: ${err.name}: ${err.message}. Reload the page.`);
   }
 }
 
