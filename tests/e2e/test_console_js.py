@@ -469,3 +469,34 @@ async def test_sign_in_tells_an_api_out_of_reach_from_a_failure_of_its_own(
     await eventually(lambda: told("The console failed to start: TypeError"), what="the failure")
     await page.clock.run_for(60_000)
     assert api.calls.count("GET /v1/task-types") == 2
+
+
+# Opens the latest socket and returns the URLs the console fetched as it opened.
+FETCHED_ON_OPEN = """() => {
+  const fetched = [], real = window.fetch;
+  window.fetch = (url, options) => { fetched.push(String(url)); return real(url, options); };
+  try { sockets.at(-1).open(); } finally { window.fetch = real; }
+  return fetched;
+}"""
+
+
+async def test_a_sign_in_after_a_sign_out_is_no_reconnect(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """A reconnect lists the tasks again (some may have been made meanwhile); the first
+    connection after a sign-out and a sign-in is no reconnect (before, it listed them
+    again as if it were)."""
+    api, open_console = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console()
+    await eventually(lambda: page.evaluate("sockets.length === 1"), what="a socket")
+    assert await page.evaluate(FETCHED_ON_OPEN) == []
+    await page.evaluate("sockets[0].drop()")
+    await eventually(lambda: page.evaluate("sockets.length === 2"), what="a reconnect")
+    assert await page.evaluate(FETCHED_ON_OPEN) == ["/v1/tasks?limit=50"]
+    await page.locator("#sign-out").click()
+    await page.locator("#api-key").fill("lh_test_key")
+    await page.get_by_role("button", name="Sign in").click()
+    await eventually(lambda: page.evaluate("sockets.length === 3"), what="a socket")
+    assert await page.evaluate(FETCHED_ON_OPEN) == []

@@ -186,6 +186,10 @@ function signOut(message = "") {
   state.signedIn = false;
   state.client?.close();
   state.client = null;
+  // The next sign-in's first connection is no reconnect (nothing to list again), and
+  // what the notice said of this one's is gone.
+  wasOpen = false;
+  connectionNotice = null;
   clearInterval(state.refreshTimer);
   clearTimeout(state.configTimer);
   state.tasks.clear();
