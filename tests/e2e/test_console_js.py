@@ -53,6 +53,7 @@ class FakeApi:
     def __init__(self) -> None:
         self.answers: dict[str, list[Answer]] = {}
         self.calls: list[str] = []
+        self.idempotency_keys: list[str | None] = []  # of each submission
 
     def on(self, path: str, *answers: Answer) -> None:
         self.answers[path] = list(answers)
@@ -73,6 +74,8 @@ class FakeApi:
             )
             return
         self.calls.append(f"{route.request.method} {path}")
+        if f"{route.request.method} {path}" == "POST /v1/tasks":
+            self.idempotency_keys.append(route.request.headers.get("idempotency-key"))
         key = next((p for p in self.answers if path.startswith(p)), None)
         queue = self.answers.get(key or "", [(404, {"title": "Not Found"}, {})])
         status, body, headers = queue.pop(0) if len(queue) > 1 else queue[0]
@@ -500,3 +503,44 @@ async def test_a_sign_in_after_a_sign_out_is_no_reconnect(
     await page.get_by_role("button", name="Sign in").click()
     await eventually(lambda: page.evaluate("sockets.length === 3"), what="a socket")
     assert await page.evaluate(FETCHED_ON_OPEN) == []
+
+
+async def test_a_submission_of_unknown_outcome_is_told_so_and_safe_to_submit_again(
+    console: tuple[FakeApi, Callable[[], Any]],
+) -> None:
+    """A 504 (outcome-unknown) says the task may be stored and may run, that the task
+    list shows whether it was, and that submitting it again is safe: the same submission
+    again carries the same Idempotency-Key (before, it said "Not submitted", and a
+    submission again, with no key, could run the task twice). A new submission after
+    that has a key of its own."""
+    api, open_console = console
+    api.on("/v1/task-types", (200, TYPES, {}))
+    api.on("/v1/tasks", (200, {"items": [], "next_cursor": None}, {}))
+    page = await open_console(fake_clock=True)  # no list refresh takes the answers below
+
+    async def posted(n: int) -> bool:
+        return len(api.idempotency_keys) == n
+
+    await page.locator("#no-tasks").wait_for(timeout=10_000)  # listed: the list's answer is used
+    unknown = {
+        "type": "https://longhaul.dev/problems/outcome-unknown",
+        "title": "Outcome unknown",
+        "status": 504,
+        "detail": "the database connection broke while the task was being stored",
+    }
+    task = _task(1, "queued")
+    api.on("/v1/tasks", (504, unknown, {"Retry-After": "5"}), (202, task, {}), (202, task, {}))
+    notice = page.locator("#notice")
+    submit = page.locator("#submit-button")
+    await submit.click()
+    await eventually(notice.text_content, what="the notice")
+    text = await notice.text_content() or ""
+    assert text.startswith("Outcome unknown:") and "may run" in text, text
+    assert "task list shows it" in text and "same Idempotency-Key" in text, text
+    await submit.click()
+    await page.locator(f'tr[data-task-id="{task["id"]}"]').wait_for(timeout=10_000)
+    await submit.click()
+    await eventually(lambda: posted(3), what="the third submission")
+    first, again, new = api.idempotency_keys
+    assert first and again == first, api.idempotency_keys
+    assert new and new != first

@@ -25,6 +25,9 @@ const state = {
   refreshTimer: null,
   configTimer: null, // the next try at loading the configuration, while it fails
   pendingRefresh: new Set(),
+  // A submission whose outcome is unknown, { body, key }: the same one again reuses its
+  // Idempotency-Key, so the API stores it once whether or not it stored the first.
+  unsure: null,
 };
 
 // ------------------------------------------------------------------ HTTP
@@ -41,8 +44,8 @@ class ApiError extends Error {
 // No answer at all: fetch itself failed (the network, the API down, a connection reset).
 class NetworkError extends Error {}
 
-async function api(path, { method = "GET", body } = {}) {
-  const headers = { Authorization: `Bearer ${state.apiKey}` };
+async function api(path, { method = "GET", body, headers: extra = {} } = {}) {
+  const headers = { ...extra, Authorization: `Bearer ${state.apiKey}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response, text;
   try {
@@ -197,6 +200,7 @@ function signOut(message = "") {
   state.subs.clear();
   state.logs.clear();
   state.selected = null;
+  state.unsure = null; // another key may be another tenant's, with keys of its own
   renderTable();
   setConnection("idle");
   showSignIn(message);
@@ -382,20 +386,44 @@ async function submitTask(event) {
     $("task-args").focus();
     return;
   }
+  const body = { type: $("task-type").value, args };
+  const text = JSON.stringify(body);
+  const key = state.unsure?.body === text ? state.unsure.key : newIdempotencyKey();
   const button = $("submit-button");
   button.disabled = true;
   try {
-    const task = await api("/v1/tasks", { method: "POST", body: { type: $("task-type").value, args } });
+    const task = await api("/v1/tasks", { method: "POST", body, headers: { "Idempotency-Key": key } });
+    if (state.unsure?.key === key) state.unsure = null;
     notify("");
     upsert(task, { afterSeq: 0, front: true });
     trimTable();
     renderTable();
   } catch (err) {
     if (err.signedOut) return;
+    // A 504 (outcome-unknown: the API could not learn whether it stored the task), or
+    // no answer at all: the task may be stored, and may run.
+    if (err instanceof NetworkError || err.status === 504) {
+      state.unsure = { body: text, key };
+      const why = err instanceof NetworkError
+        ? `the API did not answer (${err.message})`
+        : "the API could not learn whether the task was stored (its database did not answer)";
+      notify(`Outcome unknown: ${why}. The task may have been accepted, and may run: the ` +
+        "task list shows it if it was. Submitting it again is safe: the console sends it " +
+        "with the same Idempotency-Key, and the API stores it once.");
+      setTimeout(refreshList, (err.retryAfter || 5) * 1000);
+      return;
+    }
     notify(`Not submitted: ${describe(err)}`);
   } finally {
     button.disabled = false;
   }
+}
+
+function newIdempotencyKey() {
+  // Not crypto.randomUUID(): it needs a secure context, and the console may be served
+  // over plain http from another host than localhost.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `console-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
 // ------------------------------------------------------------------ the task list
