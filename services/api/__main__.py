@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
+from services import envnames
 from services.api.app import serve
 from services.api.settings import ApiSettings
 from shared.errors import ConfigError
@@ -20,8 +22,9 @@ def main() -> int:
         sys.stderr.write(f"api: {exc}\n")
         return EXIT_CONFIG
     setup_logging("api", settings.log_level, settings.log_format)
-    for warning in settings.warnings():
-        logging.getLogger("services.api").warning(warning)
+    for warning in [*settings.warnings(), envnames.warning(os.environ)]:
+        if warning is not None:
+            logging.getLogger("services.api").warning(warning)
 
     async def main_(stop: Stop) -> None:
         await serve(settings, stop)

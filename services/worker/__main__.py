@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
+from services import envnames
 from services.worker.app import run_worker
 from services.worker.registry import Registry
 from services.worker.settings import WorkerSettings
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load(WorkerSettings)
         setup_logging("worker", settings.log_level, settings.log_format)
+        if (unknown := envnames.warning(os.environ)) is not None:
+            logging.getLogger("services.worker").warning(unknown)
         registry = Registry.load(args.tasks)
     except ConfigError as exc:
         sys.stderr.write(f"worker: {exc}\n")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
+from services import envnames
 from services.ws_gateway.app import Gateway
 from services.ws_gateway.settings import GatewaySettings
 from shared.lifecycle import Stop, run
@@ -14,6 +17,8 @@ from shared.settings import load
 async def main(stop: Stop) -> None:
     settings = load(GatewaySettings)
     setup_logging("ws_gateway", settings.log_level, settings.log_format)
+    if (unknown := envnames.warning(os.environ)) is not None:
+        logging.getLogger("services.ws_gateway").warning(unknown)
     async with Gateway(settings).start(stop):
         await stop.wait()
 

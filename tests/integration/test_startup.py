@@ -21,7 +21,7 @@ from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
-from tests.support import ServiceProcess, run_cli, timeout
+from tests.support import ServiceProcess, System, run_cli, timeout
 
 
 def _exit(proc: ServiceProcess) -> tuple[int, list[str]]:
@@ -288,3 +288,27 @@ async def test_a_worker_whose_start_fails_drains_what_it_started(isolated: Isola
         "attempt interrupted (shutdown)",
     )
     assert _errors_logged(proc) == []
+
+
+async def test_every_service_names_a_setting_no_one_reads_at_start(isolated: Isolated) -> None:
+    """A typo'd name would leave its default in place without a word: each service
+    logs it, with the name it is close to. A name another service reads is no typo."""
+    system = System(isolated.deployment.env())
+    typo = {"worker_concurency": "64", "entirely_new_setting": "1"}
+    try:
+        procs = [
+            await system.start_api(**typo),
+            await system.start_worker(**typo),
+            await system.start_gateway(**typo),
+        ]
+        for proc in procs:
+            logged = [
+                orjson.loads(line) for line in proc.output().splitlines() if line.startswith("{")
+            ]
+            [warning] = [r["msg"] for r in logged if "no setting reads" in r["msg"]]
+            assert "LONGHAUL_WORKER_CONCURENCY (LONGHAUL_WORKER_CONCURRENCY?)" in warning
+            assert "LONGHAUL_ENTIRELY_NEW_SETTING" in warning
+            # Set for every service by the test's deployment, read by some: not named.
+            assert "LONGHAUL_API_PORT" not in warning and "NAMESPACE" not in warning
+    finally:
+        system.stop()

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from services import envnames
 from services.api.settings import ApiSettings
 from services.worker.settings import WorkerSettings
 from services.ws_gateway.settings import GatewaySettings
@@ -199,3 +200,23 @@ def test_back_pressure_below_the_brokers_guard_is_what_is_meant(
     monkeypatch.setenv("LONGHAUL_MAX_QUEUE_DEPTH", "1000")
     (warning,) = load(ApiSettings).warnings()
     assert "LONGHAUL_MAX_QUEUE_DEPTH (1000)" in warning and "LONGHAUL_QUEUE_MAX_LENGTH" in warning
+
+
+def test_names_no_setting_reads_are_found_with_their_closest_known_name() -> None:
+    env = {
+        "LONGHAUL_WORKER_CONCURENCY": "64",  # a typo, close to a worker setting
+        "longhaul_io_timout_s": "1",  # read in any case, so looked for in any case
+        "LONGHAUL_ENTIRELY_NEW": "x",  # a later version's, say: no suggestion
+        "LONGHAUL_MAX_QUEUE_DEPTH": "5",  # the API's: known to every service
+        "LONGHAUL_GATEWAY_PORT": "1",
+        "LONGHAUL_TEST_PG_URL": "x",  # the test suite's, make's, the benchmark's
+        "LONGHAUL_BENCH_AMQP_URL": "x",
+        "LONGHAUL_DEV_API_KEY": "x",
+        "PATH": "/bin",
+    }
+    assert envnames.unknown_names(env) == [
+        "LONGHAUL_ENTIRELY_NEW",
+        "LONGHAUL_WORKER_CONCURENCY (LONGHAUL_WORKER_CONCURRENCY?)",
+        "longhaul_io_timout_s (LONGHAUL_IO_TIMEOUT_S?)",
+    ]
+    assert envnames.warning({"LONGHAUL_GATEWAY_PORT": "1"}) is None
