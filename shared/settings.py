@@ -96,6 +96,10 @@ class CommonSettings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
             raise ValueError(f"must be a URL starting {' or '.join(s + '://' for s in schemes)}")
+        database = parts.path.removeprefix("/")
+        if parts.scheme in ("redis", "rediss") and database and not database.isdecimal():
+            # redis-py would take database 0 in its place, without a word.
+            raise ValueError(f"the database (the path) must be a number, not {database!r}")
         return value
 
     @field_validator("failpoints")

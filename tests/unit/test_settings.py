@@ -114,6 +114,8 @@ def test_unrelated_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None
         # Each of these was a traceback, a retry until the start timeout, or a value
         # that broke at run time (an interval or an expiry out of range).
         ("LONGHAUL_REDIS_URL", "notaurl", CommonSettings),
+        # redis-py took database 0 for it, without a word.
+        ("LONGHAUL_REDIS_URL", "redis://127.0.0.1:6379/abc", CommonSettings),
         ("LONGHAUL_DATABASE_URL", "notaurl", CommonSettings),
         ("LONGHAUL_AMQP_URL", "http://127.0.0.1:5672/", CommonSettings),
         ("LONGHAUL_FAILPOINTS", "garbage", CommonSettings),
@@ -220,3 +222,13 @@ def test_names_no_setting_reads_are_found_with_their_closest_known_name() -> Non
         "longhaul_io_timout_s (LONGHAUL_IO_TIMEOUT_S?)",
     ]
     assert envnames.warning({"LONGHAUL_GATEWAY_PORT": "1"}) is None
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "rediss://cache.example/15"]
+)
+def test_a_redis_url_may_name_its_database_by_number_or_not_at_all(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("LONGHAUL_REDIS_URL", url)
+    assert load(CommonSettings).redis_url == url
