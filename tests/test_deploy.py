@@ -191,6 +191,14 @@ def test_compose_depends_on_waits_for_health(services: dict[str, dict[str, Any]]
     assert services["migrate"]["command"] == ["longhaul", "migrate"]
 
 
+def test_compose_restarts_every_long_running_service(services: dict[str, dict[str, Any]]) -> None:
+    """A crashed dependency left down would keep every service at readyz 503; a crashed
+    service would stay down. Only the one-shot migrate is not restarted."""
+    policies = {n: s.get("restart", "no") for n, s in services.items()}
+    assert policies.pop("migrate") == "no"
+    assert set(policies.values()) == {"unless-stopped"}, policies
+
+
 def test_compose_every_long_running_service_has_a_healthcheck(
     services: dict[str, dict[str, Any]],
 ) -> None:
