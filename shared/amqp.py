@@ -32,16 +32,36 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from shared.db import redacted
 from shared.errors import ConfigError
 from shared.settings import CommonSettings
 from shared.wire import Wire, is_high
 
 
 async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnection:
-    """A robust connection named after its process, so the broker's UI tells who is who."""
-    return await aio_pika.connect_robust(
-        url, timeout=timeout, client_properties={"connection_name": name}
-    )
+    """A robust connection named after its process, so the broker's UI tells who is who.
+
+    A login or a virtual host the broker refuses is a ConfigError: waiting does not
+    mend LONGHAUL_AMQP_URL (the start would wait its whole timeout, then blame the
+    broker's reachability)."""
+    try:
+        return await aio_pika.connect_robust(
+            url, timeout=timeout, client_properties={"connection_name": name}
+        )
+    except aiormq.exceptions.ProbableAuthenticationError:
+        raise ConfigError(
+            f"RabbitMQ at {redacted(url)} refused the login: check the user and password"
+            " in LONGHAUL_AMQP_URL"
+        ) from None
+    except aiormq.exceptions.InvalidFrameError as exc:
+        # The broker answers an open of a virtual host it lacks, or one the user may not
+        # use, with a close: aiormq says so only in its message.
+        if "Connection.Close" not in str(exc):
+            raise
+        raise ConfigError(
+            f"RabbitMQ at {redacted(url)} refused to open the virtual host: it does not"
+            " exist or the user may not use it (the path of LONGHAUL_AMQP_URL)"
+        ) from None
 
 
 async def close(connection: AbstractRobustConnection, timeout: float) -> None:

@@ -157,7 +157,7 @@ async def require_schema(pool: asyncpg.Pool | asyncpg.Connection) -> None:
 
 
 def redacted(url: str) -> str:
-    """The URL to show in a message: without the database's password."""
+    """The URL to show in a message: without its password."""
     parts = urlsplit(url)
     if parts.password is None:
         return url

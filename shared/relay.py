@@ -166,6 +166,14 @@ def in_time_for(
 _FLUSH_ERRORS: tuple[type[BaseException], ...] = (DependencyError, *ANY_PG_ERROR)
 
 
+def described(exc: BaseException) -> str:
+    """A flush error as a log line's ``error``, naming the dependency: a bare
+    "[Errno 111] Connection refused" does not say whose. Pure."""
+    if isinstance(exc, DependencyError):  # ours: they begin with the dependency's name
+        return str(exc)[:300]
+    return f"PostgreSQL: {type(exc).__name__}: {exc}"[:300]
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -260,7 +268,7 @@ class OutboxRelay:
                     # Released or, failing that, left to their claim's lapse: some relay's
                     # poll publishes them. Nothing to retry here.
                     PUBLISH_FAILURES.inc()
-                    log.warning("handed-over publish failed", extra={"error": str(exc)[:300]})
+                    log.warning("handed-over publish failed", extra={"error": described(exc)})
                     if stop.is_set():
                         # Stopping with the broker or PostgreSQL away: the rest would
                         # fail alike, each after a timeout. Their claims lapse too.
@@ -327,14 +335,14 @@ class OutboxRelay:
                     except ANY_PG_ERROR as exc:
                         log.warning(
                             "rows of processes that died not looked for",
-                            extra={"error": str(exc)[:300]},
+                            extra={"error": described(exc)},
                         )
                 try:
                     published = await self.flush_once()
                 except _FLUSH_ERRORS as exc:
                     failures += 1
                     PUBLISH_FAILURES.inc()
-                    log.warning("outbox relay flush failed", extra={"error": str(exc)[:300]})
+                    log.warning("outbox relay flush failed", extra={"error": described(exc)})
                     await self._sleep(stopping, min(0.05 * 2**failures, 5.0))
                     continue
                 failures = 0

@@ -100,6 +100,24 @@ async def test_an_unreachable_dependency_is_one_line_and_exit_code_3(
     assert lines[0].startswith("api: Redis unreachable for 1s (LONGHAUL_START_TIMEOUT_S): ")
 
 
+@pytest.mark.parametrize(
+    ("service", "url", "refused"),
+    [
+        ("api", "amqp://guest:wrong-password@127.0.0.1:5672/", "refused the login"),
+        ("worker", "amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "the virtual host"),
+    ],
+)
+async def test_a_login_or_vhost_the_broker_refuses_is_one_line_and_exit_code_2(
+    deployment: Deployment, service: str, url: str, refused: str
+) -> None:
+    """Not a wait for the start timeout ending in "unreachable": no wait mends them."""
+    env = deployment.env(amqp_url=url, start_timeout_s="60")
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"{service}: RabbitMQ at amqp://guest:") and refused in lines[0]
+    assert "wrong-password" not in lines[0]
+
+
 @pytest.mark.parametrize("service", ["api", "worker"])
 async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_code_2(
     fresh_namespace: Deployment, ports: dict[str, str], service: str

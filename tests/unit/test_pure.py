@@ -15,9 +15,10 @@ import pytest
 from shared import keys, wstokens
 from shared.backoff import Backoff
 from shared.breaker import Breaker
+from shared.errors import DependencyError
 from shared.failpoints import PAUSE_S, Failpoints
 from shared.ids import uuid7
-from shared.relay import SETTLE_LINGER_S, Handed, in_time_for
+from shared.relay import SETTLE_LINGER_S, Handed, described, in_time_for
 from shared.schemas import TaskState as S
 from shared.singleflight import SingleFlight
 from shared.states import TRANSITIONS, can_transition, sources_of
@@ -352,3 +353,14 @@ def test_a_token_opens_only_what_its_kind_was_stored_with() -> None:
     assert wstokens.parse_grant(f"{tenant} {task}", task_token=False) is None
     assert wstokens.parse_grant("tenant", task_token=False) is None
     assert wstokens.parse_grant(f"{tenant} nope", task_token=True) is None
+
+
+def test_a_relay_error_names_its_dependency() -> None:
+    """ "[Errno 111] Connection refused" alone did not say whose the refusal was."""
+    assert described(ConnectionRefusedError(111, "Connection refused")) == (
+        "PostgreSQL: ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    # Ours name the dependency already: RabbitMQ's refusals, a connect to PostgreSQL.
+    rabbit = DependencyError("RabbitMQ did not confirm 2 of 5 messages (0 refused): x")
+    assert described(rabbit) == str(rabbit)
+    assert len(described(OSError("x" * 1000))) == 300
