@@ -152,7 +152,10 @@ async def wait_for_dependency(
                 raise StartTimeout(
                     f"{name} unreachable for {timeout:.0f}s (LONGHAUL_START_TIMEOUT_S): {last}"
                 ) from None
-            log.warning("waiting for dependency", extra={"dependency": name, "error": last})
+            # The text names them too: the CLI's plain log lines show no extra fields.
+            log.warning(
+                "waiting for %s: %s", name, last, extra={"dependency": name, "error": last}
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

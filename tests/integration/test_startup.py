@@ -273,9 +273,11 @@ async def test_migrate_waits_for_postgresql_then_says_it_is_unreachable(
             start_timeout_s="1",
         )
         returncode, _, err = await run_cli({**ROOT_ENV, **env}, "migrate")
-    last = err.splitlines()[-1]
+    *waits, last = err.splitlines()
     assert returncode == 3 and "Traceback" not in err, err
     assert last.startswith("longhaul: PostgreSQL unreachable for 1s (LONGHAUL_START_TIMEOUT_S)")
+    # Each wait says for what, and why (they were bare "waiting for dependency" lines).
+    assert waits and all(w.startswith("waiting for PostgreSQL: ") for w in waits), waits
 
 
 async def test_a_worker_whose_start_fails_drains_what_it_started(isolated: Isolated) -> None:
