@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError
 
 from services.api.repository import ApiRepository
-from shared.schemas import ProblemError, TaskRequest
+from shared.schemas import ProblemError, TaskRequest, is_task_type
 from shared.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class TaskTypes:
     async def _read(self) -> None:
         types = {}
         for row in await self._repo.task_types():
+            if not is_task_type(row["name"]):
+                # Registered by a worker of a version that did not check names: no
+                # request can name it, so it is not listed as if one could.
+                continue
             schema = row["args_schema"]
             try:
                 Draft202012Validator.check_schema(schema)

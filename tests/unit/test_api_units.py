@@ -1012,11 +1012,17 @@ async def test_a_type_with_an_invalid_args_schema_is_refused_not_admitted_unchec
             "seen_at": None,
         }
 
-    rows = [row("ok.type", {"type": "object"}), row("bad.type", {"type": 12})]
+    rows = [
+        row("ok.type", {"type": "object"}),
+        row("bad.type", {"type": 12}),
+        # Registered by a worker of a version that did not check names.
+        row("a name/no request can name", {"type": "object"}),
+    ]
     types = TaskTypes(_Types(rows), refresh_s=60)  # type: ignore[arg-type]
     assert (await types.get("ok.type")) is not None
     assert (await types.get("bad.type")) is None
     assert any(getattr(r, "type", None) == "bad.type" for r in caplog.records)
+    assert [t.name for t in await types.all()] == ["ok.type"]
 
 
 class _NoChannel:
