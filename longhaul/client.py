@@ -110,7 +110,8 @@ class Client:
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=timeout_s, sock_read=stream_read_timeout_s
         )
-        self._session = session or aiohttp.ClientSession()
+        # Made at first use, inside the event loop (aiohttp's rule), unless given.
+        self._session = session
         self._owns_session = session is None
 
     async def __aenter__(self) -> Client:
@@ -125,8 +126,14 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._owns_session:
+        if self._owns_session and self._session is not None:
             await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
 
     # ------------------------------------------------------------ tasks
 
@@ -205,7 +212,7 @@ class Client:
             status: int | None = None
             retry_after = None
             try:
-                async with self._session.get(
+                async with self._http().get(
                     url,
                     headers={
                         "Authorization": f"Bearer {token}",
@@ -279,7 +286,7 @@ class Client:
             retry_after = None
             problem: Mapping[str, Any] = {"title": f"no answer to {method} {path}"}
             try:
-                async with self._session.request(
+                async with self._http().request(
                     method,
                     self._api + path,
                     json=body,

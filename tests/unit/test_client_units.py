@@ -4,6 +4,7 @@ does, against small HTTP servers of ours that answer as the API and the gateway 
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -230,3 +231,11 @@ async def test_wait_on_an_ended_task_reads_no_stream(serve: Any) -> None:
     async with Client(api, "lh_k", retry=NO_WAIT) as client:
         task = await asyncio.wait_for(client.wait(TASK_ID), 10)
     assert task.state == "succeeded"
+
+
+def test_a_client_can_be_made_outside_the_event_loop() -> None:
+    """At import time, say: aiohttp's session (which wants a running loop) is made
+    at first use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Client("http://127.0.0.1:1", "lh_k")
