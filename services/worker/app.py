@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from services.worker.consumer import Consumer
 from services.worker.control import listen
 from services.worker.deadletters import DeadLetterSink
-from services.worker.maintenance import heartbeat, purge, reaper
+from services.worker.maintenance import heartbeat, lease_watch, purge, reaper
 from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
@@ -121,6 +121,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
             ),
             "lease-heartbeat",
         )
+        jobs.start(lease_watch(runner, settings.lease_s, jobs.until), "lease-watch")
         jobs.start(reaper(repo, events, settings.lease_s, jobs.until), "reaper")
         jobs.start(listen(redis, wire, runner, jobs.until), "control-listener")
         jobs.start(consumer.watch(jobs.until), "consumer-watchdog")

@@ -1,6 +1,7 @@
 """The worker's periodic jobs: renewing its leases (and noticing cancellations the
-control channel missed), reaping attempts whose worker stopped renewing, and deleting
-finished tasks past their retention."""
+control channel missed), stopping the attempts whose leases it could not renew, reaping
+attempts whose worker stopped renewing, and deleting finished tasks past their
+retention."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from uuid import UUID
 
 import asyncpg
 from prometheus_client import Counter
 
 from services.worker.repository import WorkerRepository
-from services.worker.runner import Runner, StopReason
+from services.worker.runner import Runner, Running, StopReason
 from shared.db import ANY_PG_ERROR, TRANSIENT_ERRORS
 from shared.events import EventSink
 from shared.taskrows import event_from_row
@@ -25,6 +27,18 @@ REAPED = Counter(
     "longhaul_worker_reaped_total", "Attempts requeued or failed after their lease ran out"
 )
 PURGED = Counter("longhaul_worker_purged_total", "Finished tasks deleted after their retention")
+LAPSED = Counter(
+    "longhaul_worker_leases_lapsed_total",
+    "Attempts stopped because this worker could not renew their leases for a lease",
+)
+
+# A lease unrenewed for this part of it stops its handler. The rest covers the watch's
+# own period and a clock that disagrees a little: the reaper elsewhere reads the
+# database's, and the next attempt must not start while this handler still runs.
+_LAPSE_AT = 0.9
+# After a failed renewal the heartbeat tries again this part of a lease later, not a
+# third: a blip shorter than most of a lease is renewed in time and stops nothing.
+_RETRY_AFTER = 0.1
 
 # What a reaper's failed round says about the leases: the database did not answer (in
 # time, or at all for want of resources), so the heartbeats of live workers may have
@@ -50,18 +64,30 @@ async def heartbeat(
 ) -> None:
     """Renew every running attempt's lease each third of the lease, in one statement,
     and say this worker still runs ``types`` (workers lacking one pass its tasks on).
-    An attempt asked to cancel is stopped; so is one found no longer ours (reaped
-    while the database was away): its handler must not run on beside the next attempt."""
-    while not await _wait(stop, lease_s / 3):
+    Each attempt renewed is known good for a lease from when the renewal was sent (see
+    lease_watch). An attempt asked to cancel is stopped; so is one found no longer ours
+    (reaped while the database was away): its handler must not run on beside the next
+    attempt."""
+    delay = lease_s / 3
+    while not await _wait(stop, delay):
+        delay = lease_s * _RETRY_AFTER
         attempts = dict(runner.running)
+        sent = time.monotonic()
         try:
             renewal = await repo.renew_leases(
                 {t: r.claimed.message.attempt for t, r in attempts.items()}, worker_id, lease_s
             )
-            await repo.touch_types(types)
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("lease renewal", exc)
             continue
+        delay = lease_s / 3
+        for task_id in renewal.renewed:
+            if runner.running.get(task_id) is attempts[task_id]:
+                attempts[task_id].lease_since = sent
+        try:
+            await repo.touch_types(types)
+        except Exception as exc:  # noqa: BLE001 - see _survive
+            _survive("type heartbeat", exc)
         for task_ids, reason in (
             (renewal.cancel, StopReason.CANCELLED),
             (renewal.lost, StopReason.FENCED),
@@ -74,6 +100,40 @@ async def heartbeat(
             log.warning(
                 "attempts found no longer ours: stopped", extra={"count": len(renewal.lost)}
             )
+
+
+async def lease_watch(runner: Runner, lease_s: float, stop: asyncio.Event) -> None:
+    """Stop every handler whose lease went unrenewed for most of a lease (this worker
+    cut off from PostgreSQL alone): another worker's reaper requeues it once the lease
+    runs out, and the task must not run twice at once. Waits on no database, so a
+    renewal that hangs delays nothing here. The attempt's outcome (interrupted) is
+    committed when the database answers, and refused if it was reaped meanwhile."""
+    while not await _wait(stop, lease_s / 20):
+        stopped = lapsed(runner.running, time.monotonic(), lease_s * _LAPSE_AT)
+        for running in stopped:
+            running.stop(StopReason.LAPSED)
+        if stopped:
+            LAPSED.inc(len(stopped))
+            log.warning(
+                "leases unrenewed for a lease: handlers stopped",
+                extra={
+                    "count": len(stopped),
+                    "task_ids": [str(r.claimed.message.task_id) for r in stopped[:10]],
+                },
+            )
+
+
+def lapsed(running: Mapping[UUID, Running], now: float, limit_s: float) -> list[Running]:
+    """The attempts whose handler runs on with a lease last known good ``limit_s`` or
+    more before ``now``; each once (a stopped one is skipped), and none whose handler
+    already ended (its outcome is being committed)."""
+    return [
+        r
+        for r in running.values()
+        if r.stop_reason is None
+        and not (r.handler is not None and r.handler.done())
+        and now - r.lease_since >= limit_s
+    ]
 
 
 async def reaper(

@@ -74,10 +74,12 @@ RETURNING {qualified("t")}
 
 
 class Renewal(NamedTuple):
-    """What a lease renewal found: attempts asked to cancel, and attempts no longer ours."""
+    """What a lease renewal found: attempts asked to cancel, attempts no longer ours, and
+    the attempts whose leases it extended (not those skipped as being written)."""
 
     cancel: list[UUID]
     lost: list[UUID]
+    renewed: list[UUID]
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,8 @@ class WorkerRepository:
         self, attempts: Mapping[UUID, int], worker_id: str, lease_s: float
     ) -> Renewal:
         """Extend the leases of this worker's running ``attempts`` (task id: attempt); say
-        which of them were asked to cancel, and which are no longer this worker's.
+        which of them were asked to cancel, which are no longer this worker's, and which
+        it renewed.
 
         Rows another statement holds are skipped, not waited for: the claim and success
         writers lock many rows in an order of their plan's choosing, and a renewal
@@ -329,7 +332,7 @@ class WorkerRepository:
         still reads as ours, one reaped (its lease ran out while the database was away)
         does not."""
         if not attempts:
-            return Renewal([], [])
+            return Renewal([], [], [])
         rows = await self._fetch(
             """
             WITH mine AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS m(id, attempt)),
@@ -341,7 +344,8 @@ class WorkerRepository:
                              FOR UPDATE OF t SKIP LOCKED)
                 RETURNING id, cancel_requested_at
             )
-            SELECT m.id, r.cancel_requested_at IS NOT NULL AS cancel,
+            SELECT m.id, r.id IS NOT NULL AS renewed,
+                   r.cancel_requested_at IS NOT NULL AS cancel,
                    NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = m.id
                                AND t.attempts = m.attempt AND t.state = 'running'
                                AND t.worker_id = $3) AS lost
@@ -355,6 +359,7 @@ class WorkerRepository:
         return Renewal(
             cancel=[r["id"] for r in rows if r["cancel"]],
             lost=[r["id"] for r in rows if r["lost"]],
+            renewed=[r["id"] for r in rows if r["renewed"]],
         )
 
     async def ping(self) -> None:

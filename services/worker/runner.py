@@ -10,6 +10,7 @@ import asyncio
 import enum
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -56,6 +57,7 @@ class StopReason(enum.Enum):
     CANCELLED = "cancelled"  # the user asked (POST /cancel)
     SHUTDOWN = "shutdown"  # this worker is stopping and the grace period ran out
     FENCED = "fenced"  # the attempt is no longer ours (reaped)
+    LAPSED = "lease lapsed"  # unrenewed for a lease: another worker may run it by now
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Running:
     handler: asyncio.Task[Any] | None = None
     stop_reason: StopReason | None = None
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Monotonic time the lease is known to run a whole lease from: when the claim, or
+    # the latest renewal that extended it, was sent (the database's now() is later).
+    lease_since: float = field(default_factory=time.monotonic)
     # Done once stop() is called: the run waits on it beside the handler, so that a
     # handler ignoring its cancellation is given up after the grace period, not at
     # its timeout. Made only for a handler that did not end at once.
@@ -124,9 +129,7 @@ class Runner:
         if spec is None:
             await self._unknown_type(message, body, headers)
             return
-        claimed = await self._db(
-            lambda: self._repo.claim(message, self._worker_id, self._settings.lease_s)
-        )
+        claimed, claim_sent = await self._db(lambda: self._claim(message))
         if claimed is None:
             # Delivered twice, stale (a newer attempt exists) or cancelled meanwhile;
             # or a message for no task of ours at all, which is kept as a dead letter.
@@ -136,7 +139,7 @@ class Runner:
             self._events, event_from_row(claimed.row), previous_events([claimed.row])
         )
         log.debug("attempt started", extra={"type": message.type, "attempt": message.attempt})
-        running = Running(claimed)
+        running = Running(claimed, lease_since=claim_sent)
         self.running[message.task_id] = running
         try:
             outcome = await self._run(spec, running, start)
@@ -280,7 +283,7 @@ class Runner:
             handler.exception()  # retrieved: the stop decides, the handler's error is moot
         if reason is StopReason.CANCELLED:
             return Outcome("cancelled")
-        if reason in (StopReason.SHUTDOWN, StopReason.FENCED):
+        if reason in (StopReason.SHUTDOWN, StopReason.FENCED, StopReason.LAPSED):
             return Outcome(
                 "interrupted",
                 error={
@@ -315,6 +318,11 @@ class Runner:
             return _failed(exc.type, str(exc), retryable=exc.retryable)
         log.warning("handler raised", exc_info=exc)
         return _failed(type(exc).__name__, str(exc) or type(exc).__name__, retryable=True)
+
+    async def _claim(self, message: TaskMessage) -> tuple[Claimed | None, float]:
+        """The claim, and when it was sent: its lease runs from then at the earliest."""
+        sent = time.monotonic()
+        return await self._repo.claim(message, self._worker_id, self._settings.lease_s), sent
 
     async def _commit(self, spec: TaskSpec, claimed: Claimed, outcome: Outcome) -> Row | None:
         message = claimed.message

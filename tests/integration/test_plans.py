@@ -191,5 +191,5 @@ async def _one_task(api: ApiRepository, worker: WorkerRepository, tenant: UUID) 
     message = TaskMessage(task_id=new.id, tenant_id=tenant, type="demo.noop", attempt=1)
     assert await worker.claim(message, "w1", 30.0) is not None
     assert await worker.progress(new.id, 1, 0.5, "half") is not None
-    assert await worker.renew_leases({new.id: 1}, "w1", 30.0) == ([], [])
+    assert await worker.renew_leases({new.id: 1}, "w1", 30.0) == ([], [], [new.id])
     return new.id

@@ -776,7 +776,7 @@ async def test_a_renewal_tells_the_attempts_no_longer_ours_from_those_being_writ
     """After an outage longer than a lease, another worker's reaper may have requeued
     an attempt that still runs here: the renewal says it is lost, so the heartbeat
     stops it. A row another statement is writing (locked) is not renewed this time,
-    and not lost either; a cancel asked for is told."""
+    and not lost either; a cancel asked for is told; the renewed ones are named."""
     db, repo = isolated.db, WorkerRepository(isolated.db, timeout=10)
     kept, reaped, busy, cancelled = [
         await _insert_running(db, isolated.tenant.id, 1, 30) for _ in range(4)
@@ -797,6 +797,8 @@ async def test_a_renewal_tells_the_attempts_no_longer_ours_from_those_being_writ
             dict.fromkeys([kept, reaped, busy, cancelled], 1), "w", 60
         )
     assert renewal.lost == [reaped] and renewal.cancel == [cancelled]
+    # Only these leases were extended: the heartbeat counts them as known good.
+    assert sorted(renewal.renewed) == sorted([kept, cancelled])
     assert await db.fetchval("SELECT lease_expires_at FROM tasks WHERE id = $1", busy) == before
     # Another attempt of ours is not this one: lost too.
     assert (await repo.renew_leases({kept: 2}, "w", 60)).lost == [kept]

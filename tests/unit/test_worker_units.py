@@ -23,7 +23,7 @@ from services.worker import deadletters
 from services.worker.app import _leave_abandoned
 from services.worker.consumer import Consumer
 from services.worker.deadletters import DeadLetterSink
-from services.worker.maintenance import heartbeat, reaper
+from services.worker.maintenance import heartbeat, lease_watch, reaper
 from services.worker.progress import MAX_DATA_BYTES, MAX_MESSAGE, ProgressReporter, StartEvent
 from services.worker.ratelimit import RateGate
 from services.worker.registry import Registry
@@ -564,7 +564,7 @@ class _FlakyLeases:
         self.renewals += 1
         if self.renewals == 1:
             raise asyncpg.DeadlockDetectedError("deadlock detected")
-        return Renewal([], [])
+        return Renewal([], [], [])
 
     async def ping(self) -> None:
         return None
@@ -702,7 +702,7 @@ class _LostAttempt:
         self.lost = lost
 
     async def renew_leases(self, attempts: Any, worker_id: str, lease_s: float) -> Renewal:
-        return Renewal([], [self.lost])
+        return Renewal([], [self.lost], [])
 
     async def touch_types(self, names: Sequence[str]) -> None:
         return None
@@ -723,6 +723,53 @@ async def test_the_heartbeat_stops_an_attempt_no_longer_ours() -> None:
         release.set()
         await beat
     assert running.stop_reason is StopReason.FENCED and outcome.state == "interrupted"
+
+
+class _RenewsOnly:
+    """A renewal that extends only ``kept``'s lease: the others' rows are out of reach
+    (this worker cut off from them, as from PostgreSQL)."""
+
+    def __init__(self, kept: Any) -> None:
+        self.kept = kept
+
+    async def renew_leases(self, attempts: Any, worker_id: str, lease_s: float) -> Renewal:
+        return Renewal([], [], [t for t in attempts if t == self.kept])
+
+    async def touch_types(self, names: Sequence[str]) -> None:
+        return None
+
+
+async def _forever(ctx: TaskContext, args: EmptyArgs) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_lease_unrenewed_for_a_lease_stops_its_handler_once() -> None:
+    """Another worker's reaper requeues an attempt whose lease ran out, so its handler
+    must not run on here: the watch stops it (interrupted, and counted once), while an
+    attempt the heartbeat keeps renewing runs on."""
+    runner, cut, spec = _attempt(_forever, cancel_grace_s=1)
+    row, attempt = dict(cut.claimed.row), cut.claimed.message.attempt
+    message = TaskMessage(task_id=uuid7(), tenant_id=uuid7(), type=spec.name, attempt=attempt)
+    kept = Running(Claimed(row, message))  # type: ignore[arg-type]
+    runner.running = {r.claimed.message.task_id: r for r in (cut, kept)}
+    before = REGISTRY.get_sample_value("longhaul_worker_leases_lapsed_total") or 0.0
+    stop, lease_s = asyncio.Event(), 0.3
+    jobs = [
+        asyncio.create_task(heartbeat(_RenewsOnly(message.task_id), runner, "w", lease_s, stop)),  # type: ignore[arg-type]
+        asyncio.create_task(lease_watch(runner, lease_s, stop)),
+    ]
+    runs = [asyncio.create_task(runner._run(spec, r, _Held())) for r in (cut, kept)]  # type: ignore[arg-type]
+    try:
+        outcome = await asyncio.wait_for(runs[0], 10)
+        await asyncio.sleep(2 * lease_s)  # time for a wrong stop of the renewed one
+        assert kept.stop_reason is None and not runs[1].done()
+    finally:
+        kept.stop(StopReason.SHUTDOWN)
+        stop.set()
+        await asyncio.gather(*jobs, *runs)
+    assert cut.stop_reason is StopReason.LAPSED and outcome.state == "interrupted"
+    assert outcome.error is not None and "lease lapsed" in outcome.error["message"]
+    assert REGISTRY.get_sample_value("longhaul_worker_leases_lapsed_total") == before + 1
 
 
 async def test_a_fenced_report_stops_the_attempt_and_bad_data_is_refused_at_once() -> None:
