@@ -1,5 +1,7 @@
-"""The fault suite's task type: every execution of a handler writes one row to a ledger
-table in the run's database, so the tests can count side effects per attempt.
+"""The fault suite's task types: every execution of ``fault.ledger`` writes one row to a
+ledger table in the run's database, so the tests can count side effects per attempt;
+``fault.watched`` notes in Redis when each execution starts, ends or is stopped, in one
+list a task, for tests that cut its worker off from PostgreSQL.
 
 Loaded by the worker with ``--tasks tests.faults.ledger_tasks`` (run from the repo root).
 The ledger write is the task's *side effect*: it is deliberately not in the worker's
@@ -14,6 +16,7 @@ import uuid
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
 
 from services.worker.sdk import TaskContext, task
 
@@ -85,4 +88,33 @@ async def ledger(ctx: TaskContext, args: LedgerArgs) -> dict[str, int]:
         await asyncio.sleep(args.sleep_s / 2)
         await ctx.report_progress(0.5, "half way")
         await asyncio.sleep(args.sleep_s / 2)
+    return {"attempt": ctx.attempt, "pid": os.getpid()}
+
+
+def watched_key(task_id: uuid.UUID) -> str:
+    """The Redis list of ``fault.watched`` notes: ``start|done|stopped:attempt:pid``."""
+    return f"longhaul-test:watched:{task_id}"
+
+
+@task("fault.watched", max_attempts=5)
+async def watched(ctx: TaskContext, args: LedgerArgs) -> dict[str, int]:
+    """Work for ``sleep_s``, noting in Redis (in order) when it starts, ends, or is
+    stopped (cancelled): its worker may be cut off from PostgreSQL, not from Redis."""
+    redis = Redis.from_url(os.environ["LONGHAUL_REDIS_URL"])
+    key = watched_key(ctx.task_id)
+
+    async def note(what: str) -> None:
+        await redis.rpush(key, f"{what}:{ctx.attempt}:{os.getpid()}")
+        await redis.expire(key, 600)
+
+    try:
+        await note("start")
+        try:
+            await asyncio.sleep(args.sleep_s)
+        except asyncio.CancelledError:
+            await note("stopped")
+            raise
+        await note("done")
+    finally:
+        await redis.aclose()
     return {"attempt": ctx.attempt, "pid": os.getpid()}
