@@ -304,16 +304,18 @@ class WorkerRepository:
                 )
             return row
 
-    async def requeue(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
-        """Hand an interrupted attempt back: the next attempt is published at once (or
-        the task fails if it has none left). The interrupted attempt counts, because its
-        effects may have happened."""
+    async def hand_back(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
+        """Hand back an attempt this stopping worker interrupted: the next attempt is
+        published at once. The operator stopped it, not the task's failure: the task's
+        ``max_attempts`` grows by one, so a rolling restart never fails a task. The next
+        attempt still takes a new number, which fences this one's message and writes."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             rows = await _requeue_or_fail(
                 conn,
                 "id = $1 AND state = 'running' AND attempts = $2",
                 (message.task_id, message.attempt),
                 error,
+                spent=False,
             )
             return rows[0] if rows else None
 
@@ -511,20 +513,29 @@ def _deadlock(exc: Exception) -> bool:
 
 
 async def _requeue_or_fail(
-    conn: Connection, where: str, args: tuple[Any, ...], error: dict[str, Any]
+    conn: Connection,
+    where: str,
+    args: tuple[Any, ...],
+    error: dict[str, Any],
+    *,
+    spent: bool = True,
 ) -> list[Row]:
     """Move matching running tasks to ``queued`` with the next attempt in the outbox, or to
     ``failed`` when that was their last attempt, or to ``cancelled`` when their cancel
-    was asked for (the attempt ended without its worker seeing it through). Runs inside
-    the caller's transaction."""
+    was asked for (the attempt ended without its worker seeing it through). An attempt
+    not ``spent`` raises ``max_attempts`` by one: it is never the last. Runs inside the
+    caller's transaction."""
     n = len(args)
+    # SET's expressions all read the row as it was: each compares with the new limit.
+    limit = "max_attempts" if spent else "max_attempts + 1"
     rows = await conn.fetch(
         f"""
         UPDATE tasks SET
             state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
-                         WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+                         WHEN attempts >= {limit} THEN 'failed' ELSE 'queued' END,
             finished_at = CASE WHEN cancel_requested_at IS NOT NULL
-                                 OR attempts >= max_attempts THEN now() END,
+                                 OR attempts >= {limit} THEN now() END,
+            max_attempts = {limit},
             error = CASE WHEN cancel_requested_at IS NULL THEN ${n + 1}::jsonb END,
             message = CASE WHEN cancel_requested_at IS NULL THEN {_reason(f"${n + 1}")}
                            ELSE message END,

@@ -333,7 +333,7 @@ class Runner:
             return await self._db(lambda: self._repo.finish(tid, attempt, "cancelled", None))
         error = outcome.error or {}
         if outcome.state == "interrupted":
-            return await self._db(lambda: self._repo.requeue(message, error))
+            return await self._db(lambda: self._repo.hand_back(message, error))
         max_attempts = int(claimed.row["max_attempts"])
         if outcome.retryable and attempt < max_attempts:
             backoff = _backoff_of(claimed.row) or spec.backoff or self._backoff
