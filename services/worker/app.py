@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from services.worker.consumer import Consumer
 from services.worker.control import listen
 from services.worker.deadletters import DeadLetterSink
+from services.worker.handback import HandBacks
 from services.worker.maintenance import heartbeat, lease_watch, purge, reaper
 from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
@@ -146,7 +147,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
             # is stopped and awaited before the connections close under it.
             await _drain(settings, consumer, sink, jobs, repo, events, (high_channel, channel))
         log.info("worker stopped")
-        await _leave_abandoned(stack, runner.abandoned, settings.cancel_grace_s)
+        await _leave_abandoned(stack, runner.abandoned, runner.handbacks, settings.cancel_grace_s)
 
 
 class _Jobs:
@@ -225,22 +226,40 @@ async def _consuming_channel(
 
 
 async def _leave_abandoned(
-    stack: AsyncExitStack, handlers: set[asyncio.Task[Any]], grace_s: float
+    stack: AsyncExitStack,
+    handlers: set[asyncio.Task[Any]],
+    handbacks: HandBacks,
+    grace_s: float,
 ) -> None:
-    """Handlers that ignored their cancellation (their attempts are settled): a last
-    wait, then exit without them, the connections closed. The event loop's own shutdown
-    would wait for them for as long as they run, and a stopping worker must stop."""
-    if not handlers:
-        return
-    _, running = await asyncio.wait(set(handlers), timeout=grace_s)
-    if running:
-        await stack.aclose()
-        log.warning(
-            "exiting with handlers that ignored cancellation still running",
-            extra={"count": len(running)},
+    """Handlers that ignored their cancellation: a last wait, then exit without them.
+    The event loop's own shutdown would wait for them for as long as they run, and a
+    stopping worker must stop. The attempt of each one the stop interrupted is handed
+    back once it ended, or just before the exit that ends it: never while it runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    running = set(handlers)
+    while True:
+        # Each as it ends: its next attempt need not wait for the others.
+        await handbacks.release(ended_only=True)
+        if not running or loop.time() >= deadline:
+            break
+        _, running = await asyncio.wait(
+            running, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
         )
-        logging.shutdown()
-        os._exit(0)
+    if not running:
+        return
+    log.warning(
+        "exiting with handlers that ignored cancellation still running",
+        extra={"count": len(running)},
+    )
+    if handbacks:
+        # Nothing awaited between these commits and the exit: the loop would run the
+        # handlers on beside the next attempts. The exit closes the connections.
+        await handbacks.release()
+    else:
+        await stack.aclose()
+    logging.shutdown()
+    os._exit(0)
 
 
 async def _relay(

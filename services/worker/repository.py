@@ -304,20 +304,20 @@ class WorkerRepository:
                 )
             return row
 
-    async def hand_back(self, message: TaskMessage, error: dict[str, Any]) -> Row | None:
-        """Hand back an attempt this stopping worker interrupted: the next attempt is
-        published at once. The operator stopped it, not the task's failure: the task's
+    async def hand_back(self, messages: Sequence[TaskMessage], error: dict[str, Any]) -> list[Row]:
+        """Hand back attempts this stopping worker interrupted: their next attempts are
+        published at once. The operator stopped them, not the tasks' failure: each task's
         ``max_attempts`` grows by one, so a rolling restart never fails a task. The next
         attempt still takes a new number, which fences this one's message and writes."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            rows = await _requeue_or_fail(
+            return await _requeue_or_fail(
                 conn,
-                "id = $1 AND state = 'running' AND attempts = $2",
-                (message.task_id, message.attempt),
+                "state = 'running' AND (id, attempts) IN"
+                " (SELECT * FROM unnest($1::uuid[], $2::int[]))",
+                ([m.task_id for m in messages], [m.attempt for m in messages]),
                 error,
                 spent=False,
             )
-            return rows[0] if rows else None
 
     async def renew_leases(
         self, attempts: Mapping[UUID, int], worker_id: str, lease_s: float

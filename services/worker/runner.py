@@ -21,6 +21,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
+from services.worker.handback import HandBacks
 from services.worker.progress import ProgressReporter, StartEvent
 from services.worker.registry import Registry
 from services.worker.repository import Claimed, Letter, WorkerRepository
@@ -115,6 +116,8 @@ class Runner:
         # (cancelled by a stopping worker's drain, say): kept so shutdown can wait for
         # them a last time, never awaited on the hot path.
         self.abandoned: set[asyncio.Task[Any]] = set()
+        # The hand-backs of abandoned handlers of a stopping worker, held until they end.
+        self.handbacks = HandBacks(repo, _interrupted(StopReason.SHUTDOWN))
 
     async def process(self, body: bytes, headers: Mapping[str, Any]) -> None:
         try:
@@ -149,11 +152,15 @@ class Runner:
                 # refuses a seq below the stream's last: the held ones go first.
                 await start.emit()
             await self._failpoints.hit("worker.before_commit")
-            row = await self._commit(spec, claimed, outcome)
+            # A hand-back held for its handler is committed by the stopping worker.
+            held = running.handler in self.handbacks
+            row = None if held else await self._commit(spec, claimed, outcome)
             await self._failpoints.hit("worker.after_commit")
         finally:
-            # The next attempt may already run here (its retry was due at once).
-            if self.running.get(message.task_id) is running:
+            # The next attempt may already run here (its retry was due at once). A held
+            # attempt stays: the heartbeat renews its lease while the worker stops.
+            mine = self.running.get(message.task_id) is running
+            if mine and running.handler not in self.handbacks:
                 del self.running[message.task_id]
         # The start event goes even when the outcome was fenced out: its seq is taken.
         await start.emit([event_from_row(row)] if row is not None else [])
@@ -228,11 +235,14 @@ class Runner:
                 # stopping worker's drain): either way nobody waits for the handler now.
                 if not handler.done():
                     why = "handler ignored cancellation; abandoning it"
-                    if not handler.cancelling():
-                        # Never told to stop: claimed after the drain stopped the running.
+                    # Never told to stop: claimed after the drain stopped the running.
+                    unstopped = not handler.cancelling()
+                    if unstopped:
                         handler.cancel()
                         why = "run ended before its handler did; cancelled and abandoning it"
                     self._abandon(handler, why)
+                    if unstopped or running.stop_reason is StopReason.SHUTDOWN:
+                        self.handbacks.hold(handler, message)
             outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
             # Whatever the outcome: a report held back and written after the outcome's
             # event would take a seq below it, which the stream refuses (a gap).
@@ -284,14 +294,7 @@ class Runner:
         if reason is StopReason.CANCELLED:
             return Outcome("cancelled")
         if reason in (StopReason.SHUTDOWN, StopReason.FENCED, StopReason.LAPSED):
-            return Outcome(
-                "interrupted",
-                error={
-                    "type": "interrupted",
-                    "message": f"attempt interrupted ({reason.value})",
-                    "retryable": True,
-                },
-            )
+            return Outcome("interrupted", error=_interrupted(reason))
         if timed_out:
             return _failed(
                 "timeout",
@@ -333,7 +336,8 @@ class Runner:
             return await self._db(lambda: self._repo.finish(tid, attempt, "cancelled", None))
         error = outcome.error or {}
         if outcome.state == "interrupted":
-            return await self._db(lambda: self._repo.hand_back(message, error))
+            rows = await self._db(lambda: self._repo.hand_back([message], error))
+            return rows[0] if rows else None
         max_attempts = int(claimed.row["max_attempts"])
         if outcome.retryable and attempt < max_attempts:
             backoff = _backoff_of(claimed.row) or spec.backoff or self._backoff
@@ -457,6 +461,14 @@ def start_handler(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]
         loop = asyncio.get_running_loop()
         return asyncio.Task(coro, loop=loop, name=name, eager_start=True)
     return asyncio.create_task(coro, name=name)
+
+
+def _interrupted(reason: StopReason) -> dict[str, Any]:
+    return {
+        "type": "interrupted",
+        "message": f"attempt interrupted ({reason.value})",
+        "retryable": True,
+    }
 
 
 def _failed(kind: str, message: str, *, retryable: bool) -> Outcome:

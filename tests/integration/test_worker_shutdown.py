@@ -1,10 +1,11 @@
-"""A worker stopped by its operator (SIGTERM) hands its running attempts back, not
-counted against the task's attempts."""
+"""A worker stopped by its operator (SIGTERM) hands its running attempts back: not
+counted against the task's attempts, and never while their handler still runs."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -14,11 +15,15 @@ from services.api.repository import ApiRepository, NewTask
 from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from tests.conftest import Isolated
+from tests.integration.shutdown_tasks import LEDGER_DDL
 from tests.support import ServiceProcess, System, eventually
+
+STUBBORN = ("--tasks", "tests.integration.shutdown_tasks")
 
 
 @pytest.fixture
 async def system(isolated: Isolated) -> AsyncIterator[System]:
+    await isolated.db.execute(LEDGER_DDL)
     sys_ = System(isolated.deployment.env())
     try:
         yield sys_
@@ -68,3 +73,33 @@ async def test_a_hand_back_does_not_use_up_an_attempt(system: System, isolated: 
         "SELECT count(*) FROM dead_letters WHERE task_id = $1", task_id
     )
     assert letters == 0
+
+
+@pytest.mark.parametrize(
+    "hold_s",
+    [
+        pytest.param(1.5, id="ends-in-the-last-wait"),
+        pytest.param(600, id="ended-by-the-exit"),
+    ],
+)
+async def test_the_next_attempt_never_runs_beside_an_abandoned_handler(
+    system: System, isolated: Isolated, hold_s: float
+) -> None:
+    """Worker A's handler ignores its cancellation (for ``hold_s``, past its cancel
+    grace): its attempt is handed back only once it ended, or as A exits, so the attempt
+    worker B then runs starts after every step attempt 1 took."""
+    stopping = await system.start_worker(*STUBBORN, shutdown_grace_s="0", cancel_grace_s="1")
+    task_id = await _insert(isolated, TaskRequest(type="test.stubborn", args={"hold_s": hold_s}))
+    await _row(isolated.db, task_id, "running")
+    await system.start_worker(*STUBBORN)
+    assert await _stop(stopping) == 0
+    row = await _row(isolated.db, task_id, "succeeded")
+    assert (row["attempts"], row["result"]) == (2, 2)
+    steps: list[Any] = await isolated.db.fetch(
+        "SELECT attempt, step FROM shutdown_ledger WHERE task_id = $1 ORDER BY id", task_id
+    )
+    attempts = [s["attempt"] for s in steps]
+    assert attempts == sorted(attempts), steps  # attempt 2 started after attempt 1's last step
+    first = [s["step"] for s in steps if s["attempt"] == 1]
+    assert first[0] == "start" and first[-1] == ("end" if hold_s < 600 else "tick"), first
+    assert [s["step"] for s in steps if s["attempt"] == 2] == ["start", "end"]

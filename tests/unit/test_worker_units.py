@@ -865,8 +865,24 @@ class _Stubborn:
         return "done"
 
 
+class _HandBackRepo:
+    """Stands in for WorkerRepository: notes each hand-back, and whether the attempt's
+    handler had ended by then."""
+
+    def __init__(self) -> None:
+        self.handler: asyncio.Task[Any] | None = None
+        self.handed_back: list[tuple[int, bool]] = []
+
+    async def hand_back(self, messages: list[TaskMessage], error: dict[str, Any]) -> None:
+        assert self.handler is not None
+        self.handed_back += [(m.attempt, self.handler.done()) for m in messages]
+
+
 def _attempt(
-    handler: Any, cancel_grace_s: float, progress_max_rate_per_s: float = 20.0
+    handler: Any,
+    cancel_grace_s: float,
+    progress_max_rate_per_s: float = 20.0,
+    repo: _HandBackRepo | None = None,
 ) -> tuple[Runner, Running, TaskSpec]:
     """A runner and a claimed attempt of ``handler``, for ``runner._run``."""
     spec = TaskSpec("t.stubborn", handler, EmptyArgs)
@@ -875,7 +891,7 @@ def _attempt(
         start_event_delay_s=0,
         progress_max_rate_per_s=progress_max_rate_per_s,
     )
-    runner = Runner(settings, None, FakeSink(), Registry([spec]), Failpoints(""), "w")  # type: ignore[arg-type]
+    runner = Runner(settings, repo, FakeSink(), Registry([spec]), Failpoints(""), "w")  # type: ignore[arg-type]
     message = TaskMessage(task_id=uuid7(), tenant_id=uuid7(), type=spec.name, attempt=1)
     row = {"timeout_s": 60.0, "max_attempts": 1, "cancel_requested_at": None, "args": {}}
     return runner, Running(Claimed(row, message)), spec  # type: ignore[arg-type]
@@ -939,9 +955,9 @@ async def test_a_handler_ignoring_its_cancellation_is_counted_until_it_ends() ->
 async def test_a_handler_in_its_grace_when_the_drain_gives_up_is_abandoned() -> None:
     """The drain's last step cancels the deliveries still running; a handler told to
     stop that has not ended then is abandoned as at the end of its grace: counted, and
-    waited for by shutdown's last wait."""
-    stubborn = _Stubborn()
-    runner, running, spec = _attempt(stubborn, cancel_grace_s=60)
+    waited for by shutdown's last wait, which hands its attempt back once it ended."""
+    stubborn, repo = _Stubborn(), _HandBackRepo()
+    runner, running, spec = _attempt(stubborn, cancel_grace_s=60, repo=repo)
     runner.running[running.claimed.message.task_id] = running
     consumer = Consumer(SimpleNamespace(), runner, timeout=1, prefetch=1)  # type: ignore[arg-type]
     delivery = asyncio.create_task(runner._run(spec, running, _Held()))  # type: ignore[arg-type]
@@ -954,16 +970,18 @@ async def test_a_handler_in_its_grace_when_the_drain_gives_up_is_abandoned() -> 
         assert delivery.cancelled() and running.stop_reason is StopReason.SHUTDOWN
         assert before is not None and _abandoned() == before + 1 and len(runner.abandoned) == 1
         [handler] = runner.abandoned
+        repo.handler = handler
         last_wait = asyncio.create_task(
-            _leave_abandoned(contextlib.AsyncExitStack(), runner.abandoned, 60)
+            _leave_abandoned(contextlib.AsyncExitStack(), runner.abandoned, runner.handbacks, 60)
         )
         await asyncio.sleep(0.05)
-        assert not last_wait.done() and not handler.done()
+        assert not last_wait.done() and not handler.done() and not repo.handed_back
     finally:
         stubborn.release.set()
     await asyncio.wait_for(last_wait, 10)  # returns once the handler ended
     assert await handler == "done"
     assert _abandoned() == before and not runner.abandoned
+    assert repo.handed_back == [(1, True)]
 
 
 async def test_a_run_cancelled_before_its_handler_was_stopped_cancels_it() -> None:

@@ -1,0 +1,69 @@
+"""A task type for the shutdown tests: its first attempt ignores its cancellation, and
+every step of every execution is recorded in a table of the run's database, in order
+(``shutdown_ledger.id``), so a test can tell which attempt ran when.
+
+Loaded by the worker with ``--tasks tests.integration.shutdown_tasks``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.worker.sdk import TaskContext, task
+
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS shutdown_ledger (
+    id       bigserial PRIMARY KEY,
+    task_id  uuid NOT NULL,
+    attempt  integer NOT NULL,
+    step     text NOT NULL  -- start, tick, end
+)
+"""
+
+
+class StubbornArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # How long the first attempt runs on once told to stop.
+    hold_s: float = Field(ge=0)
+
+
+@task("test.stubborn", max_attempts=3)
+async def stubborn(ctx: TaskContext, args: StubbornArgs) -> int:
+    """Attempt 1 ticks until ``hold_s`` after its cancellation, which it ignores; later
+    attempts end at once."""
+    told = asyncio.Event()
+    body = asyncio.create_task(_body(ctx, args.hold_s, told), name="stubborn-body")
+    while True:
+        try:
+            return await asyncio.shield(body)
+        except asyncio.CancelledError:
+            told.set()
+
+
+async def _body(ctx: TaskContext, hold_s: float, told: asyncio.Event) -> int:
+    conn = await asyncpg.connect(os.environ["LONGHAUL_DATABASE_URL"], timeout=10)
+    try:
+
+        async def record(step: str) -> None:
+            await conn.execute(
+                "INSERT INTO shutdown_ledger (task_id, attempt, step) VALUES ($1, $2, $3)",
+                ctx.task_id,
+                ctx.attempt,
+                step,
+            )
+
+        await record("start")
+        if ctx.attempt == 1:
+            await told.wait()
+            loop = asyncio.get_running_loop()
+            until = loop.time() + hold_s
+            while loop.time() < until:
+                await record("tick")
+                await asyncio.sleep(0.05)
+        await record("end")
+        return ctx.attempt
+    finally:
+        await conn.close()
