@@ -153,9 +153,7 @@ async def wait_for_dependency(
                     f"{name} unreachable for {timeout:.0f}s (LONGHAUL_START_TIMEOUT_S): {last}"
                 ) from None
             # The text names them too: the CLI's plain log lines show no extra fields.
-            log.warning(
-                "waiting for %s: %s", name, last, extra={"dependency": name, "error": last}
-            )
+            log.warning("waiting for %s: %s", name, last, extra={"dependency": name, "error": last})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
