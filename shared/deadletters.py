@@ -38,13 +38,14 @@ class RedriveResult:
     task: Row | None = None
 
 
-async def keep_exhausted(conn: Connection, messages: Sequence[TaskMessage]) -> None:
+async def keep_exhausted(conn: Connection, messages: Sequence[TaskMessage]) -> str:
     """Keep the last attempt's message of tasks that failed with their attempts run out
     as dead letters, with the task's error: listed with the poison messages, and
-    redriven the same way. Call in the transaction that failed the tasks."""
+    redriven the same way. Call in the transaction that failed the tasks. The INSERT's
+    status ("INSERT 0 <n>")."""
     if not messages:
-        return
-    await conn.execute(
+        return "INSERT 0 0"
+    return await conn.execute(
         """
         INSERT INTO dead_letters (id, tenant_id, task_id, reason, detail, body, attempts,
                                   last_error)

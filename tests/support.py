@@ -214,11 +214,17 @@ async def wait_http_ok(url: str, within: float = 30.0, proc: ServiceProcess | No
     await eventually(check, within=within, interval=0.1, what=f"{url} to answer 200")
 
 
-async def worker_metric(system: System, http: aiohttp.ClientSession, name: str) -> float:
-    """A gauge or counter of the system's (first) worker, from its /metrics."""
+async def worker_metric(
+    system: System, http: aiohttp.ClientSession, name: str, missing: float | None = None
+) -> float:
+    """A gauge or counter of the system's (first) worker, from its /metrics; ``name``
+    with its labels as the exposition writes them (``x_total{type="a"}``). ``missing``:
+    the value of a labelled series not yet written (else its absence fails)."""
     async with http.get(f"http://127.0.0.1:{system.metrics_port}/metrics") as r:
         text = await r.text()
     match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    if match is None and missing is not None:
+        return missing
     assert match, f"{name} not in the worker's metrics"
     return float(match[1])
 

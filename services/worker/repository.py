@@ -11,6 +11,7 @@ from uuid import UUID
 
 import asyncpg
 import orjson
+from prometheus_client import Counter
 
 from services.worker.progress import MAX_MESSAGE
 from services.worker.sdk import TaskSpec
@@ -39,7 +40,7 @@ WITH req AS (
     -- Not locked (FOR UPDATE doubled the statement's cost): the old values
     -- only rebuild the previous event, and previous_events() drops a row
     -- another writer changed in between.
-    SELECT {EVENT_COLUMNS} FROM tasks WHERE id = ANY($1::uuid[])
+    SELECT {EVENT_COLUMNS}, next_attempt_at FROM tasks WHERE id = ANY($1::uuid[])
 )
 UPDATE tasks AS t SET state = 'running', attempts = req.attempt,
     worker_id = req.worker_id,
@@ -51,7 +52,10 @@ WHERE t.id = req.id AND t.state IN ('queued', 'retrying')
   AND t.attempts = req.attempt - 1 AND t.tenant_id = req.tenant_id
 RETURNING {qualified("t")}, t.type, t.args, t.tenant_id, t.timeout_s,
           t.max_attempts, t.created_at, t.cancel_requested_at, t.backoff,
-          {PREVIOUS_COLUMNS}
+          {PREVIOUS_COLUMNS},
+          -- Waited since it was queued, or since its delay or backoff ended: a metric.
+          extract(epoch FROM now() - greatest(old.updated_at, old.next_attempt_at))::float8
+              AS queued_s
 """
 
 _PROGRESS = f"""
@@ -247,7 +251,7 @@ class WorkerRepository:
                 _FINISH, message.task_id, message.attempt, "failed", error
             )
             if row is not None:
-                await deadletters.keep_exhausted(conn, [message])
+                _kept(deadletters.EXHAUSTED, await deadletters.keep_exhausted(conn, [message]))
             return row
 
     async def fail_and_keep(
@@ -259,7 +263,10 @@ class WorkerRepository:
             row: Row | None = await conn.fetchrow(
                 _FINISH, message.task_id, message.attempt, "failed", error
             )
-            await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id))
+            _kept(
+                letter.reason,
+                await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id)),
+            )
             return row
 
     async def retry_later(
@@ -419,7 +426,10 @@ class WorkerRepository:
         redrivable. In one transaction: with the dead letter committed alone, a failure
         before the task's update had the redelivery keep it a second time."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id))
+            _kept(
+                letter.reason,
+                await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id)),
+            )
             row: Row | None = await conn.fetchrow(
                 f"""
                 UPDATE tasks SET state = 'failed', error = $3, message = {_reason("$3")},
@@ -440,7 +450,7 @@ class WorkerRepository:
         self, letter: Letter, tenant_id: UUID | None = None, task_id: UUID | None = None
     ) -> None:
         """Keep a message that can never be processed, with the reason, before acking it."""
-        await self._execute(_DEAD_LETTER, *letter.args(tenant_id, task_id))
+        _kept(letter.reason, await self._execute(_DEAD_LETTER, *letter.args(tenant_id, task_id)))
 
     async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -451,9 +461,24 @@ class WorkerRepository:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return list(await conn.fetch(sql, *args))
 
-    async def _execute(self, sql: str, *args: Any) -> None:
+    async def _execute(self, sql: str, *args: Any) -> str:
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            await conn.execute(sql, *args)
+            status: str = await conn.execute(sql, *args)
+            return status
+
+
+DEAD_LETTERS = Counter(
+    "longhaul_dead_letters_total",
+    "Messages kept in the dead_letters table, by reason (written in the transaction that"
+    " failed the task, if any)",
+    ["reason"],
+)
+
+
+def _kept(reason: str, status: str) -> None:
+    """Count the dead letters an INSERT wrote: its status is "INSERT 0 <n>" (none where
+    the same message was kept already, a redelivery)."""
+    DEAD_LETTERS.labels(reason).inc(int(status.rsplit(" ", 1)[-1]))
 
 
 # With the task's attempts and last error, when the message names a task of its tenant.
@@ -548,7 +573,6 @@ async def _requeue_or_fail(
         error,
     )
     await outbox.enqueue(conn, [outbox.next_attempt(r) for r in rows if r["state"] == "queued"])
-    await deadletters.keep_exhausted(
-        conn, [outbox.message_of(r, r["attempts"]) for r in rows if r["state"] == "failed"]
-    )
+    exhausted = [outbox.message_of(r, r["attempts"]) for r in rows if r["state"] == "failed"]
+    _kept(deadletters.EXHAUSTED, await deadletters.keep_exhausted(conn, exhausted))
     return list(rows)

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ValidationError
 
 from services.worker.handback import HandBacks
+from services.worker.outcomes import Counted, Outcome
 from services.worker.progress import ProgressReporter, StartEvent
 from services.worker.registry import Registry
 from services.worker.repository import Claimed, Letter, WorkerRepository
@@ -86,14 +87,6 @@ class Running:
             self.stopped.set_result(None)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    state: str  # succeeded | failed | cancelled | interrupted
-    result: Any = None
-    error: dict[str, Any] | None = None
-    retryable: bool = False
-
-
 class Runner:
     def __init__(
         self,
@@ -118,6 +111,7 @@ class Runner:
         self.abandoned: set[asyncio.Task[Any]] = set()
         # The hand-backs of abandoned handlers of a stopping worker, held until they end.
         self.handbacks = HandBacks(repo, _interrupted(StopReason.SHUTDOWN))
+        self._counted = Counted()
 
     async def process(self, body: bytes, headers: Mapping[str, Any]) -> None:
         try:
@@ -144,8 +138,10 @@ class Runner:
         log.debug("attempt started", extra={"type": message.type, "attempt": message.attempt})
         running = Running(claimed, lease_since=claim_sent)
         self.running[message.task_id] = running
+        self._counted.claimed(spec.name, claimed.row["queued_s"])
         try:
             outcome = await self._run(spec, running, start)
+            ending = outcome.ending(message.attempt, int(claimed.row["max_attempts"]))
             if outcome.state != "succeeded":
                 # Once a retry or a hand-back is committed, another process may write the
                 # task's next events (the relay's promotion, another claim), and Redis
@@ -154,8 +150,14 @@ class Runner:
             await self._failpoints.hit("worker.before_commit")
             # A hand-back held for its handler is committed by the stopping worker.
             held = running.handler in self.handbacks
-            row = None if held else await self._commit(spec, claimed, outcome)
+            row = None if held else await self._commit(spec, claimed, outcome, ending)
             await self._failpoints.hit("worker.after_commit")
+            # A held hand-back is committed later; any other outcome refused was fenced.
+            self._counted.ended(
+                spec.name,
+                ending if held or row is not None else "fenced",
+                time.monotonic() - claim_sent,
+            )
         finally:
             # The next attempt may already run here (its retry was due at once). A held
             # attempt stays: the heartbeat renews its lease while the worker stops.
@@ -327,23 +329,24 @@ class Runner:
         sent = time.monotonic()
         return await self._repo.claim(message, self._worker_id, self._settings.lease_s), sent
 
-    async def _commit(self, spec: TaskSpec, claimed: Claimed, outcome: Outcome) -> Row | None:
+    async def _commit(
+        self, spec: TaskSpec, claimed: Claimed, outcome: Outcome, ending: str
+    ) -> Row | None:
         message = claimed.message
         tid, attempt = message.task_id, message.attempt
-        if outcome.state == "succeeded":
+        if ending == "succeeded":
             return await self._db(lambda: self._repo.succeed(tid, attempt, outcome.result))
-        if outcome.state == "cancelled":
+        if ending == "cancelled":
             return await self._db(lambda: self._repo.finish(tid, attempt, "cancelled", None))
         error = outcome.error or {}
-        if outcome.state == "interrupted":
+        if ending == "interrupted":
             rows = await self._db(lambda: self._repo.hand_back([message], error))
             return rows[0] if rows else None
-        max_attempts = int(claimed.row["max_attempts"])
-        if outcome.retryable and attempt < max_attempts:
+        if ending == "retrying":
             backoff = _backoff_of(claimed.row) or spec.backoff or self._backoff
             delay = backoff.delay(attempt)
             return await self._db(lambda: self._repo.retry_later(message, error, delay))
-        if outcome.retryable:  # its attempts ran out: also a dead letter, to redrive
+        if ending == "exhausted":  # its attempts ran out: also a dead letter, to redrive
             return await self._db(lambda: self._repo.exhaust(message, error))
         return await self._db(lambda: self._repo.finish(tid, attempt, "failed", error))
 

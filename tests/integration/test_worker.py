@@ -255,6 +255,49 @@ async def test_flaky_task_retries_then_succeeds(
     assert [e.attempt for e in found if e.state == "running"][-1] == 3
 
 
+async def test_attempts_and_dead_letters_are_counted_for_operators(
+    system: System, http: aiohttp.ClientSession, tenant: Tenant, db: asyncpg.Pool
+) -> None:
+    """What an operator alerts and scales on: attempts by type and outcome, their run
+    time and the wait before each claim, dead letters by reason."""
+    series = {
+        "noop": 'longhaul_worker_attempts_total{outcome="succeeded",type="demo.noop"}',
+        "fail": 'longhaul_worker_attempts_total{outcome="failed",type="demo.fail"}',
+        "retry": 'longhaul_worker_attempts_total{outcome="retrying",type="demo.flaky"}',
+        "exhaust": 'longhaul_worker_attempts_total{outcome="exhausted",type="demo.flaky"}',
+        "letters": 'longhaul_dead_letters_total{reason="attempts_exhausted"}',
+        "waits": 'longhaul_worker_queue_wait_seconds_count{type="demo.flaky"}',
+        "runs": 'longhaul_worker_attempt_seconds_count{type="demo.flaky"}',
+    }
+
+    async def counts() -> dict[str, float]:
+        return {k: await worker_metric(system, http, v, missing=0) for k, v in series.items()}
+
+    before = await counts()
+    ids = [
+        await submit(http, system, tenant, {"type": "demo.noop"}),
+        await submit(http, system, tenant, {"type": "demo.fail", "args": {"message": "x"}}),
+        await submit(
+            http,
+            system,
+            tenant,
+            {"type": "demo.flaky", "args": {"fail_times": 5}, "max_attempts": 2},
+        ),
+    ]
+    for task_id in ids:
+        await terminal_row(db, task_id)
+    after = await counts()
+    assert {k: after[k] - before[k] for k in series} == {
+        "noop": 1,
+        "fail": 1,
+        "retry": 1,
+        "exhaust": 1,
+        "letters": 1,
+        "waits": 2,  # one per attempt of the flaky task
+        "runs": 2,
+    }
+
+
 async def test_events_stay_gapless_when_the_relay_promotes_a_retry_first(
     isolated: Isolated, redis: Redis
 ) -> None:
