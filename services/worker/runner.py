@@ -109,7 +109,8 @@ class Runner:
         # (cancelled by a stopping worker's drain, say): kept so shutdown can wait for
         # them a last time, never awaited on the hot path.
         self.abandoned: set[asyncio.Task[Any]] = set()
-        # The hand-backs of abandoned handlers of a stopping worker, held until they end.
+        # The attempts of abandoned handlers, held until they end: by their run (timed
+        # out), or for the hand-back of a stopping worker.
         self.handbacks = HandBacks(repo, _interrupted(StopReason.SHUTDOWN))
         self._counted = Counted()
 
@@ -141,6 +142,10 @@ class Runner:
         self._counted.claimed(spec.name, claimed.row["queued_s"])
         try:
             outcome = await self._run(spec, running, start)
+            # Its handler ignored its cancellation: the attempt is settled when it ends.
+            held = running.handler in self.handbacks
+            if held:
+                outcome, held = await self._outlive(running, outcome)
             ending = outcome.ending(message.attempt, int(claimed.row["max_attempts"]))
             if outcome.state != "succeeded":
                 # Once a retry or a hand-back is committed, another process may write the
@@ -149,7 +154,6 @@ class Runner:
                 await start.emit()
             await self._failpoints.hit("worker.before_commit")
             # A hand-back held for its handler is committed by the stopping worker.
-            held = running.handler in self.handbacks
             row = None if held else await self._commit(spec, claimed, outcome, ending)
             await self._failpoints.hit("worker.after_commit")
             # A held hand-back is committed later; any other outcome refused was fenced.
@@ -160,7 +164,8 @@ class Runner:
             )
         finally:
             # The next attempt may already run here (its retry was due at once). A held
-            # attempt stays: the heartbeat renews its lease while the worker stops.
+            # attempt stays: the heartbeat renews its lease while the worker stops (or
+            # while this run waits for its handler, see _outlive).
             mine = self.running.get(message.task_id) is running
             if mine and running.handler not in self.handbacks:
                 del self.running[message.task_id]
@@ -236,15 +241,7 @@ class Runner:
                 # Past its grace, or this run itself was cancelled (the last step of a
                 # stopping worker's drain): either way nobody waits for the handler now.
                 if not handler.done():
-                    why = "handler ignored cancellation; abandoning it"
-                    # Never told to stop: claimed after the drain stopped the running.
-                    unstopped = not handler.cancelling()
-                    if unstopped:
-                        handler.cancel()
-                        why = "run ended before its handler did; cancelled and abandoning it"
-                    self._abandon(handler, why)
-                    if unstopped or running.stop_reason is StopReason.SHUTDOWN:
-                        self.handbacks.hold(handler, message)
+                    self._abandon(handler, running)
             outcome = self._outcome(handler, running.stop_reason, timed_out, timeout_s)
             # Whatever the outcome: a report held back and written after the outcome's
             # event would take a seq below it, which the stream refuses (a gap).
@@ -256,18 +253,55 @@ class Runner:
             await reporter.abort()
         return outcome
 
-    def _abandon(self, handler: asyncio.Task[Any], why: str) -> None:
-        # Unowned from now on, it still takes this process's CPU and memory: counted
-        # until it ends, and shutdown waits for it a last time.
+    async def _outlive(self, running: Running, outcome: Outcome) -> tuple[Outcome, bool]:
+        """The outcome to commit for an attempt whose handler ignored its cancellation,
+        and whether it is held for the stopping worker instead. A timed-out attempt is
+        kept (running, its lease renewed, its run slot taken) until the handler ended:
+        its retry let the next attempt run beside it. A stop ends the wait: a cancel
+        needs no next attempt, a fenced or lapsed attempt is no longer ours to hold, and
+        a stopping worker hands it back once the handler ended or as it exits."""
+        handler, stopped = running.handler, running.stopped
+        assert handler is not None  # held: it outlived its grace
+        if not self.handbacks.by_run(handler):
+            return outcome, True
+        assert stopped is not None  # made for every handler not done at once
+        try:
+            await asyncio.wait({handler, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the drain's last step
+            self.handbacks.hand_back(handler)
+            raise
+        if running.stop_reason is StopReason.SHUTDOWN and not handler.done():
+            self.handbacks.hand_back(handler)
+            return Outcome("interrupted", error=_interrupted(StopReason.SHUTDOWN)), True
+        self.handbacks.settled(handler)
+        if running.stop_reason is StopReason.CANCELLED:
+            return Outcome("cancelled"), False
+        return outcome, False
+
+    def _abandon(self, handler: asyncio.Task[Any], running: Running) -> None:
+        why = "handler ignored cancellation; abandoning it"
+        # Never told to stop: claimed after the drain stopped the running.
+        unstopped = not handler.cancelling()
+        if unstopped:
+            handler.cancel()
+            why = "run ended before its handler did; cancelled and abandoning it"
+        # Given up on, it still takes this process's CPU and memory: counted until it
+        # ends, and shutdown waits for it a last time.
         self.abandoned.add(handler)
         ABANDONED.inc()
         handler.add_done_callback(self._abandoned_ended)
         log.warning(why, extra={"abandoned": len(self.abandoned)})
+        message = running.claimed.message
+        if unstopped or running.stop_reason is StopReason.SHUTDOWN:
+            self.handbacks.hold(handler, message)
+        elif running.stop_reason is None:  # timed out: a next attempt may follow
+            self.handbacks.hold(handler, message, by_run=True)
 
     def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
         self.abandoned.discard(handler)
         ABANDONED.dec()
-        # Its attempt has long been settled: what it raised is only told.
+        # Its attempt is settled without it (a timeout's as it ends): what it raised is
+        # only told.
         error = None if handler.cancelled() else handler.exception()
         log.info(
             "an abandoned handler ended",

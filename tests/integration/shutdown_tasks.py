@@ -1,6 +1,7 @@
-"""A task type for the shutdown tests: its first attempt ignores its cancellation, and
-every step of every execution is recorded in a table of the run's database, in order
-(``shutdown_ledger.id``), so a test can tell which attempt ran when.
+"""A task type for the tests of abandoned handlers: its first attempt ignores its
+cancellation, and every step of every execution is recorded in a table of the run's
+database, in order (``shutdown_ledger.id``), with the task's state at that step, so a
+test can tell which attempt ran when.
 
 Loaded by the worker with ``--tasks tests.integration.shutdown_tasks``."""
 
@@ -19,7 +20,8 @@ CREATE TABLE IF NOT EXISTS shutdown_ledger (
     id       bigserial PRIMARY KEY,
     task_id  uuid NOT NULL,
     attempt  integer NOT NULL,
-    step     text NOT NULL  -- start, tick, end
+    step     text NOT NULL,  -- start, tick, end
+    seen     text  -- the task's state and attempts as the step was recorded
 )
 """
 
@@ -49,7 +51,8 @@ async def _body(ctx: TaskContext, hold_s: float, told: asyncio.Event) -> int:
 
         async def record(step: str) -> None:
             await conn.execute(
-                "INSERT INTO shutdown_ledger (task_id, attempt, step) VALUES ($1, $2, $3)",
+                "INSERT INTO shutdown_ledger (task_id, attempt, step, seen)"
+                " SELECT $1, $2, $3, state || ' ' || attempts FROM tasks WHERE id = $1",
                 ctx.task_id,
                 ctx.attempt,
                 step,

@@ -103,3 +103,38 @@ async def test_the_next_attempt_never_runs_beside_an_abandoned_handler(
     first = [s["step"] for s in steps if s["attempt"] == 1]
     assert first[0] == "start" and first[-1] == ("end" if hold_s < 600 else "tick"), first
     assert [s["step"] for s in steps if s["attempt"] == 2] == ["start", "end"]
+
+
+@pytest.mark.parametrize(("max_attempts", "state"), [(3, "succeeded"), (1, "failed")])
+async def test_a_timed_out_attempt_is_settled_once_its_handler_ended(
+    system: System, isolated: Isolated, max_attempts: int, state: str
+) -> None:
+    """Attempt 1 times out and ignores its cancellation past its cancel grace: it stays
+    running until its handler ended, and only then retries (attempt 2 runs after it, on
+    either of two workers) or fails."""
+    for _ in range(2):
+        await system.start_worker(*STUBBORN, cancel_grace_s="0.2")
+    request = TaskRequest(
+        type="test.stubborn",
+        args={"hold_s": 2},
+        timeout_s=0.3,
+        max_attempts=max_attempts,
+        backoff={"base_s": 0, "cap_s": 0},
+    )
+    task_id = await _insert(isolated, request)
+    row = await _row(isolated.db, task_id, state)
+    steps: list[Any] = await isolated.db.fetch(
+        "SELECT attempt, step, seen FROM shutdown_ledger WHERE task_id = $1 ORDER BY id", task_id
+    )
+    first = [(s["step"], s["seen"]) for s in steps if s["attempt"] == 1]
+    assert first[0][0] == "start" and first[-1][0] == "end", first
+    assert {seen for _, seen in first} == {"running 1"}, first  # never retried beside it
+    if state == "succeeded":
+        assert (row["attempts"], row["result"]) == (2, 2)
+        assert [(s["attempt"], s["step"]) for s in steps[len(first) :]] == [
+            (2, "start"),
+            (2, "end"),
+        ], steps
+    else:
+        assert (row["attempts"], row["error"]["type"]) == (1, "timeout")
+        assert len(first) == len(steps), steps

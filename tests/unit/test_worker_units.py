@@ -984,6 +984,44 @@ async def test_a_handler_in_its_grace_when_the_drain_gives_up_is_abandoned() -> 
     assert repo.handed_back == [(1, True)]
 
 
+@pytest.mark.parametrize(
+    ("reason", "settled"),
+    [
+        (None, ("failed", False)),
+        (StopReason.CANCELLED, ("cancelled", False)),
+        (StopReason.SHUTDOWN, ("interrupted", True)),
+    ],
+)
+async def test_a_timed_out_attempt_waits_for_its_abandoned_handler(
+    reason: StopReason | None, settled: tuple[str, bool]
+) -> None:
+    """Its run settles the timed-out attempt once the handler ended, or at a stop: a
+    cancel at once, a stopping worker by the hand-back of its last wait."""
+    stubborn, repo = _Stubborn(), _HandBackRepo()
+    runner, running, spec = _attempt(stubborn, cancel_grace_s=0.01, repo=repo)
+    running.claimed.row["timeout_s"] = 0.01
+    try:
+        timed_out = await runner._run(spec, running, _Held())  # type: ignore[arg-type]
+        handler = running.handler
+        assert handler is not None and handler in runner.handbacks
+        outlive = asyncio.create_task(runner._outlive(running, timed_out))
+        await asyncio.sleep(0.05)
+        assert not outlive.done()
+        if reason is not None:
+            running.stop(reason)
+            outcome, held = await outlive
+            assert (outcome.state, held) == settled and not handler.done()
+    finally:
+        stubborn.release.set()
+    if reason is None:
+        outcome, held = await outlive
+        assert (outcome.state, held) == settled and outcome.error == timed_out.error
+    repo.handler = handler
+    await _leave_abandoned(contextlib.AsyncExitStack(), runner.abandoned, runner.handbacks, 10)
+    assert repo.handed_back == ([(1, True)] if held else [])
+    assert handler not in runner.handbacks
+
+
 async def test_a_run_cancelled_before_its_handler_was_stopped_cancels_it() -> None:
     """A delivery claimed after the drain stopped the running attempts reaches the
     drain's last step with its handler never told to stop: it is told then, not left
