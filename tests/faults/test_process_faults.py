@@ -12,9 +12,10 @@ from uuid import UUID
 import aio_pika
 
 from shared.schemas import TaskMessage, encode_task_message
-from tests.conftest import Deployment, Tenant
+from tests.conftest import Deployment, Isolated, Tenant
 from tests.faults.conftest import MakeRun
 from tests.faults.harness import TASK_TYPE, FaultRun, summarize_recoveries, worker_id_of
+from tests.faults.ledger_tasks import LEDGER_DDL
 from tests.support import ServiceProcess, eventually
 
 N = 60
@@ -213,11 +214,19 @@ async def test_relay_crash_after_confirm(make_run: MakeRun) -> None:
     assert result.executions == len(ids), "a republished message ran a task again"
 
 
-async def test_api_stops_when_its_relay_fails(make_run: MakeRun) -> None:
+async def test_api_stops_when_its_relay_fails(make_run: MakeRun, isolated: Isolated) -> None:
     """A bug in the relay (an exception nothing expects) must not leave an API that
     accepts tasks nobody publishes: the API drains, exits 4 with one line naming the
-    relay, and the next API's relay publishes what it had accepted."""
-    run = make_run()
+    relay, and the next API's relay publishes what it had accepted. A namespace and
+    database of its own: rows other tests left in the shared outbox (a stopped worker's
+    hand-back) made the relay fail at its first flush, before the API was ready."""
+    await isolated.db.execute(LEDGER_DDL)
+    run = make_run(
+        env=isolated.deployment.env(),
+        pool=isolated.db,
+        api_key=isolated.tenant.key,
+        namespace=isolated.deployment.namespace,
+    )
     await run.start_worker(relay_enabled="false")
     # Tasks accepted once its relay is gone are claimed for no one: they wait for the
     # claim to lapse (as short as the I/O timeout allows, to keep the test short).
