@@ -171,6 +171,7 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
         relay=relay,
         events=events,
         redis=deps.redis,
+        stop=deps.stop,
     )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -284,4 +285,8 @@ async def serve(settings: ApiSettings, stop: Stop) -> None:
             await site.start()
         log.info("api ready", extra={"url": f"http://{settings.api_host}:{settings.api_port}"})
         await stop.wait()
+        if settings.stop_delay_s and stop.failure is None:
+            # /readyz says 503 from the stop on (ops.readyz): still serving meanwhile.
+            log.info("api stopping: not ready, serving on", extra={"for_s": settings.stop_delay_s})
+            await asyncio.sleep(settings.stop_delay_s)
         log.info("api stopping")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -30,6 +31,11 @@ class Services:
     relay: OutboxRelay | None
     events: EventSink
     redis: Redis
+    # The process's stop signal (None in an app built by a test).
+    stop: asyncio.Event | None = None
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
 
 SERVICES = web.AppKey("services", Services)

@@ -27,6 +27,9 @@ async def healthz(_: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
+    if svc.stopping():
+        # Taken out of rotation while it serves on (LONGHAUL_STOP_DELAY_S).
+        return web.json_response({"status": "stopping"}, status=503)
 
     async def rabbitmq() -> None:
         if not svc.monitor.fresh(3.0):

@@ -42,6 +42,10 @@ class ApiSettings(CommonSettings):
     handoff_claim_s: float = Field(default=15.0, gt=0)
     # Database pool size of one API process.
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # On SIGTERM, how long the API goes on serving, /readyz answering 503, before it
+    # stops listening: a load balancer that polls /readyz takes it out of rotation
+    # meanwhile, so no request meets a closed port. 0: it stops listening at once.
+    stop_delay_s: float = Field(default=0.0, ge=0, le=300)
 
     @field_validator("handoff_claim_s")
     @classmethod

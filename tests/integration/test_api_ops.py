@@ -4,11 +4,14 @@ one would disturb other runs), and the request id every answer carries."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import aiohttp
 
 from tests.conftest import Isolated
 from tests.faults.private import PrivateRedis
-from tests.support import System, eventually
+from tests.support import System, eventually, timeout
 
 
 async def test_readyz_names_the_dependency_down_and_metrics_are_served(
@@ -58,3 +61,30 @@ async def _answers_carry_request_ids(http: aiohttp.ClientSession, api_url: str) 
     assert new != "two words" and len(new) == 32 and int(new, 16) >= 0
     async with http.get(f"{api_url}/healthz") as r:
         assert r.headers["X-Request-ID"] not in {new, ""}
+
+
+async def test_a_stopping_api_says_not_ready_while_it_serves_on(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """With LONGHAUL_STOP_DELAY_S, SIGTERM makes /readyz answer 503 while requests are
+    still served (a load balancer takes the API out of rotation before its port
+    closes), then the API drains and exits 0."""
+    system = System(isolated.deployment.env())
+    try:
+        api = await system.start_api(stop_delay_s="8")
+        api.proc.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> dict[str, str] | None:
+            async with http.get(f"{system.api_url}/readyz") as r:
+                return await r.json() if r.status == 503 else None
+
+        assert await eventually(not_ready, within=5, what="/readyz to say 503") == {
+            "status": "stopping"
+        }
+        async with http.get(
+            f"{system.api_url}/v1/task-types", headers=isolated.tenant.headers
+        ) as r:
+            assert r.status == 200  # still serving
+        assert await asyncio.to_thread(api.proc.wait, timeout(60)) == 0
+    finally:
+        system.stop()
