@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = Gauge(
     "longhaul_api_queue_depth", "Ready messages in the task queues, both lanes (sampled)"
 )
+SAMPLE_AGE = Gauge(
+    "longhaul_api_queue_depth_age_seconds",
+    "Seconds since the queue depth was last sampled: the gauges above keep their last"
+    " value while the broker is unreachable, and this grows",
+)
 OUTBOX_DUE = Gauge("longhaul_api_outbox_due", "Outbox rows due, not yet published (sampled)")
 DRAIN_RATE = Gauge("longhaul_api_drain_rate", "Measured messages/s leaving the backlog")
 OUTBOX_DELAYED = Gauge(
@@ -145,6 +150,9 @@ class QueueMonitor:
         # The delayed tasks admitted here that the last count of rows not yet due may
         # miss (the ledger above counts them too, as part of the admission).
         self.delayed_ledger = AdmissionLedger()
+        # Computed at each scrape, not kept up by the loop: a loop stuck in a sample
+        # still shows its age.
+        SAMPLE_AGE.set_function(lambda: time.monotonic() - self.sampled_at)
 
     def fresh(self, max_age_s: float) -> bool:
         return time.monotonic() - self.sampled_at <= max_age_s

@@ -24,6 +24,7 @@ from aiohttp.test_utils import make_mocked_request
 from aiormq.exceptions import AMQPConnectionError, DeliveryError
 from jsonschema import Draft202012Validator
 from pamqp.commands import Basic
+from prometheus_client import REGISTRY
 from pydantic import BaseModel, ValidationError
 
 from services.api import meaning
@@ -1261,3 +1262,15 @@ def test_the_submit_routes_declare_the_504_of_an_unknown_outcome() -> None:
         answer = spec["paths"][path]["post"]["responses"]["504"]
         assert "Retry-After" in answer["headers"] and "Idempotency-Key" in answer["description"]
         assert "rarely" not in spec["paths"][path]["post"]["responses"]["503"]["description"]
+
+
+def test_the_queue_depths_age_grows_while_no_sample_comes() -> None:
+    """The depth gauges keep their last value while the broker is unreachable: the age
+    of that value is what tells a dashboard (read at each scrape)."""
+    monitor = _monitor()
+    monitor.sampled_at = time.monotonic() - 600
+    stale = REGISTRY.get_sample_value("longhaul_api_queue_depth_age_seconds")
+    assert stale is not None and stale >= 600
+    monitor.sampled_at = time.monotonic()
+    fresh = REGISTRY.get_sample_value("longhaul_api_queue_depth_age_seconds")
+    assert fresh is not None and fresh < 600
