@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load(WorkerSettings)
         setup_logging("worker", settings.log_level, settings.log_format)
-        if (unknown := envnames.warning(os.environ)) is not None:
-            logging.getLogger("services.worker").warning(unknown)
+        for warning in [*settings.warnings(), envnames.warning(os.environ)]:
+            if warning is not None:
+                logging.getLogger("services.worker").warning(warning)
         registry = Registry.load(args.tasks)
     except ConfigError as exc:
         sys.stderr.write(f"worker: {exc}\n")

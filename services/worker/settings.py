@@ -36,3 +36,16 @@ class WorkerSettings(CommonSettings):
     task_retention_s: float = Field(default=7 * 24 * 3600, ge=0)
     # Also publish the outbox (retries, delayed tasks) from this process.
     relay_enabled: bool = True
+
+    def warnings(self) -> list[str]:
+        """What this configuration allows but an operator most likely did not mean,
+        logged at start. Not refused: the fault tests want short leases."""
+        # A renewal may take up to the I/O timeout (and a second) and succeed; the next
+        # comes a third of a lease later, and a handler is stopped at 90% of one.
+        if self.lease_s < 2 * (self.io_timeout_s + 1):
+            return [
+                f"LONGHAUL_LEASE_S ({self.lease_s:g}) is under twice LONGHAUL_IO_TIMEOUT_S"
+                f" + 1 s ({2 * (self.io_timeout_s + 1):g}): a database that answers slowly,"
+                " within its timeout, can let leases lapse and stop running handlers"
+            ]
+        return []

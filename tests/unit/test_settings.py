@@ -204,6 +204,16 @@ def test_back_pressure_below_the_brokers_guard_is_what_is_meant(
     assert "LONGHAUL_MAX_QUEUE_DEPTH (1000)" in warning and "LONGHAUL_QUEUE_MAX_LENGTH" in warning
 
 
+def test_a_lease_a_slow_database_could_let_lapse_is_warned_of(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load(WorkerSettings).warnings() == []  # 30 s against 2 x (5 + 1)
+    monkeypatch.setenv("LONGHAUL_LEASE_S", "3")
+    monkeypatch.setenv("LONGHAUL_IO_TIMEOUT_S", "3")
+    (warning,) = load(WorkerSettings).warnings()
+    assert warning.startswith("LONGHAUL_LEASE_S (3) is under twice LONGHAUL_IO_TIMEOUT_S")
+
+
 def test_names_no_setting_reads_are_found_with_their_closest_known_name() -> None:
     env = {
         "LONGHAUL_WORKER_CONCURENCY": "64",  # a typo, close to a worker setting
