@@ -214,12 +214,14 @@ async def test_relay_crash_after_confirm(make_run: MakeRun) -> None:
     assert result.executions == len(ids), "a republished message ran a task again"
 
 
-async def test_api_stops_when_its_relay_fails(make_run: MakeRun, isolated: Isolated) -> None:
+async def test_api_stops_when_its_relay_fails(isolated: Isolated, make_run: MakeRun) -> None:
     """A bug in the relay (an exception nothing expects) must not leave an API that
     accepts tasks nobody publishes: the API drains, exits 4 with one line naming the
     relay, and the next API's relay publishes what it had accepted. A namespace and
     database of its own: rows other tests left in the shared outbox (a stopped worker's
-    hand-back) made the relay fail at its first flush, before the API was ready."""
+    hand-back) made the relay fail at its first flush, before the API was ready.
+    ``isolated`` first: fixtures end in reverse, so the run's processes stop before its
+    namespace is deleted (a worker still running declared its queue again)."""
     await isolated.db.execute(LEDGER_DDL)
     run = make_run(
         env=isolated.deployment.env(),
