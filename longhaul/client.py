@@ -15,8 +15,9 @@ twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -169,7 +170,7 @@ class Client:
 
     async def tasks(
         self, *, state: TaskState | str | None = None, type: str | None = None, page: int = 50
-    ) -> AsyncIterator[Task]:
+    ) -> AsyncGenerator[Task, None]:
         """The tenant's tasks, newest first, page by page as they are read."""
         query = {"limit": str(page)}
         if state is not None:
@@ -197,11 +198,21 @@ class Client:
 
     # ------------------------------------------------------------ progress
 
-    async def events(self, task_id: UUID | str, after_seq: int = 0) -> AsyncIterator[ProgressEvent]:
+    async def events(
+        self, task_id: UUID | str, after_seq: int = 0
+    ) -> AsyncGenerator[ProgressEvent, None]:
         """The task's events after ``after_seq``, in order, live, until its terminal
         event (the last yielded). A dropped stream is resumed where it stopped; events
         no longer retained come as one ``snapshot`` event."""
         base = self._gateway or stream_base((await self.get(task_id)).links.events)
+        async with contextlib.aclosing(self._stream(task_id, after_seq, base)) as stream:
+            async for event in stream:
+                yield event
+
+    async def _stream(
+        self, task_id: UUID | str, after_seq: int, base: str
+    ) -> AsyncGenerator[ProgressEvent, None]:
+        """``events`` from the gateway at ``base``."""
         url = f"{base}/v1/tasks/{task_id}/events"
         parser = Parser(str(after_seq))
         token: str | None = None
@@ -254,8 +265,11 @@ class Client:
         async with asyncio.timeout(timeout_s):
             task = await self.get(task_id)
             if not task.state.terminal:
-                async for _ in self.events(task_id, after_seq=task.last_seq):
-                    pass
+                # The task just read names its gateway: not read again for it.
+                base = self._gateway or stream_base(task.links.events)
+                async with contextlib.aclosing(self._stream(task_id, task.last_seq, base)) as s:
+                    async for _ in s:
+                        pass
                 task = await self.get(task_id)
             return task
 
@@ -308,7 +322,7 @@ class Client:
 
 async def _read_events(
     response: aiohttp.ClientResponse, parser: Parser
-) -> AsyncIterator[ProgressEvent]:
+) -> AsyncGenerator[ProgressEvent, None]:
     """The response's events, as the parser completes them. Lines are split here, not
     by aiohttp's readline, which refuses lines over its buffer (a large ``data``)."""
     pending = b""

@@ -159,12 +159,12 @@ async def _tenants_list(settings: CommonSettings) -> None:
         print("no tenants", file=sys.stderr)
 
 
-def _limits(rate: float | None, burst: int | None) -> str:
+def _limits(rate: float | None, burst: int | None, sep: str = "\t") -> str:
     """A tenant's rate limit as the API applies it: its own values, or the API's
     LONGHAUL_RATE_LIMIT_PER_S / _BURST where it has none. Pure."""
     shown_rate = "default" if rate is None else f"{rate:g}/s"
     shown_burst = "default" if burst is None else str(burst)
-    return f"rate={shown_rate}\tburst={shown_burst}"
+    return f"rate={shown_rate}{sep}burst={shown_burst}"
 
 
 async def _tenants_limit(
@@ -186,7 +186,7 @@ async def _tenants_limit(
         )
     if row is None:
         raise ConfigError(f"no tenant named {terminal_safe(tenant)!r}")
-    limits = _limits(row["rate_limit_per_s"], row["rate_burst"]).replace("\t", ", ")
+    limits = _limits(row["rate_limit_per_s"], row["rate_burst"], ", ")
     print(f"tenant {terminal_safe(tenant)}: {limits} (every API within LONGHAUL_AUTH_CACHE_S)")
 
 

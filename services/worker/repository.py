@@ -263,10 +263,7 @@ class WorkerRepository:
             row: Row | None = await conn.fetchrow(
                 _FINISH, message.task_id, message.attempt, "failed", error
             )
-            _kept(
-                letter.reason,
-                await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id)),
-            )
+            await letter.keep(conn, message.tenant_id, message.task_id)
             return row
 
     async def retry_later(
@@ -426,10 +423,7 @@ class WorkerRepository:
         redrivable. In one transaction: with the dead letter committed alone, a failure
         before the task's update had the redelivery keep it a second time."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            _kept(
-                letter.reason,
-                await conn.execute(_DEAD_LETTER, *letter.args(message.tenant_id, message.task_id)),
-            )
+            await letter.keep(conn, message.tenant_id, message.task_id)
             row: Row | None = await conn.fetchrow(
                 f"""
                 UPDATE tasks SET state = 'failed', error = $3, message = {_reason("$3")},
@@ -450,7 +444,8 @@ class WorkerRepository:
         self, letter: Letter, tenant_id: UUID | None = None, task_id: UUID | None = None
     ) -> None:
         """Keep a message that can never be processed, with the reason, before acking it."""
-        _kept(letter.reason, await self._execute(_DEAD_LETTER, *letter.args(tenant_id, task_id)))
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await letter.keep(conn, tenant_id, task_id)
 
     async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -461,10 +456,9 @@ class WorkerRepository:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return list(await conn.fetch(sql, *args))
 
-    async def _execute(self, sql: str, *args: Any) -> str:
+    async def _execute(self, sql: str, *args: Any) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            status: str = await conn.execute(sql, *args)
-            return status
+            await conn.execute(sql, *args)
 
 
 DEAD_LETTERS = Counter(
@@ -510,9 +504,11 @@ class Letter:
     body: bytes
     headers: Mapping[str, Any]
 
-    def args(self, tenant_id: UUID | None, task_id: UUID | None) -> tuple[Any, ...]:
-        """The parameters of _DEAD_LETTER."""
-        return (
+    async def keep(self, conn: Connection, tenant_id: UUID | None, task_id: UUID | None) -> None:
+        """Write it to dead_letters (_DEAD_LETTER: with the task's attempts and error, once
+        per message of a task), and count what was written."""
+        status = await conn.execute(
+            _DEAD_LETTER,
             uuid7(),
             tenant_id,
             task_id,
@@ -521,6 +517,7 @@ class Letter:
             self.body,
             dict(self.headers),
         )
+        _kept(self.reason, status)
 
 
 # A cancel has no error, and keeps the message.
