@@ -5,11 +5,11 @@ report of a failure can be found in the logs."""
 from __future__ import annotations
 
 import re
-import uuid
 
 from aiohttp import web
 
 from services.api.problems import Handler
+from shared.ids import random_hex
 from shared.logging import request_id_var
 
 HEADER = "X-Request-ID"
@@ -23,7 +23,7 @@ def request_id(header: str | None) -> str:
     """The caller's id if it is a plain token of at most 128 characters, else a new one."""
     if header is not None and _ACCEPTED.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    return random_hex()
 
 
 @web.middleware

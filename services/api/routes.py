@@ -19,7 +19,7 @@ from services.api.problems import ProblemException, validation_problem
 from services.api.repository import NewTask, Principal
 from services.api.views import task_document
 from shared import deadletters, wstokens
-from shared.ids import uuid7
+from shared.ids import random_hex, uuid7
 from shared.logging import trace_id_var
 from shared.schemas import BatchRequest, ProblemError, TaskRequest, WsTokenRequest, format_ts
 from shared.states import RERUNNABLE
@@ -184,7 +184,7 @@ async def _requeued(svc: Services, rows: Sequence[Row]) -> None:
 
 
 def _trace_id(request: web.Request) -> str:
-    trace = rq.trace_id(request.headers.get("traceparent")) or uuid.uuid4().hex
+    trace = rq.trace_id(request.headers.get("traceparent")) or random_hex()
     trace_id_var.set(trace)
     return trace
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import time
 import uuid
@@ -17,7 +18,7 @@ from shared.backoff import Backoff
 from shared.breaker import Breaker
 from shared.errors import DependencyError
 from shared.failpoints import PAUSE_S, Failpoints
-from shared.ids import uuid7
+from shared.ids import random_hex, uuid7
 from shared.relay import SETTLE_LINGER_S, Handed, described, in_time_for
 from shared.schemas import TaskState as S
 from shared.singleflight import SingleFlight
@@ -158,6 +159,31 @@ def test_uuid7_increases_strictly_within_a_millisecond() -> None:
     assert len({i.int >> 80 for i in ids}) < len(ids)  # many shared a millisecond
     assert all(a < b for a, b in itertools.pairwise(ids))
     assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+
+
+def test_random_hex_spans_draws_without_repeating() -> None:
+    """Random ids are hex of the size asked, and none repeats across the buffer's
+    refills (a slice taken twice, or the buffer reused, would)."""
+    ids = [random_hex() for _ in range(2_000)]  # about eight 4 KiB draws
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert len(random_hex(5)) == 10
+
+
+def test_forked_child_draws_its_own_random_bytes() -> None:
+    """A child forked with a half-used buffer does not hand out its parent's next bytes."""
+    random_hex()  # the buffer holds bytes the parent has not used yet
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(write_end, random_hex().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        childs = pipe.read()
+    assert len(childs) == 32
+    assert childs != random_hex()
 
 
 # ---------------------------------------------------------------- keys
