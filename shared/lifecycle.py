@@ -34,16 +34,45 @@ EXIT_FAILED = 4
 
 class Stop(asyncio.Event):
     """A process's stop signal: set on SIGTERM/SIGINT, or by ``fail`` when something the
-    process cannot run without has ended. Either way the process drains and stops."""
+    process cannot run without has ended. Either way the process drains and stops.
+
+    ``hurry`` is set by a second signal, or by a failure: a stop delay
+    (``stop_delay``) ends then."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failure: str | None = None
+        self.hurry = asyncio.Event()
+
+    def signalled(self) -> None:
+        """SIGTERM/SIGINT: the first stops the process, the next one hurries it."""
+        if self.is_set():
+            self.hurry.set()
+        self.set()
 
     def fail(self, why: str) -> None:
         if self.failure is None:  # the first cause is the one worth telling
             self.failure = why
         self.set()
+        # Serving on (a stop delay) without what failed helps no client.
+        self.hurry.set()
+
+
+async def stop_delay(stop: Stop, delay_s: float, service: str) -> None:
+    """Once ``stop`` is set, wait ``delay_s`` (LONGHAUL_STOP_DELAY_S) before the caller
+    stops listening. The process serves on meanwhile, its /readyz answering 503, so a
+    load balancer that polls it takes the process out of rotation before its port
+    closes. No delay after a failure; a second signal, or a failure meanwhile, ends it."""
+    if not delay_s or stop.failure is not None:
+        return
+    log.info("%s stopping: not ready, serving on", service, extra={"for_s": delay_s})
+    try:
+        async with asyncio.timeout(delay_s):
+            await stop.hurry.wait()
+    except TimeoutError:
+        return
+    why = stop.failure or "a second signal"
+    log.info("%s stop delay cut short: %s", service, why, extra={"why": why})
 
 
 def essential(
@@ -94,8 +123,8 @@ def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
         _tune_gc()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            # The handler only sets the event: the draining happens in main.
-            loop.add_signal_handler(sig, stop.set)
+            # The handler only sets events: the draining happens in main.
+            loop.add_signal_handler(sig, stop.signalled)
         await main(stop)
 
     try:

@@ -9,7 +9,7 @@ import sys
 from services import envnames
 from services.ws_gateway.app import Gateway
 from services.ws_gateway.settings import GatewaySettings
-from shared.lifecycle import Stop, run
+from shared.lifecycle import Stop, run, stop_delay
 from shared.logging import setup_logging
 from shared.settings import load
 
@@ -21,6 +21,8 @@ async def main(stop: Stop) -> None:
         logging.getLogger("services.ws_gateway").warning(unknown)
     async with Gateway(settings).start(stop):
         await stop.wait()
+        # Still serving, new clients too; /readyz answers 503 from the stop on.
+        await stop_delay(stop, settings.stop_delay_s, "ws_gateway")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class Gateway:
         self._server: Server | None = None
         self._streams: set[sse.Stream] = set()
         self._closing = False
+        # The process's stop signal (None for a gateway a test starts without one): once
+        # set, /readyz says "stopping" while the gateway serves on (LONGHAUL_STOP_DELAY_S).
+        self._stop: Stop | None = None
         self.hub: Hub | None = None
         self.port: int = 0
 
@@ -101,6 +104,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def start(self, stop: Stop | None = None) -> AsyncIterator[Gateway]:
         s = self.settings
+        self._stop = stop
         async with contextlib.AsyncExitStack() as stack:
             pool: asyncpg.Pool = await wait_for_dependency(
                 "PostgreSQL",
@@ -368,8 +372,11 @@ class Gateway:
 
     async def _readyz(self) -> Response:
         """The same body as the other services' (shared.health), and the hub's own
-        subscription to Redis: without it no live event reaches a client."""
+        subscription to Redis: without it no live event reaches a client. A stopping
+        gateway says so, as the API does: taken out of rotation while it serves on."""
         assert self._redis is not None and self._deps is not None
+        if self._stop is not None and self._stop.is_set():
+            return json_response(503, {"status": "stopping"})
 
         async def pubsub() -> None:
             if self.hub is None or not self.hub.connected.is_set():

@@ -52,6 +52,11 @@ class GatewaySettings(CommonSettings):
     # An SSE stream with nothing to send writes a comment this often: proxies close idle
     # responses, and a write is how a client that vanished is found.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    # On SIGTERM, how long the gateway goes on serving, /readyz answering 503, before it
+    # stops listening and closes its clients (1001): a load balancer that polls /readyz
+    # takes it out of rotation meanwhile, so no client meets a closed port. The API's
+    # setting of the same name, and its bounds. 0: it closes at once.
+    stop_delay_s: float = Field(default=0.0, ge=0, le=300)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

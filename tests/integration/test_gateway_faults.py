@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from services.ws_gateway.app import Gateway
@@ -24,6 +26,7 @@ from tests.integration.test_gateway_ws import (
     assert_no_gap,
     gateway_settings,
     insert_task,
+    read_until_seq,
     recv_json,
     recv_until_seq,
 )
@@ -90,12 +93,15 @@ async def test_kill9_and_restart_resumes_without_gap(
     assert not any(f.get("snapshot") for f in seen)
 
 
+@pytest.mark.parametrize("stop_delay_s", ["0", "1"])
 async def test_sigterm_closes_clients_with_1001(
-    deployment: Deployment, tenant: Tenant, redis: Redis
+    deployment: Deployment, tenant: Tenant, redis: Redis, stop_delay_s: str
 ) -> None:
-    """A stopping gateway says "going away" and exits 0."""
+    """A stopping gateway says "going away" and exits 0: at once, or once its stop
+    delay has run out."""
     port = free_port()
-    with running("services.ws_gateway", deployment.env(gateway_port=str(port))) as proc:
+    env = deployment.env(gateway_port=str(port), stop_delay_s=stop_delay_s)
+    with running("services.ws_gateway", env) as proc:
         await eventually(lambda: http_ok(port), what="gateway up")
         token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
         ws = await connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}")
@@ -104,6 +110,62 @@ async def test_sigterm_closes_clients_with_1001(
             await recv_json(ws)
     assert code == 0, proc.output()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+async def test_a_stopping_gateway_serves_on_through_its_stop_delay(
+    deployment: Deployment, db: asyncpg.Pool, tenant: Tenant, redis: Redis
+) -> None:
+    """With LONGHAUL_STOP_DELAY_S, SIGTERM makes /readyz answer 503 "stopping" while an
+    open WebSocket keeps getting events and new WebSocket and SSE clients are let in; a
+    second SIGTERM ends the delay, and the gateway closes its clients with 1001, ends
+    the SSE stream and exits 0."""
+    sink = EventSink(redis, deployment.wire, retention_s=600, maxlen=10_000)
+    task_id = await insert_task(db, tenant)
+    writer = Writer(db, sink, task_id)
+    port = free_port()
+    # Far longer than the test: only the second signal ends it.
+    env = deployment.env(gateway_port=str(port), stop_delay_s="300")
+
+    async def ws_after(seq: int) -> ClientConnection:
+        token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
+        ws = await connect(f"ws://127.0.0.1:{port}/v1/ws?token={token}")
+        await ws.send(json.dumps({"op": "subscribe", "task_id": str(task_id), "after_seq": seq}))
+        return ws
+
+    async def stopping() -> Any:
+        status, body = await http_get(port, "/readyz")
+        return json.loads(body) if status == 503 else None
+
+    with running("services.ws_gateway", env) as proc:
+        await eventually(lambda: http_ok(port, "/readyz"), what="gateway ready")
+        first = await ws_after(0)
+        await writer.step(1)
+        await recv_until_seq(first, task_id, 1)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await eventually(stopping, within=10, what="/readyz to say stopping") == {
+            "status": "stopping"
+        }
+        await writer.step(2)
+        assert (await recv_until_seq(first, task_id, 2))[-1]["seq"] == 2
+        second = await ws_after(1)  # a client the balancer sent before it noticed
+        assert [f["seq"] for f in await recv_until_seq(second, task_id, 2)] == [2]
+        token, _ = await wstokens.issue(redis, deployment.wire, tenant.id, 60)
+        url = f"http://127.0.0.1:{port}/v1/tasks/{task_id}/events?token={token}"
+        async with aiohttp.ClientSession() as http, http.get(url) as sse:
+            assert sse.status == 200
+            assert "id: 2\n" in await read_until_seq(sse, 2)
+            proc.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.proc.wait, timeout(60))
+            async with asyncio.timeout(timeout(5)):
+                assert await sse.content.read() == b""  # ended, not cut: raises on a cut
+        closes = []
+        for ws in (first, second):
+            with pytest.raises(ConnectionClosed) as info:
+                await recv_json(ws)
+            closes.append(info.value.rcvd.code if info.value.rcvd is not None else None)
+    assert code == 0, proc.output()
+    assert closes == [1001, 1001]
+    assert "no setting reads" not in proc.output()
 
 
 # ---------------------------------------------------------------- private Redis

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from shared.errors import ConfigError
-from shared.lifecycle import EXIT_CONFIG, EXIT_FAILED, Stop, essential, run, wait_for_dependency
+from shared.lifecycle import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    Stop,
+    essential,
+    run,
+    stop_delay,
+    wait_for_dependency,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +151,34 @@ def test_a_loop_a_failed_start_stops_is_no_failure(
         "svc: cannot listen on 127.0.0.1:1 (PORT): Address already in use\n"
     )
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_second_signal_cuts_the_stop_delay_short() -> None:
+    """The first SIGTERM/SIGINT stops the process and its delay begins; the next one
+    ends the delay, however long it was to be."""
+    stop = Stop()
+    stop.signalled()
+    assert stop.is_set() and not stop.hurry.is_set()
+    delay = asyncio.create_task(stop_delay(stop, 300, "svc"))
+    await asyncio.sleep(0)  # waiting out the delay
+    assert not delay.done()
+    stop.signalled()
+    async with asyncio.timeout(10):
+        await delay
+
+
+async def test_a_failure_skips_the_stop_delay_or_ends_it() -> None:
+    """Serving on without what failed helps nobody: a failure before the delay skips it,
+    one during the delay ends it."""
+    failed = Stop()
+    failed.fail("relay failed")
+    async with asyncio.timeout(10):
+        await stop_delay(failed, 300, "svc")
+    stop = Stop()
+    stop.signalled()
+    delay = asyncio.create_task(stop_delay(stop, 300, "svc"))
+    await asyncio.sleep(0)
+    assert not delay.done()
+    stop.fail("hub failed")
+    async with asyncio.timeout(10):
+        await delay
