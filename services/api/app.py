@@ -38,7 +38,7 @@ from shared.breaker import Breaker
 from shared.db import TRANSIENT_ERRORS, create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
-from shared.lifecycle import Stop, essential, listening, wait_for_dependency
+from shared.lifecycle import Stop, essential, listening, stop_delay, wait_for_dependency
 from shared.redis import create_client
 from shared.relay import OutboxRelay
 from shared.schemas import ProblemError
@@ -285,8 +285,6 @@ async def serve(settings: ApiSettings, stop: Stop) -> None:
             await site.start()
         log.info("api ready", extra={"url": f"http://{settings.api_host}:{settings.api_port}"})
         await stop.wait()
-        if settings.stop_delay_s and stop.failure is None:
-            # /readyz says 503 from the stop on (ops.readyz): still serving meanwhile.
-            log.info("api stopping: not ready, serving on", extra={"for_s": settings.stop_delay_s})
-            await asyncio.sleep(settings.stop_delay_s)
+        # /readyz says 503 from the stop on (ops.readyz): still serving meanwhile.
+        await stop_delay(stop, settings.stop_delay_s, "api")
         log.info("api stopping")

@@ -68,10 +68,11 @@ async def test_a_stopping_api_says_not_ready_while_it_serves_on(
 ) -> None:
     """With LONGHAUL_STOP_DELAY_S, SIGTERM makes /readyz answer 503 while requests are
     still served (a load balancer takes the API out of rotation before its port
-    closes), then the API drains and exits 0."""
+    closes); a second SIGTERM ends the delay, and the API drains and exits 0."""
     system = System(isolated.deployment.env())
     try:
-        api = await system.start_api(stop_delay_s="8")
+        # Far longer than the test: only the second signal ends it.
+        api = await system.start_api(stop_delay_s="300")
         api.proc.send_signal(signal.SIGTERM)
 
         async def not_ready() -> dict[str, str] | None:
@@ -85,6 +86,7 @@ async def test_a_stopping_api_says_not_ready_while_it_serves_on(
             f"{system.api_url}/v1/task-types", headers=isolated.tenant.headers
         ) as r:
             assert r.status == 200  # still serving
+        api.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(api.proc.wait, timeout(60)) == 0
     finally:
         system.stop()
