@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from services.worker.settings import WorkerSettings
+from services.ws_gateway.settings import GatewaySettings
 from shared import keys
 from shared.settings import CommonSettings
 from tests.support import ARTIFACTS, ROOT, eventually, running, timeout
@@ -234,6 +235,20 @@ def test_compose_gives_the_worker_its_whole_drain(services: dict[str, dict[str, 
     closing = 3 * settings.io_timeout_s
     assert worker["stop_grace_period"].endswith("s")
     assert float(worker["stop_grace_period"][:-1]) >= grace + handback + closing
+
+
+def test_compose_gives_the_gateway_its_whole_drain(services: dict[str, dict[str, Any]]) -> None:
+    """SIGKILL only after the gateway's worst case: its stop delay, then its clients'
+    close twice bounded (a 1001 that drains, then one dropped), with a margin for
+    closing its dependencies."""
+    gateway = services["ws_gateway"]
+    env = gateway["environment"]
+    settings = GatewaySettings()
+    delay = float(env.get("LONGHAUL_STOP_DELAY_S", settings.stop_delay_s))
+    close = float(env.get("LONGHAUL_CLOSE_TIMEOUT_S", settings.close_timeout_s))
+    closing = 2 * (close + 1) + settings.io_timeout_s
+    assert gateway["stop_grace_period"].endswith("s")
+    assert float(gateway["stop_grace_period"][:-1]) >= delay + closing
 
 
 # --- the Dockerfiles -------------------------------------------------------------------
