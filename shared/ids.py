@@ -35,10 +35,11 @@ class _Entropy:
     _DRAW = 4096
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.clear()
 
     def clear(self) -> None:
+        # A new lock too: a thread of the parent may have held the old one at the fork.
+        self.lock = threading.Lock()
         self.buf = b""
         self.pos = 0
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -171,19 +172,26 @@ def test_random_hex_spans_draws_without_repeating() -> None:
 
 
 def test_forked_child_draws_its_own_random_bytes() -> None:
-    """A child forked with a half-used buffer does not hand out its parent's next bytes."""
-    random_hex()  # the buffer holds bytes the parent has not used yet
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next id, to the parent
-        os.write(write_end, random_hex().encode())
-        os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end) as pipe:
-        childs = pipe.read()
-    assert len(childs) == 32
-    assert childs != random_hex()
+    """A child forked with a half-used buffer does not hand out its parent's next bytes.
+    (In a fresh interpreter: forking pytest's threads would risk the child.)"""
+    script = """if True:
+        import os
+        from shared.ids import random_hex
+        random_hex()  # the buffer now holds bytes the parent has not used
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write_end, random_hex().encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(read_end, 64).decode(), random_hex())
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    childs, parents = done.stdout.split()
+    assert len(childs) == len(parents) == 32
+    assert childs != parents
 
 
 # ---------------------------------------------------------------- keys
