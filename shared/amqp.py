@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import aiormq
 import pamqp.frame
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
@@ -44,10 +45,26 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
     A login or a virtual host the broker refuses is a ConfigError: waiting does not
     mend LONGHAUL_AMQP_URL (the start would wait its whole timeout, then blame the
     broker's reachability)."""
-    try:
+    with _refusals(url):
         return await aio_pika.connect_robust(
             url, timeout=timeout, client_properties={"connection_name": name}
         )
+
+
+async def connect_once(url: str, name: str, timeout: float) -> AbstractConnection:
+    """A plain connection for a one-shot command: it does not reconnect, so a channel
+    the broker closes (a passive declare of a missing queue) stays closed, and a broker
+    that goes away fails the command. Refusals are ConfigErrors, as for ``connect``."""
+    with _refusals(url):
+        return await aio_pika.connect(
+            url, timeout=timeout, client_properties={"connection_name": name}
+        )
+
+
+@contextlib.contextmanager
+def _refusals(url: str) -> Iterator[None]:
+    try:
+        yield
     except aiormq.exceptions.ProbableAuthenticationError:
         raise ConfigError(
             f"RabbitMQ at {redacted(url)} refused the login: check the user and password"
@@ -64,7 +81,7 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
         ) from None
 
 
-async def close(connection: AbstractRobustConnection, timeout: float) -> None:
+async def close(connection: AbstractConnection, timeout: float) -> None:
     """Close within ``timeout``: a connection to a broker that is down may never answer."""
     with contextlib.suppress(AMQPError, OSError, RuntimeError, TimeoutError):
         await asyncio.wait_for(connection.close(), timeout)
@@ -92,7 +109,8 @@ class Topology:
 
 
 async def declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire) -> Topology:
-    """Declare (idempotently) every exchange and queue Longhaul uses."""
+    """Declare (idempotently) every exchange and queue Longhaul uses: those
+    ``Wire.exchanges`` and ``Wire.queues`` name, which a namespace's deletion removes."""
     dlx = await channel.declare_exchange(
         wire.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )

@@ -4,6 +4,7 @@ LonghaulError
 ├── ConfigError          invalid settings: the service stops before connecting
 ├── DependencyError      a dependency unreachable or too slow
 │   └── StartTimeout     unreachable for longer than the start timeout
+├── Refused              an operator's command that would destroy what is in use
 └── MessageError         a message that cannot be processed (dead-lettered)
     ├── MalformedMessage not JSON or not of the schema
     └── UnknownVersion   a schema version this code does not read
@@ -26,6 +27,11 @@ class DependencyError(LonghaulError):
 
 class StartTimeout(DependencyError):
     """A dependency stayed unreachable for the whole start timeout."""
+
+
+class Refused(LonghaulError):
+    """The command would destroy something still in use; the message is one line saying
+    what, and how to go on."""
 
 
 class MessageError(LonghaulError):

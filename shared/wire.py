@@ -57,6 +57,16 @@ class Wire:
     def dead_letter_queue(self) -> str:
         return f"{self.namespace}.dead"
 
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue of the namespace (amqp.declare declares them all)."""
+        return (*self.task_queues, self.dead_letter_queue)
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange of the namespace (amqp.declare declares them all)."""
+        return (self.tasks_exchange, self.dead_letter_exchange)
+
     # Redis
     @property
     def redis_prefix(self) -> str:
