@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aio_pika
 import aiohttp
 import asyncpg
 import psutil
@@ -26,6 +25,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.db import migrate
+from shared.decommission import delete_amqp, drop_database, unlink_keys
 from shared.ids import uuid7
 from shared.wire import Wire
 
@@ -326,42 +326,19 @@ class BenchEnv:
     async def close(self) -> None:
         self.stop_all()
         with contextlib.suppress(Exception):
-            admin = await asyncpg.connect(PG_ADMIN_URL)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{self.namespace}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await drop_database(PG_ADMIN_URL, self.namespace, force=True, timeout=30)
         redis = Redis.from_url(self.redis_url)
         try:
-            for prefix in [f"{self.namespace}:", *self.extra_key_prefixes]:
-                async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-                    await redis.delete(key)
+            for prefix in [self.wire.redis_prefix, *self.extra_key_prefixes]:
+                await unlink_keys(redis, prefix)
         finally:
             await redis.aclose()
         await delete_amqp(
             self.amqp_url,
-            [*self.wire.task_queues, self.wire.dead_letter_queue, *self.extra_queues],
-            [self.wire.tasks_exchange, self.wire.dead_letter_exchange, *self.extra_exchanges],
+            [*self.wire.queues, *self.extra_queues],
+            [*self.wire.exchanges, *self.extra_exchanges],
+            timeout=10,
         )
-
-
-async def delete_amqp(url: str, queues: list[str], exchanges: list[str]) -> None:
-    conn = await aio_pika.connect(url, timeout=10)
-    try:
-        for name in queues:
-            channel = await conn.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(name)
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.close()
-        for name in exchanges:
-            channel = await conn.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.exchange_delete(name)
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.close()
-    finally:
-        await conn.close()
 
 
 def python(*args: str) -> list[str]:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.db import create_pool, migrate
+from shared.decommission import delete_amqp, drop_database, unlink_keys
 from shared.ids import uuid7
 from shared.wire import Wire
 from tests.faults.private import PrivateRedis
@@ -105,31 +106,16 @@ async def deployment() -> AsyncIterator[Deployment]:
 
 async def _cleanup(dep: Deployment, redis: Redis) -> None:
     """Drop the run's database, queues, exchanges and Redis keys."""
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{dep.namespace}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(PG_ADMIN_URL, dep.namespace, force=True, timeout=30)
     await drop_namespace(dep, redis)
     await redis.aclose()
 
 
 async def drop_namespace(dep: Deployment, redis: Redis) -> None:
-    """Delete a namespace's queues, exchanges and Redis keys."""
-    async for key in redis.scan_iter(match=f"{dep.namespace}:*", count=1000):
-        await redis.delete(key)
-    conn = await aio_pika.connect(dep.amqp_url)
-    try:
-        for name in (*dep.wire.task_queues, dep.wire.dead_letter_queue):
-            channel = await conn.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                await channel.queue_delete(name)
-        for name in (dep.wire.tasks_exchange, dep.wire.dead_letter_exchange):
-            channel = await conn.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                await channel.exchange_delete(name)
-    finally:
-        await conn.close()
+    """Delete a namespace's queues, exchanges and Redis keys, as ``longhaul namespace
+    delete`` does."""
+    await unlink_keys(redis, dep.wire.redis_prefix)
+    await delete_amqp(dep.amqp_url, dep.wire.queues, dep.wire.exchanges, timeout=10)
 
 
 @pytest.fixture

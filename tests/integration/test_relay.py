@@ -26,6 +26,7 @@ from services.worker.repository import WorkerRepository
 from shared import amqp
 from shared.amqp import Outgoing, Published, Publisher
 from shared.db import create_pool
+from shared.decommission import delete_amqp, unlink_keys
 from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
@@ -83,12 +84,8 @@ async def broker(deployment: Deployment) -> AsyncIterator[Broker]:
     try:
         yield Broker(wire, connection, channel, topology)
     finally:
-        cleanup = await connection.channel()
-        for queue in (*wire.task_queues, wire.dead_letter_queue):
-            await cleanup.queue_delete(queue)
-        for exchange in (wire.tasks_exchange, wire.dead_letter_exchange):
-            await cleanup.exchange_delete(exchange)
         await connection.close()
+        await delete_amqp(deployment.amqp_url, wire.queues, wire.exchanges, timeout=10)
 
 
 @pytest.fixture
@@ -99,8 +96,7 @@ def sink(redis: Redis, broker: Broker) -> EventSink:
 @pytest.fixture(autouse=True)
 async def clean_redis(redis: Redis, broker: Broker) -> AsyncIterator[None]:
     yield
-    async for key in redis.scan_iter(match=f"{broker.wire.namespace}:*"):
-        await redis.delete(key)
+    await unlink_keys(redis, broker.wire.redis_prefix)
 
 
 def make_relay(
