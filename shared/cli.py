@@ -1,10 +1,11 @@
-"""The longhaul operator command: migrate, keys, tenants and dlq."""
+"""The longhaul operator command: migrate, keys, tenants, dlq and namespace."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import logging
 import re
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -12,9 +13,9 @@ from uuid import UUID
 
 import asyncpg
 
-from shared import deadletters, keys
+from shared import deadletters, decommission, keys
 from shared.db import ANY_PG_ERROR, connect, ensure_database, migrate, redacted
-from shared.errors import ConfigError, DependencyError
+from shared.errors import ConfigError, DependencyError, Refused
 from shared.events import EventSink
 from shared.ids import uuid7
 from shared.lifecycle import wait_for_dependency
@@ -260,6 +261,30 @@ async def _announce(settings: CommonSettings, row: Row) -> bool:
         await redis.aclose()
 
 
+async def _namespace_delete(
+    settings: CommonSettings, named: str, *, yes: bool, force: bool, drop_database: bool
+) -> None:
+    # Typed out, as a DROP names what it drops: LONGHAUL_NAMESPACE unset means the
+    # default namespace, which is not what an operator means to delete by accident.
+    if named != settings.namespace:
+        raise ConfigError(
+            f"{terminal_safe(named)} is not this environment's namespace"
+            f" (LONGHAUL_NAMESPACE={settings.namespace}): set LONGHAUL_NAMESPACE and the"
+            " URLs of the deployment to delete"
+        )
+    found = await decommission.survey(settings, database=drop_database)
+    if (why := decommission.refusal(found, force=force)) is not None:
+        raise Refused(why)
+    for line in decommission.describe(found):
+        print(line)
+    if not yes:
+        print("dry run: nothing deleted; --yes deletes the above")
+        return
+    done = await decommission.delete(settings, found, force=force)
+    for line in decommission.summary(settings.namespace, done):
+        print(line)
+
+
 def _positive(text: str) -> int:
     """argparse's type for a count: its own one-line error, not PostgreSQL's."""
     try:
@@ -321,7 +346,30 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--limit", type=_positive, default=50)
     dlq_redrive = dlq_sub.add_parser("redrive", help="run a dead letter's task again")
     dlq_redrive.add_argument("id")
-    for subparsers in (sub, keys_sub, tenants_sub, dlq_sub):
+    namespace = sub.add_parser("namespace", help="decommission the namespace (LONGHAUL_NAMESPACE)")
+    namespace_sub = namespace.add_subparsers(dest="namespace_command", required=True)
+    delete = namespace_sub.add_parser(
+        "delete",
+        help="delete its queues, exchanges and Redis keys (a dry run without --yes)",
+        description="Delete the namespace's RabbitMQ queues and exchanges and its Redis keys;"
+        " its PostgreSQL database only with --drop-database. Without --yes, list them and"
+        " delete nothing. Refused while its queues have consumers or messages, or (with"
+        " --drop-database) its database has sessions, unless --force.",
+    )
+    delete.add_argument("name", help="the namespace: must be LONGHAUL_NAMESPACE")
+    delete.add_argument("--yes", action="store_true", help="delete (without it: a dry run)")
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="delete even what is in use: queues with consumers or messages, and (with"
+        " --drop-database) a database with sessions, which are ended",
+    )
+    delete.add_argument(
+        "--drop-database",
+        action="store_true",
+        help="also drop the PostgreSQL database of LONGHAUL_DATABASE_URL",
+    )
+    for subparsers in (sub, keys_sub, tenants_sub, dlq_sub, namespace_sub):
         # A missing command is told by its choices ("required: {migrate,keys,dlq}"),
         # as the usage shows them, not by the dest that dispatches on it.
         subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
@@ -330,6 +378,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A failure is told once, in the command's own line: not again by the AMQP client's
+    # log of it (Python prints a library's errors when no logging is set up).
+    for library in ("aiormq", "aio_pika"):
+        logging.getLogger(library).setLevel(logging.CRITICAL)
     try:
         settings = load(CommonSettings)
         if args.command == "migrate":
@@ -341,6 +393,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(
                     _tenants_limit(settings, args.tenant, args.rate, args.burst, args.clear)
                 )
+        elif args.command == "namespace":
+            asyncio.run(
+                _namespace_delete(
+                    settings,
+                    args.name,
+                    yes=args.yes,
+                    force=args.force,
+                    drop_database=args.drop_database,
+                )
+            )
         elif args.command == "dlq":
             if args.dlq_command == "list":
                 asyncio.run(_dlq_list(settings, args.limit))
@@ -352,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_keys_revoke(settings, args.key_id))
         else:
             asyncio.run(_keys_list(settings, args.tenant))
+    except Refused as exc:  # in use: the command stopped before deleting that
+        print(f"longhaul: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"longhaul: {exc}", file=sys.stderr)
         return 2

@@ -166,12 +166,13 @@ async def test_a_tenant_name_of_200_characters_is_taken(isolated: Isolated) -> N
     [
         (
             (),
-            "usage: longhaul [-h] {migrate,keys,tenants,dlq} ...",
-            "{migrate,keys,tenants,dlq}",
+            "usage: longhaul [-h] {migrate,keys,tenants,dlq,namespace} ...",
+            "{migrate,keys,tenants,dlq,namespace}",
         ),
         (("tenants",), "usage: longhaul tenants [-h] {list,limit} ...", "{list,limit}"),
         (("keys",), "usage: longhaul keys [-h] {create,revoke,list} ...", "{create,revoke,list}"),
         (("dlq",), "usage: longhaul dlq [-h] {list,redrive} ...", "{list,redrive}"),
+        (("namespace",), "usage: longhaul namespace [-h] {delete} ...", "{delete}"),
     ],
 )
 async def test_a_missing_command_is_told_by_its_choices(
@@ -188,9 +189,10 @@ async def test_a_missing_command_is_told_by_its_choices(
 
 async def test_the_help_is_plain_text() -> None:
     code, out, _ = await run_cli(ROOT_ENV, "--help")
-    assert code == 0 and "The longhaul operator command: migrate, keys, tenants and dlq." in out, (
-        out
-    )
+    assert (
+        code == 0
+        and "The longhaul operator command: migrate, keys, tenants, dlq and namespace." in out
+    ), out
     assert "``" not in out
 
 
