@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -116,6 +117,90 @@ def committed(ids: Sequence[UUID], found: Collection[UUID]) -> bool:
     if present and len(present) != len(ids):
         raise RuntimeError(f"an insert committed {len(present)} of its {len(ids)} tasks")
     return bool(present)
+
+
+# A task's id time (UUIDv7: the first 48 bits are Unix ms, the API's clock when it took
+# the request) and its created_at (PostgreSQL's now() at the insert) are most often
+# milliseconds apart, further when clocks disagree or the insert waited, and anything
+# for an id not made by uuid7(). The tasks whose two are more than a minute apart are
+# indexed apart (tasks_id_time_apart, shared/migrations/0014_tasks_id_time_apart.sql):
+# a query names this very predicate for PostgreSQL to use that index.
+_ID_TIME = (
+    "to_timestamp(('x' || translate(left(id::text, 13), '-', ''))::bit(48)::bigint"
+    " / 1000.0::float8)"
+)
+_ID_TIME_APART = f"created_at - {_ID_TIME} NOT BETWEEN interval '-1 minute' AND interval '1 minute'"
+# The id range of a time window is a second wider than that minute: to_timestamp()
+# rounds an id's time to a microsecond, and no task left out of the index may fall
+# outside the range.
+_ID_TIME_SLACK_MS = 61_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS_MAX = (1 << 48) - 1
+
+
+def id_range(created_after: datetime | None, created_before: datetime | None) -> tuple[UUID, UUID]:
+    """The lowest and highest id a task created in [created_after, created_before) can
+    have, unless it is in the index of tasks whose id time is apart from created_at. Pure."""
+
+    def ms(value: datetime | None, default: int, slack: int) -> int:
+        if value is None:
+            return default
+        return min(max((value - _EPOCH) // timedelta(milliseconds=1) + slack, 0), _MS_MAX)
+
+    low = ms(created_after, 0, -_ID_TIME_SLACK_MS)
+    high = ms(created_before, _MS_MAX, _ID_TIME_SLACK_MS)
+    return UUID(int=low << 80), UUID(int=((high + 1) << 80) - 1)
+
+
+def list_statement(
+    tenant_id: UUID,
+    *,
+    state: str | None,
+    type_: str | None,
+    before: UUID | None,
+    limit: int,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+) -> tuple[str, list[Any]]:
+    """A page of the tenant's tasks, newest first: the SQL and its arguments. ``before``
+    is the last id of the previous page (UUIDv7 ids sort by creation time, so this is a
+    keyset page on the primary key order). Pure.
+
+    With a time window, on created_at exactly, the tasks are read in two parts merged
+    by id: those within ``id_range`` of the window (a range of the same indexes as
+    without one), and those of the small index of tasks whose id time is apart from
+    their created_at, for which the range says nothing."""
+    where = ["tenant_id = $1"]
+    args: list[Any] = [tenant_id]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    for column, value in (("state", state), ("type", type_)):
+        if value is not None:
+            where.append(f"{column} = {arg(value)}")
+    if before is not None:
+        where.append(f"id < {arg(before)}")
+    if created_after is not None:
+        where.append(f"created_at >= {arg(created_after)}")
+    if created_before is not None:
+        where.append(f"created_at < {arg(created_before)}")
+    top = arg(limit)
+
+    def page(conditions: list[str]) -> str:
+        return (
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(conditions)} "
+            f"ORDER BY id DESC LIMIT {top}"
+        )
+
+    if created_after is None and created_before is None:
+        return page(where), args
+    low, high = id_range(created_after, created_before)
+    ids = f"id BETWEEN {arg(low)} AND {arg(high)}"
+    near = page([*where, ids])
+    apart = page([*where, _ID_TIME_APART, f"NOT {ids}"])
+    return f"({near}) UNION ALL ({apart}) ORDER BY id DESC LIMIT {top}", args
 
 
 @dataclass(frozen=True)
@@ -374,27 +459,21 @@ class ApiRepository:
         type_: str | None,
         before: UUID | None,
         limit: int,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> list[Row]:
-        """Newest first; ``before`` is the last id of the previous page (UUIDv7 ids sort
-        by creation time, so this is a keyset page on the primary key order)."""
-        where = ["tenant_id = $1"]
-        args: list[Any] = [tenant_id]
-        for column, value in (("state", state), ("type", type_)):
-            if value is not None:
-                args.append(value)
-                where.append(f"{column} = ${len(args)}")
-        if before is not None:
-            args.append(before)
-            where.append(f"id < ${len(args)}")
-        args.append(limit)
+        """Newest first (see ``list_statement``)."""
+        sql, args = list_statement(
+            tenant_id,
+            state=state,
+            type_=type_,
+            before=before,
+            limit=limit,
+            created_after=created_after,
+            created_before=created_before,
+        )
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            return list(
-                await conn.fetch(
-                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-                    f"ORDER BY id DESC LIMIT ${len(args)}",
-                    *args,
-                )
-            )
+            return list(await conn.fetch(sql, *args))
 
     async def cancel(self, tenant_id: UUID, task_id: UUID) -> tuple[str, Row | None]:
         """Cancel a task. Returns ("cancelled", row) for a task that had not started,
