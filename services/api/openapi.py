@@ -223,10 +223,32 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                         "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
                     },
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "created_after",
+                        "in": "query",
+                        "description": (
+                            "only tasks created at or after this instant (inclusive); RFC 3339"
+                            " with a timezone, such as 2026-12-07T10:00:00Z"
+                        ),
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "created_before",
+                        "in": "query",
+                        "description": (
+                            "only tasks created before this instant (exclusive); later than"
+                            " created_after. A next page's request repeats the window with"
+                            " its cursor"
+                        ),
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
                 ],
                 "responses": {
                     "200": {"description": "a page", **_content(TaskPage)},
-                    "422": _problem("invalid parameter, or one given more than once"),
+                    "422": _problem(
+                        "invalid parameter, one given more than once, or a time window that"
+                        " ends where or before it starts"
+                    ),
                     **_COMMON,
                 },
             },

@@ -8,6 +8,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.api import meaning
 from services.api.problems import ProblemException, summary, validation_problem
+from services.api.timestamps import BadTimestamp, parse_rfc3339
 from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
 from shared.schemas import ProblemError, TaskRequest, TaskState, is_task_type
@@ -254,15 +256,25 @@ class ListQuery(BaseModel):
     type: str | None = None
     limit: int = 50
     before: UUID | None = None
+    # The time window on created_at: from created_after (inclusive) to created_before
+    # (exclusive), so adjacent windows neither overlap nor leave a gap.
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+PAGE_PARAMETERS = ("limit", "cursor")
+# GET /v1/tasks's own, besides the page's (the OpenAPI document lists the same).
+TASK_FILTERS = ("state", "type", "created_after", "created_before")
 
 
 def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
-    """``limit`` and ``cursor``, and with ``filters`` also ``state`` and ``type``, each
-    given at most once: the contract gives each one value, and a repeat silently read
-    as its first (``state=failed&state=cancelled``: only failed) answers another query
-    than the one asked."""
+    """``limit`` and ``cursor``, and with ``filters`` also the task filters, each given
+    at most once: the contract gives each one value, and a repeat silently read as its
+    first (``state=failed&state=cancelled``: only failed) answers another query than the
+    one asked. A cursor is an id: the next page's request repeats the filters, time
+    window included, and gets the window's tasks older than the cursor."""
     errors: list[ProblemError] = []
-    known = {"state", "type", "limit", "cursor"} if filters else {"limit", "cursor"}
+    known = set(PAGE_PARAMETERS) | (set(TASK_FILTERS) if filters else set())
     unknown = set(request.query) - known
     errors += [
         ProblemError(loc=["query", name], msg="unknown parameter") for name in sorted(unknown)
@@ -287,6 +299,17 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
     type_ = q.get("type")
     if type_ is not None and not is_task_type(type_):
         errors.append(ProblemError(loc=["query", "type"], msg="not a task type name"))
+    window: dict[str, datetime] = {}
+    for name in ("created_after", "created_before"):
+        if name in q:
+            try:
+                window[name] = parse_rfc3339(q[name])
+            except BadTimestamp as exc:
+                errors.append(ProblemError(loc=["query", name], msg=str(exc)))
+    if len(window) == 2 and window["created_after"] >= window["created_before"]:
+        errors.append(
+            ProblemError(loc=["query", "created_before"], msg="must be later than created_after")
+        )
     limit = 50
     if "limit" in q:
         parsed = decimal_int(q["limit"], 1, 500)
@@ -304,7 +327,7 @@ def list_query(request: web.Request, *, filters: bool = True) -> ListQuery:
         raise ProblemException(
             422, "Invalid request", summary(errors), slug="validation", errors=errors
         )
-    return ListQuery(state=state, type=type_, limit=limit, before=before)
+    return ListQuery(state=state, type=type_, limit=limit, before=before, **window)
 
 
 def encode_cursor(last: UUID) -> str:

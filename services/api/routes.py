@@ -310,6 +310,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         type_=q.type,
         before=q.before,
         limit=q.limit + 1,
+        created_after=q.created_after,
+        created_before=q.created_before,
     )
     more = len(rows) > q.limit
     rows = rows[: q.limit]

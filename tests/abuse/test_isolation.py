@@ -113,6 +113,7 @@ async def test_another_tenant_reaches_nothing_of_a_through_any_route(
         {"state": "succeeded"},
         {"state": "queued"},
         {"cursor": _cursor(UUID(int=2**128 - 1))},
+        {"created_after": "2000-01-01T00:00:00Z", "created_before": "2100-01-01T00:00:00Z"},
     ]
     walked = set()
     for path, method, op in operations:
