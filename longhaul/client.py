@@ -19,6 +19,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -75,6 +76,14 @@ def retry_delay(
     if retry_after is not None and retry_after.isascii() and retry_after.isdigit():
         return min(float(retry_after), policy.max_retry_after_s)
     return policy.backoff.delay(tries)
+
+
+def _rfc3339(name: str, value: datetime) -> str:
+    """``value`` in UTC to the microsecond, as the API reads it: a "Z", not "+00:00"
+    (a "+" in a query string reads as a space unless encoded)."""
+    if value.utcoffset() is None:
+        raise ValueError(f"{name} needs a timezone (a naive datetime names no instant)")
+    return value.astimezone(UTC).isoformat(timespec="microseconds").removesuffix("+00:00") + "Z"
 
 
 def stream_base(events_link: str) -> str:
@@ -169,20 +178,33 @@ class Client:
         return Task.model_validate(await self._call("GET", f"/v1/tasks/{task_id}"))
 
     async def tasks(
-        self, *, state: TaskState | str | None = None, type: str | None = None, page: int = 50
+        self,
+        *,
+        state: TaskState | str | None = None,
+        type: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page: int = 50,
     ) -> AsyncGenerator[Task, None]:
-        """The tenant's tasks, newest first, page by page as they are read."""
+        """The tenant's tasks, newest first, page by page as they are read; with
+        ``created_after`` and ``created_before``, those created from the one (inclusive)
+        to the other (exclusive). Each a datetime with a timezone: a naive one is a
+        ValueError, not a guess at which zone it meant."""
         query = {"limit": str(page)}
         if state is not None:
             query["state"] = str(state.value if isinstance(state, TaskState) else state)
         if type is not None:
             query["type"] = type
+        for name, value in (("created_after", created_after), ("created_before", created_before)):
+            if value is not None:
+                query[name] = _rfc3339(name, value)
         while True:
             doc = await self._call("GET", "/v1/tasks", params=query)
             for item in doc["items"]:
                 yield Task.model_validate(item)
             if doc["next_cursor"] is None:
                 return
+            # The same filters, window included, with the cursor: the window's next page.
             query["cursor"] = doc["next_cursor"]
 
     async def cancel(self, task_id: UUID | str) -> Task:

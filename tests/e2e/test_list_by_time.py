@@ -1,6 +1,6 @@
 """GET /v1/tasks by time against a running API: ``created_after`` (inclusive) and
-``created_before`` (exclusive) with ``state``, page after page by ``next_cursor``; and
-the 422 problems of a bad window."""
+``created_before`` (exclusive) with ``state``, page after page by ``next_cursor``, by
+HTTP and by the Python client; and the 422 problems of a bad window."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from longhaul import Client
 from tests.conftest import Tenant, create_tenant
 from tests.support import System
 
@@ -105,6 +106,24 @@ async def test_a_window_with_a_state_is_paged_by_its_cursor(
             page = await r.json()
     assert [t["id"] for t in page["items"]] == _expected(tasks, CREATED[4], CREATED[25], None)
     assert page["next_cursor"] is None
+
+
+async def test_the_python_client_lists_a_window(
+    system: System, history: tuple[Tenant, list[tuple[UUID, datetime, str]]]
+) -> None:
+    tenant, tasks = history
+    await system.start_api()
+    after, before = CREATED[10], CREATED[20] + timedelta(microseconds=1)
+    async with Client(system.api_url, tenant.key) as client:
+        found = [
+            str(t.id)
+            async for t in client.tasks(created_after=after, created_before=before, page=3)
+        ]
+        queued = [
+            str(t.id) async for t in client.tasks(state="queued", created_after=after, page=3)
+        ]
+    assert found == _expected(tasks, after, before, None) and len(found) == 11
+    assert queued == _expected(tasks, after, datetime.max.replace(tzinfo=UTC), "queued")
 
 
 async def test_a_bad_window_is_a_422_problem(system: System, tenant: Tenant) -> None:

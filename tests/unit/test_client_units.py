@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from longhaul import Client, LonghaulError, RetryPolicy
 from longhaul.client import retry_delay, stream_base
 from longhaul.sse import Message, Parser
+from services.api.timestamps import parse_rfc3339
 from shared.backoff import Backoff
 from shared.ids import uuid7
 
@@ -180,6 +182,51 @@ async def test_a_problem_is_raised_with_its_errors(serve: Any) -> None:
             await client.submit("nope")
     assert raised.value.status == 422
     assert raised.value.errors == [{"loc": ["body", "type"], "msg": "unknown task type"}]
+
+
+async def test_a_time_window_goes_with_every_page(serve: Any) -> None:
+    """The window is sent as the API reads it, the same instants (in UTC, to the
+    microsecond, "+" nowhere), with the first page's request and the next one's."""
+    after = datetime(2026, 12, 7, 11, 0, 0, 250_001, tzinfo=timezone(timedelta(hours=1)))
+    before = datetime(2026, 12, 8, tzinfo=UTC)
+    queries: list[dict[str, str]] = []
+
+    async def listing(request: web.Request) -> web.Response:
+        queries.append(dict(request.query))
+        last = "cursor" in request.query
+        return web.json_response({"items": [_task()], "next_cursor": None if last else "c1"})
+
+    api = await serve({("GET", "/v1/tasks"): listing})
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        found = [t.id async for t in client.tasks(created_after=after, created_before=before)]
+    assert found == [TASK_ID, TASK_ID]
+    assert [q.pop("cursor", None) for q in queries] == [None, "c1"]
+    assert (
+        queries[0]
+        == queries[1]
+        == {
+            "limit": "50",
+            "created_after": "2026-12-07T10:00:00.250001Z",
+            "created_before": "2026-12-08T00:00:00.000000Z",
+        }
+    )
+    assert parse_rfc3339(queries[0]["created_after"]) == after
+
+
+async def test_a_naive_datetime_is_refused_before_any_request(serve: Any) -> None:
+    """A datetime without a timezone names no instant: the client does not guess."""
+    calls = 0
+
+    async def listing(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.json_response({"items": [], "next_cursor": None})
+
+    api = await serve({("GET", "/v1/tasks"): listing})
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        with pytest.raises(ValueError, match="created_before needs a timezone"):
+            [t async for t in client.tasks(created_before=datetime(2026, 12, 7, 10))]
+    assert calls == 0
 
 
 async def test_a_dropped_stream_resumes_after_the_last_event_and_ends_at_the_terminal(
