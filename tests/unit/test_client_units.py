@@ -1,25 +1,33 @@
-"""The Python client's own logic: its SSE reading, what it retries and what it never
-does, against small HTTP servers of ours that answer as the API and the gateway do."""
+"""The Python clients' own logic: its SSE reading, what it retries and what it never
+does, and the synchronous client's bridge to it (threads, close, misuse), against small
+HTTP servers of ours that answer as the API and the gateway do."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from uuid import UUID
 
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from longhaul import Client, LonghaulError, RetryPolicy
+from longhaul import Client, LonghaulError, RetryPolicy, SyncClient
 from longhaul.client import retry_delay, stream_base
 from longhaul.sse import Message, Parser
 from services.api.timestamps import parse_rfc3339
 from shared.backoff import Backoff
 from shared.ids import uuid7
+from tests.support import ROOT, timeout
 
 TASK_ID = uuid7()
 NO_WAIT = RetryPolicy(attempts=4, backoff=Backoff(base_s=0.0, cap_s=0.0))
@@ -286,3 +294,298 @@ def test_a_client_can_be_made_outside_the_event_loop() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Client("http://127.0.0.1:1", "lh_k")
+
+
+# ---------------------------------------------------------------- the synchronous client
+# Its calls are made from threads (asyncio.to_thread), as a Django app's are, while this
+# test's loop serves the fake servers.
+
+
+def _held_stream(
+    opened: asyncio.Event, ended: asyncio.Event, first: bytes = _event(1, "running")
+) -> Route:
+    """A gateway stream that sends ``first`` (seq 1, running) and then only keepalives,
+    never the terminal event; ``ended`` once its client has gone."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        opened.set()
+        try:
+            while True:  # until a write fails, or aiohttp cancels this on the hang-up
+                await asyncio.sleep(0.02)
+                await response.write(b": keepalive\n\n")
+        finally:
+            ended.set()
+
+    return stream
+
+
+async def _token(request: web.Request) -> web.Response:
+    return web.json_response({"token": "t", "expires_at": "x"}, status=201)
+
+
+def test_the_sync_client_takes_the_clients_arguments() -> None:
+    """The two cannot drift apart: every method has the same parameters (names, kinds,
+    defaults), the constructor all but the session (an event loop's)."""
+
+    def params(function: Callable[..., Any], leave_out: str = "") -> list[tuple[Any, ...]]:
+        found = inspect.signature(function).parameters.values()
+        return [(p.name, p.kind, p.default) for p in found if p.name != leave_out]
+
+    assert params(SyncClient.__init__) == params(Client.__init__, leave_out="session")
+    for name in ("submit", "submit_batch", "get", "tasks", "cancel", "retry", "events", "wait"):
+        assert params(getattr(SyncClient, name)) == params(getattr(Client, name)), name
+
+
+async def test_threads_submit_at_once_through_one_sync_client(serve: Any) -> None:
+    """Sixteen threads' submissions are in flight together (the server answers none
+    until all have arrived), each retried after a 503 with its own key, and each thread
+    gets its own task back; one loop thread serves them all."""
+    threads = 16
+    tries: dict[str, int] = {}
+    all_in = asyncio.Event()
+
+    async def submit(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        tries[key] = tries.get(key, 0) + 1
+        if tries[key] == 1:
+            return _problem(503)
+        if sum(1 for n in tries.values() if n == 2) == threads:
+            all_in.set()
+        await asyncio.wait_for(all_in.wait(), timeout(30))
+        n = (await request.json())["args"]["n"]
+        return web.json_response({**_task(), "id": str(UUID(int=n))}, status=202)
+
+    api = await serve({("POST", "/v1/tasks"): submit})
+    loop = asyncio.get_running_loop()
+    with SyncClient(api, "lh_k", retry=NO_WAIT) as client, ThreadPoolExecutor(threads) as pool:
+        calls = [
+            loop.run_in_executor(pool, lambda n=n: client.submit("demo.sleep", {"n": n}))
+            for n in range(threads)
+        ]
+        tasks = await asyncio.gather(*calls)
+        loops = [t for t in threading.enumerate() if t.name == "longhaul-client"]
+    assert [t.id for t in tasks] == [UUID(int=n) for n in range(threads)]
+    assert len(tries) == threads and set(tries.values()) == {2}
+    assert len(loops) == 1
+    assert not loops[0].is_alive()  # close() stopped it
+
+
+async def test_the_sync_clients_errors_and_pages_are_the_clients(serve: Any) -> None:
+    """A problem is the same LonghaulError, an unkeyed write is not sent again after a
+    lost answer, and tasks() reads page after page as a plain iterator."""
+    retries = 0
+
+    async def submit(request: web.Request) -> web.Response:
+        return _problem(422, errors=[{"loc": ["body", "type"], "msg": "unknown task type"}])
+
+    async def retry(request: web.Request) -> web.Response:
+        nonlocal retries
+        retries += 1
+        return _problem(504, request_id="req-9")
+
+    async def listing(request: web.Request) -> web.Response:
+        first = "cursor" not in request.query
+        assert request.query.get("cursor", "c1") == "c1" and request.query["state"] == "failed"
+        return web.json_response(
+            {"items": [_task(state="failed")], "next_cursor": "c1" if first else None}
+        )
+
+    api = await serve(
+        {
+            ("POST", "/v1/tasks"): submit,
+            ("POST", "/v1/tasks/{id}/retry"): retry,
+            ("GET", "/v1/tasks"): listing,
+        }
+    )
+    with SyncClient(api, "lh_k", retry=NO_WAIT) as client:
+        with pytest.raises(LonghaulError) as unknown:
+            await asyncio.to_thread(client.submit, "nope")
+        with pytest.raises(LonghaulError) as lost:
+            await asyncio.to_thread(client.retry, TASK_ID)
+        listed = await asyncio.to_thread(lambda: list(client.tasks(state="failed", page=1)))
+    assert unknown.value.status == 422 and unknown.value.errors[0]["loc"] == ["body", "type"]
+    assert (lost.value.status, lost.value.request_id, retries) == (504, "req-9", 1)
+    assert [t.id for t in listed] == [TASK_ID, TASK_ID]
+
+
+async def test_close_ends_the_events_iterators_of_other_threads(serve: Any) -> None:
+    """One thread blocked reading an iterator (its stream has sent nothing yet) and
+    another holding one at its first event: close() from a third ends both for loops
+    as if the streams had ended, closes both streams, and later calls say it is closed."""
+    reading, read_ended, held_ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    streams = [
+        _held_stream(asyncio.Event(), held_ended),
+        _held_stream(reading, read_ended, first=b""),
+    ]
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        return await streams.pop(0)(request)
+
+    api = await serve({("POST", "/v1/ws-tokens"): _token})
+    gateway = await serve({("GET", f"/v1/tasks/{TASK_ID}/events"): stream})
+    client = SyncClient(api, "lh_k", gateway_url=gateway, retry=NO_WAIT)
+    held = await asyncio.to_thread(client.events, TASK_ID)
+    assert (await asyncio.to_thread(next, held)).seq == 1
+    reader = asyncio.ensure_future(asyncio.to_thread(lambda: list(client.events(TASK_ID))))
+    await asyncio.wait_for(reading.wait(), timeout(10))  # the reader waits in next()
+    await asyncio.to_thread(client.close)
+    assert await asyncio.wait_for(reader, timeout(10)) == []
+    assert await asyncio.to_thread(list, held) == []
+    await asyncio.wait_for(asyncio.gather(read_ended.wait(), held_ended.wait()), timeout(10))
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.to_thread(client.get, TASK_ID)
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.to_thread(client.events, TASK_ID)
+
+
+async def test_an_events_iterator_left_early_ends_its_stream_now(serve: Any) -> None:
+    """close() on the iterator (a break, a `with closing(...)` left) releases the
+    stream at once, and the client goes on serving."""
+    opened, ended = asyncio.Event(), asyncio.Event()
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(_task(state="running"))
+
+    api = await serve({("POST", "/v1/ws-tokens"): _token, ("GET", f"/v1/tasks/{TASK_ID}"): get})
+    gateway = await serve({("GET", f"/v1/tasks/{TASK_ID}/events"): _held_stream(opened, ended)})
+    with SyncClient(api, "lh_k", gateway_url=gateway, retry=NO_WAIT) as client:
+        events = await asyncio.to_thread(client.events, TASK_ID)
+        assert (await asyncio.to_thread(next, events)).seq == 1
+        await asyncio.to_thread(events.close)
+        await asyncio.wait_for(ended.wait(), timeout(10))
+        assert (await asyncio.to_thread(client.get, TASK_ID)).state == "running"
+
+
+async def test_a_sync_wait_given_up_ends_its_stream(serve: Any) -> None:
+    """wait()'s timeout raises TimeoutError, as the Client's does, and the stream it
+    was reading is closed: nothing goes on in the loop for a caller that left."""
+    opened, ended = asyncio.Event(), asyncio.Event()
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(_task(state="running"))
+
+    api = await serve({("POST", "/v1/ws-tokens"): _token, ("GET", f"/v1/tasks/{TASK_ID}"): get})
+    gateway = await serve({("GET", f"/v1/tasks/{TASK_ID}/events"): _held_stream(opened, ended)})
+    with SyncClient(api, "lh_k", gateway_url=gateway, retry=NO_WAIT) as client:
+        with pytest.raises(TimeoutError):
+            await asyncio.to_thread(client.wait, TASK_ID, 0.5)
+        await asyncio.wait_for(ended.wait(), timeout(10))
+        assert (await asyncio.to_thread(client.get, TASK_ID)).state == "running"
+
+
+async def test_a_sync_client_refuses_a_thread_running_an_event_loop(serve: Any) -> None:
+    """Called here, in this test's loop, it raises at once instead of blocking the loop
+    (which, in its own loop's thread, would be a deadlock); nothing is sent."""
+    calls = 0
+
+    async def get(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.json_response(_task())
+
+    api = await serve({("GET", f"/v1/tasks/{TASK_ID}"): get})
+    client = SyncClient(api, "lh_k", retry=NO_WAIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a coroutine made and never awaited would warn
+        with pytest.raises(RuntimeError, match="event loop"):
+            client.get(TASK_ID)
+        with pytest.raises(RuntimeError, match="event loop"):
+            client.events(TASK_ID)
+    assert (await asyncio.to_thread(client.get, TASK_ID)).id == TASK_ID
+    client.close()  # brief: allowed here
+    assert calls == 1
+
+
+async def _python(script: str, *args: str) -> asyncio.subprocess.Process:
+    """``script`` started in a Python of its own."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+INTERRUPTED = """
+import sys
+from longhaul import SyncClient
+
+api, gateway, task_id = sys.argv[1:]
+client = SyncClient(api, "lh_k", gateway_url=gateway)
+try:
+    client.wait(task_id)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+print(client.get(task_id).state.value, flush=True)
+events = client.events(task_id)
+print(next(events).seq, flush=True)
+# It exits here, without close(), an events() iterator at its first event.
+"""
+
+
+async def test_an_interrupted_caller_and_an_exit_without_close_leave_nothing_stuck(
+    serve: Any,
+) -> None:
+    """Ctrl-C in a script blocked in wait() ends the stream the loop was reading (before
+    the script's next stream, not at its exit), and the client still answers; exiting
+    without close() then neither hangs nor prints."""
+    opened, ended = asyncio.Event(), asyncio.Event()
+    streams = [_held_stream(opened, ended), _held_stream(asyncio.Event(), asyncio.Event())]
+    first_ended_before_second: list[bool] = []
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(_task(state="running"))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        if len(streams) == 1:
+            first_ended_before_second.append(ended.is_set())
+        return await streams.pop(0)(request)
+
+    api = await serve({("POST", "/v1/ws-tokens"): _token, ("GET", f"/v1/tasks/{TASK_ID}"): get})
+    gateway = await serve({("GET", f"/v1/tasks/{TASK_ID}/events"): stream})
+    proc = await _python(INTERRUPTED, api, gateway, str(TASK_ID))
+    await asyncio.wait_for(opened.wait(), timeout(30))
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout(60))
+    assert first_ended_before_second == [True]
+    assert (proc.returncode, out.decode().split(), err.decode()) == (
+        0,
+        ["interrupted", "running", "1"],
+        "",
+    )
+
+
+FORKED = """
+import os, sys
+from longhaul import SyncClient
+
+api, task_id = sys.argv[1:]
+client = SyncClient(api, "lh_k")
+client.get(task_id)
+if os.fork() == 0:
+    try:
+        client.get(task_id)
+    except RuntimeError as e:
+        print("child:", e, flush=True)
+else:
+    os.wait()
+    print("parent:", client.get(task_id).state.value, flush=True)
+"""
+
+
+async def test_a_sync_client_used_before_a_fork_refuses_the_child(serve: Any) -> None:
+    """Its loop's thread stayed in the parent: the child's call raises, rather than
+    wait for a loop that does not run there, and the child exits; the parent goes on."""
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(_task())
+
+    api = await serve({("GET", f"/v1/tasks/{TASK_ID}"): get})
+    proc = await _python(FORKED, api, str(TASK_ID))
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout(60))
+    assert proc.returncode == 0
+    assert out.decode().splitlines() == [
+        "child: this SyncClient was first used before the fork: make one in each process",
+        "parent: queued",
+    ]
