@@ -1,16 +1,18 @@
 """The Python client against the real services: a task submitted, followed live to its
-result, failed, cancelled and run again; the API's refusals raised as problems."""
+result, failed, cancelled and run again; the API's refusals raised as problems; the
+synchronous client shared by threads."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from longhaul import Client, LonghaulError
+from longhaul import Client, LonghaulError, SyncClient
 from shared.ids import uuid7
-from shared.schemas import TaskState
+from shared.schemas import Task, TaskState
 from tests.conftest import Tenant
 from tests.support import System
 
@@ -75,3 +77,28 @@ async def test_a_refused_request_is_a_problem_with_its_errors(
         with pytest.raises(LonghaulError) as refused:
             await asyncio.wait_for(stranger.get(uuid7()), 30)
         assert refused.value.status == 401
+
+
+async def test_threads_share_a_sync_client(system: System, tenant: Tenant) -> None:
+    """Eight threads submit through one SyncClient and each waits for its own result
+    while another follows a task's events as a plain iterator."""
+    await system.start_api()
+    await system.start_worker()
+    await system.start_gateway()
+    seconds = [0.1 * n for n in range(1, 9)]
+    loop = asyncio.get_running_loop()
+    with SyncClient(system.api_url, tenant.key) as client, ThreadPoolExecutor(9) as pool:
+
+        def run(s: float) -> Task:
+            return client.wait(client.submit("demo.sleep", {"seconds": s, "steps": 2}).id, 60)
+
+        def follow() -> list[tuple[int, TaskState]]:
+            task = client.submit("demo.sleep", {"seconds": 0.4, "steps": 2})
+            return [(e.seq, e.state) for e in client.events(task.id)]
+
+        followed = loop.run_in_executor(pool, follow)
+        done = await asyncio.gather(*(loop.run_in_executor(pool, run, s) for s in seconds))
+        events = await followed
+    assert [t.result for t in done] == [{"slept": s} for s in seconds]
+    assert [seq for seq, _ in events] == list(range(1, 1 + len(events)))
+    assert events[-1][1] == TaskState.SUCCEEDED
