@@ -11,6 +11,7 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Coroutine, Generator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 from uuid import UUID
@@ -120,10 +121,24 @@ class SyncClient:
         return self._call(self._client.get(task_id))
 
     def tasks(
-        self, *, state: TaskState | str | None = None, type: str | None = None, page: int = 50
+        self,
+        *,
+        state: TaskState | str | None = None,
+        type: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page: int = 50,
     ) -> Generator[Task, None, None]:
         """See ``Client.tasks``: a page is read when the one before is used up."""
-        return self._iterate(self._client.tasks(state=state, type=type, page=page))
+        return self._iterate(
+            self._client.tasks(
+                state=state,
+                type=type,
+                created_after=created_after,
+                created_before=created_before,
+                page=page,
+            )
+        )
 
     def cancel(self, task_id: UUID | str) -> Task:
         """See ``Client.cancel``."""
