@@ -15,58 +15,15 @@ from uuid import UUID
 
 import asyncpg
 
-from shared import deadletters, outbox
+from shared import deadletters, newtasks, outbox
 from shared.db import ANY_PG_ERROR, NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.groupcommit import GroupCommit
+from shared.newtasks import TASK_COLUMNS, NewTask
 from shared.relay import Handed
-from shared.schemas import TaskMessage, TaskRequest, encode_task_message
 from shared.taskrows import Row
+from shared.tasktypes import TYPE_COLUMNS
 
 log = logging.getLogger(__name__)
-
-TASK_COLUMNS = (
-    "id, tenant_id, type, args, state, progress, message, result, error, attempts, "
-    "max_attempts, priority, timeout_s, created_at, started_at, finished_at, updated_at, "
-    "next_attempt_at, last_seq, request_hash, trace_id"
-)
-
-
-# Tasks and their first outbox rows (see ApiRepository.insert), built once. A row due
-# now is claimed for $14 seconds (NULL: not claimed) by this process, which hands it to
-# its relay to publish at once. $9 is each task's idempotency key (NULL: none, the
-# array padded). A key taken fails the whole statement, not just its row (no ON
-# CONFLICT): a batch whose keys meet an earlier one's stores none of its tasks.
-_INSERT = f"""
-WITH u AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[],
-                         $5::int[], $6::int[], $7::float8[], $8::float8[],
-                         $11::text[], $12::jsonb[], $13::bytea[], $9::text[])
-        AS u(tenant_id, id, type, args, max_attempts, priority, timeout_s,
-             delay_s, trace_id, backoff, body, idempotency_key)
-), t AS (
-    INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts,
-                       priority, timeout_s, next_attempt_at, last_seq,
-                       idempotency_key, request_hash, trace_id, backoff)
-    SELECT u.id, u.tenant_id, u.type, u.args, 'queued', u.max_attempts, u.priority,
-           u.timeout_s,
-           CASE WHEN u.delay_s > 0
-                THEN now() + make_interval(secs => u.delay_s) END,
-           1, u.idempotency_key, $10, u.trace_id, u.backoff
-    FROM u
-    RETURNING {TASK_COLUMNS}
-), o AS (
-    INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until, claimed_by,
-                        priority)
-    SELECT t.id, 1, u.body, coalesce(t.next_attempt_at, now()),
-           CASE WHEN t.next_attempt_at IS NULL THEN now() + make_interval(secs => $14) END,
-           CASE WHEN t.next_attempt_at IS NULL THEN $15::int END,
-           u.priority
-    FROM t JOIN u ON u.id = t.id
-    RETURNING id, task_id
-)
-SELECT t.*, o.id AS outbox_id FROM t JOIN o ON o.task_id = t.id
-"""
-
 
 # An insert whose reply was lost: end its backend, so that it cannot commit later
 # (asyncpg's own timeout leaves it running), if it is still there. A backend of the API's
@@ -78,9 +35,6 @@ WHERE pid = $1 AND datname = current_database() AND usename = current_user
 """
 _BACKEND_ALIVE = "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND datname = current_database()"
 
-
-# The unique index a taken idempotency key violates (shared/migrations/0001_init.sql).
-_IDEMPOTENCY_INDEX = "tasks_idempotency"
 
 _RELEASE_CLAIMS = """
 UPDATE outbox SET claimed_until = NULL, claimed_by = NULL
@@ -204,13 +158,6 @@ def list_statement(
 
 
 @dataclass(frozen=True)
-class NewTask:
-    id: UUID
-    request: TaskRequest
-    trace_id: str | None = None
-
-
-@dataclass(frozen=True)
 class Principal:
     tenant_id: UUID
     key_id: str
@@ -265,12 +212,7 @@ class ApiRepository:
 
     async def task_types(self) -> list[Row]:
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            return list(
-                await conn.fetch(
-                    "SELECT name, args_schema, max_attempts, timeout_s, seen_at FROM task_types"
-                    " ORDER BY name"
-                )
-            )
+            return list(await conn.fetch(f"SELECT {TYPE_COLUMNS} FROM task_types ORDER BY name"))
 
     async def insert(
         self,
@@ -302,18 +244,7 @@ class ApiRepository:
         idempotency_keys: Sequence[str] | None = None,
         request_hash: bytes | None = None,
     ) -> list[Row]:
-        bodies = [
-            encode_task_message(
-                TaskMessage(
-                    task_id=t.id,
-                    tenant_id=tenant_id,
-                    type=t.request.type,
-                    attempt=1,
-                    trace_id=t.trace_id,
-                )
-            )
-            for tenant_id, t in zip(tenant_ids, tasks, strict=True)
-        ]
+        bodies = newtasks.bodies(tenant_ids, tasks)
         async with self._pool.acquire(timeout=self._timeout) as conn:
             pid = conn.get_server_pid()
             # Just before the statement, whose now() the claims start from: a claim
@@ -325,7 +256,7 @@ class ApiRepository:
                     conn, tenant_ids, tasks, bodies, idempotency_keys, request_hash
                 )
             except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name != _IDEMPOTENCY_INDEX:
+                if exc.constraint_name != newtasks.IDEMPOTENCY_INDEX:
                     raise
                 return []
             except Exception as exc:
@@ -365,26 +296,15 @@ class ApiRepository:
         idempotency_keys: Sequence[str] | None,
         request_hash: bytes | None,
     ) -> list[Row]:
-        reqs = [t.request for t in tasks]
-        return list(
-            await conn.fetch(
-                _INSERT,
-                list(tenant_ids),
-                [t.id for t in tasks],
-                [r.type for r in reqs],
-                [r.args for r in reqs],
-                [r.max_attempts for r in reqs],
-                [r.priority for r in reqs],
-                [r.timeout_s for r in reqs],
-                [r.delay_s for r in reqs],
-                None if idempotency_keys is None else list(idempotency_keys),
-                request_hash,
-                [t.trace_id for t in tasks],
-                [r.backoff.model_dump() if r.backoff else None for r in reqs],
-                list(bodies),
-                self._claim_s,
-                self._owner() if self._owner is not None else None,
-            )
+        return await newtasks.insert(
+            conn,
+            tenant_ids,
+            tasks,
+            bodies,
+            idempotency_keys=idempotency_keys,
+            request_hash=request_hash,
+            claim_s=self._claim_s,
+            owner=self._owner() if self._owner is not None else None,
         )
 
     async def _notify(self, conn: outbox.Connection) -> None:

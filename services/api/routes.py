@@ -16,11 +16,12 @@ from redis.exceptions import RedisError
 from services.api import requests as rq
 from services.api.context import SERVICES, Services
 from services.api.problems import ProblemException, validation_problem
-from services.api.repository import NewTask, Principal
+from services.api.repository import Principal
 from services.api.views import task_document
-from shared import deadletters, wstokens
+from shared import deadletters, tasktypes, wstokens
 from shared.ids import random_hex, uuid7
 from shared.logging import trace_id_var
+from shared.newtasks import NewTask
 from shared.schemas import BatchRequest, ProblemError, TaskRequest, WsTokenRequest, format_ts
 from shared.states import RERUNNABLE
 from shared.taskrows import Row, event_from_row
@@ -151,11 +152,10 @@ async def _check_types(
     typed: list[rq.Typed] = []
     for task, loc in zip(tasks, prefix, strict=True):
         info = await svc.types.get(task.type)
-        if info is None:
-            errors.append(ProblemError(loc=[*loc, "type"], msg=f"unknown task type {task.type!r}"))
-        else:
-            errors += info.errors(task.args, [*loc, "args"])
-            typed.append(rq.Typed(info.defaults_for(task), info.args_schema))
+        request, refused = tasktypes.check(info, task, loc)
+        errors += refused
+        if info is not None:
+            typed.append(rq.Typed(request, info.args_schema))
     if errors:
         raise ProblemException(
             422,

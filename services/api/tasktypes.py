@@ -7,63 +7,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError
+from jsonschema.exceptions import SchemaError
 
 from services.api.repository import ApiRepository
-from shared.schemas import ProblemError, TaskRequest, is_task_type
+from shared.schemas import is_task_type
 from shared.singleflight import SingleFlight
+from shared.tasktypes import TaskTypeInfo, type_info
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskTypeInfo:
-    name: str
-    args_schema: dict[str, Any]
-    validator: Draft202012Validator
-    # The type's own defaults (``@task(max_attempts=..., timeout_s=...)``), if it set them.
-    max_attempts: int | None = None
-    timeout_s: float | None = None
-    # When a worker running the type last said so (its lease heartbeat); None if none
-    # has since the column was added. As fresh as the cache.
-    last_seen_at: datetime | None = None
-
-    def defaults_for(self, task: TaskRequest) -> TaskRequest:
-        """``task`` with the type's defaults where the request set no value of its own."""
-        update: dict[str, Any] = {
-            field: value
-            for field, value in (("max_attempts", self.max_attempts), ("timeout_s", self.timeout_s))
-            if value is not None and field not in task.model_fields_set
-        }
-        return task.model_copy(update=update) if update else task
-
-    def errors(self, args: dict[str, Any], prefix: list[str | int]) -> list[ProblemError]:
-        return [
-            _problem_error(err, prefix)
-            for err in sorted(self.validator.iter_errors(args), key=lambda e: list(e.absolute_path))
-        ]
-
-
-def _problem_error(err: ValidationError, prefix: list[str | int]) -> ProblemError:
-    """``err`` located at its value; a missing property at the property (as pydantic
-    locates a missing field), not at the object that lacks it."""
-    loc = [*prefix, *err.absolute_path]
-    required = err.validator_value
-    if (
-        err.validator == "required"
-        and isinstance(err.instance, dict)
-        and isinstance(required, list)
-    ):
-        # jsonschema names the property only in its message, one error per property.
-        for name in required:
-            if name not in err.instance and err.message == f"{name!r} is a required property":
-                return ProblemError(loc=[*loc, name], msg="Field required")
-    return ProblemError(loc=loc, msg=err.message)
 
 
 class TaskTypes:
@@ -99,9 +51,8 @@ class TaskTypes:
                 # Registered by a worker of a version that did not check names: no
                 # request can name it, so it is not listed as if one could.
                 continue
-            schema = row["args_schema"]
             try:
-                Draft202012Validator.check_schema(schema)
+                types[row["name"]] = type_info(row)
             except SchemaError as exc:
                 # Not one a worker's @task makes (pydantic's are valid): the type is
                 # refused as unknown rather than admitted unchecked.
@@ -109,15 +60,5 @@ class TaskTypes:
                     "task type has an invalid args schema; refusing it",
                     extra={"type": row["name"], "error": exc.message},
                 )
-                continue
-            validator = Draft202012Validator(schema)
-            types[row["name"]] = TaskTypeInfo(
-                row["name"],
-                schema,
-                validator,
-                row["max_attempts"],
-                row["timeout_s"],
-                row["seen_at"],
-            )
         self._types = types
         self._loaded_at = time.monotonic()

@@ -36,7 +36,7 @@ from services.api.openapi import build_openapi
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import OutcomeUnknown, Principal, committed, reply_lost
 from services.api.routes import _admit, _trace_id, routes
-from services.api.tasktypes import TaskTypeInfo, TaskTypes
+from services.api.tasktypes import TaskTypes
 from services.api.views import task_document
 from shared import keys
 from shared.amqp import Outgoing, settled
@@ -44,6 +44,7 @@ from shared.digits import decimal_int
 from shared.ids import uuid7
 from shared.jsonsafe import deeper_than, nul_path
 from shared.schemas import BatchRequest, Task, TaskError, TaskLinks, TaskRequest, TaskState
+from shared.tasktypes import TaskTypeInfo
 from shared.wire import Wire
 
 # ---------------------------------------------------------------- DrainEstimator
