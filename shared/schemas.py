@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
 )
 
+from shared.cron import MAX_LENGTH as CRON_MAX_LENGTH
 from shared.errors import MalformedMessage, UnknownVersion
 
 
@@ -90,6 +91,36 @@ class BackoffSpec(_Strict):
     cap_s: float = Field(default=600.0, ge=0, le=24 * 3600)
 
 
+# Fields of a task request that a schedule's tasks take too, with the same bounds.
+Priority = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=9,
+        description="5 or more: the high lane; a worker starts it in a slot reserved for"
+        " the high lane, or before the tasks below 5 that wait for its slots. FIFO within"
+        " a lane.",
+    ),
+]
+MaxAttempts = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=100,
+        description="When absent: the type's own (`@task(max_attempts=...)`), else 5.",
+    ),
+]
+TimeoutS = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Seconds per attempt. When absent: the type's own"
+        " (`@task(timeout_s=...)`), else 600.",
+    ),
+]
+
+
 class TaskRequest(_Strict):
     """Body of ``POST /v1/tasks``: only ``type`` is required."""
 
@@ -109,27 +140,9 @@ class TaskRequest(_Strict):
 
     type: TaskType
     args: dict[str, Any] = Field(default_factory=dict)
-    priority: int = Field(
-        default=0,
-        ge=0,
-        le=9,
-        description="5 or more: the high lane; a worker starts it in a slot reserved for"
-        " the high lane, or before the tasks below 5 that wait for its slots. FIFO within"
-        " a lane.",
-    )
-    max_attempts: int = Field(
-        default=5,
-        ge=1,
-        le=100,
-        description="When absent: the type's own (`@task(max_attempts=...)`), else 5.",
-    )
-    timeout_s: float = Field(
-        default=600.0,
-        gt=0,
-        le=7 * 24 * 3600,
-        description="Seconds per attempt. When absent: the type's own"
-        " (`@task(timeout_s=...)`), else 600.",
-    )
+    priority: Priority = 0
+    max_attempts: MaxAttempts = 5
+    timeout_s: TimeoutS = 600.0
     delay_s: float = Field(default=0.0, ge=0, le=30 * 24 * 3600)
     # Overrides the retry backoff of the task's type and of the worker (an addition to
     # the contract's request).
@@ -140,6 +153,98 @@ class BatchRequest(_Strict):
     """Body of ``POST /v1/tasks:batch``: all tasks are accepted or none."""
 
     tasks: list[TaskRequest] = Field(min_length=1, max_length=1000)
+
+
+# A schedule's name: what its tenant calls it, unique among the tenant's schedules.
+ScheduleName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    Field(description="Unique among the tenant's schedules; no control characters."),
+]
+CronText = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=CRON_MAX_LENGTH),
+    Field(
+        description="Five fields, read in UTC: minute hour day-of-month month day-of-week"
+        " (`0 6 * * *`: every day at 06:00 UTC), as crontab(5): `*`, lists `a,b`, ranges"
+        " `a-b`, steps `*/n` and `a-b/n`, month and day names, 0 or 7 for Sunday; when"
+        " both day fields are restricted, a day matching either fires. Also `@hourly`,"
+        " `@daily`, `@weekly`, `@monthly`, `@yearly`."
+    ),
+]
+
+
+class ScheduleRequest(_Strict):
+    """Body of ``POST /v1/schedules``: a task to make each time ``cron`` fires, as a
+    task request says it (without ``delay_s`` and ``backoff``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "daily report",
+                    "cron": "0 6 * * *",
+                    "type": "report.daily",
+                    "args": {"format": "pdf"},
+                }
+            ]
+        },
+    )
+
+    name: ScheduleName
+    cron: CronText
+    type: TaskType
+    args: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = 0
+    # None: each fire's task gets its type's own, else the task request's default.
+    max_attempts: MaxAttempts | None = None
+    timeout_s: TimeoutS | None = None
+    enabled: bool = Field(default=True, description="false: it makes no task until enabled.")
+
+    def task(self) -> TaskRequest:
+        """The request each fire makes, before its type's defaults."""
+        return schedule_task(self.type, self.args, self.priority, self.max_attempts, self.timeout_s)
+
+
+def schedule_task(
+    type: str,
+    args: dict[str, Any],
+    priority: int,
+    max_attempts: int | None,
+    timeout_s: float | None,
+) -> TaskRequest:
+    """The task request of a schedule's fire, before its type's defaults: only the
+    attempts and timeout the schedule sets count as the request's own. Raises
+    ValidationError for values a task request refuses."""
+    fields: dict[str, Any] = {"type": type, "args": args, "priority": priority}
+    if max_attempts is not None:
+        fields["max_attempts"] = max_attempts
+    if timeout_s is not None:
+        fields["timeout_s"] = timeout_s
+    return TaskRequest.model_validate(fields)
+
+
+class ScheduleUpdate(_Strict):
+    """Body of ``PATCH /v1/schedules/{id}``: what to change. A field left out (or
+    null) stays as it is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    enabled: bool | None = Field(
+        default=None,
+        description="false: it makes no task until enabled again; true again: it next"
+        " fires at the first fire time after now (none for the time it was disabled).",
+    )
+    cron: CronText | None = Field(
+        default=None,
+        description="A new expression: it next fires at its first fire time after now.",
+    )
+    args: dict[str, Any] | None = Field(
+        default=None, description="The args of its next tasks, in place of the old ones."
+    )
 
 
 class WsTokenRequest(_Strict):
@@ -198,6 +303,41 @@ class TaskPage(BaseModel):
 
 class TaskBatch(BaseModel):
     tasks: list[Task]
+
+
+class ScheduleLinks(BaseModel):
+    self: str
+
+
+class Schedule(BaseModel):
+    """A periodic task: what ``POST /v1/schedules`` stored, and its fires so far."""
+
+    id: UUID
+    name: str
+    cron: str
+    type: str
+    args: dict[str, Any]
+    priority: int
+    # null: each task gets its type's own, else the task request's default.
+    max_attempts: int | None
+    timeout_s: float | None
+    enabled: bool
+    # When it fires next (UTC); null while disabled.
+    next_run_at: Timestamp | None
+    # The fire time of its last task, and that task's id.
+    last_run_at: Timestamp | None
+    last_task_id: UUID | None
+    # Why its last fire made no task (its type no longer registered, its args refused
+    # by the type's schema); null once a fire makes one.
+    last_error: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    links: ScheduleLinks
+
+
+class SchedulePage(BaseModel):
+    items: list[Schedule]
+    next_cursor: str | None
 
 
 class ProblemError(BaseModel):

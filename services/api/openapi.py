@@ -12,6 +12,10 @@ from shared.schemas import (
     TASK_TYPE_PATTERN,
     BatchRequest,
     Problem,
+    Schedule,
+    SchedulePage,
+    ScheduleRequest,
+    ScheduleUpdate,
     Task,
     TaskBatch,
     TaskPage,
@@ -71,6 +75,10 @@ _MODELS: list[type[BaseModel]] = [
     TaskTypeList,
     DeadLetterPage,
     Redriven,
+    ScheduleRequest,
+    ScheduleUpdate,
+    Schedule,
+    SchedulePage,
 ]
 _REF = "#/components/schemas/{model}"
 
@@ -163,6 +171,111 @@ _OUTCOME_UNKNOWN = {
         "headers": _retry_after(),
     },
 }
+
+
+# Where a created schedule's id leads.
+_SCHEDULE_LINKS = {
+    name: {"operationId": op, "parameters": {"id": "$response.body#/id"}}
+    for name, op in (
+        ("GetSchedule", "getSchedule"),
+        ("UpdateSchedule", "updateSchedule"),
+        ("DeleteSchedule", "deleteSchedule"),
+    )
+}
+
+
+def _schedule_body_errors() -> dict[str, Any]:
+    return {
+        "400": _problem("body is not JSON (or not UTF-8, which JSON must be)"),
+        "413": _problem("body over the limit"),
+        "415": _problem("not application/json"),
+        "422": _problem(
+            "validation failed: an invalid field, a cron expression that cannot be read or"
+            " never fires, an unknown task type, or args the type's schema refuses"
+        ),
+    }
+
+
+def _schedule_paths() -> dict[str, Any]:
+    page_params = [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+        },
+        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    ]
+    return {
+        "/v1/schedules": {
+            "post": {
+                "operationId": "createSchedule",
+                "summary": (
+                    "Make a task of this type and args each time a cron expression fires"
+                    " (UTC); a task per fire time at most, the fires missed while no worker"
+                    " ran made up for by one task"
+                ),
+                "requestBody": {"required": True, **_content(ScheduleRequest)},
+                "responses": {
+                    "201": {
+                        "description": "created",
+                        "links": _SCHEDULE_LINKS,
+                        **_content(Schedule),
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                    },
+                    "409": _problem("the tenant has a schedule of this name (`schedule-exists`)"),
+                    **_COMMON,
+                    **_schedule_body_errors(),
+                },
+            },
+            "get": {
+                "operationId": "listSchedules",
+                "summary": "List the tenant's schedules, newest first",
+                "parameters": page_params,
+                "responses": {
+                    "200": {"description": "a page", **_content(SchedulePage)},
+                    "422": _problem("invalid parameter, or one given more than once"),
+                    **_COMMON,
+                },
+            },
+        },
+        "/v1/schedules/{id}": {
+            "get": {
+                "operationId": "getSchedule",
+                "summary": "A schedule, with its next fire time and its last task",
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "200": {"description": "the schedule", **_content(Schedule)},
+                    "404": _problem("no such schedule"),
+                    **_COMMON,
+                },
+            },
+            "patch": {
+                "operationId": "updateSchedule",
+                "summary": (
+                    "Enable or disable a schedule, or change its cron expression or args;"
+                    " the fields left out stay as they are"
+                ),
+                "parameters": [_TASK_ID],
+                "requestBody": {"required": True, **_content(ScheduleUpdate)},
+                "responses": {
+                    "200": {"description": "the schedule as changed", **_content(Schedule)},
+                    "404": _problem("no such schedule"),
+                    **_COMMON,
+                    **_schedule_body_errors(),
+                },
+            },
+            "delete": {
+                "operationId": "deleteSchedule",
+                "summary": "Delete a schedule: it makes no more tasks (those it made go on)",
+                "parameters": [_TASK_ID],
+                "responses": {
+                    "204": {"description": "deleted"},
+                    "404": _problem("no such schedule"),
+                    **_COMMON,
+                },
+            },
+        },
+    }
 
 
 def build_openapi(server_url: str) -> dict[str, Any]:
@@ -393,6 +506,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
             },
         },
     }
+    paths.update(_schedule_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "Longhaul API", "version": "1.0.0"},

@@ -15,11 +15,13 @@ from uuid import UUID
 
 import asyncpg
 
-from shared import deadletters, newtasks, outbox
+from shared import deadletters, newtasks, outbox, schedules
 from shared.db import ANY_PG_ERROR, NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.groupcommit import GroupCommit
+from shared.ids import uuid7
 from shared.newtasks import TASK_COLUMNS, NewTask
 from shared.relay import Handed
+from shared.schemas import ScheduleRequest, ScheduleUpdate
 from shared.taskrows import Row
 from shared.tasktypes import TYPE_COLUMNS
 
@@ -463,6 +465,93 @@ class ApiRepository:
     async def redrive(self, tenant_id: UUID, dead_letter_id: UUID) -> deadletters.RedriveResult:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             return await deadletters.redrive(conn, dead_letter_id, tenant_id, TASK_COLUMNS)
+
+    async def create_schedule(
+        self,
+        tenant_id: UUID,
+        new: ScheduleRequest,
+        first_run: Callable[[datetime], datetime | None],
+    ) -> Row | None:
+        """Store a schedule; None when the tenant has one of that name. Its next fire
+        time is ``first_run`` of the database's clock, which every fire time of the
+        workers is compared with."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            now: datetime = await conn.fetchval("SELECT now()")
+            try:
+                return await conn.fetchrow(
+                    f"""
+                    INSERT INTO schedules (id, tenant_id, name, cron, type, args, priority,
+                        max_attempts, timeout_s, enabled, next_run_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                    RETURNING {schedules.COLUMNS}
+                    """,
+                    uuid7(),
+                    tenant_id,
+                    new.name,
+                    new.cron,
+                    new.type,
+                    new.args,
+                    new.priority,
+                    new.max_attempts,
+                    new.timeout_s,
+                    new.enabled,
+                    first_run(now),
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != schedules.NAME_CONSTRAINT:
+                    raise
+                return None
+
+    async def schedule(self, tenant_id: UUID, schedule_id: UUID) -> Row | None:
+        return await self._fetchrow(
+            f"SELECT {schedules.COLUMNS} FROM schedules WHERE id = $1 AND tenant_id = $2",
+            schedule_id,
+            tenant_id,
+        )
+
+    async def list_schedules(self, tenant_id: UUID, before: UUID | None, limit: int) -> list[Row]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await schedules.list_page(conn, tenant_id, before, limit)
+
+    async def update_schedule(
+        self,
+        tenant_id: UUID,
+        schedule_id: UUID,
+        change: ScheduleUpdate,
+        next_run: Callable[[Row, datetime], datetime | None],
+    ) -> Row | None:
+        """Apply ``change``; the row after it, or None (no such schedule). The next fire
+        time is ``next_run`` of the locked row and the database's clock: a worker firing
+        the schedule meanwhile is waited for, and the change applies to the row it left."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT enabled, cron, next_run_at, now() AS now FROM schedules"
+                " WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+                schedule_id,
+                tenant_id,
+            )
+            if row is None:
+                return None
+            return await conn.fetchrow(
+                f"""
+                UPDATE schedules SET enabled = coalesce($2, enabled), cron = coalesce($3, cron),
+                    args = coalesce($4, args), next_run_at = $5, updated_at = now()
+                WHERE id = $1
+                RETURNING {schedules.COLUMNS}
+                """,
+                schedule_id,
+                change.enabled,
+                change.cron,
+                change.args,
+                next_run(row, row["now"]),
+            )
+
+    async def delete_schedule(self, tenant_id: UUID, schedule_id: UUID) -> bool:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            status: str = await conn.execute(
+                "DELETE FROM schedules WHERE id = $1 AND tenant_id = $2", schedule_id, tenant_id
+            )
+        return status == "DELETE 1"
 
     async def ping(self) -> None:
         await self._fetchrow("SELECT 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
@@ -14,15 +15,25 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from services.api import requests as rq
+from services.api import scheduling
 from services.api.context import SERVICES, Services
 from services.api.problems import ProblemException, validation_problem
 from services.api.repository import Principal
-from services.api.views import task_document
-from shared import deadletters, tasktypes, wstokens
+from services.api.views import schedule_document, task_document
+from shared import cron, deadletters, tasktypes, wstokens
 from shared.ids import random_hex, uuid7
 from shared.logging import trace_id_var
 from shared.newtasks import NewTask
-from shared.schemas import BatchRequest, ProblemError, TaskRequest, WsTokenRequest, format_ts
+from shared.schemas import (
+    BatchRequest,
+    ProblemError,
+    ScheduleRequest,
+    ScheduleUpdate,
+    TaskRequest,
+    WsTokenRequest,
+    format_ts,
+    schedule_task,
+)
 from shared.states import RERUNNABLE
 from shared.taskrows import Row, event_from_row
 
@@ -148,6 +159,17 @@ async def _check_types(
 ) -> list[rq.Typed]:
     """Refuse unknown types and bad args; return the tasks with their type's defaults
     where they set none, and their args schemas."""
+    typed, errors = await _typed(svc, tasks, prefix)
+    if errors:
+        raise _invalid(errors)
+    return typed
+
+
+async def _typed(
+    svc: Services, tasks: Sequence[TaskRequest], prefix: Sequence[list[str | int]]
+) -> tuple[list[rq.Typed], list[ProblemError]]:
+    """The tasks of known types with their type's defaults and args schemas, and the
+    errors of the others: unknown types, args their type's schema refuses."""
     errors: list[ProblemError] = []
     typed: list[rq.Typed] = []
     for task, loc in zip(tasks, prefix, strict=True):
@@ -156,15 +178,17 @@ async def _check_types(
         errors += refused
         if info is not None:
             typed.append(rq.Typed(request, info.args_schema))
-    if errors:
-        raise ProblemException(
-            422,
-            "Invalid request",
-            "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3]),
-            slug="validation",
-            errors=errors,
-        )
-    return typed
+    return typed, errors
+
+
+def _invalid(errors: Sequence[ProblemError]) -> ProblemException:
+    return ProblemException(
+        422,
+        "Invalid request",
+        "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3]),
+        slug="validation",
+        errors=errors,
+    )
 
 
 def _submitted(svc: Services, rows: Sequence[Row]) -> None:
@@ -470,3 +494,106 @@ async def redrive_dead_letter(request: web.Request) -> web.Response:
         "task": task_document(result.task, svc.settings.public_ws_url),
     }
     return web.Response(body=orjson.dumps(body), status=202, content_type="application/json")
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _cron_errors(expression: str, loc: list[str | int]) -> list[ProblemError]:
+    try:
+        cron.parse(expression)
+    except cron.CronError as exc:
+        return [ProblemError(loc=loc, msg=str(exc))]
+    return []
+
+
+def _no_schedule() -> ProblemException:
+    return ProblemException(404, "Not Found", "no such schedule", slug="not-found")
+
+
+@routes.post("/v1/schedules")
+async def create_schedule(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    new = rq.validate(ScheduleRequest, await rq.read_json(request))
+    # Its tasks are checked as a submission of them would be (_typed): a schedule
+    # whose every fire would be refused is refused now.
+    _, refused = await _typed(svc, [new.task()], [["body"]])
+    errors = _cron_errors(new.cron, ["body", "cron"]) + refused
+    if errors:
+        raise _invalid(errors)
+    row = await svc.repo.create_schedule(
+        principal.tenant_id, new, functools.partial(scheduling.first_run, new)
+    )
+    if row is None:
+        raise ProblemException(
+            409,
+            "Conflict",
+            f"this tenant already has a schedule named {new.name!r}",
+            slug="schedule-exists",
+        )
+    view = schedule_document(row)
+    log.info("schedule created", extra={"schedule_id": view["id"], "type": new.type})
+    return _document(view, 201, {"Location": view["links"]["self"]})
+
+
+@routes.get("/v1/schedules")
+async def list_schedules(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    q = rq.list_query(request, filters=False)
+    rows = await svc.repo.list_schedules(principal.tenant_id, q.before, q.limit + 1)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return _document(
+        {
+            "items": [schedule_document(r) for r in rows],
+            "next_cursor": rq.encode_cursor(rows[-1]["id"]) if more else None,
+        }
+    )
+
+
+@routes.get("/v1/schedules/{id}")
+async def get_schedule(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    row = await svc.repo.schedule(principal.tenant_id, rq.path_id(request, "schedule"))
+    if row is None:
+        raise _no_schedule()
+    return _document(schedule_document(row))
+
+
+@routes.patch("/v1/schedules/{id}")
+async def update_schedule(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    schedule_id = rq.path_id(request, "schedule")
+    change = rq.validate(ScheduleUpdate, await rq.read_json(request))
+    errors = [] if change.cron is None else _cron_errors(change.cron, ["body", "cron"])
+    if change.args is not None:
+        # New args are checked against the type as it is registered now, as a
+        # submission's would be: the schedule's own type, priority and attempts.
+        current = await svc.repo.schedule(principal.tenant_id, schedule_id)
+        if current is None:
+            raise _no_schedule()
+        task = schedule_task(
+            current["type"],
+            change.args,
+            current["priority"],
+            current["max_attempts"],
+            current["timeout_s"],
+        )
+        _, refused = await _typed(svc, [task], [["body"]])
+        errors += refused
+    if errors:
+        raise _invalid(errors)
+    row = await svc.repo.update_schedule(
+        principal.tenant_id, schedule_id, change, functools.partial(scheduling.next_run, change)
+    )
+    if row is None:
+        raise _no_schedule()
+    return _document(schedule_document(row))
+
+
+@routes.delete("/v1/schedules/{id}")
+async def delete_schedule(request: web.Request) -> web.Response:
+    svc, principal = await _principal(request)
+    if not await svc.repo.delete_schedule(principal.tenant_id, rq.path_id(request, "schedule")):
+        raise _no_schedule()
+    return web.Response(status=204)

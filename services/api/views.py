@@ -1,4 +1,4 @@
-"""Task rows as the contract's Task object. Pure."""
+"""Rows as the API's objects: the contract's Task, and the Schedule. Pure."""
 
 from __future__ import annotations
 
@@ -39,6 +39,30 @@ def task_document(row: Row, events_url: str) -> dict[str, Any]:
         "last_seq": row["last_seq"],
         "trace_id": row["trace_id"],
         "links": {"self": f"/v1/tasks/{task_id}", "events": events_url},
+    }
+
+
+def schedule_document(row: Row) -> dict[str, Any]:
+    """The Schedule object (``shared.schemas.Schedule``) as JSON values."""
+    schedule_id = str(row["id"])
+    last_task = row["last_task_id"]
+    return {
+        "id": schedule_id,
+        "name": row["name"],
+        "cron": row["cron"],
+        "type": row["type"],
+        "args": row["args"],
+        "priority": row["priority"],
+        "max_attempts": row["max_attempts"],
+        "timeout_s": row["timeout_s"],
+        "enabled": row["enabled"],
+        "next_run_at": _ts(row["next_run_at"]),
+        "last_run_at": _ts(row["last_run_at"]),
+        "last_task_id": None if last_task is None else str(last_task),
+        "last_error": row["last_error"],
+        "created_at": format_ts(row["created_at"]),
+        "updated_at": format_ts(row["updated_at"]),
+        "links": {"self": f"/v1/schedules/{schedule_id}"},
     }
 
 

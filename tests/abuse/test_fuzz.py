@@ -89,11 +89,13 @@ async def test_schemathesis_finds_no_server_error_or_schema_violation(
         out, _ = await proc.communicate()
     finally:
         # Delayed tasks the fuzzer submitted would otherwise be published when due, by
-        # whichever test's relay runs then, into that test's queue.
+        # whichever test's relay runs then, into that test's queue; its schedules would
+        # be fired by whichever test's worker runs when they come due.
         await db.execute(
             "DELETE FROM outbox o USING tasks t WHERE t.id = o.task_id AND t.tenant_id = $1",
             tenant.id,
         )
+        await db.execute("DELETE FROM schedules WHERE tenant_id = $1", tenant.id)
     text = out.decode(errors="replace")
     (report_dir / "output.txt").write_text(text)
     summary = [line.strip() for line in text.splitlines() if "generated" in line]

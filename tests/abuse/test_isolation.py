@@ -1,6 +1,6 @@
 """Tenant isolation (DESIGN promise 6), walked from the OpenAPI document: another
-tenant reaches none of A's tasks, dead letters, args or results through any REST
-route, the WebSocket or the SSE stream."""
+tenant reaches none of A's tasks, dead letters, schedules, args or results through any
+REST route, the WebSocket or the SSE stream."""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ from tests.support import System, eventually, timeout
 BODIES: dict[str, Any] = {
     "submitTask": {"type": "demo.noop", "delay_s": 3600},
     "submitTasks": {"tasks": [{"type": "demo.noop", "delay_s": 3600}]},
+    # Disabled: in the run's shared database, no other test's worker fires it.
+    "createSchedule": {"name": "b's", "cron": "@daily", "type": "demo.noop", "enabled": False},
+    "updateSchedule": {"enabled": True, "args": {}},
 }
 # Operations that create something of the caller's own: walked last, so that every
 # list read before them must be empty.
-CREATING = {"submitTask", "submitTasks", "createWsToken"}
+CREATING = {"submitTask", "submitTasks", "createWsToken", "createSchedule"}
 
 
 async def _a_tasks(
@@ -64,8 +67,9 @@ def _cursor(before: UUID) -> str:
 async def test_another_tenant_reaches_nothing_of_a_through_any_route(
     deployment: Deployment, systems: MakeSystem, http: aiohttp.ClientSession, db: asyncpg.Pool
 ) -> None:
-    """Every operation of /openapi.json, with A's ids, A's dead-letter id and random ids,
-    answers B with 404 or an empty list and never shows A's ids, args or results."""
+    """Every operation of /openapi.json, with A's ids, A's dead-letter and schedule ids
+    and random ids, answers B with 404 or an empty list and never shows A's ids, args or
+    results."""
     system = systems(deployment)
     await system.start_api(rate_limit_per_s="0")
     await system.start_worker("--tasks", TASKS_MODULE)
@@ -85,8 +89,48 @@ async def test_another_tenant_reaches_nothing_of_a_through_any_route(
         f"detail {marker}",
         orjson.dumps({"marker": marker}),
     )
+    status, raw, _ = await request(
+        http,
+        "POST",
+        f"{system.api_url}/v1/schedules",
+        json={
+            "name": f"a's {marker}",
+            "cron": "@daily",
+            "type": "abuse.echo",
+            "args": {"marker": marker},
+            "enabled": False,
+        },
+        headers=a.headers,
+    )
+    assert status == 201, raw
+    schedule = orjson.loads(raw)
+    try:
+        await _walk(http, system, a, b, marker, tasks, dead_letter, schedule)
+    finally:
+        await db.execute("DELETE FROM schedules WHERE tenant_id = ANY($1::uuid[])", [a.id, b.id])
+
+
+async def _walk(
+    http: aiohttp.ClientSession,
+    system: System,
+    a: Tenant,
+    b: Tenant,
+    marker: str,
+    tasks: dict[str, dict[str, Any]],
+    dead_letter: UUID,
+    schedule: dict[str, Any],
+) -> None:
+    """B walks every operation over A's tasks, dead letter and schedule."""
     a_ids = [t["id"] for t in tasks.values()]
-    forbidden = [*a_ids, str(dead_letter), marker, marker[::-1], str(a.id), a.name]
+    forbidden = [
+        *a_ids,
+        str(dead_letter),
+        schedule["id"],
+        marker,
+        marker[::-1],
+        str(a.id),
+        a.name,
+    ]
     # A itself sees them: the walk below would prove nothing otherwise.
     _, raw, _ = await request(http, "GET", f"{system.api_url}/v1/dead-letters", headers=a.headers)
     assert str(dead_letter) in raw.decode() and marker in raw.decode()
@@ -106,7 +150,7 @@ async def test_another_tenant_reaches_nothing_of_a_through_any_route(
         if method in {"get", "post", "put", "patch", "delete"}
     ]
     operations.sort(key=lambda o: o[2]["operationId"] in CREATING)
-    ids_to_try = [*a_ids, str(dead_letter), str(uuid4()), str(uuid7())]
+    ids_to_try = [*a_ids, str(dead_letter), schedule["id"], str(uuid4()), str(uuid7())]
     queries = [
         {},
         {"type": "abuse.echo"},
@@ -141,15 +185,21 @@ async def test_another_tenant_reaches_nothing_of_a_through_any_route(
                 elif name not in CREATING:
                     assert status == 200, (where, status)
                     assert orjson.loads(raw)["items"] == [] or name == "listTaskTypes", where
-    assert len(walked) >= 9 and {"getTask", "cancelTask", "redriveDeadLetter"} <= walked
+    assert len(walked) >= 14 and {"getTask", "cancelTask", "redriveDeadLetter"} <= walked
+    assert {"getSchedule", "updateSchedule", "deleteSchedule", "listSchedules"} <= walked
     print(f"walked {len(walked)} operations as tenant B: {sorted(walked)}")
 
-    # A's tasks are as they were: B's cancel and retry touched nothing.
+    # A's tasks are as they were: B's cancel and retry touched nothing; nor did B's
+    # changes and deletion touch A's schedule.
     for state, task in tasks.items():
         _, raw, _ = await request(
             http, "GET", f"{system.api_url}/v1/tasks/{task['id']}", headers=a.headers
         )
         assert orjson.loads(raw)["state"] == state
+    _, raw, _ = await request(
+        http, "GET", f"{system.api_url}/v1/schedules/{schedule['id']}", headers=a.headers
+    )
+    assert orjson.loads(raw) == schedule
 
     # The gateway: B's subscriptions to A's tasks get not_found, its SSE requests 404.
     async def b_token() -> str:

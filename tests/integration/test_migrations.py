@@ -35,7 +35,15 @@ async def _check_concurrent(dsn: str) -> None:
     finally:
         await conn.close()
     assert [r["version"] for r in rows] == versions
-    assert {"tenants", "api_keys", "task_types", "tasks", "outbox", "dead_letters"} <= tables
+    assert {
+        "tenants",
+        "api_keys",
+        "task_types",
+        "tasks",
+        "outbox",
+        "dead_letters",
+        "schedules",
+    } <= tables
 
 
 async def test_concurrent_migrations_of_an_empty_database(fresh_database: str) -> None:
