@@ -26,7 +26,7 @@ from services.worker.consumer import Consumer
 from services.worker.control import listen
 from services.worker.deadletters import DeadLetterSink
 from services.worker.handback import HandBacks
-from services.worker.maintenance import heartbeat, lease_watch, purge, reaper
+from services.worker.maintenance import fire_schedules, heartbeat, lease_watch, purge, reaper
 from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
@@ -126,6 +126,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         jobs.start(reaper(repo, events, settings.lease_s, jobs.until), "reaper")
         jobs.start(listen(redis, wire, runner, jobs.until), "control-listener")
         jobs.start(consumer.watch(jobs.until), "consumer-watchdog")
+        jobs.start(fire_schedules(repo, settings.schedule_poll_s, jobs.until), "schedule-firing")
         if settings.task_retention_s > 0:
             jobs.start(purge(repo, settings.task_retention_s, jobs.until), "task-purge")
 

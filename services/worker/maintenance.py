@@ -1,7 +1,7 @@
 """The worker's periodic jobs: renewing its leases (and noticing cancellations the
 control channel missed), stopping the attempts whose leases it could not renew, reaping
-attempts whose worker stopped renewing, and deleting finished tasks past their
-retention."""
+attempts whose worker stopped renewing, deleting finished tasks past their retention,
+and firing the schedules that are due."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from uuid import UUID
 import asyncpg
 from prometheus_client import Counter
 
+from services.worker import schedules
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner, Running, StopReason
 from shared.db import ANY_PG_ERROR, TRANSIENT_ERRORS
@@ -30,6 +31,17 @@ PURGED = Counter("longhaul_worker_purged_total", "Finished tasks deleted after t
 LAPSED = Counter(
     "longhaul_worker_leases_lapsed_total",
     "Attempts stopped because this worker could not renew their leases for a lease",
+)
+
+SCHEDULE_FIRES = Counter(
+    "longhaul_worker_schedule_fires_total",
+    "Tasks made by schedules: one per fire time at most (the fires missed while no worker"
+    " ran make one)",
+)
+SCHEDULE_SKIPS = Counter(
+    "longhaul_worker_schedule_skips_total",
+    "Fires of schedules that made no task, by reason (the schedule's last_error says more)",
+    ["reason"],
 )
 
 # A lease unrenewed for this part of it stops its handler. The rest covers the watch's
@@ -194,6 +206,43 @@ async def purge(
             PURGED.inc(deleted)
             if deleted < batch or stop.is_set():
                 break
+
+
+async def fire_schedules(
+    repo: WorkerRepository, poll_s: float, stop: asyncio.Event, *, batch: int = 100
+) -> None:
+    """Make the tasks of the schedules that are due, every ``poll_s`` or so, a batch per
+    transaction (WorkerRepository.fire_schedules) until none is left. Every worker runs
+    one; SKIP LOCKED lets them share the due schedules, each fired by one of them, and
+    jitter keeps them from waking together. A schedule whose fire cannot make its task
+    (its type gone, its args refused) is passed over until its next fire time, with a
+    warning and its last_error saying why: it never stops the others."""
+    while not await _wait(stop, poll_s * random.uniform(0.5, 1.0)):  # noqa: S311
+        while not stop.is_set():
+            try:
+                fires = await repo.fire_schedules(schedules.plan, batch)
+            except Exception as exc:  # noqa: BLE001 - see _survive
+                _survive("firing of schedules", exc)
+                break
+            _fired(fires)
+            if len(fires) < batch:
+                break
+
+
+def _fired(fires: Sequence[schedules.Fire]) -> None:
+    for fire in fires:
+        where = {"schedule_id": str(fire.schedule_id), "tenant_id": str(fire.tenant_id)}
+        if fire.task is not None:
+            SCHEDULE_FIRES.inc()
+            log.info("schedule fired", extra={**where, "task_id": str(fire.task.id)})
+        elif fire.skipped is not None:
+            SCHEDULE_SKIPS.labels(fire.skipped.value).inc()
+            log.warning("schedule fire made no task", extra={**where, "error": fire.error})
+        elif fire.repeated:
+            log.warning(
+                "schedule fire already stored: not stored again",
+                extra={**where, "due_at": fire.due_at.isoformat()},
+            )
 
 
 def _survive(job: str, exc: Exception) -> None:

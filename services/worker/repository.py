@@ -4,8 +4,9 @@ changes nothing; each returns the row's event columns (None when fenced out)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -14,13 +15,16 @@ import orjson
 from prometheus_client import Counter
 
 from services.worker.progress import MAX_MESSAGE
+from services.worker.schedules import DUE_COLUMNS, Fire
 from services.worker.sdk import TaskSpec
-from shared import deadletters, outbox
+from shared import deadletters, newtasks, outbox
+from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.groupcommit import GroupCommit
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
 from shared.taskrows import EVENT_COLUMNS, PREVIOUS_COLUMNS, Row, qualified
+from shared.tasktypes import TYPE_COLUMNS
 
 
 def _reason(error: str) -> str:
@@ -407,6 +411,35 @@ class WorkerRepository:
             )
         return int(status.rsplit(" ", 1)[-1])
 
+    async def fire_schedules(self, plan: FirePlan, limit: int) -> list[Fire]:
+        """Fire up to ``limit`` due schedules in one transaction: each one's task and its
+        outbox row stored as the API stores a submission's, each schedule's next fire
+        time and last fire written, as ``plan`` of the rows and the database's time
+        says. Locked with SKIP LOCKED: workers firing at once share the due schedules,
+        and each is fired by one of them. Returns the fires as carried out."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            due = await conn.fetch(_DUE_SCHEDULES, limit)
+            if not due:
+                return []
+            types = await conn.fetch(
+                f"SELECT {TYPE_COLUMNS} FROM task_types WHERE name = ANY($1::text[])",
+                list({r["type"] for r in due}),
+            )
+            fires = plan(due, {t["name"]: t for t in types}, due[0]["now"])
+            fires = await _store_fires(conn, fires)
+            await conn.execute(
+                _ADVANCE_SCHEDULES,
+                [f.schedule_id for f in fires],
+                [f.next_run_at for f in fires],
+                [f.due_at for f in fires],
+                [f.task.id if f.task is not None else None for f in fires],
+                [f.error for f in fires],
+            )
+            if any(f.task is not None for f in fires):
+                # Wakes every relay (other processes' too); delivered at commit.
+                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+            return fires
+
     async def event_row(self, task_id: UUID, tenant_id: UUID) -> Row | None:
         """The task's row as its latest event shows it, or None: no such task of this tenant."""
         return await self._fetchrow(
@@ -528,6 +561,82 @@ UPDATE tasks SET state = $3, error = $4, message = coalesce({_reason("$4")}, mes
 WHERE id = $1 AND state = 'running' AND attempts = $2
 RETURNING {EVENT_COLUMNS}
 """
+
+
+# Due schedules, oldest fire time first. now() is the transaction's start: the time
+# every fire of the transaction is planned from.
+_DUE_SCHEDULES = f"""
+SELECT {DUE_COLUMNS}, now() AS now FROM schedules
+WHERE enabled AND next_run_at <= now()
+ORDER BY next_run_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+# Each fired schedule's next fire time, and its last fire: the task it made (its last
+# error cleared), or why it made none (its last task kept).
+_ADVANCE_SCHEDULES = """
+UPDATE schedules AS s SET next_run_at = u.next_run_at,
+    last_run_at = CASE WHEN u.task_id IS NULL THEN s.last_run_at ELSE u.due_at END,
+    last_task_id = coalesce(u.task_id, s.last_task_id),
+    last_error = u.error
+FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::uuid[], $5::text[])
+    AS u(id, next_run_at, due_at, task_id, error)
+WHERE s.id = u.id
+"""
+
+# Plans the fires of due schedules (services/worker/schedules.py, plan): the rows, the
+# task_types rows of their types by name, and the database's time.
+FirePlan = Callable[[Sequence[Row], Mapping[str, Row], datetime], list[Fire]]
+
+
+async def _store_fires(conn: Connection, fires: list[Fire]) -> list[Fire]:
+    """Store the tasks of ``fires`` (their outbox rows left to the relays' polls, which
+    the caller's NOTIFY wakes); the fires as carried out. All in one statement; should
+    that fail for some fire (its key taken: stored by an earlier fire of that time; or
+    a value the database refuses), each alone, in a savepoint of its own, so that one
+    bad schedule does not stop every other."""
+    if all(f.task is None for f in fires):
+        return fires
+    try:
+        async with conn.transaction():
+            await _insert_fires(conn, fires)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, TRANSIENT_ERRORS):
+            raise
+    else:
+        return fires
+    return [await _store_alone(conn, f) if f.task is not None else f for f in fires]
+
+
+async def _store_alone(conn: Connection, fire: Fire) -> Fire:
+    try:
+        async with conn.transaction():
+            await _insert_fires(conn, [fire])
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, TRANSIENT_ERRORS):
+            raise
+        if (
+            isinstance(exc, asyncpg.UniqueViolationError)
+            and exc.constraint_name == newtasks.IDEMPOTENCY_INDEX
+        ):
+            return fire.stored_before()
+        return fire.refused(f"the database refused its task: {exc}")
+    return fire
+
+
+async def _insert_fires(conn: Connection, fires: Sequence[Fire]) -> None:
+    """The tasks of ``fires`` (those that make one), each under its fire's key."""
+    made = [(f, f.task) for f in fires if f.task is not None]
+    tenant_ids = [f.tenant_id for f, _ in made]
+    tasks = [t for _, t in made]
+    await newtasks.insert(
+        conn,
+        tenant_ids,
+        tasks,
+        newtasks.bodies(tenant_ids, tasks),
+        idempotency_keys=[f.key for f, _ in made],
+    )
 
 
 def _deadlock(exc: Exception) -> bool:

@@ -36,6 +36,9 @@ class WorkerSettings(CommonSettings):
     task_retention_s: float = Field(default=7 * 24 * 3600, ge=0)
     # Also publish the outbox (retries, delayed tasks) from this process.
     relay_enabled: bool = True
+    # How often (jittered: half to all of it) this worker looks for schedules that are
+    # due: a task is made within about this long after its fire time.
+    schedule_poll_s: float = Field(default=5.0, gt=0, le=3600)
 
     def warnings(self) -> list[str]:
         """What this configuration allows but an operator most likely did not mean,
