@@ -1,12 +1,14 @@
 """A Python client of Longhaul for the backends that hand it work: submit, follow a
-task's progress, wait for its result, cancel, retry.
+task's progress, wait for its result, cancel, retry; and schedules, which make tasks
+periodically.
 
 It retries what is safe to retry, and nothing else:
 - a refusal that says nothing was done (``429``, ``503``, both with ``Retry-After``),
   whatever the request;
 - a lost answer (the connection dropped, a ``502``/``504``: the outcome unknown) only
-  for reads and submissions. Every submission carries an ``Idempotency-Key``, so a
-  second attempt answers the task the first one stored, or stores it once.
+  for reads, submissions and changes of a schedule. Every submission carries an
+  ``Idempotency-Key``, so a second attempt answers the task the first one stored, or
+  stores it once; a change says what to set, so twice is once.
 
 Progress comes from the gateway's Server-Sent Events stream with a task token, which
 is resumed from the last seq after a dropped connection: no event is missed or seen
@@ -29,7 +31,7 @@ import aiohttp
 
 from longhaul.sse import Parser
 from shared.backoff import Backoff
-from shared.schemas import ProgressEvent, Task, TaskState
+from shared.schemas import ProgressEvent, Schedule, Task, TaskState
 
 _LOST = frozenset({502, 504})  # an upstream broke: the request may have been done
 _REFUSED = frozenset({429, 503})  # the server says it did nothing: retry when told
@@ -218,6 +220,74 @@ class Client:
         would be a ``409`` (the task is queued again): ``get`` tells."""
         return Task.model_validate(await self._call("POST", f"/v1/tasks/{task_id}/retry"))
 
+    # ------------------------------------------------------------ schedules
+
+    async def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        type: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout_s: float | None = None,
+        enabled: bool = True,
+    ) -> Schedule:
+        """Make a task of ``type`` with ``args`` each time ``cron`` fires (five fields,
+        UTC: ``"0 6 * * *"`` is every day at 06:00). ``name`` is unique among your
+        schedules. Not retried on a lost answer: a repeat would be a ``409`` (the name
+        taken by the first); ``schedules`` tells."""
+        body: dict[str, Any] = {"name": name, "cron": cron, "type": type, "enabled": enabled}
+        optional = {
+            "args": None if args is None else dict(args),
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "timeout_s": timeout_s,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return Schedule.model_validate(await self._call("POST", "/v1/schedules", body))
+
+    async def schedules(self, *, page: int = 50) -> AsyncGenerator[Schedule, None]:
+        """Your schedules, newest first, page by page as they are read."""
+        query = {"limit": str(page)}
+        while True:
+            doc = await self._call("GET", "/v1/schedules", params=query)
+            for item in doc["items"]:
+                yield Schedule.model_validate(item)
+            if doc["next_cursor"] is None:
+                return
+            query["cursor"] = doc["next_cursor"]
+
+    async def get_schedule(self, schedule_id: UUID | str) -> Schedule:
+        return Schedule.model_validate(await self._call("GET", f"/v1/schedules/{schedule_id}"))
+
+    async def update_schedule(
+        self,
+        schedule_id: UUID | str,
+        *,
+        enabled: bool | None = None,
+        cron: str | None = None,
+        args: Mapping[str, Any] | None = None,
+    ) -> Schedule:
+        """Change what is given, leave the rest. Enabled again, or given a new ``cron``,
+        the schedule fires next at its first fire time after now. Retried on a lost
+        answer: the same change twice is the change once."""
+        body: dict[str, Any] = {}
+        if enabled is not None:
+            body["enabled"] = enabled
+        if cron is not None:
+            body["cron"] = cron
+        if args is not None:
+            body["args"] = dict(args)
+        doc = await self._call("PATCH", f"/v1/schedules/{schedule_id}", body, safe_if_lost=True)
+        return Schedule.model_validate(doc)
+
+    async def delete_schedule(self, schedule_id: UUID | str) -> None:
+        """It makes no more tasks; those it made go on. Not retried on a lost answer: a
+        repeat would be a ``404``."""
+        await self._call("DELETE", f"/v1/schedules/{schedule_id}")
+
     # ------------------------------------------------------------ progress
 
     async def events(
@@ -309,12 +379,13 @@ class Client:
         *,
         key: str | None = None,
         params: Mapping[str, str] | None = None,
+        safe_if_lost: bool = False,
     ) -> Any:
         headers = dict(self._auth)
         if key is not None:
             headers["Idempotency-Key"] = key
         # A read or a keyed submission may be sent again when its answer was lost.
-        safe_if_lost = method == "GET" or key is not None
+        safe_if_lost = safe_if_lost or method == "GET" or key is not None
         tries = 0
         while True:
             tries += 1
@@ -330,6 +401,8 @@ class Client:
                     headers=headers,
                     timeout=self._timeout,
                 ) as r:
+                    if r.status == 204:  # no content (a deletion)
+                        return None
                     if r.status < 300:
                         return await r.json()
                     status, retry_after = r.status, r.headers.get("Retry-After")

@@ -263,8 +263,12 @@ class System:
         return proc
 
     async def start_worker(self, *args: str, **extra: str) -> ServiceProcess:
+        """A worker; its metrics on ``worker_metrics_port`` if given, else the system's
+        (a free port when another worker of it runs)."""
         port = (
-            free_port()
+            int(extra.pop("worker_metrics_port"))
+            if "worker_metrics_port" in extra
+            else free_port()
             if any(p.name == "worker" and p.alive() for p in self.procs)
             else self.metrics_port
         )

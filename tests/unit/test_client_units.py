@@ -180,6 +180,77 @@ async def test_an_unkeyed_write_whose_answer_was_lost_is_not_sent_again(serve: A
     assert (raised.value.status, raised.value.request_id) == (504, "req-9")
 
 
+def _schedule(**fields: Any) -> Any:
+    return {
+        "id": str(TASK_ID),
+        "name": "daily",
+        "cron": "0 6 * * *",
+        "type": "demo.noop",
+        "args": {},
+        "priority": 0,
+        "max_attempts": None,
+        "timeout_s": None,
+        "enabled": True,
+        "next_run_at": "2026-12-08T06:00:00.000Z",
+        "last_run_at": None,
+        "last_task_id": None,
+        "last_error": None,
+        "created_at": "2026-12-07T10:00:00.000Z",
+        "updated_at": "2026-12-07T10:00:00.000Z",
+        "links": {"self": f"/v1/schedules/{TASK_ID}"},
+        **fields,
+    }
+
+
+async def test_schedule_calls_send_what_was_given_and_retry_only_a_change(serve: Any) -> None:
+    """A creation sends only what was given (the API and the type fill in the rest), and
+    is not sent again after a lost answer (a repeat would find its name taken); a
+    change is (it says what to set: twice is once); a deletion's 204 is no error."""
+    bodies: list[Any] = []
+    lost = {"POST": 1, "PATCH": 1}
+
+    async def create(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        if lost["POST"]:
+            lost["POST"] -= 1
+            return _problem(504)
+        return web.json_response(_schedule(), status=201)
+
+    async def change(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        if lost["PATCH"]:
+            lost["PATCH"] -= 1
+            return _problem(502)
+        return web.json_response(_schedule(enabled=False, next_run_at=None))
+
+    async def delete(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    api = await serve(
+        {
+            ("POST", "/v1/schedules"): create,
+            ("PATCH", "/v1/schedules/{id}"): change,
+            ("DELETE", "/v1/schedules/{id}"): delete,
+        }
+    )
+    async with Client(api, "lh_k", retry=NO_WAIT) as client:
+        with pytest.raises(LonghaulError) as raised:
+            await client.create_schedule("daily", "0 6 * * *", "demo.noop", priority=5)
+        assert raised.value.status == 504
+        made = await client.create_schedule("daily", "0 6 * * *", "demo.noop", priority=5)
+        assert made.id == TASK_ID and made.max_attempts is None
+        paused = await client.update_schedule(TASK_ID, enabled=False)
+        assert paused.enabled is False and paused.next_run_at is None
+        assert await client.delete_schedule(TASK_ID) is None
+    created = {"name": "daily", "cron": "0 6 * * *", "type": "demo.noop", "enabled": True}
+    assert bodies == [
+        {**created, "priority": 5},
+        {**created, "priority": 5},
+        {"enabled": False},
+        {"enabled": False},
+    ]
+
+
 async def test_a_problem_is_raised_with_its_errors(serve: Any) -> None:
     async def submit(request: web.Request) -> web.Response:
         return _problem(422, errors=[{"loc": ["body", "type"], "msg": "unknown task type"}])
