@@ -1,4 +1,4 @@
-"""The longhaul operator command: migrate, keys, tenants, dlq and namespace."""
+"""The longhaul operator command: migrate, keys, tenants, dlq, schedules and namespace."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from shared import deadletters, decommission, keys
+from shared import deadletters, decommission, keys, schedules
 from shared.db import ANY_PG_ERROR, connect, ensure_database, migrate, redacted
 from shared.errors import ConfigError, DependencyError, Refused
 from shared.events import EventSink
@@ -217,6 +217,35 @@ async def _dlq_list(settings: CommonSettings, limit: int) -> None:
         print("no dead letters", file=sys.stderr)
 
 
+async def _schedules_list(settings: CommonSettings, tenant: str | None, limit: int) -> None:
+    async with _database(settings) as conn:
+        tenant_id = None
+        if tenant is not None:
+            tenant_id = await conn.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+            if tenant_id is None:
+                raise ConfigError(f"no tenant named {terminal_safe(tenant)!r}")
+        rows = await schedules.list_page(conn, tenant_id, None, limit)
+        tenants = {
+            r["id"]: r["name"]
+            for r in await conn.fetch(
+                "SELECT id, name FROM tenants WHERE id = ANY($1::uuid[])",
+                list({r["tenant_id"] for r in rows}),
+            )
+        }
+    for r in rows:
+        state = "enabled" if r["enabled"] else "disabled"
+        nxt = "-" if r["next_run_at"] is None else f"{r['next_run_at']:%Y-%m-%d %H:%M}"
+        # Names, expressions and errors are a tenant's text: escaped, as dead letters'.
+        print(
+            f"{r['id']}\ttenant={terminal_safe(str(tenants.get(r['tenant_id'], r['tenant_id'])))}"
+            f"\t{terminal_safe(r['name'])}\t{terminal_safe(r['cron'])}\t{r['type']}\t{state}"
+            f"\tnext={nxt}\tlast_task={r['last_task_id'] or '-'}"
+            f"\t{terminal_safe((r['last_error'] or '')[:120])}"
+        )
+    if not rows:
+        print("no schedules", file=sys.stderr)
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -346,6 +375,13 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list.add_argument("--limit", type=_positive, default=50)
     dlq_redrive = dlq_sub.add_parser("redrive", help="run a dead letter's task again")
     dlq_redrive.add_argument("id")
+    sched = sub.add_parser("schedules", help="periodic tasks (made with POST /v1/schedules)")
+    sched_sub = sched.add_subparsers(dest="schedules_command", required=True)
+    sched_list = sched_sub.add_parser(
+        "list", help="newest first, every tenant's: next fire (UTC), last task, last error"
+    )
+    sched_list.add_argument("--tenant", help="only this tenant's (its name)")
+    sched_list.add_argument("--limit", type=_positive, default=50)
     namespace = sub.add_parser("namespace", help="decommission the namespace (LONGHAUL_NAMESPACE)")
     namespace_sub = namespace.add_subparsers(dest="namespace_command", required=True)
     delete = namespace_sub.add_parser(
@@ -369,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also drop the PostgreSQL database of LONGHAUL_DATABASE_URL",
     )
-    for subparsers in (sub, keys_sub, tenants_sub, dlq_sub, namespace_sub):
+    for subparsers in (sub, keys_sub, tenants_sub, dlq_sub, sched_sub, namespace_sub):
         # A missing command is told by its choices ("required: {migrate,keys,dlq}"),
         # as the usage shows them, not by the dest that dispatches on it.
         subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
@@ -393,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(
                     _tenants_limit(settings, args.tenant, args.rate, args.burst, args.clear)
                 )
+        elif args.command == "schedules":
+            asyncio.run(_schedules_list(settings, args.tenant, args.limit))
         elif args.command == "namespace":
             asyncio.run(
                 _namespace_delete(

@@ -19,7 +19,7 @@ from services.api.repository import ApiRepository, NewTask
 from shared import keys
 from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskRequest, TaskState, parse_event
-from tests.conftest import ROOT_ENV, Isolated
+from tests.conftest import ROOT_ENV, Isolated, create_tenant
 from tests.support import System, run_cli
 
 
@@ -166,12 +166,13 @@ async def test_a_tenant_name_of_200_characters_is_taken(isolated: Isolated) -> N
     [
         (
             (),
-            "usage: longhaul [-h] {migrate,keys,tenants,dlq,namespace} ...",
-            "{migrate,keys,tenants,dlq,namespace}",
+            "usage: longhaul [-h] {migrate,keys,tenants,dlq,schedules,namespace} ...",
+            "{migrate,keys,tenants,dlq,schedules,namespace}",
         ),
         (("tenants",), "usage: longhaul tenants [-h] {list,limit} ...", "{list,limit}"),
         (("keys",), "usage: longhaul keys [-h] {create,revoke,list} ...", "{create,revoke,list}"),
         (("dlq",), "usage: longhaul dlq [-h] {list,redrive} ...", "{list,redrive}"),
+        (("schedules",), "usage: longhaul schedules [-h] {list} ...", "{list}"),
         (("namespace",), "usage: longhaul namespace [-h] {delete} ...", "{delete}"),
     ],
 )
@@ -191,7 +192,8 @@ async def test_the_help_is_plain_text() -> None:
     code, out, _ = await run_cli(ROOT_ENV, "--help")
     assert (
         code == 0
-        and "The longhaul operator command: migrate, keys, tenants, dlq and namespace." in out
+        and "The longhaul operator command: migrate, keys, tenants, dlq, schedules and namespace."
+        in out
     ), out
     assert "``" not in out
 
@@ -229,6 +231,48 @@ async def test_dlq_list_names_each_dead_letters_tenant(isolated: Isolated) -> No
     lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
     assert lines[str(letter_id)][3:5] == [f"tenant={isolated.tenant.name}", f"task={task_id}"]
     assert lines[str(orphan)][3:5] == ["tenant=-", "task=-"]
+
+
+async def test_schedules_list_shows_each_tenants_schedules_on_a_line_each(
+    isolated: Isolated,
+) -> None:
+    """Every tenant's, or one tenant's with --tenant; a schedule's name is a tenant's
+    text, its control characters written out; an unknown tenant is one line, exit 2."""
+    db = isolated.db
+    other = await create_tenant(db)
+    mine, theirs = uuid7(), uuid7()
+    for schedule_id, tenant_id, name, enabled in (
+        (mine, isolated.tenant.id, "nightly\nfake\x1b[2J", True),
+        (theirs, other.id, "hourly", False),
+    ):
+        await db.execute(
+            "INSERT INTO schedules (id, tenant_id, name, cron, type, enabled, next_run_at,"
+            " last_error) VALUES ($1, $2, $3, '0 6 * * *', 'demo.noop', $4,"
+            " CASE WHEN $4 THEN '2031-05-06 06:00+00'::timestamptz END,"
+            " CASE WHEN NOT $4 THEN 'made no task: gone' END)",
+            schedule_id,
+            tenant_id,
+            name,
+            enabled,
+        )
+    env = isolated.deployment.env()
+    code, out, err = await _cli(env, "schedules", "list")
+    assert code == 0, err
+    lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
+    assert set(lines) == {str(mine), str(theirs)}
+    assert lines[str(mine)][1:7] == [
+        f"tenant={isolated.tenant.name}",
+        "nightly\\x0afake\\x1b[2J",
+        "0 6 * * *",
+        "demo.noop",
+        "enabled",
+        "next=2031-05-06 06:00",
+    ]
+    assert lines[str(theirs)][5:] == ["disabled", "next=-", "last_task=-", "made no task: gone"]
+    code, out, err = await _cli(env, "schedules", "list", "--tenant", other.name)
+    assert code == 0 and [line.split("\t")[0] for line in out.splitlines()] == [str(theirs)]
+    code, out, err = await _cli(env, "schedules", "list", "--tenant", "nobody-" + other.name)
+    assert (code, out) == (2, "") and err.startswith("longhaul: no tenant named"), err
 
 
 async def test_a_key_made_elsewhere_is_registered_once(isolated: Isolated) -> None:
