@@ -17,7 +17,7 @@ import pytest
 from services.worker.repository import WorkerRepository
 from services.worker.schedules import Fire, Skipped, fire_key, plan
 from shared import cron
-from shared.db import NOTIFY_CHANNEL
+from shared.db import NOTIFY_CHANNEL, create_pool
 from shared.ids import uuid7
 from tests.conftest import Isolated
 from tests.support import timeout
@@ -248,6 +248,36 @@ async def test_a_fire_wakes_the_relays(isolated: Isolated, repo: WorkerRepositor
         await asyncio.wait_for(woken.wait(), timeout(10))
     finally:
         await listener.close()
+
+
+async def test_looking_for_due_schedules_reads_only_the_due_ones(isolated: Isolated) -> None:
+    """Among 5,000 schedules not due and 2,000 disabled ones whose time has passed, a
+    look for due schedules reads the few that are due (the index schedules_due), not
+    the table: every worker looks every few seconds."""
+    await isolated.db.execute(
+        """
+        INSERT INTO schedules (id, tenant_id, name, cron, type, enabled, next_run_at)
+        SELECT gen_random_uuid(), $1, 'n' || i, '0 6 * * *', 'sched.echo', i > 2000,
+               now() + CASE WHEN i > 2000 THEN interval '1 day' ELSE interval '-1 day' END
+        FROM generate_series(1, 7000) AS i
+        """,
+        isolated.tenant.id,
+    )
+    await isolated.db.execute("ANALYZE schedules")
+    due = [await _schedule(isolated) for _ in range(3)]
+    pool = await create_pool(isolated.deployment.database_url, max_size=1, generic_plans=True)
+    try:
+        repo = WorkerRepository(pool, timeout=10)
+        for _ in range(6):  # past the five runs after which a generic plan may be used
+            fired = await repo.fire_schedules(plan, 100)
+            assert {f.schedule_id for f in fired} <= set(due)
+    finally:
+        await pool.close()  # a backend reports what it read when it exits
+    read = await isolated.db.fetchval(
+        "SELECT (SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'schedules')"
+        " + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'schedules')"
+    )
+    assert read <= 6 * 20, f"{read} rows and index entries of schedules read"
 
 
 def test_the_fire_keys_of_the_database_and_of_the_plan_agree() -> None:
