@@ -1,4 +1,4 @@
-"""The longhaul operator command: migrate, keys, tenants, dlq, schedules and namespace."""
+"""Operator commands: migrate, keys, tenants, dlq, schedules, namespace."""
 
 from __future__ import annotations
 
