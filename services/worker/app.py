@@ -2,7 +2,8 @@
 
 Shutdown order (Dramatiq's "stop workers before consumers", aio-pika's drain): stop
 consuming, let running tasks finish or hand them back, stop the relay and the periodic
-jobs, then close the AMQP channel, Redis and the pool, in that order."""
+jobs, then close the handlers' threads, the AMQP channel, Redis and the pool, in that
+order."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
 from services.worker.settings import WorkerSettings
+from services.worker.threads import HandlerThreads
 from shared import amqp
 from shared.db import create_pool, require_schema
 from shared.errors import DependencyError
@@ -97,7 +99,11 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         high_channel, high_topology = await _consuming_channel(
             connection, settings, wire, high_prefetch
         )
-        runner = Runner(settings, repo, events, registry, failpoints, worker_id)
+        # A thread for every run slot, for plain def handlers; shut down once the drain
+        # ended (the stack closes after it).
+        threads = HandlerThreads(settings.worker_concurrency + settings.worker_high_reserved)
+        stack.callback(threads.shutdown)
+        runner = Runner(settings, repo, events, registry, failpoints, worker_id, threads)
         consumer = Consumer(
             topology.queue,
             runner,

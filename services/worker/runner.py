@@ -26,8 +26,9 @@ from services.worker.outcomes import Counted, Outcome
 from services.worker.progress import ProgressReporter, StartEvent
 from services.worker.registry import Registry
 from services.worker.repository import Claimed, Letter, WorkerRepository
-from services.worker.sdk import TaskContext, TaskFailure, TaskSpec
+from services.worker.sdk import SyncTaskContext, TaskContext, TaskFailure, TaskSpec
 from services.worker.settings import WorkerSettings
+from services.worker.threads import HandlerThreads
 from shared.backoff import Backoff
 from shared.db import TRANSIENT_ERRORS
 from shared.errors import MessageError
@@ -96,6 +97,7 @@ class Runner:
         registry: Registry,
         failpoints: Failpoints,
         worker_id: str,
+        threads: HandlerThreads,
     ) -> None:
         self._settings = settings
         self._repo = repo
@@ -103,6 +105,7 @@ class Runner:
         self._registry = registry
         self._failpoints = failpoints
         self._worker_id = worker_id
+        self._threads = threads
         self._backoff = Backoff(settings.retry_base_s, settings.retry_factor, settings.retry_cap_s)
         self.running: dict[UUID, Running] = {}
         # Handlers still running past their cancel grace, or when their run ended first
@@ -186,15 +189,6 @@ class Runner:
             # beside the next attempt.
             on_fenced=lambda: running.stop(StopReason.FENCED),
         )
-        ctx = TaskContext(
-            task_id=message.task_id,
-            type=message.type,
-            tenant_id=message.tenant_id,
-            attempt=message.attempt,
-            max_attempts=int(row["max_attempts"]),
-            deadline=datetime.now(UTC) + timedelta(seconds=timeout_s),
-            _progress=reporter.report,
-        )
         try:
             args = spec.args_model.model_validate(claimed.args)
         except ValidationError as exc:
@@ -203,10 +197,11 @@ class Runner:
             # Asked before the attempt began: the handler never starts.
             running.stop(StopReason.CANCELLED)
             return Outcome("cancelled")
+        call = self._invocation(spec, claimed, timeout_s, reporter, args)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
-            handler = start_handler(_call(spec, ctx, args), name=f"handler-{message.task_id}")
+            handler = start_handler(_call(call), name=f"handler-{message.task_id}")
             running.handler = handler
             timed_out = False
             try:
@@ -252,6 +247,42 @@ class Runner:
             # nobody awaits; and an abandoned handler's later reports are dropped.
             await reporter.abort()
         return outcome
+
+    def _invocation(
+        self,
+        spec: TaskSpec,
+        claimed: Claimed,
+        timeout_s: float,
+        reporter: ProgressReporter,
+        args: BaseModel,
+    ) -> Callable[[], Awaitable[Any]]:
+        """The handler's call with its context: an async def's own coroutine, or a plain
+        def's run in a thread of the worker's pool."""
+        message, row = claimed.message, claimed.row
+        deadline = datetime.now(UTC) + timedelta(seconds=timeout_s)
+        if spec.threaded:
+            thread = self._threads.attempt(reporter.report)
+            sync_ctx = SyncTaskContext(
+                task_id=message.task_id,
+                type=message.type,
+                tenant_id=message.tenant_id,
+                attempt=message.attempt,
+                max_attempts=int(row["max_attempts"]),
+                deadline=deadline,
+                cancelled=thread.cancelled,
+                _progress=thread.report_progress,
+            )
+            return lambda: thread(spec.handler, sync_ctx, args)
+        ctx = TaskContext(
+            task_id=message.task_id,
+            type=message.type,
+            tenant_id=message.tenant_id,
+            attempt=message.attempt,
+            max_attempts=int(row["max_attempts"]),
+            deadline=deadline,
+            _progress=reporter.report,
+        )
+        return lambda: spec.handler(ctx, args)
 
     async def _outlive(self, running: Running, outcome: Outcome) -> tuple[Outcome, bool]:
         """The outcome to commit for an attempt whose handler ignored its cancellation,
@@ -478,9 +509,9 @@ def _backoff_of(row: Row) -> Backoff | None:
     return Backoff(spec["base_s"], spec["factor"], spec["cap_s"]) if spec else None
 
 
-async def _call(spec: TaskSpec, ctx: TaskContext, args: BaseModel) -> Any:
+async def _call(handler: Callable[[], Awaitable[Any]]) -> Any:
     try:
-        return await spec.handler(ctx, args)
+        return await handler()
     except (SystemExit, KeyboardInterrupt) as exc:
         # Raised in a handler they would stop the whole worker (its other tasks with
         # it); a handler's exception fails its attempt.

@@ -27,6 +27,7 @@ from services.worker.registry import Registry
 from services.worker.repository import Letter, WorkerRepository
 from services.worker.runner import PASS_ON_DELAY_S, Runner
 from services.worker.settings import WorkerSettings
+from services.worker.threads import HandlerThreads
 from shared.db import create_pool
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
@@ -959,7 +960,15 @@ async def test_a_task_of_a_type_no_worker_runs_is_never_failed_without_its_dead_
         task_id=task_id, tenant_id=isolated.tenant.id, type="demo.noop", attempt=1
     )
     repo = WorkerRepository(isolated.db, timeout=10)
-    runner = Runner(WorkerSettings(), repo, _Events(), Registry([]), Failpoints(""), "w")  # type: ignore[arg-type]
+    runner = Runner(
+        WorkerSettings(),
+        repo,
+        _Events(),  # type: ignore[arg-type]
+        Registry([]),
+        Failpoints(""),
+        "w",
+        HandlerThreads(1),
+    )
     await isolated.db.execute(
         """
         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql

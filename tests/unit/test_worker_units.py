@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import textwrap
 import time
@@ -33,12 +34,14 @@ from services.worker.sdk import (
     EmptyArgs,
     PermanentError,
     RetryableError,
+    SyncTaskContext,
     TaskContext,
     TaskSpec,
     spec_of,
     task,
 )
 from services.worker.settings import WorkerSettings
+from services.worker.threads import HandlerThreads
 from shared.backoff import Backoff
 from shared.errors import ConfigError
 from shared.failpoints import Failpoints
@@ -326,13 +329,28 @@ def test_unannotated_args_default_to_empty_args() -> None:
         EmptyArgs.model_validate({"unexpected": 1})
 
 
-def test_task_refuses_sync_functions() -> None:
-    """A plain def is refused: handlers must be async."""
-    with pytest.raises(TypeError, match="async def"):
+def test_task_declares_a_plain_def_to_run_in_a_thread() -> None:
+    """A plain def registers as an async def does, marked to run in the worker's pool."""
 
-        @task("x.sync")
-        def sync(ctx: TaskContext, args: ResizeArgs) -> None:  # type: ignore[type-var]
-            return None
+    @task("reports.build", max_attempts=2)
+    def build(ctx: SyncTaskContext, args: ResizeArgs) -> dict[str, str]:
+        return {"url": args.url}
+
+    spec = spec_of(build)
+    assert spec is not None and spec.handler is build
+    assert (spec.name, spec.args_model, spec.max_attempts, spec.threaded) == (
+        "reports.build",
+        ResizeArgs,
+        2,
+        True,
+    )
+
+    @task("reports.build_async")
+    async def build_async(ctx: TaskContext, args: ResizeArgs) -> None:
+        return None
+
+    declared = spec_of(build_async)
+    assert declared is not None and declared.threaded is False
 
 
 async def _no_params() -> None:
@@ -349,6 +367,45 @@ async def _two_params(ctx: TaskContext, args: ResizeArgs) -> None:
 
 async def _three_params(ctx: TaskContext, args: ResizeArgs, extra: int) -> None:
     return None
+
+
+def _def_given_task_context(ctx: TaskContext, args: ResizeArgs) -> None:
+    return None
+
+
+async def _async_given_sync_context(ctx: SyncTaskContext, args: ResizeArgs) -> None:
+    return None
+
+
+def _generator(ctx: SyncTaskContext, args: ResizeArgs) -> Iterator[int]:
+    yield 1
+
+
+async def _async_generator(ctx: TaskContext, args: ResizeArgs) -> AsyncIterator[int]:
+    yield 1
+
+
+@functools.wraps(_two_params)
+def _def_wrapping_async(ctx: TaskContext, args: ResizeArgs) -> Any:
+    return _two_params(ctx, args)
+
+
+@pytest.mark.parametrize(
+    ("handler", "says"),
+    [
+        (_def_given_task_context, "a def handler takes a SyncTaskContext"),
+        (_async_given_sync_context, "an async def handler takes a TaskContext"),
+        (_generator, "not a generator"),
+        (_async_generator, "not a generator"),
+        (_def_wrapping_async, "wraps an async def but is not one"),
+    ],
+)
+def test_task_refuses_a_handler_that_would_not_run_as_written(handler: Any, says: str) -> None:
+    """A def given the async context would call report_progress without awaiting it, an
+    async def given the thread's would block its loop; a generator or a def wrapper of
+    a coroutine function would return what nobody iterates or awaits."""
+    with pytest.raises(TypeError, match=says):
+        task("x.wrong")(handler)
 
 
 @pytest.mark.parametrize(
@@ -883,15 +940,26 @@ def _attempt(
     cancel_grace_s: float,
     progress_max_rate_per_s: float = 20.0,
     repo: _HandBackRepo | None = None,
+    *,
+    threaded: bool = False,
 ) -> tuple[Runner, Running, TaskSpec]:
-    """A runner and a claimed attempt of ``handler``, for ``runner._run``."""
-    spec = TaskSpec("t.stubborn", handler, EmptyArgs)
+    """A runner and a claimed attempt of ``handler`` (a plain def's, ``threaded``), for
+    ``runner._run``."""
+    spec = TaskSpec("t.stubborn", handler, EmptyArgs, threaded=threaded)
     settings = WorkerSettings(
         cancel_grace_s=cancel_grace_s,
         start_event_delay_s=0,
         progress_max_rate_per_s=progress_max_rate_per_s,
     )
-    runner = Runner(settings, repo, FakeSink(), Registry([spec]), Failpoints(""), "w")  # type: ignore[arg-type]
+    runner = Runner(
+        settings,
+        repo,  # type: ignore[arg-type]
+        FakeSink(),  # type: ignore[arg-type]
+        Registry([spec]),
+        Failpoints(""),
+        "w",
+        HandlerThreads(2),
+    )
     message = TaskMessage(task_id=uuid7(), tenant_id=uuid7(), type=spec.name, attempt=1)
     row = {"timeout_s": 60.0, "max_attempts": 1, "cancel_requested_at": None, "args": {}}
     return runner, Running(Claimed(row, message)), spec  # type: ignore[arg-type]
