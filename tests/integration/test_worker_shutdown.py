@@ -75,6 +75,15 @@ async def test_a_hand_back_does_not_use_up_an_attempt(system: System, isolated: 
     assert letters == 0
 
 
+# The same handler as an async def, and as a plain def run in a thread, which cannot be
+# interrupted: each ignores its stop.
+STUBBORN_TYPES = pytest.mark.parametrize(
+    "stubborn_type",
+    [pytest.param("test.stubborn", id="async"), pytest.param("test.stubborn_thread", id="def")],
+)
+
+
+@STUBBORN_TYPES
 @pytest.mark.parametrize(
     "hold_s",
     [
@@ -83,13 +92,13 @@ async def test_a_hand_back_does_not_use_up_an_attempt(system: System, isolated: 
     ],
 )
 async def test_the_next_attempt_never_runs_beside_an_abandoned_handler(
-    system: System, isolated: Isolated, hold_s: float
+    system: System, isolated: Isolated, hold_s: float, stubborn_type: str
 ) -> None:
     """Worker A's handler ignores its cancellation (for ``hold_s``, past its cancel
     grace): its attempt is handed back only once it ended, or as A exits, so the attempt
     worker B then runs starts after every step attempt 1 took."""
     stopping = await system.start_worker(*STUBBORN, shutdown_grace_s="0", cancel_grace_s="1")
-    task_id = await _insert(isolated, TaskRequest(type="test.stubborn", args={"hold_s": hold_s}))
+    task_id = await _insert(isolated, TaskRequest(type=stubborn_type, args={"hold_s": hold_s}))
     await _row(isolated.db, task_id, "running")
     await system.start_worker(*STUBBORN)
     assert await _stop(stopping) == 0
@@ -105,9 +114,10 @@ async def test_the_next_attempt_never_runs_beside_an_abandoned_handler(
     assert [s["step"] for s in steps if s["attempt"] == 2] == ["start", "end"]
 
 
+@STUBBORN_TYPES
 @pytest.mark.parametrize(("max_attempts", "state"), [(3, "succeeded"), (1, "failed")])
 async def test_a_timed_out_attempt_is_settled_once_its_handler_ended(
-    system: System, isolated: Isolated, max_attempts: int, state: str
+    system: System, isolated: Isolated, max_attempts: int, state: str, stubborn_type: str
 ) -> None:
     """Attempt 1 times out and ignores its cancellation past its cancel grace: it stays
     running until its handler ended, and only then retries (attempt 2 runs after it, on
@@ -115,7 +125,7 @@ async def test_a_timed_out_attempt_is_settled_once_its_handler_ended(
     for _ in range(2):
         await system.start_worker(*STUBBORN, cancel_grace_s="0.2")
     request = TaskRequest(
-        type="test.stubborn",
+        type=stubborn_type,
         args={"hold_s": 2},
         timeout_s=0.3,
         max_attempts=max_attempts,
