@@ -29,13 +29,15 @@ def test_readme_gives_the_two_commands_first() -> None:
 
 
 def test_the_readmes_handler_type_checks_as_users_check_theirs(tmp_path: Path) -> None:
-    """The handler example, with a per-type Backoff as the README says to import it,
-    passes `mypy --strict`: every name a handler module imports from the SDK is exported
-    (mypy refuses one the SDK merely imported, Backoff was)."""
+    """The handler example (an async def and a plain def), with a per-type Backoff as
+    the README says to import it, passes `mypy --strict`: every name a handler module
+    imports from the SDK is exported (mypy refuses one the SDK merely imported, Backoff
+    was), and each handler is given its own kind of context."""
     example = README.split("```python\n# my_tasks.py\n", 1)[1].split("```", 1)[0]
     example = example.replace(
-        "from services.worker.sdk import PermanentError, TaskContext, task",
-        "from services.worker.sdk import Backoff, PermanentError, TaskContext, task",
+        "from services.worker.sdk import PermanentError, SyncTaskContext, TaskContext, task",
+        "from services.worker.sdk import Backoff, PermanentError, SyncTaskContext, TaskContext,"
+        " task",
     ).replace(
         '@task("reports.build", max_attempts=3, timeout_s=900)',
         '@task("reports.build", max_attempts=3, timeout_s=900, backoff=Backoff(cap_s=60))',
