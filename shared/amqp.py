@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -37,6 +37,8 @@ from shared.db import redacted
 from shared.errors import ConfigError
 from shared.settings import CommonSettings
 from shared.wire import Wire, is_high
+
+T = TypeVar("T")
 
 
 async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnection:
@@ -111,15 +113,25 @@ class Topology:
 async def declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire) -> Topology:
     """Declare (idempotently) every exchange and queue Longhaul uses: those
     ``Wire.exchanges`` and ``Wire.queues`` name, which a namespace's deletion removes."""
-    dlx = await channel.declare_exchange(
-        wire.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    dlx = await _declared(
+        "exchange",
+        wire.dead_letter_exchange,
+        channel.declare_exchange(
+            wire.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        ),
     )
-    dead = await channel.declare_queue(
-        wire.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    dead = await _declared(
+        "queue",
+        wire.dead_letter_queue,
+        channel.declare_queue(
+            wire.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        ),
     )
     await dead.bind(dlx, routing_key=wire.dead_letter_queue)
-    exchange = await channel.declare_exchange(
-        wire.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    exchange = await _declared(
+        "exchange",
+        wire.tasks_exchange,
+        channel.declare_exchange(wire.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True),
     )
     queue = await _declare_task_queue(channel, settings, wire, wire.tasks_queue)
     await queue.bind(exchange, routing_key=wire.tasks_routing_key)
@@ -142,6 +154,22 @@ async def _declare_task_queue(
             f"queue {name} refuses these settings: LONGHAUL_DELIVERY_LIMIT and"
             f" LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with ({exc})"
         ) from None
+
+
+async def _declared(kind: str, name: str, declaring: Awaitable[T]) -> T:
+    """An exchange or queue that exists with other arguments (another program's, or
+    another version's, in this namespace) is refused: no wait mends that."""
+    try:
+        return await declaring
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise _declared_otherwise(kind, name, exc) from None
+
+
+def _declared_otherwise(kind: str, name: str, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"{kind} {name} exists with other arguments than this code declares ({exc}):"
+        " another program or version declared it in LONGHAUL_NAMESPACE"
+    )
 
 
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)

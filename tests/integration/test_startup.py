@@ -141,6 +141,33 @@ async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_co
     assert "inequivalent arg 'x-delivery-limit'" in lines[0], lines
 
 
+@pytest.mark.parametrize(("service", "kind"), [("api", "queue"), ("worker", "exchange")])
+async def test_a_dead_letter_queue_or_exchange_declared_otherwise_is_one_line_and_exit_code_2(
+    fresh_namespace: Deployment, ports: dict[str, str], service: str, kind: str
+) -> None:
+    """Declared by another program (or version) in the namespace, not as Longhaul
+    declares them: the broker refuses the declare. It was a traceback."""
+    wire = fresh_namespace.wire
+    connection = await aio_pika.connect(fresh_namespace.amqp_url)
+    try:
+        channel = await connection.channel()
+        if kind == "queue":
+            name = wire.dead_letter_queue
+            await channel.declare_queue(name, durable=True)  # classic, not a quorum queue
+        else:
+            name = wire.tasks_exchange
+            await channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+    finally:
+        await connection.close()
+    env = fresh_namespace.env(**ports)
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, len(lines)) == (2, 1), lines
+    assert lines[0].startswith(
+        f"{service}: {kind} {name} exists with other arguments than this code declares"
+        " (PRECONDITION_FAILED - inequivalent arg "
+    ), lines
+
+
 async def test_a_task_type_name_the_api_refuses_stops_the_worker_with_one_line(
     deployment: Deployment, ports: dict[str, str], tmp_path: Path
 ) -> None:
