@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from shared.db import redacted
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DependencyError
 from shared.settings import CommonSettings
 from shared.wire import Wire, is_high
 
@@ -81,6 +81,23 @@ def _refusals(url: str) -> Iterator[None]:
             f"RabbitMQ at {redacted(url)} refused to open the virtual host: it does not"
             " exist or the user may not use it (the path of LONGHAUL_AMQP_URL)"
         ) from None
+
+
+@contextlib.asynccontextmanager
+async def starting(failed: str, timeout: float) -> AsyncIterator[None]:
+    """Around a step of a start on a connection already open (a channel, the topology's
+    declares, the consumers): a broker that closes the channel or the connection, or
+    answers nothing for ``timeout`` (aio-pika's calls wait for ever), stops the start
+    with one line, ``failed`` saying what was not done. A ConfigError goes through."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:  # an OSError too: first
+        raise DependencyError(
+            f"RabbitMQ: {failed} within {timeout:g}s (LONGHAUL_IO_TIMEOUT_S)"
+        ) from None
+    except (AMQPError, OSError, RuntimeError) as exc:
+        raise DependencyError(f"RabbitMQ: {failed}: {type(exc).__name__}: {exc}") from None
 
 
 async def close(connection: AbstractConnection, timeout: float) -> None:

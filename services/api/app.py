@@ -272,9 +272,10 @@ async def serve(settings: ApiSettings, stop: Stop) -> None:
             stop,
         )
         stack.push_async_callback(amqp.close, connection, timeout)
-        channel = await connection.channel()
-        await amqp.declare(channel, settings, Wire(settings.namespace))
-        await channel.close()
+        async with amqp.starting("topology not declared", timeout):
+            channel = await connection.channel()
+            await amqp.declare(channel, settings, Wire(settings.namespace))
+            await channel.close()
 
         app = create_app(settings, Deps(pool, redis, connection, stop))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)

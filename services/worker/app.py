@@ -35,7 +35,6 @@ from services.worker.settings import WorkerSettings
 from services.worker.threads import HandlerThreads
 from shared import amqp
 from shared.db import create_pool, require_schema
-from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
@@ -204,19 +203,10 @@ async def _start_consuming(
 ) -> None:
     """Consume both lanes and the dead letters. A broker that refuses or does not
     answer stops the start, told in one line."""
-    try:
-        async with asyncio.timeout(timeout):
-            await consumer.start()
-            await failpoints.hit("worker.before_dead_letter_consumer")
-            await sink.start()
-    except TimeoutError:  # an OSError too: first
-        raise DependencyError(
-            f"RabbitMQ: consumers not started within {timeout:g}s (LONGHAUL_IO_TIMEOUT_S)"
-        ) from None
-    except (AMQPError, OSError, RuntimeError) as exc:
-        raise DependencyError(
-            f"RabbitMQ: consumers not started: {type(exc).__name__}: {exc}"
-        ) from None
+    async with amqp.starting("consumers not started", timeout):
+        await consumer.start()
+        await failpoints.hit("worker.before_dead_letter_consumer")
+        await sink.start()
 
 
 async def _consuming_channel(
@@ -227,9 +217,10 @@ async def _consuming_channel(
 ) -> tuple[AbstractChannel, amqp.Topology]:
     """A channel for one consumer, its prefetch (the worker's concurrency unless
     given), and the topology declared on it."""
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=prefetch or settings.worker_concurrency)
-    return channel, await amqp.declare(channel, settings, wire)
+    async with amqp.starting("topology not declared", settings.io_timeout_s):
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch or settings.worker_concurrency)
+        return channel, await amqp.declare(channel, settings, wire)
 
 
 async def _leave_abandoned(

@@ -1,8 +1,10 @@
-"""A TCP proxy of the test's own in front of a shared service, which the test can cut
-(its connections closed, new ones closed as soon as they come) and restore: a network
-partition between one process and that service alone, the service itself untouched.
+"""TCP proxies of the test's own in front of a shared service, the service itself
+untouched. ``CutProxy`` the test can cut (its connections closed, new ones closed as soon
+as they come) and restore: a network partition between one process and that service
+alone. ``SilentAmqpProxy`` lets each connection to RabbitMQ open, then passes nothing.
 
-Used as ``async with CutProxy(port) as proxy:``; leaving it closes every connection."""
+Both are used as ``async with CutProxy(port) as proxy:``; leaving it closes every
+connection."""
 
 from __future__ import annotations
 
@@ -64,4 +66,79 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write(data)
             await writer.drain()
     # The other direction ends with it.
+    writer.transport.abort()
+
+
+# A method frame's payload begins with its class and method: Connection.OpenOk's.
+_OPEN_OK = (10).to_bytes(2, "big") + (41).to_bytes(2, "big")
+
+
+class SilentAmqpProxy:
+    """In front of RabbitMQ: each connection opens (every frame up to the broker's
+    Connection.OpenOk passes), then nothing passes either way, and nothing is closed: a
+    broker that took the connection and stopped answering, as behind a partition that
+    drops packets."""
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self._upstream = (upstream_host, upstream_port)
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def __aenter__(self) -> SilentAmqpProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for writer in list(self._links):
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        ends = {writer, up_writer}
+        self._links |= ends
+        opened = asyncio.Event()
+        try:
+            await asyncio.gather(
+                _until_open(reader, up_writer, opened),
+                _frames_until_open(up_reader, writer, opened),
+            )
+        finally:
+            self._links -= ends
+            for end in ends:
+                end.transport.abort()
+
+
+async def _until_open(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, opened: asyncio.Event
+) -> None:
+    """The client's bytes, until the connection is open; then dropped."""
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            if not opened.is_set():
+                writer.write(data)
+    writer.transport.abort()  # the client left: the broker's side goes too
+
+
+async def _frames_until_open(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, opened: asyncio.Event
+) -> None:
+    """The broker's frames up to its Connection.OpenOk; later ones dropped."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while not opened.is_set():
+            header = await reader.readexactly(7)  # type, channel, payload size
+            rest = await reader.readexactly(int.from_bytes(header[3:7], "big") + 1)
+            writer.write(header + rest)
+            if header[0] == 1 and rest.startswith(_OPEN_OK):
+                opened.set()
+        while await reader.read(65536):
+            pass
     writer.transport.abort()

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import orjson
@@ -21,6 +22,7 @@ from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
+from tests.faults.proxy import SilentAmqpProxy
 from tests.support import ServiceProcess, System, run_cli, timeout
 
 
@@ -166,6 +168,29 @@ async def test_a_dead_letter_queue_or_exchange_declared_otherwise_is_one_line_an
         f"{service}: {kind} {name} exists with other arguments than this code declares"
         " (PRECONDITION_FAILED - inequivalent arg "
     ), lines
+
+
+def _amqp_through(deployment: Deployment, port: int) -> str:
+    """The deployment's RabbitMQ URL with a proxy's port in it."""
+    url = urlsplit(deployment.amqp_url)
+    return url._replace(netloc=f"{url.netloc.rsplit(':', 1)[0]}:{port}").geturl()
+
+
+@pytest.mark.parametrize("service", ["api", "worker"])
+async def test_a_broker_silent_once_connected_is_one_line_and_exit_code_3(
+    deployment: Deployment, ports: dict[str, str], service: str
+) -> None:
+    """The connection opens, then the broker answers nothing (a partition that drops
+    packets): the declares are given LONGHAUL_IO_TIMEOUT_S. They waited for ever."""
+    async with SilentAmqpProxy(urlsplit(deployment.amqp_url).port or 5672) as proxy:
+        env = deployment.env(
+            **ports, amqp_url=_amqp_through(deployment, proxy.port), io_timeout_s="1"
+        )
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, lines) == (
+        3,
+        [f"{service}: RabbitMQ: topology not declared within 1s (LONGHAUL_IO_TIMEOUT_S)"],
+    )
 
 
 async def test_a_task_type_name_the_api_refuses_stops_the_worker_with_one_line(
