@@ -119,7 +119,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
 
         jobs = _Jobs(stop)
         if settings.relay_enabled:
-            relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id)
+            relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id, stop)
             jobs.start(relay.run(jobs.until), "outbox-relay")
         jobs.start(
             heartbeat(
@@ -268,16 +268,23 @@ async def _relay(
     events: EventSink,
     failpoints: Failpoints,
     worker_id: str,
+    stop: Stop,
 ) -> OutboxRelay:
     """This process's outbox relay (retries, delayed tasks), with its own connection:
     RabbitMQ's flow control throttles a publishing connection, and on a shared one that
     would also stall our acks."""
     timeout = settings.io_timeout_s
-    publishing = await amqp.connect(
-        settings.amqp_url, f"longhaul-worker-relay {worker_id}", timeout
+    # Waited for as the first connection is: a broker at its connection limit, or one
+    # restarting, may refuse this one alone.
+    publishing = await wait_for_dependency(
+        "RabbitMQ (the outbox relay's connection)",
+        lambda: amqp.connect(settings.amqp_url, f"longhaul-worker-relay {worker_id}", timeout),
+        settings.start_timeout_s,
+        stop,
     )
     stack.push_async_callback(amqp.close, publishing, timeout)
-    publish_channel = await publishing.channel(publisher_confirms=True, on_return_raises=True)
+    async with amqp.starting("the outbox relay's channel not opened", timeout):
+        publish_channel = await publishing.channel(publisher_confirms=True, on_return_raises=True)
     return OutboxRelay(
         pool,
         amqp.task_publisher(publish_channel, wire, timeout),

@@ -13,10 +13,17 @@ import contextlib
 
 
 class CutProxy:
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, let_through: int = -1
+    ) -> None:
+        """``let_through``: that many connections pass, and every later one is closed as
+        it comes (a service that refuses a process's second connection); all by
+        default."""
         self._upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._let_through = let_through
+        self.connections = 0
         self.is_cut = False
         self.port = 0
 
@@ -41,7 +48,8 @@ class CutProxy:
         self.is_cut = False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.is_cut:
+        self.connections += 1
+        if self.is_cut or 0 <= self._let_through < self.connections:
             writer.transport.abort()
             return
         try:

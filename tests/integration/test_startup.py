@@ -22,7 +22,7 @@ from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
-from tests.faults.proxy import SilentAmqpProxy
+from tests.faults.proxy import CutProxy, SilentAmqpProxy
 from tests.support import ServiceProcess, System, run_cli, timeout
 
 
@@ -191,6 +191,23 @@ async def test_a_broker_silent_once_connected_is_one_line_and_exit_code_3(
         3,
         [f"{service}: RabbitMQ: topology not declared within 1s (LONGHAUL_IO_TIMEOUT_S)"],
     )
+
+
+async def test_a_broker_that_refuses_the_relays_own_connection_is_one_line_and_exit_code_3(
+    deployment: Deployment, ports: dict[str, str]
+) -> None:
+    """The worker's first connection passes, its outbox relay's own (the second) is
+    refused: waited for as the first one is, then named. It was a traceback at once."""
+    async with CutProxy(urlsplit(deployment.amqp_url).port or 5672, let_through=1) as proxy:
+        env = deployment.env(
+            **ports, amqp_url=_amqp_through(deployment, proxy.port), start_timeout_s="1"
+        )
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess("services.worker", env))
+    assert (code, len(lines)) == (3, 1), lines
+    assert lines[0].startswith(
+        "worker: RabbitMQ (the outbox relay's connection) unreachable for 1s"
+        " (LONGHAUL_START_TIMEOUT_S): "
+    ), lines
 
 
 async def test_a_task_type_name_the_api_refuses_stops_the_worker_with_one_line(
