@@ -7,8 +7,10 @@ once, which one advisory lock gives us."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
@@ -145,15 +147,31 @@ async def require_schema(pool: asyncpg.Pool | asyncpg.Connection) -> None:
     """Refuse to serve a database whose schema is behind this code's migrations: one
     line that names the fix, not a traceback at the first query of a missing table."""
     latest = migrations()[-1].version
-    try:
-        applied = await pool.fetchval("SELECT max(version) FROM schema_migrations")
-    except asyncpg.UndefinedTableError:
-        applied = None
+    with starting("schema version not read"):
+        try:
+            applied = await pool.fetchval("SELECT max(version) FROM schema_migrations")
+        except asyncpg.UndefinedTableError:
+            applied = None
     if applied is None or applied < latest:
         raise ConfigError(
             f"the database is not migrated (schema version {applied or 0}, this code needs"
             f" {latest}): run `longhaul migrate` first"
         )
+
+
+@contextlib.contextmanager
+def starting(failed: str) -> Iterator[None]:
+    """Around a statement of a start, once connected: PostgreSQL failing it (a statement
+    timeout behind a lock, a lost connection) stops the start with one line, ``failed``
+    saying what was not done, not a traceback."""
+    try:
+        yield
+    except ANY_PG_ERROR as exc:
+        # asyncpg's own timeout (a server silent past command_timeout) says nothing.
+        why = (
+            "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        )
+        raise DependencyError(f"PostgreSQL: {failed}: {why}") from None
 
 
 def redacted(url: str) -> str:

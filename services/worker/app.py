@@ -33,7 +33,7 @@ from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
 from services.worker.settings import WorkerSettings
 from services.worker.threads import HandlerThreads
-from shared import amqp
+from shared import amqp, db
 from shared.db import create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
@@ -82,7 +82,8 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         # for one: normal deliveries alone never reach more (the reserve is for the
         # high lane's), and a threshold they cannot reach made each statement linger.
         repo = WorkerRepository(pool, timeout=timeout, concurrency=settings.worker_concurrency)
-        await repo.register_types(registry.specs())
+        with db.starting("task types not registered"):
+            await repo.register_types(registry.specs())
         events = EventSink(
             redis, wire, retention_s=settings.event_retention_s, maxlen=settings.event_stream_maxlen
         )

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import asyncpg
 import orjson
 import pytest
 
@@ -208,6 +209,37 @@ async def test_a_broker_that_refuses_the_relays_own_connection_is_one_line_and_e
         "worker: RabbitMQ (the outbox relay's connection) unreachable for 1s"
         " (LONGHAUL_START_TIMEOUT_S): "
     ), lines
+
+
+@pytest.mark.parametrize(
+    ("service", "table", "failed"),
+    [
+        ("api", "schema_migrations", "schema version not read"),
+        ("ws_gateway", "schema_migrations", "schema version not read"),
+        ("worker", "task_types", "task types not registered"),
+    ],
+)
+async def test_a_statement_of_the_start_postgresql_cancels_is_one_line_and_exit_code_3(
+    deployment: Deployment,
+    db: asyncpg.Pool,
+    ports: dict[str, str],
+    service: str,
+    table: str,
+    failed: str,
+) -> None:
+    """A table the start reads or writes stays locked (a long migration holds it) past
+    the statement timeout, LONGHAUL_IO_TIMEOUT_S. It was a traceback."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        env = deployment.env(**ports, io_timeout_s="1")
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, lines) == (
+        3,
+        [
+            f"{service}: PostgreSQL: {failed}: QueryCanceledError: canceling statement due to"
+            " statement timeout"
+        ],
+    )
 
 
 async def test_a_task_type_name_the_api_refuses_stops_the_worker_with_one_line(

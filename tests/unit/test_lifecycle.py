@@ -1,6 +1,6 @@
 """shared.lifecycle: a process stops, drains and exits non-zero when a background loop it
 cannot do without ends on its own; a shutdown's own cancel or a drained loop is no
-failure."""
+failure. A step of a start that PostgreSQL fails is told in one line."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import gc
 import logging
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
-from shared.errors import ConfigError
+from shared import db
+from shared.errors import ConfigError, DependencyError
 from shared.lifecycle import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -182,3 +184,16 @@ async def test_a_failure_skips_the_stop_delay_or_ends_it() -> None:
     stop.fail("hub failed")
     async with asyncio.timeout(10):
         await delay
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (TimeoutError(), "no answer in time"),
+        (asyncpg.QueryCanceledError("canceled"), "QueryCanceledError: canceled"),
+    ],
+)
+def test_a_start_step_postgresql_fails_says_what_was_not_done(error: Exception, says: str) -> None:
+    with pytest.raises(DependencyError) as raised, db.starting("schema version not read"):
+        raise error
+    assert str(raised.value) == f"PostgreSQL: schema version not read: {says}"
