@@ -75,6 +75,8 @@ async def create_pool(
         )
     except asyncpg.InvalidCatalogNameError as exc:
         raise missing_database(exc) from None
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise refused_login(dsn, exc) from None
     except ANY_PG_ERROR as exc:
         raise DependencyError(f"PostgreSQL: {exc}") from exc
     assert pool is not None
@@ -88,6 +90,8 @@ async def connect(dsn: str, timeout: float) -> asyncpg.Connection:
         conn = await asyncpg.connect(dsn, timeout=timeout)
     except asyncpg.InvalidCatalogNameError as exc:
         raise missing_database(exc) from None
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise refused_login(dsn, exc) from None
     try:
         await require_schema(conn)
     except BaseException:
@@ -103,6 +107,15 @@ def missing_database(exc: asyncpg.InvalidCatalogNameError) -> ConfigError:
     more, which stops a service at once too. Start services after the migration (the
     compose file does) and under a supervisor that restarts one that came too early."""
     return ConfigError(f"{exc}: run `longhaul migrate` first")
+
+
+def refused_login(dsn: str, exc: asyncpg.InvalidAuthorizationSpecificationError) -> ConfigError:
+    """A role, a password or a client address PostgreSQL refuses (pg_hba.conf) is no
+    outage either: a start waited its whole timeout, then called it unreachable."""
+    return ConfigError(
+        f"PostgreSQL at {redacted(dsn)} refused the login ({exc}): check the user and"
+        " password in LONGHAUL_DATABASE_URL"
+    )
 
 
 # First line of a migration that runs outside a transaction, one statement at a time:
@@ -190,6 +203,8 @@ async def ensure_database(dsn: str, timeout: float) -> None:
         conn = await asyncpg.connect(dsn, timeout=timeout)
     except asyncpg.InvalidCatalogNameError:
         pass
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise refused_login(dsn, exc) from None
     else:
         await conn.close()
         return

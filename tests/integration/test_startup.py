@@ -121,6 +121,26 @@ async def test_a_login_or_vhost_the_broker_refuses_is_one_line_and_exit_code_2(
     assert "wrong-password" not in lines[0]
 
 
+async def test_a_login_postgresql_refuses_is_one_line_and_exit_code_2(
+    deployment: Deployment, ports: dict[str, str]
+) -> None:
+    """A role that does not exist: no wait mends it (it waited for the start timeout,
+    then said "PostgreSQL unreachable", exit code 3). `longhaul migrate`, which waits for
+    PostgreSQL too, says the same at once."""
+    role = f"lh_nobody_{deployment.run_id}"
+    url = urlsplit(deployment.database_url)
+    dsn = url._replace(netloc=f"{role}@{url.hostname}:{url.port or 5432}").geturl()
+    env = deployment.env(**ports, database_url=dsn, start_timeout_s="60")
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess("services.ws_gateway", env))
+    says = (
+        f'PostgreSQL at {dsn} refused the login (role "{role}" does not exist): check the'
+        " user and password in LONGHAUL_DATABASE_URL"
+    )
+    assert (code, lines) == (2, [f"ws_gateway: {says}"])
+    returncode, _, err = await run_cli({**ROOT_ENV, **env}, "migrate")
+    assert (returncode, err) == (2, f"longhaul: {says}\n")
+
+
 @pytest.mark.parametrize("service", ["api", "worker"])
 async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_code_2(
     fresh_namespace: Deployment, ports: dict[str, str], service: str
