@@ -17,9 +17,13 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT, ScriptTextT
+
+from shared.db import redacted
+from shared.errors import ConfigError
 
 # Connections a process keeps to Redis. Past them a call waits for a free one (at most
 # the call's timeout): redis-py's default pool raises at once past 100, which a burst of
@@ -183,3 +187,23 @@ def create_client(url: str, timeout: float, max_connections: int = MAX_CONNECTIO
     client = cast(_Client, _Client.from_pool(pool))
     client.call_timeout = timeout
     return client
+
+
+async def ping(client: Redis, url: str) -> None:
+    """A start's check that Redis answers. A password or a database number it refuses is
+    a ConfigError: waiting does not mend LONGHAUL_REDIS_URL (a start waited its whole
+    timeout, then called Redis unreachable)."""
+    try:
+        await client.ping()
+    except AuthenticationError as exc:
+        raise ConfigError(
+            f"Redis at {redacted(url)} refused the login ({exc}): check the user and password"
+            " in LONGHAUL_REDIS_URL"
+        ) from None
+    except ResponseError as exc:
+        if "DB index is out of range" not in str(exc):
+            raise
+        raise ConfigError(
+            f"Redis at {redacted(url)} has no such database ({exc}): the number that ends"
+            " LONGHAUL_REDIS_URL"
+        ) from None

@@ -39,7 +39,7 @@ from shared.db import TRANSIENT_ERRORS, create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.lifecycle import Stop, essential, listening, stop_delay, wait_for_dependency
-from shared.redis import create_client
+from shared.redis import create_client, ping
 from shared.relay import OutboxRelay
 from shared.schemas import ProblemError
 from shared.wire import Wire
@@ -264,7 +264,9 @@ async def serve(settings: ApiSettings, stop: Stop) -> None:
         await require_schema(pool)
         redis = create_client(settings.redis_url, timeout)
         stack.push_async_callback(redis.aclose)
-        await wait_for_dependency("Redis", redis.ping, settings.start_timeout_s, stop)
+        await wait_for_dependency(
+            "Redis", lambda: ping(redis, settings.redis_url), settings.start_timeout_s, stop
+        )
         connection = await wait_for_dependency(
             "RabbitMQ",
             lambda: amqp.connect(settings.amqp_url, "longhaul-api", timeout),

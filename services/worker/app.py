@@ -39,7 +39,7 @@ from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
 from shared.lifecycle import Stop, essential, listening, wait_for_dependency
-from shared.redis import create_client
+from shared.redis import create_client, ping
 from shared.relay import OutboxRelay
 from shared.wire import Wire
 
@@ -69,7 +69,9 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         await require_schema(pool)
         redis: Redis = create_client(settings.redis_url, timeout)
         stack.push_async_callback(redis.aclose)
-        await wait_for_dependency("Redis", redis.ping, settings.start_timeout_s, stop)
+        await wait_for_dependency(
+            "Redis", lambda: ping(redis, settings.redis_url), settings.start_timeout_s, stop
+        )
         connection = await wait_for_dependency(
             "RabbitMQ",
             lambda: amqp.connect(settings.amqp_url, f"longhaul-worker {worker_id}", timeout),

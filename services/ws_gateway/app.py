@@ -46,7 +46,7 @@ from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
 from shared.health import readiness
 from shared.lifecycle import Stop, essential, listening, wait_for_dependency
-from shared.redis import create_client
+from shared.redis import create_client, ping
 from shared.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ class Gateway:
             await require_schema(pool)
             redis = create_client(s.redis_url, s.io_timeout_s)
             stack.push_async_callback(redis.aclose)
-            await wait_for_dependency("Redis", redis.ping, s.start_timeout_s, stop)
+            await wait_for_dependency(
+                "Redis", lambda: ping(redis, s.redis_url), s.start_timeout_s, stop
+            )
             self._redis = redis
             repository = TaskRepository(pool, s.io_timeout_s)
             stack.push_async_callback(repository.aclose)

@@ -23,6 +23,7 @@ from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
+from tests.faults.private import PrivateRedis
 from tests.faults.proxy import CutProxy, SilentAmqpProxy
 from tests.support import ServiceProcess, System, run_cli, timeout
 
@@ -139,6 +140,39 @@ async def test_a_login_postgresql_refuses_is_one_line_and_exit_code_2(
     assert (code, lines) == (2, [f"ws_gateway: {says}"])
     returncode, _, err = await run_cli({**ROOT_ENV, **env}, "migrate")
     assert (returncode, err) == (2, f"longhaul: {says}\n")
+
+
+@pytest.mark.parametrize(
+    ("service", "password", "database", "says"),
+    [
+        ("api", None, 0, "refused the login (Authentication required.)"),
+        ("worker", "wrong", 0, "refused the login (invalid username-password pair"),
+        ("ws_gateway", "right", 99, "has no such database (DB index is out of range)"),
+    ],
+)
+async def test_a_password_or_database_redis_refuses_is_one_line_and_exit_code_2(
+    deployment: Deployment,
+    ports: dict[str, str],
+    service: str,
+    password: str | None,
+    database: int,
+    says: str,
+) -> None:
+    """No wait mends them (it waited for the start timeout, then said "Redis
+    unreachable", exit code 3); the password is not shown."""
+    with PrivateRedis("--requirepass", "right") as server:
+        login = "" if password is None else f":{password}@"
+        env = deployment.env(
+            **ports,
+            redis_url=f"redis://{login}127.0.0.1:{server.port}/{database}",
+            start_timeout_s="60",
+        )
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, len(lines)) == (2, 1), lines
+    shown = "" if password is None else ":***@"
+    assert lines[0].startswith(
+        f"{service}: Redis at redis://{shown}127.0.0.1:{server.port}/{database} {says}"
+    ), lines
 
 
 @pytest.mark.parametrize("service", ["api", "worker"])
