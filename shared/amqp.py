@@ -129,7 +129,20 @@ class Topology:
 
 async def declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire) -> Topology:
     """Declare (idempotently) every exchange and queue Longhaul uses: those
-    ``Wire.exchanges`` and ``Wire.queues`` name, which a namespace's deletion removes."""
+    ``Wire.exchanges`` and ``Wire.queues`` name, which a namespace's deletion removes.
+
+    A user the broker does not let declare or bind them is a ConfigError: its
+    permissions are to fix, and no wait mends them."""
+    try:
+        return await _declare(channel, settings, wire)
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise ConfigError(
+            f"RabbitMQ refused the user of LONGHAUL_AMQP_URL ({exc}): it needs the configure,"
+            " write and read permissions on this namespace's exchanges and queues"
+        ) from None
+
+
+async def _declare(channel: AbstractChannel, settings: CommonSettings, wire: Wire) -> Topology:
     dlx = await _declared(
         "exchange",
         wire.dead_letter_exchange,

@@ -23,7 +23,7 @@ from shared.ids import uuid7
 from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
-from tests.faults.private import PrivateRedis
+from tests.faults.private import PrivateRabbit, PrivateRedis
 from tests.faults.proxy import CutProxy, SilentAmqpProxy
 from tests.support import ServiceProcess, System, run_cli, timeout
 
@@ -223,6 +223,34 @@ async def test_a_dead_letter_queue_or_exchange_declared_otherwise_is_one_line_an
         f"{service}: {kind} {name} exists with other arguments than this code declares"
         " (PRECONDITION_FAILED - inequivalent arg "
     ), lines
+
+
+async def test_a_user_the_broker_does_not_let_declare_is_one_line_and_exit_code_2(
+    deployment: Deployment, ports: dict[str, str]
+) -> None:
+    """A broker of the test's own, whose user may read and write but not declare
+    (configure): no wait mends permissions. It was a traceback."""
+    broker = PrivateRabbit()
+    try:
+        await asyncio.to_thread(broker.start)
+        for command in (
+            ("add_user", "limited", "secret"),
+            ("set_permissions", "-p", "/", "limited", "^$", ".*", ".*"),
+        ):
+            done = await asyncio.to_thread(broker.ctl, *command)
+            assert done.returncode == 0, done.stderr
+        env = deployment.env(**ports, amqp_url=f"amqp://limited:secret@127.0.0.1:{broker.port}/")
+        for service in ("api", "worker"):
+            proc = ServiceProcess(f"services.{service}", env)
+            code, lines = await asyncio.to_thread(_exit, proc)
+            assert (code, len(lines)) == (2, 1), lines
+            assert lines[0].startswith(
+                f"{service}: RabbitMQ refused the user of LONGHAUL_AMQP_URL (ACCESS_REFUSED -"
+                f" access to exchange '{deployment.wire.dead_letter_exchange}' in vhost '/'"
+                " refused for user 'limited')"
+            ), lines
+    finally:
+        await asyncio.to_thread(broker.close)
 
 
 def _amqp_through(deployment: Deployment, port: int) -> str:
