@@ -27,6 +27,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import AMQPError
 from aiormq.abc import ChannelFrame
 from pamqp.body import ContentBody
@@ -48,9 +49,7 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
     mend LONGHAUL_AMQP_URL (the start would wait its whole timeout, then blame the
     broker's reachability)."""
     with _refusals(url):
-        return await aio_pika.connect_robust(
-            url, timeout=timeout, client_properties={"connection_name": name}
-        )
+        return await _connected(url, name, timeout)
 
 
 async def connect_once(url: str, name: str, timeout: float) -> AbstractConnection:
@@ -98,6 +97,22 @@ async def starting(failed: str, timeout: float) -> AsyncIterator[None]:
         ) from None
     except (AMQPError, OSError, RuntimeError) as exc:
         raise DependencyError(f"RabbitMQ: {failed}: {type(exc).__name__}: {exc}") from None
+
+
+async def _connected(url: str, name: str, timeout: float) -> AbstractRobustConnection:
+    """aio_pika.connect_robust's connection, closed should its connect fail or be cut
+    short (a start's deadline): aio-pika's task that reconnects would go on for ever,
+    ignoring its cancellation, and the event loop's end waited for it (the process hung
+    at its exit, SIGTERM or not)."""
+    connection = aio_pika.RobustConnection(
+        make_url(url), client_properties={"connection_name": name}
+    )
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        await close(connection, timeout)
+        raise
+    return connection
 
 
 async def close(connection: AbstractConnection, timeout: float) -> None:

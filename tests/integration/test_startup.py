@@ -104,6 +104,27 @@ async def test_an_unreachable_dependency_is_one_line_and_exit_code_3(
     assert lines[0].startswith("api: Redis unreachable for 1s (LONGHAUL_START_TIMEOUT_S): ")
 
 
+async def test_a_broker_port_that_never_answers_is_one_line_and_exit_code_3(
+    deployment: Deployment, ports: dict[str, str]
+) -> None:
+    """Something listens there and never answers (a hung broker, a proxy without its
+    backend) past the start timeout: the connect it cut short left aio-pika
+    reconnecting for ever, which held up the process's exit, SIGTERM or not."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections complete; nothing ever reads them
+        env = deployment.env(
+            **ports,
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/",
+            start_timeout_s="1",
+        )
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess("services.api", env))
+    assert (code, lines) == (
+        3,
+        ["api: RabbitMQ unreachable for 1s (LONGHAUL_START_TIMEOUT_S): TimeoutError:"],
+    )
+
+
 @pytest.mark.parametrize(
     ("service", "url", "refused"),
     [
