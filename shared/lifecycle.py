@@ -175,8 +175,10 @@ async def wait_for_dependency(
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001
-            # Any failure to connect is "not reachable yet"; the error names the last one.
-            last = f"{type(exc).__name__}: {exc}".strip()
+            # Any failure to connect is "not reachable yet"; the error names the last one
+            # (by its type alone when it says nothing: a timeout's "TimeoutError:" read
+            # as if its reason had been cut off).
+            last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if time.monotonic() + delay >= deadline or (stop is not None and stop.is_set()):
                 raise StartTimeout(
                     f"{name} unreachable for {timeout:.0f}s (LONGHAUL_START_TIMEOUT_S): {last}"

@@ -121,7 +121,7 @@ async def test_a_broker_port_that_never_answers_is_one_line_and_exit_code_3(
         code, lines = await asyncio.to_thread(_exit, ServiceProcess("services.api", env))
     assert (code, lines) == (
         3,
-        ["api: RabbitMQ unreachable for 1s (LONGHAUL_START_TIMEOUT_S): TimeoutError:"],
+        ["api: RabbitMQ unreachable for 1s (LONGHAUL_START_TIMEOUT_S): TimeoutError"],
     )
 
 
