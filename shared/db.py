@@ -175,10 +175,15 @@ async def require_schema(pool: asyncpg.Pool | asyncpg.Connection) -> None:
 @contextlib.contextmanager
 def starting(failed: str) -> Iterator[None]:
     """Around a statement of a start, once connected: PostgreSQL failing it (a statement
-    timeout behind a lock, a lost connection) stops the start with one line, ``failed``
-    saying what was not done, not a traceback."""
+    timeout behind a lock, a lost connection, a user without the grants) stops the start
+    with one line, ``failed`` saying what was not done, not a traceback."""
     try:
         yield
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # The user's grants are to fix: no wait mends them.
+        raise ConfigError(
+            f"PostgreSQL refused the user of LONGHAUL_DATABASE_URL: {failed}: {exc}"
+        ) from None
     except ANY_PG_ERROR as exc:
         # asyncpg's own timeout (a server silent past command_timeout) says nothing.
         why = (

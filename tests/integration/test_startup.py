@@ -163,6 +163,29 @@ async def test_a_login_postgresql_refuses_is_one_line_and_exit_code_2(
     assert (returncode, err) == (2, f"longhaul: {says}\n")
 
 
+async def test_a_user_without_the_grants_is_one_line_and_exit_code_2(
+    deployment: Deployment, db: asyncpg.Pool, ports: dict[str, str]
+) -> None:
+    """A role PostgreSQL lets in, without the grants on Longhaul's tables: no wait
+    mends them (it said "PostgreSQL: ..." with exit code 3; before, a traceback)."""
+    role = f"lh_nogrants_{deployment.run_id}"
+    await db.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        url = urlsplit(deployment.database_url)
+        dsn = url._replace(netloc=f"{role}@{url.hostname}:{url.port or 5432}").geturl()
+        env = deployment.env(**ports, database_url=dsn)
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess("services.ws_gateway", env))
+    finally:
+        await db.execute(f'DROP ROLE "{role}"')
+    assert (code, lines) == (
+        2,
+        [
+            "ws_gateway: PostgreSQL refused the user of LONGHAUL_DATABASE_URL: schema version"
+            " not read: permission denied for table schema_migrations"
+        ],
+    )
+
+
 @pytest.mark.parametrize(
     ("service", "password", "database", "says"),
     [
