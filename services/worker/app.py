@@ -54,31 +54,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     timeout = settings.io_timeout_s
     async with AsyncExitStack() as stack:
-        pool = await wait_for_dependency(
-            "PostgreSQL",
-            lambda: create_pool(
-                settings.database_url,
-                max_size=min(settings.worker_concurrency + settings.worker_high_reserved + 4, 40),
-                timeout=timeout,
-                generic_plans=True,
-            ),
-            settings.start_timeout_s,
-            stop,
-        )
-        stack.push_async_callback(pool.close)
-        await require_schema(pool)
-        redis: Redis = create_client(settings.redis_url, timeout)
-        stack.push_async_callback(redis.aclose)
-        await wait_for_dependency(
-            "Redis", lambda: ping(redis, settings.redis_url), settings.start_timeout_s, stop
-        )
-        connection = await wait_for_dependency(
-            "RabbitMQ",
-            lambda: amqp.connect(settings.amqp_url, f"longhaul-worker {worker_id}", timeout),
-            settings.start_timeout_s,
-            stop,
-        )
-        stack.push_async_callback(amqp.close, connection, timeout)
+        pool, redis, connection = await _dependencies(settings, stack, stop, worker_id)
 
         # Its statements go without lingering once worker_concurrency deliveries wait
         # for one: normal deliveries alone never reach more (the reserve is for the
@@ -157,6 +133,40 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
             await _drain(settings, consumer, sink, jobs, repo, events, (high_channel, channel))
         log.info("worker stopped")
         await _leave_abandoned(stack, runner.abandoned, runner.handbacks, settings.cancel_grace_s)
+
+
+async def _dependencies(
+    settings: WorkerSettings, stack: AsyncExitStack, stop: Stop, worker_id: str
+) -> tuple[asyncpg.Pool, Redis, AbstractRobustConnection]:
+    """PostgreSQL (its schema checked), Redis and RabbitMQ, each waited for at start and
+    closed by ``stack``."""
+    timeout = settings.io_timeout_s
+    pool = await wait_for_dependency(
+        "PostgreSQL",
+        lambda: create_pool(
+            settings.database_url,
+            max_size=min(settings.worker_concurrency + settings.worker_high_reserved + 4, 40),
+            timeout=timeout,
+            generic_plans=True,
+        ),
+        settings.start_timeout_s,
+        stop,
+    )
+    stack.push_async_callback(pool.close)
+    await require_schema(pool)
+    redis: Redis = create_client(settings.redis_url, timeout)
+    stack.push_async_callback(redis.aclose)
+    await wait_for_dependency(
+        "Redis", lambda: ping(redis, settings.redis_url), settings.start_timeout_s, stop
+    )
+    connection = await wait_for_dependency(
+        "RabbitMQ",
+        lambda: amqp.connect(settings.amqp_url, f"longhaul-worker {worker_id}", timeout),
+        settings.start_timeout_s,
+        stop,
+    )
+    stack.push_async_callback(amqp.close, connection, timeout)
+    return pool, redis, connection
 
 
 class _Jobs:
