@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -35,6 +36,7 @@ from shared.errors import MessageError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.jsonsafe import nul_path
+from shared.lifecycle import EXIT_FAILED
 from shared.logging import task_id_var, trace_id_var
 from shared.schemas import ProgressEvent, TaskMessage, TaskState, parse_task_message
 from shared.taskrows import Row, event_from_row, previous_events
@@ -88,6 +90,14 @@ class Running:
             self.stopped.set_result(None)
 
 
+def _exit_now(why: str) -> None:
+    """End the worker at once: a thread cannot be stopped any other way. What it held is
+    requeued by the reapers once its leases run out, as after a crash."""
+    log.critical(why)
+    logging.shutdown()
+    os._exit(EXIT_FAILED)
+
+
 class Runner:
     def __init__(
         self,
@@ -98,8 +108,11 @@ class Runner:
         failpoints: Failpoints,
         worker_id: str,
         threads: HandlerThreads,
+        exit_now: Callable[[str], None] | None = None,
     ) -> None:
+        """``exit_now`` ends the process at once (tests give a fake): see _abandon."""
         self._settings = settings
+        self._exit_now = exit_now or _exit_now
         self._repo = repo
         self._events = events
         self._registry = registry
@@ -327,6 +340,22 @@ class Runner:
             self.handbacks.hold(handler, message)
         elif running.stop_reason is None:  # timed out: a next attempt may follow
             self.handbacks.hold(handler, message, by_run=True)
+        elif running.stop_reason in (StopReason.FENCED, StopReason.LAPSED) and self._threaded(
+            message.type
+        ):
+            # Not ours any more, or soon not: another worker may run the next attempt now.
+            # An async handler that ignores its cancellation is frozen at its next await
+            # until the loop runs it; a thread runs on. Only the process's end stops it.
+            # The attempt is left to the reaper (its lease runs out), as after a crash.
+            self._exit_now(
+                f"the def handler of task {message.task_id} ({running.stop_reason.value}) did"
+                " not stop within LONGHAUL_CANCEL_GRACE_S: exiting, lest it run beside the"
+                " next attempt"
+            )
+
+    def _threaded(self, type_name: str) -> bool:
+        spec = self._registry.get(type_name)
+        return spec is not None and spec.threaded
 
     def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
         self.abandoned.discard(handler)

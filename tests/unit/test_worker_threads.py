@@ -227,6 +227,49 @@ async def test_a_def_handler_ignoring_ctx_cancelled_is_abandoned_while_its_threa
     assert not runner.abandoned and _abandoned() == before
 
 
+@pytest.mark.parametrize("reason", [StopReason.LAPSED, StopReason.FENCED])
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_a_def_handler_that_outlives_a_lost_lease_ends_the_worker(
+    reason: StopReason, threaded: bool
+) -> None:
+    """Its attempt is another worker's to run now (fenced) or soon (lapsed), and a
+    thread cannot be stopped: past its grace the worker exits at once. An async handler
+    ignoring its cancellation is frozen at its next await instead: no exit for it."""
+    stubborn: Any = _Stubborn() if threaded else _stubborn_async()
+    runner, running, spec = _attempt(stubborn, cancel_grace_s=0.05, threaded=threaded)
+    exits: list[str] = []
+    runner._exit_now = exits.append
+    run = asyncio.create_task(runner._run(spec, running, _Start()))  # type: ignore[arg-type]
+    try:
+        if threaded:
+            await _started(stubborn.started)
+        else:
+            await asyncio.sleep(0.01)
+        running.stop(reason)
+        await run
+        assert len(exits) == (1 if threaded else 0)
+        if threaded:
+            assert reason.value in exits[0] and str(running.claimed.message.task_id) in exits[0]
+    finally:
+        if threaded:
+            stubborn.release.set()
+    handler = running.handler
+    assert handler is not None
+    if not threaded:
+        handler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handler
+
+
+def _stubborn_async() -> Any:
+    async def handler(ctx: Any, args: EmptyArgs) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(SAFETY_S)
+        await asyncio.sleep(SAFETY_S)
+
+    return handler
+
+
 @pytest.mark.parametrize(
     ("reason", "settled"),
     [
