@@ -18,6 +18,12 @@ class _Clock:
     make ids from threads)."""
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        # In a forked child too: a new lock (a thread of the parent may have held the
+        # old one), and no last id, lest the child's next in the same millisecond be
+        # the parent's next (the last's random bits plus one).
         self.lock = threading.Lock()
         self.last = (0, 0)
 
@@ -53,7 +59,14 @@ class _Entropy:
 
 
 _entropy = _Entropy()
-os.register_at_fork(after_in_child=_entropy.clear)
+
+
+def _forked() -> None:
+    _clock.clear()
+    _entropy.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def random_hex(n_bytes: int = 16) -> str:

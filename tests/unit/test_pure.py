@@ -172,26 +172,38 @@ def test_random_hex_spans_draws_without_repeating() -> None:
 
 
 def test_forked_child_draws_its_own_random_bytes() -> None:
-    """A child forked with a half-used buffer does not hand out its parent's next bytes.
-    (In a fresh interpreter: forking pytest's threads would risk the child.)"""
+    """A child forked with a half-used buffer does not hand out its parent's next bytes,
+    nor its parent's next id. (In a fresh interpreter: forking pytest's threads would
+    risk the child.)"""
     script = """if True:
-        import os
-        from shared.ids import random_hex
+        import os, time
+        from shared.ids import random_hex, uuid7
         random_hex()  # the buffer now holds bytes the parent has not used
+        ms = time.time_ns() // 1_000_000
+        while time.time_ns() // 1_000_000 == ms:  # a fresh millisecond: room for ids
+            pass
+        uuid7()  # the parent's last id, which its next one in the millisecond follows
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.write(write_end, random_hex().encode())
+            from shared import ids
+            # No last id of the parent's to follow (so not its next one), checked as
+            # such: the fork rarely falls within the millisecond of that last id.
+            fresh = ids._clock.last == (0, 0) and not ids._clock.lock.locked()
+            os.write(write_end, f"{random_hex()} {uuid7()} {fresh}".encode())
             os._exit(0)
         os.waitpid(pid, 0)
-        print(os.read(read_end, 64).decode(), random_hex())
+        print(os.read(read_end, 128).decode(), random_hex(), uuid7())
     """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
-    childs, parents = done.stdout.split()
-    assert len(childs) == len(parents) == 32
-    assert childs != parents
+    child_hex, child_id, fresh, parent_hex, parent_id = done.stdout.split()
+    assert fresh == "True"
+    assert len(child_hex) == len(parent_hex) == 32
+    assert child_hex != parent_hex
+    # Made in the same millisecond or not, the two never share an id.
+    assert child_id != parent_id
 
 
 # ---------------------------------------------------------------- keys
