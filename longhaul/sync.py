@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from longhaul.client import Client, RetryPolicy
-from shared.schemas import ProgressEvent, Task, TaskState
+from shared.schemas import ProgressEvent, Schedule, Task, TaskState
 
 T = TypeVar("T")
 
@@ -147,6 +147,59 @@ class SyncClient:
     def retry(self, task_id: UUID | str) -> Task:
         """See ``Client.retry``."""
         return self._call(self._client.retry(task_id))
+
+    # ------------------------------------------------------------ schedules
+
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        type: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout_s: float | None = None,
+        enabled: bool = True,
+    ) -> Schedule:
+        """See ``Client.create_schedule``."""
+        return self._call(
+            self._client.create_schedule(
+                name,
+                cron,
+                type,
+                args,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout_s=timeout_s,
+                enabled=enabled,
+            )
+        )
+
+    def schedules(self, *, page: int = 50) -> Generator[Schedule, None, None]:
+        """See ``Client.schedules``: a page is read when the one before is used up."""
+        return self._iterate(self._client.schedules(page=page))
+
+    def get_schedule(self, schedule_id: UUID | str) -> Schedule:
+        """See ``Client.get_schedule``."""
+        return self._call(self._client.get_schedule(schedule_id))
+
+    def update_schedule(
+        self,
+        schedule_id: UUID | str,
+        *,
+        enabled: bool | None = None,
+        cron: str | None = None,
+        args: Mapping[str, Any] | None = None,
+    ) -> Schedule:
+        """See ``Client.update_schedule``."""
+        return self._call(
+            self._client.update_schedule(schedule_id, enabled=enabled, cron=cron, args=args)
+        )
+
+    def delete_schedule(self, schedule_id: UUID | str) -> None:
+        """See ``Client.delete_schedule``."""
+        self._call(self._client.delete_schedule(schedule_id))
 
     # ------------------------------------------------------------ progress
 
