@@ -222,7 +222,11 @@ def _schedule_paths() -> dict[str, Any]:
                         **_content(Schedule),
                         "headers": {"Location": {"schema": {"type": "string"}}},
                     },
-                    "409": _problem("the tenant has a schedule of this name (`schedule-exists`)"),
+                    "409": _problem(
+                        "the tenant has a schedule of this name (`schedule-exists`), or as"
+                        " many schedules as LONGHAUL_MAX_SCHEDULES_PER_TENANT allows"
+                        " (`schedule-limit`)"
+                    ),
                     **_COMMON,
                     **_schedule_body_errors(),
                 },

@@ -44,6 +44,14 @@ WHERE task_id = ANY($1::uuid[]) AND claimed_until IS NOT NULL
 """
 
 
+class ScheduleLimit(Exception):
+    """The tenant has as many schedules as LONGHAUL_MAX_SCHEDULES_PER_TENANT allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
 class OutcomeUnknown(Exception):
     """The connection broke while tasks were being inserted, and whether they were
     stored could not be found out (PostgreSQL away): they may run, or not."""
@@ -471,11 +479,18 @@ class ApiRepository:
         tenant_id: UUID,
         new: ScheduleRequest,
         first_run: Callable[[datetime], datetime | None],
+        limit: int,
     ) -> Row | None:
         """Store a schedule; None when the tenant has one of that name. Its next fire
         time is ``first_run`` of the database's clock, which every fire time of the
-        workers is compared with."""
+        workers is compared with. ScheduleLimit when the tenant has ``limit`` already
+        (counted first: concurrent creations may pass it by a few)."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
+            held = await conn.fetchval(
+                "SELECT count(*) FROM schedules WHERE tenant_id = $1", tenant_id
+            )
+            if held >= limit:
+                raise ScheduleLimit(limit)
             now: datetime = await conn.fetchval("SELECT now()")
             try:
                 return await conn.fetchrow(

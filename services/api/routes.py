@@ -18,7 +18,7 @@ from services.api import requests as rq
 from services.api import scheduling
 from services.api.context import SERVICES, Services
 from services.api.problems import ProblemException, validation_problem
-from services.api.repository import Principal
+from services.api.repository import Principal, ScheduleLimit
 from services.api.views import schedule_document, task_document
 from shared import cron, deadletters, tasktypes, wstokens
 from shared.ids import random_hex, uuid7
@@ -521,9 +521,21 @@ async def create_schedule(request: web.Request) -> web.Response:
     errors = _cron_errors(new.cron, ["body", "cron"]) + refused
     if errors:
         raise _invalid(errors)
-    row = await svc.repo.create_schedule(
-        principal.tenant_id, new, functools.partial(scheduling.first_run, new)
-    )
+    try:
+        row = await svc.repo.create_schedule(
+            principal.tenant_id,
+            new,
+            functools.partial(scheduling.first_run, new),
+            svc.settings.max_schedules_per_tenant,
+        )
+    except ScheduleLimit as exc:
+        raise ProblemException(
+            409,
+            "Conflict",
+            f"this tenant has {exc.limit} schedules, as many as this deployment allows"
+            " (LONGHAUL_MAX_SCHEDULES_PER_TENANT): delete one first",
+            slug="schedule-limit",
+        ) from None
     if row is None:
         raise ProblemException(
             409,

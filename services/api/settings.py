@@ -23,6 +23,10 @@ class ApiSettings(CommonSettings):
     # Per-tenant token bucket shared by all API processes (Redis); 0 disables it.
     rate_limit_per_s: float = Field(default=200.0, ge=0)
     rate_limit_burst: int = Field(default=400, ge=1)
+    # Schedules one tenant may have: each fires tasks that no rate limit or back
+    # pressure of the API's refuses (they go straight to the outbox), so without a cap
+    # one tenant's 429s could be turned into unbounded every-minute tasks.
+    max_schedules_per_tenant: int = Field(default=1000, ge=1)
     ws_token_ttl_s: float = Field(default=60.0, gt=0, le=3600)
     # A task token opens its task's SSE stream again and again (an EventSource's own
     # reconnects): it should outlast the task's connection losses, and bounds how long

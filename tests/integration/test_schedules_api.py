@@ -233,3 +233,37 @@ async def test_another_tenants_schedules_are_not_found_through_any_route(
         assert status == 404
     async with http.get(url) as r:
         assert r.status == 401 and r.content_type == PROBLEM
+
+
+async def test_a_tenant_has_at_most_the_schedules_the_deployment_allows(
+    isolated: Isolated, http: aiohttp.ClientSession
+) -> None:
+    """Their fires pass no rate limit: past LONGHAUL_MAX_SCHEDULES_PER_TENANT a creation
+    is a 409 problem, for that tenant alone, until one of its schedules is deleted."""
+    env = isolated.deployment.env()
+    await register_task_types(env)
+    system = System(env)
+    try:
+        await system.start_api(rate_limit_per_s="0", max_schedules_per_tenant="2")
+        url = f"{system.api_url}/v1/schedules"
+        a, b = isolated.tenant, await create_tenant(isolated.db)
+
+        def body(name: str) -> dict[str, Any]:
+            return {"name": name, "cron": "@daily", "type": "demo.noop", "args": {}}
+
+        made = []
+        for name in ("one", "two"):
+            status, doc, _ = await _call(http, "POST", url, a, body(name))
+            assert status == 201, doc
+            made.append(doc["id"])
+        status, problem, _ = await _call(http, "POST", url, a, body("three"))
+        assert status == 409 and problem["type"].endswith("schedule-limit"), problem
+        assert "LONGHAUL_MAX_SCHEDULES_PER_TENANT" in problem["detail"]
+        status, _, _ = await _call(http, "POST", url, b, body("three"))
+        assert status == 201  # another tenant's count is its own
+        status, _, _ = await _call(http, "DELETE", f"{url}/{made[0]}", a)
+        assert status == 204
+        status, doc, _ = await _call(http, "POST", url, a, body("three"))
+        assert status == 201, doc
+    finally:
+        system.stop()
