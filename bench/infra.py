@@ -338,6 +338,7 @@ class BenchEnv:
             [*self.wire.queues, *self.extra_queues],
             [*self.wire.exchanges, *self.extra_exchanges],
             timeout=10,
+            force=True,
         )
 
 

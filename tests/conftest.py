@@ -115,7 +115,7 @@ async def drop_namespace(dep: Deployment, redis: Redis) -> None:
     """Delete a namespace's queues, exchanges and Redis keys, as ``longhaul namespace
     delete`` does."""
     await unlink_keys(redis, dep.wire.redis_prefix)
-    await delete_amqp(dep.amqp_url, dep.wire.queues, dep.wire.exchanges, timeout=10)
+    await delete_amqp(dep.amqp_url, dep.wire.queues, dep.wire.exchanges, timeout=10, force=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ of the one, nothing of the other, and a database only when asked."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -17,8 +18,9 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 from redis.asyncio import Redis
 
-from shared import amqp
+from shared import amqp, decommission
 from shared.db import migrate
+from shared.errors import Refused
 from shared.settings import CommonSettings
 from shared.wire import Wire
 from tests.conftest import (
@@ -302,7 +304,10 @@ async def test_drop_database_refuses_while_connected_and_drops_it_once_not(
 
         code, out, err = await _delete(dep, "--drop-database")
         assert code == 0, err
-        assert f"database {this.name}: to be dropped (0 other sessions)" in out.splitlines()
+        assert (
+            f"database {this.name}: to be dropped (0 other sessions, 0 unfinished tasks,"
+            " 0 unpublished outbox rows)"
+        ) in out.splitlines()
         assert await _exists(this.name)
 
         code, out, err = await _delete(dep, "--drop-database", "--yes")
@@ -311,6 +316,134 @@ async def test_drop_database_refuses_while_connected_and_drops_it_once_not(
         assert not await _exists(this.name)
         assert await this.queues() == dict.fromkeys(this.wire.queues, None)
         await _untouched(pair.neighbour, redis, messages=0)
+
+
+async def test_drop_database_refuses_while_tasks_and_outbox_rows_are_left_in_it(
+    pair: Pair, redis: Redis
+) -> None:
+    """Every process stopped, no session left: a task still queued and its outbox row
+    (not yet published) are work the drop would lose, refused unless forced."""
+    this = pair.this
+    async with scratch_database(this.name, create=False) as url:
+        dep = replace(this.deployment, database_url=url)
+        await migrate(url, timeout=30)
+        session = await asyncpg.connect(url)
+        try:
+            tenant, task = uuid.uuid4(), uuid.uuid4()
+            await session.execute("INSERT INTO tenants (id, name) VALUES ($1, 't')", tenant)
+            await session.execute(
+                "INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, timeout_s)"
+                " VALUES ($1, $2, 'echo', '{}', 'queued', 3, 30)",
+                task,
+                tenant,
+            )
+            # A finished task is no work left.
+            await session.execute(
+                "INSERT INTO tasks (id, tenant_id, type, args, state, max_attempts, timeout_s)"
+                " VALUES ($1, $2, 'echo', '{}', 'succeeded', 3, 30)",
+                uuid.uuid4(),
+                tenant,
+            )
+            await session.execute(
+                "INSERT INTO outbox (task_id, attempt, body, available_at)"
+                " VALUES ($1, 1, '\\x7b7d', now() + interval '1 hour')",
+                task,
+            )
+        finally:
+            await session.close()
+        await _sessions(this.name, 0)
+        code, out, err = await _delete(dep, "--drop-database", "--yes")
+        assert (code, out) == (1, ""), err
+        assert err == (
+            f"longhaul: namespace {this.name} is in use: database {this.name} holds 1"
+            " unfinished task and 1 unpublished outbox row. Stop its processes and let its"
+            " queues drain, or give --force to delete it anyway\n"
+        )
+        assert await _exists(this.name)
+        await _untouched(this, redis, messages=0)
+        # The dry run lists them, and --force drops them with the database.
+        code, out, err = await _delete(dep, "--drop-database", "--force")
+        assert code == 0, err
+        assert (
+            f"database {this.name}: to be dropped (0 other sessions, 1 unfinished task,"
+            " 1 unpublished outbox row)"
+        ) in out.splitlines()
+        code, out, err = await _delete(dep, "--drop-database", "--yes", "--force")
+        assert code == 0, err
+        assert out.splitlines()[-1] == f"dropped database {this.name}"
+        assert not await _exists(this.name)
+
+
+async def test_a_queue_in_use_since_the_survey_is_not_deleted_unless_forced(
+    pair: Pair, redis: Redis
+) -> None:
+    """A message published between the survey and the delete: the queue is looked at
+    again just before its delete, refused, and left with its message."""
+    this = pair.this
+    dep = this.deployment
+    settings = CommonSettings(
+        namespace=this.name,
+        amqp_url=dep.amqp_url,
+        redis_url=dep.redis_url,
+        database_url=dep.database_url,
+    )
+    found = await decommission.survey(settings, database=False)
+    assert decommission.refusal(found, force=False) is None
+    await this.publish(1)
+    await _depth(this, 1)
+    with pytest.raises(Refused) as refused:
+        await decommission.delete(settings, found, force=False)
+    assert str(refused.value) == (
+        f"queue {this.wire.tasks_queue} has 1 message ready since the survey: deletion"
+        " stopped before it. Stop its processes and let its queues drain, or give --force"
+        " to delete it anyway"
+    )
+    await _untouched(this, redis, messages=1)
+    # Each look and delete on a channel of its own: an absent queue's passive declare
+    # (the broker closes that channel) fails nothing after it.
+    done = await decommission.delete(settings, found, force=True)
+    assert (done.queues, done.messages) == (3, 1)
+    assert await this.queues() == dict.fromkeys(this.wire.queues, None)
+    done = await decommission.delete(settings, found, force=False)
+    assert (done.queues, done.messages, done.keys) == (0, 0, 0)
+    await _untouched(pair.neighbour, redis, messages=0)
+
+
+async def test_a_queue_with_a_consumer_since_the_survey_is_refused_by_the_last_look(
+    pair: Pair,
+) -> None:
+    this = pair.this
+    channel = await this.broker.channel()
+    queue = await channel.get_queue(this.wire.high_tasks_queue, ensure=False)
+
+    async def take(message: AbstractIncomingMessage) -> None:
+        await message.ack()
+
+    await queue.consume(take)
+    high = this.wire.high_tasks_queue
+
+    async def counted() -> bool:
+        probe = await this.broker.channel()
+        try:
+            declared = await probe.declare_queue(high, passive=True)
+            return declared.declaration_result.consumer_count == 1
+        finally:
+            await probe.close()
+
+    # The broker counts the consumer once its consume is registered.
+    await eventually(counted, what="the consumer counted")
+    connection = await amqp.connect_once(this.deployment.amqp_url, "longhaul-test", 10)
+    try:
+        with pytest.raises(Refused) as refused:
+            await decommission.delete_queue(connection, high, 10, force=False)
+        assert str(refused.value).startswith(f"queue {high} has 1 consumer since the survey")
+        assert (await this.queues())[high] == 0
+        # An absent queue is no error, and nothing to count.
+        absent = f"{this.name}.absent"
+        assert await decommission.delete_queue(connection, absent, 10, force=False) is None
+    finally:
+        await connection.close()
+        await channel.close()
 
 
 async def test_drop_database_with_force_ends_the_sessions(pair: Pair) -> None:

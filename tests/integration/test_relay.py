@@ -85,7 +85,7 @@ async def broker(deployment: Deployment) -> AsyncIterator[Broker]:
         yield Broker(wire, connection, channel, topology)
     finally:
         await connection.close()
-        await delete_amqp(deployment.amqp_url, wire.queues, wire.exchanges, timeout=10)
+        await delete_amqp(deployment.amqp_url, wire.queues, wire.exchanges, timeout=10, force=True)
 
 
 @pytest.fixture

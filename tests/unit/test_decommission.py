@@ -10,10 +10,12 @@ from aio_pika.abc import AbstractChannel
 
 from shared import amqp
 from shared.decommission import (
+    COUNT_CAP,
     Database,
     Deleted,
     Queue,
     Survey,
+    busy,
     describe,
     key_pattern,
     refusal,
@@ -115,7 +117,16 @@ def test_the_listing_names_each_queue_with_its_messages_and_the_database_left_al
     ("database", "line"),
     [
         (Database("ns", exists=False), "database ns: absent"),
-        (Database("ns", True, 1, True), "database ns: to be dropped (1 other session)"),
+        (
+            Database("ns", True, 1, True),
+            "database ns: to be dropped (1 other session, 0 unfinished tasks,"
+            " 0 unpublished outbox rows)",
+        ),
+        (
+            Database("ns", True, 0, True, tasks=1, outbox=COUNT_CAP),
+            "database ns: to be dropped (0 other sessions, 1 unfinished task,"
+            f" at least {COUNT_CAP} unpublished outbox rows)",
+        ),
     ],
 )
 def test_the_listing_says_what_becomes_of_the_database(database: Database, line: str) -> None:
@@ -163,3 +174,25 @@ def test_the_summary_counts_what_went_and_names_the_dropped_database() -> None:
         "deleted 1 queue (0 messages), 2 exchanges and 1 Redis key of namespace ns"
     ]
     assert summary("ns", Deleted(3, 5, 2, 0, "ns"))[1:] == ["dropped database ns"]
+
+
+def test_work_left_in_the_database_to_drop_is_refused_in_one_line_unless_forced() -> None:
+    """With every process stopped, tasks not finished and outbox rows not yet published
+    would go with the database: as much in use as a queue's messages."""
+    for tasks, outbox, held in [
+        (2, 0, "2 unfinished tasks"),
+        (0, 1, "1 unpublished outbox row"),
+        (COUNT_CAP, 3, f"at least {COUNT_CAP} unfinished tasks and 3 unpublished outbox rows"),
+    ]:
+        survey = _survey(database=Database("ns", True, 0, True, tasks=tasks, outbox=outbox))
+        assert refusal(survey, force=False) == (
+            f"namespace ns is in use: database ns holds {held}. Stop its processes and let"
+            " its queues drain, or give --force to delete it anyway"
+        )
+        assert refusal(survey, force=True) is None
+
+
+def test_a_queue_is_busy_with_a_consumer_or_ready_messages() -> None:
+    assert busy(Queue("q", 0, 0)) is None
+    assert busy(Queue("q", 1, 0)) == "queue q has 1 message ready"
+    assert busy(Queue("q", 2, 1)) == "queue q has 1 consumer and 2 messages ready"
