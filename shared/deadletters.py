@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from shared import outbox
+from shared import outbox, pages
 from shared.ids import uuid7
 from shared.outbox import Connection
 from shared.schemas import TaskMessage, encode_task_message, format_ts
@@ -66,24 +66,8 @@ async def keep_exhausted(conn: Connection, messages: Sequence[TaskMessage]) -> s
 async def list_page(
     conn: Connection, tenant_id: UUID | None, before: UUID | None, limit: int
 ) -> list[Row]:
-    """Newest first; ``tenant_id`` None lists every tenant's and those of no tenant.
-
-    Each filter is spelled out only when given: a prepared statement's generic plan
-    cannot use an index for ``($1 IS NULL OR tenant_id = $1)``."""
-    where: list[str] = []
-    args: list[Any] = []
-    for clause, value in (("tenant_id = ${}", tenant_id), ("id < ${}", before)):
-        if value is not None:
-            args.append(value)
-            where.append(clause.format(len(args)))
-    args.append(limit)
-    condition = f"WHERE {' AND '.join(where)}" if where else ""
-    return list(
-        await conn.fetch(
-            f"SELECT {COLUMNS} FROM dead_letters {condition} ORDER BY id DESC LIMIT ${len(args)}",
-            *args,
-        )
-    )
+    """Newest first; ``tenant_id`` None lists every tenant's and those of no tenant."""
+    return await pages.newest_first(conn, "dead_letters", COLUMNS, tenant_id, before, limit)
 
 
 async def redrive_blocker(
