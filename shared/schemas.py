@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -343,6 +344,16 @@ class SchedulePage(BaseModel):
 class ProblemError(BaseModel):
     loc: list[str | int]
     msg: str
+
+
+def summary(errors: Sequence[ProblemError], whole: Sequence[str | int] = ()) -> str:
+    """A problem's detail from its first errors: "body.args.n: must be ..." each. An
+    error at ``whole`` itself (the body) is its message alone, which names it."""
+    detail = "; ".join(
+        err.msg if len(err.loc) == len(whole) else f"{'.'.join(map(str, err.loc))}: {err.msg}"
+        for err in errors[:3]
+    )
+    return detail + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
 
 
 class Problem(BaseModel):

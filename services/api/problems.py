@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from shared.logging import request_id_var
-from shared.schemas import Problem, ProblemError
+from shared.schemas import Problem, ProblemError, summary
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,6 @@ def validation_problem(
 ) -> ProblemException:
     errors = [ProblemError(loc=[*prefix, *e["loc"]], msg=_message(e)) for e in exc.errors()]
     return ProblemException(422, title, summary(errors, prefix), slug="validation", errors=errors)
-
-
-def summary(errors: Sequence[ProblemError], whole: Sequence[str | int] = ()) -> str:
-    """A problem's detail from its first errors: "body.args.n: must be ..." each. An
-    error at ``whole`` itself (the body) is its message alone, which names it."""
-    detail = "; ".join(
-        err.msg if len(err.loc) == len(whole) else f"{'.'.join(map(str, err.loc))}: {err.msg}"
-        for err in errors[:3]
-    )
-    return detail + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
 
 
 @web.middleware

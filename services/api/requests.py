@@ -17,11 +17,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from services.api import meaning
-from services.api.problems import ProblemException, summary, validation_problem
+from services.api.problems import ProblemException, validation_problem
 from services.api.timestamps import BadTimestamp, parse_rfc3339
 from shared.digits import decimal_int
 from shared.jsonsafe import MAX_DEPTH, deeper_than, nul_path
-from shared.schemas import ProblemError, TaskRequest, TaskState, is_task_type
+from shared.schemas import ProblemError, TaskRequest, TaskState, is_task_type, summary
 from shared.taskrows import Row
 
 M = TypeVar("M", bound=BaseModel)

@@ -33,6 +33,7 @@ from shared.schemas import (
     WsTokenRequest,
     format_ts,
     schedule_task,
+    summary,
 )
 from shared.states import RERUNNABLE
 from shared.taskrows import Row, event_from_row
@@ -183,11 +184,7 @@ async def _typed(
 
 def _invalid(errors: Sequence[ProblemError]) -> ProblemException:
     return ProblemException(
-        422,
-        "Invalid request",
-        "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3]),
-        slug="validation",
-        errors=errors,
+        422, "Invalid request", summary(errors), slug="validation", errors=errors
     )
 
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from shared import cron, tasktypes
 from shared.ids import random_hex, uuid7
 from shared.newtasks import NewTask
-from shared.schemas import ProblemError, format_ts, schedule_task
+from shared.schemas import format_ts, schedule_task, summary
 from shared.taskrows import Row
 
 # What a due schedule's row gives plan().
@@ -133,12 +133,6 @@ def _fire(
     request, refused = tasktypes.check(info, request, [])
     if refused:
         reason = Skipped.INVALID_ARGS if info is not None else Skipped.UNKNOWN_TYPE
-        return skip(reason, _said(refused), next_run_at)
+        return skip(reason, summary(refused), next_run_at)
     task = NewTask(id=new_id(), request=request, trace_id=new_trace())
     return Fire(row["id"], row["tenant_id"], due_at, next_run_at, task)
-
-
-def _said(errors: Sequence[ProblemError]) -> str:
-    """Errors as a problem's detail says them: "args.n: ..." each, the first three."""
-    said = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:3])
-    return said + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
