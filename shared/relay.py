@@ -109,10 +109,13 @@ _RELEASE_HANDED = "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::big
 # Claimed rows whose claimer died (its owner lock is gone with its connection), released
 # to every relay's poll. Advisory locks are per database: pg_locks shows every one's.
 # Rows another relay holds (releasing them too, or publishing them) are skipped, not
-# waited for: this runs in the flush loop.
+# waited for: this runs in the flush loop. The rows are collected once, into an array:
+# as ``id IN (subquery)``, a plan made while the outbox was empty (a worker's generic
+# plans are made on the first call) ran the locking subquery once per outbox row, a
+# read of the whole outbox for each of its rows (1 s a call at 1,700 rows).
 _RELEASE_ORPHANS = """
 UPDATE outbox SET claimed_until = NULL
-WHERE id IN (
+WHERE id = ANY(ARRAY(
     SELECT id FROM outbox
     WHERE claimed_until > now() AND claimed_by IS NOT NULL
       AND available_at < now() - make_interval(secs => $2)
@@ -122,7 +125,7 @@ WHERE id IN (
             AND l.classid::bigint = $1
             AND l.database = (
                 SELECT oid FROM pg_database WHERE datname = current_database()))
-    FOR UPDATE SKIP LOCKED)
+    FOR UPDATE SKIP LOCKED))
 RETURNING id
 """
 

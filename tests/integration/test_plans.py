@@ -20,7 +20,9 @@ Caught before, each reading a number of rows that grew with the table:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -31,9 +33,18 @@ from services.worker.repository import WorkerRepository
 from services.ws_gateway.repository import TaskRepository
 from shared.db import create_pool, migrate
 from shared.ids import uuid7
-from shared.relay import _CLAIM, _DELETE_PUBLISHED, _PROMOTE, _RELEASE_HANDED, Handed
+from shared.relay import (
+    _CLAIM,
+    _DELETE_PUBLISHED,
+    _PROMOTE,
+    _RELEASE_HANDED,
+    _RELEASE_ORPHANS,
+    ORPHAN_AFTER_S,
+    OWNER_LOCK_CLASS,
+    Handed,
+)
 from shared.schemas import TaskMessage, TaskRequest
-from tests.conftest import PG_ADMIN_URL, Deployment
+from tests.conftest import PG_ADMIN_URL, Deployment, scratch_database
 
 HISTORY = 20_000
 RUNNING = 2_000
@@ -193,3 +204,59 @@ async def _one_task(api: ApiRepository, worker: WorkerRepository, tenant: UUID) 
     assert await worker.progress(new.id, 1, 0.5, "half") is not None
     assert await worker.renew_leases({new.id: 1}, "w1", 30.0) == ([], [], [new.id])
     return new.id
+
+
+def _outbox_rows_read(plan: dict[str, Any]) -> int:
+    """Outbox rows an EXPLAIN ANALYZE plan (JSON) read, over every node and loop."""
+    own = 0
+    if plan.get("Relation Name") == "outbox":
+        seen = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+        own = seen * plan["Actual Loops"]
+    return own + sum(_outbox_rows_read(child) for child in plan.get("Plans", []))
+
+
+async def test_the_orphan_check_reads_the_outbox_once_with_a_plan_made_when_it_was_empty(
+    deployment: Deployment,
+) -> None:
+    """Every relay looks for a dead process's rows once a second. A worker's plans are
+    generic and made on the first call, when the outbox of a new deployment is empty;
+    then a backlog builds up. With that plan, the check must read each outbox row once:
+    it read the whole outbox again for each of its rows (1 s a call at 1,700 rows)."""
+    backlog = 2_000
+    async with scratch_database(f"{deployment.namespace}_orphans", create=False) as url:
+        await migrate(url, timeout=30)
+        conn = await asyncpg.connect(url, server_settings={"plan_cache_mode": "force_generic_plan"})
+        try:
+            await conn.execute("VACUUM ANALYZE outbox")
+            await conn.execute(f"PREPARE orphans(bigint, float8) AS {_RELEASE_ORPHANS}")
+            check = f"EXECUTE orphans({OWNER_LOCK_CLASS}, {ORPHAN_AFTER_S})"
+            assert await conn.fetch(check) == []  # the plan, made on an empty outbox
+            live, dead = 7, 8
+            assert await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, live
+            )
+            ids = await conn.fetch(
+                """
+                INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until,
+                                    claimed_by)
+                SELECT gen_random_uuid(), 1, '', now() - interval '10 seconds',
+                       now() + interval '1 hour', CASE WHEN n <= 5 THEN $1::int ELSE $2::int END
+                FROM generate_series(1, $3) AS n
+                RETURNING id, claimed_by
+                """,
+                dead,
+                live,
+                backlog,
+            )
+            explaining = conn.transaction()
+            await explaining.start()
+            try:  # EXPLAIN ANALYZE releases them too: undone, for the real call below
+                explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {check}")
+            finally:
+                await explaining.rollback()
+            read = _outbox_rows_read(json.loads(explained)[0]["Plan"])
+            assert read <= 3 * backlog, f"{read} outbox rows read for a backlog of {backlog}"
+            released = sorted(r["id"] for r in await conn.fetch(check))
+            assert released == sorted(r["id"] for r in ids if r["claimed_by"] == dead)
+        finally:
+            await conn.close()
