@@ -71,15 +71,17 @@ def _pg_url(database: str) -> str:
 async def scratch_database(name: str, *, create: bool) -> AsyncIterator[str]:
     """The URL of database ``name``, created empty (``create``) or left for the code
     under test to create; dropped before and after, even when the test fails."""
-    admin = await asyncpg.connect(PG_ADMIN_URL)
+    await drop_database(PG_ADMIN_URL, name, force=True, timeout=30)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if create:
-            await admin.execute(f'CREATE DATABASE "{name}"')
+            admin = await asyncpg.connect(PG_ADMIN_URL)
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await admin.close()
         yield _pg_url(name)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(PG_ADMIN_URL, name, force=True, timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ from shared.relay import (
     Handed,
 )
 from shared.schemas import TaskMessage, TaskRequest
-from tests.conftest import PG_ADMIN_URL, Deployment, scratch_database
+from tests.conftest import Deployment, scratch_database
 
 HISTORY = 20_000
 RUNNING = 2_000
@@ -55,22 +55,14 @@ PER_STATEMENT = 20
 
 @pytest.fixture
 async def big_db(deployment: Deployment) -> AsyncIterator[str]:
-    name = f"{deployment.namespace}_plans"
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    await migrate(url, timeout=30)
-    try:
+    async with scratch_database(f"{deployment.namespace}_plans", create=False) as url:
+        await migrate(url, timeout=30)
         conn = await asyncpg.connect(url)
         try:
             await _load(conn)
         finally:
             await conn.close()
         yield url
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def _load(conn: asyncpg.Connection) -> None:
