@@ -16,7 +16,9 @@ Caught before, each reading a number of rows that grew with the table:
 * the success statement and its siblings went through the index of running tasks'
   leases, reading every running task's entry for each one they changed;
 * cancelling a queued task read the whole outbox, delayed tasks' messages included;
-* a tenant's page of dead letters read every tenant's."""
+* a tenant's page of dead letters read every tenant's;
+* the relays' orphan check, planned on an empty outbox, read the whole outbox again
+  for each of its rows (its own test, below)."""
 
 from __future__ import annotations
 
