@@ -241,10 +241,16 @@ class Runner:
                             return_when=asyncio.FIRST_COMPLETED,
                         )
                     timed_out = not handler.done() and not stopped.done()
-                if timed_out and not handler.done():
+                cut = timed_out and not handler.done()
+                if cut:
                     handler.cancel()
                 if not handler.done():
                     await asyncio.wait({handler}, timeout=self._settings.cancel_grace_s)
+                if cut and _ended_unstopped(handler):
+                    # A def handler's thread returned before the deadline's cancel reached
+                    # it, its result still on its way to the loop (a turn behind the
+                    # timer): it never saw the stop, and its end stands as a turn earlier.
+                    timed_out = False
             finally:
                 # Past its grace, or this run itself was cancelled (the last step of a
                 # stopping worker's drain): either way nobody waits for the handler now.
@@ -377,9 +383,7 @@ class Runner:
     ) -> Outcome:
         if (
             reason in (StopReason.SHUTDOWN, StopReason.CANCELLED)
-            and handler.done()
-            and not handler.cancelled()
-            and handler.cancelling() == 0  # never told to stop: it ended first
+            and _ended_unstopped(handler)
             and handler.exception() is None
         ):
             # It succeeded in the same turn as the stop came: its effects are done, and
@@ -545,6 +549,13 @@ async def _call(handler: Callable[[], Awaitable[Any]]) -> Any:
         # Raised in a handler they would stop the whole worker (its other tasks with
         # it); a handler's exception fails its attempt.
         raise RuntimeError(f"the handler raised {type(exc).__name__}") from exc
+
+
+def _ended_unstopped(handler: asyncio.Task[Any]) -> bool:
+    """Whether the handler ended and no stop reached it: done, not cancelled, not told
+    (cancelling() is 0; a def handler's run uncancels itself when its thread had
+    returned before the stop came, see ThreadRun)."""
+    return handler.done() and not handler.cancelled() and handler.cancelling() == 0
 
 
 def start_handler(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:

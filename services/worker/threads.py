@@ -66,8 +66,8 @@ class ThreadRun:
             except asyncio.CancelledError:
                 if work.done():
                     # It ended before the stop came and never saw it: as for an async
-                    # handler already done, the stop does not reach it (its success
-                    # stands, see Runner._outcome).
+                    # handler already done, the stop does not reach it (its end stands,
+                    # a stop's or a deadline's: see the runner's _ended_unstopped).
                     _uncancel()
                     continue
                 told = True

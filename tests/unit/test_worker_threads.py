@@ -376,6 +376,93 @@ async def test_a_stop_after_the_thread_returned_does_not_reach_it(
         assert (outcome.state, outcome.result) == ("succeeded", "done")
 
 
+class _Clocked(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test moves it: a timer (the run's
+    deadline) fires in the turn the test chooses, never before."""
+
+    now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class _Shown(_Start):
+    """A _Start that tells when the run showed the attempt started: from then on it waits
+    for the handler, its stop or its deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = asyncio.Event()
+
+    async def emit(self, events: Sequence[ProgressEvent] = ()) -> None:
+        await super().emit(events)
+        self.shown.set()
+
+
+@pytest.mark.parametrize(
+    ("threaded", "told", "fails"),
+    [(True, False, False), (True, False, True), (True, True, False), (False, False, False)],
+)
+def test_a_handler_that_ended_as_its_deadline_fired_did_not_time_out(
+    threaded: bool, told: bool, fails: bool
+) -> None:
+    """The deadline's timer and the handler's end reach the loop in the same turn: a
+    def handler's thread returned, its result one turn behind the timer on its way to
+    the loop, or an async handler's await resolved. Its result stands, as it would have
+    a turn earlier (a timeout would run it again), and so does what it raised. A def
+    handler still running when the deadline fired is told to stop, and timed out
+    whatever it returns after."""
+    go = threading.Event()
+    timeout_s = 10.0
+
+    def blocks(ctx: SyncTaskContext, args: EmptyArgs) -> str:
+        (ctx.cancelled if told else go).wait(SAFETY_S)
+        if fails:
+            raise PermanentError("no such customer", type="no_customer")
+        return "done"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, _Clocked)
+        gate: asyncio.Future[None] = loop.create_future()
+
+        async def awaits(ctx: Any, args: EmptyArgs) -> str:
+            await gate
+            return "done"
+
+        runner, running, spec = _attempt(
+            blocks if threaded else awaits, cancel_grace_s=SAFETY_S, threaded=threaded
+        )
+        running.claimed.row["timeout_s"] = timeout_s  # type: ignore[index]
+        runner._threads = pool = HandlerThreads(1)  # its one thread runs the jobs in order
+        start = _Shown()
+        try:
+            run = asyncio.create_task(runner._run(spec, running, start))  # type: ignore[arg-type]
+            await start.shown.wait()  # its deadline's timer is set
+            if not threaded:
+                gate.set_result(None)  # the handler's step is now on the loop, due first
+            elif not told:
+                # The thread returns, and a job queued behind it on the pool's one
+                # thread runs once its result was handed to the loop (not yet run).
+                go.set()
+                pool._pool.submit(lambda: None).result(SAFETY_S)
+            loop.now += timeout_s  # due in the loop's next turn, beside the result
+            outcome = await run
+        finally:
+            go.set()
+            pool.shutdown()
+        if told:
+            assert outcome.error is not None and outcome.error["type"] == "timeout"
+        elif fails:
+            assert outcome.error is not None and outcome.error["type"] == "no_customer"
+            assert not outcome.retryable
+        else:
+            assert (outcome.state, outcome.result, outcome.error) == ("succeeded", "done", None)
+
+    with asyncio.Runner(loop_factory=_Clocked) as clocked:
+        clocked.run(main())
+
+
 # ---------------------------------------------------------------- the pool and the bridge
 
 
