@@ -53,6 +53,12 @@ ABANDONED = Gauge(
     "Handlers given up on (past their cancel grace, or their run ended first) that still"
     " run in this process",
 )
+ABANDONED_THREADS = Gauge(
+    "longhaul_worker_abandoned_handler_threads",
+    "Threads of the def handlers' pool (one per run slot) held by abandoned def handlers"
+    " until they return: def tasks beyond the free threads wait for one, their timeout"
+    " running",
+)
 # A message of a type this worker lacks goes back to the queue this much later: the
 # broker may give it to this worker again, and each turn costs a transaction.
 PASS_ON_DELAY_S = 1.0
@@ -125,6 +131,8 @@ class Runner:
         # (cancelled by a stopping worker's drain, say): kept so shutdown can wait for
         # them a last time, never awaited on the hot path.
         self.abandoned: set[asyncio.Task[Any]] = set()
+        # The abandoned def handlers among them: each holds a pool thread until it returns.
+        self._abandoned_threads: set[asyncio.Task[Any]] = set()
         # The attempts of abandoned handlers, held until they end: by their run (timed
         # out), or for the hand-back of a stopping worker.
         self.handbacks = HandBacks(repo, _interrupted(StopReason.SHUTDOWN))
@@ -337,18 +345,27 @@ class Runner:
             why = "run ended before its handler did; cancelled and abandoning it"
         # Given up on, it still takes this process's CPU and memory: counted until it
         # ends, and shutdown waits for it a last time.
+        message = running.claimed.message
+        threaded = self._threaded(message.type)
         self.abandoned.add(handler)
         ABANDONED.inc()
+        if threaded:
+            self._abandoned_threads.add(handler)
+            ABANDONED_THREADS.inc()
+            why += "; its pool thread stays taken until it returns"
         handler.add_done_callback(self._abandoned_ended)
-        log.warning(why, extra={"abandoned": len(self.abandoned)})
-        message = running.claimed.message
+        log.warning(
+            why,
+            extra={
+                "abandoned": len(self.abandoned),
+                "abandoned_threads": len(self._abandoned_threads),
+            },
+        )
         if unstopped or running.stop_reason is StopReason.SHUTDOWN:
             self.handbacks.hold(handler, message)
         elif running.stop_reason is None:  # timed out: a next attempt may follow
             self.handbacks.hold(handler, message, by_run=True)
-        elif running.stop_reason in (StopReason.FENCED, StopReason.LAPSED) and self._threaded(
-            message.type
-        ):
+        elif running.stop_reason in (StopReason.FENCED, StopReason.LAPSED) and threaded:
             # Not ours any more, or soon not: another worker may run the next attempt now.
             # An async handler that ignores its cancellation is frozen at its next await
             # until the loop runs it; a thread runs on. Only the process's end stops it.
@@ -366,6 +383,9 @@ class Runner:
     def _abandoned_ended(self, handler: asyncio.Task[Any]) -> None:
         self.abandoned.discard(handler)
         ABANDONED.dec()
+        if handler in self._abandoned_threads:
+            self._abandoned_threads.discard(handler)
+            ABANDONED_THREADS.dec()
         # Its attempt is settled without it (a timeout's as it ends): what it raised is
         # only told.
         error = None if handler.cancelled() else handler.exception()

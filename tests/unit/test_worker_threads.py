@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.worker.app import _leave_abandoned
 from services.worker.consumer import Consumer
@@ -25,6 +27,7 @@ from shared.ids import uuid7
 from shared.schemas import ProgressEvent, TaskMessage
 from tests.support import eventually, until
 from tests.unit.test_worker_units import FakeWrite, _abandoned, _attempt, _HandBackRepo
+from tests.unit.test_worker_units import _Stubborn as _StubbornAsync
 
 # A thread a failed test left blocked would keep the interpreter from exiting: every
 # wait in a handler here has this bound.
@@ -225,6 +228,44 @@ async def test_a_def_handler_ignoring_ctx_cancelled_is_abandoned_while_its_threa
         await handler  # it stopped, if late: as an async handler letting its cancel through
     await asyncio.sleep(0)  # the done callbacks
     assert not runner.abandoned and _abandoned() == before
+
+
+def _abandoned_threads() -> float | None:
+    return REGISTRY.get_sample_value("longhaul_worker_abandoned_handler_threads")
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+async def test_an_abandoned_def_handlers_pool_thread_is_counted_until_it_returns(
+    threaded: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given up on, a def handler keeps its pool thread (def tasks beyond the free ones
+    wait for one, their timeout running): counted by a gauge of its own, and said in the
+    abandon's warning, until it returns. An async handler holds no thread."""
+    stubborn: Any = _Stubborn() if threaded else _StubbornAsync()
+    runner, running, spec = _attempt(stubborn, cancel_grace_s=0.01, threaded=threaded)
+    abandoned, threads = _abandoned(), _abandoned_threads()
+    assert abandoned is not None and threads is not None
+    run = asyncio.create_task(runner._run(spec, running, _Start()))  # type: ignore[arg-type]
+    try:
+        if threaded:
+            await _started(stubborn.started)
+        else:
+            await stubborn.started.wait()
+        with caplog.at_level(logging.WARNING, logger="services.worker.runner"):
+            running.stop(StopReason.CANCELLED)
+            assert (await run).state == "cancelled"
+        [handler] = runner.abandoned
+        assert (_abandoned(), _abandoned_threads()) == (abandoned + 1, threads + threaded)
+        [line] = [r for r in caplog.records if "abandoning it" in r.getMessage()]
+        assert line.levelno == logging.WARNING and "ignored cancellation" in line.getMessage()
+        assert ("pool thread stays taken" in line.getMessage()) is threaded
+        assert line.abandoned_threads == (1 if threaded else 0)  # type: ignore[attr-defined]
+    finally:
+        stubborn.release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handler
+    await asyncio.sleep(0)  # the done callbacks
+    assert (_abandoned(), _abandoned_threads()) == (abandoned, threads)
 
 
 @pytest.mark.parametrize("reason", [StopReason.LAPSED, StopReason.FENCED])
