@@ -19,7 +19,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from prometheus_client import Gauge
+
 from services.worker.sdk import CancelSignal, PermanentError, Progress, where
+
+WAITING_FOR_THREAD = Gauge(
+    "longhaul_worker_waiting_for_thread",
+    "Def handlers waiting for a free thread of the pool, their timeout running: there is"
+    " a thread per run slot, so only threads held by abandoned handlers make one wait",
+)
 
 
 class HandlerThreads:
@@ -57,7 +65,15 @@ class ThreadRun:
         """Run ``fn(ctx, args)`` in a pool thread (in this task's context: its logs
         carry the task id) and return or raise what it did. Ends only once the thread
         ended; see the module's docstring."""
-        work = self._pool.submit(contextvars.copy_context().run, _call, fn, ctx, args)
+        # Counted from here until its thread starts it (_call) or it is cancelled before
+        # that: a queued future does one or the other, never both.
+        WAITING_FOR_THREAD.inc()
+        try:
+            work = self._pool.submit(contextvars.copy_context().run, _call, fn, ctx, args)
+        except BaseException:
+            WAITING_FOR_THREAD.dec()
+            raise
+        work.add_done_callback(_never_started)
         ended = asyncio.wrap_future(work)
         told = False
         while not ended.done():
@@ -134,6 +150,7 @@ class ThreadRun:
 
 
 def _call(fn: Callable[[Any, Any], Any], ctx: Any, args: Any) -> Any:
+    WAITING_FOR_THREAD.dec()
     result = fn(ctx, args)
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
@@ -144,6 +161,11 @@ def _call(fn: Callable[[Any, Any], Any], ctx: Any, args: Any) -> Any:
             type="invalid_result",
         )
     return result
+
+
+def _never_started(work: concurrent.futures.Future[Any]) -> None:
+    if work.cancelled():
+        WAITING_FOR_THREAD.dec()
 
 
 def _uncancel() -> None:

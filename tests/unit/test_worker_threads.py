@@ -572,6 +572,50 @@ async def test_a_handler_still_waiting_for_a_thread_ends_at_once_on_a_stop() -> 
     assert ran == ["blocks"]
 
 
+def _waiting_for_thread() -> float | None:
+    return REGISTRY.get_sample_value("longhaul_worker_waiting_for_thread")
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+async def test_a_def_handler_waiting_for_a_thread_is_counted_until_it_gets_one(
+    stopped: bool,
+) -> None:
+    """With every thread taken, a def handler queued for one is counted (its timeout
+    runs meanwhile) until a thread starts it, or a stop ends it before that."""
+    threads = HandlerThreads(1)
+    release, started = threading.Event(), threading.Event()
+    before = _waiting_for_thread()
+    assert before is not None
+
+    def blocks(ctx: SyncTaskContext, args: None) -> None:
+        started.set()
+        release.wait(SAFETY_S)
+
+    def queued(ctx: SyncTaskContext, args: None) -> str:
+        return "ran"
+
+    try:
+        first_run = threads.attempt(_report_nothing)
+        first = start_handler(first_run(blocks, _context(first_run), None), name="first")
+        await _started(started)
+        assert _waiting_for_thread() == before
+        second_run = threads.attempt(_report_nothing)
+        second = start_handler(second_run(queued, _context(second_run), None), name="second")
+        assert _waiting_for_thread() == before + 1
+        if stopped:
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+        else:
+            release.set()
+            assert await second == "ran"
+        assert _waiting_for_thread() == before
+    finally:
+        release.set()
+    await first
+    threads.shutdown()
+
+
 async def test_a_stop_cuts_the_report_the_thread_waits_for() -> None:
     """A report stuck on the loop (PostgreSQL away: its write retries) would keep the
     thread from seeing the stop: the stop cuts it, as an async handler's cancellation
