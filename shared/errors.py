@@ -4,6 +4,7 @@ LonghaulError
 ├── ConfigError          invalid settings: the service stops before connecting
 ├── DependencyError      a dependency unreachable or too slow
 │   └── StartTimeout     unreachable for longer than the start timeout
+├── StartStopped         a stop signal while the start waited for a dependency
 ├── Refused              an operator's command that would destroy what is in use
 └── MessageError         a message that cannot be processed (dead-lettered)
     ├── MalformedMessage not JSON or not of the schema
@@ -27,6 +28,11 @@ class DependencyError(LonghaulError):
 
 class StartTimeout(DependencyError):
     """A dependency stayed unreachable for the whole start timeout."""
+
+
+class StartStopped(LonghaulError):
+    """SIGTERM or SIGINT came while the start waited for a dependency: the operator's
+    stop, not the dependency's fault; the message is one line saying for what it waited."""
 
 
 class Refused(LonghaulError):

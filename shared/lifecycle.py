@@ -5,7 +5,9 @@ SIGTERM/SIGINT and must return once it has drained. A configuration error or a
 dependency that stays unreachable for the start timeout ends the process with one line
 on stderr and a non-zero exit code. So does a background loop the process cannot do
 without (``essential``) that ends on its own: the process drains and exits for its
-supervisor to restart it, rather than run on without its relay or its lease renewal."""
+supervisor to restart it, rather than run on without its relay or its lease renewal.
+A SIGTERM/SIGINT while the start waits for a dependency ends it at once, with one line
+and the exit code of any stop (0)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from shared.errors import ConfigError, DependencyError, StartTimeout
+from shared.errors import ConfigError, DependencyError, StartStopped, StartTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,6 +142,11 @@ def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
     except DependencyError as exc:
         sys.stderr.write(f"{service}: {exc}\n")
         return EXIT_DEPENDENCY
+    except StartStopped as exc:
+        # A failure that set the stop is the one to tell, below.
+        if stop.failure is None:
+            sys.stderr.write(f"{service}: {exc}\n")
+            return 0
     if stop.failure is not None:
         sys.stderr.write(f"{service}: stopped after a failure: {stop.failure}\n")
         return EXIT_FAILED
@@ -166,7 +173,32 @@ async def wait_for_dependency(
 
     Raises StartTimeout with one line naming the dependency and the last error. A
     ConfigError from ``connect`` (a database that does not exist) is raised at once:
-    waiting does not mend a setting."""
+    waiting does not mend a setting. ``stop`` set meanwhile (SIGTERM/SIGINT) ends the
+    wait at once, a try in progress included: StartStopped."""
+    return await until_stopped(stop, _retried(name, connect, timeout), name)
+
+
+async def until_stopped(stop: asyncio.Event | None, waiting: Awaitable[T], name: str) -> T:
+    """What ``waiting`` (a start's wait for ``name``) returns or raises; should ``stop``
+    be set first, it is cancelled, and StartStopped says the wait was stopped. It had
+    gone on to its end, a connect's timeout or the start timeout, then blamed ``name``."""
+    if stop is None:
+        return await waiting
+    task = asyncio.ensure_future(waiting)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its clean-up (a half-open connection) done
+    if task.cancelled() and stop.is_set():
+        raise StartStopped(f"stopped while waiting for {name}")
+    return task.result()
+
+
+async def _retried(name: str, connect: Callable[[], Awaitable[T]], timeout: float) -> T:
     deadline = time.monotonic() + timeout
     delay = 0.1
     while True:
@@ -179,7 +211,7 @@ async def wait_for_dependency(
             # (by its type alone when it says nothing: a timeout's "TimeoutError:" read
             # as if its reason had been cut off).
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if time.monotonic() + delay >= deadline or (stop is not None and stop.is_set()):
+            if time.monotonic() + delay >= deadline:
                 raise StartTimeout(
                     f"{name} unreachable for {timeout:.0f}s (LONGHAUL_START_TIMEOUT_S): {last}"
                 ) from None

@@ -45,7 +45,7 @@ from shared import wstokens
 from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
 from shared.health import readiness
-from shared.lifecycle import Stop, essential, listening, wait_for_dependency
+from shared.lifecycle import Stop, essential, listening, until_stopped, wait_for_dependency
 from shared.redis import create_client, ping
 from shared.wire import Wire
 
@@ -168,7 +168,7 @@ class Gateway:
             stack.push_async_callback(_cancel_and_wait, lease_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
-                    await self.hub.connected.wait()
+                    await until_stopped(stop, self.hub.connected.wait(), "Redis pub/sub")
             except TimeoutError:
                 raise StartTimeout(
                     "Redis pub/sub: could not subscribe within the start "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,53 @@ async def test_a_broker_port_that_never_answers_is_one_line_and_exit_code_3(
         3,
         ["api: RabbitMQ unreachable for 1s (LONGHAUL_START_TIMEOUT_S): TimeoutError"],
     )
+
+
+def _output_has(proc: ServiceProcess, text: str) -> None:
+    """Wait until the process has written ``text`` (a log line of its start)."""
+    deadline = time.monotonic() + timeout(30)
+    while text not in proc.output():
+        assert proc.alive() and time.monotonic() < deadline, proc.output()
+        time.sleep(0.05)
+
+
+def _accepted(listener: socket.socket) -> socket.socket:
+    """The first connection to ``listener`` (within 30 s), which nothing answers."""
+    listener.settimeout(timeout(30))
+    return listener.accept()[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_while_waiting_for_a_dependency_is_a_stop_not_its_failure(
+    deployment: Deployment, ports: dict[str, str], signum: signal.Signals
+) -> None:
+    """Stopped between two tries (Redis refuses connections) or in the middle of one (a
+    broker port that never answers): the process exits at once as any stop does, and
+    says for what it waited. It went on waiting, then said "unreachable", exit code 3."""
+    with socket.socket() as closed, socket.socket() as silent:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = deployment.env(
+            **ports,
+            redis_url=f"redis://127.0.0.1:{closed.getsockname()[1]}/0",
+        )
+        api = ServiceProcess("services.api", env)
+        await asyncio.to_thread(_output_has, api, "waiting for Redis: ")
+        api.proc.send_signal(signum)
+        env = deployment.env(
+            **ports,
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/",
+            io_timeout_s="60",  # the connect would wait for the whole start timeout
+        )
+        worker = ServiceProcess("services.worker", env)
+        with await asyncio.to_thread(_accepted, silent):
+            worker.proc.send_signal(signum)
+            results = [await asyncio.to_thread(_exit, proc) for proc in (api, worker)]
+    assert results == [
+        (0, ["api: stopped while waiting for Redis"]),
+        (0, ["worker: stopped while waiting for RabbitMQ"]),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -197,3 +197,26 @@ def test_a_start_step_postgresql_fails_says_what_was_not_done(error: Exception, 
     with pytest.raises(DependencyError) as raised, db.starting("schema version not read"):
         raise error
     assert str(raised.value) == f"PostgreSQL: schema version not read: {says}"
+
+
+def test_a_stop_while_waiting_for_a_dependency_exits_as_a_stop(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stop during a try that has not ended (it would have run to its timeout) and
+    before the start timeout: no "unreachable", exit code 0, and the try is cancelled."""
+    cancelled: list[bool] = []
+
+    async def connect() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def main(stop: Stop) -> None:
+        asyncio.get_running_loop().call_later(0.1, stop.signalled)
+        await wait_for_dependency("RabbitMQ", connect, timeout=60, stop=stop)
+
+    assert run("svc", main) == 0
+    assert capsys.readouterr().err == "svc: stopped while waiting for RabbitMQ\n"
+    assert cancelled == [True]
