@@ -17,7 +17,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT, ScriptTextT
@@ -192,9 +192,11 @@ def create_client(url: str, timeout: float, max_connections: int = MAX_CONNECTIO
 async def ping(client: Redis, url: str) -> None:
     """A start's check that Redis answers. A password or a database number it refuses is
     a ConfigError: waiting does not mend LONGHAUL_REDIS_URL (a start waited its whole
-    timeout, then called Redis unreachable)."""
+    timeout, then called Redis unreachable). So is a user whose ACL refuses PING."""
     try:
         await client.ping()
+    except NoPermissionError as exc:
+        raise refused(url, "PING", exc) from None
     except AuthenticationError as exc:
         raise ConfigError(
             f"Redis at {redacted(url)} refused the login ({exc}): check the user and password"
@@ -207,3 +209,12 @@ async def ping(client: Redis, url: str) -> None:
             f"Redis at {redacted(url)} has no such database ({exc}): the number that ends"
             " LONGHAUL_REDIS_URL"
         ) from None
+
+
+def refused(url: str, command: str, reason: object) -> ConfigError:
+    """A command Redis refuses the user of ``url`` (NOPERM): its ACL is to fix, and no
+    wait mends it."""
+    return ConfigError(
+        f"Redis at {redacted(url)} refused {command} to the user of LONGHAUL_REDIS_URL"
+        f" ({reason}): its ACL must allow it"
+    )

@@ -168,7 +168,7 @@ class Gateway:
             stack.push_async_callback(_cancel_and_wait, lease_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
-                    await until_stopped(stop, self.hub.connected.wait(), "Redis pub/sub")
+                    await until_stopped(stop, self.hub.subscribed(), "Redis pub/sub")
             except TimeoutError:
                 raise StartTimeout(
                     "Redis pub/sub: could not subscribe within the start "

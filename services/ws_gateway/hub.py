@@ -20,9 +20,10 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from services.ws_gateway.metrics import GatewayMetrics
-from services.ws_gateway.pubsub import PatternSubscriber
+from services.ws_gateway.pubsub import PatternSubscriber, SubscriberRefused
 from services.ws_gateway.registry import Registry
 from shared.errors import MalformedMessage
+from shared.redis import refused
 from shared.schemas import ProgressEvent, parse_event
 from shared.wire import Wire
 
@@ -61,6 +62,24 @@ class Hub:
         self.generation = 0
         # Why the last attempt to subscribe failed: for the startup error.
         self.last_error: str | None = None
+        # Set while Redis refuses the user the subscription (NOPERM), and its answer: no
+        # retry mends that.
+        self._refused = asyncio.Event()
+        self._refusal: str | None = None
+
+    async def subscribed(self) -> None:
+        """Wait for the first subscription; ConfigError at once should Redis refuse it
+        (an ACL without PSUBSCRIBE or the pattern's channels): the start waited its whole
+        timeout for it, then called Redis unreachable."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self.connected, self._refused)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not self.connected.is_set():
+            command = f"PSUBSCRIBE {self._wire.event_channel_pattern}"
+            raise refused(self._redis_url, command, self._refusal)
 
     async def run(self) -> None:
         """Subscribe and dispatch until cancelled, reconnecting with backoff."""
@@ -80,6 +99,7 @@ class Hub:
                 self._metrics.hub_reconnects.inc()
                 self._metrics.hub_connected.set(1)
                 self.connected.set()
+                self._refused.clear()
                 if self.generation > 1:
                     log.info("redis subscriber resubscribed", extra={"generation": self.generation})
                     self._broadcast_resync()
@@ -87,6 +107,9 @@ class Hub:
                 await subscriber.watch()  # messages are dispatched meanwhile
             except (OSError, TimeoutError) as exc:  # SubscriberLost is an OSError
                 self.last_error = repr(exc)
+                if isinstance(exc, SubscriberRefused):
+                    self._refusal = str(exc)
+                    self._refused.set()
                 if self.connected.is_set():
                     log.warning("redis subscriber lost", extra={"error": repr(exc)})
                 self.connected.clear()

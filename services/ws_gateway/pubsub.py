@@ -41,6 +41,17 @@ class SubscriberLost(ConnectionError):
     answered with an error."""
 
 
+class SubscriberRefused(SubscriberLost):
+    """Redis refused a command to the user (NOPERM): its ACL lets it not subscribe."""
+
+
+def _answered(reply: hiredis.ReplyError) -> SubscriberLost:
+    if str(reply).startswith("NOPERM "):
+        # Without its code, as redis-py tells a NOPERM to the other connections.
+        return SubscriberRefused(str(reply).removeprefix("NOPERM "))
+    return SubscriberLost(f"redis answered: {reply}")
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, on_message: OnMessage, loop: asyncio.AbstractEventLoop) -> None:
         self._on_message = on_message
@@ -66,7 +77,7 @@ class _Protocol(asyncio.Protocol):
         try:
             while (reply := self._parser.gets()) is not False:
                 if isinstance(reply, hiredis.ReplyError):
-                    self._fail(SubscriberLost(f"redis answered: {reply}"))
+                    self._fail(_answered(reply))
                     return
                 if isinstance(reply, list) and len(reply) == 4 and reply[0] == b"pmessage":
                     self._on_message(reply[2], reply[3])

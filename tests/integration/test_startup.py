@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import time
@@ -17,6 +18,7 @@ import aio_pika
 import asyncpg
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from services.api.repository import ApiRepository, NewTask
 from shared import amqp
@@ -266,6 +268,42 @@ async def test_a_password_or_database_redis_refuses_is_one_line_and_exit_code_2(
     assert lines[0].startswith(
         f"{service}: Redis at redis://{shown}127.0.0.1:{server.port}/{database} {says}"
     ), lines
+
+
+@pytest.mark.parametrize(
+    ("service", "denied", "command"),
+    [
+        ("api", "-ping", "PING"),
+        ("worker", "-ping", "PING"),
+        ("ws_gateway", "-psubscribe", "PSUBSCRIBE"),
+        ("ws_gateway", "resetchannels", "PSUBSCRIBE"),  # the command, not its channels
+    ],
+)
+async def test_a_command_a_redis_acl_refuses_is_one_line_and_exit_code_2(
+    deployment: Deployment, ports: dict[str, str], service: str, denied: str, command: str
+) -> None:
+    """A user of the shared Redis whose ACL refuses a command the start needs (NOPERM):
+    no wait mends it (it waited for the start timeout, then said "Redis unreachable" or
+    "could not subscribe", exit code 3)."""
+    user = f"lh_acl_{deployment.run_id}_{secrets.token_hex(3)}"
+    admin = Redis.from_url(deployment.redis_url)
+    await admin.execute_command(
+        "ACL", "SETUSER", user, "on", ">secret", "~*", "&*", "+@all", denied
+    )
+    try:
+        url = urlsplit(deployment.redis_url)
+        redis_url = url._replace(netloc=f"{user}:secret@{url.netloc}").geturl()
+        env = deployment.env(**ports, redis_url=redis_url, start_timeout_s="60")
+        code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
+    assert (code, len(lines)) == (2, 1), lines
+    assert lines[0].startswith(
+        f"{service}: Redis at redis://{user}:***@{url.netloc}{url.path} refused {command}"
+    ), lines
+    assert " to the user of LONGHAUL_REDIS_URL (this user has no permissions " in lines[0], lines
+    assert lines[0].endswith("): its ACL must allow it"), lines
 
 
 @pytest.mark.parametrize("service", ["api", "worker"])
