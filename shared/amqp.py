@@ -48,7 +48,7 @@ async def connect(url: str, name: str, timeout: float) -> AbstractRobustConnecti
     A login or a virtual host the broker refuses is a ConfigError: waiting does not
     mend LONGHAUL_AMQP_URL (the start would wait its whole timeout, then blame the
     broker's reachability)."""
-    with _refusals(url):
+    with _handshake(url):
         return await _connected(url, name, timeout)
 
 
@@ -56,14 +56,17 @@ async def connect_once(url: str, name: str, timeout: float) -> AbstractConnectio
     """A plain connection for a one-shot command: it does not reconnect, so a channel
     the broker closes (a passive declare of a missing queue) stays closed, and a broker
     that goes away fails the command. Refusals are ConfigErrors, as for ``connect``."""
-    with _refusals(url):
+    with _handshake(url):
         return await aio_pika.connect(
             url, timeout=timeout, client_properties={"connection_name": name}
         )
 
 
 @contextlib.contextmanager
-def _refusals(url: str) -> Iterator[None]:
+def _handshake(url: str) -> Iterator[None]:
+    """What a connect's failures mean: refusals are ConfigErrors; a connection the
+    broker (or what listens there) closes or resets during the handshake is said so:
+    aiormq told it as StopAsyncIteration, "Connection lost" or its own words."""
     try:
         yield
     except aiormq.exceptions.ProbableAuthenticationError:
@@ -80,6 +83,17 @@ def _refusals(url: str) -> Iterator[None]:
             f"RabbitMQ at {redacted(url)} refused to open the virtual host: it does not"
             " exist or the user may not use it (the path of LONGHAUL_AMQP_URL)"
         ) from None
+    except (StopAsyncIteration, ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        raise _cut() from None
+    except aiormq.exceptions.AMQPConnectionError as exc:
+        if type(exc) is not aiormq.exceptions.AMQPConnectionError:  # a close with a reason
+            raise
+        raise _cut() from None
+
+
+def _cut() -> ConnectionError:
+    # A dependency's error, waited out as an unreachable broker is.
+    return ConnectionError("the broker closed or reset the connection during the AMQP handshake")
 
 
 @contextlib.asynccontextmanager

@@ -4,12 +4,15 @@ as they come) and restore: a network partition between one process and that serv
 alone. ``SilentAmqpProxy`` lets each connection to RabbitMQ open, then passes nothing.
 
 Both are used as ``async with CutProxy(port) as proxy:``; leaving it closes every
-connection."""
+connection. ``ClosingListener``, no proxy, closes each connection as it is accepted."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+import threading
 
 
 class CutProxy:
@@ -150,3 +153,38 @@ async def _frames_until_open(
         while await reader.read(65536):
             pass
     writer.transport.abort()
+
+
+class ClosingListener:
+    """A port whose every connection is accepted and closed at once, unread: by a FIN,
+    or with ``reset`` a RST (a port whose service is gone, booting, or behind a proxy
+    without its backend). Its own thread, so the close does not wait for the test's
+    event loop. ``with ClosingListener() as listener:``; ``listener.port``."""
+
+    def __init__(self, *, reset: bool = False) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._reset = reset
+        self.port: int = self._socket.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> ClosingListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # shutdown() wakes the accept() that close() alone leaves blocked.
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+        self._socket.close()
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                connection, _ = self._socket.accept()
+                self.connections += 1
+                if self._reset:
+                    linger = struct.pack("ii", 1, 0)
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                connection.close()

@@ -28,7 +28,7 @@ from shared.schemas import TaskRequest
 from shared.settings import CommonSettings
 from tests.conftest import ROOT_ENV, Deployment, Isolated, scratch_database
 from tests.faults.private import PrivateRabbit, PrivateRedis
-from tests.faults.proxy import CutProxy, SilentAmqpProxy
+from tests.faults.proxy import ClosingListener, CutProxy, SilentAmqpProxy
 from tests.support import ServiceProcess, System, run_cli, timeout
 
 
@@ -405,6 +405,31 @@ async def test_a_broker_silent_once_connected_is_one_line_and_exit_code_3(
         3,
         [f"{service}: RabbitMQ: topology not declared within 1s (LONGHAUL_IO_TIMEOUT_S)"],
     )
+
+
+@pytest.mark.parametrize(("service", "reset"), [("api", False), ("api", True), ("worker", False)])
+async def test_a_port_that_closes_each_connection_in_the_handshake_is_said_so_and_exit_code_3(
+    deployment: Deployment, ports: dict[str, str], service: str, reset: bool
+) -> None:
+    """Each connection is accepted, then closed (or reset) before the AMQP handshake
+    ends: each try and the line said "StopAsyncIteration" (a close that came before the
+    first read), or aiormq's words, depending on when the close came."""
+    says = "ConnectionError: the broker closed or reset the connection during the AMQP handshake"
+    with ClosingListener(reset=reset) as listener:
+        env = deployment.env(
+            **ports,
+            amqp_url=f"amqp://guest:guest@127.0.0.1:{listener.port}/",
+            start_timeout_s="2",
+        )
+        proc = ServiceProcess(f"services.{service}", env)
+        code, lines = await asyncio.to_thread(_exit, proc)
+    assert (code, lines) == (
+        3,
+        [f"{service}: RabbitMQ unreachable for 2s (LONGHAUL_START_TIMEOUT_S): {says}"],
+    )
+    logged = [orjson.loads(line)["msg"] for line in proc.output().splitlines() if line[:1] == "{"]
+    tries = [msg for msg in logged if msg.startswith("waiting for RabbitMQ")]
+    assert tries and set(tries) == {f"waiting for RabbitMQ: {says}"}, tries
 
 
 async def test_a_broker_that_refuses_the_relays_own_connection_is_one_line_and_exit_code_3(
