@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -203,16 +204,52 @@ async def _declare_task_queue(
     channel: AbstractChannel, settings: CommonSettings, wire: Wire, name: str
 ) -> AbstractQueue:
     """The broker refuses a declare whose arguments differ from the queue's (it keeps
-    the first declarer's): that is a setting to fix, not a crash."""
+    the first declarer's): a queue of another type, one another program or version
+    declared, or settings to fix; not a crash. It names the first argument it compares
+    that differs, which for a classic queue is a dead-letter one, not its type."""
     try:
         return await channel.declare_queue(
             name, durable=True, arguments=task_queue_arguments(settings, wire)
         )
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        kind = await _queue_type(channel, name)
+        if kind not in (None, "quorum"):
+            raise ConfigError(
+                f"queue {name} is a {kind} queue, not the quorum queue this code declares:"
+                " delete it (move its messages elsewhere first), or set another"
+                " LONGHAUL_NAMESPACE"
+            ) from None
+        if _INEQUIVALENT.search(str(exc)) is None:
+            raise _declared_otherwise("queue", name, exc) from None
         raise ConfigError(
             f"queue {name} refuses these settings: LONGHAUL_DELIVERY_LIMIT and"
             f" LONGHAUL_QUEUE_MAX_LENGTH must match what it was declared with ({exc})"
         ) from None
+
+
+# The refusals that name a setting of ours.
+_INEQUIVALENT = re.compile(r"inequivalent arg 'x-(delivery-limit|max-length)'")
+# The broker's refusal of another type: a queue declared without one is a classic queue.
+_CURRENT_TYPE = re.compile(
+    r"inequivalent arg 'x-queue-type'.* current is (?:none|'(\w+)'|the value '(\w+)')"
+)
+# No queue type the broker has: a declare of it creates no queue.
+_NO_TYPE = "longhaul-type-probe"
+
+
+async def _queue_type(channel: AbstractChannel, name: str) -> str | None:
+    """The type of queue ``name``, from the broker's refusal of a declare of a type it
+    does not have (no argument tells it otherwise; should the queue have gone meanwhile,
+    that declare creates none). None when it names another argument first, or fails."""
+    try:
+        await channel.reopen()  # the refusal closed it
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": _NO_TYPE})
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        if (current := _CURRENT_TYPE.search(str(exc))) is not None:
+            return current.group(1) or current.group(2) or "classic"
+    except (AMQPError, OSError, RuntimeError):
+        pass  # the first refusal is told
+    return None
 
 
 async def _declared(kind: str, name: str, declaring: Awaitable[T]) -> T:

@@ -329,6 +329,43 @@ async def test_queue_arguments_unlike_the_declared_ones_are_one_line_and_exit_co
     assert "inequivalent arg 'x-delivery-limit'" in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    ("service", "arguments", "says"),
+    [
+        ("api", {}, "is a classic queue, not the quorum queue this code declares: delete it"),
+        ("worker", {}, "is a classic queue, not the quorum queue this code declares: delete it"),
+        ("worker", {"x-queue-type": "stream"}, "is a stream queue, not the quorum queue"),
+        ("worker", {"x-queue-type": "quorum"}, "exists with other arguments than this code"),
+    ],
+)
+async def test_a_task_queue_of_another_type_is_named_so_and_exit_code_2(
+    fresh_namespace: Deployment,
+    ports: dict[str, str],
+    service: str,
+    arguments: dict[str, str],
+    says: str,
+) -> None:
+    """The namespace's task queue exists as a classic queue (another program declared
+    it): the line said its delivery limit was to match (the broker names the first
+    argument that differs, a dead-letter one), not that the queue is of another type.
+    A quorum queue without Longhaul's arguments is no setting to match either."""
+    queue = fresh_namespace.wire.tasks_queue
+    connection = await aio_pika.connect(fresh_namespace.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments=arguments)
+    finally:
+        await connection.close()
+    env = fresh_namespace.env(**ports)
+    code, lines = await asyncio.to_thread(_exit, ServiceProcess(f"services.{service}", env))
+    assert (code, len(lines)) == (2, 1), lines
+    assert lines[0].startswith(f"{service}: queue {queue} {says}"), lines
+    if not arguments:
+        assert lines[0].endswith(
+            "(move its messages elsewhere first), or set another LONGHAUL_NAMESPACE"
+        ), lines
+
+
 @pytest.mark.parametrize(("service", "kind"), [("api", "queue"), ("worker", "exchange")])
 async def test_a_dead_letter_queue_or_exchange_declared_otherwise_is_one_line_and_exit_code_2(
     fresh_namespace: Deployment, ports: dict[str, str], service: str, kind: str
