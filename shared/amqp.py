@@ -63,6 +63,10 @@ async def connect_once(url: str, name: str, timeout: float) -> AbstractConnectio
         )
 
 
+# How a connection the peer ended shows, once open.
+_CUT = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
 @contextlib.contextmanager
 def _handshake(url: str) -> Iterator[None]:
     """What a connect's failures mean: refusals are ConfigErrors; a connection the
@@ -84,10 +88,14 @@ def _handshake(url: str) -> Iterator[None]:
             f"RabbitMQ at {redacted(url)} refused to open the virtual host: it does not"
             " exist or the user may not use it (the path of LONGHAUL_AMQP_URL)"
         ) from None
-    except (StopAsyncIteration, ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+    except (StopAsyncIteration, *_CUT):
         raise _cut() from None
     except aiormq.exceptions.AMQPConnectionError as exc:
         if type(exc) is not aiormq.exceptions.AMQPConnectionError:  # a close with a reason
+            raise
+        if isinstance(exc.__cause__, OSError) and not isinstance(exc.__cause__, _CUT):
+            # The socket did not open (refused, no such host, TLS): aiormq wraps that
+            # OSError too, and its words say which.
             raise
         raise _cut() from None
 
