@@ -24,7 +24,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from services.worker.consumer import Consumer
-from services.worker.control import listen
+from services.worker.control import listen, may_subscribe
 from services.worker.deadletters import DeadLetterSink
 from services.worker.handback import HandBacks
 from services.worker.maintenance import fire_schedules, heartbeat, lease_watch, purge, reaper
@@ -55,6 +55,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
     timeout = settings.io_timeout_s
     async with AsyncExitStack() as stack:
         pool, redis, connection = await _dependencies(settings, stack, stop, worker_id)
+        await may_subscribe(redis, wire, settings.redis_url, timeout)
 
         # Its statements go without lingering once worker_concurrency deliveries wait
         # for one: normal deliveries alone never reach more (the reserve is for the
