@@ -110,7 +110,7 @@ async def _drain(system: LonghaulSystem, n: int, mode: str, delay: float) -> Non
 
         await asyncio.gather(*(lane() for _ in range(64 if batch == 1 else 4)))
         submitted = time.monotonic() - t0
-        await asyncio.wait_for(tracker.all_done.wait(), 300)
+        await asyncio.wait_for(tracker.all_done.wait(), 300 + delay)
         tracker.check()
         took = time.monotonic() - t0
         await tracker.close()
