@@ -13,48 +13,46 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Awaitable, Callable
+from typing import Self
 
 
-class CutProxy:
-    def __init__(
-        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, let_through: int = -1
-    ) -> None:
-        """``let_through``: that many connections pass, and every later one is closed as
-        it comes (a service that refuses a process's second connection); all by
-        default."""
+class _Proxy:
+    """What both proxies share: a port of their own, the connections through it (a
+    client's end and the service's), all aborted on leaving."""
+
+    def __init__(self, upstream_port: int, upstream_host: str) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
-        self._let_through = let_through
-        self.connections = 0
-        self.is_cut = False
         self.port = 0
 
-    async def __aenter__(self) -> CutProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        self.cut()
+        self._abort_links()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
 
-    def cut(self) -> None:
-        """Close every connection through the proxy, and each new one as it comes."""
-        self.is_cut = True
+    def _abort_links(self) -> None:
         for writer in list(self._links):
             writer.transport.abort()
 
-    def restore(self) -> None:
-        self.is_cut = False
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        if self.is_cut or 0 <= self._let_through < self.connections:
-            writer.transport.abort()
-            return
+        raise NotImplementedError
+
+    async def _linked(
+        self,
+        writer: asyncio.StreamWriter,
+        both: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[object]],
+    ) -> None:
+        """Connect to the service and run ``both(up_reader, up_writer)`` (the two
+        directions); the client's connection is aborted if the service cannot be
+        reached, and both ends once ``both`` returns."""
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         except OSError:
@@ -63,12 +61,48 @@ class CutProxy:
         ends = {writer, up_writer}
         self._links |= ends
         try:
-            # Both directions, until either side closes or the cut aborts them.
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await both(up_reader, up_writer)
         finally:
             self._links -= ends
             for end in ends:
                 end.transport.abort()
+
+
+class CutProxy(_Proxy):
+    def __init__(
+        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, let_through: int = -1
+    ) -> None:
+        """``let_through``: that many connections pass, and every later one is closed as
+        it comes (a service that refuses a process's second connection); all by
+        default."""
+        super().__init__(upstream_port, upstream_host)
+        self._let_through = let_through
+        self.connections = 0
+        self.is_cut = False
+
+    def cut(self) -> None:
+        """Close every connection through the proxy, and each new one as it comes."""
+        self.is_cut = True
+        self._abort_links()
+
+    def restore(self) -> None:
+        self.is_cut = False
+
+    async def __aexit__(self, *_: object) -> None:
+        self.is_cut = True
+        await super().__aexit__()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.is_cut or 0 <= self._let_through < self.connections:
+            writer.transport.abort()
+            return
+
+        async def both(up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+            # Both directions, until either side closes or the cut aborts them.
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+        await self._linked(writer, both)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -84,48 +118,25 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 _OPEN_OK = (10).to_bytes(2, "big") + (41).to_bytes(2, "big")
 
 
-class SilentAmqpProxy:
+class SilentAmqpProxy(_Proxy):
     """In front of RabbitMQ: each connection opens (every frame up to the broker's
     Connection.OpenOk passes), then nothing passes either way, and nothing is closed: a
     broker that took the connection and stopped answering, as behind a partition that
     drops packets."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
-        self._upstream = (upstream_host, upstream_port)
-        self._server: asyncio.Server | None = None
-        self._links: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def __aenter__(self) -> SilentAmqpProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        for writer in list(self._links):
-            writer.transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        super().__init__(upstream_port, upstream_host)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        ends = {writer, up_writer}
-        self._links |= ends
         opened = asyncio.Event()
-        try:
+
+        async def both(up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
             await asyncio.gather(
                 _until_open(reader, up_writer, opened),
                 _frames_until_open(up_reader, writer, opened),
             )
-        finally:
-            self._links -= ends
-            for end in ends:
-                end.transport.abort()
+
+        await self._linked(writer, both)
 
 
 async def _until_open(
