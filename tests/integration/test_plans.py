@@ -56,15 +56,21 @@ PER_STATEMENT = 20
 
 
 @pytest.fixture
-async def big_db(deployment: Deployment) -> AsyncIterator[str]:
+async def migrated_db(deployment: Deployment) -> AsyncIterator[str]:
+    """A private database, migrated and empty."""
     async with scratch_database(f"{deployment.namespace}_plans", create=False) as url:
         await migrate(url, timeout=30)
-        conn = await asyncpg.connect(url)
-        try:
-            await _load(conn)
-        finally:
-            await conn.close()
         yield url
+
+
+@pytest.fixture
+async def big_db(migrated_db: str) -> str:
+    conn = await asyncpg.connect(migrated_db)
+    try:
+        await _load(conn)
+    finally:
+        await conn.close()
+    return migrated_db
 
 
 async def _load(conn: asyncpg.Connection) -> None:
@@ -210,47 +216,45 @@ def _outbox_rows_read(plan: dict[str, Any]) -> int:
 
 
 async def test_the_orphan_check_reads_the_outbox_once_with_a_plan_made_when_it_was_empty(
-    deployment: Deployment,
+    migrated_db: str,
 ) -> None:
     """Every relay looks for a dead process's rows once a second. A worker's plans are
     generic and made on the first call, when the outbox of a new deployment is empty;
     then a backlog builds up. With that plan, the check must read each outbox row once:
     it read the whole outbox again for each of its rows (1 s a call at 1,700 rows)."""
     backlog = 2_000
-    async with scratch_database(f"{deployment.namespace}_orphans", create=False) as url:
-        await migrate(url, timeout=30)
-        conn = await asyncpg.connect(url, server_settings={"plan_cache_mode": "force_generic_plan"})
-        try:
-            await conn.execute("VACUUM ANALYZE outbox")
-            await conn.execute(f"PREPARE orphans(bigint, float8) AS {_RELEASE_ORPHANS}")
-            check = f"EXECUTE orphans({OWNER_LOCK_CLASS}, {ORPHAN_AFTER_S})"
-            assert await conn.fetch(check) == []  # the plan, made on an empty outbox
-            live, dead = 7, 8
-            assert await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, live
-            )
-            ids = await conn.fetch(
-                """
-                INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until,
-                                    claimed_by)
-                SELECT gen_random_uuid(), 1, '', now() - interval '10 seconds',
-                       now() + interval '1 hour', CASE WHEN n <= 5 THEN $1::int ELSE $2::int END
-                FROM generate_series(1, $3) AS n
-                RETURNING id, claimed_by
-                """,
-                dead,
-                live,
-                backlog,
-            )
-            explaining = conn.transaction()
-            await explaining.start()
-            try:  # EXPLAIN ANALYZE releases them too: undone, for the real call below
-                explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {check}")
-            finally:
-                await explaining.rollback()
-            read = _outbox_rows_read(json.loads(explained)[0]["Plan"])
-            assert read <= 3 * backlog, f"{read} outbox rows read for a backlog of {backlog}"
-            released = sorted(r["id"] for r in await conn.fetch(check))
-            assert released == sorted(r["id"] for r in ids if r["claimed_by"] == dead)
+    conn = await asyncpg.connect(
+        migrated_db, server_settings={"plan_cache_mode": "force_generic_plan"}
+    )
+    try:
+        await conn.execute("VACUUM ANALYZE outbox")
+        await conn.execute(f"PREPARE orphans(bigint, float8) AS {_RELEASE_ORPHANS}")
+        check = f"EXECUTE orphans({OWNER_LOCK_CLASS}, {ORPHAN_AFTER_S})"
+        assert await conn.fetch(check) == []  # the plan, made on an empty outbox
+        live, dead = 7, 8
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, live)
+        ids = await conn.fetch(
+            """
+            INSERT INTO outbox (task_id, attempt, body, available_at, claimed_until,
+                                claimed_by)
+            SELECT gen_random_uuid(), 1, '', now() - interval '10 seconds',
+                   now() + interval '1 hour', CASE WHEN n <= 5 THEN $1::int ELSE $2::int END
+            FROM generate_series(1, $3) AS n
+            RETURNING id, claimed_by
+            """,
+            dead,
+            live,
+            backlog,
+        )
+        explaining = conn.transaction()
+        await explaining.start()
+        try:  # EXPLAIN ANALYZE releases them too: undone, for the real call below
+            explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {check}")
         finally:
-            await conn.close()
+            await explaining.rollback()
+        read = _outbox_rows_read(json.loads(explained)[0]["Plan"])
+        assert read <= 3 * backlog, f"{read} outbox rows read for a backlog of {backlog}"
+        released = sorted(r["id"] for r in await conn.fetch(check))
+        assert released == sorted(r["id"] for r in ids if r["claimed_by"] == dead)
+    finally:
+        await conn.close()

@@ -442,6 +442,7 @@ class _Shown(_Start):
 
 @pytest.mark.parametrize(
     ("threaded", "told", "fails"),
+    # The async case held before the def handlers' fix too: it guards the rule they share.
     [(True, False, False), (True, False, True), (True, True, False), (False, False, False)],
 )
 def test_a_handler_that_ended_as_its_deadline_fired_did_not_time_out(
