@@ -26,6 +26,9 @@ from shared.wire import Wire
 from tests.faults.private import PrivateRedis
 from tests.support import free_port, new_run_id
 
+# The fault table's hooks must run on an xdist controller too, which loads only this conftest.
+pytest_plugins = ("tests.faults.report",)
+
 AMQP_URL = os.environ.get("LONGHAUL_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("LONGHAUL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # The environment the test session started with, for commands the tests run.

@@ -1,48 +1,18 @@
-"""Fixtures of the fault suite, and the table it prints at the end of the session
-(also written to ``test-artifacts/faults.json``)."""
+"""Fixtures of the fault suite; each run's verdict goes to the table of ``report.py``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
 from tests.conftest import Deployment, Tenant
-from tests.faults.harness import FaultResult, FaultRun
+from tests.faults.harness import FaultRun
 from tests.faults.ledger_tasks import LEDGER_DDL
-from tests.support import ARTIFACTS, free_port
-
-RESULTS = pytest.StashKey[list[FaultResult]]()
-COLUMNS = ("fault", "tasks", "lost", "duplicates", "redeliveries", "recover_s")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.stash[RESULTS] = []
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    results = config.stash.get(RESULTS, [])
-    if not results:
-        return
-    rows = [
-        [str(getattr(r, c)) if getattr(r, c) is not None else "-" for c in COLUMNS] for r in results
-    ]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
-    terminalreporter.section("fault injection")
-    terminalreporter.write_line("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)))
-    for row in rows:
-        terminalreporter.write_line("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-    for r in results:
-        if r.extra or r.notes:
-            terminalreporter.write_line(f"{r.fault}: {r.notes} {json.dumps(r.extra, default=str)}")
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "faults.json").write_text(
-        json.dumps([r.as_dict() for r in results], indent=2, default=str)
-    )
+from tests.faults.report import record
+from tests.support import free_port
 
 
 @pytest.fixture(scope="session")
@@ -101,4 +71,4 @@ async def make_run(
         for run in runs:
             run.system.stop()
             if (result := getattr(run, "result", None)) is not None:
-                request.config.stash[RESULTS].append(result)
+                record(request.config, result)
