@@ -28,6 +28,13 @@ class SingleFlight(Generic[K, V]):
         # Shielded: one caller that goes away must not cancel the others' call.
         return await asyncio.shield(task)
 
+    async def aclose(self) -> None:
+        """Cancel the calls still running, and wait for them (a process's stop)."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
     def _done(self, key: K, task: asyncio.Task[V]) -> None:
         if self._running.get(key) is task:
             del self._running[key]
