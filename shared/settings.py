@@ -43,6 +43,9 @@ class CommonSettings(BaseSettings):
     start_timeout_s: PositiveFloat = 30.0
     # Every outbound call (SQL, Redis, publish) is bounded by this.
     io_timeout_s: PositiveFloat = 5.0
+    # How soon /readyz answers: a dependency that has not answered its check by then is
+    # reported down. Under a probe's own timeout (Kubernetes' default: 1 s).
+    ready_timeout_s: PositiveFloat = 0.5
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|text)$")
     # Test-only fault injection, "name=action,name=action" (see shared.failpoints).

@@ -188,6 +188,7 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     app[SERVICES] = svc
     app.add_routes(routes)
     ops.add_routes(app, settings.public_ws_url)
+    ops.add_readiness(app, svc)
     app.cleanup_ctx.append(functools.partial(_background, stop=deps.stop))
     return app
 

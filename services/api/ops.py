@@ -10,13 +10,14 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from services.api.context import SERVICES
+from services.api.context import SERVICES, Services
 from services.api.openapi import build_openapi
-from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
+from shared.health import METRICS_CONTENT_TYPE, Readiness, metrics_text
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 OPENAPI = web.AppKey("openapi", bytes)
 CONSOLE_HEADERS = web.AppKey("console_headers", Mapping[str, str])
+READINESS = web.AppKey("readiness", Readiness)
 # A host[:port] fit to stand in a header: no userinfo, no spaces or semicolons.
 _HOST_PORT = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -26,20 +27,30 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    if svc.stopping():
+    if request.app[SERVICES].stopping():
         # Taken out of rotation while it serves on (LONGHAUL_STOP_DELAY_S).
         return web.json_response({"status": "stopping"}, status=503)
+    ok, body = await request.app[READINESS]()
+    return web.json_response(body, status=200 if ok else 503)
+
+
+def add_readiness(app: web.Application, svc: Services) -> None:
+    """What /readyz checks, kept for the app's life: a check in flight outlives a probe."""
 
     async def rabbitmq() -> None:
         if not svc.monitor.fresh(3.0):
             raise ConnectionError("no recent queue sample")
 
-    ok, body = await readiness(
+    app[READINESS] = Readiness(
         {"postgresql": svc.repo.ping, "redis": svc.redis.ping, "rabbitmq": rabbitmq},
-        svc.settings.io_timeout_s,
+        answer_within=svc.settings.ready_timeout_s,
+        check_timeout=svc.settings.io_timeout_s,
     )
-    return web.json_response(body, status=200 if ok else 503)
+    app.on_cleanup.append(_close_readiness)
+
+
+async def _close_readiness(app: web.Application) -> None:
+    await app[READINESS].aclose()
 
 
 async def metrics(_: web.Request) -> web.Response:

@@ -37,7 +37,7 @@ from shared import amqp, db
 from shared.db import create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
-from shared.health import METRICS_CONTENT_TYPE, metrics_text, readiness
+from shared.health import METRICS_CONTENT_TYPE, Readiness, metrics_text
 from shared.lifecycle import Stop, essential, listening, wait_for_dependency
 from shared.redis import create_client, ping
 from shared.relay import OutboxRelay
@@ -327,16 +327,22 @@ async def _serve_health(
         if not await consumer.consuming():
             raise ConnectionError("not consuming")
 
+    readiness = Readiness(
+        {
+            "postgresql": lambda: pool.fetchval("SELECT 1"),
+            "redis": redis.ping,
+            "rabbitmq": amqp_check,
+        },
+        answer_within=settings.ready_timeout_s,
+        check_timeout=settings.io_timeout_s,
+    )
+
     async def readyz(_: web.Request) -> web.Response:
-        ok, body = await readiness(
-            {
-                "postgresql": lambda: pool.fetchval("SELECT 1"),
-                "redis": redis.ping,
-                "rabbitmq": amqp_check,
-            },
-            settings.io_timeout_s,
-        )
+        ok, body = await readiness()
         return web.json_response(body, status=200 if ok else 503)
+
+    async def close_readiness(_: web.Application) -> None:
+        await readiness.aclose()
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=metrics_text(), headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -345,6 +351,7 @@ async def _serve_health(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.on_cleanup.append(close_readiness)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, port = settings.worker_metrics_host, settings.worker_metrics_port

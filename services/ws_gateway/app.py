@@ -44,7 +44,7 @@ from services.ws_gateway.sweep import Sweeper
 from shared import wstokens
 from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
-from shared.health import readiness
+from shared.health import Readiness
 from shared.lifecycle import Stop, essential, listening, until_stopped, wait_for_dependency
 from shared.redis import create_client, ping
 from shared.wire import Wire
@@ -97,6 +97,7 @@ class Gateway:
         # set, /readyz says "stopping" while the gateway serves on (LONGHAUL_STOP_DELAY_S).
         self._stop: Stop | None = None
         self.hub: Hub | None = None
+        self._readiness: Readiness | None = None
         self.port: int = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,6 +144,8 @@ class Gateway:
             self.hub = Hub(
                 s.redis_url, self.wire, self.registry, self.metrics, io_timeout=s.io_timeout_s
             )
+            self._readiness = self._readiness_checks(redis, repository, self.hub)
+            stack.push_async_callback(self._readiness.aclose)
             # The hub, the sweep, the revocation check and the renewal of leases run until
             # cancelled: one that ends before that stops the gateway
             # (shared.lifecycle.essential).
@@ -376,23 +379,22 @@ class Gateway:
         """The same body as the other services' (shared.health), and the hub's own
         subscription to Redis: without it no live event reaches a client. A stopping
         gateway says so, as the API does: taken out of rotation while it serves on."""
-        assert self._redis is not None and self._deps is not None
+        assert self._readiness is not None
         if self._stop is not None and self._stop.is_set():
             return json_response(503, {"status": "stopping"})
+        ok, body = await self._readiness()
+        return json_response(200 if ok else 503, body)
 
+    def _readiness_checks(self, redis: Redis, repository: TaskRepository, hub: Hub) -> Readiness:
         async def pubsub() -> None:
-            if self.hub is None or not self.hub.connected.is_set():
+            if not hub.connected.is_set():
                 raise ConnectionError("resubscribing")
 
-        ok, body = await readiness(
-            {
-                "postgresql": self._deps.repository.ping,
-                "redis": self._redis.ping,
-                "redis_pubsub": pubsub,
-            },
-            self.settings.io_timeout_s,
+        return Readiness(
+            {"postgresql": repository.ping, "redis": redis.ping, "redis_pubsub": pubsub},
+            answer_within=self.settings.ready_timeout_s,
+            check_timeout=self.settings.io_timeout_s,
         )
-        return json_response(200 if ok else 503, body)
 
     # ------------------------------------------------------------------ SSE
 

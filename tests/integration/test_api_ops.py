@@ -48,6 +48,37 @@ async def test_readyz_names_the_dependency_down_and_metrics_are_served(
             system.stop()
 
 
+async def test_readyz_answers_soon_with_a_hung_redis_down(
+    isolated: Isolated, http: aiohttp.ClientSession, redis_server: PrivateRedis
+) -> None:
+    """A paused Redis accepts connections and never answers: /readyz says so within
+    LONGHAUL_READY_TIMEOUT_S, not after LONGHAUL_IO_TIMEOUT_S (20 s here; it did), and
+    probes meanwhile wait for the one ping in flight rather than add their own."""
+    system = System(
+        isolated.deployment.env(redis_url=redis_server.url, io_timeout_s="20", handoff_claim_s="60")
+    )
+    try:
+        await system.start_api()
+        redis_server.pause()
+        try:
+            for _ in range(3):
+                async with asyncio.timeout(timeout(5)), http.get(f"{system.api_url}/readyz") as r:
+                    assert r.status == 503
+                    deps = (await r.json())["dependencies"]
+                assert deps["redis"] == "down: TimeoutError", deps
+                assert deps["postgresql"] == "ok", deps
+        finally:
+            redis_server.resume()
+
+        async def ready() -> bool:
+            async with http.get(f"{system.api_url}/readyz") as r:
+                return r.status == 200
+
+        await eventually(ready, within=10, what="/readyz to say 200 again")
+    finally:
+        system.stop()
+
+
 async def _answers_carry_request_ids(http: aiohttp.ClientSession, api_url: str) -> None:
     """Every answer names its request: the caller's X-Request-ID when it is a plain
     token, else a new one; a problem carries it in its body too."""
