@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from shared.errors import ConfigError, DependencyError, StartStopped, StartTimeout
+from shared.liveness import Liveness
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,6 +84,8 @@ def essential(
     stop: Stop | None,
     *,
     until: asyncio.Event | None = None,
+    liveness: Liveness | None = None,
+    within: float | None = None,
 ) -> asyncio.Task[None]:
     """Start a background loop the process cannot do without. Should it end before
     ``stop`` (or ``until``, the event the loop itself returns at) is set, or raise at any
@@ -91,8 +94,15 @@ def essential(
     it is a plain task.
 
     ``until``: a start that fails after the loop began (a port in use) ends it with
-    ``stop`` unset; it returned as asked, and the start's own error is the one to tell."""
-    task = asyncio.create_task(coro, name=name)
+    ``stop`` unset; it returned as asked, and the start's own error is the one to tell.
+
+    ``liveness`` and ``within``: the loop beats (shared.liveness.beat) at least every
+    ``within`` seconds, else /healthz names it hung; once it ended it is no longer watched."""
+    if liveness is None or within is None:
+        task = asyncio.create_task(coro, name=name)
+    else:
+        task = asyncio.create_task(coro, name=name, context=liveness.context(name, within))
+        task.add_done_callback(lambda _: liveness.forget(name))
     if stop is not None:
         task.add_done_callback(functools.partial(_ended, stop, until))
     return task
