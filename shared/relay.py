@@ -40,6 +40,7 @@ from shared.errors import DependencyError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.groupcommit import GroupCommit
+from shared.liveness import beat, stale_after
 from shared.taskrows import (
     PREVIOUS_COLUMNS,
     event_from_row,
@@ -231,6 +232,8 @@ class OutboxRelay:
         """Publish until ``stop`` is set: handed-over rows at once, the others as they
         become due. What was handed over before ``stop`` is still published."""
         try:
+            # The poll beats (shared.liveness); the handed-over rows' loop may rightly
+            # wait for rows as long as no request comes, so it does not.
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._poll(stop), name="relay-poll")
                 group.create_task(self._publish_handed(stop), name="relay-handed")
@@ -240,6 +243,12 @@ class OutboxRelay:
             # the last of them were, just above.
             if self._listener is not None:
                 await self._close_listener()
+
+    def stale_after_s(self) -> float:
+        """How long the poll may go without a beat (shared.liveness): a turn waits up
+        to poll_s, or a failure's backoff (5 s at most), and makes up to six calls (the
+        listener, the orphans, a flush's select, publish and delete, the next due)."""
+        return stale_after(max(self._poll_s, 5.0), self._timeout, calls=6)
 
     def owner_key(self) -> int | None:
         """The key to claim rows with (``claimed_by``) while this relay holds its owner
@@ -330,6 +339,7 @@ class OutboxRelay:
         stopping = asyncio.create_task(stop.wait(), name="relay-stop-wait")
         try:
             while not stop.is_set():
+                beat()
                 await self._ensure_listener()
                 if time.monotonic() >= self._orphans_checked_at + ORPHAN_AFTER_S:
                     self._orphans_checked_at = time.monotonic()

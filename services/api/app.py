@@ -39,6 +39,7 @@ from shared.db import TRANSIENT_ERRORS, create_pool, require_schema
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.lifecycle import Stop, essential, listening, stop_delay, wait_for_dependency
+from shared.liveness import Liveness, stale_after
 from shared.redis import create_client, ping
 from shared.relay import OutboxRelay
 from shared.schemas import ProblemError
@@ -189,6 +190,7 @@ def create_app(settings: ApiSettings, deps: Deps) -> web.Application:
     app.add_routes(routes)
     ops.add_routes(app, settings.public_ws_url)
     ops.add_readiness(app, svc)
+    app[ops.LIVENESS] = Liveness()
     app.cleanup_ctx.append(functools.partial(_background, stop=deps.stop))
     return app
 
@@ -198,10 +200,22 @@ async def _background(app: web.Application, stop: Stop | None) -> AsyncIterator[
     Either ending before that fails the process's ``stop``: without its relay the API
     would accept tasks nobody publishes, without its monitor refuse them all."""
     svc = app[SERVICES]
+    s = svc.settings
     jobs_stop = asyncio.Event()
-    tasks = [essential(svc.monitor.run(jobs_stop), "queue-monitor", stop, until=jobs_stop)]
+    # Each beats once a turn: /healthz names one that stops (shared.liveness).
+    watched = functools.partial(essential, stop=stop, until=jobs_stop, liveness=app[ops.LIVENESS])
+    tasks = [
+        watched(
+            svc.monitor.run(jobs_stop),
+            "queue-monitor",
+            # A sample, then the delayed rows' count.
+            within=stale_after(s.queue_depth_refresh_s, s.io_timeout_s, calls=2),
+        )
+    ]
     if svc.relay is not None:
-        tasks.append(essential(svc.relay.run(jobs_stop), "outbox-relay", stop, until=jobs_stop))
+        tasks.append(
+            watched(svc.relay.run(jobs_stop), "outbox-relay", within=svc.relay.stale_after_s())
+        )
     yield
     try:
         # The last inserts first: their tasks are handed to the relay, which publishes

@@ -21,6 +21,7 @@ from prometheus_client import Gauge
 
 from shared import outbox
 from shared.db import ANY_PG_ERROR
+from shared.liveness import beat
 from shared.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class QueueMonitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            beat()
             try:
                 await asyncio.wait_for(self._sample(), self._timeout)
             except (AMQPError, OSError, TimeoutError, RuntimeError) as exc:

@@ -13,17 +13,23 @@ from aiohttp import web
 from services.api.context import SERVICES, Services
 from services.api.openapi import build_openapi
 from shared.health import METRICS_CONTENT_TYPE, Readiness, metrics_text
+from shared.liveness import Liveness
 
 CONSOLE_DIR = Path(__file__).parent / "console"
 OPENAPI = web.AppKey("openapi", bytes)
 CONSOLE_HEADERS = web.AppKey("console_headers", Mapping[str, str])
 READINESS = web.AppKey("readiness", Readiness)
+LIVENESS = web.AppKey("liveness", Liveness)
 # A host[:port] fit to stand in a header: no userinfo, no spaces or semicolons.
 _HOST_PORT = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-async def healthz(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(request: web.Request) -> web.Response:
+    liveness = request.app.get(LIVENESS)
+    if liveness is None:  # an app a test built without its loops
+        return web.json_response({"status": "ok"})
+    ok, body = liveness.report()
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def readyz(request: web.Request) -> web.Response:

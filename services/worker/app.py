@@ -39,6 +39,7 @@ from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.health import METRICS_CONTENT_TYPE, Readiness, metrics_text
 from shared.lifecycle import Stop, essential, listening, wait_for_dependency
+from shared.liveness import Liveness, stale_after
 from shared.redis import create_client, ping
 from shared.relay import OutboxRelay
 from shared.wire import Wire
@@ -94,26 +95,50 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         _, dead_letter_topology = await _consuming_channel(connection, settings, wire)
         sink = DeadLetterSink(dead_letter_topology.dead_letters, repo, events)
 
-        health = await _serve_health(settings, pool, redis, connection, consumer)
+        jobs = _Jobs(stop)
+        health = await _serve_health(settings, pool, redis, connection, consumer, jobs.liveness)
         stack.push_async_callback(health.cleanup)
 
-        jobs = _Jobs(stop)
+        # Each loop beats once a turn; how long it may go without (shared.liveness): its
+        # longest wait between turns, and the calls a turn makes (each up to the timeout).
+        lease_s, retention_s = settings.lease_s, settings.task_retention_s
         if settings.relay_enabled:
             relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id, stop)
-            jobs.start(relay.run(jobs.until), "outbox-relay")
+            jobs.start(relay.run(jobs.until), "outbox-relay", relay.stale_after_s())
         jobs.start(
-            heartbeat(
-                repo, runner, worker_id, settings.lease_s, jobs.until, types=registry.names()
-            ),
+            heartbeat(repo, runner, worker_id, lease_s, jobs.until, types=registry.names()),
             "lease-heartbeat",
+            stale_after(lease_s / 3, timeout, calls=2),  # renewal, type heartbeat
         )
-        jobs.start(lease_watch(runner, settings.lease_s, jobs.until), "lease-watch")
-        jobs.start(reaper(repo, events, settings.lease_s, jobs.until), "reaper")
-        jobs.start(listen(redis, wire, runner, jobs.until), "control-listener")
-        jobs.start(consumer.watch(jobs.until), "consumer-watchdog")
-        jobs.start(fire_schedules(repo, settings.schedule_poll_s, jobs.until), "schedule-firing")
-        if settings.task_retention_s > 0:
-            jobs.start(purge(repo, settings.task_retention_s, jobs.until), "task-purge")
+        jobs.start(
+            lease_watch(runner, lease_s, jobs.until), "lease-watch", stale_after(lease_s / 20, 0)
+        )
+        jobs.start(
+            reaper(repo, events, lease_s, jobs.until),
+            "reaper",
+            stale_after(max(0.5, lease_s / 3), timeout, calls=3),  # ping, reap, events
+        )
+        jobs.start(
+            listen(redis, wire, runner, jobs.until),
+            "control-listener",
+            stale_after(5.0, timeout, calls=2),  # its backoff's cap; subscribe, read
+        )
+        jobs.start(
+            consumer.watch(jobs.until),
+            "consumer-watchdog",
+            stale_after(5.0, timeout, calls=2),  # per queue: its check, a consume again
+        )
+        jobs.start(
+            fire_schedules(repo, settings.schedule_poll_s, jobs.until),
+            "schedule-firing",
+            stale_after(settings.schedule_poll_s, timeout),  # beats per batch
+        )
+        if retention_s > 0:
+            jobs.start(
+                purge(repo, retention_s, jobs.until),
+                "task-purge",
+                stale_after(min(60.0, retention_s / 10), timeout),  # beats per batch
+            )
 
         try:
             await _start_consuming(consumer, sink, failpoints, timeout)
@@ -177,11 +202,17 @@ class _Jobs:
 
     def __init__(self, stop: Stop) -> None:
         self.until = asyncio.Event()
+        self.liveness = Liveness()
         self._stop = stop
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self, loop: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.append(essential(loop, name, self._stop, until=self.until))
+    def start(self, loop: Coroutine[Any, Any, None], name: str, within: float) -> None:
+        """``within``: how long the loop may go without a beat (shared.liveness)."""
+        self._tasks.append(
+            essential(
+                loop, name, self._stop, until=self.until, liveness=self.liveness, within=within
+            )
+        )
 
     async def aclose(self) -> None:
         self.until.set()
@@ -315,11 +346,13 @@ async def _serve_health(
     redis: Redis,
     connection: AbstractRobustConnection,
     consumer: Consumer,
+    liveness: Liveness,
 ) -> web.AppRunner:
     """/healthz, /readyz and /metrics on LONGHAUL_WORKER_METRICS_PORT."""
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        ok, body = liveness.report()
+        return web.json_response(body, status=200 if ok else 503)
 
     async def amqp_check() -> None:
         if connection.is_closed:

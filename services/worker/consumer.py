@@ -34,6 +34,7 @@ from prometheus_client import Counter, Gauge
 from services.worker.gate import Gate, GateClosed
 from services.worker.runner import Runner, StopReason
 from shared.groupcommit import GroupCommit
+from shared.liveness import beat
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class Consumer:
                 return
             consuming = True
             for lane in self._lanes:
+                beat()
                 consuming = await self._watch_lane(lane) and consuming
             CONSUMING.set(int(consuming))
 

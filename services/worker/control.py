@@ -18,6 +18,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import NoPermissionError, RedisError
 
 from services.worker.runner import Runner, StopReason
+from shared.liveness import beat
 from shared.redis import refused
 from shared.wire import Wire
 
@@ -54,11 +55,13 @@ async def may_subscribe(redis: Redis, wire: Wire, url: str, timeout: float) -> N
 async def listen(redis: Redis, wire: Wire, runner: Runner, stop: asyncio.Event) -> None:
     delay = 0.1
     while not stop.is_set():
+        beat()
         try:
             async with _pubsub(redis) as pubsub:
                 await pubsub.subscribe(wire.control_channel)
                 delay = 0.1
                 while not stop.is_set():
+                    beat()
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         _apply(message.get("data"), runner)

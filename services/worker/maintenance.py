@@ -20,6 +20,7 @@ from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner, Running, StopReason
 from shared.db import ANY_PG_ERROR, TRANSIENT_ERRORS
 from shared.events import EventSink
+from shared.liveness import beat
 from shared.taskrows import event_from_row
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ async def heartbeat(
     attempt."""
     delay = lease_s / 3
     while not await _wait(stop, delay):
+        beat()
         delay = lease_s * _RETRY_AFTER
         attempts = dict(runner.running)
         sent = time.monotonic()
@@ -121,6 +123,7 @@ async def lease_watch(runner: Runner, lease_s: float, stop: asyncio.Event) -> No
     renewal that hangs delays nothing here. The attempt's outcome (interrupted) is
     committed when the database answers, and refused if it was reaped meanwhile."""
     while not await _wait(stop, lease_s / 20):
+        beat()
         stopped = lapsed(runner.running, time.monotonic(), lease_s * _LAPSE_AT)
         for running in stopped:
             running.stop(StopReason.LAPSED)
@@ -165,6 +168,7 @@ async def reaper(
     failed = False
     quiet_until = 0.0
     while not await _wait(stop, interval * random.uniform(0.5, 1.0)):  # noqa: S311
+        beat()
         try:
             if failed:
                 await repo.ping()
@@ -198,6 +202,7 @@ async def purge(
     interval_s = min(60.0, retention_s / 10)
     while not await _wait(stop, interval_s * random.uniform(0.5, 1.0)):  # noqa: S311
         for _ in range(_PURGE_BATCHES):
+            beat()
             try:
                 deleted = await repo.purge_finished(retention_s, batch)
             except Exception as exc:  # noqa: BLE001 - see _survive
@@ -219,6 +224,7 @@ async def fire_schedules(
     warning and its last_error saying why: it never stops the others."""
     while not await _wait(stop, poll_s * random.uniform(0.5, 1.0)):  # noqa: S311
         while not stop.is_set():
+            beat()  # per batch: a backlog of due schedules takes many
             try:
                 fires = await repo.fire_schedules(schedules.plan, batch)
             except Exception as exc:  # noqa: BLE001 - see _survive

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 import weakref
@@ -46,6 +47,7 @@ from shared.db import ANY_PG_ERROR, create_pool, require_schema
 from shared.errors import StartTimeout
 from shared.health import Readiness
 from shared.lifecycle import Stop, essential, listening, until_stopped, wait_for_dependency
+from shared.liveness import Liveness, stale_after
 from shared.redis import create_client, ping
 from shared.wire import Wire
 
@@ -98,6 +100,8 @@ class Gateway:
         self._stop: Stop | None = None
         self.hub: Hub | None = None
         self._readiness: Readiness | None = None
+        # The beats of the loops below (shared.liveness), told by /healthz.
+        self.liveness = Liveness()
         self.port: int = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -148,16 +152,27 @@ class Gateway:
             stack.push_async_callback(self._readiness.aclose)
             # The hub, the sweep, the revocation check and the renewal of leases run until
             # cancelled: one that ends before that stops the gateway
-            # (shared.lifecycle.essential).
+            # (shared.lifecycle.essential). Each but the hub beats once a turn, and one
+            # that stops is named by /healthz (shared.liveness); the hub waits on its
+            # subscription for as long as it lasts, with a PING of its own when idle.
+            watched = functools.partial(essential, stop=stop, liveness=self.liveness)
             hub_task = essential(self.hub.run(), "gateway-hub", stop)
             stack.push_async_callback(_cancel_and_wait, hub_task)
             sweeper = Sweeper(self.registry, repository, self.metrics, s.subscription_check_s)
-            sweep_task = essential(sweeper.run(), "gateway-sweep", stop)
+            sweep_task = watched(
+                sweeper.run(),
+                "gateway-sweep",
+                within=stale_after(s.subscription_check_s, s.io_timeout_s, calls=2),
+            )
             stack.push_async_callback(_cancel_and_wait, sweep_task)
             # The check's answers are what opens are refused by, for as long as a period.
             self._key_states = KeyStates(repository, s.revocation_check_s)
             revoker = Revoker(self._holders, self._key_states, self.metrics, s.revocation_check_s)
-            revoke_task = essential(revoker.run(), "gateway-revocation", stop)
+            revoke_task = watched(
+                revoker.run(),
+                "gateway-revocation",
+                within=stale_after(s.revocation_check_s, s.io_timeout_s),
+            )
             stack.push_async_callback(_cancel_and_wait, revoke_task)
             self._leases = Leases(
                 redis,
@@ -167,7 +182,12 @@ class Gateway:
             )
             # Closed after the server (its connections' leases dropped), before Redis.
             stack.push_async_callback(self._leases.aclose)
-            lease_task = essential(self._leases.run(), "gateway-leases", stop)
+            lease_task = watched(
+                self._leases.run(),
+                "gateway-leases",
+                # A renewal is a script call per batch of tenants; a few, as a rule.
+                within=stale_after(s.connection_lease_s / 3, s.io_timeout_s, calls=3),
+            )
             stack.push_async_callback(_cancel_and_wait, lease_task)
             try:
                 async with asyncio.timeout(s.start_timeout_s):
@@ -370,7 +390,8 @@ class Gateway:
 
     async def _ops(self, path: str) -> Response:
         if path == "/healthz":
-            return json_response(200, {"status": "ok"})
+            ok, body = self.liveness.report()
+            return json_response(200 if ok else 503, body)
         if path == "/readyz":
             return await self._readyz()
         return respond(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")

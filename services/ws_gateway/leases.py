@@ -19,6 +19,7 @@ from uuid import UUID
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.liveness import beat
 from shared.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class Leases:
         """Renew the held leases every third of their length, until cancelled."""
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
+            beat()
             await self.renew()
 
     async def renew(self) -> None:

@@ -25,6 +25,7 @@ from typing import Generic, Protocol, TypeVar
 from services.ws_gateway.keystates import Keys
 from services.ws_gateway.metrics import GatewayMetrics
 from shared.db import ANY_PG_ERROR
+from shared.liveness import beat
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Revoker(Generic[S]):
         a database away for a while must not bring the gateway down."""
         while True:
             await asyncio.sleep(self._check_s)
+            beat()
             try:
                 await self.check()
             except ANY_PG_ERROR as exc:

@@ -32,6 +32,7 @@ from services.ws_gateway.registry import Registry
 from services.ws_gateway.repository import Head
 from services.ws_gateway.session import Behind
 from shared.db import ANY_PG_ERROR
+from shared.liveness import beat
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Sweeper:
         this safety net must not come down with one bad read."""
         while True:
             await asyncio.sleep(self._check_s)
+            beat()
             try:
                 await self.check()
             except ANY_PG_ERROR as exc:

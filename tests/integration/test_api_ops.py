@@ -33,6 +33,10 @@ async def test_readyz_names_the_dependency_down_and_metrics_are_served(
             async with http.get(f"{system.api_url}/readyz") as r:
                 assert r.status == 200
                 assert set((await r.json())["dependencies"].values()) == {"ok"}
+            async with http.get(f"{system.api_url}/healthz") as r:
+                assert r.status == 200
+                # Each essential loop, by the seconds since its last beat.
+                assert set((await r.json())["loops"]) == {"queue-monitor", "outbox-relay"}
             await _answers_carry_request_ids(http, system.api_url)
             redis_server.stop()
 

@@ -837,6 +837,10 @@ async def test_health_ready_and_metrics(
         "status": "ok",
         "dependencies": {"redis": "ok", "postgresql": "ok", "redis_pubsub": "ok"},
     }
+    # Each loop that beats, by the seconds since its last beat (the hub does not).
+    health = json.loads(bodies["/healthz"])
+    assert health["status"] == "ok"
+    assert set(health["loops"]) == {"gateway-sweep", "gateway-revocation", "gateway-leases"}
     assert b"longhaul_gateway_connections" in bodies["/metrics"]
 
 
