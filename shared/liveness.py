@@ -16,6 +16,10 @@ from typing import Any
 # How many of its periods a loop may miss before it is taken for hung. Several: a period
 # of a slow database (each call bounded by LONGHAUL_IO_TIMEOUT_S) is no hang.
 STALE_PERIODS = 3
+# And never less than this: an event loop held up a few seconds (a long GC pause, a user's
+# async handler that computes without awaiting) is slow, not hung, and a liveness probe's
+# restart would throw away every running task for it.
+MIN_STALE_S = 15.0
 
 _HEART: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
     "longhaul_heart", default=None
@@ -32,7 +36,7 @@ def beat() -> None:
 def stale_after(period_s: float, io_timeout_s: float, calls: int = 1) -> float:
     """How long a loop that waits ``period_s`` and then makes up to ``calls`` calls
     (each bounded by ``io_timeout_s``) between beats may go without one."""
-    return STALE_PERIODS * (period_s + calls * io_timeout_s)
+    return max(MIN_STALE_S, STALE_PERIODS * (period_s + calls * io_timeout_s))
 
 
 class Liveness:

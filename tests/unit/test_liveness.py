@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from shared.lifecycle import Stop, essential
-from shared.liveness import STALE_PERIODS, Liveness, beat, stale_after
+from shared.liveness import MIN_STALE_S, STALE_PERIODS, Liveness, beat, stale_after
 
 
 class Clock:
@@ -73,4 +73,4 @@ async def test_a_beat_outside_a_watched_loop_is_no_op() -> None:
 
 def test_stale_after_is_several_periods_of_waits_and_calls() -> None:
     assert stale_after(10, 5, calls=2) == STALE_PERIODS * 20
-    assert stale_after(1.5, 0) == STALE_PERIODS * 1.5
+    assert stale_after(1.5, 0) == MIN_STALE_S
