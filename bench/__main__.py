@@ -9,10 +9,8 @@ removed at the end even when a scenario fails."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
-import signal
 import sys
 import time
 import traceback
@@ -25,7 +23,7 @@ from typing import Any
 import orjson
 
 from bench import ceiling, gateway, longhaul, machine, peers, report
-from bench.infra import RESULTS, BenchEnv, raise_fd_limit, run_loop
+from bench.infra import RESULTS, BenchEnv, cancel_on_signals, raise_fd_limit, run_loop, to_the_end
 from bench.longhaul import LonghaulSystem
 from bench.stats import series
 
@@ -93,12 +91,7 @@ def _versions() -> dict[str, str]:
 
 
 async def main_async(profile: Profile, only: list[str], out_path: Path | None) -> int:
-    # SIGTERM/SIGINT cancel the run; the cleanup below still runs.
-    me = asyncio.current_task()
-    assert me is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, me.cancel)
+    cancel_on_signals()
     started = time.monotonic()
     fds = raise_fd_limit()
     env = BenchEnv(history=profile.history)
@@ -186,7 +179,7 @@ async def main_async(profile: Profile, only: list[str], out_path: Path | None) -
         failed = True
         doc["errors"]["setup"] = traceback.format_exc()
     finally:
-        await env.close()
+        await to_the_end(env.close())
     failed = failed or bool(doc["errors"])
     doc["meta"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     doc["meta"]["duration_s"] = round(time.monotonic() - started, 1)

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from bench.infra import BenchEnv, raise_fd_limit, run_loop
+from bench.infra import BenchEnv, cancel_on_signals, raise_fd_limit, run_loop, to_the_end
 from bench.longhaul import LonghaulSystem, Rec, Tracker, _one_run
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -139,11 +139,12 @@ async def _at_rate(system: LonghaulSystem, n: int, rate: float) -> None:
 
 
 async def main(n: int, modes: list[str], rate: float | None, delay: float) -> None:
+    cancel_on_signals()
     raise_fd_limit()
     env = BenchEnv()
-    await env.open()
     system = LonghaulSystem(env)
     try:
+        await env.open()
         await system.start()
         if rate is not None:
             await _at_rate(system, n, rate)
@@ -153,7 +154,7 @@ async def main(n: int, modes: list[str], rate: float | None, delay: float) -> No
     finally:
         for proc in system.procs.values():
             proc.stop()
-        await env.close()
+        await to_the_end(env.close())
 
 
 if __name__ == "__main__":

@@ -42,6 +42,31 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def cancel_on_signals() -> None:
+    """SIGTERM and SIGINT cancel the running task (a run's main): its cleanup (the
+    processes, the namespace, the database) still runs, where a signal's default would
+    leave them behind."""
+    me = asyncio.current_task()
+    assert me is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, me.cancel)
+
+
+async def to_the_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` (a run's cleanup) as a task of its own, to its end. Awaited in the
+    run's task, cancelled by a signal, the cleanup's database connect raised
+    CancelledError itself (seen: a SIGTERM'd ``bench.drain`` left its namespace). A
+    second signal meanwhile is ignored."""
+    task = asyncio.create_task(coro, name="cleanup")
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 AMQP_URL = os.environ.get("LONGHAUL_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
