@@ -59,6 +59,9 @@ class Deployment:
             "LONGHAUL_AMQP_URL": self.amqp_url,
             "LONGHAUL_REDIS_URL": self.redis_url,
             "LONGHAUL_START_TIMEOUT_S": "20",
+            # A check's answer within 2 s, not 0.5: two test processes share the machine,
+            # and a slow ping read as a dependency down would fail a test for nothing.
+            "LONGHAUL_READY_TIMEOUT_S": "2",
             "LONGHAUL_LOG_FORMAT": "json",
             "LONGHAUL_LOG_LEVEL": "INFO",
         }

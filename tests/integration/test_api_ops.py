@@ -56,8 +56,9 @@ async def test_readyz_answers_soon_with_a_hung_redis_down(
     isolated: Isolated, http: aiohttp.ClientSession, redis_server: PrivateRedis
 ) -> None:
     """A paused Redis accepts connections and never answers: /readyz says so within
-    LONGHAUL_READY_TIMEOUT_S, not after LONGHAUL_IO_TIMEOUT_S (20 s here; it did), and
-    probes meanwhile wait for the one ping in flight rather than add their own."""
+    LONGHAUL_READY_TIMEOUT_S (2 s in the tests), not after LONGHAUL_IO_TIMEOUT_S (20 s
+    here; it did), and probes meanwhile wait for the one ping in flight rather than add
+    their own."""
     system = System(
         isolated.deployment.env(redis_url=redis_server.url, io_timeout_s="20", handoff_claim_s="60")
     )
@@ -66,7 +67,7 @@ async def test_readyz_answers_soon_with_a_hung_redis_down(
         redis_server.pause()
         try:
             for _ in range(3):
-                async with asyncio.timeout(timeout(5)), http.get(f"{system.api_url}/readyz") as r:
+                async with asyncio.timeout(timeout(8)), http.get(f"{system.api_url}/readyz") as r:
                     assert r.status == 503
                     deps = (await r.json())["dependencies"]
                 assert deps["redis"] == "down: TimeoutError", deps
