@@ -23,11 +23,21 @@ from aio_pika.exceptions import AMQPError
 from aiohttp import web
 from redis.asyncio import Redis
 
-from services.worker.consumer import Consumer
-from services.worker.control import listen, may_subscribe
+from services.worker.consumer import WATCH_S, Consumer
+from services.worker.control import RESUBSCRIBE_MAX_S, listen, may_subscribe
 from services.worker.deadletters import DeadLetterSink
 from services.worker.handback import HandBacks
-from services.worker.maintenance import fire_schedules, heartbeat, lease_watch, purge, reaper
+from services.worker.maintenance import (
+    fire_schedules,
+    heartbeat,
+    heartbeat_period_s,
+    lease_watch,
+    lease_watch_period_s,
+    purge,
+    purge_period_s,
+    reaper,
+    reaper_period_s,
+)
 from services.worker.registry import Registry
 from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner
@@ -108,25 +118,27 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         jobs.start(
             heartbeat(repo, runner, worker_id, lease_s, jobs.until, types=registry.names()),
             "lease-heartbeat",
-            stale_after(lease_s / 3, timeout, calls=2),  # renewal, type heartbeat
+            stale_after(heartbeat_period_s(lease_s), timeout, calls=2),  # renewal, types
         )
         jobs.start(
-            lease_watch(runner, lease_s, jobs.until), "lease-watch", stale_after(lease_s / 20, 0)
+            lease_watch(runner, lease_s, jobs.until),
+            "lease-watch",
+            stale_after(lease_watch_period_s(lease_s), 0),
         )
         jobs.start(
             reaper(repo, events, lease_s, jobs.until),
             "reaper",
-            stale_after(max(0.5, lease_s / 3), timeout, calls=3),  # ping, reap, events
+            stale_after(reaper_period_s(lease_s), timeout, calls=3),  # ping, reap, events
         )
         jobs.start(
             listen(redis, wire, runner, jobs.until),
             "control-listener",
-            stale_after(5.0, timeout, calls=2),  # its backoff's cap; subscribe, read
+            stale_after(RESUBSCRIBE_MAX_S, timeout, calls=2),  # subscribe, read
         )
         jobs.start(
             consumer.watch(jobs.until),
             "consumer-watchdog",
-            stale_after(5.0, timeout, calls=2),  # per queue: its check, a consume again
+            stale_after(WATCH_S, timeout, calls=2),  # per queue: its check, a consume again
         )
         jobs.start(
             fire_schedules(repo, settings.schedule_poll_s, jobs.until),
@@ -137,7 +149,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
             jobs.start(
                 purge(repo, retention_s, jobs.until),
                 "task-purge",
-                stale_after(min(60.0, retention_s / 10), timeout),  # beats per batch
+                stale_after(purge_period_s(retention_s), timeout),  # beats per batch
             )
 
         try:

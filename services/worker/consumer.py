@@ -37,6 +37,8 @@ from shared.groupcommit import GroupCommit
 from shared.liveness import beat
 
 log = logging.getLogger(__name__)
+# How often the watchdog checks each lane's consumer (app.py bounds its beats by it).
+WATCH_S = 5.0
 
 DELIVERIES = Counter("longhaul_worker_deliveries_total", "Task messages delivered to this worker")
 ACK_FAILURES = Counter(
@@ -131,7 +133,7 @@ class Consumer:
         consumers: dict[str, object] = getattr(underlay, "consumers", {})  # aiormq.Channel
         return lane.tag in consumers
 
-    async def watch(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
+    async def watch(self, stop: asyncio.Event, interval_s: float = WATCH_S) -> None:
         """Consume again if the consumer is gone while the channel is up.
 
         The robust connection restores consumers after a reconnect, but not after the

@@ -52,6 +52,10 @@ async def may_subscribe(redis: Redis, wire: Wire, url: str, timeout: float) -> N
         pass
 
 
+# The longest wait before subscribing again (services/worker/app.py bounds its beats by it).
+RESUBSCRIBE_MAX_S = 5.0
+
+
 async def listen(redis: Redis, wire: Wire, runner: Runner, stop: asyncio.Event) -> None:
     delay = 0.1
     while not stop.is_set():
@@ -68,7 +72,7 @@ async def listen(redis: Redis, wire: Wire, runner: Runner, stop: asyncio.Event) 
         except (RedisError, OSError) as exc:
             log.warning("control channel lost; resubscribing", extra={"error": repr(exc)})
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, RESUBSCRIBE_MAX_S)
 
 
 def _apply(data: object, runner: Runner) -> None:

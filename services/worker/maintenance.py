@@ -53,6 +53,26 @@ _LAPSE_AT = 0.9
 # third: a blip shorter than most of a lease is renewed in time and stops nothing.
 _RETRY_AFTER = 0.1
 
+
+# Each loop's longest wait between turns, here and in how long it may go without a
+# beat (services/worker/app.py, shared.liveness).
+def heartbeat_period_s(lease_s: float) -> float:
+    return lease_s / 3
+
+
+def lease_watch_period_s(lease_s: float) -> float:
+    return lease_s / 20
+
+
+def reaper_period_s(lease_s: float) -> float:
+    return max(0.5, lease_s / 3)
+
+
+def purge_period_s(retention_s: float) -> float:
+    """A minute, or a tenth of the retention when that is shorter."""
+    return min(60.0, retention_s / 10)
+
+
 # What a reaper's failed round says about the leases: the database did not answer (in
 # time, or at all for want of resources), so the heartbeats of live workers may have
 # failed too.
@@ -81,7 +101,7 @@ async def heartbeat(
     lease_watch). An attempt asked to cancel is stopped; so is one found no longer ours
     (reaped while the database was away): its handler must not run on beside the next
     attempt."""
-    delay = lease_s / 3
+    delay = heartbeat_period_s(lease_s)
     while not await _wait(stop, delay):
         beat()
         delay = lease_s * _RETRY_AFTER
@@ -94,7 +114,7 @@ async def heartbeat(
         except Exception as exc:  # noqa: BLE001 - see _survive
             _survive("lease renewal", exc)
             continue
-        delay = lease_s / 3
+        delay = heartbeat_period_s(lease_s)
         for task_id in renewal.renewed:
             if runner.running.get(task_id) is attempts[task_id]:
                 attempts[task_id].lease_since = sent
@@ -122,7 +142,7 @@ async def lease_watch(runner: Runner, lease_s: float, stop: asyncio.Event) -> No
     runs out, and the task must not run twice at once. Waits on no database, so a
     renewal that hangs delays nothing here. The attempt's outcome (interrupted) is
     committed when the database answers, and refused if it was reaped meanwhile."""
-    while not await _wait(stop, lease_s / 20):
+    while not await _wait(stop, lease_watch_period_s(lease_s)):
         beat()
         stopped = lapsed(runner.running, time.monotonic(), lease_s * _LAPSE_AT)
         for running in stopped:
@@ -164,7 +184,7 @@ async def reaper(
     at once would requeue, or fail on its last attempt, a task whose worker was about to
     finish it. Any other failure (a bug of ours, a statement refused) says nothing of
     the leases: the next round reaps as usual, so a dead worker's tasks wait no longer."""
-    interval = max(0.5, lease_s / 3)
+    interval = reaper_period_s(lease_s)
     failed = False
     quiet_until = 0.0
     while not await _wait(stop, interval * random.uniform(0.5, 1.0)):  # noqa: S311
@@ -199,7 +219,7 @@ async def purge(
     """Delete finished tasks older than ``retention_s``, a few batches every interval
     (a minute, or a tenth of the retention when that is shorter). Every worker runs
     one; SKIP LOCKED lets them share a backlog."""
-    interval_s = min(60.0, retention_s / 10)
+    interval_s = purge_period_s(retention_s)
     while not await _wait(stop, interval_s * random.uniform(0.5, 1.0)):  # noqa: S311
         for _ in range(_PURGE_BATCHES):
             beat()
