@@ -162,6 +162,35 @@ async def test_task_runs_and_stores_its_result(
     assert (body["state"], body["result"], body["last_seq"]) == ("succeeded", {"ok": True}, 3)
 
 
+async def test_the_worker_tells_its_loops_on_healthz_and_its_dependencies_on_readyz(
+    system: System, http: aiohttp.ClientSession
+) -> None:
+    """/healthz names every essential loop by the seconds since its last turn (one that
+    stops turning makes it 503: tests/unit/test_liveness.py); /readyz each dependency."""
+    base = f"http://127.0.0.1:{system.metrics_port}"
+    async with http.get(f"{base}/healthz") as r:
+        assert r.status == 200
+        health = await r.json()
+    assert set(health["loops"]) == {
+        "outbox-relay",
+        "lease-heartbeat",
+        "lease-watch",
+        "reaper",
+        "control-listener",
+        "consumer-watchdog",
+        "schedule-firing",
+        "task-purge",
+    }, health
+    assert health["status"] == "ok" and "stale" not in health
+    async with http.get(f"{base}/readyz") as r:
+        assert r.status == 200
+        assert (await r.json())["dependencies"] == {
+            "postgresql": "ok",
+            "redis": "ok",
+            "rabbitmq": "ok",
+        }
+
+
 async def test_a_task_that_runs_on_is_shown_running_before_it_ends(
     system: System,
     http: aiohttp.ClientSession,
