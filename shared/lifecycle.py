@@ -6,8 +6,9 @@ dependency that stays unreachable for the start timeout ends the process with on
 on stderr and a non-zero exit code. So does a background loop the process cannot do
 without (``essential``) that ends on its own: the process drains and exits for its
 supervisor to restart it, rather than run on without its relay or its lease renewal.
-A SIGTERM/SIGINT while the start waits for a dependency ends it at once, with one line
-and the exit code of any stop (0)."""
+So does one that hangs (shared.liveness), told by a watchdog thread. A SIGTERM/SIGINT
+while the start waits for a dependency ends it at once, with one line and the exit code
+of any stop (0)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -46,6 +48,9 @@ class Stop(asyncio.Event):
         super().__init__()
         self.failure: str | None = None
         self.hurry = asyncio.Event()
+        # The essential loops started with this stop that beat, and their beats: for
+        # the watchdog (run). Each leaves once it ended.
+        self.watched: dict[asyncio.Task[None], Liveness] = {}
 
     def signalled(self) -> None:
         """SIGTERM/SIGINT: the first stops the process, the next one hurries it."""
@@ -97,12 +102,16 @@ def essential(
     ``stop`` unset; it returned as asked, and the start's own error is the one to tell.
 
     ``liveness`` and ``within``: the loop beats (shared.liveness.beat) at least every
-    ``within`` seconds, else /healthz names it hung; once it ended it is no longer watched."""
+    ``within`` seconds, else /healthz names it hung and the watchdog of ``run`` fails
+    ``stop``; once it ended it is no longer watched."""
     if liveness is None or within is None:
         task = asyncio.create_task(coro, name=name)
     else:
         task = asyncio.create_task(coro, name=name, context=liveness.context(name, within))
         task.add_done_callback(lambda _: liveness.forget(name))
+        if stop is not None:
+            stop.watched[task] = liveness
+            task.add_done_callback(stop.watched.pop)
     if stop is not None:
         task.add_done_callback(functools.partial(_ended, stop, until))
     return task
@@ -127,8 +136,99 @@ def _cause(exc: BaseException) -> str:
     return repr(exc)
 
 
+def exit_now(why: str) -> None:
+    """End the process at once, with ``why`` as its last line: for what a drain cannot
+    end (a thread, an event loop held by code that never awaits). What it held is
+    recovered as after a crash (leases run out, the outbox is polled)."""
+    log.critical(why)
+    logging.shutdown()
+    os._exit(EXIT_FAILED)
+
+
+# How often the watchdog reads the beats: a hang is told at most this much after its
+# bound (shared.liveness.stale_after, 15 s or more).
+WATCH_PERIOD_S = 1.0
+# How long the event loop may take to begin the drain the watchdog asked for. Longer,
+# and code that never awaits holds it: the drain would never run.
+UNRESPONSIVE_S = 10.0
+
+
+class Watchdog:
+    """A thread that fails ``stop`` once an essential loop of it is hung, and cancels
+    that loop (the drain waits for the loops to end): the process drains and exits 4
+    for its supervisor to restart it, as when such a loop ends. Without it only an
+    orchestrator polling /healthz would; compose's and systemd's restart policies see
+    exits. A hung event loop (no loop beats) does not take the stop, and the process
+    then ends at once. Stands down once ``stop`` is set: a drain has its own bounds."""
+
+    def __init__(
+        self,
+        stop: Stop,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        period_s: float = WATCH_PERIOD_S,
+        unresponsive_s: float = UNRESPONSIVE_S,
+        exit_now: Callable[[str], None] = exit_now,
+    ) -> None:
+        """``exit_now``: a test's own."""
+        self._stop = stop
+        self._loop = loop
+        self._period_s = period_s
+        self._unresponsive_s = unresponsive_s
+        self._exit_now = exit_now
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="liveness-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop watching; returns once the thread has ended (within a period)."""
+        self._closing.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._closing.wait(self._period_s):
+            if self._stop.is_set():
+                return
+            hung = [
+                task
+                for task, beats in tuple(self._stop.watched.items())
+                if task.get_name() in beats.stale()
+            ]
+            if hung:
+                self._fail(hung)
+                return
+
+    def _fail(self, hung: list[asyncio.Task[None]]) -> None:
+        names = ", ".join(sorted(task.get_name() for task in hung))
+        why = f"{names} hung: no turn within its bound (shared.liveness)"
+        taken = threading.Event()
+
+        def fail() -> None:
+            log.critical("essential background task hung: stopping", extra={"why": why})
+            self._stop.fail(why)
+            for task in hung:
+                task.cancel()  # its await ends; a cancelled loop is no further failure
+            taken.set()
+
+        self._loop.call_soon_threadsafe(fail)
+        deadline = time.monotonic() + self._unresponsive_s
+        # In steps: close() (the process stopping meanwhile) must not wait on this.
+        while not taken.wait(min(self._period_s, 0.1)):
+            if self._closing.is_set():
+                return
+            if time.monotonic() >= deadline:
+                self._exit_now(
+                    f"{why}; the event loop did not take the stop within"
+                    f" {self._unresponsive_s:g}s (held by code that never awaits): exiting"
+                )
+                return
+
+
 def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
-    """Run ``main`` under uvloop (where available) with signal handling; return the exit code."""
+    """Run ``main`` under uvloop (where available) with signal handling and the watchdog;
+    return the exit code."""
     stop = Stop()
 
     async def supervised() -> None:
@@ -137,7 +237,12 @@ def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only sets events: the draining happens in main.
             loop.add_signal_handler(sig, stop.signalled)
-        await main(stop)
+        watchdog = Watchdog(stop, loop)
+        watchdog.start()
+        try:
+            await main(stop)
+        finally:
+            watchdog.close()
 
     try:
         try:

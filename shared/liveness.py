@@ -1,7 +1,9 @@
 """Liveness of a process's essential loops: each beats once per turn, and /healthz says
 503 naming a loop that has not beaten for longer than it may (a loop stuck on an await
 for ever: the process looks alive and does nothing). shared.lifecycle.essential catches
-a loop that ends; this one that hangs, for the orchestrator to restart the process.
+a loop that ends; this one that hangs. Both stop the process for its supervisor to
+restart: /healthz tells one that polls it, and the watchdog of shared.lifecycle ends the
+process for one that only sees exits (compose's and systemd's restart policies).
 
 A loop beats through ``beat()``, which finds its heart in the context essential() ran it
 in: no loop's signature carries one, and a loop run outside (a test's) beats nothing."""
@@ -66,8 +68,12 @@ class Liveness:
             self._last[name] = self._clock()
 
     def stale(self) -> list[str]:
+        """The loops hung now. Also called from the watchdog's thread (shared.lifecycle),
+        while the event loop adds and forgets loops: it reads copies."""
         now = self._clock()
-        return sorted(n for n, last in self._last.items() if now - last > self._within[n])
+        last = dict(self._last)
+        within = dict(self._within)
+        return sorted(n for n, t in last.items() if n in within and now - t > within[n])
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """/healthz: alive unless a loop is stale; each loop's seconds since its beat."""

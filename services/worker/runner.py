@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -30,13 +29,13 @@ from services.worker.repository import Claimed, Letter, WorkerRepository
 from services.worker.sdk import SyncTaskContext, TaskContext, TaskFailure, TaskSpec
 from services.worker.settings import WorkerSettings
 from services.worker.threads import HandlerThreads
+from shared import lifecycle
 from shared.backoff import Backoff
 from shared.db import TRANSIENT_ERRORS
 from shared.errors import MessageError
 from shared.events import EventSink
 from shared.failpoints import Failpoints
 from shared.jsonsafe import nul_path
-from shared.lifecycle import EXIT_FAILED
 from shared.logging import task_id_var, trace_id_var
 from shared.schemas import ProgressEvent, TaskMessage, TaskState, parse_task_message
 from shared.taskrows import Row, event_from_row, previous_events
@@ -96,14 +95,6 @@ class Running:
             self.stopped.set_result(None)
 
 
-def _exit_now(why: str) -> None:
-    """End the worker at once: a thread cannot be stopped any other way. What it held is
-    requeued by the reapers once its leases run out, as after a crash."""
-    log.critical(why)
-    logging.shutdown()
-    os._exit(EXIT_FAILED)
-
-
 class Runner:
     def __init__(
         self,
@@ -116,9 +107,11 @@ class Runner:
         threads: HandlerThreads,
         exit_now: Callable[[str], None] | None = None,
     ) -> None:
-        """``exit_now`` ends the process at once (tests give a fake): see _abandon."""
+        """``exit_now`` ends the process at once (tests give a fake): see _abandon. A
+        thread cannot be stopped any other way; what the worker held is requeued by the
+        reapers once its leases run out, as after a crash."""
         self._settings = settings
-        self._exit_now = exit_now or _exit_now
+        self._exit_now = exit_now or lifecycle.exit_now
         self._repo = repo
         self._events = events
         self._registry = registry
