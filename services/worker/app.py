@@ -116,7 +116,7 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
             relay = await _relay(settings, wire, stack, pool, events, failpoints, worker_id, stop)
             jobs.start(relay.run(jobs.until), "outbox-relay", relay.stale_after_s())
         jobs.start(
-            heartbeat(repo, runner, worker_id, lease_s, jobs.until, types=registry.names()),
+            heartbeat(repo, runner, worker_id, lease_s, jobs.until, registry.names(), failpoints),
             "lease-heartbeat",
             stale_after(heartbeat_period_s(lease_s), timeout, calls=2),  # renewal, types
         )

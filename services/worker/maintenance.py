@@ -20,6 +20,7 @@ from services.worker.repository import WorkerRepository
 from services.worker.runner import Runner, Running, StopReason
 from shared.db import ANY_PG_ERROR, TRANSIENT_ERRORS
 from shared.events import EventSink
+from shared.failpoints import Failpoints
 from shared.liveness import beat
 from shared.taskrows import event_from_row
 
@@ -94,6 +95,7 @@ async def heartbeat(
     lease_s: float,
     stop: asyncio.Event,
     types: Sequence[str] = (),
+    failpoints: Failpoints | None = None,
 ) -> None:
     """Renew every running attempt's lease each third of the lease, in one statement,
     and say this worker still runs ``types`` (workers lacking one pass its tasks on).
@@ -104,6 +106,8 @@ async def heartbeat(
     delay = heartbeat_period_s(lease_s)
     while not await _wait(stop, delay):
         beat()
+        if failpoints is not None:
+            await failpoints.hit("worker.heartbeat")  # a hung loop, for the watchdog's test
         delay = lease_s * _RETRY_AFTER
         attempts = dict(runner.running)
         sent = time.monotonic()

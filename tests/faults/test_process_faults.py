@@ -109,6 +109,39 @@ async def test_worker_sigterm_mid_run(make_run: MakeRun) -> None:
     assert code == 0, victim.output()[-2000:]
 
 
+async def test_a_worker_whose_loop_hangs_exits_for_its_supervisor(make_run: MakeRun) -> None:
+    """An essential loop that hangs (the lease renewal, by a failpoint) is caught by the
+    watchdog at its bound, 15 s here: the worker drains and exits 4 with one line naming
+    the loop, for a supervisor that sees only exits (compose's restart policy) to start
+    another. Tasks come in until it exits, so some are running then: unrenewed, their
+    attempts lapse or are handed back, and run again; nothing is lost."""
+    run = make_run()
+    await run.start_api()
+    hung = await run.start_worker(failpoints="worker.heartbeat=hang", io_timeout_s="1")
+    started = time.monotonic()
+    ids: list[UUID] = []
+    while hung.alive() and time.monotonic() - started < 60:
+        ids += await run.submit(1, sleep_s=1.5)
+        await asyncio.sleep(0.5)
+    code = await asyncio.to_thread(hung.proc.wait, 10)
+    exit_s = time.monotonic() - started
+    assert code == 4, hung.output()[-3000:]
+    assert (
+        "worker: stopped after a failure: lease-heartbeat hung: no turn within its bound"
+        in hung.output()
+    ), hung.output()[-3000:]
+    await run.start_worker()
+    settle_s = await run.settle(ids)
+    await run.judge(
+        "worker loop hung",
+        ids,
+        recover_s=round(exit_s, 2),
+        notes="recover_s: start to the hung worker's exit (its bound: 15 s)",
+        exit_code=code,
+        settle_s=round(settle_s, 2),
+    )
+
+
 async def _crash_loop(run: FaultRun, failpoint: str, crashes: int) -> tuple[list[int], list[UUID]]:
     """Run a worker with ``failpoint=crash`` beside a healthy one; each time it dies,
     start it again, ``crashes`` times. Each start is followed by its share of the N
