@@ -153,16 +153,29 @@ class Consumer:
             CONSUMING.set(int(consuming))
 
     async def _watch_lane(self, lane: _Lane) -> bool:
-        """One look at a lane's consumer: whether it was there."""
-        if await self._lane_consuming(lane):
+        """One look at a lane's consumer: whether it was there. Each call is bounded: the
+        robust channel waits for its connection for as long as the broker is away, and
+        a watch waiting that long would be taken for hung (shared.liveness)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                consuming = await self._lane_consuming(lane)
+        except TimeoutError:
+            return False  # reconnecting, no miss: the robust channel restores the consumer
+        if consuming:
             lane.missed = False
             return True
         if not lane.missed:
             lane.missed = True
             return False
         try:
-            await lane.queue.consume(lane.on_message, consumer_tag=lane.tag)
-        except (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
+            async with asyncio.timeout(self._timeout):
+                await lane.queue.consume(lane.on_message, consumer_tag=lane.tag)
+        except (
+            AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            RuntimeError,
+            TimeoutError,
+        ) as exc:
             log.warning(
                 "could not consume again; will retry",
                 extra={"queue": lane.queue.name, "error": repr(exc)},

@@ -46,6 +46,7 @@ from shared.backoff import Backoff
 from shared.errors import ConfigError
 from shared.failpoints import Failpoints
 from shared.ids import uuid7
+from shared.liveness import Liveness
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, TaskState
 from tests.support import eventually, until
 
@@ -1246,6 +1247,51 @@ class _Queue:
         self.consumers[tag] = callback
         self.consumed.append(consumer_tag)
         return tag
+
+
+class _AwayQueue(_Queue):
+    """A queue whose robust channel waits for its connection while ``up`` is clear: the
+    broker is away."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.up = asyncio.Event()
+        self.up.set()
+
+    async def get_underlay_channel(self) -> _Queue:
+        await self.up.wait()
+        return self
+
+
+async def test_the_watchdog_turns_on_while_the_broker_is_away() -> None:
+    """Each look at a lane is bounded: a watch waiting for the broker's return would be
+    taken for hung (shared.liveness) and stop the worker. Meanwhile it counts no miss,
+    and so does not consume a second time once the channel is restored."""
+    queue = _AwayQueue("normal")
+    consumer = Consumer(queue, _BlockingRunner(), timeout=0.05, prefetch=1)  # type: ignore[arg-type]
+    await consumer.start()
+    queue.up.clear()
+    liveness = Liveness()
+    stop = asyncio.Event()
+    watching = asyncio.create_task(
+        consumer.watch(stop, interval_s=0.01), context=liveness.context("watch", within=60)
+    )
+
+    def last_beat() -> float:
+        return float(liveness.report()[1]["loops"]["watch"])
+
+    try:
+        await asyncio.sleep(0.2)  # a few bounded looks by now
+        waited = last_beat()
+        await eventually(until(lambda: last_beat() < waited), within=5, what="another turn")
+        assert queue.consumed == [None]
+        queue.up.set()  # the connection is back, the consumer restored with it
+        await asyncio.sleep(0.1)
+        assert queue.consumed == [None] and await consumer.consuming()
+    finally:
+        stop.set()
+        queue.up.set()
+        await asyncio.wait_for(watching, 5)
 
 
 async def test_the_watchdog_consumes_again_on_the_lane_whose_consumer_was_dropped() -> None:
