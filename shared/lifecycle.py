@@ -136,10 +136,18 @@ def _cause(exc: BaseException) -> str:
     return repr(exc)
 
 
+# How long exit_now gives its last line: a log handler it waits on (a full stderr
+# pipe, its lock held by the thread that is stuck) must not keep the process alive.
+LAST_LINE_S = 2.0
+
+
 def exit_now(why: str) -> None:
     """End the process at once, with ``why`` as its last line: for what a drain cannot
     end (a thread, an event loop held by code that never awaits). What it held is
     recovered as after a crash (leases run out, the outbox is polled)."""
+    hard = threading.Timer(LAST_LINE_S, os._exit, (EXIT_FAILED,))
+    hard.daemon = True
+    hard.start()
     log.critical(why)
     logging.shutdown()
     os._exit(EXIT_FAILED)
@@ -148,6 +156,12 @@ def exit_now(why: str) -> None:
 # How often the watchdog reads the beats: a hang is told at most this much after its
 # bound (shared.liveness.stale_after, 15 s or more).
 WATCH_PERIOD_S = 1.0
+# A watchdog turn this much later than its period: the process was paused (SIGSTOP,
+# `docker pause`, a frozen VM), and no loop had a turn meanwhile.
+OVERSLEPT_S = 5.0
+# The event loop not answering the watchdog's turns for this much longer than a
+# period: it was held (code that never awaits), and no loop could have a turn.
+HELD_S = 1.0
 # How long the event loop may take to begin the drain the watchdog asked for. Longer,
 # and code that never awaits holds it: the drain would never run.
 UNRESPONSIVE_S = 10.0
@@ -158,8 +172,9 @@ class Watchdog:
     that loop (the drain waits for the loops to end): the process drains and exits 4
     for its supervisor to restart it, as when such a loop ends. Without it only an
     orchestrator polling /healthz would; compose's and systemd's restart policies see
-    exits. A hung event loop (no loop beats) does not take the stop, and the process
-    then ends at once. Stands down once ``stop`` is set: a drain has its own bounds."""
+    exits. An event loop held meanwhile (it answers each turn) is named as the cause;
+    one that does not take the stop at all ends the process at once. Stands down once
+    ``stop`` is set: a drain has its own bounds."""
 
     def __init__(
         self,
@@ -169,13 +184,19 @@ class Watchdog:
         period_s: float = WATCH_PERIOD_S,
         unresponsive_s: float = UNRESPONSIVE_S,
         exit_now: Callable[[str], None] = exit_now,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``exit_now``: a test's own."""
+        """``exit_now`` and ``clock`` (what tells a pause): a test's own."""
         self._stop = stop
         self._loop = loop
         self._period_s = period_s
         self._unresponsive_s = unresponsive_s
         self._exit_now = exit_now
+        self._clock = clock
+        # Per Liveness, from when (its own clock) its loops' bounds run: a pause's end.
+        self._since: dict[Liveness, float] = {}
+        # When the event loop last ran a turn's callback (this clock).
+        self._answered = clock()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="liveness-watchdog", daemon=True)
 
@@ -188,37 +209,68 @@ class Watchdog:
         self._thread.join()
 
     def _watch(self) -> None:
+        turned = self._clock()
         while not self._closing.wait(self._period_s):
             if self._stop.is_set():
                 return
-            hung = [
-                task
-                for task, beats in tuple(self._stop.watched.items())
-                if task.get_name() in beats.stale()
-            ]
+            now = self._clock()
+            overslept, turned = now - turned > self._period_s + OVERSLEPT_S, now
+            if overslept:
+                self._answered = now
+            try:
+                hung = self._hung(overslept)
+            except Exception:
+                # A bug here must not end the watching.
+                log.exception("the liveness watchdog's turn failed")
+                continue
             if hung:
-                self._fail(hung)
+                self._fail(hung, held_s=now - self._answered)
                 return
+            self._loop.call_soon_threadsafe(self._answer)
 
-    def _fail(self, hung: list[asyncio.Task[None]]) -> None:
+    def _answer(self) -> None:
+        self._answered = self._clock()
+
+    def _hung(self, overslept: bool) -> list[asyncio.Task[None]]:
+        # Copies: the event loop adds and removes loops meanwhile.
+        watched = tuple(self._stop.watched.items())
+        if overslept:
+            # Every bound runs again from now, or each loop would be taken for hung
+            # before it had a turn.
+            self._since = {beats: beats.now() for beats in {b for _, b in watched}}
+        return [
+            task
+            for task, beats in watched
+            if task.get_name() in beats.stale(self._since.get(beats))
+        ]
+
+    def _fail(self, hung: list[asyncio.Task[None]], held_s: float) -> None:
         names = ", ".join(sorted(task.get_name() for task in hung))
         why = f"{names} hung: no turn within its bound (shared.liveness)"
+        if held_s > self._period_s + HELD_S:
+            # Nothing had a turn, the loops named included: not theirs to answer for.
+            why = (
+                f"the event loop was held for {held_s:.0f}s (code that never awaits):"
+                f" {names} had no turn within its bound (shared.liveness)"
+            )
+        asked = time.monotonic()
         taken = threading.Event()
 
         def fail() -> None:
+            taken.set()
+            if self._stop.is_set():
+                return  # stopping already (a signal came first): its drain goes on
             log.critical("essential background task hung: stopping", extra={"why": why})
             self._stop.fail(why)
             for task in hung:
                 task.cancel()  # its await ends; a cancelled loop is no further failure
-            taken.set()
 
         self._loop.call_soon_threadsafe(fail)
-        deadline = time.monotonic() + self._unresponsive_s
         # In steps: close() (the process stopping meanwhile) must not wait on this.
         while not taken.wait(min(self._period_s, 0.1)):
             if self._closing.is_set():
                 return
-            if time.monotonic() >= deadline:
+            if time.monotonic() - asked >= self._unresponsive_s:
                 self._exit_now(
                     f"{why}; the event loop did not take the stop within"
                     f" {self._unresponsive_s:g}s (held by code that never awaits): exiting"

@@ -67,12 +67,19 @@ class Liveness:
         if name in self._last:
             self._last[name] = self._clock()
 
-    def stale(self) -> list[str]:
-        """The loops hung now. Also called from the watchdog's thread (shared.lifecycle),
-        while the event loop adds and forgets loops: it reads copies."""
+    def now(self) -> float:
+        return self._clock()
+
+    def stale(self, since: float | None = None) -> list[str]:
+        """The loops hung now; ``since``: none counts as hung before its bound has run
+        from then (a pause's end, for the watchdog). Also called from the watchdog's
+        thread (shared.lifecycle) while the event loop adds and forgets loops: it reads
+        copies."""
         now = self._clock()
         last = dict(self._last)
         within = dict(self._within)
+        if since is not None:
+            last = {n: max(t, since) for n, t in last.items()}
         return sorted(n for n, t in last.items() if n in within and now - t > within[n])
 
     def report(self) -> tuple[bool, dict[str, Any]]:

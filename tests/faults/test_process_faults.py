@@ -126,6 +126,7 @@ async def test_a_worker_whose_loop_hangs_exits_for_its_supervisor(make_run: Make
     code = await asyncio.to_thread(hung.proc.wait, 10)
     exit_s = time.monotonic() - started
     assert code == 4, hung.output()[-3000:]
+    assert exit_s > 10, "stopped before the loop's bound (15 s) ran out"
     assert (
         "worker: stopped after a failure: lease-heartbeat hung: no turn within its bound"
         in hung.output()

@@ -23,6 +23,7 @@ from shared.lifecycle import (
     stop_delay,
     wait_for_dependency,
 )
+from shared.liveness import Liveness, beat
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,11 @@ async def _returns_early() -> None:
     await asyncio.sleep(0.01)
 
 
+async def _hangs() -> None:
+    beat()
+    await asyncio.Event().wait()
+
+
 def test_a_failed_loop_stops_the_process_after_its_drain(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -59,6 +65,25 @@ def test_a_failed_loop_stops_the_process_after_its_drain(
     err = capsys.readouterr().err
     assert err.endswith(
         "svc: stopped after a failure: the-loop failed: LookupError('nobody expects this')\n"
+    ), err
+
+
+def test_run_stops_a_process_whose_loop_hangs(capsys: pytest.CaptureFixture[str]) -> None:
+    """run()'s own watchdog (shared.liveness's tests have the rest), on the real clock:
+    the loop's bound is 0.2 s, and the drain waits for the loop the watchdog cancels."""
+    drained: list[str] = []
+
+    async def main(stop: Stop) -> None:
+        task = essential(_hangs(), "stuck", stop, liveness=Liveness(), within=0.2)
+        await stop.wait()
+        await asyncio.wait({task})
+        drained.append("drained")
+
+    assert run("svc", main) == EXIT_FAILED
+    assert drained == ["drained"]
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "svc: stopped after a failure: stuck hung: no turn within its bound (shared.liveness)\n"
     ), err
 
 

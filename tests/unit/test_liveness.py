@@ -5,12 +5,14 @@ shared.lifecycle stops the process for it. The clock is the test's."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
-from shared.lifecycle import EXIT_FAILED, Stop, Watchdog, essential, run
+from shared.lifecycle import Stop, Watchdog, essential
 from shared.liveness import MIN_STALE_S, STALE_PERIODS, Liveness, beat, stale_after
 
 
@@ -84,9 +86,10 @@ def test_stale_after_is_several_periods_of_waits_and_calls() -> None:
 class Hung:
     """An essential loop that waits on ``release`` from its start (which counts as its
     first beat), watched within 10 s by a Liveness on the test's clock, and a watchdog of
-    its stop checking every 10 ms whose exits are recorded."""
+    its stop checking every 10 ms whose exits are recorded. ``paused``: the watchdog
+    reads the same clock, so a jump of it is a pause of the whole process."""
 
-    def __init__(self, unresponsive_s: float = 5.0) -> None:
+    def __init__(self, unresponsive_s: float = 5.0, paused: bool = False) -> None:
         self.clock = Clock()
         self.stop = Stop()
         self.release = asyncio.Event()
@@ -100,10 +103,17 @@ class Hung:
             period_s=0.01,
             unresponsive_s=unresponsive_s,
             exit_now=self.exits.append,
+            clock=self.clock if paused else time.monotonic,
         )
 
     async def _loop(self) -> None:
         await self.release.wait()
+
+    def held(self, within: float = 5) -> None:
+        """Hold the event loop (code that never awaits) until an exit is recorded."""
+        deadline = time.monotonic() + within
+        while not self.exits and time.monotonic() < deadline:
+            time.sleep(0.01)  # the point: the event loop is held
 
     async def aclose(self) -> None:
         self.watchdog.close()
@@ -116,7 +126,7 @@ class Hung:
 async def hung() -> AsyncIterator[Callable[..., Hung]]:
     made: list[Hung] = []
 
-    def make(**kwargs: float) -> Hung:
+    def make(**kwargs: Any) -> Hung:
         made.append(Hung(**kwargs))
         made[-1].watchdog.start()
         return made[-1]
@@ -126,6 +136,9 @@ async def hung() -> AsyncIterator[Callable[..., Hung]]:
         await each.aclose()
 
 
+WHY = "stuck hung: no turn within its bound (shared.liveness)"
+
+
 async def test_the_watchdog_fails_the_stop_at_a_hung_loop(hung: Callable[..., Hung]) -> None:
     h = hung()
     h.clock.now += 10  # not yet more than it may
@@ -133,13 +146,13 @@ async def test_the_watchdog_fails_the_stop_at_a_hung_loop(hung: Callable[..., Hu
     assert not h.stop.is_set()
     h.clock.now += 0.5
     await asyncio.wait_for(h.stop.wait(), 5)
-    assert h.stop.failure == "stuck hung: no turn within its bound (shared.liveness)"
+    assert h.stop.failure == WHY
     assert h.stop.hurry.is_set()  # as any failure: no stop delay
     assert h.exits == []  # the event loop took it: the process drains
     # ... and the hung loop is cancelled, or the drain would wait for it for ever.
     await asyncio.wait({h.task}, timeout=5)
     assert h.task.cancelled()
-    assert h.stop.failure.startswith("stuck hung")  # its cancel is no second failure
+    assert h.stop.failure == WHY  # its cancel is no second failure
 
 
 async def test_the_watchdog_ends_a_process_whose_event_loop_is_held(
@@ -147,39 +160,58 @@ async def test_the_watchdog_ends_a_process_whose_event_loop_is_held(
 ) -> None:
     h = hung(unresponsive_s=0.2)
     h.clock.now += 11
-    time.sleep(1.0)  # noqa: ASYNC251 - code that never awaits holds the event loop
+    h.held()
     assert h.exits == [
-        "stuck hung: no turn within its bound (shared.liveness); the event loop did not take"
-        " the stop within 0.2s (held by code that never awaits): exiting"
+        f"{WHY}; the event loop did not take the stop within 0.2s (held by code that never"
+        " awaits): exiting"
     ]
+
+
+async def test_a_held_event_loop_is_named_and_not_the_loops(hung: Callable[..., Hung]) -> None:
+    """Held for over a second when the loop's bound ran out: the loop had no chance."""
+    h = hung()
+    late = threading.Timer(1.5, lambda: setattr(h.clock, "now", h.clock.now + 11))
+    late.start()
+    time.sleep(2.0)  # noqa: ASYNC251 - code that never awaits holds the event loop
+    await asyncio.wait_for(h.stop.wait(), 5)
+    assert h.stop.failure is not None
+    assert h.stop.failure.startswith("the event loop was held for "), h.stop.failure
+    assert h.stop.failure.endswith(
+        " (code that never awaits): stuck had no turn within its bound (shared.liveness)"
+    )
+
+
+async def test_a_pause_of_the_process_restarts_the_bounds(hung: Callable[..., Hung]) -> None:
+    """SIGSTOP, `docker pause`: every clock jumps, and no loop had a turn meanwhile."""
+    h = hung(paused=True)
+    await asyncio.sleep(0.05)
+    h.clock.now += 60
+    await asyncio.sleep(0.1)
+    assert not h.stop.is_set()
+    for _ in range(21):  # 10.5 s more, in steps shorter than a pause
+        h.clock.now += 0.5
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(h.stop.wait(), 5)
+    assert h.stop.failure == WHY
+
+
+async def test_a_signal_before_the_stop_is_taken_keeps_the_stop_a_stop(
+    hung: Callable[..., Hung],
+) -> None:
+    """The hang seen, and a SIGTERM first on the event loop: its drain is no failure."""
+    h = hung()
+    h.clock.now += 11
+    time.sleep(0.3)  # noqa: ASYNC251 - the watchdog asks meanwhile
+    h.stop.signalled()
+    await asyncio.sleep(0.1)  # the watchdog's callback runs now
+    assert h.stop.is_set() and h.stop.failure is None and not h.stop.hurry.is_set()
+    assert not h.task.done() and h.exits == []
 
 
 async def test_the_watchdog_stands_down_once_the_process_stops(hung: Callable[..., Hung]) -> None:
     h = hung()
     h.stop.set()  # a drain is under way: its own bounds apply
     h.clock.now += 60
-    await asyncio.sleep(0.1)
-    assert h.stop.failure is None and h.exits == []
+    h.watchdog._thread.join(5)
     assert not h.watchdog._thread.is_alive()
-
-
-def test_run_stops_a_process_whose_loop_hangs(capsys: pytest.CaptureFixture[str]) -> None:
-    """run()'s own watchdog, on the real clock: the loop's bound is 0.2 s."""
-    drained: list[str] = []
-
-    async def main(stop: Stop) -> None:
-        async def stuck() -> None:
-            beat()
-            await asyncio.Event().wait()
-
-        task = essential(stuck(), "stuck", stop, liveness=Liveness(), within=0.2)
-        await stop.wait()
-        await asyncio.wait({task})  # ended by the watchdog's cancel, not by release
-        drained.append("drained")
-
-    assert run("svc", main) == EXIT_FAILED
-    assert drained == ["drained"]
-    err = capsys.readouterr().err
-    assert err.endswith(
-        "svc: stopped after a failure: stuck hung: no turn within its bound (shared.liveness)\n"
-    ), err
+    assert h.stop.failure is None and h.exits == []
