@@ -494,8 +494,12 @@ class OutboxRelay:
             conn = await asyncpg.connect(
                 self._dsn, timeout=self._timeout, server_settings=_LISTENER_KEEPALIVE
             )
-            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        except ANY_PG_ERROR as exc:
+            # Bounded: its LISTEN has no timeout of its own, and a silent network would
+            # hang the relay's poll (taken for hung, shared.liveness).
+            await asyncio.wait_for(
+                conn.add_listener(NOTIFY_CHANNEL, self._on_notify), self._timeout
+            )
+        except ANY_PG_ERROR as exc:  # a timeout among them
             log.debug("outbox LISTEN unavailable", extra={"error": str(exc)})
             if conn is not None:
                 conn.terminate()  # connected, but not listening: not left open
@@ -512,9 +516,12 @@ class OutboxRelay:
         are claimed with no key."""
         try:
             got = await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", OWNER_LOCK_CLASS, self.owner
+                "SELECT pg_try_advisory_lock($1, $2)",
+                OWNER_LOCK_CLASS,
+                self.owner,
+                timeout=self._timeout,
             )
-        except ANY_PG_ERROR as exc:
+        except ANY_PG_ERROR as exc:  # a timeout among them
             log.debug("owner lock not taken", extra={"error": str(exc)})
             got = False
         self._owner_locked = bool(got)

@@ -143,7 +143,8 @@ async def run_worker(settings: WorkerSettings, registry: Registry, stop: Stop) -
         jobs.start(
             fire_schedules(repo, settings.schedule_poll_s, jobs.until),
             "schedule-firing",
-            stale_after(settings.schedule_poll_s, timeout),  # beats per batch
+            # Beats per batch (and per fire stored alone): due, types, insert, advance.
+            stale_after(settings.schedule_poll_s, timeout, calls=4),
         )
         if retention_s > 0:
             jobs.start(

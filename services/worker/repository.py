@@ -21,6 +21,7 @@ from shared import deadletters, newtasks, outbox
 from shared.db import NOTIFY_CHANNEL, TRANSIENT_ERRORS
 from shared.groupcommit import GroupCommit
 from shared.ids import uuid7
+from shared.liveness import beat
 from shared.outbox import Connection
 from shared.schemas import TaskMessage
 from shared.taskrows import EVENT_COLUMNS, PREVIOUS_COLUMNS, Row, qualified
@@ -606,7 +607,11 @@ async def _store_fires(conn: Connection, fires: list[Fire]) -> list[Fire]:
             raise
     else:
         return fires
-    return [await _store_alone(conn, f) if f.task is not None else f for f in fires]
+    stored = []
+    for fire in fires:
+        beat()  # the schedule firing's: a statement each, each up to the timeout
+        stored.append(await _store_alone(conn, fire) if fire.task is not None else fire)
+    return stored
 
 
 async def _store_alone(conn: Connection, fire: Fire) -> Fire:
