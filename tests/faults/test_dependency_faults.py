@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
@@ -20,6 +21,7 @@ from tests.faults.conftest import MakeRun
 from tests.faults.harness import FaultRun
 from tests.faults.ledger_tasks import LEDGER_DDL
 from tests.faults.private import PrivatePostgres, PrivateRabbit, PrivateRedis
+from tests.faults.proxy import CutProxy
 from tests.support import eventually
 
 N = 40
@@ -109,6 +111,43 @@ async def test_rabbitmq_restart(rabbit: PrivateRabbit, make_run: MakeRun) -> Non
     )
     assert all(p.alive() for p in run.workers()) and len(run.workers()) == 2
     assert set(statuses) <= {202, 503}, statuses
+
+
+async def test_a_rabbitmq_outage_past_the_loops_bounds_stops_no_process(
+    deployment: Deployment, make_run: MakeRun
+) -> None:
+    """A hung essential loop stops its process (shared.lifecycle's watchdog), so none may
+    wait on the broker for the whole outage: with a 1 s I/O timeout, the worker's
+    consumer watch may go 21 s without a turn and the API's queue monitor 15 s, and the
+    broker is cut off from both for 25 (each connection aborted, each new one refused).
+    Both ride it out and serve again after."""
+    url = urlsplit(deployment.amqp_url)
+    async with CutProxy(url.port or 5672) as proxy:
+        proxied = url._replace(netloc=f"{url.netloc.rsplit(':', 1)[0]}:{proxy.port}").geturl()
+        run = make_run(env={"LONGHAUL_AMQP_URL": proxied})
+        api = await run.start_api(io_timeout_s="1")
+        worker = await run.start_worker(io_timeout_s="1")
+        await run.settle(await run.submit(2, sleep_s=0.1))  # consuming
+        proxy.cut()
+        await asyncio.sleep(25)
+        proxy.restore()
+        assert api.alive(), api.output()[-3000:]
+        assert worker.alive(), worker.output()[-3000:]
+
+        async def accepted() -> list[UUID]:
+            return await run.submit(1, sleep_s=0.1)  # 503 until the API is connected again
+
+        ids = await eventually(accepted, within=60, interval=0.5, what="a task accepted")
+        ids += await run.submit(9, sleep_s=0.1)
+        settle_s = await run.settle(ids)
+        await run.judge(
+            "RabbitMQ cut off 25 s",
+            ids,
+            recover_s=None,
+            notes="tasks submitted once it was back; no process stopped",
+            settle_s=round(settle_s, 2),
+        )
+        assert api.alive() and worker.alive()
 
 
 # ---------------------------------------------------------------------------- Redis
