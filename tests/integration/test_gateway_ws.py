@@ -982,7 +982,13 @@ async def test_stopping_the_gateway_drops_a_client_whose_close_cannot_drain(
             gw._deps = dataclasses.replace(gw._deps, close_timeout_s=3600)
             ws, session = await stop_reading_mid_replay(gw, redis, tenant, task_id)
             transport = session.ws.transport
-            await eventually(until(lambda: transport.get_write_buffer_size() > 32 * 1024))
+            # The replay filled the socket: websockets paused writing past its 32 KiB
+            # mark and the handler waits for the client. Not the buffer past 32 KiB: some
+            # 40 ms later the client's kernel ACKs with a wider window and takes a few KiB
+            # more, leaving ~30 KiB (a poll that came late never saw more); writing
+            # resumes only below 8 KiB, which a client that reads nothing never allows.
+            await eventually(until(lambda: session.ws.paused))
+            assert transport.get_write_buffer_size() > 8 * 1024
         # Out of start(): the gateway has stopped, its handlers returned.
         assert transport.is_closing() and gw.registry.connection_count == 0
     finally:
