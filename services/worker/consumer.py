@@ -58,6 +58,8 @@ WAITING = Gauge("longhaul_worker_waiting", "Deliveries in flight waiting for a r
 ACK_LINGER_S = 0.01
 
 _SETTLE_ERRORS = (AMQPError, aiormq.exceptions.ChannelInvalidStateError, RuntimeError)
+# A consume or cancel that failed so, or outlasted its bound (the broker away).
+_CONSUMER_CALL_ERRORS: tuple[type[BaseException], ...] = (*_SETTLE_ERRORS, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -170,12 +172,7 @@ class Consumer:
         try:
             async with asyncio.timeout(self._timeout):
                 await lane.queue.consume(lane.on_message, consumer_tag=lane.tag)
-        except (
-            AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            RuntimeError,
-            TimeoutError,
-        ) as exc:
+        except _CONSUMER_CALL_ERRORS as exc:
             log.warning(
                 "could not consume again; will retry",
                 extra={"queue": lane.queue.name, "error": repr(exc)},
@@ -329,12 +326,7 @@ class Consumer:
             # Bounded: while the broker is down the robust channel would wait for the
             # reconnect forever, and a stopping worker must still stop.
             await asyncio.wait_for(lane.queue.cancel(lane.tag), self._timeout)
-        except (
-            AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            RuntimeError,
-            TimeoutError,
-        ) as exc:
+        except _CONSUMER_CALL_ERRORS as exc:
             log.info(
                 "consumer cancel failed; closing the channel stops it",
                 extra={"queue": lane.queue.name, "error": repr(exc)},
