@@ -172,7 +172,11 @@ async def test_a_held_event_loop_is_named_and_not_the_loops(hung: Callable[..., 
     h = hung()
     late = threading.Timer(1.5, lambda: setattr(h.clock, "now", h.clock.now + 11))
     late.start()
-    time.sleep(2.0)  # noqa: ASYNC251 - code that never awaits holds the event loop
+    # Code that never awaits holds the event loop past the bound, and on for the
+    # watchdog's next turns (whenever the timer's thread got to run).
+    while not late.finished.is_set():
+        time.sleep(0.01)  # noqa: ASYNC251
+    time.sleep(0.5)  # noqa: ASYNC251
     await asyncio.wait_for(h.stop.wait(), 5)
     assert h.stop.failure is not None
     assert h.stop.failure.startswith("the event loop was held for "), h.stop.failure
