@@ -17,6 +17,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 from prometheus_client import REGISTRY
 from pydantic import BaseModel, ValidationError
 
@@ -1172,6 +1175,16 @@ class _Channel:
         self.nacked.append(tag)
 
 
+def _delivered(channel: object, tag: int, body: bytes | None = None) -> DeliveredMessage:
+    """A delivery as aiormq hands it to a consumer."""
+    return DeliveredMessage(
+        delivery=Basic.Deliver(consumer_tag="ctag", delivery_tag=tag),
+        header=ContentHeader(properties=Basic.Properties(headers={"h": tag})),
+        body=b"%d" % tag if body is None else body,
+        channel=channel,  # type: ignore[arg-type]
+    )
+
+
 class _BlockingRunner:
     """Processes a delivery until told to finish; records what it started."""
 
@@ -1193,8 +1206,7 @@ async def test_deliveries_wait_for_a_slot_high_first_and_are_handed_back_on_drai
     normal, high = _Channel(), _Channel()
 
     def deliver(channel: _Channel, tag: int, is_high: bool) -> None:
-        message = SimpleNamespace(channel=channel, delivery_tag=tag, body=b"%d" % tag, headers={})
-        consumer._accept(message, high=is_high)  # type: ignore[arg-type]
+        consumer._take(_delivered(channel, tag), high=is_high)
 
     deliver(normal, 1, False)
     await asyncio.sleep(0)
@@ -1235,7 +1247,7 @@ class _Queue:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.consumers: dict[str, object] = {}
+        self.consumers: dict[str, Any] = {}
         self.consumed: list[str | None] = []
         self.channel = self
 
@@ -1322,3 +1334,48 @@ async def test_the_watchdog_consumes_again_on_the_lane_whose_consumer_was_droppe
         stop.set()
         await watching
     assert normal.consumed == [None] and await consumer.consuming()
+
+
+class _RecordingRunner:
+    """Processes every delivery at once; records what it was given."""
+
+    def __init__(self) -> None:
+        self.running: dict[Any, Any] = {}
+        self.given: list[tuple[bytes, Any]] = []
+
+    async def process(self, body: bytes, headers: Any) -> None:
+        self.given.append((body, dict(headers)))
+
+
+async def test_deliveries_come_straight_from_the_channel_and_again_after_a_restore() -> None:
+    """The lane's consumer on the channel hands deliveries to the worker, not through
+    aio-pika's wrapper; after a reconnect restored aio-pika's, the watch puts it back,
+    and the restored path delivers meanwhile."""
+    queue = _Queue("normal")
+    runner = _RecordingRunner()
+    consumer = Consumer(queue, runner, timeout=1, prefetch=4)  # type: ignore[arg-type]
+    await consumer.start()
+    [(tag, direct)] = queue.consumers.items()
+    assert direct is not consumer._lanes[0].on_message
+    channel = _Channel()
+    await direct(_delivered(channel, 1, b"one"))
+    await eventually(until(lambda: runner.given == [(b"one", {"h": 1})]), within=5, what="run")
+
+    # A reconnect: aio-pika consumes again with its own callback (an IncomingMessage).
+    restored = consumer._lanes[0].on_message
+    queue.consumers[tag] = restored
+    message = SimpleNamespace(channel=channel, delivery_tag=2, body=b"two", headers={})
+    await restored(message)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    watching = asyncio.create_task(consumer.watch(stop, interval_s=0.01))
+    try:
+        await eventually(
+            until(lambda: queue.consumers[tag] is direct), within=5, what="the direct path back"
+        )
+    finally:
+        stop.set()
+        await watching
+    assert queue.consumed == [None]  # put back, not consumed again
+    await direct(_delivered(channel, 3, b"three"))
+    await eventually(until(lambda: channel.acked[-1:] == [3]), within=5, what="all three acked")
+    assert [body for body, _ in runner.given] == [b"one", b"two", b"three"]
