@@ -180,6 +180,8 @@ class Consumer:
                 consumers = await self._consumers(lane)
         except TimeoutError:
             return False  # reconnecting, no miss: the robust channel restores the consumer
+        if lane.tag is None:
+            return True  # cancelled meanwhile by the drain: not to be consumed again
         if lane.tag in consumers:
             _take_directly(lane, consumers)  # restored after a reconnect with aio-pika's
             lane.missed = False
@@ -190,6 +192,7 @@ class Consumer:
         try:
             async with asyncio.timeout(self._timeout):
                 await lane.queue.consume(lane.on_message, consumer_tag=lane.tag)
+                _take_directly(lane, await self._consumers(lane))
         except _CONSUMER_CALL_ERRORS as exc:
             log.warning(
                 "could not consume again; will retry",

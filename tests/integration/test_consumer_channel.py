@@ -68,6 +68,7 @@ async def test_deliveries_skip_aio_pikas_wrapper_and_survive_a_restore(
     first = await _underlay(consumed)
     [tag] = first.consumers
     direct = first.consumers[tag]
+    assert direct is consumer._lanes[0].direct  # not aio-pika's wrapper
     await send(b"one")
     await eventually(until(lambda: bodies() == [b"one"]), within=10, what="the first delivery")
     assert runner.given[0][1] == {"sent": "one"}

@@ -1260,6 +1260,9 @@ class _Queue:
         self.consumed.append(consumer_tag)
         return tag
 
+    async def cancel(self, consumer_tag: str) -> None:
+        self.consumers.pop(consumer_tag, None)
+
 
 class _AwayQueue(_Queue):
     """A queue whose robust channel waits for its connection while ``up`` is clear: the
@@ -1334,6 +1337,8 @@ async def test_the_watchdog_consumes_again_on_the_lane_whose_consumer_was_droppe
         stop.set()
         await watching
     assert normal.consumed == [None] and await consumer.consuming()
+    # Consumed again through aio-pika, and taken straight from the channel at once.
+    assert high.consumers["ctag-high"] is consumer._lanes[1].direct
 
 
 class _RecordingRunner:
@@ -1379,3 +1384,48 @@ async def test_deliveries_come_straight_from_the_channel_and_again_after_a_resto
     await direct(_delivered(channel, 3, b"three"))
     await eventually(until(lambda: channel.acked[-1:] == [3]), within=5, what="all three acked")
     assert [body for body, _ in runner.given] == [b"one", b"two", b"three"]
+
+
+async def test_the_high_lanes_deliveries_come_straight_to_its_reserved_slots() -> None:
+    """Each lane's channel hands its deliveries to that lane: with the one normal slot
+    taken, a delivery of the high lane still starts, in the slot reserved for it."""
+    normal, high = _Queue("normal"), _Queue("high")
+    runner = _BlockingRunner()
+    consumer = Consumer(
+        normal,  # type: ignore[arg-type]
+        runner,  # type: ignore[arg-type]
+        timeout=1,
+        prefetch=1,
+        high_queue=high,  # type: ignore[arg-type]
+        reserved=1,
+    )
+    await consumer.start()
+    [to_normal], [to_high] = normal.consumers.values(), high.consumers.values()
+    channel = _Channel()
+    await to_normal(_delivered(channel, 1))
+    await to_normal(_delivered(channel, 2))
+    await to_high(_delivered(channel, 3))
+    await eventually(until(lambda: runner.started == [b"1", b"3"]), within=5, what="high started")
+    assert consumer.in_flight == 3  # normal 2 waits for the normal slot
+    runner.finish.set()
+    await eventually(until(lambda: runner.started == [b"1", b"3", b"2"]), within=5, what="all")
+    await consumer.drain(grace_s=5, handback_s=1)
+
+
+async def test_a_look_that_ends_after_the_drain_cancelled_the_consumer_consumes_no_more() -> None:
+    """A watch's look at a lane that had missed once, still waiting on the channel when
+    the drain cancels the consumer, must not consume again: a stopping worker would take
+    new deliveries."""
+    queue = _AwayQueue("normal")
+    consumer = Consumer(queue, _BlockingRunner(), timeout=5, prefetch=1)  # type: ignore[arg-type]
+    await consumer.start()
+    [lane] = consumer._lanes
+    queue.consumers.clear()  # dropped by the broker
+    assert not await consumer._watch_lane(lane)  # the first miss
+    queue.up.clear()
+    look = asyncio.create_task(consumer._watch_lane(lane))
+    await asyncio.sleep(0.01)
+    await consumer.drain(grace_s=1, handback_s=1)
+    queue.up.set()
+    await asyncio.wait_for(look, 5)
+    assert queue.consumed == [None]
