@@ -6,7 +6,8 @@ dependency that stays unreachable for the start timeout ends the process with on
 on stderr and a non-zero exit code. So does a background loop the process cannot do
 without (``essential``) that ends on its own: the process drains and exits for its
 supervisor to restart it, rather than run on without its relay or its lease renewal.
-So does one that hangs (shared.liveness), told by a watchdog thread. A SIGTERM/SIGINT
+So does one that hangs (shared.liveness), told by a watchdog thread, which also ends a
+drain that outlasts the service's bound (something ignores its cancellation). A SIGTERM/SIGINT
 while the start waits for a dependency ends it at once, with one line and the exit code
 of any stop (0)."""
 
@@ -173,14 +174,19 @@ class Watchdog:
     for its supervisor to restart it, as when such a loop ends. Without it only an
     orchestrator polling /healthz would; compose's and systemd's restart policies see
     exits. An event loop held meanwhile (it answers each turn) is named as the cause;
-    one that does not take the stop at all ends the process at once. Stands down once
-    ``stop`` is set: a drain has its own bounds."""
+    one that does not take the stop at all ends the process at once.
+
+    Once ``stop`` is set the loops are no longer watched: the drain's steps have their
+    own bounds. The drain itself is given ``drain_s`` (None: no bound), then the process
+    ends at once: a loop or a handler that ignores its cancellation would keep it
+    draining for ever, and after a failure no supervisor's stop timeout ends it."""
 
     def __init__(
         self,
         stop: Stop,
         loop: asyncio.AbstractEventLoop,
         *,
+        drain_s: float | None = None,
         period_s: float = WATCH_PERIOD_S,
         unresponsive_s: float = UNRESPONSIVE_S,
         exit_now: Callable[[str], None] = exit_now,
@@ -189,6 +195,7 @@ class Watchdog:
         """``exit_now`` and ``clock`` (what tells a pause): a test's own."""
         self._stop = stop
         self._loop = loop
+        self._drain_s = drain_s
         self._period_s = period_s
         self._unresponsive_s = unresponsive_s
         self._exit_now = exit_now
@@ -211,10 +218,11 @@ class Watchdog:
     def _watch(self) -> None:
         turned = self._clock()
         while not self._closing.wait(self._period_s):
-            if self._stop.is_set():
-                return
             now = self._clock()
             overslept, turned = now - turned > self._period_s + OVERSLEPT_S, now
+            if self._stop.is_set():
+                self._bound_drain(now, overslept)
+                return
             if overslept:
                 self._answered = now
             try:
@@ -224,9 +232,30 @@ class Watchdog:
                 log.exception("the liveness watchdog's turn failed")
                 continue
             if hung:
-                self._fail(hung, held_s=now - self._answered)
+                if self._fail(hung, held_s=now - self._answered):
+                    self._bound_drain(self._clock(), overslept=False)
                 return
             self._loop.call_soon_threadsafe(self._answer)
+
+    def _bound_drain(self, since: float, overslept: bool) -> None:
+        """Give the drain, under way since about ``since``, its bound; then end the process,
+        unless it returned first (close). A pause restarts the bound, as it does the
+        loops'."""
+        if self._drain_s is None:
+            return
+        turned = since
+        while not self._closing.wait(self._period_s):
+            now = self._clock()
+            if overslept or now - turned > self._period_s + OVERSLEPT_S:
+                since, overslept = now, False
+            turned = now
+            if now - since >= self._drain_s:
+                cause = f" after a failure ({self._stop.failure})" if self._stop.failure else ""
+                self._exit_now(
+                    f"the drain{cause} did not end within {self._drain_s:g}s (something"
+                    " ignores its cancellation): exiting"
+                )
+                return
 
     def _answer(self) -> None:
         self._answered = self._clock()
@@ -244,7 +273,8 @@ class Watchdog:
             if task.get_name() in beats.stale(self._since.get(beats))
         ]
 
-    def _fail(self, hung: list[asyncio.Task[None]], held_s: float) -> None:
+    def _fail(self, hung: list[asyncio.Task[None]], held_s: float) -> bool:
+        """Whether the event loop took the stop (else the process is ending, or ends)."""
         names = ", ".join(sorted(task.get_name() for task in hung))
         why = f"{names} hung: no turn within its bound (shared.liveness)"
         if held_s > self._period_s + HELD_S:
@@ -269,18 +299,23 @@ class Watchdog:
         # In steps: close() (the process stopping meanwhile) must not wait on this.
         while not taken.wait(min(self._period_s, 0.1)):
             if self._closing.is_set():
-                return
+                return False
             if time.monotonic() - asked >= self._unresponsive_s:
                 self._exit_now(
                     f"{why}; the event loop did not take the stop within"
                     f" {self._unresponsive_s:g}s (held by code that never awaits): exiting"
                 )
-                return
+                return False
+        return True
 
 
-def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
+def run(
+    service: str, main: Callable[[Stop], Awaitable[None]], *, drain_s: float | None = None
+) -> int:
     """Run ``main`` under uvloop (where available) with signal handling and the watchdog;
-    return the exit code."""
+    return the exit code. ``drain_s``: how long ``main`` may take to return once stopped
+    (the service's worst case, its settings' ``drain_bound_s``), else the process ends at
+    once (exit 4), what it held recovered as after a crash."""
     stop = Stop()
 
     async def supervised() -> None:
@@ -289,7 +324,7 @@ def run(service: str, main: Callable[[Stop], Awaitable[None]]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only sets events: the draining happens in main.
             loop.add_signal_handler(sig, stop.signalled)
-        watchdog = Watchdog(stop, loop)
+        watchdog = Watchdog(stop, loop, drain_s=drain_s)
         watchdog.start()
         try:
             await main(stop)

@@ -16,6 +16,8 @@ _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 # Any duration setting (a name ending in _s): past this, a value is a typo, and some
 # overflow at run time (an interval out of PostgreSQL's range, an expiry Redis refuses).
 MAX_SECONDS = 10 * 365 * 24 * 3600
+# Room to spare in a service's drain bound (drain_bound_s) beyond the sum of its steps'.
+DRAIN_SPARE_S = 10.0
 _SCHEMES = {
     "amqp_url": ("amqp", "amqps"),
     "redis_url": ("redis", "rediss", "unix"),

@@ -29,7 +29,7 @@ def main() -> int:
     async def main_(stop: Stop) -> None:
         await serve(settings, stop)
 
-    return run("api", main_)
+    return run("api", main_, drain_s=settings.drain_bound_s)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from services.api.ratelimit import RateLimiter
 from services.api.repository import ApiRepository, OutcomeUnknown
 from services.api.requestids import request_id_middleware
 from services.api.routes import routes
-from services.api.settings import ApiSettings
+from services.api.settings import SHUTDOWN_TIMEOUT_S, ApiSettings
 from services.api.tasktypes import TaskTypes
 from shared import amqp
 from shared.amqp import Publisher
@@ -298,7 +298,9 @@ async def serve(settings: ApiSettings, stop: Stop) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.api_host, settings.api_port, shutdown_timeout=10)
+        site = web.TCPSite(
+            runner, settings.api_host, settings.api_port, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
         with listening(settings.api_host, settings.api_port, "LONGHAUL_API_HOST/_PORT"):
             await site.start()
         log.info("api ready", extra={"url": f"http://{settings.api_host}:{settings.api_port}"})

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.settings import CommonSettings
+from shared.settings import DRAIN_SPARE_S, CommonSettings
+
+# How long a stopping API waits for the requests in flight (aiohttp's site shutdown).
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class ApiSettings(CommonSettings):
@@ -61,6 +64,14 @@ class ApiSettings(CommonSettings):
                 "a deletion take up to that each, and the claim must outlast both"
             )
         return value
+
+    @property
+    def drain_bound_s(self) -> float:
+        """The longest a stopping API's drain may take before the process ends at once
+        (shared.lifecycle.run): the stop delay, the requests in flight
+        (SHUTDOWN_TIMEOUT_S), and an I/O timeout for each later step (the relay's last
+        flush, the writers, three connections, with room for a retry each)."""
+        return self.stop_delay_s + SHUTDOWN_TIMEOUT_S + 8 * self.io_timeout_s + DRAIN_SPARE_S
 
     def warnings(self) -> list[str]:
         """What this configuration allows but an operator most likely did not mean,

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     async def main_(stop: Stop) -> None:
         await run_worker(settings, registry, stop)
 
-    return run("worker", main_)
+    return run("worker", main_, drain_s=settings.drain_bound_s)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import CommonSettings
+from shared.settings import DRAIN_SPARE_S, CommonSettings
 
 
 class WorkerSettings(CommonSettings):
@@ -39,6 +39,17 @@ class WorkerSettings(CommonSettings):
     # How often (jittered: half to all of it) this worker looks for schedules that are
     # due: a task is made within about this long after its fire time.
     schedule_poll_s: float = Field(default=5.0, gt=0, le=3600)
+
+    @property
+    def drain_bound_s(self) -> float:
+        """The longest a stopping worker's drain may take before the process ends at once
+        (shared.lifecycle.run): the running tasks' grace, their hand-back (the cancel
+        grace and two I/O timeouts), an I/O timeout for each later step (the dead
+        letters, the loops, the writers, two channels, three connections, with room for
+        a retry each), and the abandoned handlers' last grace."""
+        return (
+            self.shutdown_grace_s + 2 * self.cancel_grace_s + 12 * self.io_timeout_s + DRAIN_SPARE_S
+        )
 
     def warnings(self) -> list[str]:
         """What this configuration allows but an operator most likely did not mean,

@@ -9,21 +9,30 @@ import sys
 from services import envnames
 from services.ws_gateway.app import Gateway
 from services.ws_gateway.settings import GatewaySettings
-from shared.lifecycle import Stop, run, stop_delay
+from shared.errors import ConfigError
+from shared.lifecycle import EXIT_CONFIG, Stop, run, stop_delay
 from shared.logging import setup_logging
 from shared.settings import load
 
 
-async def main(stop: Stop) -> None:
-    settings = load(GatewaySettings)
+def main() -> int:
+    try:
+        settings = load(GatewaySettings)
+    except ConfigError as exc:
+        sys.stderr.write(f"ws_gateway: {exc}\n")
+        return EXIT_CONFIG
     setup_logging("ws_gateway", settings.log_level, settings.log_format)
     if (unknown := envnames.warning(os.environ)) is not None:
         logging.getLogger("services.ws_gateway").warning(unknown)
-    async with Gateway(settings).start(stop):
-        await stop.wait()
-        # Still serving, new clients too; /readyz answers 503 from the stop on.
-        await stop_delay(stop, settings.stop_delay_s, "ws_gateway")
+
+    async def serve(stop: Stop) -> None:
+        async with Gateway(settings).start(stop):
+            await stop.wait()
+            # Still serving, new clients too; /readyz answers 503 from the stop on.
+            await stop_delay(stop, settings.stop_delay_s, "ws_gateway")
+
+    return run("ws_gateway", serve, drain_s=settings.drain_bound_s)
 
 
 if __name__ == "__main__":
-    sys.exit(run("ws_gateway", main))
+    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, field_validator
 
 from services.ws_gateway.origins import parse_allowed_origins
-from shared.settings import CommonSettings, url_of
+from shared.settings import DRAIN_SPARE_S, CommonSettings, url_of
 
 # Any local port: what a developer's console runs on. The default also has the API's own
 # origin, from LONGHAUL_API_HOST/PORT (see _origins_default).
@@ -57,6 +57,20 @@ class GatewaySettings(CommonSettings):
     # takes it out of rotation meanwhile, so no client meets a closed port. The API's
     # setting of the same name, and its bounds. 0: it closes at once.
     stop_delay_s: float = Field(default=0.0, ge=0, le=300)
+
+    @property
+    def drain_bound_s(self) -> float:
+        """The longest a stopping gateway's drain may take before the process ends at once
+        (shared.lifecycle.run): the stop delay, the clients' close (1001) and the wait
+        for those dropped as not reading (close_timeout_s and a second each), and an I/O
+        timeout for each later step (the loops, the leases, the readers, three
+        connections)."""
+        return (
+            self.stop_delay_s
+            + 2 * (self.close_timeout_s + 1)
+            + 6 * self.io_timeout_s
+            + DRAIN_SPARE_S
+        )
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

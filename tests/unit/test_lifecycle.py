@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -24,6 +30,7 @@ from shared.lifecycle import (
     wait_for_dependency,
 )
 from shared.liveness import Liveness, beat
+from shared.settings import load
 
 
 @pytest.fixture(autouse=True)
@@ -245,3 +252,74 @@ def test_a_stop_while_waiting_for_a_dependency_exits_as_a_stop(
     assert run("svc", main) == 0
     assert capsys.readouterr().err == "svc: stopped while waiting for RabbitMQ\n"
     assert cancelled == [True]
+
+
+_STUBBORN_DRAIN = """
+import asyncio, sys
+from shared.lifecycle import run
+
+async def main(stop):
+    print("ready", flush=True)
+    await stop.wait()
+    while True:  # a drain step that ignores its cancellation
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            continue
+
+sys.exit(run("svc", main, drain_s=0.5))
+"""
+
+
+def test_a_drain_past_its_bound_ends_the_process() -> None:
+    """As a process: the drain is given its bound, then the process ends at once, exit
+    4, one line saying why."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUBBORN_DRAIN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_FAILED, err
+    assert err.strip().splitlines() == [
+        "the drain did not end within 0.5s (something ignores its cancellation): exiting"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("module", "settings_class"),
+    [
+        ("services.api.__main__", "services.api.settings:ApiSettings"),
+        ("services.worker.__main__", "services.worker.settings:WorkerSettings"),
+        ("services.ws_gateway.__main__", "services.ws_gateway.settings:GatewaySettings"),
+    ],
+)
+def test_each_service_gives_its_drain_its_bound(
+    module: str, settings_class: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each service's process runs with the drain bound its settings make."""
+    monkeypatch.setenv("LONGHAUL_SHUTDOWN_GRACE_S", "7")
+    monkeypatch.setenv("LONGHAUL_STOP_DELAY_S", "3")
+    entry = importlib.import_module(module)
+    given: dict[str, Any] = {}
+
+    def fake_run(service: str, main: object, *, drain_s: float | None = None) -> int:
+        given["drain_s"] = drain_s
+        return 0
+
+    monkeypatch.setattr(entry, "run", fake_run)
+    root = logging.getLogger()  # the service sets up logging: the session's comes back
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    assert (entry.main([]) if module.startswith("services.worker") else entry.main()) == 0
+    path, _, name = settings_class.partition(":")
+    settings = load(getattr(importlib.import_module(path), name))
+    assert given["drain_s"] == settings.drain_bound_s > 0

@@ -14,6 +14,7 @@ import pytest
 
 from shared.lifecycle import Stop, Watchdog, essential
 from shared.liveness import MIN_STALE_S, STALE_PERIODS, Liveness, beat, stale_after
+from tests.support import eventually, until
 
 
 class Clock:
@@ -89,7 +90,9 @@ class Hung:
     its stop checking every 10 ms whose exits are recorded. ``paused``: the watchdog
     reads the same clock, so a jump of it is a pause of the whole process."""
 
-    def __init__(self, unresponsive_s: float = 5.0, paused: bool = False) -> None:
+    def __init__(
+        self, unresponsive_s: float = 5.0, paused: bool = False, drain_s: float | None = None
+    ) -> None:
         self.clock = Clock()
         self.stop = Stop()
         self.release = asyncio.Event()
@@ -100,6 +103,7 @@ class Hung:
         self.watchdog = Watchdog(
             self.stop,
             asyncio.get_running_loop(),
+            drain_s=drain_s,
             period_s=0.01,
             unresponsive_s=unresponsive_s,
             exit_now=self.exits.append,
@@ -219,3 +223,51 @@ async def test_the_watchdog_stands_down_once_the_process_stops(hung: Callable[..
     h.watchdog._thread.join(5)
     assert not h.watchdog._thread.is_alive()
     assert h.stop.failure is None and h.exits == []
+
+
+async def test_a_drain_after_a_hang_that_outlasts_its_bound_ends_the_process(
+    hung: Callable[..., Hung],
+) -> None:
+    """The hung loop cancelled, the drain still not over (something ignores its cancel):
+    after a failure no supervisor's stop timeout would end the process."""
+    h = hung(drain_s=0.3)
+    h.clock.now += 11
+    await asyncio.wait_for(h.stop.wait(), 5)
+    await asyncio.sleep(0.1)
+    assert h.exits == []  # within its bound
+    await eventually(until(lambda: h.exits), within=5, what="the drain's bound")
+    assert h.exits == [
+        f"the drain after a failure ({WHY}) did not end within 0.3s (something ignores its"
+        " cancellation): exiting"
+    ]
+
+
+async def test_a_drain_after_a_signal_has_its_bound_too(hung: Callable[..., Hung]) -> None:
+    h = hung(drain_s=0.3)
+    h.stop.signalled()
+    await eventually(until(lambda: h.exits), within=5, what="the drain's bound")
+    assert h.exits == [
+        "the drain did not end within 0.3s (something ignores its cancellation): exiting"
+    ]
+
+
+async def test_a_drain_that_ends_within_its_bound_ends_the_watching(
+    hung: Callable[..., Hung],
+) -> None:
+    h = hung(drain_s=0.5)
+    h.stop.signalled()
+    await asyncio.sleep(0.1)
+    h.watchdog.close()  # main returned: the drain is over
+    await asyncio.sleep(0.6)
+    assert h.exits == [] and not h.watchdog._thread.is_alive()
+
+
+async def test_a_pause_during_the_drain_restarts_its_bound(hung: Callable[..., Hung]) -> None:
+    h = hung(paused=True, drain_s=2)
+    h.stop.signalled()
+    await asyncio.sleep(0.05)
+    h.clock.now += 60  # paused (SIGSTOP) while draining
+    await asyncio.sleep(0.1)
+    assert h.exits == []
+    h.clock.now += 2.5
+    await eventually(until(lambda: h.exits), within=5, what="the drain's bound, from the pause")
