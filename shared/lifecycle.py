@@ -205,10 +205,17 @@ class Watchdog:
         # When the event loop last ran a turn's callback (this clock).
         self._answered = clock()
         self._closing = threading.Event()
+        # Set once ``main`` returned: what is left is the event loop's own closing.
+        self._returned = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="liveness-watchdog", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def returned(self) -> None:
+        """``main`` returned: no loop is watched any more, and what is left (the event
+        loop cancels and awaits the tasks still running) counts as the drain."""
+        self._returned.set()
 
     def close(self) -> None:
         """Stop watching; returns once the thread has ended (within a period)."""
@@ -220,7 +227,7 @@ class Watchdog:
         while not self._closing.wait(self._period_s):
             now = self._clock()
             overslept, turned = now - turned > self._period_s + OVERSLEPT_S, now
-            if self._stop.is_set():
+            if self._stop.is_set() or self._returned.is_set():
                 self._bound_drain(now, overslept)
                 return
             if overslept:
@@ -235,7 +242,10 @@ class Watchdog:
                 if self._fail(hung, held_s=now - self._answered):
                     self._bound_drain(self._clock(), overslept=False)
                 return
-            self._loop.call_soon_threadsafe(self._answer)
+            try:
+                self._loop.call_soon_threadsafe(self._answer)
+            except RuntimeError:
+                continue  # the event loop closed meanwhile: main returned (see returned)
 
     def _bound_drain(self, since: float, overslept: bool) -> None:
         """Give the drain, under way since about ``since``, its bound; then end the process,
@@ -295,7 +305,10 @@ class Watchdog:
             for task in hung:
                 task.cancel()  # its await ends; a cancelled loop is no further failure
 
-        self._loop.call_soon_threadsafe(fail)
+        try:
+            self._loop.call_soon_threadsafe(fail)
+        except RuntimeError:
+            return False  # the event loop closed meanwhile: the process is ending
         # In steps: close() (the process stopping meanwhile) must not wait on this.
         while not taken.wait(min(self._period_s, 0.1)):
             if self._closing.is_set():
@@ -325,12 +338,16 @@ def run(
             # The handler only sets events: the draining happens in main.
             loop.add_signal_handler(sig, stop.signalled)
         watchdog = Watchdog(stop, loop, drain_s=drain_s)
+        watchdogs.append(watchdog)
         watchdog.start()
         try:
             await main(stop)
         finally:
-            watchdog.close()
+            watchdog.returned()
 
+    # Closed once the event loop is: closing, it cancels the tasks still running and
+    # waits for them, which a task that ignores its cancellation makes for ever.
+    watchdogs: list[Watchdog] = []
     try:
         try:
             import uvloop  # noqa: PLC0415 - optional speed-up
@@ -338,6 +355,9 @@ def run(
             uvloop.run(supervised())
         except ImportError:
             asyncio.run(supervised())
+        finally:
+            for watchdog in watchdogs:
+                watchdog.close()
     except ConfigError as exc:
         sys.stderr.write(f"{service}: {exc}\n")
         return EXIT_CONFIG

@@ -18,6 +18,9 @@ _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_SECONDS = 10 * 365 * 24 * 3600
 # Room to spare in a service's drain bound (drain_bound_s) beyond the sum of its steps'.
 DRAIN_SPARE_S = 10.0
+# A step of a drain that talks to a dependency: the wait for a pooled connection and the
+# statement's timeout (its own and a second), each up to LONGHAUL_IO_TIMEOUT_S.
+DRAIN_STEP_TIMEOUTS = 2
 _SCHEMES = {
     "amqp_url": ("amqp", "amqps"),
     "redis_url": ("redis", "rediss", "unix"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.settings import DRAIN_SPARE_S, CommonSettings
+from shared.settings import DRAIN_SPARE_S, DRAIN_STEP_TIMEOUTS, CommonSettings
 
 # How long a stopping API waits for the requests in flight (aiohttp's site shutdown).
 SHUTDOWN_TIMEOUT_S = 10.0
@@ -67,11 +67,20 @@ class ApiSettings(CommonSettings):
 
     @property
     def drain_bound_s(self) -> float:
-        """The longest a stopping API's drain may take before the process ends at once
-        (shared.lifecycle.run): the stop delay, the requests in flight
-        (SHUTDOWN_TIMEOUT_S), and an I/O timeout for each later step (the relay's last
-        flush, the writers, three connections, with room for a retry each)."""
-        return self.stop_delay_s + SHUTDOWN_TIMEOUT_S + 8 * self.io_timeout_s + DRAIN_SPARE_S
+        """How long a stopping API's drain may take before the process ends at once
+        (shared.lifecycle.run): the stop delay, the requests in flight (aiohttp waits
+        SHUTDOWN_TIMEOUT_S, cancels them and waits as long again, each rounded up to a
+        second), and a step's timeouts for each of the rest (the loops' last turns, up
+        to six statements a relay's, the writers, three connections), with room to
+        spare. Generous, not exact: a drain it cuts ends as after a crash, and nothing
+        is lost."""
+        steps = 12
+        return (
+            self.stop_delay_s
+            + 2 * (SHUTDOWN_TIMEOUT_S + 1)
+            + steps * DRAIN_STEP_TIMEOUTS * (self.io_timeout_s + 1)
+            + DRAIN_SPARE_S
+        )
 
     def warnings(self) -> list[str]:
         """What this configuration allows but an operator most likely did not mean,

@@ -402,5 +402,6 @@ async def _serve_health(
     await runner.setup()
     host, port = settings.worker_metrics_host, settings.worker_metrics_port
     with listening(host, port, "LONGHAUL_WORKER_METRICS_HOST/_PORT"):
-        await web.TCPSite(runner, host, port).start()
+        # A response stuck in a client's socket holds the stop this long (twice).
+        await web.TCPSite(runner, host, port, shutdown_timeout=settings.io_timeout_s).start()
     return runner

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.settings import DRAIN_SPARE_S, CommonSettings
+from shared.settings import DRAIN_SPARE_S, DRAIN_STEP_TIMEOUTS, CommonSettings
 
 
 class WorkerSettings(CommonSettings):
@@ -42,13 +42,19 @@ class WorkerSettings(CommonSettings):
 
     @property
     def drain_bound_s(self) -> float:
-        """The longest a stopping worker's drain may take before the process ends at once
-        (shared.lifecycle.run): the running tasks' grace, their hand-back (the cancel
-        grace and two I/O timeouts), an I/O timeout for each later step (the dead
-        letters, the loops, the writers, two channels, three connections, with room for
-        a retry each), and the abandoned handlers' last grace."""
+        """How long a stopping worker's drain may take before the process ends at once
+        (shared.lifecycle.run): the running tasks' grace and their hand-back (the cancel
+        grace and two steps), the abandoned handlers' last grace and their hand-back, and
+        a step's timeouts for each of the rest (the consumers' cancels, the dead letters,
+        the loops' last turns, up to six statements a relay's, the writers, two
+        channels, the health server, three connections), with room to spare. Generous,
+        not exact: a drain it cuts ends as after a crash, and nothing is lost."""
+        steps = 24
         return (
-            self.shutdown_grace_s + 2 * self.cancel_grace_s + 12 * self.io_timeout_s + DRAIN_SPARE_S
+            self.shutdown_grace_s
+            + 2 * self.cancel_grace_s
+            + steps * DRAIN_STEP_TIMEOUTS * (self.io_timeout_s + 1)
+            + DRAIN_SPARE_S
         )
 
     def warnings(self) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, field_validator
 
 from services.ws_gateway.origins import parse_allowed_origins
-from shared.settings import DRAIN_SPARE_S, CommonSettings, url_of
+from shared.settings import DRAIN_SPARE_S, DRAIN_STEP_TIMEOUTS, CommonSettings, url_of
 
 # Any local port: what a developer's console runs on. The default also has the API's own
 # origin, from LONGHAUL_API_HOST/PORT (see _origins_default).
@@ -60,15 +60,17 @@ class GatewaySettings(CommonSettings):
 
     @property
     def drain_bound_s(self) -> float:
-        """The longest a stopping gateway's drain may take before the process ends at once
+        """How long a stopping gateway's drain may take before the process ends at once
         (shared.lifecycle.run): the stop delay, the clients' close (1001) and the wait
-        for those dropped as not reading (close_timeout_s and a second each), and an I/O
-        timeout for each later step (the loops, the leases, the readers, three
-        connections)."""
+        for those dropped as not reading (close_timeout_s and a second each), and a
+        step's timeouts for each of the rest (the loops' last turns, the leases, the
+        readers, three connections), with room to spare. Generous, not exact: a drain
+        it cuts ends as after a crash, and nothing is lost."""
+        steps = 10
         return (
             self.stop_delay_s
             + 2 * (self.close_timeout_s + 1)
-            + 6 * self.io_timeout_s
+            + steps * DRAIN_STEP_TIMEOUTS * (self.io_timeout_s + 1)
             + DRAIN_SPARE_S
         )
 

@@ -30,7 +30,6 @@ from shared.lifecycle import (
     wait_for_dependency,
 )
 from shared.liveness import Liveness, beat
-from shared.settings import load
 
 
 @pytest.fixture(autouse=True)
@@ -254,28 +253,38 @@ def test_a_stop_while_waiting_for_a_dependency_exits_as_a_stop(
     assert cancelled == [True]
 
 
-_STUBBORN_DRAIN = """
+_STUBBORN = """
 import asyncio, sys
 from shared.lifecycle import run
 
-async def main(stop):
-    print("ready", flush=True)
-    await stop.wait()
-    while True:  # a drain step that ignores its cancellation
+async def stubborn():
+    while True:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             continue
 
+async def main(stop):
+    print("ready", flush=True)
+    await stop.wait()
+    {how}
+
 sys.exit(run("svc", main, drain_s=0.5))
 """
 
 
-def test_a_drain_past_its_bound_ends_the_process() -> None:
-    """As a process: the drain is given its bound, then the process ends at once, exit
-    4, one line saying why."""
+@pytest.mark.parametrize(
+    "how",
+    [
+        "await stubborn()",  # a step of the drain
+        "asyncio.create_task(stubborn())",  # left running: the event loop's close waits
+    ],
+)
+def test_a_drain_past_its_bound_ends_the_process(how: str) -> None:
+    """As a process: the drain, up to the event loop's own close, is given its bound,
+    then the process ends at once, exit 4, one line saying why."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _STUBBORN_DRAIN],
+        [sys.executable, "-c", _STUBBORN.format(how=how)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -295,19 +304,28 @@ def test_a_drain_past_its_bound_ends_the_process() -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "settings_class"),
+    ("module", "bound"),
     [
-        ("services.api.__main__", "services.api.settings:ApiSettings"),
-        ("services.worker.__main__", "services.worker.settings:WorkerSettings"),
-        ("services.ws_gateway.__main__", "services.ws_gateway.settings:GatewaySettings"),
+        # The stop delay, the requests' two shutdown windows, 12 steps of 2 timeouts.
+        ("services.api.__main__", 3 + 2 * 11 + 12 * 2 * 3 + 10),
+        # The grace, two cancel graces, 24 steps of 2 timeouts (2 s and a second each).
+        ("services.worker.__main__", 7 + 2 * 1 + 24 * 2 * 3 + 10),
+        # The stop delay, two close timeouts and a second each, 10 steps.
+        ("services.ws_gateway.__main__", 3 + 2 * 5 + 10 * 2 * 3 + 10),
     ],
 )
 def test_each_service_gives_its_drain_its_bound(
-    module: str, settings_class: str, monkeypatch: pytest.MonkeyPatch
+    module: str, bound: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each service's process runs with the drain bound its settings make."""
-    monkeypatch.setenv("LONGHAUL_SHUTDOWN_GRACE_S", "7")
-    monkeypatch.setenv("LONGHAUL_STOP_DELAY_S", "3")
+    """Each service's process runs with the drain bound its settings make of them."""
+    for name, value in {
+        "SHUTDOWN_GRACE_S": "7",
+        "CANCEL_GRACE_S": "1",
+        "STOP_DELAY_S": "3",
+        "IO_TIMEOUT_S": "2",
+        "CLOSE_TIMEOUT_S": "4",
+    }.items():
+        monkeypatch.setenv(f"LONGHAUL_{name}", value)
     entry = importlib.import_module(module)
     given: dict[str, Any] = {}
 
@@ -316,10 +334,6 @@ def test_each_service_gives_its_drain_its_bound(
         return 0
 
     monkeypatch.setattr(entry, "run", fake_run)
-    root = logging.getLogger()  # the service sets up logging: the session's comes back
-    monkeypatch.setattr(root, "handlers", root.handlers[:])
-    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(entry, "setup_logging", lambda *_: None)  # the session's stays
     assert (entry.main([]) if module.startswith("services.worker") else entry.main()) == 0
-    path, _, name = settings_class.partition(":")
-    settings = load(getattr(importlib.import_module(path), name))
-    assert given["drain_s"] == settings.drain_bound_s > 0
+    assert given["drain_s"] == bound

@@ -230,14 +230,14 @@ async def test_a_drain_after_a_hang_that_outlasts_its_bound_ends_the_process(
 ) -> None:
     """The hung loop cancelled, the drain still not over (something ignores its cancel):
     after a failure no supervisor's stop timeout would end the process."""
-    h = hung(drain_s=0.3)
+    h = hung(drain_s=1)
     h.clock.now += 11
     await asyncio.wait_for(h.stop.wait(), 5)
     await asyncio.sleep(0.1)
     assert h.exits == []  # within its bound
     await eventually(until(lambda: h.exits), within=5, what="the drain's bound")
     assert h.exits == [
-        f"the drain after a failure ({WHY}) did not end within 0.3s (something ignores its"
+        f"the drain after a failure ({WHY}) did not end within 1s (something ignores its"
         " cancellation): exiting"
     ]
 
@@ -254,11 +254,11 @@ async def test_a_drain_after_a_signal_has_its_bound_too(hung: Callable[..., Hung
 async def test_a_drain_that_ends_within_its_bound_ends_the_watching(
     hung: Callable[..., Hung],
 ) -> None:
-    h = hung(drain_s=0.5)
+    h = hung(drain_s=2)
     h.stop.signalled()
     await asyncio.sleep(0.1)
-    h.watchdog.close()  # main returned: the drain is over
-    await asyncio.sleep(0.6)
+    h.watchdog.close()  # the event loop closed: the drain is over
+    await asyncio.sleep(2.1)
     assert h.exits == [] and not h.watchdog._thread.is_alive()
 
 
@@ -271,3 +271,14 @@ async def test_a_pause_during_the_drain_restarts_its_bound(hung: Callable[..., H
     assert h.exits == []
     h.clock.now += 2.5
     await eventually(until(lambda: h.exits), within=5, what="the drain's bound, from the pause")
+
+
+async def test_what_is_left_once_main_returned_has_the_bound(hung: Callable[..., Hung]) -> None:
+    """main returned without a stop (a failed start): the event loop's close, which
+    waits for the tasks still running, is bounded all the same."""
+    h = hung(drain_s=0.5)
+    h.watchdog.returned()
+    await eventually(until(lambda: h.exits), within=5, what="the drain's bound")
+    assert h.exits == [
+        "the drain did not end within 0.5s (something ignores its cancellation): exiting"
+    ]
