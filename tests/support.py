@@ -98,6 +98,20 @@ async def eventually(
     raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
+async def watched_until(
+    consumer: Any, check: Callable[[], Awaitable[object]], *, within: float, what: str
+) -> None:
+    """Run the worker consumer's watch, every 10 ms, until ``check`` holds (eventually);
+    then stop it."""
+    stop = asyncio.Event()
+    watching = asyncio.create_task(consumer.watch(stop, interval_s=0.01))
+    try:
+        await eventually(check, within=within, interval=0.01, what=what)
+    finally:
+        stop.set()
+        await watching
+
+
 async def outbox_emptied(db: Any, ids: list[Any]) -> None:
     """The outbox holds none of these tasks' rows, soon: an API deletes the rows it
     published together, a moment after the broker confirmed them (so a task may end

@@ -15,7 +15,7 @@ import pytest
 
 from services.worker.consumer import Consumer
 from tests.conftest import Deployment
-from tests.support import eventually, until
+from tests.support import eventually, until, watched_until
 
 
 class _Recording:
@@ -88,15 +88,9 @@ async def test_deliveries_skip_aio_pikas_wrapper_and_survive_a_restore(
     await send(b"two")
     await eventually(until(lambda: bodies() == [b"one", b"two"]), within=10, what="restored path")
 
-    stop = asyncio.Event()
-    watching = asyncio.create_task(consumer.watch(stop, interval_s=0.05))
-    try:
-        await eventually(
-            until(lambda: second.consumers[tag] is direct), within=10, what="the direct path back"
-        )
-    finally:
-        stop.set()
-        await watching
+    await watched_until(
+        consumer, until(lambda: second.consumers[tag] is direct), within=10, what="direct again"
+    )
     await send(b"three")
     await eventually(until(lambda: len(runner.given) == 3), within=10, what="the third delivery")
     assert runner.given[2] == (b"three", {"sent": "three"})

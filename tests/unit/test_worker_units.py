@@ -51,7 +51,7 @@ from shared.failpoints import Failpoints
 from shared.ids import uuid7
 from shared.liveness import Liveness
 from shared.schemas import ProgressEvent, TaskMessage, TaskRequest, TaskState
-from tests.support import eventually, until
+from tests.support import eventually, until, watched_until
 
 # ---------------------------------------------------------------- handler start
 
@@ -1325,17 +1325,12 @@ async def test_the_watchdog_consumes_again_on_the_lane_whose_consumer_was_droppe
     assert await consumer.consuming()
     high.consumers.clear()  # cancelled by the broker
     assert not await consumer.consuming()
-    stop = asyncio.Event()
-    watching = asyncio.create_task(consumer.watch(stop, interval_s=0.01))
-
-    async def restored() -> bool:
-        return high.consumed[1:] == ["ctag-high"]
-
-    try:
-        await eventually(restored, within=5, interval=0.01, what="the high lane consumed again")
-    finally:
-        stop.set()
-        await watching
+    await watched_until(
+        consumer,
+        until(lambda: high.consumed[1:] == ["ctag-high"]),
+        within=5,
+        what="the high lane consumed again",
+    )
     assert normal.consumed == [None] and await consumer.consuming()
     # Consumed again through aio-pika, and taken straight from the channel at once.
     assert high.consumers["ctag-high"] is consumer._lanes[1].direct
@@ -1371,15 +1366,9 @@ async def test_deliveries_come_straight_from_the_channel_and_again_after_a_resto
     queue.consumers[tag] = restored
     message = SimpleNamespace(channel=channel, delivery_tag=2, body=b"two", headers={})
     await restored(message)  # type: ignore[arg-type]
-    stop = asyncio.Event()
-    watching = asyncio.create_task(consumer.watch(stop, interval_s=0.01))
-    try:
-        await eventually(
-            until(lambda: queue.consumers[tag] is direct), within=5, what="the direct path back"
-        )
-    finally:
-        stop.set()
-        await watching
+    await watched_until(
+        consumer, until(lambda: queue.consumers[tag] is direct), within=5, what="direct again"
+    )
     assert queue.consumed == [None]  # put back, not consumed again
     await direct(_delivered(channel, 3, b"three"))
     await eventually(until(lambda: channel.acked[-1:] == [3]), within=5, what="all three acked")
