@@ -177,9 +177,10 @@ class Watchdog:
     one that does not take the stop at all ends the process at once.
 
     Once ``stop`` is set the loops are no longer watched: the drain's steps have their
-    own bounds. The drain itself is given ``drain_s`` (None: no bound), then the process
-    ends at once: a loop or a handler that ignores its cancellation would keep it
-    draining for ever, and after a failure no supervisor's stop timeout ends it."""
+    own bounds. The drain itself, up to the event loop's close (``returned``, then
+    ``close``), is given ``drain_s`` (None: no bound), then the process ends at once: a
+    loop or a handler that ignores its cancellation would keep it draining for ever, and
+    after a failure no supervisor's stop timeout ends it."""
 
     def __init__(
         self,
@@ -326,9 +327,9 @@ def run(
     service: str, main: Callable[[Stop], Awaitable[None]], *, drain_s: float | None = None
 ) -> int:
     """Run ``main`` under uvloop (where available) with signal handling and the watchdog;
-    return the exit code. ``drain_s``: how long ``main`` may take to return once stopped
-    (the service's worst case, its settings' ``drain_bound_s``), else the process ends at
-    once (exit 4), what it held recovered as after a crash."""
+    return the exit code. ``drain_s``: how long the process may take to end once stopped
+    (``main``'s drain and the event loop's close; its settings' ``drain_bound_s``), else
+    it ends at once (exit 4), what it held recovered as after a crash."""
     stop = Stop()
 
     async def supervised() -> None:
