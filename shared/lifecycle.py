@@ -227,7 +227,7 @@ class Watchdog:
         turned = self._clock()
         while not self._closing.wait(self._period_s):
             now = self._clock()
-            overslept, turned = now - turned > self._period_s + OVERSLEPT_S, now
+            overslept, turned = self._paused(now, turned), now
             if self._stop.is_set() or self._returned.is_set():
                 self._bound_drain(now, overslept)
                 return
@@ -257,7 +257,7 @@ class Watchdog:
         turned = since
         while not self._closing.wait(self._period_s):
             now = self._clock()
-            if overslept or now - turned > self._period_s + OVERSLEPT_S:
+            if overslept or self._paused(now, turned):
                 since, overslept = now, False
             turned = now
             if now - since >= self._drain_s:
@@ -267,6 +267,11 @@ class Watchdog:
                     " ignores its cancellation): exiting"
                 )
                 return
+
+    def _paused(self, now: float, turned: float) -> bool:
+        """Whether this turn came so late after the last one (at ``turned``) that the
+        process was paused meanwhile, and no loop had a turn."""
+        return now - turned > self._period_s + OVERSLEPT_S
 
     def _answer(self) -> None:
         self._answered = self._clock()
